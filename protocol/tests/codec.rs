@@ -1,0 +1,461 @@
+//! Property tests for the frame codec: every message round-trips, and no byte
+//! stream (random, mutated, truncated, split anywhere) makes the decoder panic.
+
+use netblk_protocol::pb::{self, admin::Cmd, header::Kind, request::Op};
+use netblk_protocol::{
+    Decoded, FrameError, Limits, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, decode_frame,
+    decode_header, encode_frame, encode_head,
+};
+use proptest::prelude::*;
+
+fn status() -> impl Strategy<Value = i32> {
+    prop_oneof![0..=8i32, any::<i32>()]
+}
+
+fn text() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9 ._:/-]{0,64}"
+}
+
+fn layout() -> impl Strategy<Value = Option<pb::Layout>> {
+    proptest::option::of((any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+        |(stripe_unit, node_count, node_index)| pb::Layout {
+            stripe_unit,
+            node_count,
+            node_index,
+        },
+    ))
+}
+
+fn handshake() -> impl Strategy<Value = pb::Handshake> {
+    (any::<u32>(), text(), text(), any::<u64>(), layout(), any::<u64>()).prop_map(
+        |(protocol_version, client_id, volume, volume_size, layout, session)| pb::Handshake {
+            protocol_version,
+            client_id,
+            volume,
+            volume_size,
+            layout,
+            session,
+        },
+    )
+}
+
+fn handshake_reply() -> impl Strategy<Value = pb::HandshakeReply> {
+    (status(), text(), any::<u32>(), any::<u32>(), text()).prop_map(
+        |(status, message, protocol_version, max_io_size, node_id)| pb::HandshakeReply {
+            status,
+            message,
+            protocol_version,
+            max_io_size,
+            node_id,
+        },
+    )
+}
+
+/// A request and the payload length it must carry.
+fn request() -> impl Strategy<Value = (pb::Request, u32)> {
+    let op = prop_oneof![
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(offset, length)| (Op::Read(pb::Read { offset, length }), 0)),
+        (any::<u64>(), 0u32..70_000, any::<bool>()).prop_map(|(offset, length, fua)| (
+            Op::Write(pb::Write {
+                offset,
+                length,
+                fua
+            }),
+            length
+        )),
+        Just((Op::Flush(pb::Flush {}), 0)),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(offset, length)| (Op::Discard(pb::Discard { offset, length }), 0)),
+        (any::<u64>(), any::<u64>()).prop_map(|(offset, length)| (
+            Op::WriteZeroes(pb::WriteZeroes { offset, length }),
+            0
+        )),
+        any::<u64>().prop_map(|nonce| (Op::Ping(pb::Ping { nonce }), 0)),
+    ];
+    (any::<u64>(), op).prop_map(|(id, (op, payload_len))| {
+        (
+            pb::Request {
+                id,
+                op: Some(op),
+            },
+            payload_len,
+        )
+    })
+}
+
+fn reply() -> impl Strategy<Value = pb::Reply> {
+    (any::<u64>(), status(), text(), any::<u64>()).prop_map(|(id, status, message, nonce)| {
+        pb::Reply {
+            id,
+            status,
+            message,
+            nonce,
+        }
+    })
+}
+
+fn faults() -> impl Strategy<Value = pb::Faults> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        0.0f64..=1.0,
+        status(),
+        any::<u64>(),
+        any::<bool>(),
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                latency_us,
+                jitter_us,
+                error_probability,
+                error_status,
+                drop_after,
+                stall,
+                corrupt_replies,
+                crash_after,
+            )| pb::Faults {
+                latency_us,
+                jitter_us,
+                error_probability,
+                error_status,
+                drop_after,
+                stall,
+                corrupt_replies,
+                crash_after,
+            },
+        )
+}
+
+fn stats() -> impl Strategy<Value = pb::Stats> {
+    proptest::collection::vec(any::<u64>(), 11).prop_map(|v| pb::Stats {
+        connections_accepted: v[0],
+        connections_open: v[1],
+        connections_refused: v[2],
+        protocol_errors: v[3],
+        requests: v[4],
+        bytes_read: v[5],
+        bytes_written: v[6],
+        injected_errors: v[7],
+        dropped_connections: v[8],
+        corrupted_replies: v[9],
+        volumes: v[10],
+    })
+}
+
+fn admin() -> impl Strategy<Value = pb::Admin> {
+    prop_oneof![
+        faults().prop_map(Cmd::SetFaults),
+        Just(Cmd::GetStats(pb::GetStats {})),
+        Just(Cmd::Crash(pb::Crash {})),
+    ]
+    .prop_map(|cmd| pb::Admin { cmd: Some(cmd) })
+}
+
+fn admin_reply() -> impl Strategy<Value = pb::AdminReply> {
+    (
+        status(),
+        text(),
+        proptest::option::of(faults()),
+        proptest::option::of(stats()),
+    )
+        .prop_map(|(status, message, faults, stats)| pb::AdminReply {
+            status,
+            message,
+            faults,
+            stats,
+        })
+}
+
+/// Any valid frame: a header and a payload that fits it.
+fn frame() -> impl Strategy<Value = (pb::Header, Vec<u8>)> {
+    let kind = prop_oneof![
+        handshake().prop_map(|m| (Kind::Handshake(m), 0)),
+        handshake_reply().prop_map(|m| (Kind::HandshakeReply(m), 0)),
+        request().prop_map(|(m, len)| (Kind::Request(m), len)),
+        (reply(), 0u32..70_000).prop_map(|(m, len)| (Kind::Reply(m), len)),
+        admin().prop_map(|m| (Kind::Admin(m), 0)),
+        admin_reply().prop_map(|m| (Kind::AdminReply(m), 0)),
+    ];
+    (kind, any::<u8>()).prop_map(|((kind, len), fill)| {
+        let payload = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
+        (pb::Header { kind: Some(kind) }, payload)
+    })
+}
+
+/// Decodes every frame of `stream`, feeding it in chunks of the given sizes
+/// the way a socket would, and returns the frames or the first error.
+fn decode_stream(
+    stream: &[u8],
+    chunks: &[usize],
+    limits: &Limits,
+) -> Result<Vec<(pb::Header, Vec<u8>)>, FrameError> {
+    let mut frames = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut fed = 0;
+    let mut chunk_sizes = chunks.iter().copied().cycle();
+    loop {
+        match decode_frame(&buf, limits)? {
+            Decoded::Frame(frame) => {
+                frames.push((frame.header, frame.payload.to_vec()));
+                let len = frame.len;
+                assert!(len >= PREAMBLE_LEN && len <= buf.len());
+                buf.drain(..len);
+            }
+            Decoded::NeedMore(need) => {
+                assert!(need > 0, "NeedMore(0) would make a reader spin");
+                assert!(
+                    need <= PREAMBLE_LEN + MAX_HEADER_LEN as usize + limits.max_payload_len as usize,
+                    "NeedMore({need}) exceeds the limits"
+                );
+                if fed == stream.len() {
+                    return Ok(frames);
+                }
+                let step = chunk_sizes.next().unwrap_or(1).max(1);
+                let end = (fed + step).min(stream.len());
+                buf.extend_from_slice(&stream[fed..end]);
+                fed = end;
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_round_trips(frames in proptest::collection::vec(frame(), 1..6),
+                                 chunks in proptest::collection::vec(1usize..9000, 1..8)) {
+        let mut stream = Vec::new();
+        for (header, payload) in &frames {
+            encode_frame(header, payload, &mut stream).expect("valid frame encodes");
+        }
+        let decoded = decode_stream(&stream, &chunks, &Limits::default()).expect("decodes");
+        prop_assert_eq!(decoded, frames);
+    }
+
+    #[test]
+    fn head_and_header_decode_separately((header, payload) in frame()) {
+        let mut head = Vec::new();
+        encode_head(&header, payload.len(), &mut head).expect("encodes");
+        let preamble_bytes: &[u8; PREAMBLE_LEN] = head[..PREAMBLE_LEN].try_into().expect("16 bytes");
+        let preamble = Preamble::parse(preamble_bytes, &Limits::default()).expect("parses");
+        prop_assert_eq!(preamble.payload_len as usize, payload.len());
+        prop_assert_eq!(preamble.header_len as usize, head.len() - PREAMBLE_LEN);
+        let decoded = decode_header(&head[PREAMBLE_LEN..], preamble.payload_len).expect("decodes");
+        prop_assert_eq!(decoded, header);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..20_000),
+                                chunks in proptest::collection::vec(1usize..300, 1..8),
+                                max_payload in 0u32..100_000) {
+        let _ = decode_stream(&bytes, &chunks, &Limits { max_payload_len: max_payload });
+    }
+
+    #[test]
+    fn random_bytes_after_a_valid_preamble_never_panic(
+        header_len in 0u32..=MAX_HEADER_LEN,
+        body in proptest::collection::vec(any::<u8>(), 0..5000),
+    ) {
+        let mut stream = Preamble { header_len, payload_len: 0 }.to_bytes().to_vec();
+        stream.extend_from_slice(&body);
+        let _ = decode_stream(&stream, &[7, 300, 4096], &Limits::default());
+    }
+
+    #[test]
+    fn mutated_streams_never_panic(frames in proptest::collection::vec(frame(), 1..4),
+                                   mutations in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..12),
+                                   cut in any::<prop::sample::Index>(),
+                                   chunks in proptest::collection::vec(1usize..3000, 1..8)) {
+        let mut stream = Vec::new();
+        for (header, payload) in &frames {
+            encode_frame(header, payload, &mut stream).expect("valid frame encodes");
+        }
+        for (at, byte) in mutations {
+            let i = at.index(stream.len());
+            stream[i] ^= byte | 1;
+        }
+        stream.truncate(cut.index(stream.len() + 1));
+        let _ = decode_stream(&stream, &chunks, &Limits::default());
+    }
+}
+
+fn one_frame(header: &pb::Header, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_frame(header, payload, &mut out).expect("encodes");
+    out
+}
+
+#[test]
+fn lengths_are_checked_before_the_body_arrives() {
+    let limits = Limits {
+        max_payload_len: 1024,
+    };
+    // Only the preamble is there: an oversized payload is refused at once,
+    // before anybody reserves room for it.
+    let preamble = Preamble {
+        header_len: 10,
+        payload_len: 1025,
+    }
+    .to_bytes();
+    assert_eq!(
+        decode_frame(&preamble, &limits),
+        Err(FrameError::PayloadTooLong {
+            len: 1025,
+            max: 1024
+        })
+    );
+    let preamble = Preamble {
+        header_len: MAX_HEADER_LEN + 1,
+        payload_len: 0,
+    }
+    .to_bytes();
+    assert_eq!(
+        decode_frame(&preamble, &limits),
+        Err(FrameError::HeaderTooLong {
+            len: MAX_HEADER_LEN + 1,
+            max: MAX_HEADER_LEN
+        })
+    );
+}
+
+#[test]
+fn partial_input_reports_what_is_missing() {
+    let header = pb::Header::request(
+        7,
+        Op::Write(pb::Write {
+            offset: 4096,
+            length: 100,
+            fua: true,
+        }),
+    );
+    let bytes = one_frame(&header, &[0xab; 100]);
+    assert_eq!(
+        decode_frame(&bytes[..3], &Limits::default()),
+        Ok(Decoded::NeedMore(PREAMBLE_LEN - 3))
+    );
+    assert_eq!(
+        decode_frame(&bytes[..PREAMBLE_LEN], &Limits::default()),
+        Ok(Decoded::NeedMore(bytes.len() - PREAMBLE_LEN))
+    );
+    assert_eq!(
+        decode_frame(&bytes[..bytes.len() - 1], &Limits::default()),
+        Ok(Decoded::NeedMore(1))
+    );
+    let Ok(Decoded::Frame(frame)) = decode_frame(&bytes, &Limits::default()) else {
+        panic!("whole frame must decode");
+    };
+    assert_eq!(frame.header, header);
+    assert_eq!(frame.payload, &[0xab; 100][..]);
+    assert_eq!(frame.len, bytes.len());
+}
+
+#[test]
+fn typed_errors_for_bad_frames() {
+    let limits = Limits::default();
+    let ping = pb::Header::request(1, Op::Ping(pb::Ping { nonce: 9 }));
+    let good = one_frame(&ping, &[]);
+
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    assert!(matches!(
+        decode_frame(&bad, &limits),
+        Err(FrameError::BadMagic(_))
+    ));
+
+    let mut bad = good.clone();
+    bad[5] = 9;
+    assert_eq!(
+        decode_frame(&bad, &limits),
+        Err(FrameError::UnsupportedVersion(9))
+    );
+
+    let mut bad = good.clone();
+    bad[7] = 1;
+    assert_eq!(
+        decode_frame(&bad, &limits),
+        Err(FrameError::ReservedFlags(1))
+    );
+
+    // A header with nothing we know in it (an empty protobuf message).
+    let empty = Preamble {
+        header_len: 0,
+        payload_len: 0,
+    }
+    .to_bytes();
+    assert_eq!(
+        decode_frame(&empty, &limits),
+        Err(FrameError::UnknownMessage)
+    );
+
+    // A request without an operation.
+    let no_op = pb::Header {
+        kind: Some(Kind::Request(pb::Request { id: 3, op: None })),
+    };
+    let mut bytes = Vec::new();
+    assert_eq!(
+        encode_head(&no_op, 0, &mut bytes),
+        Err(FrameError::UnknownOp { id: 3 })
+    );
+
+    // A ping with a payload, and a write whose payload disagrees with it.
+    assert!(matches!(
+        encode_frame(&ping, &[1, 2, 3], &mut bytes),
+        Err(FrameError::UnexpectedPayload { len: 3, .. })
+    ));
+    let write = pb::Header::request(
+        2,
+        Op::Write(pb::Write {
+            offset: 0,
+            length: 8,
+            fua: false,
+        }),
+    );
+    assert_eq!(
+        encode_frame(&write, &[0; 4], &mut bytes),
+        Err(FrameError::WriteLengthMismatch {
+            declared: 8,
+            actual: 4
+        })
+    );
+
+    // Garbage where the protobuf header should be.
+    let mut garbage = Preamble {
+        header_len: 4,
+        payload_len: 0,
+    }
+    .to_bytes()
+    .to_vec();
+    garbage.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    assert!(matches!(
+        decode_frame(&garbage, &limits),
+        Err(FrameError::Protobuf(_))
+    ));
+}
+
+#[test]
+fn errno_mapping_matches_libc() {
+    use netblk_protocol::{Status, errno_of_status, status_of_errno};
+    let pairs = [
+        (Status::Ok, 0),
+        (Status::IoError, libc::EIO),
+        (Status::NoSpace, libc::ENOSPC),
+        (Status::Invalid, libc::EINVAL),
+        (Status::NotSupported, libc::EOPNOTSUPP),
+        (Status::OutOfRange, libc::ERANGE),
+        (Status::Busy, libc::EAGAIN),
+        (Status::TimedOut, libc::ETIMEDOUT),
+        (Status::Refused, libc::EPERM),
+    ];
+    for (status, errno) in pairs {
+        assert_eq!(errno_of_status(status as i32), errno, "{status:?}");
+        assert_eq!(status_of_errno(errno), status, "errno {errno}");
+    }
+    // Unknown codes from a newer peer are errors, never success.
+    assert_eq!(errno_of_status(1000), libc::EIO);
+    assert_eq!(errno_of_status(-1), libc::EIO);
+    assert_eq!(status_of_errno(libc::EBADF), Status::IoError);
+}
