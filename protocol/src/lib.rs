@@ -8,6 +8,7 @@
 //! bytes into checked messages and back.
 
 pub mod frame;
+pub mod geometry;
 pub mod status;
 
 /// Message types generated from `proto/netblk.proto` (package `netblk.v1`).

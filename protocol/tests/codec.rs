@@ -130,7 +130,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
 }
 
 fn stats() -> impl Strategy<Value = pb::Stats> {
-    proptest::collection::vec(any::<u64>(), 11).prop_map(|v| pb::Stats {
+    proptest::collection::vec(any::<u64>(), 12).prop_map(|v| pb::Stats {
         connections_accepted: v[0],
         connections_open: v[1],
         connections_refused: v[2],
@@ -142,6 +142,7 @@ fn stats() -> impl Strategy<Value = pb::Stats> {
         dropped_connections: v[8],
         corrupted_replies: v[9],
         volumes: v[10],
+        stored_bytes: v[11],
     })
 }
 

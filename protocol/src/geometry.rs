@@ -1,0 +1,100 @@
+//! Volume geometry both sides must agree on: the bounds of a layout and how
+//! many bytes of a striped volume one node holds.
+
+use crate::pb;
+
+/// Smallest stripe unit, bytes.
+pub const MIN_STRIPE_UNIT: u32 = 4 << 10;
+/// Largest stripe unit, bytes.
+pub const MAX_STRIPE_UNIT: u32 = 4 << 20;
+/// Most nodes a volume may be striped over.
+pub const MAX_NODES: u32 = 1024;
+/// Volume sizes are whole 512-byte sectors.
+pub const SECTOR: u64 = 512;
+/// Largest volume, bytes (8 EiB would overflow offset arithmetic downstream).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
+
+/// Checks that a volume size and layout make sense, saying what is wrong.
+pub fn check_layout(volume_size: u64, layout: &pb::Layout) -> Result<(), String> {
+    if volume_size == 0 || volume_size % SECTOR != 0 || volume_size > MAX_VOLUME_SIZE {
+        return Err(format!(
+            "volume size {volume_size} must be a non-zero multiple of {SECTOR} bytes, at most {MAX_VOLUME_SIZE}"
+        ));
+    }
+    let su = layout.stripe_unit;
+    if !su.is_power_of_two() || !(MIN_STRIPE_UNIT..=MAX_STRIPE_UNIT).contains(&su) {
+        return Err(format!(
+            "stripe unit {su} must be a power of two from {MIN_STRIPE_UNIT} to {MAX_STRIPE_UNIT} bytes"
+        ));
+    }
+    if layout.node_count == 0 || layout.node_count > MAX_NODES {
+        return Err(format!(
+            "node count {} must be from 1 to {MAX_NODES}",
+            layout.node_count
+        ));
+    }
+    if layout.node_index >= layout.node_count {
+        return Err(format!(
+            "node index {} must be below the node count {}",
+            layout.node_index, layout.node_count
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a `volume_size`-byte volume that node `layout.node_index` holds
+/// when the volume is striped RAID-0 style: stripe unit `k` of the volume
+/// lives on node `k % node_count` at node offset `(k / node_count) * stripe_unit`.
+///
+/// The layout must have passed [`check_layout`].
+pub fn node_capacity(volume_size: u64, layout: &pb::Layout) -> u64 {
+    let unit = u64::from(layout.stripe_unit);
+    let row = unit * u64::from(layout.node_count.max(1));
+    let full_rows = volume_size / row;
+    let tail = volume_size % row;
+    let in_tail = tail
+        .saturating_sub(u64::from(layout.node_index) * unit)
+        .min(unit);
+    full_rows * unit + in_tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(stripe_unit: u32, node_count: u32, node_index: u32) -> pb::Layout {
+        pb::Layout {
+            stripe_unit,
+            node_count,
+            node_index,
+        }
+    }
+
+    #[test]
+    fn capacities_add_up_to_the_volume() {
+        for size in [512u64, 4096, 65536, 1 << 20, (1 << 30) + 512, 3 * 65536 + 4096] {
+            for nodes in [1u32, 2, 3, 8] {
+                let total: u64 = (0..nodes)
+                    .map(|i| node_capacity(size, &layout(65536, nodes, i)))
+                    .sum();
+                assert_eq!(total, size, "size {size} nodes {nodes}");
+            }
+        }
+        // Node 0 takes the partial last stripe unit; node 2 holds nothing of the tail.
+        assert_eq!(node_capacity(65536 + 4096, &layout(65536, 3, 0)), 65536);
+        assert_eq!(node_capacity(65536 + 4096, &layout(65536, 3, 1)), 4096);
+        assert_eq!(node_capacity(65536 + 4096, &layout(65536, 3, 2)), 0);
+    }
+
+    #[test]
+    fn bad_layouts_are_named() {
+        assert!(check_layout(1 << 20, &layout(65536, 3, 2)).is_ok());
+        assert!(check_layout(0, &layout(65536, 3, 2)).is_err());
+        assert!(check_layout(1000, &layout(65536, 3, 2)).is_err());
+        assert!(check_layout(1 << 20, &layout(65535, 3, 2)).is_err());
+        assert!(check_layout(1 << 20, &layout(2048, 3, 2)).is_err());
+        assert!(check_layout(1 << 20, &layout(8 << 20, 3, 2)).is_err());
+        assert!(check_layout(1 << 20, &layout(65536, 0, 0)).is_err());
+        assert!(check_layout(1 << 20, &layout(65536, 3, 3)).is_err());
+    }
+}

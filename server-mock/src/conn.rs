@@ -1,0 +1,572 @@
+//! One client connection: handshake or admin first, then pipelined requests.
+//!
+//! The connection's thread reads frames and executes requests in arrival
+//! order, batching replies until it would block on the socket. Requests held
+//! by the latency knob run on the node's delay thread when due, so replies
+//! can come back in any order.
+
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use netblk_protocol::pb::{self, Status, admin::Cmd, header::Kind, request::Op};
+use netblk_protocol::{Decoded, FrameError, PROTOCOL_VERSION, decode_frame, encode_head};
+use tracing::{debug, info, warn};
+
+use crate::faults;
+use crate::node::{Node, Volume, bump};
+use crate::store::VolumeMeta;
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("connection closed in the middle of a frame ({0} bytes of it received)")]
+    Truncated(usize),
+    #[error("protocol violation: {0}")]
+    Violation(String),
+    #[error("no handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("handshake refused: {0}")]
+    Refused(String),
+    #[error("dropped by the drop-after fault after {0} requests")]
+    Dropped(u64),
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Initial read buffer; it grows up to one whole frame at most.
+const READ_BUF: usize = 256 << 10;
+
+/// Reads frames off a socket into one reusable buffer.
+struct FrameReader {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    limits: netblk_protocol::Limits,
+}
+
+impl FrameReader {
+    fn new(stream: TcpStream, limits: netblk_protocol::Limits) -> Self {
+        FrameReader {
+            stream,
+            buf: vec![0; READ_BUF],
+            start: 0,
+            end: 0,
+            limits,
+        }
+    }
+
+    /// The next frame, or `None` at a clean end of stream. Calls
+    /// `before_block` before it waits on the socket.
+    fn next_frame(
+        &mut self,
+        mut before_block: impl FnMut(),
+    ) -> Result<Option<(pb::Header, &[u8])>, ConnError> {
+        loop {
+            let need = match decode_frame(&self.buf[self.start..self.end], &self.limits)? {
+                Decoded::Frame(frame) => {
+                    let payload_at = self.start + frame.len - frame.payload.len();
+                    let payload_end = self.start + frame.len;
+                    self.start = payload_end;
+                    return Ok(Some((frame.header, &self.buf[payload_at..payload_end])));
+                }
+                Decoded::NeedMore(need) => need,
+            };
+            // Make room for at least `need` more bytes: bounded by the limits.
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            }
+            if self.end + need > self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.end + need > self.buf.len() {
+                    self.buf.resize(self.end + need, 0);
+                }
+            }
+            before_block();
+            let n = loop {
+                match self.stream.read(&mut self.buf[self.end..]) {
+                    Ok(n) => break n,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(err) => return Err(err.into()),
+                }
+            };
+            if n == 0 {
+                let buffered = self.end - self.start;
+                return if buffered == 0 {
+                    Ok(None)
+                } else {
+                    Err(ConnError::Truncated(buffered))
+                };
+            }
+            self.end += n;
+        }
+    }
+}
+
+/// The sending half of a data connection, shared with the delay thread.
+struct ReplyWriter {
+    out: Mutex<BufWriter<TcpStream>>,
+    raw: TcpStream,
+}
+
+impl ReplyWriter {
+    fn new(stream: &TcpStream) -> io::Result<Self> {
+        Ok(ReplyWriter {
+            out: Mutex::new(BufWriter::with_capacity(256 << 10, stream.try_clone()?)),
+            raw: stream.try_clone()?,
+        })
+    }
+
+    fn send(&self, node: &Node, reply: pb::Reply, payload: &[u8], flush: bool) {
+        let mut head = Vec::with_capacity(64);
+        if let Err(err) = encode_head(&pb::Header::reply(reply), payload.len(), &mut head) {
+            warn!("cannot encode a reply: {err}");
+            let _ = self.raw.shutdown(Shutdown::Both);
+            return;
+        }
+        if node.faults.take_corrupt() {
+            head[0] ^= 0xff;
+            bump(&node.counters.corrupted_replies, 1);
+            info!("corrupting a reply frame (fault)");
+        }
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = out
+            .write_all(&head)
+            .and_then(|()| out.write_all(payload))
+            .and_then(|()| if flush { out.flush() } else { Ok(()) });
+        if let Err(err) = sent {
+            debug!("reply not sent, closing: {err}");
+            let _ = self.raw.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn flush(&self) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(err) = out.flush() {
+            debug!("replies not sent, closing: {err}");
+            let _ = self.raw.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A data connection after its handshake.
+struct Conn {
+    node: Arc<Node>,
+    volume: Arc<Volume>,
+    writer: ReplyWriter,
+    /// Requests taken off the socket so far.
+    requests: AtomicU64,
+    /// Requests waiting in the delay queue.
+    delayed: AtomicUsize,
+}
+
+/// A request held back by the latency knob.
+pub struct Delayed {
+    conn: Arc<Conn>,
+    request: pb::Request,
+    payload: Vec<u8>,
+}
+
+/// Serves one accepted connection until it ends, and logs why it ended.
+pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64) {
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    debug!(%peer, id, "connection accepted");
+    let result = serve_stream(&node, stream.try_clone(), stream);
+    match result {
+        Ok(()) => debug!(%peer, id, "connection closed"),
+        Err(ConnError::Refused(why)) => {
+            bump(&node.counters.connections_refused, 1);
+            warn!(%peer, "handshake refused: {why}");
+        }
+        Err(err @ ConnError::Dropped(_)) => {
+            bump(&node.counters.dropped_connections, 1);
+            info!(%peer, "closing connection: {err}");
+        }
+        Err(err @ ConnError::Io(_)) => info!(%peer, "connection lost: {err}"),
+        Err(err) => {
+            bump(&node.counters.protocol_errors, 1);
+            warn!(%peer, "closing connection on bad input: {err}");
+        }
+    }
+    node.unregister(id);
+}
+
+fn serve_stream(
+    node: &Arc<Node>,
+    clone: io::Result<TcpStream>,
+    stream: TcpStream,
+) -> Result<(), ConnError> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(node.config.write_timeout))?;
+    let timeout = node.config.handshake_timeout;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut reader = FrameReader::new(clone?, node.limits);
+    let first = match reader.next_frame(|| {}) {
+        Ok(Some((header, _))) => header,
+        Ok(None) => return Ok(()),
+        Err(ConnError::Io(err))
+            if matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(ConnError::HandshakeTimeout(timeout));
+        }
+        Err(err) => return Err(err),
+    };
+    stream.set_read_timeout(None)?;
+    let result = match first.kind {
+        Some(Kind::Handshake(handshake)) => {
+            serve_data(node, &stream, &mut reader, handshake)
+        }
+        Some(Kind::Admin(admin)) if node.config.admin => serve_admin(node, &stream, &mut reader, admin),
+        Some(Kind::Admin(_)) => Err(ConnError::Violation(
+            "admin requests are disabled on this node (--no-admin)".into(),
+        )),
+        other => Err(ConnError::Violation(format!(
+            "expected a handshake or an admin request first, got {}",
+            kind_name(other.as_ref())
+        ))),
+    };
+    let _ = stream.shutdown(Shutdown::Both);
+    result
+}
+
+fn kind_name(kind: Option<&Kind>) -> &'static str {
+    match kind {
+        None => "nothing",
+        Some(Kind::Handshake(_)) => "a handshake",
+        Some(Kind::HandshakeReply(_)) => "a handshake reply",
+        Some(Kind::Request(_)) => "a request",
+        Some(Kind::Reply(_)) => "a reply",
+        Some(Kind::Admin(_)) => "an admin request",
+        Some(Kind::AdminReply(_)) => "an admin reply",
+    }
+}
+
+fn send_frame(stream: &TcpStream, header: pb::Header) -> Result<(), ConnError> {
+    let mut bytes = Vec::with_capacity(128);
+    encode_head(&header, 0, &mut bytes)?;
+    (&*stream).write_all(&bytes)?;
+    Ok(())
+}
+
+/// A volume name is also a file name in the directory store.
+fn check_volume_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "volume name '{name}' must be 1 to 128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+        ))
+    }
+}
+
+fn accept_handshake(node: &Node, handshake: &pb::Handshake) -> Result<Arc<Volume>, String> {
+    if handshake.protocol_version != u32::from(PROTOCOL_VERSION) {
+        return Err(format!(
+            "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
+            handshake.protocol_version
+        ));
+    }
+    check_volume_name(&handshake.volume)?;
+    let layout = handshake
+        .layout
+        .ok_or_else(|| "the handshake carries no layout".to_string())?;
+    netblk_protocol::geometry::check_layout(handshake.volume_size, &layout)?;
+    node.volume(
+        &handshake.volume,
+        VolumeMeta::from_handshake(handshake.volume_size, &layout),
+    )
+}
+
+fn serve_data(
+    node: &Arc<Node>,
+    stream: &TcpStream,
+    reader: &mut FrameReader,
+    handshake: pb::Handshake,
+) -> Result<(), ConnError> {
+    let volume = match accept_handshake(node, &handshake) {
+        Ok(volume) => volume,
+        Err(why) => {
+            let reply = pb::HandshakeReply {
+                status: Status::Refused as i32,
+                message: why.clone(),
+                protocol_version: u32::from(PROTOCOL_VERSION),
+                max_io_size: node.config.max_io_size,
+                node_id: node.config.node_id.clone(),
+            };
+            // The refusal is what matters; a failed send changes nothing.
+            let _ = send_frame(stream, pb::Header { kind: Some(Kind::HandshakeReply(reply)) });
+            return Err(ConnError::Refused(why));
+        }
+    };
+    debug!(
+        client = handshake.client_id,
+        volume = volume.name,
+        session = handshake.session,
+        "handshake accepted"
+    );
+    let reply = pb::HandshakeReply {
+        status: Status::Ok as i32,
+        message: String::new(),
+        protocol_version: u32::from(PROTOCOL_VERSION),
+        max_io_size: node.config.max_io_size,
+        node_id: node.config.node_id.clone(),
+    };
+    send_frame(stream, pb::Header { kind: Some(Kind::HandshakeReply(reply)) })?;
+
+    let conn = Arc::new(Conn {
+        node: Arc::clone(node),
+        volume,
+        writer: ReplyWriter::new(stream)?,
+        requests: AtomicU64::new(0),
+        delayed: AtomicUsize::new(0),
+    });
+    let result = loop {
+        let frame = reader.next_frame(|| conn.writer.flush());
+        let (header, payload) = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(err),
+        };
+        let request = match header.kind {
+            Some(Kind::Request(request)) => request,
+            other => {
+                break Err(ConnError::Violation(format!(
+                    "expected a request, got {}",
+                    kind_name(other.as_ref())
+                )));
+            }
+        };
+        if let Err(err) = take_request(&conn, request, payload) {
+            break Err(err);
+        }
+    };
+    // Whatever ended the connection, what was accepted gets its reply.
+    conn.writer.flush();
+    drain(&conn);
+    result
+}
+
+/// Waits (bounded) until every delayed request of `conn` was answered.
+fn drain(conn: &Conn) {
+    let deadline = Instant::now() + conn.node.config.drain_timeout;
+    while conn.delayed.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Applies the per-request faults, then executes the request now or queues it
+/// for later.
+fn take_request(conn: &Arc<Conn>, request: pb::Request, payload: &[u8]) -> Result<(), ConnError> {
+    let node = &conn.node;
+    let total = bump(&node.counters.requests, 1);
+    let faults = node.faults.get();
+    if faults.crash_after > 0 && total >= faults.crash_after {
+        node.crash(&format!("crash-after {} reached", faults.crash_after));
+    }
+    let seen = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    if faults.drop_after > 0 && seen > faults.drop_after {
+        return Err(ConnError::Dropped(faults.drop_after));
+    }
+    node.faults.wait_while_stalled(node.stopping_flag());
+    let delay = node.faults.delay(&faults);
+    if delay.is_zero() {
+        let (reply, data) = execute(node, &conn.volume, &faults, &request, payload);
+        conn.writer.send(node, reply, &data, false);
+    } else {
+        conn.delayed.fetch_add(1, Ordering::AcqRel);
+        node.delayed.push(
+            Instant::now() + delay,
+            Delayed {
+                conn: Arc::clone(conn),
+                request,
+                payload: payload.to_vec(),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The delay thread: executes held requests as they fall due.
+pub fn run_delayed(node: &Node) {
+    while let Some(job) = node.delayed.pop_due(|| node.stopping()) {
+        node.faults.wait_while_stalled(node.stopping_flag());
+        let faults = node.faults.get();
+        let (reply, data) = execute(node, &job.conn.volume, &faults, &job.request, &job.payload);
+        job.conn.writer.send(node, reply, &data, true);
+        job.conn.delayed.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies within the node's part of the volume.
+fn in_range(volume: &Volume, offset: u64, len: u64) -> Result<(), (Status, String)> {
+    match offset.checked_add(len) {
+        Some(end) if end <= volume.capacity => Ok(()),
+        _ => Err((
+            Status::OutOfRange,
+            format!(
+                "range {offset}+{len} is beyond this node's {} bytes of volume '{}'",
+                volume.capacity, volume.name
+            ),
+        )),
+    }
+}
+
+/// Executes one request; returns its reply and, for a read, the data.
+fn execute(
+    node: &Node,
+    volume: &Volume,
+    faults: &pb::Faults,
+    request: &pb::Request,
+    payload: &[u8],
+) -> (pb::Reply, Vec<u8>) {
+    let mut reply = pb::Reply {
+        id: request.id,
+        ..Default::default()
+    };
+    if let Some(status) = node.faults.draw_error(faults) {
+        bump(&node.counters.injected_errors, 1);
+        reply.status = status as i32;
+        reply.message = "injected error (fault)".into();
+        return (reply, Vec::new());
+    }
+    match apply(node, volume, request, payload, &mut reply) {
+        Ok(data) => (reply, data),
+        Err((status, message)) => {
+            reply.status = status as i32;
+            reply.message = message;
+            (reply, Vec::new())
+        }
+    }
+}
+
+fn io_failure(what: &str, err: io::Error) -> (Status, String) {
+    let status = netblk_protocol::status_of_errno(err.raw_os_error().unwrap_or(libc::EIO));
+    let status = if status == Status::Ok {
+        Status::IoError
+    } else {
+        status
+    };
+    (status, format!("{what} failed: {err}"))
+}
+
+fn apply(
+    node: &Node,
+    volume: &Volume,
+    request: &pb::Request,
+    payload: &[u8],
+    reply: &mut pb::Reply,
+) -> Result<Vec<u8>, (Status, String)> {
+    let backend = &volume.backend;
+    let Some(op) = &request.op else {
+        // The codec refuses requests without an operation; be safe anyway.
+        return Err((Status::NotSupported, "no operation".into()));
+    };
+    match op {
+        Op::Read(read) => {
+            if read.length > node.config.max_io_size {
+                return Err((
+                    Status::Invalid,
+                    format!(
+                        "read of {} bytes exceeds the max IO size {}",
+                        read.length, node.config.max_io_size
+                    ),
+                ));
+            }
+            in_range(volume, read.offset, u64::from(read.length))?;
+            let mut data = vec![0u8; read.length as usize];
+            backend
+                .read(read.offset, &mut data)
+                .map_err(|err| io_failure("read", err))?;
+            bump(&node.counters.bytes_read, u64::from(read.length));
+            Ok(data)
+        }
+        Op::Write(write) => {
+            in_range(volume, write.offset, payload.len() as u64)?;
+            backend
+                .write(write.offset, payload, write.fua)
+                .map_err(|err| io_failure("write", err))?;
+            bump(&node.counters.bytes_written, payload.len() as u64);
+            Ok(Vec::new())
+        }
+        Op::Flush(_) => {
+            backend.flush().map_err(|err| io_failure("flush", err))?;
+            Ok(Vec::new())
+        }
+        Op::Discard(pb::Discard { offset, length })
+        | Op::WriteZeroes(pb::WriteZeroes { offset, length }) => {
+            in_range(volume, *offset, *length)?;
+            backend
+                .zero(*offset, *length)
+                .map_err(|err| io_failure("discard", err))?;
+            Ok(Vec::new())
+        }
+        Op::Ping(ping) => {
+            reply.nonce = ping.nonce;
+            Ok(Vec::new())
+        }
+    }
+}
+
+fn serve_admin(
+    node: &Node,
+    stream: &TcpStream,
+    reader: &mut FrameReader,
+    first: pb::Admin,
+) -> Result<(), ConnError> {
+    let mut next = Some(first);
+    while let Some(admin) = next.take() {
+        let mut reply = pb::AdminReply::default();
+        match admin.cmd {
+            Some(Cmd::SetFaults(faults)) => match faults::check(&faults) {
+                Ok(()) => {
+                    info!(?faults, "faults changed");
+                    node.faults.set(faults);
+                }
+                Err(why) => {
+                    reply.status = Status::Invalid as i32;
+                    reply.message = why;
+                }
+            },
+            Some(Cmd::GetStats(_)) => {}
+            Some(Cmd::Crash(_)) => node.crash("admin crash request"),
+            None => {
+                reply.status = Status::NotSupported as i32;
+                reply.message = "unknown admin command".into();
+            }
+        }
+        reply.faults = Some(node.faults.get());
+        reply.stats = Some(node.stats());
+        send_frame(stream, pb::Header { kind: Some(Kind::AdminReply(reply)) })?;
+        next = match reader.next_frame(|| {})? {
+            None => None,
+            Some((pb::Header { kind: Some(Kind::Admin(admin)) }, _)) => Some(admin),
+            Some((header, _)) => {
+                return Err(ConnError::Violation(format!(
+                    "expected an admin request, got {}",
+                    kind_name(header.kind.as_ref())
+                )));
+            }
+        };
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! `netblk-mock-node`: see `--help`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use netblk_mock_node::{Config, Server, StoreKind, parse_size};
+use netblk_protocol::pb::{self, Status};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+/// A netblk storage node for tests, demos and benchmarks.
+///
+/// Serves any number of volumes over the netblk wire protocol v1. A volume is
+/// created by the first client that names it, with that client's size and
+/// layout; later clients must present the same. Prints `listening on
+/// <ip:port>` on stdout once it accepts connections. SIGTERM or SIGINT: stop
+/// accepting, finish in-flight requests, flush the store, exit 0.
+///
+/// Faults given here are in force from the start; the admin protocol (on the
+/// same port) reads and changes them while the node runs.
+#[derive(Parser, Debug)]
+#[command(name = "netblk-mock-node", version, max_term_width = 100)]
+struct Args {
+    /// Address to listen on. Port 0 picks a free port (see the `listening on` line).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "IP:PORT")]
+    listen: SocketAddr,
+
+    /// Where volumes live: `memory` (sparse, lost at exit) or `dir:PATH` (one
+    /// sparse file per volume under PATH; flush and FUA writes are durable;
+    /// survives restarts).
+    #[arg(long, default_value = "memory", value_name = "memory|dir:PATH")]
+    store: StoreKind,
+
+    /// Largest payload one request may carry (bytes; K, M, G suffixes).
+    #[arg(long, default_value = "4M", value_parser = parse_io_size, value_name = "SIZE")]
+    max_io_size: u32,
+
+    /// Name this node gives in handshake replies [default: mock-<listen address>].
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+
+    /// Seconds to wait for in-flight requests on shutdown before exiting anyway.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    drain_timeout: u64,
+
+    /// Refuse admin connections (fault changes, statistics, crash requests).
+    #[arg(long)]
+    no_admin: bool,
+
+    /// Hold every request this many microseconds before executing it.
+    #[arg(long, default_value_t = 0, value_name = "US", help_heading = "Fault injection")]
+    latency_us: u64,
+
+    /// Add a random 0..=US microseconds to each request's latency (replies
+    /// then come back out of order).
+    #[arg(long, default_value_t = 0, value_name = "US", help_heading = "Fault injection")]
+    jitter_us: u64,
+
+    /// Answer each request with an error instead, with this probability (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_name = "P", help_heading = "Fault injection")]
+    error_probability: f64,
+
+    /// The error injected replies carry: eio, enospc, einval, eopnotsupp,
+    /// erange, eagain, etimedout.
+    #[arg(long, default_value = "eio", value_parser = parse_status, value_name = "ERRNO", help_heading = "Fault injection")]
+    error_status: Status,
+
+    /// Close each connection once it has received N requests; request N+1
+    /// gets no reply (0 = never).
+    #[arg(long, default_value_t = 0, value_name = "N", help_heading = "Fault injection")]
+    drop_after: u64,
+
+    /// Stall: take requests but answer none until the stall is cleared over
+    /// the admin protocol.
+    #[arg(long, help_heading = "Fault injection")]
+    stall: bool,
+
+    /// Corrupt the next N reply frames (their magic is flipped).
+    #[arg(long, default_value_t = 0, value_name = "N", help_heading = "Fault injection")]
+    corrupt_replies: u32,
+
+    /// Exit at once (a crash: exit code 86, nothing flushed) when the node has
+    /// received N requests in all (0 = never).
+    #[arg(long, default_value_t = 0, value_name = "N", help_heading = "Fault injection")]
+    crash_after: u64,
+
+    /// Seed for the random draws of jitter and error injection [default: from the clock].
+    #[arg(long, value_name = "SEED", help_heading = "Fault injection")]
+    fault_seed: Option<u64>,
+}
+
+fn parse_io_size(text: &str) -> Result<u32, String> {
+    let size = parse_size(text)?;
+    match u32::try_from(size) {
+        Ok(size) if (4096..=(64 << 20)).contains(&size) => Ok(size),
+        _ => Err(format!("max IO size {size} must be from 4K to 64M")),
+    }
+}
+
+fn parse_status(text: &str) -> Result<Status, String> {
+    Ok(match text.to_ascii_lowercase().as_str() {
+        "eio" => Status::IoError,
+        "enospc" => Status::NoSpace,
+        "einval" => Status::Invalid,
+        "eopnotsupp" => Status::NotSupported,
+        "erange" => Status::OutOfRange,
+        "eagain" => Status::Busy,
+        "etimedout" => Status::TimedOut,
+        _ => {
+            return Err(format!(
+                "unknown error '{text}': use eio, enospc, einval, eopnotsupp, erange, eagain or etimedout"
+            ));
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let faults = pb::Faults {
+        latency_us: args.latency_us,
+        jitter_us: args.jitter_us,
+        error_probability: args.error_probability,
+        error_status: args.error_status as i32,
+        drop_after: args.drop_after,
+        stall: args.stall,
+        corrupt_replies: args.corrupt_replies,
+        crash_after: args.crash_after,
+    };
+    if let Err(why) = netblk_mock_node::faults::check(&faults) {
+        eprintln!("netblk-mock-node: {why}");
+        return ExitCode::from(2);
+    }
+    let mut config = Config::new(args.listen, args.store);
+    config.max_io_size = args.max_io_size;
+    config.node_id = args.node_id.unwrap_or_default();
+    config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    config.admin = !args.no_admin;
+    config.faults = faults;
+    config.fault_seed = args.fault_seed.unwrap_or_else(clock_seed);
+
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("netblk-mock-node: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn serve(config: Config) -> std::io::Result<()> {
+    let server = Server::bind(config)?;
+    let handle = server.shutdown_handle();
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                handle.shutdown();
+            }
+        })?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {}", server.local_addr())?;
+    stdout.flush()?;
+    drop(stdout);
+    tracing::info!(addr = %server.local_addr(), "listening");
+    server.run()
+}

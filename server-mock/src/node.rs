@@ -1,0 +1,341 @@
+//! The node: listener, shared state (volumes, faults, counters), graceful
+//! shutdown.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use netblk_protocol::pb;
+use tracing::{error, info, warn};
+
+use crate::conn::{self, Delayed};
+use crate::delay::DelayQueue;
+use crate::faults::Knobs;
+use crate::store::{self, Backend, StoreKind, VolumeMeta};
+
+/// Exit code of the crash fault: the node exits at once, flushing nothing.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: StoreKind,
+    /// Largest payload accepted per request, bytes.
+    pub max_io_size: u32,
+    /// Name sent in handshake replies.
+    pub node_id: String,
+    /// Faults in force from the start.
+    pub faults: pb::Faults,
+    pub fault_seed: u64,
+    /// Accept admin connections (fault changes, statistics, crash).
+    pub admin: bool,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// How long a new connection may take to send its first frame.
+    pub handshake_timeout: Duration,
+    /// How long a reply may wait on a client that does not read.
+    pub write_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr, store: StoreKind) -> Self {
+        Config {
+            listen,
+            store,
+            max_io_size: netblk_protocol::DEFAULT_MAX_PAYLOAD_LEN,
+            node_id: String::new(),
+            faults: pb::Faults::default(),
+            fault_seed: 0,
+            admin: true,
+            drain_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One volume as this node holds it.
+pub struct Volume {
+    pub name: String,
+    pub meta: VolumeMeta,
+    /// Bytes of the volume on this node; node offsets are below it.
+    pub capacity: u64,
+    pub backend: Box<dyn Backend>,
+}
+
+/// Counters behind [`pb::Stats`].
+#[derive(Default)]
+pub struct Counters {
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub requests: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub injected_errors: AtomicU64,
+    pub dropped_connections: AtomicU64,
+    pub corrupted_replies: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64, by: u64) -> u64 {
+    counter.fetch_add(by, Ordering::Relaxed) + by
+}
+
+/// State shared by every connection of a node.
+pub struct Node {
+    pub config: Config,
+    pub local_addr: SocketAddr,
+    pub limits: netblk_protocol::Limits,
+    pub faults: Knobs,
+    pub counters: Counters,
+    pub delayed: DelayQueue<Delayed>,
+    volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    open: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+    stopping: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Node {
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub fn stopping_flag(&self) -> &AtomicBool {
+        &self.stopping
+    }
+
+    /// The volume `name`, created on first use. Refuses (with a message for
+    /// the client) a size or layout different from what it was created with.
+    pub fn volume(&self, name: &str, wanted: VolumeMeta) -> Result<Arc<Volume>, String> {
+        let mut volumes = lock(&self.volumes);
+        let volume = match volumes.get(name) {
+            Some(volume) => Arc::clone(volume),
+            None => {
+                let (backend, meta) = store::open_or_create(&self.config.store, name, wanted)
+                    .map_err(|err| format!("cannot open volume '{name}': {err}"))?;
+                let volume = Arc::new(Volume {
+                    name: name.to_owned(),
+                    meta,
+                    capacity: meta.capacity(),
+                    backend,
+                });
+                volumes.insert(name.to_owned(), Arc::clone(&volume));
+                info!(volume = name, %meta, "volume opened");
+                volume
+            }
+        };
+        if volume.meta != wanted {
+            return Err(format!(
+                "volume '{name}' exists with {}; this client asked for {}: refusing, a different layout would scramble data",
+                volume.meta, wanted
+            ));
+        }
+        Ok(volume)
+    }
+
+    pub fn stats(&self) -> pb::Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let volumes = lock(&self.volumes);
+        pb::Stats {
+            connections_accepted: get(&c.connections_accepted),
+            connections_open: lock(&self.open).len() as u64,
+            connections_refused: get(&c.connections_refused),
+            protocol_errors: get(&c.protocol_errors),
+            requests: get(&c.requests),
+            bytes_read: get(&c.bytes_read),
+            bytes_written: get(&c.bytes_written),
+            injected_errors: get(&c.injected_errors),
+            dropped_connections: get(&c.dropped_connections),
+            corrupted_replies: get(&c.corrupted_replies),
+            volumes: volumes.len() as u64,
+            stored_bytes: volumes.values().map(|v| v.backend.stored_bytes()).sum(),
+        }
+    }
+
+    /// The crash fault: exit now, no flush, no goodbye.
+    pub fn crash(&self, why: &str) -> ! {
+        error!("crashing on purpose: {why}");
+        std::process::exit(CRASH_EXIT_CODE)
+    }
+
+    fn register(&self, stream: &TcpStream) -> io::Result<u64> {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        lock(&self.open).insert(id, stream.try_clone()?);
+        Ok(id)
+    }
+
+    pub fn unregister(&self, id: u64) {
+        lock(&self.open).remove(&id);
+    }
+
+    fn begin_shutdown(&self) {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        info!("shutting down: no new connections, finishing in-flight requests");
+        self.faults.wake();
+        self.delayed.wake();
+        // Readers see end-of-stream and stop taking requests; replies still go out.
+        for stream in lock(&self.open).values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        // Wake the accept loop.
+        let mut addr = self.local_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    }
+
+    fn wait_connections_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let open = lock(&self.open).len();
+            if open == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                warn!(open, "drain timeout passed with connections still open");
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn flush_all(&self) -> io::Result<()> {
+        let volumes: Vec<Arc<Volume>> = lock(&self.volumes).values().cloned().collect();
+        for volume in volumes {
+            volume.backend.flush().map_err(|err| {
+                io::Error::new(
+                    err.kind(),
+                    format!("flushing volume '{}': {err}", volume.name),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Asks a running [`Server`] to shut down gracefully. Cheap to clone.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Node>);
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.0.begin_shutdown();
+    }
+}
+
+/// A bound node, ready to [`Server::run`].
+pub struct Server {
+    listener: TcpListener,
+    node: Arc<Node>,
+}
+
+impl Server {
+    pub fn bind(mut config: Config) -> io::Result<Server> {
+        if let StoreKind::Dir(dir) = &config.store {
+            std::fs::create_dir_all(dir).map_err(|err| {
+                io::Error::new(
+                    err.kind(),
+                    format!("store directory {}: {err}", dir.display()),
+                )
+            })?;
+        }
+        let listener = TcpListener::bind(config.listen)
+            .map_err(|err| io::Error::new(err.kind(), format!("listen on {}: {err}", config.listen)))?;
+        let local_addr = listener.local_addr()?;
+        if config.node_id.is_empty() {
+            config.node_id = format!("mock-{local_addr}");
+        }
+        let node = Node {
+            limits: netblk_protocol::Limits {
+                max_payload_len: config.max_io_size,
+            },
+            faults: Knobs::new(config.faults, config.fault_seed),
+            config,
+            local_addr,
+            counters: Counters::default(),
+            delayed: DelayQueue::new(),
+            volumes: Mutex::default(),
+            open: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+        };
+        Ok(Server {
+            listener,
+            node: Arc::new(node),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.node.local_addr
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(Arc::clone(&self.node))
+    }
+
+    /// Serves until shut down, then finishes in-flight requests (bounded by
+    /// the drain timeout) and flushes every volume.
+    pub fn run(self) -> io::Result<()> {
+        let node = self.node;
+        let delay_node = Arc::clone(&node);
+        let delay_thread = thread::Builder::new()
+            .name("delayed".into())
+            .spawn(move || conn::run_delayed(&delay_node))?;
+        for stream in self.listener.incoming() {
+            if node.stopping() {
+                break;
+            }
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    // Out of descriptors or memory: back off instead of spinning.
+                    warn!("accept failed: {err}");
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            bump(&node.counters.connections_accepted, 1);
+            let id = match node.register(&stream) {
+                Ok(id) => id,
+                Err(err) => {
+                    warn!("cannot track new connection: {err}");
+                    continue;
+                }
+            };
+            let conn_node = Arc::clone(&node);
+            let spawned = thread::Builder::new()
+                .name(format!("conn-{id}"))
+                .spawn(move || conn::serve(conn_node, stream, id));
+            if let Err(err) = spawned {
+                warn!("cannot start a thread for a new connection: {err}");
+                node.unregister(id);
+            }
+        }
+        drop(self.listener);
+        if node.wait_connections_closed(node.config.drain_timeout) {
+            node.delayed.wake();
+            if delay_thread.join().is_err() {
+                error!("delayed-request thread panicked");
+            }
+        }
+        node.flush_all()?;
+        info!("stopped cleanly");
+        Ok(())
+    }
+}
