@@ -81,7 +81,24 @@ pub struct Preamble {
 impl Preamble {
     /// Parses and bounds-checks a preamble.
     pub fn parse(bytes: &[u8; PREAMBLE_LEN], limits: &Limits) -> Result<Preamble, FrameError> {
-        let [m0, m1, m2, m3, v0, v1, f0, f1, h0, h1, h2, h3, p0, p1, p2, p3] = *bytes;
+        let [
+            m0,
+            m1,
+            m2,
+            m3,
+            v0,
+            v1,
+            f0,
+            f1,
+            h0,
+            h1,
+            h2,
+            h3,
+            p0,
+            p1,
+            p2,
+            p3,
+        ] = *bytes;
         let magic = [m0, m1, m2, m3];
         if magic != MAGIC {
             return Err(FrameError::BadMagic(magic));
@@ -140,6 +157,9 @@ pub struct Frame<'a> {
 }
 
 /// Result of [`decode_frame`] on a possibly partial buffer.
+// Returned by value and consumed at once: boxing the header would cost an
+// allocation per frame for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded<'a> {
     /// The buffer holds no whole frame yet: at least this many more bytes are
@@ -175,8 +195,7 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Decoded<'a>, F
 /// For callers that read the preamble, the header and the payload separately
 /// (for example straight into a request buffer).
 pub fn decode_header(bytes: &[u8], payload_len: u32) -> Result<pb::Header, FrameError> {
-    let header =
-        pb::Header::decode(bytes).map_err(|err| FrameError::Protobuf(err.to_string()))?;
+    let header = pb::Header::decode(bytes).map_err(|err| FrameError::Protobuf(err.to_string()))?;
     check_payload(&header, payload_len)?;
     Ok(header)
 }

@@ -16,7 +16,7 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
 
 /// Checks that a volume size and layout make sense, saying what is wrong.
 pub fn check_layout(volume_size: u64, layout: &pb::Layout) -> Result<(), String> {
-    if volume_size == 0 || volume_size % SECTOR != 0 || volume_size > MAX_VOLUME_SIZE {
+    if volume_size == 0 || !volume_size.is_multiple_of(SECTOR) || volume_size > MAX_VOLUME_SIZE {
         return Err(format!(
             "volume size {volume_size} must be a non-zero multiple of {SECTOR} bytes, at most {MAX_VOLUME_SIZE}"
         ));
@@ -72,7 +72,14 @@ mod tests {
 
     #[test]
     fn capacities_add_up_to_the_volume() {
-        for size in [512u64, 4096, 65536, 1 << 20, (1 << 30) + 512, 3 * 65536 + 4096] {
+        for size in [
+            512u64,
+            4096,
+            65536,
+            1 << 20,
+            (1 << 30) + 512,
+            3 * 65536 + 4096,
+        ] {
             for nodes in [1u32, 2, 3, 8] {
                 let total: u64 = (0..nodes)
                     .map(|i| node_capacity(size, &layout(65536, nodes, i)))

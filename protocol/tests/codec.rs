@@ -27,16 +27,24 @@ fn layout() -> impl Strategy<Value = Option<pb::Layout>> {
 }
 
 fn handshake() -> impl Strategy<Value = pb::Handshake> {
-    (any::<u32>(), text(), text(), any::<u64>(), layout(), any::<u64>()).prop_map(
-        |(protocol_version, client_id, volume, volume_size, layout, session)| pb::Handshake {
-            protocol_version,
-            client_id,
-            volume,
-            volume_size,
-            layout,
-            session,
-        },
+    (
+        any::<u32>(),
+        text(),
+        text(),
+        any::<u64>(),
+        layout(),
+        any::<u64>(),
     )
+        .prop_map(
+            |(protocol_version, client_id, volume, volume_size, layout, session)| pb::Handshake {
+                protocol_version,
+                client_id,
+                volume,
+                volume_size,
+                layout,
+                session,
+            },
+        )
 }
 
 fn handshake_reply() -> impl Strategy<Value = pb::HandshakeReply> {
@@ -67,21 +75,12 @@ fn request() -> impl Strategy<Value = (pb::Request, u32)> {
         Just((Op::Flush(pb::Flush {}), 0)),
         (any::<u64>(), any::<u64>())
             .prop_map(|(offset, length)| (Op::Discard(pb::Discard { offset, length }), 0)),
-        (any::<u64>(), any::<u64>()).prop_map(|(offset, length)| (
-            Op::WriteZeroes(pb::WriteZeroes { offset, length }),
-            0
-        )),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(offset, length)| (Op::WriteZeroes(pb::WriteZeroes { offset, length }), 0)),
         any::<u64>().prop_map(|nonce| (Op::Ping(pb::Ping { nonce }), 0)),
     ];
-    (any::<u64>(), op).prop_map(|(id, (op, payload_len))| {
-        (
-            pb::Request {
-                id,
-                op: Some(op),
-            },
-            payload_len,
-        )
-    })
+    (any::<u64>(), op)
+        .prop_map(|(id, (op, payload_len))| (pb::Request { id, op: Some(op) }, payload_len))
 }
 
 fn reply() -> impl Strategy<Value = pb::Reply> {
@@ -208,7 +207,9 @@ fn decode_stream(
             Decoded::NeedMore(need) => {
                 assert!(need > 0, "NeedMore(0) would make a reader spin");
                 assert!(
-                    need <= PREAMBLE_LEN + MAX_HEADER_LEN as usize + limits.max_payload_len as usize,
+                    need <= PREAMBLE_LEN
+                        + MAX_HEADER_LEN as usize
+                        + limits.max_payload_len as usize,
                     "NeedMore({need}) exceeds the limits"
                 );
                 if fed == stream.len() {

@@ -182,7 +182,9 @@ pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64) {
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     debug!(%peer, id, "connection accepted");
-    let result = serve_stream(&node, stream.try_clone(), stream);
+    let result = serve_stream(&node, &stream);
+    // Count and log first, close second: whoever sees the close also sees
+    // the counters.
     match result {
         Ok(()) => debug!(%peer, id, "connection closed"),
         Err(ConnError::Refused(why)) => {
@@ -199,19 +201,16 @@ pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64) {
             warn!(%peer, "closing connection on bad input: {err}");
         }
     }
+    let _ = stream.shutdown(Shutdown::Both);
     node.unregister(id);
 }
 
-fn serve_stream(
-    node: &Arc<Node>,
-    clone: io::Result<TcpStream>,
-    stream: TcpStream,
-) -> Result<(), ConnError> {
+fn serve_stream(node: &Arc<Node>, stream: &TcpStream) -> Result<(), ConnError> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(node.config.write_timeout))?;
     let timeout = node.config.handshake_timeout;
     stream.set_read_timeout(Some(timeout))?;
-    let mut reader = FrameReader::new(clone?, node.limits);
+    let mut reader = FrameReader::new(stream.try_clone()?, node.limits);
     let first = match reader.next_frame(|| {}) {
         Ok(Some((header, _))) => header,
         Ok(None) => return Ok(()),
@@ -226,11 +225,11 @@ fn serve_stream(
         Err(err) => return Err(err),
     };
     stream.set_read_timeout(None)?;
-    let result = match first.kind {
-        Some(Kind::Handshake(handshake)) => {
-            serve_data(node, &stream, &mut reader, handshake)
+    match first.kind {
+        Some(Kind::Handshake(handshake)) => serve_data(node, stream, &mut reader, handshake),
+        Some(Kind::Admin(admin)) if node.config.admin => {
+            serve_admin(node, stream, &mut reader, admin)
         }
-        Some(Kind::Admin(admin)) if node.config.admin => serve_admin(node, &stream, &mut reader, admin),
         Some(Kind::Admin(_)) => Err(ConnError::Violation(
             "admin requests are disabled on this node (--no-admin)".into(),
         )),
@@ -238,9 +237,7 @@ fn serve_stream(
             "expected a handshake or an admin request first, got {}",
             kind_name(other.as_ref())
         ))),
-    };
-    let _ = stream.shutdown(Shutdown::Both);
-    result
+    }
 }
 
 fn kind_name(kind: Option<&Kind>) -> &'static str {
@@ -314,7 +311,12 @@ fn serve_data(
                 node_id: node.config.node_id.clone(),
             };
             // The refusal is what matters; a failed send changes nothing.
-            let _ = send_frame(stream, pb::Header { kind: Some(Kind::HandshakeReply(reply)) });
+            let _ = send_frame(
+                stream,
+                pb::Header {
+                    kind: Some(Kind::HandshakeReply(reply)),
+                },
+            );
             return Err(ConnError::Refused(why));
         }
     };
@@ -331,7 +333,12 @@ fn serve_data(
         max_io_size: node.config.max_io_size,
         node_id: node.config.node_id.clone(),
     };
-    send_frame(stream, pb::Header { kind: Some(Kind::HandshakeReply(reply)) })?;
+    send_frame(
+        stream,
+        pb::Header {
+            kind: Some(Kind::HandshakeReply(reply)),
+        },
+    )?;
 
     let conn = Arc::new(Conn {
         node: Arc::clone(node),
@@ -556,10 +563,20 @@ fn serve_admin(
         }
         reply.faults = Some(node.faults.get());
         reply.stats = Some(node.stats());
-        send_frame(stream, pb::Header { kind: Some(Kind::AdminReply(reply)) })?;
+        send_frame(
+            stream,
+            pb::Header {
+                kind: Some(Kind::AdminReply(reply)),
+            },
+        )?;
         next = match reader.next_frame(|| {})? {
             None => None,
-            Some((pb::Header { kind: Some(Kind::Admin(admin)) }, _)) => Some(admin),
+            Some((
+                pb::Header {
+                    kind: Some(Kind::Admin(admin)),
+                },
+                _,
+            )) => Some(admin),
             Some((header, _)) => {
                 return Err(ConnError::Violation(format!(
                     "expected an admin request, got {}",

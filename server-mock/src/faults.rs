@@ -154,9 +154,33 @@ mod tests {
     fn bad_knobs_are_refused() {
         let ok = pb::Faults::default();
         assert!(check(&ok).is_ok());
-        assert!(check(&pb::Faults { error_probability: 1.5, ..ok }).is_err());
-        assert!(check(&pb::Faults { error_probability: f64::NAN, ..ok }).is_err());
-        assert!(check(&pb::Faults { latency_us: u64::MAX, ..ok }).is_err());
-        assert!(check(&pb::Faults { error_status: 99, ..ok }).is_err());
+        assert!(
+            check(&pb::Faults {
+                error_probability: 1.5,
+                ..ok
+            })
+            .is_err()
+        );
+        assert!(
+            check(&pb::Faults {
+                error_probability: f64::NAN,
+                ..ok
+            })
+            .is_err()
+        );
+        assert!(
+            check(&pb::Faults {
+                latency_us: u64::MAX,
+                ..ok
+            })
+            .is_err()
+        );
+        assert!(
+            check(&pb::Faults {
+                error_status: 99,
+                ..ok
+            })
+            .is_err()
+        );
     }
 }

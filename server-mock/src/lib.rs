@@ -13,7 +13,7 @@ pub mod faults;
 mod node;
 pub mod store;
 
-pub use node::{Config, Server, ShutdownHandle, CRASH_EXIT_CODE};
+pub use node::{CRASH_EXIT_CODE, Config, Server, ShutdownHandle};
 pub use store::StoreKind;
 
 /// Parses a byte size: a plain number, or one with a binary suffix

@@ -51,16 +51,31 @@ struct Args {
     no_admin: bool,
 
     /// Hold every request this many microseconds before executing it.
-    #[arg(long, default_value_t = 0, value_name = "US", help_heading = "Fault injection")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "US",
+        help_heading = "Fault injection"
+    )]
     latency_us: u64,
 
     /// Add a random 0..=US microseconds to each request's latency (replies
     /// then come back out of order).
-    #[arg(long, default_value_t = 0, value_name = "US", help_heading = "Fault injection")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "US",
+        help_heading = "Fault injection"
+    )]
     jitter_us: u64,
 
     /// Answer each request with an error instead, with this probability (0 to 1).
-    #[arg(long, default_value_t = 0.0, value_name = "P", help_heading = "Fault injection")]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "P",
+        help_heading = "Fault injection"
+    )]
     error_probability: f64,
 
     /// The error injected replies carry: eio, enospc, einval, eopnotsupp,
@@ -70,7 +85,12 @@ struct Args {
 
     /// Close each connection once it has received N requests; request N+1
     /// gets no reply (0 = never).
-    #[arg(long, default_value_t = 0, value_name = "N", help_heading = "Fault injection")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        help_heading = "Fault injection"
+    )]
     drop_after: u64,
 
     /// Stall: take requests but answer none until the stall is cleared over
@@ -79,12 +99,22 @@ struct Args {
     stall: bool,
 
     /// Corrupt the next N reply frames (their magic is flipped).
-    #[arg(long, default_value_t = 0, value_name = "N", help_heading = "Fault injection")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        help_heading = "Fault injection"
+    )]
     corrupt_replies: u32,
 
     /// Exit at once (a crash: exit code 86, nothing flushed) when the node has
     /// received N requests in all (0 = never).
-    #[arg(long, default_value_t = 0, value_name = "N", help_heading = "Fault injection")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        help_heading = "Fault injection"
+    )]
     crash_after: u64,
 
     /// Seed for the random draws of jitter and error injection [default: from the clock].

@@ -255,8 +255,9 @@ impl Server {
                 )
             })?;
         }
-        let listener = TcpListener::bind(config.listen)
-            .map_err(|err| io::Error::new(err.kind(), format!("listen on {}: {err}", config.listen)))?;
+        let listener = TcpListener::bind(config.listen).map_err(|err| {
+            io::Error::new(err.kind(), format!("listen on {}: {err}", config.listen))
+        })?;
         let local_addr = listener.local_addr()?;
         if config.node_id.is_empty() {
             config.node_id = format!("mock-{local_addr}");

@@ -186,25 +186,35 @@ impl MemoryBackend {
 
 impl Backend for MemoryBackend {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        for_each_chunk(offset, buf.len() as u64, MEMORY_CHUNK, |chunk, at, pos, n| {
-            let out = &mut buf[pos..pos + n];
-            match self.shard(chunk).get(&chunk) {
-                Some(data) => out.copy_from_slice(&data[at..at + n]),
-                None => out.fill(0),
-            }
-        });
+        for_each_chunk(
+            offset,
+            buf.len() as u64,
+            MEMORY_CHUNK,
+            |chunk, at, pos, n| {
+                let out = &mut buf[pos..pos + n];
+                match self.shard(chunk).get(&chunk) {
+                    Some(data) => out.copy_from_slice(&data[at..at + n]),
+                    None => out.fill(0),
+                }
+            },
+        );
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
-        for_each_chunk(offset, data.len() as u64, MEMORY_CHUNK, |chunk, at, pos, n| {
-            let mut shard = self.shard(chunk);
-            let stored = shard.entry(chunk).or_insert_with(|| {
-                self.stored.fetch_add(MEMORY_CHUNK, Ordering::Relaxed);
-                vec![0u8; MEMORY_CHUNK as usize].into_boxed_slice()
-            });
-            stored[at..at + n].copy_from_slice(&data[pos..pos + n]);
-        });
+        for_each_chunk(
+            offset,
+            data.len() as u64,
+            MEMORY_CHUNK,
+            |chunk, at, pos, n| {
+                let mut shard = self.shard(chunk);
+                let stored = shard.entry(chunk).or_insert_with(|| {
+                    self.stored.fetch_add(MEMORY_CHUNK, Ordering::Relaxed);
+                    vec![0u8; MEMORY_CHUNK as usize].into_boxed_slice()
+                });
+                stored[at..at + n].copy_from_slice(&data[pos..pos + n]);
+            },
+        );
         Ok(())
     }
 
@@ -238,7 +248,11 @@ struct DirBackend {
 }
 
 impl DirBackend {
-    fn open_or_create(dir: &Path, name: &str, wanted: VolumeMeta) -> io::Result<(Self, VolumeMeta)> {
+    fn open_or_create(
+        dir: &Path,
+        name: &str,
+        wanted: VolumeMeta,
+    ) -> io::Result<(Self, VolumeMeta)> {
         let data_path = dir.join(format!("{name}.vol"));
         let meta_path = dir.join(format!("{name}.meta"));
         match std::fs::read_to_string(&meta_path) {
@@ -290,7 +304,8 @@ impl DirBackend {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeroes.len() as u64);
-            self.file.write_all_at(&zeroes[..n as usize], offset + done)?;
+            self.file
+                .write_all_at(&zeroes[..n as usize], offset + done)?;
             done += n;
         }
         Ok(())
@@ -398,7 +413,11 @@ mod tests {
         exercise(&backend);
         drop(backend);
         let (_, got) = DirBackend::open_or_create(dir.path(), "v", meta(2 << 20)).expect("reopen");
-        assert_eq!(got, meta(1 << 20), "the stored metadata wins; the caller compares");
+        assert_eq!(
+            got,
+            meta(1 << 20),
+            "the stored metadata wins; the caller compares"
+        );
     }
 
     #[test]

@@ -1,0 +1,745 @@
+//! `netblk-mock-node` as a process on 127.0.0.1: serving, stores, refusals,
+//! every fault knob, bad input and graceful shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use netblk_mock_node::CRASH_EXIT_CODE;
+use netblk_protocol::pb::{self, Status, header::Kind, request::Op};
+use netblk_protocol::{FrameError, MAX_HEADER_LEN, Preamble, encode_frame};
+use netblk_tests::{ClientError, MockNode, NodeClient, handshake, mock_node_bin, pattern};
+
+const MIB: u64 = 1 << 20;
+const OK: i32 = Status::Ok as i32;
+
+fn write_op(offset: u64, len: usize, fua: bool) -> Op {
+    Op::Write(pb::Write {
+        offset,
+        length: len as u32,
+        fua,
+    })
+}
+
+fn read_op(offset: u64, length: u32) -> Op {
+    Op::Read(pb::Read { offset, length })
+}
+
+#[test]
+fn concurrent_pipelined_clients_get_every_reply_even_out_of_order() {
+    // Jitter makes replies overtake each other.
+    let node = MockNode::start(&["--jitter-us", "3000", "--fault-seed", "7"]);
+    let addr = node.addr;
+    let workers: Vec<_> = (0..4u64)
+        .map(|worker| {
+            thread::spawn(move || {
+                // Two volumes, two clients each, disjoint regions.
+                let volume = if worker % 2 == 0 { "even" } else { "odd" };
+                let mut client = NodeClient::open(addr, handshake(volume, 64 * MIB, 65536, 1, 0));
+                let base = worker * 8 * MIB;
+                let mut expected = HashMap::new();
+                let mut sent_order = Vec::new();
+                for i in 0..48u64 {
+                    let len = 4096 * (1 + (i as usize % 16));
+                    let data = pattern(worker * 1000 + i, len);
+                    let offset = base + i * 65536;
+                    let id = client
+                        .send(write_op(offset, len, i % 5 == 0), &data)
+                        .expect("send");
+                    expected.insert(offset, data);
+                    sent_order.push(id);
+                }
+                let mut got_order = Vec::new();
+                for _ in 0..48 {
+                    let (reply, _) = client.recv().expect("write reply");
+                    assert_eq!(reply.status, OK, "{}", reply.message);
+                    got_order.push(reply.id);
+                }
+                let mut sorted = got_order.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, sent_order, "every write answered exactly once");
+                let reordered = got_order != sent_order;
+
+                let mut reads = HashMap::new();
+                for (offset, data) in &expected {
+                    let id = client
+                        .send(read_op(*offset, data.len() as u32), &[])
+                        .expect("send");
+                    reads.insert(id, *offset);
+                }
+                for _ in 0..reads.len() {
+                    let (reply, data) = client.recv().expect("read reply");
+                    assert_eq!(reply.status, OK, "{}", reply.message);
+                    let offset = reads.remove(&reply.id).expect("reply to a request we sent");
+                    assert_eq!(data, expected[&offset], "data at {offset}");
+                }
+                reordered
+            })
+        })
+        .collect();
+    let reordered = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .filter(|r| *r)
+        .count();
+    assert!(
+        reordered > 0,
+        "with jitter, some replies must overtake others"
+    );
+    let stats = node.admin().stats();
+    assert_eq!(stats.volumes, 2);
+    assert_eq!(stats.requests, 4 * 96);
+}
+
+#[test]
+fn volumes_are_separate_and_created_on_first_handshake() {
+    let node = MockNode::start(&[]);
+    let mut a = NodeClient::open(node.addr, handshake("a", MIB, 4096, 1, 0));
+    let mut b = NodeClient::open(node.addr, handshake("b", 2 * MIB, 65536, 2, 1));
+    a.write(0, &[1; 4096], false);
+    b.write(0, &[2; 4096], false);
+    assert_eq!(a.read(0, 4096), vec![1; 4096]);
+    assert_eq!(b.read(0, 4096), vec![2; 4096]);
+    // b holds half of a 2 MiB volume striped over 2 nodes.
+    assert_eq!(b.status_of(read_op(MIB - 4096, 4096), &[]), OK);
+    assert_eq!(
+        b.status_of(read_op(MIB, 4096), &[]),
+        Status::OutOfRange as i32
+    );
+}
+
+#[test]
+fn handshake_refuses_a_different_fingerprint_or_size() {
+    let node = MockNode::start(&[]);
+    let good = handshake("vol", 3 * MIB, 65536, 3, 1);
+    let mut first = NodeClient::open(node.addr, good.clone());
+    first.write(0, &[9; 512], false);
+
+    let mut refusals = vec![
+        (
+            "size",
+            handshake("vol", 6 * MIB, 65536, 3, 1),
+            "exists with",
+        ),
+        (
+            "stripe unit",
+            handshake("vol", 3 * MIB, 131072, 3, 1),
+            "exists with",
+        ),
+        (
+            "node count",
+            handshake("vol", 3 * MIB, 65536, 4, 1),
+            "exists with",
+        ),
+        (
+            "node index",
+            handshake("vol", 3 * MIB, 65536, 3, 2),
+            "exists with",
+        ),
+        (
+            "bad name",
+            handshake("../etc", 3 * MIB, 65536, 3, 1),
+            "volume name",
+        ),
+        (
+            "bad stripe",
+            handshake("other", 3 * MIB, 1000, 3, 1),
+            "stripe unit",
+        ),
+        (
+            "index past count",
+            handshake("other", 3 * MIB, 65536, 3, 3),
+            "node index",
+        ),
+    ];
+    let mut wrong_version = good.clone();
+    wrong_version.protocol_version = 2;
+    refusals.push(("version", wrong_version, "protocol version"));
+    let mut no_layout = good.clone();
+    no_layout.layout = None;
+    refusals.push(("no layout", no_layout, "no layout"));
+
+    for (what, hs, why) in &refusals {
+        let mut client = NodeClient::connect(node.addr).expect("connect");
+        let reply = client.handshake(hs.clone()).expect("a refusal is a reply");
+        assert_eq!(reply.status, Status::Refused as i32, "{what}");
+        assert!(reply.message.contains(why), "{what}: {}", reply.message);
+        assert!(
+            client.is_closed_by_node(),
+            "{what}: refused connection is closed"
+        );
+    }
+    // The volume is untouched and the first client still works.
+    assert_eq!(first.read(0, 512), vec![9; 512]);
+    NodeClient::open(node.addr, good);
+    let stats = node.admin().stats();
+    assert_eq!(stats.connections_refused, refusals.len() as u64);
+    assert!(node.wait_for_log("handshake refused"));
+}
+
+#[test]
+fn directory_store_is_durable_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir:{}", dir.path().display());
+    let hs = handshake("durable", 512 * MIB, 65536, 2, 0);
+    let writes: Vec<(u64, Vec<u8>)> = (0..20u64)
+        .map(|i| (i * 3 * MIB + 512 * i, pattern(i, 4096 + 512 * i as usize)))
+        .collect();
+    {
+        let mut node = MockNode::start(&["--store", &store]);
+        let mut client = NodeClient::open(node.addr, hs.clone());
+        for (i, (offset, data)) in writes.iter().enumerate() {
+            client.write(*offset, data, i % 2 == 0);
+        }
+        assert_eq!(client.status_of(Op::Flush(pb::Flush {}), &[]), OK);
+        assert!(node.terminate().success(), "clean exit on SIGTERM");
+    }
+    assert!(dir.path().join("durable.vol").exists());
+    assert!(dir.path().join("durable.meta").exists());
+
+    let node = MockNode::start(&["--store", &store]);
+    // The volume's size and layout survived too.
+    let mut wrong = NodeClient::connect(node.addr).expect("connect");
+    let reply = wrong
+        .handshake(handshake("durable", 1024 * MIB, 65536, 2, 0))
+        .expect("reply");
+    assert_eq!(reply.status, Status::Refused as i32);
+    let mut client = NodeClient::open(node.addr, hs);
+    for (offset, data) in &writes {
+        assert_eq!(
+            &client.read(*offset, data.len() as u32),
+            data,
+            "at {offset}"
+        );
+    }
+    assert_eq!(client.read(200 * MIB, 4096), vec![0; 4096]);
+}
+
+#[test]
+fn memory_store_is_sparse() {
+    let node = MockNode::start(&[]);
+    let tib = 1u64 << 40;
+    let mut client = NodeClient::open(node.addr, handshake("huge", tib, 1 << 20, 1, 0));
+    assert_eq!(node.admin().stats().stored_bytes, 0);
+    client.write(tib - MIB, &pattern(1, MIB as usize), false);
+    client.write(tib / 2, &pattern(2, 4096), false);
+    let stored = node.admin().stats().stored_bytes;
+    assert!(
+        (MIB..=MIB + 128 * 1024).contains(&stored),
+        "1 TiB volume with 1 MiB + 4 KiB written holds {stored} bytes"
+    );
+    assert_eq!(client.read(tib - MIB, MIB as u32), pattern(1, MIB as usize));
+    assert_eq!(client.read(12345 * 512, 65536), vec![0; 65536]);
+    assert_eq!(
+        client.status_of(read_op(tib - 4096, 8192), &[]),
+        Status::OutOfRange as i32
+    );
+    assert_eq!(
+        client.status_of(read_op(u64::MAX - 10, 4096), &[]),
+        Status::OutOfRange as i32
+    );
+}
+
+fn check_discard_and_write_zeroes(node: &MockNode) {
+    let mut client = NodeClient::open(node.addr, handshake("z", 64 * MIB, 65536, 1, 0));
+    let data = pattern(5, 4 * MIB as usize);
+    client.write(0, &data, false);
+    let before = node.admin().stats().stored_bytes;
+    assert!(before >= 4 * MIB);
+
+    let discard = Op::Discard(pb::Discard {
+        offset: MIB,
+        length: MIB,
+    });
+    assert_eq!(client.status_of(discard, &[]), OK);
+    let zeroes = Op::WriteZeroes(pb::WriteZeroes {
+        offset: 2 * MIB + 4096,
+        length: MIB - 4096,
+    });
+    assert_eq!(client.status_of(zeroes, &[]), OK);
+
+    let back = client.read(0, 4 * MIB as u32);
+    let (mib, z) = (MIB as usize, 2 * MIB as usize + 4096);
+    assert_eq!(&back[..mib], &data[..mib]);
+    assert!(
+        back[mib..2 * mib].iter().all(|b| *b == 0),
+        "discarded range reads zeroes"
+    );
+    assert_eq!(&back[2 * mib..z], &data[2 * mib..z]);
+    assert!(
+        back[z..3 * mib].iter().all(|b| *b == 0),
+        "write-zeroes range reads zeroes"
+    );
+    assert_eq!(&back[3 * mib..], &data[3 * mib..]);
+    let after = node.admin().stats().stored_bytes;
+    assert!(
+        after + MIB + MIB / 2 <= before,
+        "discard and write-zeroes free space: {before} -> {after}"
+    );
+}
+
+#[test]
+fn discard_and_write_zeroes_free_and_zero_in_memory() {
+    check_discard_and_write_zeroes(&MockNode::start(&[]));
+}
+
+#[test]
+fn discard_and_write_zeroes_free_and_zero_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir:{}", dir.path().display());
+    check_discard_and_write_zeroes(&MockNode::start(&["--store", &store]));
+}
+
+#[test]
+fn oversized_reads_are_refused_per_request() {
+    let node = MockNode::start(&["--max-io-size", "64K"]);
+    let mut client = NodeClient::open(node.addr, handshake("v", 16 * MIB, 65536, 1, 0));
+    assert_eq!(
+        client.status_of(read_op(0, 65537), &[]),
+        Status::Invalid as i32
+    );
+    assert_eq!(client.read(0, 65536).len(), 65536);
+}
+
+// ---- fault knobs, changed over the admin protocol ----
+
+#[test]
+fn latency_knob_delays_every_reply() {
+    let node = MockNode::start(&[]);
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    let mut admin = node.admin();
+    admin.set_faults(pb::Faults {
+        latency_us: 200_000,
+        ..Default::default()
+    });
+    let start = Instant::now();
+    for _ in 0..3 {
+        client
+            .send(Op::Ping(pb::Ping { nonce: 1 }), &[])
+            .expect("send");
+    }
+    for _ in 0..3 {
+        assert_eq!(client.recv().expect("reply").0.status, OK);
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(200), "took {took:?}");
+    assert!(
+        took < Duration::from_millis(550),
+        "pipelined, not serialised: {took:?}"
+    );
+    admin.set_faults(pb::Faults::default());
+    let start = Instant::now();
+    client.ping().expect("ping");
+    assert!(start.elapsed() < Duration::from_millis(150));
+}
+
+#[test]
+fn error_knob_answers_with_the_chosen_errno() {
+    let node = MockNode::start(&["--fault-seed", "3"]);
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    let mut admin = node.admin();
+    admin.set_faults(pb::Faults {
+        error_probability: 1.0,
+        error_status: Status::NoSpace as i32,
+        ..Default::default()
+    });
+    for _ in 0..10 {
+        assert_eq!(
+            client.status_of(write_op(0, 4096, false), &[3; 4096]),
+            Status::NoSpace as i32
+        );
+    }
+    // An injected error really skipped the write.
+    admin.set_faults(pb::Faults::default());
+    assert_eq!(client.read(0, 4096), vec![0; 4096]);
+
+    admin.set_faults(pb::Faults {
+        error_probability: 0.5,
+        ..Default::default()
+    });
+    let statuses: Vec<i32> = (0..200)
+        .map(|_| client.status_of(Op::Ping(pb::Ping { nonce: 0 }), &[]))
+        .collect();
+    let errors = statuses
+        .iter()
+        .filter(|s| **s == Status::IoError as i32)
+        .count();
+    assert!((50..150).contains(&errors), "{errors} of 200 at p=0.5");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == OK || *s == Status::IoError as i32)
+    );
+    assert_eq!(admin.stats().injected_errors, 10 + errors as u64);
+
+    let refused = admin
+        .try_set_faults(pb::Faults {
+            error_probability: 2.0,
+            ..Default::default()
+        })
+        .expect("reply");
+    assert_eq!(refused.status, Status::Invalid as i32);
+}
+
+#[test]
+fn drop_after_knob_closes_each_connection_after_n_requests() {
+    let node = MockNode::start(&[]);
+    node.admin().set_faults(pb::Faults {
+        drop_after: 5,
+        ..Default::default()
+    });
+    for round in 0..2 {
+        let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+        // All eight in one write: the node closes the socket mid-pipeline.
+        let mut pipeline = Vec::new();
+        for id in 1..=8 {
+            encode_frame(
+                &pb::Header::request(id, Op::Ping(pb::Ping { nonce: id })),
+                &[],
+                &mut pipeline,
+            )
+            .expect("encode");
+        }
+        client.send_raw(&pipeline).expect("send");
+        for _ in 0..5 {
+            assert_eq!(client.recv().expect("one of the first five").0.status, OK);
+        }
+        assert!(
+            matches!(
+                client.recv(),
+                Err(ClientError::Closed) | Err(ClientError::Io(_))
+            ),
+            "round {round}: the sixth request ends the connection"
+        );
+    }
+    assert_eq!(node.admin().stats().dropped_connections, 2);
+}
+
+#[test]
+fn stall_knob_holds_replies_until_cleared() {
+    let node = MockNode::start(&[]);
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    let mut admin = node.admin();
+    admin.set_faults(pb::Faults {
+        stall: true,
+        ..Default::default()
+    });
+    let id = client
+        .send(write_op(0, 4096, false), &[4; 4096])
+        .expect("send");
+    client
+        .set_read_timeout(Duration::from_millis(400))
+        .expect("timeout");
+    let err = client.recv().expect_err("no reply while stalled");
+    assert!(err.is_timeout(), "{err}");
+    // Nothing was applied while stalled either.
+    let mut other = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    other.send(read_op(0, 4096), &[]).expect("send");
+    admin.set_faults(pb::Faults::default());
+    client
+        .set_read_timeout(netblk_tests::WAIT)
+        .expect("timeout");
+    let (reply, _) = client.recv().expect("reply after the stall");
+    assert_eq!((reply.id, reply.status), (id, OK));
+    let (_, data) = other.recv().expect("read after the stall");
+    assert!(data == vec![0; 4096] || data == vec![4; 4096]);
+}
+
+#[test]
+fn corrupt_knob_mangles_exactly_the_next_n_replies() {
+    let node = MockNode::start(&[]);
+    node.admin().set_faults(pb::Faults {
+        corrupt_replies: 1,
+        ..Default::default()
+    });
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    match client.ping() {
+        Err(ClientError::Frame(FrameError::BadMagic(_))) => {}
+        other => panic!("expected a corrupted frame, got {other:?}"),
+    }
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    assert_eq!(client.ping().expect("clean reply").status, OK);
+    let mut admin = node.admin();
+    assert_eq!(admin.stats().corrupted_replies, 1);
+    assert_eq!(admin.faults().corrupt_replies, 0);
+}
+
+#[test]
+fn crash_knob_exits_at_once() {
+    let mut node = MockNode::start(&[]);
+    let _client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    node.admin().crash();
+    let status = node.wait_exit(Duration::from_secs(5)).expect("node exits");
+    assert_eq!(status.code(), Some(CRASH_EXIT_CODE));
+}
+
+#[test]
+fn crash_after_flag_exits_on_the_nth_request() {
+    let mut node = MockNode::start(&["--crash-after", "3"]);
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    assert_eq!(client.ping().expect("first").status, OK);
+    assert_eq!(client.ping().expect("second").status, OK);
+    assert!(client.ping().is_err(), "the third request crashes the node");
+    let status = node.wait_exit(Duration::from_secs(5)).expect("node exits");
+    assert_eq!(status.code(), Some(CRASH_EXIT_CODE));
+}
+
+#[test]
+fn fault_flags_are_in_force_from_the_start() {
+    let node = MockNode::start(&[
+        "--latency-us",
+        "150000",
+        "--error-probability",
+        "1",
+        "--error-status",
+        "etimedout",
+        "--drop-after",
+        "9",
+        "--corrupt-replies",
+        "0",
+        "--stall",
+    ]);
+    let mut admin = node.admin();
+    let faults = admin.faults();
+    assert_eq!(faults.latency_us, 150_000);
+    assert_eq!(faults.error_probability, 1.0);
+    assert_eq!(faults.error_status, Status::TimedOut as i32);
+    assert_eq!(faults.drop_after, 9);
+    assert!(faults.stall);
+
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    client
+        .send(Op::Ping(pb::Ping { nonce: 1 }), &[])
+        .expect("send");
+    client
+        .set_read_timeout(Duration::from_millis(300))
+        .expect("timeout");
+    assert!(
+        client
+            .recv()
+            .expect_err("stalled from the start")
+            .is_timeout()
+    );
+    admin.set_faults(pb::Faults {
+        stall: false,
+        ..faults
+    });
+    client
+        .set_read_timeout(netblk_tests::WAIT)
+        .expect("timeout");
+    let start = Instant::now();
+    let (reply, _) = client.recv().expect("reply");
+    assert_eq!(reply.status, Status::TimedOut as i32);
+    assert!(start.elapsed() >= Duration::from_millis(100));
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_clear_message() {
+    for args in [
+        &["--error-probability", "1.5"][..],
+        &["--store", "disk"],
+        &["--max-io-size", "12Q"],
+        &["--error-status", "ebadf"],
+    ] {
+        let out = std::process::Command::new(mock_node_bin())
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.is_empty() && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+// ---- bad input ----
+
+fn preamble(header_len: u32, payload_len: u32) -> Vec<u8> {
+    Preamble {
+        header_len,
+        payload_len,
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+#[test]
+fn bad_input_closes_only_the_offending_connection() {
+    let node = MockNode::start(&[]);
+    let mut good = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    good.write(0, &[1; 4096], false);
+
+    let mut ping = Vec::new();
+    encode_frame(
+        &pb::Header::request(1, Op::Ping(pb::Ping { nonce: 1 })),
+        &[],
+        &mut ping,
+    )
+    .expect("encode");
+    // A header that holds only a field this protocol version does not know.
+    let unknown = [0xa8, 0x06, 0x01]; // field 101, varint 1
+    let mut unknown_message = preamble(unknown.len() as u32, 0);
+    unknown_message.extend_from_slice(&unknown);
+
+    let cases: Vec<(&str, bool, Vec<u8>, &str)> = vec![
+        (
+            "garbage",
+            true,
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            "bad magic",
+        ),
+        (
+            "oversized payload",
+            true,
+            preamble(10, u32::MAX),
+            "payload of",
+        ),
+        (
+            "oversized header",
+            true,
+            preamble(MAX_HEADER_LEN + 1, 0),
+            "header of",
+        ),
+        (
+            "cut off mid-way",
+            true,
+            ping[..ping.len() - 2].to_vec(),
+            "middle of a frame",
+        ),
+        ("unknown message", true, unknown_message, "no known message"),
+        (
+            "request before handshake",
+            false,
+            ping.clone(),
+            "expected a handshake",
+        ),
+    ];
+    for (what, after_handshake, bytes, reason) in &cases {
+        let mut bad = NodeClient::connect(node.addr).expect("connect");
+        if *after_handshake {
+            let reply = bad.handshake(handshake("v", MIB, 65536, 1, 0)).expect("hs");
+            assert_eq!(reply.status, OK);
+        }
+        bad.send_raw(bytes).expect("send");
+        if *what == "cut off mid-way" {
+            bad.finish_sending().expect("shutdown");
+        }
+        assert!(bad.is_closed_by_node(), "{what}: connection closed");
+        assert!(
+            node.wait_for_log(reason),
+            "{what}: log names '{reason}':\n{}",
+            node.log()
+        );
+        // Everyone else is still served.
+        assert_eq!(good.read(0, 4096), vec![1; 4096], "after {what}");
+    }
+    assert_eq!(node.admin().stats().protocol_errors, cases.len() as u64);
+}
+
+#[test]
+fn a_second_handshake_or_a_reply_from_the_client_is_a_violation() {
+    let node = MockNode::start(&[]);
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    let mut bytes = Vec::new();
+    encode_frame(
+        &pb::Header {
+            kind: Some(Kind::Handshake(handshake("v", MIB, 65536, 1, 0))),
+        },
+        &[],
+        &mut bytes,
+    )
+    .expect("encode");
+    client.send_raw(&bytes).expect("send");
+    assert!(client.is_closed_by_node());
+    assert!(node.wait_for_log("expected a request, got a handshake"));
+}
+
+// ---- shutdown ----
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir:{}", dir.path().display());
+    let mut node = MockNode::start(&["--store", &store, "--latency-us", "300000"]);
+    let addr = node.addr;
+    let mut client = NodeClient::open(addr, handshake("v", 64 * MIB, 65536, 1, 0));
+    let mut ids = HashSet::new();
+    for i in 0..10u64 {
+        let id = client
+            .send(write_op(i * MIB, 4096, false), &pattern(i, 4096))
+            .expect("send");
+        ids.insert(id);
+    }
+    // Let the node take them off the socket, then ask it to stop.
+    thread::sleep(Duration::from_millis(100));
+    node.signal(libc::SIGTERM);
+    for _ in 0..10 {
+        let (reply, _) = client.recv().expect("in-flight request answered");
+        assert_eq!(reply.status, OK);
+        assert!(ids.remove(&reply.id));
+    }
+    assert!(client.is_closed_by_node());
+    let status = node.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "no longer accepting"
+    );
+
+    let node = MockNode::start(&["--store", &store]);
+    let mut client = NodeClient::open(node.addr, handshake("v", 64 * MIB, 65536, 1, 0));
+    for i in 0..10u64 {
+        assert_eq!(client.read(i * MIB, 4096), pattern(i, 4096));
+    }
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = std::process::Command::new(mock_node_bin())
+        .arg("--help")
+        .output()
+        .expect("run --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--store",
+        "--max-io-size",
+        "--node-id",
+        "--drain-timeout",
+        "--no-admin",
+        "--latency-us",
+        "--jitter-us",
+        "--error-probability",
+        "--error-status",
+        "--drop-after",
+        "--stall",
+        "--corrupt-replies",
+        "--crash-after",
+        "--fault-seed",
+    ] {
+        assert!(help.contains(flag), "--help mentions {flag}");
+    }
+}
+
+#[test]
+fn no_admin_flag_refuses_admin_connections() {
+    let node = MockNode::start(&["--no-admin"]);
+    let mut admin = netblk_tests::AdminClient::connect(node.addr).expect("connect");
+    let mut stream = std::net::TcpStream::connect(node.addr).expect("connect");
+    drop(
+        admin
+            .try_set_faults(pb::Faults::default())
+            .expect_err("refused"),
+    );
+    // Data connections still work.
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    assert_eq!(client.ping().expect("ping").status, OK);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let _ = stream.read(&mut [0u8; 1]);
+}
