@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use netblk_mock_node::CRASH_EXIT_CODE;
 use netblk_protocol::pb::{self, Status, header::Kind, request::Op};
 use netblk_protocol::{FrameError, MAX_HEADER_LEN, Preamble, encode_frame};
-use netblk_tests::{ClientError, MockNode, NodeClient, handshake, mock_node_bin, pattern};
+use netblk_tests::{ClientError, MockNode, NodeClient, handshake, pattern};
 
 const MIB: u64 = 1 << 20;
 const OK: i32 = Status::Ok as i32;
@@ -534,27 +534,6 @@ fn fault_flags_are_in_force_from_the_start() {
     assert!(start.elapsed() >= Duration::from_millis(100));
 }
 
-#[test]
-fn bad_flags_are_refused_with_a_clear_message() {
-    for args in [
-        &["--error-probability", "1.5"][..],
-        &["--store", "disk"],
-        &["--max-io-size", "12Q"],
-        &["--error-status", "ebadf"],
-    ] {
-        let out = std::process::Command::new(mock_node_bin())
-            .args(args)
-            .output()
-            .expect("run");
-        assert!(!out.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !stderr.is_empty() && !stderr.contains("panicked"),
-            "{args:?}: {stderr}"
-        );
-    }
-}
-
 // ---- bad input ----
 
 fn preamble(header_len: u32, payload_len: u32) -> Vec<u8> {
@@ -693,35 +672,6 @@ fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
     let mut client = NodeClient::open(node.addr, handshake("v", 64 * MIB, 65536, 1, 0));
     for i in 0..10u64 {
         assert_eq!(client.read(i * MIB, 4096), pattern(i, 4096));
-    }
-}
-
-#[test]
-fn help_explains_every_flag() {
-    let out = std::process::Command::new(mock_node_bin())
-        .arg("--help")
-        .output()
-        .expect("run --help");
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--listen",
-        "--store",
-        "--max-io-size",
-        "--node-id",
-        "--drain-timeout",
-        "--no-admin",
-        "--latency-us",
-        "--jitter-us",
-        "--error-probability",
-        "--error-status",
-        "--drop-after",
-        "--stall",
-        "--corrupt-replies",
-        "--crash-after",
-        "--fault-seed",
-    ] {
-        assert!(help.contains(flag), "--help mentions {flag}");
     }
 }
 

@@ -1,0 +1,57 @@
+//! The command line of `netblk-mock-node`. Being an integration test of this
+//! package, it also makes `cargo test --workspace` build the binary that the
+//! mock-cluster tests in `tests/` start.
+
+fn mock_node_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_netblk-mock-node")
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = std::process::Command::new(mock_node_bin())
+        .arg("--help")
+        .output()
+        .expect("run --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--store",
+        "--max-io-size",
+        "--node-id",
+        "--drain-timeout",
+        "--no-admin",
+        "--latency-us",
+        "--jitter-us",
+        "--error-probability",
+        "--error-status",
+        "--drop-after",
+        "--stall",
+        "--corrupt-replies",
+        "--crash-after",
+        "--fault-seed",
+    ] {
+        assert!(help.contains(flag), "--help mentions {flag}");
+    }
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_clear_message() {
+    for args in [
+        &["--error-probability", "1.5"][..],
+        &["--store", "disk"],
+        &["--max-io-size", "12Q"],
+        &["--error-status", "ebadf"],
+    ] {
+        let out = std::process::Command::new(mock_node_bin())
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.is_empty() && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
