@@ -46,6 +46,10 @@ struct Args {
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     drain_timeout: u64,
 
+    /// Seconds a new connection may take to send its handshake before it is closed.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    handshake_timeout: u64,
+
     /// Refuse admin connections (fault changes, statistics, crash requests).
     #[arg(long)]
     no_admin: bool,
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
     config.max_io_size = args.max_io_size;
     config.node_id = args.node_id.unwrap_or_default();
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
     config.admin = !args.no_admin;
     config.faults = faults;
     config.fault_seed = args.fault_seed.unwrap_or_else(clock_seed);

@@ -20,6 +20,7 @@ fn help_explains_every_flag() {
         "--max-io-size",
         "--node-id",
         "--drain-timeout",
+        "--handshake-timeout",
         "--no-admin",
         "--latency-us",
         "--jitter-us",

@@ -2,7 +2,6 @@
 //! every fault knob, bad input and graceful shutdown.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -679,17 +678,27 @@ fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
 fn no_admin_flag_refuses_admin_connections() {
     let node = MockNode::start(&["--no-admin"]);
     let mut admin = netblk_tests::AdminClient::connect(node.addr).expect("connect");
-    let mut stream = std::net::TcpStream::connect(node.addr).expect("connect");
-    drop(
-        admin
-            .try_set_faults(pb::Faults::default())
-            .expect_err("refused"),
-    );
-    // Data connections still work.
+    let refused = admin.try_set_faults(pb::Faults {
+        stall: true,
+        ..Default::default()
+    });
+    assert!(refused.is_err(), "admin connection closed: {refused:?}");
+    assert!(node.wait_for_log("admin requests are disabled"));
+    // Data connections still work, and nothing was stalled.
     let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
     assert_eq!(client.ping().expect("ping").status, OK);
-    stream
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .expect("timeout");
-    let _ = stream.read(&mut [0u8; 1]);
+}
+
+#[test]
+fn a_silent_connection_is_closed_after_the_handshake_timeout() {
+    let node = MockNode::start(&["--handshake-timeout", "1"]);
+    let mut silent = NodeClient::connect(node.addr).expect("connect");
+    let start = Instant::now();
+    assert!(silent.is_closed_by_node());
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    assert!(node.wait_for_log("no handshake within"));
 }
