@@ -1,0 +1,374 @@
+//! Volume geometry: which node holds which byte of a striped volume.
+//!
+//! RAID-0: stripe unit `k` of the volume (bytes `[k*su, (k+1)*su)`) lives on
+//! node `k % n` at node offset `(k / n) * su`. So the stripe units one node
+//! holds are contiguous on that node, in volume order.
+
+use std::net::SocketAddr;
+
+use netblk_protocol::geometry::{self, MAX_STRIPE_UNIT, MIN_STRIPE_UNIT};
+use netblk_protocol::pb;
+
+/// Default stripe unit: 128 KiB.
+pub const DEFAULT_STRIPE_UNIT: u32 = 128 << 10;
+
+/// A volume as the user names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Bytes, a power of two from 4 KiB to 4 MiB.
+    pub stripe_unit: u32,
+    /// The nodes, in stripe order. The order is part of the volume's identity.
+    pub nodes: Vec<SocketAddr>,
+}
+
+/// What is wrong with a [`VolumeSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("a volume needs at least one node")]
+    NoNodes,
+    #[error("node {0} is listed twice")]
+    DuplicateNode(SocketAddr),
+    #[error(
+        "volume name '{0}' must be 1 to 128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+    )]
+    BadName(String),
+    #[error("{0}")]
+    Geometry(String),
+}
+
+impl VolumeSpec {
+    /// Checks the spec and returns its layout.
+    pub fn layout(&self) -> Result<Layout, SpecError> {
+        let ok_name = !self.name.is_empty()
+            && self.name.len() <= 128
+            && !self.name.starts_with('.')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok_name {
+            return Err(SpecError::BadName(self.name.clone()));
+        }
+        if self.nodes.is_empty() {
+            return Err(SpecError::NoNodes);
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if self.nodes[..i].contains(node) {
+                return Err(SpecError::DuplicateNode(*node));
+            }
+        }
+        let node_count = u32::try_from(self.nodes.len())
+            .map_err(|_| SpecError::Geometry("too many nodes".into()))?;
+        let layout = Layout {
+            size: self.size,
+            stripe_unit: self.stripe_unit,
+            node_count,
+        };
+        geometry::check_layout(self.size, &layout.fingerprint(0)).map_err(SpecError::Geometry)?;
+        Ok(layout)
+    }
+}
+
+/// The geometry of a striped volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    size: u64,
+    stripe_unit: u32,
+    node_count: u32,
+}
+
+/// A part of a byte range that lives on one node, within one stripe unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub node: usize,
+    /// Byte offset on the node.
+    pub node_offset: u64,
+    /// Byte offset into the request (its buffer, for data).
+    pub buf_offset: u64,
+    pub len: u64,
+}
+
+impl Layout {
+    /// A layout for tests and tools that already checked their numbers.
+    pub fn new(size: u64, stripe_unit: u32, node_count: u32) -> Result<Layout, SpecError> {
+        let layout = Layout {
+            size,
+            stripe_unit,
+            node_count,
+        };
+        geometry::check_layout(size, &layout.fingerprint(0)).map_err(SpecError::Geometry)?;
+        debug_assert!((MIN_STRIPE_UNIT..=MAX_STRIPE_UNIT).contains(&stripe_unit));
+        Ok(layout)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn stripe_unit(&self) -> u32 {
+        self.stripe_unit
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.node_count as usize
+    }
+
+    /// The layout fingerprint sent to node `node` in its handshake.
+    pub fn fingerprint(&self, node: usize) -> pb::Layout {
+        pb::Layout {
+            stripe_unit: self.stripe_unit,
+            node_count: self.node_count,
+            node_index: node as u32,
+        }
+    }
+
+    /// Bytes node `node` holds.
+    pub fn node_capacity(&self, node: usize) -> u64 {
+        geometry::node_capacity(self.size, &self.fingerprint(node))
+    }
+
+    /// Where volume byte `offset` lives: (node, node offset).
+    pub fn locate(&self, offset: u64) -> (usize, u64) {
+        let su = u64::from(self.stripe_unit);
+        let n = u64::from(self.node_count);
+        let unit = offset / su;
+        ((unit % n) as usize, (unit / n) * su + offset % su)
+    }
+
+    /// The pieces of `[offset, offset + len)`, in order, each within one
+    /// stripe unit. The caller keeps the range inside the volume.
+    pub fn pieces(&self, offset: u64, len: u64) -> Pieces {
+        Pieces {
+            layout: *self,
+            offset,
+            done: 0,
+            len,
+        }
+    }
+
+    /// The range `[offset, offset + len)` as one contiguous extent per node
+    /// that holds part of it: `(node, node offset, length)`, in node order.
+    /// Used for operations without data (discard, write-zeroes), where the
+    /// request buffer does not matter.
+    pub fn node_extents(&self, offset: u64, len: u64) -> Vec<(usize, u64, u64)> {
+        let n = self.node_count();
+        let mut extents: Vec<Option<(u64, u64)>> = vec![None; n];
+        // Only the first and last row can be partial: the first n pieces and
+        // the last n pieces give every node's start and end.
+        let su = u64::from(self.stripe_unit);
+        let first_units = self.pieces(offset, len.min(n as u64 * su + su));
+        for piece in first_units {
+            let e = &mut extents[piece.node];
+            if e.is_none() {
+                *e = Some((piece.node_offset, piece.node_offset + piece.len));
+            }
+        }
+        let tail_len = len.min(n as u64 * su + su);
+        for piece in self.pieces(offset + len - tail_len, tail_len) {
+            if let Some((_, end)) = &mut extents[piece.node] {
+                *end = (*end).max(piece.node_offset + piece.len);
+            }
+        }
+        extents
+            .into_iter()
+            .enumerate()
+            .filter_map(|(node, e)| e.map(|(start, end)| (node, start, end - start)))
+            .collect()
+    }
+}
+
+/// Iterator over the pieces of a range; see [`Layout::pieces`].
+pub struct Pieces {
+    layout: Layout,
+    offset: u64,
+    done: u64,
+    len: u64,
+}
+
+impl Iterator for Pieces {
+    type Item = Piece;
+
+    fn next(&mut self) -> Option<Piece> {
+        if self.done >= self.len {
+            return None;
+        }
+        let pos = self.offset + self.done;
+        let su = u64::from(self.layout.stripe_unit);
+        let len = (su - pos % su).min(self.len - self.done);
+        let (node, node_offset) = self.layout.locate(pos);
+        let piece = Piece {
+            node,
+            node_offset,
+            buf_offset: self.done,
+            len,
+        };
+        self.done += len;
+        Some(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_layout() -> impl Strategy<Value = Layout> {
+        (12u32..=22, 1u32..=9, 1u64..=4096).prop_map(|(shift, nodes, sectors)| {
+            let su = 1u32 << shift;
+            // Sizes from a few sectors to many rows.
+            let size = sectors * 512 * u64::from(nodes) * 37;
+            Layout::new(size, su, nodes).expect("valid layout")
+        })
+    }
+
+    fn layout_and_range() -> impl Strategy<Value = (Layout, u64, u64)> {
+        any_layout().prop_flat_map(|layout| {
+            let size = layout.size();
+            (Just(layout), 0..size).prop_flat_map(move |(layout, offset)| {
+                (
+                    Just(layout),
+                    Just(offset),
+                    0..=(size - offset).min(20 << 20),
+                )
+            })
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn pieces_cover_the_range_once_in_order_within_stripe_units(
+            (layout, offset, len) in layout_and_range()
+        ) {
+            let su = u64::from(layout.stripe_unit());
+            let mut expected_buf = 0;
+            for piece in layout.pieces(offset, len) {
+                prop_assert_eq!(piece.buf_offset, expected_buf, "in order, no gaps or overlaps");
+                prop_assert!(piece.len > 0);
+                let start = offset + piece.buf_offset;
+                prop_assert_eq!(start / su, (start + piece.len - 1) / su, "within one stripe unit");
+                prop_assert!(piece.node < layout.node_count());
+                prop_assert!(piece.node_offset + piece.len <= layout.node_capacity(piece.node));
+                expected_buf += piece.len;
+            }
+            prop_assert_eq!(expected_buf, len, "covers the whole range");
+        }
+
+        #[test]
+        fn node_offsets_agree_for_every_range_sharing_a_stripe(
+            (layout, offset, len) in layout_and_range(),
+            probe in any::<prop::sample::Index>(),
+        ) {
+            // Any byte of the range maps to the same place whether it is
+            // reached through this range or through a one-byte range.
+            prop_assume!(len > 0);
+            let byte = offset + probe.index(len as usize) as u64;
+            let via_range = layout
+                .pieces(offset, len)
+                .find(|p| offset + p.buf_offset <= byte && byte < offset + p.buf_offset + p.len)
+                .map(|p| (p.node, p.node_offset + (byte - offset - p.buf_offset)));
+            let single = layout.pieces(byte, 1).next().map(|p| (p.node, p.node_offset));
+            prop_assert_eq!(via_range, single);
+            prop_assert_eq!(single, Some(layout.locate(byte)));
+        }
+
+        #[test]
+        fn every_node_byte_belongs_to_exactly_one_volume_byte(layout in any_layout()) {
+            // Walk the whole volume by stripe units: node offsets of one node
+            // are dense from 0 to its capacity, never reused.
+            let su = u64::from(layout.stripe_unit());
+            let mut next = vec![0u64; layout.node_count()];
+            let mut pos = 0;
+            while pos < layout.size() {
+                let (node, node_offset) = layout.locate(pos);
+                prop_assert_eq!(node_offset, next[node]);
+                let len = su.min(layout.size() - pos);
+                next[node] += len;
+                pos += len;
+            }
+            for (node, end) in next.iter().enumerate() {
+                prop_assert_eq!(*end, layout.node_capacity(node));
+            }
+        }
+
+        #[test]
+        fn node_extents_are_the_union_of_the_pieces((layout, offset, len) in layout_and_range()) {
+            let mut union: Vec<Option<(u64, u64)>> = vec![None; layout.node_count()];
+            let mut total = vec![0u64; layout.node_count()];
+            for p in layout.pieces(offset, len) {
+                let e = union[p.node].get_or_insert((p.node_offset, p.node_offset));
+                prop_assert_eq!(e.1, p.node_offset, "a node's pieces are contiguous on it");
+                e.1 = p.node_offset + p.len;
+                total[p.node] += p.len;
+            }
+            let expected: Vec<(usize, u64, u64)> = union
+                .into_iter()
+                .enumerate()
+                .filter_map(|(n, e)| e.map(|(s, end)| (n, s, end - s)))
+                .collect();
+            prop_assert_eq!(layout.node_extents(offset, len), expected);
+        }
+    }
+
+    #[test]
+    fn spec_errors_are_clear() {
+        let node = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let spec = VolumeSpec {
+            name: "v".into(),
+            size: 1 << 30,
+            stripe_unit: DEFAULT_STRIPE_UNIT,
+            nodes: vec![node(1), node(2)],
+        };
+        assert!(spec.layout().is_ok());
+        let bad = |f: &dyn Fn(&mut VolumeSpec)| {
+            let mut s = spec.clone();
+            f(&mut s);
+            s.layout().expect_err("must be refused")
+        };
+        assert_eq!(bad(&|s| s.nodes.clear()), SpecError::NoNodes);
+        assert_eq!(
+            bad(&|s| s.nodes.push(node(1))),
+            SpecError::DuplicateNode(node(1))
+        );
+        assert!(matches!(
+            bad(&|s| s.name = "a/b".into()),
+            SpecError::BadName(_)
+        ));
+        assert!(matches!(
+            bad(&|s| s.stripe_unit = 3000),
+            SpecError::Geometry(_)
+        ));
+        assert!(matches!(bad(&|s| s.size = 1000), SpecError::Geometry(_)));
+    }
+
+    #[test]
+    fn a_known_layout() {
+        let layout = Layout::new(1 << 20, 4096, 3).expect("layout");
+        let pieces: Vec<_> = layout.pieces(4096 + 100, 8192).collect();
+        assert_eq!(
+            pieces,
+            vec![
+                Piece {
+                    node: 1,
+                    node_offset: 100,
+                    buf_offset: 0,
+                    len: 3996
+                },
+                Piece {
+                    node: 2,
+                    node_offset: 0,
+                    buf_offset: 3996,
+                    len: 4096
+                },
+                Piece {
+                    node: 0,
+                    node_offset: 4096,
+                    buf_offset: 8092,
+                    len: 100
+                },
+            ]
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! The netblk client library.
+//!
+//! - [`layout`]: volume geometry, byte range -> pieces per node.
+//! - [`engine`]: the sans-IO request engine (no sockets, rings or clock).
+
+pub mod engine;
+pub mod layout;
