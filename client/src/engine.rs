@@ -1,1 +1,862 @@
-pub fn _x() {}
+//! The sans-IO request engine of one queue.
+//!
+//! It owns no socket, ring or clock. Inputs are `handle_*` calls: a block
+//! request arrived, a transmit's buffer was released (send done, or its
+//! zero-copy notification came), a reply header or payload arrived, a
+//! connection was lost or restored, time passed. Outputs are `poll_*` calls:
+//! frames to send per node, requests to complete, the next deadline.
+//!
+//! A block request is split into pieces by the [`Layout`]; each piece is one
+//! wire request to one node. The request completes when every piece has been
+//! answered **and** no send or receive still uses its buffer; its result is
+//! the byte count or the first error as an errno.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use netblk_protocol::pb::{self, request::Op as WireOp};
+use netblk_protocol::{encode_head, errno_of_status};
+
+use crate::layout::Layout;
+
+/// Index of a request buffer, as a ublk tag.
+pub type Tag = u16;
+
+/// Most requests one queue may have in flight.
+pub const MAX_DEPTH: u16 = 4096;
+
+const EIO: i32 = 5;
+const EINVAL: i32 = 22;
+
+/// A block operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write { fua: bool },
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+impl Op {
+    fn has_data(self) -> bool {
+        matches!(self, Op::Read | Op::Write { .. })
+    }
+}
+
+/// A block request as a frontend hands it over. `tag` names its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRequest {
+    pub tag: Tag,
+    pub op: Op,
+    /// Byte offset in the volume (ignored by flush).
+    pub offset: u64,
+    /// Bytes (ignored by flush).
+    pub len: u64,
+}
+
+/// Bounds and timeouts of one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tags 0..depth may be used; at most [`MAX_DEPTH`].
+    pub depth: u16,
+    /// Largest data request (read or write), bytes: the size of a tag's buffer.
+    pub max_io: u32,
+    /// Most pieces sent and not yet answered on one connection.
+    pub max_in_flight_per_node: usize,
+    /// A request not complete after this long fails with EIO.
+    pub io_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            depth: 128,
+            max_io: 1 << 20,
+            max_in_flight_per_node: 1024,
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Part of a tag's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufSlice {
+    pub tag: Tag,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// A frame to send to one node: `head` (preamble and header), then, for a
+/// write, `payload` from the request's buffer. The caller reports
+/// [`Engine::handle_buffer_released`] once the payload's buffer is no longer
+/// used by the send (for zero-copy sends: at the notification).
+#[derive(Debug)]
+pub struct Transmit {
+    pub id: u64,
+    pub head: Vec<u8>,
+    pub payload: Option<BufSlice>,
+}
+
+/// What to do with the payload of a reply whose header was handed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplySink {
+    /// Nothing follows the header.
+    Done,
+    /// Receive the payload into this slice, then call [`Engine::handle_payload`].
+    Buffer { id: u64, slice: BufSlice },
+    /// A stale reply (its request timed out or was resent): read and drop
+    /// its payload, if any.
+    Discard,
+}
+
+/// A reply that breaks the protocol: the connection must be closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("reply {id} arrived from node {got}, but its request went to node {sent}")]
+    WrongNode { id: u64, sent: usize, got: usize },
+    #[error("reply {id} carries {got} payload bytes, expected {expected}")]
+    PayloadLength { id: u64, expected: u64, got: u32 },
+    #[error("second reply for request {id} while its payload is being received")]
+    Duplicate { id: u64 },
+}
+
+/// Misuse of tags by a frontend: a bug, not an IO error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TagError {
+    #[error("tag {tag} is outside the queue depth {depth}")]
+    OutOfRange { tag: Tag, depth: u16 },
+    #[error("tag {0} is still in use")]
+    Busy(Tag),
+}
+
+/// A finished block request: bytes transferred, or an errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub tag: Tag,
+    pub result: Result<u64, i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceState {
+    Queued,
+    Sent,
+    Receiving,
+}
+
+#[derive(Debug)]
+struct PieceRec {
+    tag: Tag,
+    node: usize,
+    op: Op,
+    node_offset: u64,
+    buf_offset: u64,
+    len: u64,
+    state: PieceState,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    active: bool,
+    /// Distinguishes this use of the tag from earlier ones.
+    seq: u64,
+    len: u64,
+    /// Pieces not yet answered.
+    pieces: Vec<u64>,
+    /// Sends and receives still using the buffer.
+    buf_refs: u32,
+    errno: i32,
+    timed_out: bool,
+}
+
+#[derive(Debug)]
+struct NodeState {
+    up: bool,
+    /// Pieces waiting to be sent, oldest first.
+    queue: VecDeque<u64>,
+    in_flight: usize,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub requests: u64,
+    pub pieces_sent: u64,
+    pub pieces_resent: u64,
+    pub timeouts: u64,
+    pub stale_replies: u64,
+}
+
+/// The request engine of one queue; see the module docs.
+pub struct Engine {
+    layout: Layout,
+    config: EngineConfig,
+    slots: Vec<Slot>,
+    pieces: HashMap<u64, PieceRec>,
+    nodes: Vec<NodeState>,
+    completions: VecDeque<Completion>,
+    /// (deadline, tag, seq) in submission order, so deadlines only grow.
+    deadlines: VecDeque<(Instant, Tag, u64)>,
+    next_id: u64,
+    next_seq: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// An engine for `layout`; every node starts disconnected.
+    pub fn new(layout: Layout, mut config: EngineConfig) -> Engine {
+        config.depth = config.depth.clamp(1, MAX_DEPTH);
+        config.max_in_flight_per_node = config.max_in_flight_per_node.max(1);
+        let nodes = (0..layout.node_count())
+            .map(|_| NodeState {
+                up: false,
+                queue: VecDeque::new(),
+                in_flight: 0,
+            })
+            .collect();
+        Engine {
+            slots: (0..config.depth).map(|_| Slot::default()).collect(),
+            layout,
+            config,
+            pieces: HashMap::new(),
+            nodes,
+            completions: VecDeque::new(),
+            deadlines: VecDeque::new(),
+            next_id: 1,
+            next_seq: 1,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// True if no request is active.
+    pub fn is_idle(&self) -> bool {
+        self.slots.iter().all(|s| !s.active)
+    }
+
+    /// True if `node`'s connection is up (as last reported).
+    pub fn node_up(&self, node: usize) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.up)
+    }
+
+    /// A new block request on a free tag. Invalid requests (out of range,
+    /// too large) complete at once with EINVAL.
+    pub fn handle_request(&mut self, now: Instant, request: BlockRequest) -> Result<(), TagError> {
+        let tag = request.tag;
+        let depth = self.config.depth;
+        let slot = self
+            .slots
+            .get_mut(usize::from(tag))
+            .ok_or(TagError::OutOfRange { tag, depth })?;
+        if slot.active {
+            return Err(TagError::Busy(tag));
+        }
+        self.stats.requests += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        *slot = Slot {
+            active: true,
+            seq,
+            len: if request.op == Op::Flush {
+                0
+            } else {
+                request.len
+            },
+            pieces: std::mem::take(&mut slot.pieces),
+            ..Slot::default()
+        };
+        slot.pieces.clear();
+
+        let in_range = request
+            .offset
+            .checked_add(request.len)
+            .is_some_and(|end| end <= self.layout.size());
+        let too_big = request.op.has_data() && request.len > u64::from(self.config.max_io);
+        if request.op != Op::Flush && (!in_range || too_big) {
+            slot.errno = EINVAL;
+            self.try_complete(tag);
+            return Ok(());
+        }
+
+        let mut new_pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
+        match request.op {
+            Op::Read | Op::Write { .. } => new_pieces.extend(
+                self.layout
+                    .pieces(request.offset, request.len)
+                    .map(|p| (p.node, p.node_offset, p.buf_offset, p.len)),
+            ),
+            Op::Discard | Op::WriteZeroes => new_pieces.extend(
+                self.layout
+                    .node_extents(request.offset, request.len)
+                    .into_iter()
+                    .map(|(node, node_offset, len)| (node, node_offset, 0, len)),
+            ),
+            Op::Flush => new_pieces.extend((0..self.layout.node_count()).map(|n| (n, 0, 0, 0))),
+        }
+        for (node, node_offset, buf_offset, len) in new_pieces {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.pieces.insert(
+                id,
+                PieceRec {
+                    tag,
+                    node,
+                    op: request.op,
+                    node_offset,
+                    buf_offset,
+                    len,
+                    state: PieceState::Queued,
+                },
+            );
+            self.nodes[node].queue.push_back(id);
+            self.slots[usize::from(tag)].pieces.push(id);
+        }
+        self.deadlines
+            .push_back((now + self.config.io_timeout, tag, seq));
+        self.try_complete(tag);
+        Ok(())
+    }
+
+    /// The next frame to send to `node`, if its connection is up and its
+    /// in-flight bound allows.
+    pub fn poll_transmit(&mut self, node: usize) -> Option<Transmit> {
+        let state = self.nodes.get_mut(node)?;
+        if !state.up || state.in_flight >= self.config.max_in_flight_per_node {
+            return None;
+        }
+        while let Some(id) = state.queue.pop_front() {
+            // Pieces of timed-out requests are gone from the map: skip them.
+            let Some(rec) = self.pieces.get_mut(&id) else {
+                continue;
+            };
+            if rec.state != PieceState::Queued {
+                continue;
+            }
+            rec.state = PieceState::Sent;
+            state.in_flight += 1;
+            self.stats.pieces_sent += 1;
+            let len = rec.len;
+            let op = match rec.op {
+                Op::Read => WireOp::Read(pb::Read {
+                    offset: rec.node_offset,
+                    length: len as u32,
+                }),
+                Op::Write { fua } => WireOp::Write(pb::Write {
+                    offset: rec.node_offset,
+                    length: len as u32,
+                    fua,
+                }),
+                Op::Flush => WireOp::Flush(pb::Flush {}),
+                Op::Discard => WireOp::Discard(pb::Discard {
+                    offset: rec.node_offset,
+                    length: len,
+                }),
+                Op::WriteZeroes => WireOp::WriteZeroes(pb::WriteZeroes {
+                    offset: rec.node_offset,
+                    length: len,
+                }),
+            };
+            let payload = matches!(rec.op, Op::Write { .. }).then_some(BufSlice {
+                tag: rec.tag,
+                offset: rec.buf_offset as u32,
+                len: len as u32,
+            });
+            let mut head = Vec::with_capacity(64);
+            // Our own headers are small and consistent: encoding cannot fail.
+            let encoded = encode_head(
+                &pb::Header::request(id, op),
+                payload.map_or(0, |p| p.len as usize),
+                &mut head,
+            );
+            debug_assert!(encoded.is_ok(), "{encoded:?}");
+            if let Some(p) = payload {
+                self.slots[usize::from(p.tag)].buf_refs += 1;
+            }
+            return Some(Transmit { id, head, payload });
+        }
+        None
+    }
+
+    /// The buffer of `tag` is no longer used by one earlier transmit.
+    pub fn handle_buffer_released(&mut self, tag: Tag) {
+        if let Some(slot) = self.slots.get_mut(usize::from(tag)) {
+            debug_assert!(slot.buf_refs > 0, "buffer of tag {tag} released twice");
+            slot.buf_refs = slot.buf_refs.saturating_sub(1);
+            self.try_complete(tag);
+        }
+    }
+
+    /// A reply header arrived from `node`, announcing `payload_len` bytes.
+    pub fn handle_reply(
+        &mut self,
+        node: usize,
+        reply: &pb::Reply,
+        payload_len: u32,
+    ) -> Result<ReplySink, ReplyError> {
+        let id = reply.id;
+        let Some(rec) = self.pieces.get_mut(&id) else {
+            self.stats.stale_replies += 1;
+            return Ok(ReplySink::Discard);
+        };
+        if rec.node != node {
+            return Err(ReplyError::WrongNode {
+                id,
+                sent: rec.node,
+                got: node,
+            });
+        }
+        match rec.state {
+            PieceState::Sent => {}
+            // Sent on a connection that was lost since: it goes out again.
+            PieceState::Queued => {
+                self.stats.stale_replies += 1;
+                return Ok(ReplySink::Discard);
+            }
+            PieceState::Receiving => return Err(ReplyError::Duplicate { id }),
+        }
+        let errno = errno_of_status(reply.status);
+        let expected = if errno == 0 && rec.op == Op::Read {
+            rec.len
+        } else {
+            0
+        };
+        if u64::from(payload_len) != expected {
+            return Err(ReplyError::PayloadLength {
+                id,
+                expected,
+                got: payload_len,
+            });
+        }
+        if expected == 0 {
+            self.finish_piece(id, errno);
+            return Ok(ReplySink::Done);
+        }
+        rec.state = PieceState::Receiving;
+        let slice = BufSlice {
+            tag: rec.tag,
+            offset: rec.buf_offset as u32,
+            len: rec.len as u32,
+        };
+        self.slots[usize::from(rec.tag)].buf_refs += 1;
+        Ok(ReplySink::Buffer { id, slice })
+    }
+
+    /// The payload announced by [`ReplySink::Buffer`] for `id` was received
+    /// (`ok`), or its connection failed before it was (`!ok`; report the loss
+    /// with [`Engine::handle_connection_lost`] next).
+    pub fn handle_payload(&mut self, id: u64, ok: bool) {
+        let Some(rec) = self.pieces.get_mut(&id) else {
+            debug_assert!(false, "payload for unknown piece {id}");
+            return;
+        };
+        debug_assert_eq!(rec.state, PieceState::Receiving);
+        let tag = rec.tag;
+        if let Some(slot) = self.slots.get_mut(usize::from(tag)) {
+            slot.buf_refs = slot.buf_refs.saturating_sub(1);
+        }
+        if ok {
+            self.finish_piece(id, 0);
+        } else {
+            rec.state = PieceState::Sent;
+            self.try_complete(tag);
+        }
+    }
+
+    /// `node`'s connection is gone. Pieces sent on it and not answered will
+    /// be sent again, first, once it is restored.
+    pub fn handle_connection_lost(&mut self, node: usize) {
+        let Some(state) = self.nodes.get_mut(node) else {
+            return;
+        };
+        state.up = false;
+        state.in_flight = 0;
+        let mut resend: Vec<u64> = self
+            .pieces
+            .iter()
+            .filter(|(_, p)| p.node == node && p.state != PieceState::Queued)
+            .map(|(id, _)| *id)
+            .collect();
+        resend.sort_unstable();
+        for id in resend.iter().rev() {
+            if let Some(rec) = self.pieces.get_mut(id) {
+                debug_assert_ne!(rec.state, PieceState::Receiving, "payload not reported");
+                rec.state = PieceState::Queued;
+            }
+            state.queue.push_front(*id);
+        }
+        self.stats.pieces_resent += resend.len() as u64;
+    }
+
+    /// `node`'s connection is up (again): its queued pieces may go out.
+    pub fn handle_connection_restored(&mut self, node: usize) {
+        if let Some(state) = self.nodes.get_mut(node) {
+            state.up = true;
+            state.in_flight = 0;
+        }
+    }
+
+    /// Time passed: requests past their deadline fail with EIO (they
+    /// complete once no IO still uses their buffer).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(deadline, tag, seq)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let slot = &mut self.slots[usize::from(tag)];
+            if !slot.active || slot.seq != seq || slot.timed_out {
+                continue;
+            }
+            slot.timed_out = true;
+            if slot.errno == 0 {
+                slot.errno = EIO;
+            }
+            self.stats.timeouts += 1;
+            let ids = std::mem::take(&mut slot.pieces);
+            let mut keep = Vec::new();
+            for id in ids {
+                match self.pieces.get(&id).map(|p| (p.state, p.node)) {
+                    Some((PieceState::Receiving, _)) => keep.push(id),
+                    Some((PieceState::Sent, node)) => {
+                        self.pieces.remove(&id);
+                        let n = &mut self.nodes[node];
+                        n.in_flight = n.in_flight.saturating_sub(1);
+                    }
+                    Some((PieceState::Queued, _)) => {
+                        self.pieces.remove(&id);
+                    }
+                    None => {}
+                }
+            }
+            self.slots[usize::from(tag)].pieces = keep;
+            self.try_complete(tag);
+        }
+    }
+
+    /// When [`Engine::handle_timeout`] should next be called.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(&(deadline, tag, seq)) = self.deadlines.front() {
+            let slot = &self.slots[usize::from(tag)];
+            if slot.active && slot.seq == seq && !slot.timed_out {
+                return Some(deadline);
+            }
+            self.deadlines.pop_front();
+        }
+        None
+    }
+
+    /// The next finished request.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.completions.pop_front()
+    }
+
+    fn finish_piece(&mut self, id: u64, errno: i32) {
+        let Some(rec) = self.pieces.remove(&id) else {
+            return;
+        };
+        let node = &mut self.nodes[rec.node];
+        node.in_flight = node.in_flight.saturating_sub(1);
+        let slot = &mut self.slots[usize::from(rec.tag)];
+        if let Some(pos) = slot.pieces.iter().position(|p| *p == id) {
+            slot.pieces.swap_remove(pos);
+        }
+        if errno != 0 && slot.errno == 0 {
+            slot.errno = errno;
+        }
+        self.try_complete(rec.tag);
+    }
+
+    fn try_complete(&mut self, tag: Tag) {
+        let slot = &mut self.slots[usize::from(tag)];
+        if !slot.active || !slot.pieces.is_empty() || slot.buf_refs > 0 {
+            return;
+        }
+        slot.active = false;
+        let result = if slot.errno != 0 {
+            Err(slot.errno)
+        } else {
+            Ok(slot.len)
+        };
+        self.completions.push_back(Completion { tag, result });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netblk_protocol::pb::Status;
+
+    fn engine(nodes: u32) -> Engine {
+        let mut e = Engine::new(
+            Layout::new(1 << 20, 4096, nodes).expect("layout"),
+            EngineConfig {
+                depth: 4,
+                max_io: 65536,
+                max_in_flight_per_node: 8,
+                io_timeout: Duration::from_secs(1),
+            },
+        );
+        for n in 0..nodes as usize {
+            e.handle_connection_restored(n);
+        }
+        e
+    }
+
+    fn ok(id: u64) -> pb::Reply {
+        pb::Reply {
+            id,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_write_completes_after_replies_and_buffer_release() {
+        let mut e = engine(2);
+        let now = Instant::now();
+        e.handle_request(
+            now,
+            BlockRequest {
+                tag: 1,
+                op: Op::Write { fua: true },
+                offset: 0,
+                len: 8192,
+            },
+        )
+        .expect("submit");
+        let a = e.poll_transmit(0).expect("piece for node 0");
+        let b = e.poll_transmit(1).expect("piece for node 1");
+        assert_eq!(
+            a.payload,
+            Some(BufSlice {
+                tag: 1,
+                offset: 0,
+                len: 4096
+            })
+        );
+        assert_eq!(
+            b.payload,
+            Some(BufSlice {
+                tag: 1,
+                offset: 4096,
+                len: 4096
+            })
+        );
+        assert_eq!(e.handle_reply(0, &ok(a.id), 0), Ok(ReplySink::Done));
+        assert_eq!(e.handle_reply(1, &ok(b.id), 0), Ok(ReplySink::Done));
+        assert_eq!(e.poll_completion(), None, "zero-copy buffers still in use");
+        e.handle_buffer_released(1);
+        assert_eq!(e.poll_completion(), None);
+        e.handle_buffer_released(1);
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 1,
+                result: Ok(8192)
+            })
+        );
+    }
+
+    #[test]
+    fn first_error_wins_and_maps_to_errno() {
+        let mut e = engine(2);
+        e.handle_request(
+            Instant::now(),
+            BlockRequest {
+                tag: 0,
+                op: Op::Read,
+                offset: 0,
+                len: 8192,
+            },
+        )
+        .expect("submit");
+        let a = e.poll_transmit(0).expect("a");
+        let b = e.poll_transmit(1).expect("b");
+        let nospc = pb::Reply {
+            id: a.id,
+            status: Status::NoSpace as i32,
+            ..Default::default()
+        };
+        assert_eq!(e.handle_reply(0, &nospc, 0), Ok(ReplySink::Done));
+        let sink = e.handle_reply(1, &ok(b.id), 4096).expect("sink");
+        assert_eq!(
+            sink,
+            ReplySink::Buffer {
+                id: b.id,
+                slice: BufSlice {
+                    tag: 0,
+                    offset: 4096,
+                    len: 4096
+                }
+            }
+        );
+        assert_eq!(e.poll_completion(), None, "payload still being received");
+        e.handle_payload(b.id, true);
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 0,
+                result: Err(28)
+            })
+        );
+    }
+
+    #[test]
+    fn protocol_violations_are_reported() {
+        let mut e = engine(2);
+        e.handle_request(
+            Instant::now(),
+            BlockRequest {
+                tag: 0,
+                op: Op::Read,
+                offset: 0,
+                len: 4096,
+            },
+        )
+        .expect("submit");
+        let a = e.poll_transmit(0).expect("a");
+        assert!(matches!(
+            e.handle_reply(1, &ok(a.id), 4096),
+            Err(ReplyError::WrongNode { .. })
+        ));
+        assert!(matches!(
+            e.handle_reply(0, &ok(a.id), 100),
+            Err(ReplyError::PayloadLength { .. })
+        ));
+        assert_eq!(
+            e.handle_reply(0, &ok(999), 0),
+            Ok(ReplySink::Discard),
+            "unknown id is stale"
+        );
+    }
+
+    #[test]
+    fn flush_fans_out_and_bad_requests_fail_fast() {
+        let mut e = engine(3);
+        let now = Instant::now();
+        e.handle_request(
+            now,
+            BlockRequest {
+                tag: 0,
+                op: Op::Flush,
+                offset: 0,
+                len: 0,
+            },
+        )
+        .expect("flush");
+        let ids: Vec<u64> = (0..3)
+            .map(|n| e.poll_transmit(n).expect("flush piece").id)
+            .collect();
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(e.poll_completion(), None);
+            e.handle_reply(n, &ok(*id), 0).expect("reply");
+        }
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 0,
+                result: Ok(0)
+            })
+        );
+
+        e.handle_request(
+            now,
+            BlockRequest {
+                tag: 1,
+                op: Op::Read,
+                offset: 1 << 20,
+                len: 512,
+            },
+        )
+        .expect("submit");
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 1,
+                result: Err(EINVAL)
+            })
+        );
+        e.handle_request(
+            now,
+            BlockRequest {
+                tag: 1,
+                op: Op::Write { fua: false },
+                offset: 0,
+                len: 65537,
+            },
+        )
+        .expect("submit");
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 1,
+                result: Err(EINVAL)
+            })
+        );
+        assert_eq!(
+            e.handle_request(
+                now,
+                BlockRequest {
+                    tag: 9,
+                    op: Op::Flush,
+                    offset: 0,
+                    len: 0
+                }
+            ),
+            Err(TagError::OutOfRange { tag: 9, depth: 4 })
+        );
+    }
+
+    #[test]
+    fn lost_connection_resends_and_timeout_fails_with_eio() {
+        let mut e = engine(1);
+        let t0 = Instant::now();
+        e.handle_request(
+            t0,
+            BlockRequest {
+                tag: 0,
+                op: Op::Write { fua: false },
+                offset: 0,
+                len: 4096,
+            },
+        )
+        .expect("submit");
+        let first = e.poll_transmit(0).expect("sent");
+        e.handle_connection_lost(0);
+        e.handle_buffer_released(0);
+        assert!(e.poll_transmit(0).is_none(), "nothing goes out while down");
+        e.handle_connection_restored(0);
+        let again = e.poll_transmit(0).expect("resent");
+        assert_eq!(again.id, first.id);
+        e.handle_buffer_released(0);
+        assert_eq!(e.stats().pieces_resent, 1);
+
+        assert_eq!(e.poll_timeout(), Some(t0 + Duration::from_secs(1)));
+        e.handle_timeout(t0 + Duration::from_millis(999));
+        assert_eq!(e.poll_completion(), None);
+        e.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 0,
+                result: Err(EIO)
+            })
+        );
+        assert_eq!(
+            e.handle_reply(0, &ok(again.id), 0),
+            Ok(ReplySink::Discard),
+            "late reply is stale"
+        );
+        assert_eq!(e.poll_timeout(), None);
+    }
+}
