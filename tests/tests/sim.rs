@@ -557,7 +557,6 @@ impl Sim {
                     self.pending_releases[usize::from(tag)] -= 1;
                     self.engine.handle_buffer_released(tag);
                 }
-                Event::ConnectionDrop { node } => self.drop_connection(node),
                 Event::ConnectionRestore { node } => {
                     let n = &mut self.nodes[node];
                     if !n.up && !n.dead {
