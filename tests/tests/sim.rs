@@ -69,9 +69,6 @@ enum Event {
     Release {
         tag: Tag,
     },
-    ConnectionDrop {
-        node: usize,
-    },
     ConnectionRestore {
         node: usize,
     },
