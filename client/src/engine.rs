@@ -245,6 +245,13 @@ impl Engine {
         self.slots.iter().all(|s| !s.active)
     }
 
+    /// Tags with a request in flight.
+    pub fn active_tags(&self) -> Vec<Tag> {
+        (0..self.config.depth)
+            .filter(|t| self.slots[usize::from(*t)].active)
+            .collect()
+    }
+
     /// True if `node`'s connection is up (as last reported).
     pub fn node_up(&self, node: usize) -> bool {
         self.nodes.get(node).is_some_and(|n| n.up)

@@ -4,4 +4,7 @@
 //! - [`engine`]: the sans-IO request engine (no sockets, rings or clock).
 
 pub mod engine;
+pub mod frontend;
 pub mod layout;
+pub mod net;
+pub mod uring;

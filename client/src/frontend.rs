@@ -1,0 +1,352 @@
+//! The in-process frontend: a striped volume as a library handle, driving the
+//! same engine, queues, tags and registered buffers the ublk frontend uses,
+//! without a kernel device. Tests and the benchmark use it.
+//!
+//! A call takes a free tag of one queue (blocking while all are busy), copies
+//! write data into the tag's buffer, hands the tag to the queue thread, and
+//! waits for the result; reads copy out of the tag's buffer afterwards. Calls
+//! larger than the max IO size are split, as the block layer would.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::engine::{BlockRequest, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
+use crate::layout::{Layout, SpecError, VolumeSpec};
+use crate::net::{self, ConnectError, Identity, NodeInfo};
+use crate::uring::{Control, QueueDriver, QueueShared, SendMode};
+
+/// How a volume is attached.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// Queue threads, each with its own ring and one connection per node.
+    pub queues: usize,
+    /// Requests in flight per queue (tags).
+    pub depth: u16,
+    /// Largest request, bytes: the size of each tag's buffer.
+    pub max_io: u32,
+    pub send_mode: SendMode,
+    pub io_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Sent in handshakes, shown in node logs.
+    pub client_id: String,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            queues: 1,
+            depth: 64,
+            max_io: 1 << 20,
+            send_mode: SendMode::ZeroCopy,
+            io_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            client_id: format!("netblk-{}", std::process::id()),
+        }
+    }
+}
+
+/// Why a volume could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid volume: {0}")]
+    Spec(#[from] SpecError),
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error(transparent)]
+    Node(#[from] ConnectError),
+    #[error("io_uring: {0}")]
+    Uring(io::Error),
+}
+
+struct Queue {
+    shared: Arc<QueueShared>,
+    control: Sender<Control>,
+    free_tags: (Sender<Tag>, Receiver<Tag>),
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// An attached striped volume. Usable from many threads at once.
+pub struct Volume {
+    layout: Layout,
+    queues: Vec<Queue>,
+    next_queue: AtomicUsize,
+    max_io: u32,
+    nodes: Vec<NodeInfo>,
+    send_mode: SendMode,
+}
+
+impl Volume {
+    /// Connects every queue to every node, handshakes, and starts the queues.
+    pub fn open(spec: &VolumeSpec, options: &VolumeOptions) -> Result<Volume, OpenError> {
+        let layout = spec.layout()?;
+        if options.queues == 0 || options.queues > 64 {
+            return Err(OpenError::Options(format!(
+                "queues {} must be from 1 to 64",
+                options.queues
+            )));
+        }
+        if options.depth == 0 || options.depth > MAX_DEPTH {
+            return Err(OpenError::Options(format!(
+                "depth {} must be from 1 to {MAX_DEPTH}",
+                options.depth
+            )));
+        }
+        if options.max_io < 4096
+            || !options.max_io.is_multiple_of(512)
+            || options.max_io > (64 << 20)
+        {
+            return Err(OpenError::Options(format!(
+                "max IO {} must be a multiple of 512 from 4 KiB to 64 MiB",
+                options.max_io
+            )));
+        }
+        crate::uring::probe(options.send_mode).map_err(OpenError::Uring)?;
+        let who = Identity {
+            client_id: &options.client_id,
+            volume: &spec.name,
+            session: 1,
+        };
+        let mut queues = Vec::with_capacity(options.queues);
+        let mut nodes = Vec::new();
+        for q in 0..options.queues {
+            let mut streams = Vec::with_capacity(spec.nodes.len());
+            for (node, addr) in spec.nodes.iter().enumerate() {
+                let (stream, info) =
+                    net::connect(*addr, node, &layout, &who, options.connect_timeout)?;
+                if q == 0 {
+                    nodes.push(info);
+                }
+                streams.push(stream);
+            }
+            let engine = Engine::new(
+                layout,
+                EngineConfig {
+                    depth: options.depth,
+                    max_io: options.max_io,
+                    max_in_flight_per_node: usize::from(options.depth) * 4,
+                    io_timeout: options.io_timeout,
+                },
+            );
+            let shared = Arc::new(
+                QueueShared::new(options.depth, options.max_io).map_err(OpenError::Uring)?,
+            );
+            let (control_tx, control_rx) = crossbeam_channel::unbounded();
+            // The ring is made on the thread that uses it (single issuer).
+            let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+            let thread_shared = Arc::clone(&shared);
+            let mode = options.send_mode;
+            let thread = std::thread::Builder::new()
+                .name(format!("netblk-q{q}"))
+                .spawn(move || {
+                    let driver = QueueDriver::new(engine, streams, thread_shared, control_rx, mode);
+                    match driver {
+                        Ok(driver) => {
+                            let _ = ready_tx.send(Ok(()));
+                            driver.run()
+                        }
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(io::Error::new(err.kind(), err.to_string())));
+                            Err(err)
+                        }
+                    }
+                })
+                .map_err(OpenError::Uring)?;
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(OpenError::Uring(err)),
+                Err(_) => {
+                    return Err(OpenError::Uring(io::Error::other(
+                        "queue thread died while starting",
+                    )));
+                }
+            }
+            let free_tags = crossbeam_channel::bounded(usize::from(options.depth));
+            for tag in 0..options.depth {
+                // The channel holds exactly `depth` tags: this cannot fail.
+                let _ = free_tags.0.send(tag);
+            }
+            queues.push(Queue {
+                shared,
+                control: control_tx,
+                free_tags,
+                thread: Some(thread),
+            });
+        }
+        Ok(Volume {
+            layout,
+            queues,
+            next_queue: AtomicUsize::new(0),
+            max_io: options.max_io,
+            nodes,
+            send_mode: options.send_mode,
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn size(&self) -> u64 {
+        self.layout.size()
+    }
+
+    pub fn send_mode(&self) -> SendMode {
+        self.send_mode
+    }
+
+    /// What each node said at handshake, in node order.
+    pub fn nodes(&self) -> &[NodeInfo] {
+        &self.nodes
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        for (i, chunk) in buf.chunks_mut(self.max_io as usize).enumerate() {
+            let at = offset + i as u64 * u64::from(self.max_io);
+            self.io(
+                Op::Read,
+                at,
+                chunk.len() as u64,
+                |_| {},
+                |data| chunk.copy_from_slice(&data[..chunk.len()]),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at_with(buf, offset, false)
+    }
+
+    /// Writes `buf` at `offset`, durable on every node before it returns.
+    pub fn write_at_fua(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at_with(buf, offset, true)
+    }
+
+    fn write_at_with(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        for (i, chunk) in buf.chunks(self.max_io as usize).enumerate() {
+            let at = offset + i as u64 * u64::from(self.max_io);
+            self.io(
+                Op::Write { fua },
+                at,
+                chunk.len() as u64,
+                |data| data[..chunk.len()].copy_from_slice(chunk),
+                |_| {},
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable on every node.
+    pub fn flush(&self) -> io::Result<()> {
+        self.io(Op::Flush, 0, 0, |_| {}, |_| {})
+    }
+
+    /// Frees `[offset, offset + len)`; it reads back as zeroes.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        self.no_data(Op::Discard, offset, len)
+    }
+
+    /// Zeroes `[offset, offset + len)`.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        self.no_data(Op::WriteZeroes, offset, len)
+    }
+
+    fn no_data(&self, op: Op, offset: u64, len: u64) -> io::Result<()> {
+        // Bounded like the block layer bounds discards.
+        const MAX: u64 = 1 << 30;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX);
+            self.io(op, offset + done, n, |_| {}, |_| {})?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.layout.size() => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is beyond the volume's {} bytes",
+                    self.layout.size()
+                ),
+            )),
+        }
+    }
+
+    /// One request on one tag of one queue.
+    fn io(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        fill: impl FnOnce(&mut [u8]),
+        drain: impl FnOnce(&[u8]),
+    ) -> io::Result<()> {
+        let q = &self.queues[self.next_queue.fetch_add(1, Ordering::Relaxed) % self.queues.len()];
+        let tag = q
+            .free_tags
+            .1
+            .recv()
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "volume is closing"))?;
+        // SAFETY: we hold the tag (taken from the free list), so no IO uses its
+        // buffer and no other thread touches it until we hand it over below.
+        fill(unsafe { q.shared.buffers.tag_slice(tag) });
+        let sent = if q.shared.failed() {
+            Err(())
+        } else {
+            q.control
+                .send(Control::Request(BlockRequest {
+                    tag,
+                    op,
+                    offset,
+                    len,
+                }))
+                .map_err(|_| ())
+        };
+        let result = match sent {
+            Ok(()) => {
+                q.shared.wake();
+                q.shared.wait(tag)
+            }
+            Err(_) => Err(libc::ESHUTDOWN),
+        };
+        if result.is_ok() {
+            // SAFETY: the engine completed the request, which happens only
+            // once no send or receive uses the buffer: the tag is ours again.
+            drain(unsafe { q.shared.buffers.tag_slice(tag) });
+        }
+        let _ = q.free_tags.0.send(tag);
+        result.map(|_| ()).map_err(io::Error::from_raw_os_error)
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        for q in &self.queues {
+            q.shared.stop();
+        }
+        for q in &mut self.queues {
+            if let Some(thread) = q.thread.take() {
+                match thread.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => eprintln!("netblk: queue thread failed: {err}"),
+                    Err(_) => eprintln!("netblk: queue thread panicked"),
+                }
+            }
+        }
+    }
+}

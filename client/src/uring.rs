@@ -1,0 +1,889 @@
+//! The per-queue io_uring driver: thin glue that moves bytes and time in and
+//! out of the [`Engine`].
+//!
+//! One thread per queue, one ring per thread; the ring owns one TCP
+//! connection per node. Request buffers ([`TagBuffers`]) are registered as
+//! fixed buffers, one per tag (buffer index = tag). Write payloads go out with
+//! `IORING_OP_SEND_ZC` from the fixed buffer, the header linked before it;
+//! a buffer is handed back to the engine only at the zero-copy notification.
+//! Read replies: the header is received into the connection's buffer, the
+//! payload straight into the request buffer at its offset.
+//!
+//! All `unsafe` of the client's data path lives here.
+
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use netblk_protocol::pb::header::Kind;
+use netblk_protocol::{Limits, PREAMBLE_LEN, Preamble, decode_header};
+
+use crate::engine::{BlockRequest, Engine, ReplySink, Tag};
+
+/// How write payloads leave the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendMode {
+    /// `IORING_OP_SEND_ZC` from the registered buffer.
+    ZeroCopy,
+    /// Plain `IORING_OP_SEND`: the kernel copies (for comparison, and TLS later).
+    Copy,
+}
+
+impl std::fmt::Display for SendMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SendMode::ZeroCopy => "zc",
+            SendMode::Copy => "copy",
+        })
+    }
+}
+
+/// One buffer per tag, in one anonymous mapping allocated at start-up.
+///
+/// Ownership protocol: a tag's buffer belongs either to the frontend (no IO
+/// in flight: it fills or drains it) or to the queue thread and the kernel
+/// (from submission until the engine completes the request). The tag itself
+/// is the token passed between them.
+pub struct TagBuffers {
+    base: NonNull<u8>,
+    len: usize,
+    tag_size: usize,
+    depth: u16,
+}
+
+// SAFETY: the mapping is plain memory that lives as long as the value; who
+// may touch which tag's bytes is governed by the ownership protocol above,
+// which hands a tag to one thread at a time through channels (which order
+// the memory accesses).
+unsafe impl Send for TagBuffers {}
+// SAFETY: as for Send: shared references only give out raw pointers, and
+// the unsafe accessors require the caller to own the tag.
+unsafe impl Sync for TagBuffers {}
+
+impl TagBuffers {
+    /// `depth` buffers of `tag_size` bytes each.
+    pub fn new(depth: u16, tag_size: u32) -> io::Result<TagBuffers> {
+        let tag_size = tag_size as usize;
+        let len = usize::from(depth)
+            .checked_mul(tag_size)
+            .filter(|len| *len > 0)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad buffer geometry"))?;
+        // SAFETY: an anonymous private mapping with no address hint touches no
+        // existing memory; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "mmap returned null"))?;
+        Ok(TagBuffers {
+            base,
+            len,
+            tag_size,
+            depth,
+        })
+    }
+
+    pub fn tag_size(&self) -> usize {
+        self.tag_size
+    }
+
+    /// Start of `tag`'s buffer.
+    pub fn tag_ptr(&self, tag: Tag) -> *mut u8 {
+        assert!(tag < self.depth, "tag {tag} beyond depth {}", self.depth);
+        // SAFETY: tag < depth, so the offset stays inside the mapping.
+        unsafe { self.base.as_ptr().add(usize::from(tag) * self.tag_size) }
+    }
+
+    /// Start of `len` bytes at `offset` in `tag`'s buffer.
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    pub fn slice_ptr(&self, tag: Tag, offset: u32, len: u32) -> *mut u8 {
+        let end = offset as usize + len as usize;
+        assert!(end <= self.tag_size, "{offset}+{len} beyond the tag buffer");
+        // SAFETY: offset <= end <= tag_size: inside this tag's buffer.
+        unsafe { self.tag_ptr(tag).add(offset as usize) }
+    }
+
+    /// The whole of `tag`'s buffer.
+    ///
+    /// # Safety
+    /// The caller owns `tag` (see the type's docs): no IO on it is in flight
+    /// and no other reference to its bytes exists while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn tag_slice(&self, tag: Tag) -> &mut [u8] {
+        // SAFETY: the pointer and length stay inside the mapping; exclusive
+        // access is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.tag_ptr(tag), self.tag_size) }
+    }
+
+    fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.depth)
+            .map(|tag| libc::iovec {
+                iov_base: self.tag_ptr(tag).cast(),
+                iov_len: self.tag_size,
+            })
+            .collect()
+    }
+}
+
+impl Drop for TagBuffers {
+    fn drop(&mut self) {
+        // SAFETY: base/len are exactly what mmap returned; nothing refers to
+        // the mapping any more (the rings that registered it are gone first).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Where a tag's result goes: the frontend waits on it.
+pub struct TagSlot {
+    result: Mutex<Option<Result<u64, i32>>>,
+    ready: Condvar,
+}
+
+impl TagSlot {
+    fn new() -> TagSlot {
+        TagSlot {
+            result: Mutex::new(None),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn complete(&self, result: Result<u64, i32>) {
+        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(result);
+        self.ready.notify_one();
+    }
+
+    /// Waits for the result of the request on this tag. Gives up with EIO
+    /// once `failed` is set (the queue thread died and its ring is gone).
+    pub fn wait(&self, failed: &AtomicBool) -> Result<u64, i32> {
+        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(result) = slot.take() {
+                return result;
+            }
+            if failed.load(Ordering::Acquire) {
+                return Err(libc::EIO);
+            }
+            slot = self
+                .ready
+                .wait_timeout(slot, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// What a queue shares with the frontend.
+pub struct QueueShared {
+    pub buffers: TagBuffers,
+    pub slots: Vec<TagSlot>,
+    wake: OwnedFd,
+    stopping: AtomicBool,
+    failed: AtomicBool,
+}
+
+impl QueueShared {
+    pub fn new(depth: u16, tag_size: u32) -> io::Result<QueueShared> {
+        // SAFETY: eventfd takes integers and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(QueueShared {
+            buffers: TagBuffers::new(depth, tag_size)?,
+            slots: (0..depth).map(|_| TagSlot::new()).collect(),
+            wake,
+            stopping: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Wakes the queue thread (after sending it a control message).
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full
+        // counter (EAGAIN) means the thread is awake anyway.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&raw const one).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// True once the queue thread has failed: requests are refused.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Waits for the result of the request on `tag`.
+    pub fn wait(&self, tag: Tag) -> Result<u64, i32> {
+        match self.slots.get(usize::from(tag)) {
+            Some(slot) => slot.wait(&self.failed),
+            None => Err(libc::EINVAL),
+        }
+    }
+
+    /// Asks the queue thread to finish in-flight requests and exit.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.wake();
+    }
+}
+
+/// Messages from the frontend to a queue thread.
+pub enum Control {
+    Request(BlockRequest),
+}
+
+/// Checks that this kernel's io_uring has what `mode` needs.
+pub fn probe(mode: SendMode) -> io::Result<()> {
+    let ring = IoUring::new(8)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let needed: &[(u8, &str)] = match mode {
+        SendMode::ZeroCopy => &[
+            (opcode::Send::CODE, "SEND"),
+            (opcode::SendZc::CODE, "SEND_ZC"),
+            (opcode::Recv::CODE, "RECV"),
+        ],
+        SendMode::Copy => &[(opcode::Send::CODE, "SEND"), (opcode::Recv::CODE, "RECV")],
+    };
+    for (code, name) in needed {
+        if !probe.is_supported(*code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("this kernel's io_uring lacks IORING_OP_{name} (needed for {mode} mode)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+// user_data: kind in the top byte, connection index below it, detail below that.
+const K_HEAD: u64 = 1;
+const K_DATA: u64 = 2;
+const K_RECV: u64 = 3;
+const K_RECV_PAYLOAD: u64 = 4;
+const K_WAKE: u64 = 5;
+const K_CANCEL: u64 = 6;
+
+fn user_data(kind: u64, conn: usize, detail: u64) -> u64 {
+    (kind << 56) | ((conn as u64 & 0xffff) << 40) | (detail & 0xff_ffff_ffff)
+}
+
+fn split_user_data(ud: u64) -> (u64, usize, u64) {
+    (
+        ud >> 56,
+        ((ud >> 40) & 0xffff) as usize,
+        ud & 0xff_ffff_ffff,
+    )
+}
+
+/// Most transmits in one linked send chain.
+const MAX_CHAIN: usize = 32;
+/// Receive buffer per connection: headers and small payloads.
+const RECV_BUF: usize = 256 << 10;
+/// A payload at least this large that is not in the buffer yet is received
+/// straight into the request buffer.
+const DIRECT_RECV_MIN: u32 = 16 << 10;
+
+enum RecvMode {
+    Frames,
+    /// Receiving a read's payload into `tag`'s buffer at `offset`.
+    Payload {
+        id: u64,
+        tag: Tag,
+        offset: u32,
+        left: u32,
+    },
+    Skip {
+        left: u64,
+    },
+}
+
+struct Conn {
+    stream: TcpStream,
+    fd: RawFd,
+    /// Head bytes of the send chain in flight; kept alive until it completes.
+    heads: Vec<Vec<u8>>,
+    /// CQEs (other than notifications) the chain still owes.
+    chain_left: u32,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    mode: RecvMode,
+    recv_posted: bool,
+    /// Operations the kernel still holds, notifications included.
+    ops: u32,
+    broken: bool,
+    lost_reported: bool,
+}
+
+/// One queue's driver; see the module docs.
+pub struct QueueDriver {
+    // Declared first: dropped before the buffers it has registered.
+    ring: IoUring,
+    engine: Engine,
+    conns: Vec<Conn>,
+    shared: Arc<QueueShared>,
+    control: Receiver<Control>,
+    mode: SendMode,
+    wake_buf: Box<u64>,
+    wake_posted: bool,
+}
+
+impl QueueDriver {
+    pub fn new(
+        engine: Engine,
+        streams: Vec<TcpStream>,
+        shared: Arc<QueueShared>,
+        control: Receiver<Control>,
+        mode: SendMode,
+    ) -> io::Result<QueueDriver> {
+        let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
+            .clamp(64, 4096)
+            .next_power_of_two();
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        let iovecs = shared.buffers.iovecs();
+        // SAFETY: the iovecs describe the buffer mapping, which `shared` keeps
+        // alive for longer than the ring (the ring is dropped first, and the
+        // shutdown path waits for every operation before that).
+        unsafe { ring.submitter().register_buffers(&iovecs)? };
+        let conns = streams
+            .into_iter()
+            .map(|stream| Conn {
+                fd: stream.as_raw_fd(),
+                stream,
+                heads: Vec::with_capacity(MAX_CHAIN),
+                chain_left: 0,
+                rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
+                rstart: 0,
+                rend: 0,
+                mode: RecvMode::Frames,
+                recv_posted: false,
+                ops: 0,
+                broken: false,
+                lost_reported: false,
+            })
+            .collect();
+        Ok(QueueDriver {
+            ring,
+            engine,
+            conns,
+            shared,
+            control,
+            mode,
+            wake_buf: Box::new(0),
+            wake_posted: false,
+        })
+    }
+
+    /// Serves until asked to stop, then finishes in-flight requests. If the
+    /// ring fails, every request in flight and every later one fails with EIO.
+    pub fn run(mut self) -> io::Result<()> {
+        let result = self.serve();
+        if let Err(err) = &result {
+            eprintln!("netblk: queue failed: {err}");
+            let shared = Arc::clone(&self.shared);
+            let tags = self.engine.active_tags();
+            // Tearing the ring down cancels what the kernel still holds; only
+            // then are the buffers free and may waiters give up (TagSlot::wait).
+            drop(self);
+            shared.failed.store(true, Ordering::Release);
+            for tag in tags {
+                if let Some(slot) = shared.slots.get(usize::from(tag)) {
+                    slot.complete(Err(libc::EIO));
+                }
+            }
+            return result;
+        }
+        self.shutdown()
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        for node in 0..self.conns.len() {
+            self.engine.handle_connection_restored(node);
+        }
+        loop {
+            let stopping = self.shared.stopping.load(Ordering::Acquire);
+            self.take_control();
+            let now = Instant::now();
+            self.engine.handle_timeout(now);
+            for node in 0..self.conns.len() {
+                self.post_sends(node)?;
+                self.post_recv(node)?;
+                self.check_lost(node);
+            }
+            self.post_wake()?;
+            self.deliver_completions();
+            if stopping && self.engine.is_idle() {
+                return Ok(());
+            }
+            let timeout = self
+                .engine
+                .poll_timeout()
+                .map(|d| d.saturating_duration_since(now));
+            self.submit_and_wait(timeout)?;
+            self.reap()?;
+        }
+    }
+
+    fn take_control(&mut self) {
+        loop {
+            match self.control.try_recv() {
+                Ok(Control::Request(request)) => {
+                    if let Err(err) = self.engine.handle_request(Instant::now(), request) {
+                        // A frontend bug: fail the request rather than hang it.
+                        debug_assert!(false, "{err}");
+                        if let Some(slot) = self.shared.slots.get(usize::from(request.tag)) {
+                            slot.complete(Err(libc::EINVAL));
+                        }
+                    }
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn deliver_completions(&mut self) {
+        while let Some(c) = self.engine.poll_completion() {
+            if let Some(slot) = self.shared.slots.get(usize::from(c.tag)) {
+                slot.complete(c.result);
+            }
+        }
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry built by this driver points only at memory
+            // that outlives the operation: connection buffers and head vectors
+            // (kept until their CQE), tag buffers (owned by the queue until
+            // the engine completes the request, which waits for every CQE and
+            // notification), and `wake_buf` (lives as long as the driver).
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if !self.ring.completion().is_empty() {
+            self.ring.submit()?;
+            return Ok(());
+        }
+        let result = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::from(t.max(Duration::from_micros(1)));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn post_wake(&mut self) -> io::Result<()> {
+        if self.wake_posted {
+            return Ok(());
+        }
+        let entry = opcode::Read::new(
+            types::Fd(self.shared.wake.as_raw_fd()),
+            (&raw mut *self.wake_buf).cast::<u8>(),
+            8,
+        )
+        .build()
+        .user_data(user_data(K_WAKE, 0, 0));
+        self.push(&entry)?;
+        self.wake_posted = true;
+        Ok(())
+    }
+
+    /// Starts a send chain on `node` if none is in flight.
+    fn post_sends(&mut self, node: usize) -> io::Result<()> {
+        let conn = &mut self.conns[node];
+        if conn.broken || conn.chain_left > 0 {
+            return Ok(());
+        }
+        conn.heads.clear();
+        let mut plan: Vec<(usize, Option<crate::engine::BufSlice>)> = Vec::new();
+        let mut batch: Vec<u8> = Vec::new();
+        for _ in 0..MAX_CHAIN {
+            let Some(t) = self.engine.poll_transmit(node) else {
+                break;
+            };
+            batch.extend_from_slice(&t.head);
+            if t.payload.is_some() {
+                let conn = &mut self.conns[node];
+                conn.heads.push(std::mem::take(&mut batch));
+                plan.push((conn.heads.len() - 1, t.payload));
+            }
+        }
+        let conn = &mut self.conns[node];
+        if !batch.is_empty() {
+            conn.heads.push(batch);
+            plan.push((conn.heads.len() - 1, None));
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut entries = Vec::with_capacity(plan.len() * 2);
+        for (head, payload) in plan {
+            let bytes = &conn.heads[head];
+            entries.push(
+                opcode::Send::new(types::Fd(conn.fd), bytes.as_ptr(), bytes.len() as u32)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+                    .user_data(user_data(K_HEAD, node, head as u64)),
+            );
+            if let Some(slice) = payload {
+                let ptr = self
+                    .shared
+                    .buffers
+                    .slice_ptr(slice.tag, slice.offset, slice.len);
+                let detail = (u64::from(slice.tag) << 32) | u64::from(slice.len);
+                let entry = match self.mode {
+                    SendMode::ZeroCopy => opcode::SendZc::new(types::Fd(conn.fd), ptr, slice.len)
+                        .buf_index(Some(slice.tag))
+                        .flags(libc::MSG_WAITALL)
+                        .build(),
+                    SendMode::Copy => opcode::Send::new(types::Fd(conn.fd), ptr, slice.len)
+                        .flags(libc::MSG_WAITALL)
+                        .build(),
+                };
+                entries.push(entry.user_data(user_data(K_DATA, node, detail)));
+            }
+        }
+        let last = entries.len() - 1;
+        conn.chain_left = entries.len() as u32;
+        conn.ops += entries.len() as u32;
+        for (i, entry) in entries.into_iter().enumerate() {
+            let entry = if i < last {
+                entry.flags(squeue::Flags::IO_LINK)
+            } else {
+                entry
+            };
+            self.push(&entry)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps one receive posted on `node`.
+    fn post_recv(&mut self, node: usize) -> io::Result<()> {
+        let conn = &mut self.conns[node];
+        if conn.broken || conn.recv_posted {
+            return Ok(());
+        }
+        let entry = match conn.mode {
+            RecvMode::Payload {
+                tag, offset, left, ..
+            } if conn.rstart == conn.rend && left >= DIRECT_RECV_MIN => {
+                let at = self.shared.buffers.slice_ptr(tag, offset, left);
+                opcode::Recv::new(types::Fd(conn.fd), at, left)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+                    .user_data(user_data(K_RECV_PAYLOAD, node, 0))
+            }
+            _ => {
+                if conn.rstart == conn.rend {
+                    conn.rstart = 0;
+                    conn.rend = 0;
+                } else if conn.rbuf.len() - conn.rend < 64 << 10 {
+                    conn.rbuf.copy_within(conn.rstart..conn.rend, 0);
+                    conn.rend -= conn.rstart;
+                    conn.rstart = 0;
+                }
+                let free = &mut conn.rbuf[conn.rend..];
+                opcode::Recv::new(types::Fd(conn.fd), free.as_mut_ptr(), free.len() as u32)
+                    .build()
+                    .user_data(user_data(K_RECV, node, 0))
+            }
+        };
+        conn.recv_posted = true;
+        conn.ops += 1;
+        self.push(&entry)
+    }
+
+    fn reap(&mut self) -> io::Result<()> {
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (ud, res, flags) in cqes {
+            let (kind, node, detail) = split_user_data(ud);
+            match kind {
+                K_WAKE => {
+                    self.wake_posted = false;
+                }
+                K_CANCEL => {}
+                K_HEAD => {
+                    let conn = &mut self.conns[node];
+                    conn.ops -= 1;
+                    conn.chain_left -= 1;
+                    let expected = conn.heads.get(detail as usize).map_or(0, Vec::len);
+                    if res < 0 || res as usize != expected {
+                        self.break_conn(node, "send failed", res);
+                    }
+                }
+                K_DATA => self.on_data_sent(node, detail, res, flags),
+                K_RECV => self.on_recv(node, res),
+                K_RECV_PAYLOAD => self.on_recv_payload(node, res),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_data_sent(&mut self, node: usize, detail: u64, res: i32, flags: u32) {
+        let tag = (detail >> 32) as Tag;
+        let len = (detail & 0xffff_ffff) as i32;
+        let conn = &mut self.conns[node];
+        if cqueue::notif(flags) {
+            // The zero-copy notification: the kernel is done with the buffer.
+            conn.ops -= 1;
+            self.engine.handle_buffer_released(tag);
+            return;
+        }
+        conn.chain_left -= 1;
+        if !cqueue::more(flags) {
+            conn.ops -= 1;
+            self.engine.handle_buffer_released(tag);
+        }
+        if res != len {
+            self.break_conn(node, "payload send failed", res);
+        }
+    }
+
+    fn on_recv(&mut self, node: usize, res: i32) {
+        let conn = &mut self.conns[node];
+        conn.ops -= 1;
+        conn.recv_posted = false;
+        if res <= 0 {
+            self.break_conn(node, "connection closed by node", res);
+            return;
+        }
+        conn.rend += res as usize;
+        if let Err(why) = self.parse(node) {
+            self.break_conn(node, &why, 0);
+        }
+    }
+
+    fn on_recv_payload(&mut self, node: usize, res: i32) {
+        let conn = &mut self.conns[node];
+        conn.ops -= 1;
+        conn.recv_posted = false;
+        if res <= 0 {
+            self.break_conn(node, "connection closed by node mid-payload", res);
+            return;
+        }
+        if let RecvMode::Payload {
+            id,
+            tag,
+            offset,
+            left,
+        } = conn.mode
+        {
+            let got = (res as u32).min(left);
+            if got == left {
+                conn.mode = RecvMode::Frames;
+                self.engine.handle_payload(id, true);
+            } else {
+                conn.mode = RecvMode::Payload {
+                    id,
+                    tag,
+                    offset: offset + got,
+                    left: left - got,
+                };
+            }
+        }
+    }
+
+    /// Consumes whole frames and payload bytes from the receive buffer.
+    fn parse(&mut self, node: usize) -> Result<(), String> {
+        loop {
+            let conn = &mut self.conns[node];
+            let avail = conn.rend - conn.rstart;
+            match conn.mode {
+                RecvMode::Frames => {
+                    let Some(preamble) =
+                        conn.rbuf[conn.rstart..conn.rend].first_chunk::<PREAMBLE_LEN>()
+                    else {
+                        return Ok(());
+                    };
+                    let preamble = Preamble::parse(
+                        preamble,
+                        &Limits {
+                            max_payload_len: u32::MAX,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let need = PREAMBLE_LEN + preamble.header_len as usize;
+                    if avail < need {
+                        return Ok(());
+                    }
+                    let header = decode_header(
+                        &conn.rbuf[conn.rstart + PREAMBLE_LEN..conn.rstart + need],
+                        preamble.payload_len,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    conn.rstart += need;
+                    let Some(Kind::Reply(reply)) = header.kind else {
+                        return Err("the node sent something other than a reply".into());
+                    };
+                    let sink = self
+                        .engine
+                        .handle_reply(node, &reply, preamble.payload_len)
+                        .map_err(|e| e.to_string())?;
+                    let conn = &mut self.conns[node];
+                    conn.mode = match sink {
+                        ReplySink::Done => RecvMode::Frames,
+                        ReplySink::Discard if preamble.payload_len == 0 => RecvMode::Frames,
+                        ReplySink::Discard => RecvMode::Skip {
+                            left: u64::from(preamble.payload_len),
+                        },
+                        ReplySink::Buffer { id, slice } => RecvMode::Payload {
+                            id,
+                            tag: slice.tag,
+                            offset: slice.offset,
+                            left: slice.len,
+                        },
+                    };
+                }
+                RecvMode::Skip { left } => {
+                    let take = (avail as u64).min(left);
+                    conn.rstart += take as usize;
+                    conn.mode = if take == left {
+                        RecvMode::Frames
+                    } else {
+                        RecvMode::Skip { left: left - take }
+                    };
+                    if take < left {
+                        return Ok(());
+                    }
+                }
+                RecvMode::Payload {
+                    id,
+                    tag,
+                    offset,
+                    left,
+                } => {
+                    let take = avail.min(left as usize);
+                    let at = self.shared.buffers.slice_ptr(tag, offset, take as u32);
+                    // SAFETY: `at..at+take` is part of the slice the engine
+                    // handed out for this payload, inside the tag's buffer,
+                    // which the queue owns while the request is in flight; the
+                    // source is our own receive buffer, which does not overlap it.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(conn.rbuf[conn.rstart..].as_ptr(), at, take);
+                    }
+                    conn.rstart += take;
+                    if take == left as usize {
+                        conn.mode = RecvMode::Frames;
+                        self.engine.handle_payload(id, true);
+                    } else {
+                        conn.mode = RecvMode::Payload {
+                            id,
+                            tag,
+                            offset: offset + take as u32,
+                            left: left - take as u32,
+                        };
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn break_conn(&mut self, node: usize, why: &str, res: i32) {
+        let conn = &mut self.conns[node];
+        if !conn.broken {
+            conn.broken = true;
+            let detail = if res < 0 {
+                format!(": {}", io::Error::from_raw_os_error(-res))
+            } else {
+                String::new()
+            };
+            eprintln!("netblk: connection to node {node} lost ({why}{detail})");
+            // Makes the operations still in the kernel finish.
+            let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Once every operation of a broken connection is back, tells the engine.
+    fn check_lost(&mut self, node: usize) {
+        let conn = &mut self.conns[node];
+        if !conn.broken || conn.lost_reported || conn.ops > 0 {
+            return;
+        }
+        conn.lost_reported = true;
+        if let RecvMode::Payload { id, .. } = conn.mode {
+            self.engine.handle_payload(id, false);
+        }
+        conn.mode = RecvMode::Frames;
+        self.engine.handle_connection_lost(node);
+    }
+
+    /// Closes the connections and waits until the kernel holds nothing of ours.
+    fn shutdown(mut self) -> io::Result<()> {
+        for conn in &mut self.conns {
+            conn.broken = true;
+            let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+        if self.wake_posted {
+            let cancel = opcode::AsyncCancel::new(user_data(K_WAKE, 0, 0))
+                .build()
+                .user_data(user_data(K_CANCEL, 0, 0));
+            self.push(&cancel)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (self.wake_posted || self.conns.iter().any(|c| c.ops > 0))
+            && Instant::now() < deadline
+        {
+            self.submit_and_wait(Some(Duration::from_millis(100)))?;
+            self.reap()?;
+        }
+        self.deliver_completions();
+        Ok(())
+    }
+}
