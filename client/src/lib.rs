@@ -3,6 +3,7 @@
 //! - [`layout`]: volume geometry, byte range -> pieces per node.
 //! - [`engine`]: the sans-IO request engine (no sockets, rings or clock).
 
+pub mod bench;
 pub mod engine;
 pub mod frontend;
 pub mod layout;

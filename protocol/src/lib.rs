@@ -10,6 +10,7 @@
 pub mod frame;
 pub mod geometry;
 pub mod status;
+pub mod units;
 
 /// Message types generated from `proto/netblk.proto` (package `netblk.v1`).
 #[allow(clippy::all, missing_docs)]

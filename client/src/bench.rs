@@ -1,0 +1,602 @@
+//! `netblk bench`: netblk's own benchmark, with a raw TCP baseline measured
+//! in the same run over the same number of connections, so that figures are
+//! quoted as ratios (these machines are shared and noisy).
+//!
+//! Workloads, each for a fixed time, through the in-process frontend:
+//! random 4 KiB reads and writes, sequential 1 MiB writes and reads. Each
+//! keeps `depth` requests in flight. Baselines: `bulk`, a minimal sender and
+//! sink moving 1 MiB writes; `echo`, a minimal request/reply loop with 4 KiB
+//! replies at the same depth.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::frontend::{Volume, VolumeOptions};
+use crate::layout::{DEFAULT_STRIPE_UNIT, VolumeSpec};
+use crate::uring::SendMode;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Use these nodes instead of starting mock nodes.
+    pub nodes: Vec<SocketAddr>,
+    /// How many mock nodes to start when `nodes` is empty.
+    pub node_count: usize,
+    pub mock_node_bin: Option<PathBuf>,
+    pub queues: usize,
+    pub depth: u16,
+    pub duration: Duration,
+    pub modes: Vec<SendMode>,
+    pub stripe_unit: u32,
+    pub volume_size: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            nodes: Vec::new(),
+            node_count: 4,
+            mock_node_bin: None,
+            queues: 1,
+            depth: 32,
+            duration: Duration::from_secs(3),
+            modes: vec![SendMode::ZeroCopy, SendMode::Copy],
+            stripe_unit: DEFAULT_STRIPE_UNIT,
+            volume_size: 1 << 30,
+        }
+    }
+}
+
+/// The figures of one run of one workload.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub ops: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Client CPU (user + system) per GiB moved; 0 where not measured.
+    pub cpu_s_per_gib: f64,
+}
+
+impl Figures {
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.seconds.max(1e-9)
+    }
+    pub fn mib_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// One netblk workload result and how it compares with its baseline.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub workload: &'static str,
+    pub mode: SendMode,
+    pub figures: Figures,
+    pub baseline: &'static str,
+    /// netblk figure / baseline figure (IOPS for small IO, MiB/s for bulk).
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub nodes: usize,
+    pub connections: usize,
+    pub options: BenchOptions,
+    pub echo: Figures,
+    pub bulk: Figures,
+    pub rows: Vec<Row>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    RandRead4k,
+    RandWrite4k,
+    SeqWrite1m,
+    SeqRead1m,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::RandRead4k => "randread-4k",
+            Workload::RandWrite4k => "randwrite-4k",
+            Workload::SeqWrite1m => "seqwrite-1m",
+            Workload::SeqRead1m => "seqread-1m",
+        }
+    }
+    fn block(self) -> u64 {
+        match self {
+            Workload::RandRead4k | Workload::RandWrite4k => 4096,
+            Workload::SeqWrite1m | Workload::SeqRead1m => 1 << 20,
+        }
+    }
+    fn baseline(self) -> &'static str {
+        match self {
+            Workload::RandRead4k | Workload::RandWrite4k => "echo",
+            Workload::SeqWrite1m | Workload::SeqRead1m => "bulk",
+        }
+    }
+}
+
+/// Mock nodes started for the run; stopped on drop.
+struct MockNodes(Vec<Child>);
+
+impl Drop for MockNodes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Finds `netblk-mock-node`: given, `$NETBLK_MOCK_NODE`, or beside this program.
+fn mock_node_bin(given: Option<&PathBuf>) -> io::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.clone());
+    }
+    if let Some(path) = std::env::var_os("NETBLK_MOCK_NODE") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name("netblk-mock-node");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "netblk-mock-node not found beside {}: build it (cargo build --release) or pass --mock-node",
+            exe.display()
+        ),
+    ))
+}
+
+fn start_mock_nodes(count: usize, bin: &PathBuf) -> io::Result<(MockNodes, Vec<SocketAddr>)> {
+    let mut nodes = MockNodes(Vec::new());
+    let mut addrs = Vec::new();
+    for _ in 0..count {
+        let mut child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--store", "memory"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", bin.display())))?;
+        let stdout = child.stdout.take();
+        nodes.0.push(child);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        thread::spawn(move || {
+            let mut first = String::new();
+            if let Some(out) = stdout {
+                let mut lines = BufReader::new(out);
+                let _ = lines.read_line(&mut first);
+                let _ = tx.send(first);
+                // Keep the pipe drained.
+                let mut sink = Vec::new();
+                let _ = lines.read_to_end(&mut sink);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "mock node did not start"))?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("unexpected mock node output {line:?}")))?;
+        addrs.push(addr);
+    }
+    Ok((nodes, addrs))
+}
+
+/// CPU seconds (user + system) this process has used, from /proc.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after ')'.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on every Linux ABI this runs on.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[i.min(sorted.len() - 1)])
+}
+
+fn figures(mut latencies: Vec<u32>, ops: u64, bytes: u64, seconds: f64, cpu: f64) -> Figures {
+    latencies.sort_unstable();
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    Figures {
+        ops,
+        bytes,
+        seconds,
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+        cpu_s_per_gib: if gib > 0.0 && cpu > 0.0 { cpu / gib } else { 0.0 },
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Runs one workload through `volume` with `depth` requests in flight.
+fn run_workload(volume: &Volume, workload: Workload, depth: u16, duration: Duration) -> io::Result<Figures> {
+    let block = workload.block();
+    let blocks = volume.size() / block;
+    let next_seq = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let barrier = Barrier::new(usize::from(depth) + 1);
+    let results: Vec<io::Result<(Vec<u32>, u64)>> = thread::scope(|s| {
+        let workers: Vec<_> = (0..depth)
+            .map(|w| {
+                let (next_seq, stop, barrier) = (&next_seq, &stop, &barrier);
+                s.spawn(move || -> io::Result<(Vec<u32>, u64)> {
+                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(w) + 1) * 0x2545_f491);
+                    let mut buf = vec![0x5au8; block as usize];
+                    let mut lat = Vec::with_capacity(1 << 16);
+                    let mut ops = 0u64;
+                    barrier.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        let index = match workload {
+                            Workload::RandRead4k | Workload::RandWrite4k => rng.next() % blocks,
+                            _ => next_seq.fetch_add(1, Ordering::Relaxed) % blocks,
+                        };
+                        let offset = index * block;
+                        let start = Instant::now();
+                        match workload {
+                            Workload::RandRead4k | Workload::SeqRead1m => volume.read_at(&mut buf, offset)?,
+                            Workload::RandWrite4k | Workload::SeqWrite1m => volume.write_at(&buf, offset)?,
+                        }
+                        lat.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        ops += 1;
+                    }
+                    Ok((lat, ops))
+                })
+            })
+            .collect();
+        barrier.wait();
+        thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err(io::Error::other("worker panicked"))))
+            .collect()
+    });
+    // The clock and CPU window is measured around the whole run by the caller.
+    let mut all = Vec::new();
+    let mut ops = 0;
+    for r in results {
+        let (lat, n) = r?;
+        all.extend(lat);
+        ops += n;
+    }
+    Ok(figures(all, ops, ops * block, 0.0, 0.0))
+}
+
+fn measure_workload(volume: &Volume, workload: Workload, depth: u16, duration: Duration) -> io::Result<Figures> {
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let mut f = run_workload(volume, workload, depth, duration)?;
+    f.seconds = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let gib = f.bytes as f64 / (1u64 << 30) as f64;
+    f.cpu_s_per_gib = if gib > 0.0 { cpu / gib } else { 0.0 };
+    Ok(f)
+}
+
+/// Pairs of connected sockets over loopback, server side served by `serve`.
+fn loopback_pairs(n: usize) -> io::Result<(Vec<TcpStream>, Vec<TcpStream>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut clients = Vec::new();
+    let mut servers = Vec::new();
+    for _ in 0..n {
+        let c = TcpStream::connect(addr)?;
+        let (s, _) = listener.accept()?;
+        c.set_nodelay(true)?;
+        s.set_nodelay(true)?;
+        clients.push(c);
+        servers.push(s);
+    }
+    Ok((clients, servers))
+}
+
+/// Raw TCP bulk: one sender and one sink per connection, 1 MiB writes.
+fn baseline_bulk(connections: usize, duration: Duration) -> io::Result<Figures> {
+    let (clients, servers) = loopback_pairs(connections)?;
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sinks: Vec<_> = servers
+        .into_iter()
+        .map(|mut s| {
+            let received = Arc::clone(&received);
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    received.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let senders: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let buf = vec![0x5au8; 1 << 20];
+                while !stop.load(Ordering::Relaxed) {
+                    if c.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    thread::sleep(duration);
+    let bytes = received.load(Ordering::Relaxed);
+    let seconds = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        let _ = s.join();
+    }
+    for s in sinks {
+        let _ = s.join();
+    }
+    Ok(figures(Vec::new(), bytes >> 20, bytes, seconds, 0.0))
+}
+
+/// Raw TCP echo: 32-byte requests, 4 KiB replies, `depth` in flight in all.
+fn baseline_echo(connections: usize, depth: usize, duration: Duration) -> io::Result<Figures> {
+    const REQUEST: usize = 32;
+    const REPLY: usize = 4096;
+    let (clients, servers) = loopback_pairs(connections)?;
+    let servers: Vec<_> = servers
+        .into_iter()
+        .map(|mut s| {
+            thread::spawn(move || {
+                let mut req = [0u8; REQUEST];
+                let reply = vec![0x5au8; REPLY];
+                while s.read_exact(&mut req).is_ok() {
+                    if s.write_all(&reply).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let per_conn: Vec<usize> = (0..connections)
+        .map(|i| depth / connections + usize::from(i < depth % connections))
+        .collect();
+    let clients: Vec<_> = clients
+        .into_iter()
+        .zip(per_conn)
+        .filter(|(_, k)| *k > 0)
+        .map(|(mut c, k)| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || -> (Vec<u32>, u64) {
+                let req = [1u8; REQUEST];
+                let mut reply = vec![0u8; REPLY];
+                let mut sent = std::collections::VecDeque::with_capacity(k);
+                let mut lat = Vec::with_capacity(1 << 16);
+                for _ in 0..k {
+                    if c.write_all(&req).is_err() {
+                        return (lat, 0);
+                    }
+                    sent.push_back(Instant::now());
+                }
+                let mut ops = 0;
+                while let Some(start) = sent.pop_front() {
+                    if c.read_exact(&mut reply).is_err() {
+                        break;
+                    }
+                    lat.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    ops += 1;
+                    if !stop.load(Ordering::Relaxed) {
+                        if c.write_all(&req).is_err() {
+                            break;
+                        }
+                        sent.push_back(Instant::now());
+                    }
+                }
+                (lat, ops)
+            })
+        })
+        .collect();
+    thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut ops = 0;
+    for c in clients {
+        if let Ok((lat, n)) = c.join() {
+            all.extend(lat);
+            ops += n;
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    drop(servers);
+    Ok(figures(all, ops, ops * REPLY as u64, seconds, 0.0))
+}
+
+/// Runs the whole benchmark.
+pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result<Report> {
+    let (_mock, addrs) = if options.nodes.is_empty() {
+        let bin = mock_node_bin(options.mock_node_bin.as_ref())?;
+        progress(&format!("starting {} mock nodes ({})", options.node_count, bin.display()));
+        start_mock_nodes(options.node_count, &bin)?
+    } else {
+        (MockNodes(Vec::new()), options.nodes.clone())
+    };
+    let connections = addrs.len() * options.queues;
+    progress(&format!("baseline: echo over {connections} connections, depth {}", options.depth));
+    let echo = baseline_echo(connections, usize::from(options.depth), options.duration)?;
+    progress(&format!("baseline: bulk over {connections} connections"));
+    let bulk = baseline_bulk(connections, options.duration)?;
+
+    let mut rows = Vec::new();
+    for (i, mode) in options.modes.iter().enumerate() {
+        let spec = VolumeSpec {
+            name: format!("bench-{}-{i}", std::process::id()),
+            size: options.volume_size,
+            stripe_unit: options.stripe_unit,
+            nodes: addrs.clone(),
+        };
+        let volume = Volume::open(
+            &spec,
+            &VolumeOptions {
+                queues: options.queues,
+                depth: options.depth,
+                max_io: 1 << 20,
+                send_mode: *mode,
+                ..VolumeOptions::default()
+            },
+        )
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        for workload in [Workload::SeqWrite1m, Workload::SeqRead1m, Workload::RandWrite4k, Workload::RandRead4k] {
+            progress(&format!("netblk {mode}: {}", workload.name()));
+            let f = measure_workload(&volume, workload, options.depth, options.duration)?;
+            let ratio = match workload.baseline() {
+                "echo" => f.iops() / echo.iops().max(1e-9),
+                _ => f.mib_s() / bulk.mib_s().max(1e-9),
+            };
+            rows.push(Row {
+                workload: workload.name(),
+                mode: *mode,
+                figures: f,
+                baseline: workload.baseline(),
+                ratio,
+            });
+        }
+    }
+    Ok(Report {
+        nodes: addrs.len(),
+        connections,
+        options: options.clone(),
+        echo,
+        bulk,
+        rows,
+    })
+}
+
+impl Report {
+    /// A table for people.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "netblk bench: {} nodes, {} queue(s), {} connections, depth {}, {:.1} s per workload\n\n",
+            self.nodes,
+            self.options.queues,
+            self.connections,
+            self.options.depth,
+            self.options.duration.as_secs_f64()
+        );
+        out.push_str(&format!(
+            "{:<14} {:<5} {:>10} {:>9} {:>9} {:>9} {:>10}  {}\n",
+            "workload", "mode", "IOPS", "MiB/s", "p50 us", "p99 us", "CPU s/GiB", "vs baseline"
+        ));
+        for r in &self.rows {
+            let f = &r.figures;
+            out.push_str(&format!(
+                "{:<14} {:<5} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>10.2}  {:.2} of {}\n",
+                r.workload,
+                r.mode.to_string(),
+                f.iops(),
+                f.mib_s(),
+                f.p50_us,
+                f.p99_us,
+                f.cpu_s_per_gib,
+                r.ratio,
+                r.baseline
+            ));
+        }
+        out.push_str(&format!(
+            "{:<14} {:<5} {:>10.0} {:>9.1} {:>9.0} {:>9.0}\n",
+            "baseline echo",
+            "-",
+            self.echo.iops(),
+            self.echo.mib_s(),
+            self.echo.p50_us,
+            self.echo.p99_us
+        ));
+        out.push_str(&format!(
+            "{:<14} {:<5} {:>10} {:>9.1}\n",
+            "baseline bulk",
+            "-",
+            "-",
+            self.bulk.mib_s()
+        ));
+        out
+    }
+
+    /// One JSON object.
+    pub fn to_json(&self) -> String {
+        let fig = |f: &Figures| {
+            format!(
+                "{{\"iops\":{:.1},\"mib_s\":{:.2},\"p50_us\":{:.0},\"p99_us\":{:.0},\"cpu_s_per_gib\":{:.3},\"ops\":{},\"seconds\":{:.3}}}",
+                f.iops(),
+                f.mib_s(),
+                f.p50_us,
+                f.p99_us,
+                f.cpu_s_per_gib,
+                f.ops,
+                f.seconds
+            )
+        };
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"figures\":{},\"baseline\":\"{}\",\"ratio\":{:.3}}}",
+                    r.workload,
+                    r.mode,
+                    fig(&r.figures),
+                    r.baseline,
+                    r.ratio
+                )
+            })
+            .collect();
+        format!(
+            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"baselines\":{{\"echo\":{},\"bulk\":{}}},\"results\":[{}]}}",
+            self.nodes,
+            self.options.queues,
+            self.connections,
+            self.options.depth,
+            self.options.duration.as_secs_f64(),
+            fig(&self.echo),
+            fig(&self.bulk),
+            rows.join(",")
+        )
+    }
+}
