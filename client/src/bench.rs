@@ -12,14 +12,15 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::frontend::{Volume, VolumeOptions};
+use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
+use crate::frontend::{VolumeOptions, connect_queue, engine_config, spawn_queue};
 use crate::layout::{DEFAULT_STRIPE_UNIT, VolumeSpec};
-use crate::uring::SendMode;
+use crate::uring::{Frontend, SendMode, TagBuffers};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct BenchOptions {
     pub modes: Vec<SendMode>,
     pub stripe_unit: u32,
     pub volume_size: u64,
+    /// Store of the mock nodes started (`null` measures client and network only).
+    pub node_store: String,
 }
 
 impl Default for BenchOptions {
@@ -49,6 +52,7 @@ impl Default for BenchOptions {
             modes: vec![SendMode::ZeroCopy, SendMode::Copy],
             stripe_unit: DEFAULT_STRIPE_UNIT,
             volume_size: 1 << 30,
+            node_store: "null".into(),
         }
     }
 }
@@ -160,12 +164,16 @@ fn mock_node_bin(given: Option<&PathBuf>) -> io::Result<PathBuf> {
     ))
 }
 
-fn start_mock_nodes(count: usize, bin: &PathBuf) -> io::Result<(MockNodes, Vec<SocketAddr>)> {
+fn start_mock_nodes(
+    count: usize,
+    bin: &PathBuf,
+    store: &str,
+) -> io::Result<(MockNodes, Vec<SocketAddr>)> {
     let mut nodes = MockNodes(Vec::new());
     let mut addrs = Vec::new();
     for _ in 0..count {
         let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--store", "memory"])
+            .args(["--listen", "127.0.0.1:0", "--store", store])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -193,7 +201,16 @@ fn start_mock_nodes(count: usize, bin: &PathBuf) -> io::Result<(MockNodes, Vec<S
             .trim()
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("unexpected mock node output {line:?}")))?;
+            .ok_or_else(|| {
+                if line.is_empty() {
+                    io::Error::other(format!(
+                        "{} exited before it listened (its error is above)",
+                        bin.display()
+                    ))
+                } else {
+                    io::Error::other(format!("unexpected mock node output {line:?}"))
+                }
+            })?;
         addrs.push(addr);
     }
     Ok((nodes, addrs))
@@ -210,7 +227,12 @@ fn cpu_seconds() -> f64 {
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line: 11 and 12 after ')'.
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // USER_HZ is 100 on every Linux ABI this runs on.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -232,7 +254,11 @@ fn figures(mut latencies: Vec<u32>, ops: u64, bytes: u64, seconds: f64, cpu: f64
         seconds,
         p50_us: percentile(&latencies, 0.50),
         p99_us: percentile(&latencies, 0.99),
-        cpu_s_per_gib: if gib > 0.0 && cpu > 0.0 { cpu / gib } else { 0.0 },
+        cpu_s_per_gib: if gib > 0.0 && cpu > 0.0 {
+            cpu / gib
+        } else {
+            0.0
+        },
     }
 }
 
@@ -246,69 +272,205 @@ impl Rng {
     }
 }
 
-/// Runs one workload through `volume` with `depth` requests in flight.
-fn run_workload(volume: &Volume, workload: Workload, depth: u16, duration: Duration) -> io::Result<Figures> {
-    let block = workload.block();
-    let blocks = volume.size() / block;
-    let next_seq = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let barrier = Barrier::new(usize::from(depth) + 1);
-    let results: Vec<io::Result<(Vec<u32>, u64)>> = thread::scope(|s| {
-        let workers: Vec<_> = (0..depth)
-            .map(|w| {
-                let (next_seq, stop, barrier) = (&next_seq, &stop, &barrier);
-                s.spawn(move || -> io::Result<(Vec<u32>, u64)> {
-                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(w) + 1) * 0x2545_f491);
-                    let mut buf = vec![0x5au8; block as usize];
-                    let mut lat = Vec::with_capacity(1 << 16);
-                    let mut ops = 0u64;
-                    barrier.wait();
-                    while !stop.load(Ordering::Relaxed) {
-                        let index = match workload {
-                            Workload::RandRead4k | Workload::RandWrite4k => rng.next() % blocks,
-                            _ => next_seq.fetch_add(1, Ordering::Relaxed) % blocks,
-                        };
-                        let offset = index * block;
-                        let start = Instant::now();
-                        match workload {
-                            Workload::RandRead4k | Workload::SeqRead1m => volume.read_at(&mut buf, offset)?,
-                            Workload::RandWrite4k | Workload::SeqWrite1m => volume.write_at(&buf, offset)?,
-                        }
-                        lat.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                        ops += 1;
-                    }
-                    Ok((lat, ops))
-                })
-            })
-            .collect();
-        barrier.wait();
-        thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(io::Error::other("worker panicked"))))
-            .collect()
-    });
-    // The clock and CPU window is measured around the whole run by the caller.
-    let mut all = Vec::new();
-    let mut ops = 0;
-    for r in results {
-        let (lat, n) = r?;
-        all.extend(lat);
-        ops += n;
-    }
-    Ok(figures(all, ops, ops * block, 0.0, 0.0))
+/// A frontend that generates one workload inside the queue thread, keeping
+/// `depth` requests in flight until its deadline, the way the kernel keeps a
+/// ublk queue busy: no other thread sits between requests and the engine.
+/// Buffers are neither filled nor read (the data is already "in the pages").
+struct Generator {
+    workload: Workload,
+    duration: Duration,
+    deadline: Option<Instant>,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+    free: Vec<Tag>,
+    issued_at: Vec<Instant>,
+    rng: Rng,
+    /// Sequential workloads: this queue's next block, stepping by `stride`.
+    cursor: u64,
+    stride: u64,
+    blocks: u64,
+    latencies: Vec<u32>,
+    ops: u64,
+    errors: u64,
+    first_error: Option<i32>,
 }
 
-fn measure_workload(volume: &Volume, workload: Workload, depth: u16, duration: Duration) -> io::Result<Figures> {
+impl Generator {
+    fn new(
+        workload: Workload,
+        depth: u16,
+        queue: u64,
+        queues: u64,
+        volume_size: u64,
+        duration: Duration,
+    ) -> Self {
+        Generator {
+            workload,
+            duration,
+            deadline: None,
+            started: None,
+            finished: None,
+            free: (0..depth).rev().collect(),
+            issued_at: vec![Instant::now(); usize::from(depth)],
+            rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (queue + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            cursor: queue,
+            stride: queues,
+            blocks: volume_size / workload.block(),
+            latencies: Vec::with_capacity(1 << 18),
+            ops: 0,
+            errors: 0,
+            first_error: None,
+        }
+    }
+}
+
+impl Frontend for Generator {
+    fn poll(&mut self, engine: &mut Engine, _: &TagBuffers, now: Instant) -> bool {
+        let deadline = *self.deadline.get_or_insert(now + self.duration);
+        self.started.get_or_insert(now);
+        if now >= deadline {
+            return false;
+        }
+        while let Some(tag) = self.free.pop() {
+            let index = match self.workload {
+                Workload::RandRead4k | Workload::RandWrite4k => self.rng.next() % self.blocks,
+                Workload::SeqWrite1m | Workload::SeqRead1m => {
+                    let i = self.cursor % self.blocks;
+                    self.cursor += self.stride;
+                    i
+                }
+            };
+            let op = match self.workload {
+                Workload::RandRead4k | Workload::SeqRead1m => Op::Read,
+                Workload::RandWrite4k | Workload::SeqWrite1m => Op::Write { fua: false },
+            };
+            let block = self.workload.block();
+            let request = BlockRequest {
+                tag,
+                op,
+                offset: index * block,
+                len: block,
+            };
+            self.issued_at[usize::from(tag)] = now;
+            if engine.handle_request(now, request).is_err() {
+                self.errors += 1;
+            }
+        }
+        true
+    }
+
+    fn complete(&mut self, c: Completion, _: &TagBuffers) {
+        let now = Instant::now();
+        let started = self.issued_at[usize::from(c.tag)];
+        self.latencies.push(
+            now.duration_since(started)
+                .as_micros()
+                .min(u128::from(u32::MAX)) as u32,
+        );
+        match c.result {
+            Ok(_) => self.ops += 1,
+            Err(errno) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(errno);
+            }
+        }
+        self.finished = Some(now);
+        self.free.push(c.tag);
+    }
+
+    fn fail(&mut self, tags: &[Tag]) {
+        self.errors += tags.len() as u64;
+        self.first_error.get_or_insert(libc::EIO);
+    }
+}
+
+/// Runs one workload on fresh connections, one generator per queue.
+fn measure_workload(
+    spec: &VolumeSpec,
+    options: &BenchOptions,
+    mode: SendMode,
+    workload: Workload,
+) -> io::Result<Figures> {
+    let layout = spec.layout().map_err(|e| io::Error::other(e.to_string()))?;
+    let queues = options.queues.max(1);
+    let depth = (usize::from(options.depth) / queues).max(1) as u16;
+    let volume_options = VolumeOptions {
+        queues,
+        depth,
+        max_io: 1 << 20,
+        send_mode: mode,
+        ..VolumeOptions::default()
+    };
+    let err = |e: crate::frontend::OpenError| io::Error::other(e.to_string());
+    let mut threads = Vec::new();
     let cpu0 = cpu_seconds();
-    let t0 = Instant::now();
-    let mut f = run_workload(volume, workload, depth, duration)?;
-    f.seconds = t0.elapsed().as_secs_f64();
+    for q in 0..queues {
+        let (streams, _) = connect_queue(spec, &layout, &volume_options).map_err(err)?;
+        let engine = Engine::new(layout, engine_config(&volume_options));
+        let buffers = Arc::new(TagBuffers::new(depth, 1 << 20)?);
+        let generator = Generator::new(
+            workload,
+            depth,
+            q as u64,
+            queues as u64,
+            spec.size,
+            options.duration,
+        );
+        threads.push(
+            spawn_queue(
+                format!("bench-q{q}"),
+                engine,
+                streams,
+                buffers,
+                generator,
+                mode,
+            )
+            .map_err(err)?,
+        );
+    }
+    let mut latencies = Vec::new();
+    let (mut ops, mut errors, mut first_error) = (0, 0, None);
+    let (mut start, mut end): (Option<Instant>, Option<Instant>) = (None, None);
+    for thread in threads {
+        let (generator, result) = thread
+            .join()
+            .map_err(|_| io::Error::other("queue thread panicked"))?;
+        result?;
+        let Some(g) = generator else { continue };
+        latencies.extend(g.latencies);
+        ops += g.ops;
+        errors += g.errors;
+        first_error = first_error.or(g.first_error);
+        start = match (start, g.started) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        end = match (end, g.finished) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
     let cpu = cpu_seconds() - cpu0;
-    let gib = f.bytes as f64 / (1u64 << 30) as f64;
-    f.cpu_s_per_gib = if gib > 0.0 { cpu / gib } else { 0.0 };
-    Ok(f)
+    if errors > 0 {
+        let errno = first_error.unwrap_or(libc::EIO);
+        return Err(io::Error::other(format!(
+            "{} of {} requests failed, first with: {}",
+            errors,
+            errors + ops,
+            io::Error::from_raw_os_error(errno)
+        )));
+    }
+    let seconds = match (start, end) {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(figures(
+        latencies,
+        ops,
+        ops * workload.block(),
+        seconds,
+        cpu,
+    ))
 }
 
 /// Pairs of connected sockets over loopback, server side served by `serve`.
@@ -329,8 +491,25 @@ fn loopback_pairs(n: usize) -> io::Result<(Vec<TcpStream>, Vec<TcpStream>)> {
 }
 
 /// Raw TCP bulk: one sender and one sink per connection, 1 MiB writes.
-fn baseline_bulk(connections: usize, duration: Duration) -> io::Result<Figures> {
-    let (clients, servers) = loopback_pairs(connections)?;
+/// Splits `n` into `parts` nearly equal counts.
+fn spread(n: usize, parts: usize) -> Vec<usize> {
+    (0..parts)
+        .map(|i| n / parts + usize::from(i < n % parts))
+        .collect()
+}
+
+/// Raw TCP bulk: `senders` threads, each writing 1 MiB buffers round-robin
+/// to its `per_sender` connections (the shape of netblk's queue threads),
+/// and one sink thread per connection (the shape of the mock node). Like
+/// netblk's request buffers, the senders cycle through `depth` distinct
+/// 1 MiB buffers in all, so that no side wins by copying one cache-hot buffer.
+fn baseline_bulk(
+    senders: usize,
+    per_sender: usize,
+    depth: usize,
+    duration: Duration,
+) -> io::Result<Figures> {
+    let (clients, servers) = loopback_pairs(senders * per_sender)?;
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let sinks: Vec<_> = servers
@@ -349,15 +528,21 @@ fn baseline_bulk(connections: usize, duration: Duration) -> io::Result<Figures> 
         })
         .collect();
     let t0 = Instant::now();
-    let senders: Vec<_> = clients
+    let mut clients = clients.into_iter();
+    let threads: Vec<_> = spread(depth.max(senders), senders)
         .into_iter()
-        .map(|mut c| {
+        .map(|buffers| {
+            let mut conns: Vec<TcpStream> = clients.by_ref().take(per_sender).collect();
             let stop = Arc::clone(&stop);
             thread::spawn(move || {
-                let buf = vec![0x5au8; 1 << 20];
-                while !stop.load(Ordering::Relaxed) {
-                    if c.write_all(&buf).is_err() {
-                        break;
+                let bufs = vec![vec![0x5au8; 1 << 20]; buffers.max(1)];
+                let mut i = 0;
+                'send: while !stop.load(Ordering::Relaxed) {
+                    for c in &mut conns {
+                        if c.write_all(&bufs[i % bufs.len()]).is_err() {
+                            break 'send;
+                        }
+                        i += 1;
                     }
                 }
             })
@@ -367,8 +552,8 @@ fn baseline_bulk(connections: usize, duration: Duration) -> io::Result<Figures> 
     let bytes = received.load(Ordering::Relaxed);
     let seconds = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    for s in senders {
-        let _ = s.join();
+    for t in threads {
+        let _ = t.join();
     }
     for s in sinks {
         let _ = s.join();
@@ -376,11 +561,18 @@ fn baseline_bulk(connections: usize, duration: Duration) -> io::Result<Figures> 
     Ok(figures(Vec::new(), bytes >> 20, bytes, seconds, 0.0))
 }
 
-/// Raw TCP echo: 32-byte requests, 4 KiB replies, `depth` in flight in all.
-fn baseline_echo(connections: usize, depth: usize, duration: Duration) -> io::Result<Figures> {
+/// Raw TCP echo: 32-byte requests, 4 KiB replies, `depth` in flight in all,
+/// from `clients` threads each driving `per_client` connections round-robin,
+/// answered by one thread per connection.
+fn baseline_echo(
+    clients: usize,
+    per_client: usize,
+    depth: usize,
+    duration: Duration,
+) -> io::Result<Figures> {
     const REQUEST: usize = 32;
     const REPLY: usize = 4096;
-    let (clients, servers) = loopback_pairs(connections)?;
+    let (conns, servers) = loopback_pairs(clients * per_client)?;
     let servers: Vec<_> = servers
         .into_iter()
         .map(|mut s| {
@@ -397,41 +589,54 @@ fn baseline_echo(connections: usize, depth: usize, duration: Duration) -> io::Re
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
-    let per_conn: Vec<usize> = (0..connections)
-        .map(|i| depth / connections + usize::from(i < depth % connections))
-        .collect();
-    let clients: Vec<_> = clients
+    let mut conns = conns.into_iter();
+    let threads: Vec<_> = spread(depth.max(clients), clients)
         .into_iter()
-        .zip(per_conn)
-        .filter(|(_, k)| *k > 0)
-        .map(|(mut c, k)| {
+        .map(|depth| {
+            let conns: Vec<TcpStream> = conns.by_ref().take(per_client).collect();
             let stop = Arc::clone(&stop);
             thread::spawn(move || -> (Vec<u32>, u64) {
                 let req = [1u8; REQUEST];
                 let mut reply = vec![0u8; REPLY];
-                let mut sent = std::collections::VecDeque::with_capacity(k);
                 let mut lat = Vec::with_capacity(1 << 16);
-                for _ in 0..k {
-                    if c.write_all(&req).is_err() {
-                        return (lat, 0);
-                    }
-                    sent.push_back(Instant::now());
-                }
                 let mut ops = 0;
-                while let Some(start) = sent.pop_front() {
-                    if c.read_exact(&mut reply).is_err() {
-                        break;
-                    }
-                    lat.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                    ops += 1;
-                    if !stop.load(Ordering::Relaxed) {
+                let mut inflight: Vec<std::collections::VecDeque<Instant>> =
+                    spread(depth, conns.len())
+                        .into_iter()
+                        .map(std::collections::VecDeque::with_capacity)
+                        .collect();
+                let mut conns = conns;
+                for (c, k) in conns.iter_mut().zip(spread(depth, inflight.len())) {
+                    for _ in 0..k {
                         if c.write_all(&req).is_err() {
-                            break;
+                            return (lat, 0);
                         }
-                        sent.push_back(Instant::now());
                     }
                 }
-                (lat, ops)
+                for (q, k) in inflight.iter_mut().zip(spread(depth, conns.len())) {
+                    q.extend(std::iter::repeat_n(Instant::now(), k));
+                }
+                loop {
+                    let mut busy = false;
+                    for (c, q) in conns.iter_mut().zip(inflight.iter_mut()) {
+                        let Some(start) = q.pop_front() else { continue };
+                        busy = true;
+                        if c.read_exact(&mut reply).is_err() {
+                            return (lat, ops);
+                        }
+                        lat.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        ops += 1;
+                        if !stop.load(Ordering::Relaxed) {
+                            if c.write_all(&req).is_err() {
+                                return (lat, ops);
+                            }
+                            q.push_back(Instant::now());
+                        }
+                    }
+                    if !busy {
+                        return (lat, ops);
+                    }
+                }
             })
         })
         .collect();
@@ -439,8 +644,8 @@ fn baseline_echo(connections: usize, depth: usize, duration: Duration) -> io::Re
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     let mut ops = 0;
-    for c in clients {
-        if let Ok((lat, n)) = c.join() {
+    for t in threads {
+        if let Ok((lat, n)) = t.join() {
             all.extend(lat);
             ops += n;
         }
@@ -454,39 +659,53 @@ fn baseline_echo(connections: usize, depth: usize, duration: Duration) -> io::Re
 pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result<Report> {
     let (_mock, addrs) = if options.nodes.is_empty() {
         let bin = mock_node_bin(options.mock_node_bin.as_ref())?;
-        progress(&format!("starting {} mock nodes ({})", options.node_count, bin.display()));
-        start_mock_nodes(options.node_count, &bin)?
+        progress(&format!(
+            "starting {} mock nodes ({}, store {})",
+            options.node_count,
+            bin.display(),
+            options.node_store
+        ));
+        start_mock_nodes(options.node_count, &bin, &options.node_store)?
     } else {
         (MockNodes(Vec::new()), options.nodes.clone())
     };
     let connections = addrs.len() * options.queues;
-    progress(&format!("baseline: echo over {connections} connections, depth {}", options.depth));
-    let echo = baseline_echo(connections, usize::from(options.depth), options.duration)?;
+    progress(&format!(
+        "baseline: echo over {connections} connections, depth {}",
+        options.depth
+    ));
+    let echo = baseline_echo(
+        options.queues,
+        addrs.len(),
+        usize::from(options.depth),
+        options.duration,
+    )?;
     progress(&format!("baseline: bulk over {connections} connections"));
-    let bulk = baseline_bulk(connections, options.duration)?;
+    let bulk = baseline_bulk(
+        options.queues,
+        addrs.len(),
+        usize::from(options.depth),
+        options.duration,
+    )?;
 
     let mut rows = Vec::new();
-    for (i, mode) in options.modes.iter().enumerate() {
-        let spec = VolumeSpec {
-            name: format!("bench-{}-{i}", std::process::id()),
-            size: options.volume_size,
-            stripe_unit: options.stripe_unit,
-            nodes: addrs.clone(),
-        };
-        let volume = Volume::open(
-            &spec,
-            &VolumeOptions {
-                queues: options.queues,
-                depth: options.depth,
-                max_io: 1 << 20,
-                send_mode: *mode,
-                ..VolumeOptions::default()
-            },
-        )
-        .map_err(|e| io::Error::other(e.to_string()))?;
-        for workload in [Workload::SeqWrite1m, Workload::SeqRead1m, Workload::RandWrite4k, Workload::RandRead4k] {
+    let spec = VolumeSpec {
+        name: format!("bench-{}", std::process::id()),
+        size: options.volume_size,
+        stripe_unit: options.stripe_unit,
+        nodes: addrs.clone(),
+    };
+    crate::uring::probe(SendMode::Copy)?;
+    for mode in &options.modes {
+        crate::uring::probe(*mode)?;
+        for workload in [
+            Workload::SeqWrite1m,
+            Workload::SeqRead1m,
+            Workload::RandWrite4k,
+            Workload::RandRead4k,
+        ] {
             progress(&format!("netblk {mode}: {}", workload.name()));
-            let f = measure_workload(&volume, workload, options.depth, options.duration)?;
+            let f = measure_workload(&spec, options, *mode, workload)?;
             let ratio = match workload.baseline() {
                 "echo" => f.iops() / echo.iops().max(1e-9),
                 _ => f.mib_s() / bulk.mib_s().max(1e-9),

@@ -1,6 +1,6 @@
 //! The in-process frontend: a striped volume as a library handle, driving the
 //! same engine, queues, tags and registered buffers the ublk frontend uses,
-//! without a kernel device. Tests and the benchmark use it.
+//! without a kernel device. Tests use it.
 //!
 //! A call takes a free tag of one queue (blocking while all are busy), copies
 //! write data into the tag's buffer, hands the tag to the queue thread, and
@@ -8,17 +8,18 @@
 //! larger than the max IO size are split, as the block layer would.
 
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::engine::{BlockRequest, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
+use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
 use crate::layout::{Layout, SpecError, VolumeSpec};
 use crate::net::{self, ConnectError, Identity, NodeInfo};
-use crate::uring::{Control, QueueDriver, QueueShared, SendMode};
+use crate::uring::{Doorbell, Frontend, QueueDriver, SendMode, TagBuffers};
 
 /// How a volume is attached.
 #[derive(Debug, Clone)]
@@ -50,6 +51,30 @@ impl Default for VolumeOptions {
     }
 }
 
+impl VolumeOptions {
+    fn check(&self) -> Result<(), OpenError> {
+        if self.queues == 0 || self.queues > 64 {
+            return Err(OpenError::Options(format!(
+                "queues {} must be from 1 to 64",
+                self.queues
+            )));
+        }
+        if self.depth == 0 || self.depth > MAX_DEPTH {
+            return Err(OpenError::Options(format!(
+                "depth {} must be from 1 to {MAX_DEPTH}",
+                self.depth
+            )));
+        }
+        if self.max_io < 4096 || !self.max_io.is_multiple_of(512) || self.max_io > (64 << 20) {
+            return Err(OpenError::Options(format!(
+                "max IO {} must be a multiple of 512 from 4 KiB to 64 MiB",
+                self.max_io
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Why a volume could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -63,11 +88,162 @@ pub enum OpenError {
     Uring(io::Error),
 }
 
+/// Connects one queue's sockets: one per node, handshaken, in node order.
+pub fn connect_queue(
+    spec: &VolumeSpec,
+    layout: &Layout,
+    options: &VolumeOptions,
+) -> Result<(Vec<TcpStream>, Vec<NodeInfo>), OpenError> {
+    let who = Identity {
+        client_id: &options.client_id,
+        volume: &spec.name,
+        session: 1,
+    };
+    let mut streams = Vec::with_capacity(spec.nodes.len());
+    let mut infos = Vec::with_capacity(spec.nodes.len());
+    for (node, addr) in spec.nodes.iter().enumerate() {
+        let (stream, info) = net::connect(*addr, node, layout, &who, options.connect_timeout)?;
+        streams.push(stream);
+        infos.push(info);
+    }
+    Ok((streams, infos))
+}
+
+/// A running queue thread; joining it gives back its frontend (unless the
+/// ring could not even be made) and how the queue ended.
+pub type QueueThread<F> = JoinHandle<(Option<F>, io::Result<()>)>;
+
+/// Starts a queue thread serving `frontend` over `streams`; returns once its
+/// ring is set up. Joining the thread gives the frontend back.
+pub fn spawn_queue<F: Frontend + Send + 'static>(
+    name: String,
+    engine: Engine,
+    streams: Vec<TcpStream>,
+    buffers: Arc<TagBuffers>,
+    frontend: F,
+    mode: SendMode,
+) -> Result<QueueThread<F>, OpenError> {
+    // The ring is made on the thread that uses it (single issuer).
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(
+            move || match QueueDriver::new(engine, streams, buffers, frontend, mode) {
+                Ok(driver) => {
+                    let _ = ready_tx.send(Ok(()));
+                    let (frontend, result) = driver.run();
+                    (Some(frontend), result)
+                }
+                Err(err) => {
+                    let _ = ready_tx.send(Err(io::Error::new(err.kind(), err.to_string())));
+                    (None, Err(err))
+                }
+            },
+        )
+        .map_err(OpenError::Uring)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(err)) => {
+            let _ = thread.join();
+            Err(OpenError::Uring(err))
+        }
+        Err(_) => Err(OpenError::Uring(io::Error::other(
+            "queue thread died while starting",
+        ))),
+    }
+}
+
+/// Where a tag's result goes: the caller waits on it.
+struct TagSlot {
+    result: Mutex<Option<Result<u64, i32>>>,
+    ready: Condvar,
+}
+
+/// What a queue shares between its callers and its thread.
+struct QueueShared {
+    buffers: Arc<TagBuffers>,
+    slots: Vec<TagSlot>,
+    doorbell: Doorbell,
+    stopping: AtomicBool,
+    /// The queue thread died and its ring is gone.
+    failed: AtomicBool,
+}
+
+impl QueueShared {
+    fn complete(&self, tag: Tag, result: Result<u64, i32>) {
+        if let Some(slot) = self.slots.get(usize::from(tag)) {
+            let mut r = slot.result.lock().unwrap_or_else(|p| p.into_inner());
+            *r = Some(result);
+            slot.ready.notify_one();
+        }
+    }
+
+    /// Waits for the result of the request on `tag`; EIO if the queue died.
+    fn wait(&self, tag: Tag) -> Result<u64, i32> {
+        let Some(slot) = self.slots.get(usize::from(tag)) else {
+            return Err(libc::EINVAL);
+        };
+        let mut r = slot.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(result) = r.take() {
+                return result;
+            }
+            if self.failed.load(Ordering::Acquire) {
+                return Err(libc::EIO);
+            }
+            r = slot
+                .ready
+                .wait_timeout(r, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The queue side of the in-process frontend.
+struct ChannelFrontend {
+    shared: Arc<QueueShared>,
+    requests: Receiver<BlockRequest>,
+}
+
+impl Frontend for ChannelFrontend {
+    fn poll(&mut self, engine: &mut Engine, _: &TagBuffers, now: Instant) -> bool {
+        loop {
+            match self.requests.try_recv() {
+                Ok(request) => {
+                    if let Err(err) = engine.handle_request(now, request) {
+                        // A frontend bug: fail the request rather than hang it.
+                        debug_assert!(false, "{err}");
+                        self.shared.complete(request.tag, Err(libc::EINVAL));
+                    }
+                }
+                Err(TryRecvError::Empty) => return !self.shared.stopping.load(Ordering::Acquire),
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn complete(&mut self, completion: Completion, _: &TagBuffers) {
+        self.shared.complete(completion.tag, completion.result);
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.shared.doorbell.fd())
+    }
+
+    fn fail(&mut self, tags: &[Tag]) {
+        self.shared.failed.store(true, Ordering::Release);
+        for tag in tags {
+            self.shared.complete(*tag, Err(libc::EIO));
+        }
+    }
+}
+
 struct Queue {
     shared: Arc<QueueShared>,
-    control: Sender<Control>,
+    requests: Sender<BlockRequest>,
     free_tags: (Sender<Tag>, Receiver<Tag>),
-    thread: Option<JoinHandle<io::Result<()>>>,
+    thread: Option<QueueThread<ChannelFrontend>>,
 }
 
 /// An attached striped volume. Usable from many threads at once.
@@ -84,87 +260,41 @@ impl Volume {
     /// Connects every queue to every node, handshakes, and starts the queues.
     pub fn open(spec: &VolumeSpec, options: &VolumeOptions) -> Result<Volume, OpenError> {
         let layout = spec.layout()?;
-        if options.queues == 0 || options.queues > 64 {
-            return Err(OpenError::Options(format!(
-                "queues {} must be from 1 to 64",
-                options.queues
-            )));
-        }
-        if options.depth == 0 || options.depth > MAX_DEPTH {
-            return Err(OpenError::Options(format!(
-                "depth {} must be from 1 to {MAX_DEPTH}",
-                options.depth
-            )));
-        }
-        if options.max_io < 4096
-            || !options.max_io.is_multiple_of(512)
-            || options.max_io > (64 << 20)
-        {
-            return Err(OpenError::Options(format!(
-                "max IO {} must be a multiple of 512 from 4 KiB to 64 MiB",
-                options.max_io
-            )));
-        }
+        options.check()?;
         crate::uring::probe(options.send_mode).map_err(OpenError::Uring)?;
-        let who = Identity {
-            client_id: &options.client_id,
-            volume: &spec.name,
-            session: 1,
-        };
-        let mut queues = Vec::with_capacity(options.queues);
+        let mut queues: Vec<Queue> = Vec::with_capacity(options.queues);
         let mut nodes = Vec::new();
         for q in 0..options.queues {
-            let mut streams = Vec::with_capacity(spec.nodes.len());
-            for (node, addr) in spec.nodes.iter().enumerate() {
-                let (stream, info) =
-                    net::connect(*addr, node, &layout, &who, options.connect_timeout)?;
-                if q == 0 {
-                    nodes.push(info);
-                }
-                streams.push(stream);
-            }
-            let engine = Engine::new(
-                layout,
-                EngineConfig {
-                    depth: options.depth,
-                    max_io: options.max_io,
-                    max_in_flight_per_node: usize::from(options.depth) * 4,
-                    io_timeout: options.io_timeout,
-                },
-            );
-            let shared = Arc::new(
-                QueueShared::new(options.depth, options.max_io).map_err(OpenError::Uring)?,
-            );
-            let (control_tx, control_rx) = crossbeam_channel::unbounded();
-            // The ring is made on the thread that uses it (single issuer).
-            let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-            let thread_shared = Arc::clone(&shared);
-            let mode = options.send_mode;
-            let thread = std::thread::Builder::new()
-                .name(format!("netblk-q{q}"))
-                .spawn(move || {
-                    let driver = QueueDriver::new(engine, streams, thread_shared, control_rx, mode);
-                    match driver {
-                        Ok(driver) => {
-                            let _ = ready_tx.send(Ok(()));
-                            driver.run()
-                        }
-                        Err(err) => {
-                            let _ = ready_tx.send(Err(io::Error::new(err.kind(), err.to_string())));
-                            Err(err)
-                        }
-                    }
-                })
-                .map_err(OpenError::Uring)?;
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => return Err(OpenError::Uring(err)),
-                Err(_) => {
-                    return Err(OpenError::Uring(io::Error::other(
-                        "queue thread died while starting",
-                    )));
-                }
-            }
+            let (streams, infos) = connect_queue(spec, &layout, options)?;
+            nodes = infos;
+            let engine = Engine::new(layout, engine_config(options));
+            let buffers =
+                Arc::new(TagBuffers::new(options.depth, options.max_io).map_err(OpenError::Uring)?);
+            let shared = Arc::new(QueueShared {
+                buffers: Arc::clone(&buffers),
+                slots: (0..options.depth)
+                    .map(|_| TagSlot {
+                        result: Mutex::new(None),
+                        ready: Condvar::new(),
+                    })
+                    .collect(),
+                doorbell: Doorbell::new().map_err(OpenError::Uring)?,
+                stopping: AtomicBool::new(false),
+                failed: AtomicBool::new(false),
+            });
+            let (requests_tx, requests_rx) = crossbeam_channel::unbounded();
+            let frontend = ChannelFrontend {
+                shared: Arc::clone(&shared),
+                requests: requests_rx,
+            };
+            let thread = spawn_queue(
+                format!("netblk-q{q}"),
+                engine,
+                streams,
+                buffers,
+                frontend,
+                options.send_mode,
+            )?;
             let free_tags = crossbeam_channel::bounded(usize::from(options.depth));
             for tag in 0..options.depth {
                 // The channel holds exactly `depth` tags: this cannot fail.
@@ -172,7 +302,7 @@ impl Volume {
             }
             queues.push(Queue {
                 shared,
-                control: control_tx,
+                requests: requests_tx,
                 free_tags,
                 thread: Some(thread),
             });
@@ -305,24 +435,21 @@ impl Volume {
         // SAFETY: we hold the tag (taken from the free list), so no IO uses its
         // buffer and no other thread touches it until we hand it over below.
         fill(unsafe { q.shared.buffers.tag_slice(tag) });
-        let sent = if q.shared.failed() {
-            Err(())
+        let result = if q.shared.failed.load(Ordering::Acquire) {
+            Err(libc::EIO)
         } else {
-            q.control
-                .send(Control::Request(BlockRequest {
-                    tag,
-                    op,
-                    offset,
-                    len,
-                }))
-                .map_err(|_| ())
-        };
-        let result = match sent {
-            Ok(()) => {
-                q.shared.wake();
-                q.shared.wait(tag)
+            match q.requests.send(BlockRequest {
+                tag,
+                op,
+                offset,
+                len,
+            }) {
+                Ok(()) => {
+                    q.shared.doorbell.ring();
+                    q.shared.wait(tag)
+                }
+                Err(_) => Err(libc::ESHUTDOWN),
             }
-            Err(_) => Err(libc::ESHUTDOWN),
         };
         if result.is_ok() {
             // SAFETY: the engine completed the request, which happens only
@@ -334,16 +461,27 @@ impl Volume {
     }
 }
 
+/// The engine settings a frontend's options imply.
+pub fn engine_config(options: &VolumeOptions) -> EngineConfig {
+    EngineConfig {
+        depth: options.depth,
+        max_io: options.max_io,
+        max_in_flight_per_node: usize::from(options.depth) * 4,
+        io_timeout: options.io_timeout,
+    }
+}
+
 impl Drop for Volume {
     fn drop(&mut self) {
         for q in &self.queues {
-            q.shared.stop();
+            q.shared.stopping.store(true, Ordering::Release);
+            q.shared.doorbell.ring();
         }
         for q in &mut self.queues {
             if let Some(thread) = q.thread.take() {
                 match thread.join() {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => eprintln!("netblk: queue thread failed: {err}"),
+                    Ok((_, Ok(()))) => {}
+                    Ok((_, Err(err))) => eprintln!("netblk: queue thread failed: {err}"),
                     Err(_) => eprintln!("netblk: queue thread panicked"),
                 }
             }

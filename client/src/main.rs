@@ -60,6 +60,10 @@ struct BenchArgs {
     /// Volume size (bytes; K, M, G, T suffixes).
     #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "SIZE")]
     size: u64,
+    /// Store of the mock nodes started: null (measures client and network
+    /// only) or memory.
+    #[arg(long, default_value = "null", value_parser = ["null", "memory"])]
+    node_store: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -86,7 +90,10 @@ fn main() -> ExitCode {
 
 fn run_bench(args: BenchArgs) -> Result<(), String> {
     if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 3600.0) {
-        return Err(format!("--duration {} must be from 0 to 3600 seconds", args.duration));
+        return Err(format!(
+            "--duration {} must be from 0 to 3600 seconds",
+            args.duration
+        ));
     }
     let modes = match args.mode.as_str() {
         "zc" => vec![SendMode::ZeroCopy],
@@ -103,6 +110,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         modes,
         stripe_unit: args.stripe_unit,
         volume_size: args.size,
+        node_store: args.node_store,
     };
     let json = args.json;
     let report = bench::run(&options, &mut |step| {

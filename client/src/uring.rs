@@ -15,16 +15,14 @@ use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use netblk_protocol::pb::header::Kind;
 use netblk_protocol::{Limits, PREAMBLE_LEN, Preamble, decode_header};
 
-use crate::engine::{BlockRequest, Engine, ReplySink, Tag};
+use crate::engine::{Completion, Engine, ReplySink, Tag};
 
 /// How write payloads leave the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,110 +151,54 @@ impl Drop for TagBuffers {
     }
 }
 
-/// Where a tag's result goes: the frontend waits on it.
-pub struct TagSlot {
-    result: Mutex<Option<Result<u64, i32>>>,
-    ready: Condvar,
-}
+/// An eventfd that wakes a queue thread from another thread.
+pub struct Doorbell(OwnedFd);
 
-impl TagSlot {
-    fn new() -> TagSlot {
-        TagSlot {
-            result: Mutex::new(None),
-            ready: Condvar::new(),
-        }
-    }
-
-    fn complete(&self, result: Result<u64, i32>) {
-        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        *slot = Some(result);
-        self.ready.notify_one();
-    }
-
-    /// Waits for the result of the request on this tag. Gives up with EIO
-    /// once `failed` is set (the queue thread died and its ring is gone).
-    pub fn wait(&self, failed: &AtomicBool) -> Result<u64, i32> {
-        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(result) = slot.take() {
-                return result;
-            }
-            if failed.load(Ordering::Acquire) {
-                return Err(libc::EIO);
-            }
-            slot = self
-                .ready
-                .wait_timeout(slot, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
-/// What a queue shares with the frontend.
-pub struct QueueShared {
-    pub buffers: TagBuffers,
-    pub slots: Vec<TagSlot>,
-    wake: OwnedFd,
-    stopping: AtomicBool,
-    failed: AtomicBool,
-}
-
-impl QueueShared {
-    pub fn new(depth: u16, tag_size: u32) -> io::Result<QueueShared> {
+impl Doorbell {
+    pub fn new() -> io::Result<Doorbell> {
         // SAFETY: eventfd takes integers and returns a new descriptor or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(QueueShared {
-            buffers: TagBuffers::new(depth, tag_size)?,
-            slots: (0..depth).map(|_| TagSlot::new()).collect(),
-            wake,
-            stopping: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
-        })
+        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Wakes the queue thread (after sending it a control message).
-    pub fn wake(&self) {
+    /// Wakes the queue thread.
+    pub fn ring(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full
-        // counter (EAGAIN) means the thread is awake anyway.
+        // counter (EAGAIN) means the thread is being woken anyway.
         unsafe {
             libc::write(
-                self.wake.as_raw_fd(),
+                self.0.as_raw_fd(),
                 (&raw const one).cast(),
                 std::mem::size_of::<u64>(),
             );
         }
     }
 
-    /// True once the queue thread has failed: requests are refused.
-    pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
-    }
-
-    /// Waits for the result of the request on `tag`.
-    pub fn wait(&self, tag: Tag) -> Result<u64, i32> {
-        match self.slots.get(usize::from(tag)) {
-            Some(slot) => slot.wait(&self.failed),
-            None => Err(libc::EINVAL),
-        }
-    }
-
-    /// Asks the queue thread to finish in-flight requests and exit.
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        self.wake();
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 }
 
-/// Messages from the frontend to a queue thread.
-pub enum Control {
-    Request(BlockRequest),
+/// Where a queue's block requests come from and where they complete: the
+/// seam between the driver and a frontend (in-process, generator, ublk).
+pub trait Frontend {
+    /// Hands new requests to the engine. Returns false once the frontend has
+    /// no more to give: the queue then stops as soon as the engine is idle.
+    fn poll(&mut self, engine: &mut Engine, buffers: &TagBuffers, now: Instant) -> bool;
+    /// A request finished; its tag and buffer belong to the frontend again.
+    fn complete(&mut self, completion: Completion, buffers: &TagBuffers);
+    /// A descriptor whose readability means "call poll": the driver keeps a
+    /// read posted on it.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The queue failed and its ring is gone; `tags` were in flight.
+    fn fail(&mut self, tags: &[Tag]);
 }
 
 /// Checks that this kernel's io_uring has what `mode` needs.
@@ -310,6 +252,9 @@ const RECV_BUF: usize = 256 << 10;
 /// A payload at least this large that is not in the buffer yet is received
 /// straight into the request buffer.
 const DIRECT_RECV_MIN: u32 = 16 << 10;
+/// How much to receive into the connection buffer when a header (and a large
+/// payload) is expected next: a preamble and the largest header.
+const HEADER_RECV: usize = PREAMBLE_LEN + netblk_protocol::MAX_HEADER_LEN as usize;
 
 enum RecvMode {
     Frames,
@@ -337,6 +282,8 @@ struct Conn {
     rend: usize,
     mode: RecvMode,
     recv_posted: bool,
+    /// The last reply carried a payload worth receiving directly.
+    large_payloads: bool,
     /// Operations the kernel still holds, notifications included.
     ops: u32,
     broken: bool,
@@ -344,26 +291,28 @@ struct Conn {
 }
 
 /// One queue's driver; see the module docs.
-pub struct QueueDriver {
+pub struct QueueDriver<F: Frontend> {
     // Declared first: dropped before the buffers it has registered.
     ring: IoUring,
     engine: Engine,
     conns: Vec<Conn>,
-    shared: Arc<QueueShared>,
-    control: Receiver<Control>,
+    buffers: Arc<TagBuffers>,
+    frontend: F,
     mode: SendMode,
     wake_buf: Box<u64>,
     wake_posted: bool,
 }
 
-impl QueueDriver {
+impl<F: Frontend> QueueDriver<F> {
+    /// Makes the ring (call this on the thread that will run it) and
+    /// registers the buffers.
     pub fn new(
         engine: Engine,
         streams: Vec<TcpStream>,
-        shared: Arc<QueueShared>,
-        control: Receiver<Control>,
+        buffers: Arc<TagBuffers>,
+        frontend: F,
         mode: SendMode,
-    ) -> io::Result<QueueDriver> {
+    ) -> io::Result<QueueDriver<F>> {
         let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
             .clamp(64, 4096)
             .next_power_of_two();
@@ -372,8 +321,8 @@ impl QueueDriver {
             .setup_coop_taskrun()
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
-        let iovecs = shared.buffers.iovecs();
-        // SAFETY: the iovecs describe the buffer mapping, which `shared` keeps
+        let iovecs = buffers.iovecs();
+        // SAFETY: the iovecs describe the buffer mapping, which `buffers` keeps
         // alive for longer than the ring (the ring is dropped first, and the
         // shutdown path waits for every operation before that).
         unsafe { ring.submitter().register_buffers(&iovecs)? };
@@ -389,6 +338,7 @@ impl QueueDriver {
                 rend: 0,
                 mode: RecvMode::Frames,
                 recv_posted: false,
+                large_payloads: false,
                 ops: 0,
                 broken: false,
                 lost_reported: false,
@@ -398,34 +348,33 @@ impl QueueDriver {
             ring,
             engine,
             conns,
-            shared,
-            control,
+            buffers,
+            frontend,
             mode,
             wake_buf: Box::new(0),
             wake_posted: false,
         })
     }
 
-    /// Serves until asked to stop, then finishes in-flight requests. If the
-    /// ring fails, every request in flight and every later one fails with EIO.
-    pub fn run(mut self) -> io::Result<()> {
-        let result = self.serve();
+    /// Serves until the frontend has no more requests and every request
+    /// finished, then closes the connections. Gives the frontend back. If the
+    /// ring fails, the frontend hears of it through [`Frontend::fail`].
+    pub fn run(mut self) -> (F, io::Result<()>) {
+        let result = self.serve().and_then(|()| self.shutdown());
         if let Err(err) = &result {
             eprintln!("netblk: queue failed: {err}");
-            let shared = Arc::clone(&self.shared);
-            let tags = self.engine.active_tags();
-            // Tearing the ring down cancels what the kernel still holds; only
-            // then are the buffers free and may waiters give up (TagSlot::wait).
-            drop(self);
-            shared.failed.store(true, Ordering::Release);
-            for tag in tags {
-                if let Some(slot) = shared.slots.get(usize::from(tag)) {
-                    slot.complete(Err(libc::EIO));
-                }
-            }
-            return result;
         }
-        self.shutdown()
+        let tags = self.engine.active_tags();
+        let QueueDriver {
+            ring, mut frontend, ..
+        } = self;
+        // Tearing the ring down cancels what the kernel still holds; only then
+        // may the frontend reuse the buffers of requests still in flight.
+        drop(ring);
+        if result.is_err() {
+            frontend.fail(&tags);
+        }
+        (frontend, result)
     }
 
     fn serve(&mut self) -> io::Result<()> {
@@ -433,18 +382,24 @@ impl QueueDriver {
             self.engine.handle_connection_restored(node);
         }
         loop {
-            let stopping = self.shared.stopping.load(Ordering::Acquire);
-            self.take_control();
             let now = Instant::now();
             self.engine.handle_timeout(now);
+            self.deliver_completions();
+            // After completions: a frontend refills the tags they freed.
+            let more = self.frontend.poll(&mut self.engine, &self.buffers, now);
             for node in 0..self.conns.len() {
                 self.post_sends(node)?;
                 self.post_recv(node)?;
                 self.check_lost(node);
             }
             self.post_wake()?;
-            self.deliver_completions();
-            if stopping && self.engine.is_idle() {
+            if self.deliver_completions() {
+                // Some finished without IO (invalid, or lost): poll again
+                // before sleeping.
+                self.ring.submit()?;
+                continue;
+            }
+            if !more && self.engine.is_idle() {
                 return Ok(());
             }
             let timeout = self
@@ -456,29 +411,14 @@ impl QueueDriver {
         }
     }
 
-    fn take_control(&mut self) {
-        loop {
-            match self.control.try_recv() {
-                Ok(Control::Request(request)) => {
-                    if let Err(err) = self.engine.handle_request(Instant::now(), request) {
-                        // A frontend bug: fail the request rather than hang it.
-                        debug_assert!(false, "{err}");
-                        if let Some(slot) = self.shared.slots.get(usize::from(request.tag)) {
-                            slot.complete(Err(libc::EINVAL));
-                        }
-                    }
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
-            }
-        }
-    }
-
-    fn deliver_completions(&mut self) {
+    /// Hands finished requests to the frontend; true if there were any.
+    fn deliver_completions(&mut self) -> bool {
+        let mut any = false;
         while let Some(c) = self.engine.poll_completion() {
-            if let Some(slot) = self.shared.slots.get(usize::from(c.tag)) {
-                slot.complete(c.result);
-            }
+            self.frontend.complete(c, &self.buffers);
+            any = true;
         }
+        any
     }
 
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
@@ -527,13 +467,12 @@ impl QueueDriver {
         if self.wake_posted {
             return Ok(());
         }
-        let entry = opcode::Read::new(
-            types::Fd(self.shared.wake.as_raw_fd()),
-            (&raw mut *self.wake_buf).cast::<u8>(),
-            8,
-        )
-        .build()
-        .user_data(user_data(K_WAKE, 0, 0));
+        let Some(fd) = self.frontend.wake_fd() else {
+            return Ok(());
+        };
+        let entry = opcode::Read::new(types::Fd(fd), (&raw mut *self.wake_buf).cast::<u8>(), 8)
+            .build()
+            .user_data(user_data(K_WAKE, 0, 0));
         self.push(&entry)?;
         self.wake_posted = true;
         Ok(())
@@ -568,27 +507,29 @@ impl QueueDriver {
             return Ok(());
         }
         let mut entries = Vec::with_capacity(plan.len() * 2);
-        for (head, payload) in plan {
+        let transmits = plan.len();
+        for (i, (head, payload)) in plan.into_iter().enumerate() {
             let bytes = &conn.heads[head];
+            // MSG_MORE: more of this chain follows; let TCP put a header and
+            // its payload (and the next frame) in the same segments.
+            let more = |last: bool| if last { 0 } else { libc::MSG_MORE };
             entries.push(
                 opcode::Send::new(types::Fd(conn.fd), bytes.as_ptr(), bytes.len() as u32)
-                    .flags(libc::MSG_WAITALL)
+                    .flags(libc::MSG_WAITALL | more(payload.is_none() && i + 1 == transmits))
                     .build()
                     .user_data(user_data(K_HEAD, node, head as u64)),
             );
             if let Some(slice) = payload {
-                let ptr = self
-                    .shared
-                    .buffers
-                    .slice_ptr(slice.tag, slice.offset, slice.len);
+                let flags = libc::MSG_WAITALL | more(i + 1 == transmits);
+                let ptr = self.buffers.slice_ptr(slice.tag, slice.offset, slice.len);
                 let detail = (u64::from(slice.tag) << 32) | u64::from(slice.len);
                 let entry = match self.mode {
                     SendMode::ZeroCopy => opcode::SendZc::new(types::Fd(conn.fd), ptr, slice.len)
                         .buf_index(Some(slice.tag))
-                        .flags(libc::MSG_WAITALL)
+                        .flags(flags)
                         .build(),
                     SendMode::Copy => opcode::Send::new(types::Fd(conn.fd), ptr, slice.len)
-                        .flags(libc::MSG_WAITALL)
+                        .flags(flags)
                         .build(),
                 };
                 entries.push(entry.user_data(user_data(K_DATA, node, detail)));
@@ -618,7 +559,7 @@ impl QueueDriver {
             RecvMode::Payload {
                 tag, offset, left, ..
             } if conn.rstart == conn.rend && left >= DIRECT_RECV_MIN => {
-                let at = self.shared.buffers.slice_ptr(tag, offset, left);
+                let at = self.buffers.slice_ptr(tag, offset, left);
                 opcode::Recv::new(types::Fd(conn.fd), at, left)
                     .flags(libc::MSG_WAITALL)
                     .build()
@@ -633,7 +574,15 @@ impl QueueDriver {
                     conn.rend -= conn.rstart;
                     conn.rstart = 0;
                 }
-                let free = &mut conn.rbuf[conn.rend..];
+                // After a large payload, expect another: take only about a
+                // header, so that most of the next payload is received
+                // straight into its request buffer rather than copied.
+                let want = if conn.large_payloads {
+                    HEADER_RECV.min(conn.rbuf.len() - conn.rend)
+                } else {
+                    conn.rbuf.len() - conn.rend
+                };
+                let free = &mut conn.rbuf[conn.rend..conn.rend + want];
                 opcode::Recv::new(types::Fd(conn.fd), free.as_mut_ptr(), free.len() as u32)
                     .build()
                     .user_data(user_data(K_RECV, node, 0))
@@ -776,6 +725,7 @@ impl QueueDriver {
                         .handle_reply(node, &reply, preamble.payload_len)
                         .map_err(|e| e.to_string())?;
                     let conn = &mut self.conns[node];
+                    conn.large_payloads = preamble.payload_len >= DIRECT_RECV_MIN;
                     conn.mode = match sink {
                         ReplySink::Done => RecvMode::Frames,
                         ReplySink::Discard if preamble.payload_len == 0 => RecvMode::Frames,
@@ -809,7 +759,7 @@ impl QueueDriver {
                     left,
                 } => {
                     let take = avail.min(left as usize);
-                    let at = self.shared.buffers.slice_ptr(tag, offset, take as u32);
+                    let at = self.buffers.slice_ptr(tag, offset, take as u32);
                     // SAFETY: `at..at+take` is part of the slice the engine
                     // handed out for this payload, inside the tag's buffer,
                     // which the queue owns while the request is in flight; the
@@ -865,7 +815,7 @@ impl QueueDriver {
     }
 
     /// Closes the connections and waits until the kernel holds nothing of ours.
-    fn shutdown(mut self) -> io::Result<()> {
+    fn shutdown(&mut self) -> io::Result<()> {
         for conn in &mut self.conns {
             conn.broken = true;
             let _ = conn.stream.shutdown(Shutdown::Both);

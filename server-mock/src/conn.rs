@@ -39,6 +39,9 @@ enum ConnError {
     Io(#[from] io::Error),
 }
 
+/// Payloads at least this large skip the reply buffer.
+const DIRECT_WRITE_MIN: usize = 32 << 10;
+
 /// Initial read buffer; it grows up to one whole frame at most.
 const READ_BUF: usize = 256 << 10;
 
@@ -139,10 +142,16 @@ impl ReplyWriter {
             info!("corrupting a reply frame (fault)");
         }
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = out
-            .write_all(&head)
-            .and_then(|()| out.write_all(payload))
-            .and_then(|()| if flush { out.flush() } else { Ok(()) });
+        let sent = if payload.len() >= DIRECT_WRITE_MIN {
+            // Large data goes straight to the socket, not through the buffer.
+            out.write_all(&head)
+                .and_then(|()| out.flush())
+                .and_then(|()| out.get_mut().write_all(payload))
+        } else {
+            out.write_all(&head)
+                .and_then(|()| out.write_all(payload))
+                .and_then(|()| if flush { out.flush() } else { Ok(()) })
+        };
         if let Err(err) = sent {
             debug!("reply not sent, closing: {err}");
             let _ = self.raw.shutdown(Shutdown::Both);
@@ -347,6 +356,8 @@ fn serve_data(
         requests: AtomicU64::new(0),
         delayed: AtomicUsize::new(0),
     });
+    // Read data is staged here, reused from request to request.
+    let mut scratch = Vec::new();
     let result = loop {
         let frame = reader.next_frame(|| conn.writer.flush());
         let (header, payload) = match frame {
@@ -363,7 +374,7 @@ fn serve_data(
                 )));
             }
         };
-        if let Err(err) = take_request(&conn, request, payload) {
+        if let Err(err) = take_request(&conn, request, payload, &mut scratch) {
             break Err(err);
         }
     };
@@ -383,7 +394,12 @@ fn drain(conn: &Conn) {
 
 /// Applies the per-request faults, then executes the request now or queues it
 /// for later.
-fn take_request(conn: &Arc<Conn>, request: pb::Request, payload: &[u8]) -> Result<(), ConnError> {
+fn take_request(
+    conn: &Arc<Conn>,
+    request: pb::Request,
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), ConnError> {
     let node = &conn.node;
     let total = bump(&node.counters.requests, 1);
     let faults = node.faults.get();
@@ -397,8 +413,8 @@ fn take_request(conn: &Arc<Conn>, request: pb::Request, payload: &[u8]) -> Resul
     node.faults.wait_while_stalled(node.stopping_flag());
     let delay = node.faults.delay(&faults);
     if delay.is_zero() {
-        let (reply, data) = execute(node, &conn.volume, &faults, &request, payload);
-        conn.writer.send(node, reply, &data, false);
+        let reply = execute(node, &conn.volume, &faults, &request, payload, scratch);
+        conn.writer.send(node, reply, scratch, false);
     } else {
         conn.delayed.fetch_add(1, Ordering::AcqRel);
         node.delayed.push(
@@ -415,11 +431,19 @@ fn take_request(conn: &Arc<Conn>, request: pb::Request, payload: &[u8]) -> Resul
 
 /// The delay thread: executes held requests as they fall due.
 pub fn run_delayed(node: &Node) {
+    let mut scratch = Vec::new();
     while let Some(job) = node.delayed.pop_due(|| node.stopping()) {
         node.faults.wait_while_stalled(node.stopping_flag());
         let faults = node.faults.get();
-        let (reply, data) = execute(node, &job.conn.volume, &faults, &job.request, &job.payload);
-        job.conn.writer.send(node, reply, &data, true);
+        let reply = execute(
+            node,
+            &job.conn.volume,
+            &faults,
+            &job.request,
+            &job.payload,
+            &mut scratch,
+        );
+        job.conn.writer.send(node, reply, &scratch, true);
         job.conn.delayed.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -438,14 +462,17 @@ fn in_range(volume: &Volume, offset: u64, len: u64) -> Result<(), (Status, Strin
     }
 }
 
-/// Executes one request; returns its reply and, for a read, the data.
+/// Executes one request and returns its reply; the reply's payload (a
+/// read's data) is left in `data`, which is empty otherwise.
 fn execute(
     node: &Node,
     volume: &Volume,
     faults: &pb::Faults,
     request: &pb::Request,
     payload: &[u8],
-) -> (pb::Reply, Vec<u8>) {
+    data: &mut Vec<u8>,
+) -> pb::Reply {
+    data.clear();
     let mut reply = pb::Reply {
         id: request.id,
         ..Default::default()
@@ -454,16 +481,14 @@ fn execute(
         bump(&node.counters.injected_errors, 1);
         reply.status = status as i32;
         reply.message = "injected error (fault)".into();
-        return (reply, Vec::new());
+        return reply;
     }
-    match apply(node, volume, request, payload, &mut reply) {
-        Ok(data) => (reply, data),
-        Err((status, message)) => {
-            reply.status = status as i32;
-            reply.message = message;
-            (reply, Vec::new())
-        }
+    if let Err((status, message)) = apply(node, volume, request, payload, &mut reply, data) {
+        data.clear();
+        reply.status = status as i32;
+        reply.message = message;
     }
+    reply
 }
 
 fn io_failure(what: &str, err: io::Error) -> (Status, String) {
@@ -482,7 +507,8 @@ fn apply(
     request: &pb::Request,
     payload: &[u8],
     reply: &mut pb::Reply,
-) -> Result<Vec<u8>, (Status, String)> {
+    data: &mut Vec<u8>,
+) -> Result<(), (Status, String)> {
     let backend = &volume.backend;
     let Some(op) = &request.op else {
         // The codec refuses requests without an operation; be safe anyway.
@@ -500,12 +526,12 @@ fn apply(
                 ));
             }
             in_range(volume, read.offset, u64::from(read.length))?;
-            let mut data = vec![0u8; read.length as usize];
+            data.resize(read.length as usize, 0);
             backend
-                .read(read.offset, &mut data)
+                .read(read.offset, data)
                 .map_err(|err| io_failure("read", err))?;
             bump(&node.counters.bytes_read, u64::from(read.length));
-            Ok(data)
+            Ok(())
         }
         Op::Write(write) => {
             in_range(volume, write.offset, payload.len() as u64)?;
@@ -513,11 +539,11 @@ fn apply(
                 .write(write.offset, payload, write.fua)
                 .map_err(|err| io_failure("write", err))?;
             bump(&node.counters.bytes_written, payload.len() as u64);
-            Ok(Vec::new())
+            Ok(())
         }
         Op::Flush(_) => {
             backend.flush().map_err(|err| io_failure("flush", err))?;
-            Ok(Vec::new())
+            Ok(())
         }
         Op::Discard(pb::Discard { offset, length })
         | Op::WriteZeroes(pb::WriteZeroes { offset, length }) => {
@@ -525,11 +551,11 @@ fn apply(
             backend
                 .zero(*offset, *length)
                 .map_err(|err| io_failure("discard", err))?;
-            Ok(Vec::new())
+            Ok(())
         }
         Op::Ping(ping) => {
             reply.nonce = ping.nonce;
-            Ok(Vec::new())
+            Ok(())
         }
     }
 }

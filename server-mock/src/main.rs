@@ -28,10 +28,11 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0", value_name = "IP:PORT")]
     listen: SocketAddr,
 
-    /// Where volumes live: `memory` (sparse, lost at exit) or `dir:PATH` (one
+    /// Where volumes live: `memory` (sparse, lost at exit), `dir:PATH` (one
     /// sparse file per volume under PATH; flush and FUA writes are durable;
-    /// survives restarts).
-    #[arg(long, default_value = "memory", value_name = "memory|dir:PATH")]
+    /// survives restarts), or `null` (keeps nothing, reads return zeroes: for
+    /// benchmarking clients and networks).
+    #[arg(long, default_value = "memory", value_name = "memory|dir:PATH|null")]
     store: StoreKind,
 
     /// Largest payload one request may carry (bytes; K, M, G suffixes).

@@ -20,6 +20,9 @@ pub enum StoreKind {
     Memory,
     /// One sparse file per volume under this directory; survives restarts.
     Dir(PathBuf),
+    /// Keeps nothing: writes are dropped, reads return zeroes. For
+    /// benchmarks of the client and the network, not of a store.
+    Null,
 }
 
 impl FromStr for StoreKind {
@@ -28,9 +31,10 @@ impl FromStr for StoreKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             None if s == "memory" => Ok(StoreKind::Memory),
+            None if s == "null" => Ok(StoreKind::Null),
             Some(("dir", path)) if !path.is_empty() => Ok(StoreKind::Dir(PathBuf::from(path))),
             _ => Err(format!(
-                "unknown store '{s}': expected 'memory' or 'dir:PATH'"
+                "unknown store '{s}': expected 'memory', 'dir:PATH' or 'null'"
             )),
         }
     }
@@ -138,6 +142,7 @@ pub fn open_or_create(
 ) -> io::Result<(Box<dyn Backend>, VolumeMeta)> {
     match kind {
         StoreKind::Memory => Ok((Box::new(MemoryBackend::new()), wanted)),
+        StoreKind::Null => Ok((Box::new(NullBackend), wanted)),
         StoreKind::Dir(dir) => {
             let (backend, meta) = DirBackend::open_or_create(dir, name, wanted)?;
             Ok((Box::new(backend), meta))
@@ -155,6 +160,28 @@ fn for_each_chunk(offset: u64, len: u64, chunk: u64, mut f: impl FnMut(u64, usiz
         let n = (chunk - in_chunk).min(len - done);
         f(pos / chunk, in_chunk as usize, done as usize, n as usize);
         done += n;
+    }
+}
+
+/// Keeps nothing; see [`StoreKind::Null`].
+struct NullBackend;
+
+impl Backend for NullBackend {
+    fn read(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn zero(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn stored_bytes(&self) -> u64 {
+        0
     }
 }
 
@@ -427,6 +454,7 @@ mod tests {
             "dir:/tmp/x".parse(),
             Ok(StoreKind::Dir(PathBuf::from("/tmp/x")))
         );
+        assert_eq!("null".parse(), Ok(StoreKind::Null));
         assert!("dir:".parse::<StoreKind>().is_err());
         assert!("disk".parse::<StoreKind>().is_err());
     }
