@@ -138,5 +138,8 @@ fn configure(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
             .with_interval(Duration::from_secs(5))
             .with_retries(3),
     )?;
+    // Zero-copy sends work without it on io_uring, but it is what the kernel
+    // documents for sending from user pages; older kernels ignore the hint.
+    crate::uring::enable_zerocopy(stream)?;
     Ok(())
 }

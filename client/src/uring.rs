@@ -201,6 +201,27 @@ pub trait Frontend {
     fn fail(&mut self, tags: &[Tag]);
 }
 
+/// Sets `SO_ZEROCOPY` on a socket, so the kernel may send from user pages.
+pub fn enable_zerocopy(socket: &TcpStream) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int;
+    // the descriptor belongs to `socket`, open for the whole call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ZEROCOPY,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Checks that this kernel's io_uring has what `mode` needs.
 pub fn probe(mode: SendMode) -> io::Result<()> {
     let ring = IoUring::new(8)?;

@@ -74,6 +74,7 @@ fn fill(rng: &mut Rng, buf: &mut [u8]) {
 /// of the volume, checking every read against the model.
 fn workload(volume: &Volume, model: &Arc<Mutex<Vec<u8>>>, threads: u64, ops: usize, seed: u64) {
     let region = volume.size() / threads;
+    let stripe_unit = u64::from(volume.layout().stripe_unit());
     thread::scope(|s| {
         for t in 0..threads {
             let model = Arc::clone(model);
@@ -89,7 +90,11 @@ fn workload(volume: &Volume, model: &Arc<Mutex<Vec<u8>>>, threads: u64, ops: usi
                         _ => 1 + rng.below(64),
                     };
                     let len = (sectors * 512).min(region);
-                    let offset = base + 512 * rng.below((region - len) / 512 + 1);
+                    let mut offset = base + 512 * rng.below((region - len) / 512 + 1);
+                    if rng.below(3) == 0 {
+                        // Aligned to the stripe unit (regions are aligned too).
+                        offset -= offset % stripe_unit;
+                    }
                     let (o, l) = (offset as usize, len as usize);
                     match rng.below(10) {
                         0..=3 => {
