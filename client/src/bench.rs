@@ -85,6 +85,8 @@ pub struct Row {
     pub mode: SendMode,
     pub figures: Figures,
     pub baseline: &'static str,
+    /// The baseline measured just before this workload.
+    pub baseline_figures: Figures,
     /// netblk figure / baseline figure (IOPS for small IO, MiB/s for bulk).
     pub ratio: f64,
 }
@@ -94,7 +96,9 @@ pub struct Report {
     pub nodes: usize,
     pub connections: usize,
     pub options: BenchOptions,
+    /// The median of the echo baselines measured (one before each 4 KiB workload).
     pub echo: Figures,
+    /// The median of the bulk baselines measured (one before each 1 MiB workload).
     pub bulk: Figures,
     pub rows: Vec<Row>,
 }
@@ -655,6 +659,13 @@ fn baseline_echo(
     Ok(figures(all, ops, ops * REPLY as u64, seconds, 0.0))
 }
 
+/// The run with the median `key` (the default figures if there is none).
+fn median_by(mut runs: Vec<Figures>, key: fn(&Figures) -> f64) -> Figures {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let mid = runs.len() / 2;
+    runs.into_iter().nth(mid).unwrap_or_default()
+}
+
 /// Runs the whole benchmark.
 pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result<Report> {
     let (_mock, addrs) = if options.nodes.is_empty() {
@@ -670,24 +681,6 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         (MockNodes(Vec::new()), options.nodes.clone())
     };
     let connections = addrs.len() * options.queues;
-    progress(&format!(
-        "baseline: echo over {connections} connections, depth {}",
-        options.depth
-    ));
-    let echo = baseline_echo(
-        options.queues,
-        addrs.len(),
-        usize::from(options.depth),
-        options.duration,
-    )?;
-    progress(&format!("baseline: bulk over {connections} connections"));
-    let bulk = baseline_bulk(
-        options.queues,
-        addrs.len(),
-        usize::from(options.depth),
-        options.duration,
-    )?;
-
     let mut rows = Vec::new();
     let spec = VolumeSpec {
         name: format!("bench-{}", std::process::id()),
@@ -696,6 +689,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         nodes: addrs.clone(),
     };
     crate::uring::probe(SendMode::Copy)?;
+    let (mut echoes, mut bulks) = (Vec::new(), Vec::new());
     for mode in &options.modes {
         crate::uring::probe(*mode)?;
         for workload in [
@@ -704,17 +698,34 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
             Workload::RandWrite4k,
             Workload::RandRead4k,
         ] {
+            // Each workload is paired with its baseline measured just before
+            // it, so that drift in the machine's load cancels in the ratio.
+            let depth = usize::from(options.depth);
+            let (baseline, ratio_of) = match workload.baseline() {
+                "echo" => {
+                    progress(&format!(
+                        "baseline: echo over {connections} connections, depth {depth}"
+                    ));
+                    let b = baseline_echo(options.queues, addrs.len(), depth, options.duration)?;
+                    echoes.push(b.clone());
+                    (b, Figures::iops as fn(&Figures) -> f64)
+                }
+                _ => {
+                    progress(&format!("baseline: bulk over {connections} connections"));
+                    let b = baseline_bulk(options.queues, addrs.len(), depth, options.duration)?;
+                    bulks.push(b.clone());
+                    (b, Figures::mib_s as fn(&Figures) -> f64)
+                }
+            };
             progress(&format!("netblk {mode}: {}", workload.name()));
             let f = measure_workload(&spec, options, *mode, workload)?;
-            let ratio = match workload.baseline() {
-                "echo" => f.iops() / echo.iops().max(1e-9),
-                _ => f.mib_s() / bulk.mib_s().max(1e-9),
-            };
+            let ratio = ratio_of(&f) / ratio_of(&baseline).max(1e-9);
             rows.push(Row {
                 workload: workload.name(),
                 mode: *mode,
                 figures: f,
                 baseline: workload.baseline(),
+                baseline_figures: baseline,
                 ratio,
             });
         }
@@ -723,8 +734,8 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         nodes: addrs.len(),
         connections,
         options: options.clone(),
-        echo,
-        bulk,
+        echo: median_by(echoes, Figures::iops),
+        bulk: median_by(bulks, Figures::mib_s),
         rows,
     })
 }
@@ -761,7 +772,7 @@ impl Report {
         }
         out.push_str(&format!(
             "{:<14} {:<5} {:>10.0} {:>9.1} {:>9.0} {:>9.0}\n",
-            "baseline echo",
+            "echo (median)",
             "-",
             self.echo.iops(),
             self.echo.mib_s(),
@@ -770,7 +781,7 @@ impl Report {
         ));
         out.push_str(&format!(
             "{:<14} {:<5} {:>10} {:>9.1}\n",
-            "baseline bulk",
+            "bulk (median)",
             "-",
             "-",
             self.bulk.mib_s()
@@ -797,11 +808,12 @@ impl Report {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"figures\":{},\"baseline\":\"{}\",\"ratio\":{:.3}}}",
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"figures\":{},\"baseline\":\"{}\",\"baseline_figures\":{},\"ratio\":{:.3}}}",
                     r.workload,
                     r.mode,
                     fig(&r.figures),
                     r.baseline,
+                    fig(&r.baseline_figures),
                     r.ratio
                 )
             })

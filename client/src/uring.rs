@@ -337,10 +337,18 @@ impl<F: Frontend> QueueDriver<F> {
         let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
             .clamp(64, 4096)
             .next_power_of_two();
+        // Deferred task work (6.1+): completions are processed when this
+        // thread asks for them, in batches, instead of interrupting it.
         let ring = IoUring::builder()
             .setup_single_issuer()
-            .setup_coop_taskrun()
+            .setup_defer_taskrun()
             .build(entries)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_single_issuer()
+                    .setup_coop_taskrun()
+                    .build(entries)
+            })
             .or_else(|_| IoUring::new(entries))?;
         let iovecs = buffers.iovecs();
         // SAFETY: the iovecs describe the buffer mapping, which `buffers` keeps

@@ -5,8 +5,9 @@
 //! by the latency knob run on the node's delay thread when due, so replies
 //! can come back in any order.
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -38,6 +39,9 @@ enum ConnError {
     #[error("socket error: {0}")]
     Io(#[from] io::Error),
 }
+
+/// Replies batched before they are written, bytes.
+const REPLY_BATCH: usize = 256 << 10;
 
 /// Payloads at least this large skip the reply buffer.
 const DIRECT_WRITE_MIN: usize = 32 << 10;
@@ -94,13 +98,21 @@ impl FrameReader {
                     self.buf.resize(self.end + need, 0);
                 }
             }
-            before_block();
-            let n = loop {
-                match self.stream.read(&mut self.buf[self.end..]) {
-                    Ok(n) => break n,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => return Err(err.into()),
+            // Replies wait while requests keep coming; once the socket has
+            // nothing more, they go out before the reader sleeps.
+            let n = match recv_now(&self.stream, &mut self.buf[self.end..]) {
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    before_block();
+                    loop {
+                        match self.stream.read(&mut self.buf[self.end..]) {
+                            Ok(n) => break n,
+                            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(err) => return Err(err.into()),
+                        }
+                    }
                 }
+                Err(err) => return Err(err.into()),
             };
             if n == 0 {
                 let buffered = self.end - self.start;
@@ -115,16 +127,81 @@ impl FrameReader {
     }
 }
 
+/// Reads what the socket holds right now, without waiting (`WouldBlock` if
+/// nothing).
+fn recv_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: recv writes at most `buf.len()` bytes into `buf`, which is a
+        // live, exclusively borrowed slice; the descriptor belongs to `stream`.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// The sending half of a data connection, shared with the delay thread.
+/// Small replies are batched until the reader runs out of requests; a large
+/// payload goes out with its header (and the batch) in one `writev`.
 struct ReplyWriter {
-    out: Mutex<BufWriter<TcpStream>>,
+    out: Mutex<Out>,
     raw: TcpStream,
+}
+
+struct Out {
+    stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Out {
+    fn write_all(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| IoSlice::new(p))
+            .collect();
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            match self.stream.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let result = self.write_all(&[&pending]);
+        self.pending = pending;
+        self.pending.clear();
+        result
+    }
 }
 
 impl ReplyWriter {
     fn new(stream: &TcpStream) -> io::Result<Self> {
         Ok(ReplyWriter {
-            out: Mutex::new(BufWriter::with_capacity(256 << 10, stream.try_clone()?)),
+            out: Mutex::new(Out {
+                stream: stream.try_clone()?,
+                pending: Vec::with_capacity(REPLY_BATCH),
+            }),
             raw: stream.try_clone()?,
         })
     }
@@ -144,13 +221,19 @@ impl ReplyWriter {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let sent = if payload.len() >= DIRECT_WRITE_MIN {
             // Large data goes straight to the socket, not through the buffer.
-            out.write_all(&head)
-                .and_then(|()| out.flush())
-                .and_then(|()| out.get_mut().write_all(payload))
+            let pending = std::mem::take(&mut out.pending);
+            let result = out.write_all(&[&pending, &head, payload]);
+            out.pending = pending;
+            out.pending.clear();
+            result
         } else {
-            out.write_all(&head)
-                .and_then(|()| out.write_all(payload))
-                .and_then(|()| if flush { out.flush() } else { Ok(()) })
+            out.pending.extend_from_slice(&head);
+            out.pending.extend_from_slice(payload);
+            if flush || out.pending.len() >= REPLY_BATCH {
+                out.flush()
+            } else {
+                Ok(())
+            }
         };
         if let Err(err) = sent {
             debug!("reply not sent, closing: {err}");
