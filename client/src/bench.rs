@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
 use crate::frontend::{VolumeOptions, connect_queue, engine_config, spawn_queue};
 use crate::layout::{DEFAULT_STRIPE_UNIT, VolumeSpec};
+use crate::rng::Rng;
 use crate::uring::{Frontend, SendMode, TagBuffers};
 
 /// What to run.
@@ -266,16 +267,6 @@ fn figures(mut latencies: Vec<u32>, ops: u64, bytes: u64, seconds: f64, cpu: f64
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// A frontend that generates one workload inside the queue thread, keeping
 /// `depth` requests in flight until its deadline, the way the kernel keeps a
 /// ublk queue busy: no other thread sits between requests and the engine.
@@ -316,7 +307,7 @@ impl Generator {
             finished: None,
             free: (0..depth).rev().collect(),
             issued_at: vec![Instant::now(); usize::from(depth)],
-            rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (queue + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            rng: Rng::new(queue + 1),
             cursor: queue,
             stride: queues,
             blocks: volume_size / workload.block(),
@@ -337,7 +328,7 @@ impl Frontend for Generator {
         }
         while let Some(tag) = self.free.pop() {
             let index = match self.workload {
-                Workload::RandRead4k | Workload::RandWrite4k => self.rng.next() % self.blocks,
+                Workload::RandRead4k | Workload::RandWrite4k => self.rng.below(self.blocks),
                 Workload::SeqWrite1m | Workload::SeqRead1m => {
                     let i = self.cursor % self.blocks;
                     self.cursor += self.stride;

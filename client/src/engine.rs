@@ -620,6 +620,19 @@ mod tests {
         e
     }
 
+    fn submit(e: &mut Engine, now: Instant, tag: Tag, op: Op, offset: u64, len: u64) {
+        e.handle_request(
+            now,
+            BlockRequest {
+                tag,
+                op,
+                offset,
+                len,
+            },
+        )
+        .expect("submit");
+    }
+
     fn ok(id: u64) -> pb::Reply {
         pb::Reply {
             id,
@@ -631,16 +644,7 @@ mod tests {
     fn a_write_completes_after_replies_and_buffer_release() {
         let mut e = engine(2);
         let now = Instant::now();
-        e.handle_request(
-            now,
-            BlockRequest {
-                tag: 1,
-                op: Op::Write { fua: true },
-                offset: 0,
-                len: 8192,
-            },
-        )
-        .expect("submit");
+        submit(&mut e, now, 1, Op::Write { fua: true }, 0, 8192);
         let a = e.poll_transmit(0).expect("piece for node 0");
         let b = e.poll_transmit(1).expect("piece for node 1");
         assert_eq!(
@@ -776,16 +780,7 @@ mod tests {
             })
         );
 
-        e.handle_request(
-            now,
-            BlockRequest {
-                tag: 1,
-                op: Op::Read,
-                offset: 1 << 20,
-                len: 512,
-            },
-        )
-        .expect("submit");
+        submit(&mut e, now, 1, Op::Read, 1 << 20, 512);
         assert_eq!(
             e.poll_completion(),
             Some(Completion {
@@ -793,16 +788,7 @@ mod tests {
                 result: Err(EINVAL)
             })
         );
-        e.handle_request(
-            now,
-            BlockRequest {
-                tag: 1,
-                op: Op::Write { fua: false },
-                offset: 0,
-                len: 65537,
-            },
-        )
-        .expect("submit");
+        submit(&mut e, now, 1, Op::Write { fua: false }, 0, 65537);
         assert_eq!(
             e.poll_completion(),
             Some(Completion {
@@ -828,16 +814,7 @@ mod tests {
     fn lost_connection_resends_and_timeout_fails_with_eio() {
         let mut e = engine(1);
         let t0 = Instant::now();
-        e.handle_request(
-            t0,
-            BlockRequest {
-                tag: 0,
-                op: Op::Write { fua: false },
-                offset: 0,
-                len: 4096,
-            },
-        )
-        .expect("submit");
+        submit(&mut e, t0, 0, Op::Write { fua: false }, 0, 4096);
         let first = e.poll_transmit(0).expect("sent");
         e.handle_connection_lost(0);
         e.handle_buffer_released(0);

@@ -8,4 +8,5 @@ pub mod engine;
 pub mod frontend;
 pub mod layout;
 pub mod net;
+pub mod rng;
 pub mod uring;

@@ -10,24 +10,11 @@ use std::thread;
 use netblk::frontend::{OpenError, Volume, VolumeOptions};
 use netblk::layout::VolumeSpec;
 use netblk::net::ConnectError;
+use netblk::rng::Rng;
 use netblk::uring::SendMode;
 use netblk_tests::MockNode;
 
 const MIB: u64 = 1 << 20;
-
-/// xorshift64*, seeded per thread.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 struct Cluster {
     nodes: Vec<MockNode>,
@@ -65,7 +52,7 @@ impl Cluster {
 
 fn fill(rng: &mut Rng, buf: &mut [u8]) {
     for chunk in buf.chunks_mut(8) {
-        let x = rng.next().to_le_bytes();
+        let x = rng.next_u64().to_le_bytes();
         chunk.copy_from_slice(&x[..chunk.len()]);
     }
 }
@@ -79,7 +66,7 @@ fn workload(volume: &Volume, model: &Arc<Mutex<Vec<u8>>>, threads: u64, ops: usi
         for t in 0..threads {
             let model = Arc::clone(model);
             s.spawn(move || {
-                let mut rng = Rng(seed ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let mut rng = Rng::new(seed ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 let base = t * region;
                 for _ in 0..ops {
                     // 512 B to 8 MiB, mostly small; offsets 512-aligned but

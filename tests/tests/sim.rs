@@ -16,31 +16,34 @@ use std::time::{Duration, Instant};
 
 use netblk::engine::{BlockRequest, Engine, EngineConfig, Op, ReplySink, Tag};
 use netblk::layout::Layout;
+use netblk::rng::Rng;
 use netblk_protocol::pb::{self, header::Kind, request::Op as WireOp};
 use netblk_protocol::{Decoded, Limits, decode_frame, encode_frame};
 
-/// xorshift64*: small and deterministic.
-struct Rng(u64);
+/// What the simulation draws besides plain numbers.
+trait Draw {
+    fn chance(&mut self, percent: u64) -> bool;
+    fn micros(&mut self, max: u64) -> Duration;
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
+impl Draw for Rng {
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
     fn micros(&mut self, max: u64) -> Duration {
         Duration::from_micros(self.below(max + 1))
     }
+}
+
+/// Takes the first whole frame off the front of `inbox`, if there is one.
+fn take_frame(inbox: &mut Vec<u8>) -> Option<(pb::Header, Vec<u8>)> {
+    let (used, frame) =
+        match decode_frame(inbox, &Limits::default()).expect("peers send valid frames") {
+            Decoded::NeedMore(_) => return None,
+            Decoded::Frame(f) => (f.len, (f.header, f.payload.to_vec())),
+        };
+    inbox.drain(..used);
+    Some(frame)
 }
 
 #[derive(Debug)]
@@ -396,18 +399,7 @@ impl Sim {
 
     fn node_receive(&mut self, node: usize, bytes: Vec<u8>) {
         self.nodes[node].inbox.extend_from_slice(&bytes);
-        loop {
-            let inbox = std::mem::take(&mut self.nodes[node].inbox);
-            let (used, frame) = match decode_frame(&inbox, &Limits::default())
-                .expect("client sends valid frames")
-            {
-                Decoded::NeedMore(_) => (0, None),
-                Decoded::Frame(f) => (f.len, Some((f.header, f.payload.to_vec()))),
-            };
-            self.nodes[node].inbox = inbox[used..].to_vec();
-            let Some((header, payload)) = frame else {
-                return;
-            };
+        while let Some((header, payload)) = take_frame(&mut self.nodes[node].inbox) {
             let Some(Kind::Request(pb::Request { id, op: Some(op) })) = header.kind else {
                 panic!("client sent {header:?}");
             };
@@ -463,17 +455,7 @@ impl Sim {
 
     fn client_receive(&mut self, node: usize, bytes: Vec<u8>) {
         self.client_inbox[node].extend_from_slice(&bytes);
-        loop {
-            let inbox = std::mem::take(&mut self.client_inbox[node]);
-            let (used, frame) =
-                match decode_frame(&inbox, &Limits::default()).expect("node sends valid frames") {
-                    Decoded::NeedMore(_) => (0, None),
-                    Decoded::Frame(f) => (f.len, Some((f.header, f.payload.to_vec()))),
-                };
-            self.client_inbox[node] = inbox[used..].to_vec();
-            let Some((header, payload)) = frame else {
-                return;
-            };
+        while let Some((header, payload)) = take_frame(&mut self.client_inbox[node]) {
             let Some(Kind::Reply(reply)) = header.kind else {
                 panic!("node sent {header:?}")
             };
