@@ -9,4 +9,5 @@ pub mod frontend;
 pub mod layout;
 pub mod net;
 pub mod rng;
+pub mod ublk;
 pub mod uring;

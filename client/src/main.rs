@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use netblk::bench::{self, BenchOptions};
+use netblk::ublk::ctrl::{Control, feature_names};
 use netblk::uring::SendMode;
 use netblk_protocol::units::parse_size;
 
@@ -29,6 +30,12 @@ enum Cmd {
     /// baseline: raw TCP bulk transfer for 1 MiB, a raw request/echo loop
     /// for 4 KiB, over the same number of connections.
     Bench(BenchArgs),
+    /// Show what this kernel offers netblk: ublk driver features and the
+    /// io_uring operations the data path uses.
+    Features,
+    /// Exercise the ublk control path without serving IO: add a device, set
+    /// its parameters, read its info back, delete it. Needs ublk_drv and root.
+    UblkCheck,
 }
 
 #[derive(clap::Args, Debug)]
@@ -78,6 +85,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
+        Cmd::Features => features(),
+        Cmd::UblkCheck => ublk_check(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,4 +134,62 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         print!("{}", report.to_text());
     }
     Ok(())
+}
+
+fn features() -> Result<(), String> {
+    for (mode, name) in [
+        (SendMode::Copy, "copy sends"),
+        (SendMode::ZeroCopy, "zero-copy sends (SEND_ZC)"),
+    ] {
+        match netblk::uring::probe(mode) {
+            Ok(()) => println!("io_uring: {name}: yes"),
+            Err(err) => println!("io_uring: {name}: no ({err})"),
+        }
+    }
+    let mut ctrl = Control::open().map_err(|e| e.to_string())?;
+    let bits = ctrl.features().map_err(|e| e.to_string())?;
+    println!("ublk features: {bits:#x} {}", feature_names(bits).join(" "));
+    Ok(())
+}
+
+fn ublk_check() -> Result<(), String> {
+    use netblk::ublk::sys;
+    let mut ctrl = Control::open().map_err(|e| e.to_string())?;
+    let info = sys::DevInfo {
+        nr_hw_queues: 1,
+        queue_depth: 32,
+        max_io_buf_bytes: 1 << 20,
+        dev_id: u32::MAX,
+        ..sys::DevInfo::default()
+    };
+    let added = ctrl.add(info).map_err(|e| e.to_string())?;
+    let id = added.dev_id;
+    println!("ublk: added device {id}");
+    let params = sys::Params {
+        len: std::mem::offset_of!(sys::Params, devt) as u32,
+        types: sys::UBLK_PARAM_TYPE_BASIC,
+        basic: sys::ParamBasic {
+            attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            logical_bs_shift: 9,
+            physical_bs_shift: 12,
+            io_opt_shift: 12,
+            io_min_shift: 9,
+            max_sectors: (1 << 20) >> 9,
+            dev_sectors: (1 << 30) >> 9,
+            ..sys::ParamBasic::default()
+        },
+        ..sys::Params::default()
+    };
+    let result = ctrl
+        .set_params(id, &params)
+        .and_then(|()| ctrl.info(id))
+        .map(|info| {
+            println!(
+                "ublk: device {id}: state {}, {} queue(s) of depth {}, max IO {} bytes, flags {:#x}",
+                info.state, info.nr_hw_queues, info.queue_depth, info.max_io_buf_bytes, info.flags
+            );
+        });
+    ctrl.delete(id).map_err(|e| e.to_string())?;
+    println!("ublk: deleted device {id}");
+    result.map_err(|e| e.to_string())
 }

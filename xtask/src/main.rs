@@ -3,12 +3,17 @@
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings as
 //!   errors, and the whole test suite. This is the README's test command.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
+
+mod vm;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
+  vm-test [--kernel 6.12|6.17|7.3]
+        boot real ublk kernels under QEMU and run the scenario in each
   ci    cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
         cargo test --workspace";
 
@@ -16,6 +21,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") if args.len() == 1 => ci(),
+        Some("vm-test") => match &args[1..] {
+            [] => vm::vm_test(&workspace_root(), None),
+            [flag, kernel] if flag == "--kernel" => vm::vm_test(&workspace_root(), Some(kernel)),
+            _ => Err(format!(
+                "usage: cargo xtask vm-test [--kernel NAME]\n{USAGE}"
+            )),
+        },
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
@@ -29,6 +41,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 fn ci() -> Result<(), String> {

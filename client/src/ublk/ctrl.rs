@@ -1,0 +1,224 @@
+//! The ublk control device (`/dev/ublk-control`): feature query, adding,
+//! configuring, starting, stopping and deleting devices. Commands are
+//! `IORING_OP_URING_CMD`s on a small ring of 128-byte entries, one at a time.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::sys::{self, CtrlCmd, DevInfo, Params};
+
+/// Where the control device lives.
+pub const CONTROL_PATH: &str = "/dev/ublk-control";
+
+/// Why the control device could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CtrlError {
+    #[error(
+        "{CONTROL_PATH} does not exist: the ublk driver is not loaded (run `modprobe ublk_drv`)"
+    )]
+    NoDriver,
+    #[error("no permission to open {CONTROL_PATH}: run as root (or with CAP_SYS_ADMIN)")]
+    NoPermission,
+    #[error("{CONTROL_PATH}: {0}")]
+    Open(io::Error),
+    #[error("io_uring for ublk control: {0}")]
+    Ring(io::Error),
+    #[error("ublk {what} failed: {err}")]
+    Command { what: &'static str, err: io::Error },
+}
+
+/// An open control device.
+pub struct Control {
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    file: File,
+}
+
+impl Control {
+    pub fn open() -> Result<Control, CtrlError> {
+        Control::open_at(Path::new(CONTROL_PATH))
+    }
+
+    pub fn open_at(path: &Path) -> Result<Control, CtrlError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|err| match err.kind() {
+                io::ErrorKind::NotFound => CtrlError::NoDriver,
+                io::ErrorKind::PermissionDenied => CtrlError::NoPermission,
+                _ => CtrlError::Open(err),
+            })?;
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+            .build(8)
+            .map_err(CtrlError::Ring)?;
+        Ok(Control { ring, file })
+    }
+
+    /// Runs one command and returns its (non-negative) result.
+    fn run(&mut self, what: &'static str, cmd_op: u32, cmd: CtrlCmd) -> Result<i32, CtrlError> {
+        let mut bytes = [0u8; 80];
+        // SAFETY: CtrlCmd is a plain repr(C) struct of integers, 32 bytes
+        // long (checked at compile time in sys.rs), so viewing it as bytes
+        // reads only initialised memory within it.
+        let raw = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const cmd).cast::<u8>(),
+                std::mem::size_of::<CtrlCmd>(),
+            )
+        };
+        bytes[..raw.len()].copy_from_slice(raw);
+        let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), cmd_op)
+            .cmd(bytes)
+            .build()
+            .user_data(u64::from(cmd_op));
+        let fail = |err| CtrlError::Command { what, err };
+        // SAFETY: the command's buffer (`cmd.addr`, if any) points at memory
+        // the caller keeps alive until this function returns, and this
+        // function waits for the command's completion before returning.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| fail(io::Error::other("control ring full")))?;
+        self.ring.submit_and_wait(1).map_err(fail)?;
+        let cqe = self
+            .ring
+            .completion()
+            .next()
+            .ok_or_else(|| fail(io::Error::other("no completion")))?;
+        match cqe.result() {
+            res if res < 0 => Err(fail(io::Error::from_raw_os_error(-res))),
+            res => Ok(res),
+        }
+    }
+
+    /// The driver's feature bits (`UBLK_F_*`).
+    pub fn features(&mut self) -> Result<u64, CtrlError> {
+        let mut features: u64 = 0;
+        let cmd = CtrlCmd {
+            dev_id: u32::MAX,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<u64>() as u16,
+            addr: (&raw mut features) as u64,
+            ..CtrlCmd::default()
+        };
+        self.run("GET_FEATURES", sys::UBLK_U_CMD_GET_FEATURES, cmd)?;
+        Ok(features)
+    }
+
+    /// Adds a device; `info.dev_id` may be `u32::MAX` for "any". Returns the
+    /// device info as the driver completed it (with the id chosen).
+    pub fn add(&mut self, mut info: DevInfo) -> Result<DevInfo, CtrlError> {
+        let cmd = CtrlCmd {
+            dev_id: info.dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<DevInfo>() as u16,
+            addr: (&raw mut info) as u64,
+            ..CtrlCmd::default()
+        };
+        self.run("ADD_DEV", sys::UBLK_U_CMD_ADD_DEV, cmd)?;
+        Ok(info)
+    }
+
+    pub fn set_params(&mut self, dev_id: u32, params: &Params) -> Result<(), CtrlError> {
+        let mut params = *params;
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<Params>() as u16,
+            addr: (&raw mut params) as u64,
+            ..CtrlCmd::default()
+        };
+        self.run("SET_PARAMS", sys::UBLK_U_CMD_SET_PARAMS, cmd)
+            .map(drop)
+    }
+
+    /// Starts the device once every queue has fetched its requests;
+    /// `pid` is the serving process.
+    pub fn start(&mut self, dev_id: u32, pid: i32) -> Result<(), CtrlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            data: [pid as u64],
+            ..CtrlCmd::default()
+        };
+        self.run("START_DEV", sys::UBLK_U_CMD_START_DEV, cmd)
+            .map(drop)
+    }
+
+    pub fn stop(&mut self, dev_id: u32) -> Result<(), CtrlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            ..CtrlCmd::default()
+        };
+        self.run("STOP_DEV", sys::UBLK_U_CMD_STOP_DEV, cmd)
+            .map(drop)
+    }
+
+    pub fn delete(&mut self, dev_id: u32) -> Result<(), CtrlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            ..CtrlCmd::default()
+        };
+        self.run("DEL_DEV", sys::UBLK_U_CMD_DEL_DEV, cmd).map(drop)
+    }
+
+    /// The device's current info (state, flags, serving pid, ...).
+    ///
+    /// GET_DEV_INFO2 takes the device's char device path at the start of
+    /// the buffer (the driver checks permissions on it) and writes the info
+    /// right after it.
+    pub fn info(&mut self, dev_id: u32) -> Result<DevInfo, CtrlError> {
+        #[repr(C, align(8))]
+        struct Buf([u8; 128]);
+        let mut buf = Buf([0; 128]);
+        let path = format!("/dev/ublkc{dev_id}");
+        buf.0[..path.len()].copy_from_slice(path.as_bytes());
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: buf.0.len() as u16,
+            addr: (&raw mut buf) as u64,
+            dev_path_len: path.len() as u16,
+            ..CtrlCmd::default()
+        };
+        self.run("GET_DEV_INFO2", sys::UBLK_U_CMD_GET_DEV_INFO2, cmd)?;
+        let at = path.len();
+        debug_assert!(at + std::mem::size_of::<DevInfo>() <= buf.0.len());
+        // SAFETY: the driver wrote a DevInfo (64 bytes of plain integers)
+        // at offset `at` of the 128-byte buffer, and at + 64 <= 128 since a
+        // device path is at most 21 bytes; the read tolerates misalignment.
+        Ok(unsafe { std::ptr::read_unaligned(buf.0.as_ptr().add(at).cast::<DevInfo>()) })
+    }
+}
+
+/// The names of the feature bits set in `features`.
+pub fn feature_names(features: u64) -> Vec<&'static str> {
+    sys::FEATURE_NAMES
+        .iter()
+        .filter(|(bit, _)| features & bit != 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_control_device_says_what_to_do() {
+        let err = Control::open_at(Path::new("/nonexistent/ublk-control"))
+            .err()
+            .expect("no such device");
+        assert!(err.to_string().contains("modprobe ublk_drv"), "{err}");
+    }
+
+    #[test]
+    fn feature_bits_have_names() {
+        let names = feature_names(sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_RECOVERY);
+        assert_eq!(names, vec!["USER_RECOVERY", "AUTO_BUF_REG"]);
+    }
+}

@@ -1,0 +1,401 @@
+//! `cargo xtask vm-test`: boots real Debian kernels that have `ublk_drv`
+//! under QEMU (software emulation) and runs netblk's scenario inside.
+//! See ../shared/KERNEL.md for the recipe this follows.
+//!
+//! Downloads are cached outside the work tree (`$NETBLK_VM_CACHE`, default
+//! `~/.cache/netblk-vm`), keyed by kernel version: a second run downloads
+//! nothing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A kernel the matrix boots, and what netblk should find in it.
+pub struct Kernel {
+    /// Short name for `--kernel`.
+    pub name: &'static str,
+    pub version: &'static str,
+    /// Debian packages holding the image and the modules.
+    pub packages: &'static [&'static str],
+    /// What the kernel is in the zero-copy table of DESIGN.md.
+    pub expect: &'static str,
+}
+
+pub const KERNELS: &[Kernel] = &[
+    Kernel {
+        name: "6.12",
+        version: "6.12.117+deb13-amd64",
+        packages: &["linux-image-6.12.117+deb13-amd64"],
+        expect: "copy",
+    },
+    Kernel {
+        name: "6.17",
+        version: "6.17.13+deb13-amd64",
+        packages: &["linux-image-6.17.13+deb13-amd64"],
+        expect: "partial zero copy",
+    },
+    Kernel {
+        name: "7.3",
+        version: "7.3.4+deb13-amd64",
+        packages: &[
+            "linux-binary-7.3.4+deb13-amd64",
+            "linux-modules-7.3.4+deb13-amd64",
+        ],
+        expect: "full zero copy",
+    },
+];
+
+const SOURCES: &str = "deb http://deb.debian.org/debian trixie main
+deb http://deb.debian.org/debian trixie-backports main
+deb http://deb.debian.org/debian sid main
+";
+
+/// The script the guest runs after boot; its last line is the verdict.
+const SCENARIO: &str = r#"
+set -u
+fail() { echo "NETBLK-VM-FAIL: $*"; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
+echo "== kernel $(uname -r)"
+netblk features || fail "netblk features"
+netblk ublk-check || fail "netblk ublk-check"
+ls /dev/ublkc* /dev/ublkb* 2>/dev/null && fail "a device was left behind"
+echo "NETBLK-VM-RESULT: pass"
+"#;
+
+fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn need_tools() -> Result<(), String> {
+    let missing: Vec<&str> = [
+        "qemu-system-x86_64",
+        "busybox",
+        "cpio",
+        "gzip",
+        "xz",
+        "dpkg-deb",
+        "apt-get",
+    ]
+    .into_iter()
+    .filter(|tool| {
+        !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "missing host tools: {} (apt-get install qemu-system-x86 busybox-static cpio xz-utils)",
+            missing.join(", ")
+        ))
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NETBLK_VM_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache/netblk-vm")
+}
+
+/// Downloads (once) and unpacks (once) a kernel; returns (vmlinuz, ublk_drv.ko).
+fn fetch_kernel(cache: &Path, kernel: &Kernel) -> Result<(PathBuf, PathBuf), String> {
+    let apt = cache.join("apt");
+    let lists = apt.join("lists");
+    fs::create_dir_all(lists.join("partial")).map_err(|e| e.to_string())?;
+    fs::write(apt.join("sources.list"), SOURCES).map_err(|e| e.to_string())?;
+    let opts = [
+        format!(
+            "-oDir::Etc::SourceList={}",
+            apt.join("sources.list").display()
+        ),
+        "-oDir::Etc::SourceParts=/dev/null".to_string(),
+        format!("-oDir::State::Lists={}", lists.display()),
+        format!("-oDir::Cache={}", apt.join("cache").display()),
+    ];
+    let debs = cache.join("debs").join(kernel.version);
+    fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
+    let have = |pkg: &str| {
+        fs::read_dir(&debs)
+            .map(|entries| {
+                entries.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{pkg}_"))
+                })
+            })
+            .unwrap_or(false)
+    };
+    let missing: Vec<&str> = kernel
+        .packages
+        .iter()
+        .copied()
+        .filter(|p| !have(p))
+        .collect();
+    if !missing.is_empty() {
+        let fresh = fs::read_dir(&lists).map(|d| d.count() > 1).unwrap_or(false);
+        if !fresh {
+            eprintln!("==> apt-get update (private state in {})", apt.display());
+            run(
+                Command::new("apt-get")
+                    .args(&opts)
+                    .arg("update")
+                    .stdout(Stdio::null()),
+                "apt-get update",
+            )?;
+        }
+        eprintln!("==> downloading {}", missing.join(" "));
+        run(
+            Command::new("apt-get")
+                .args(&opts)
+                .arg("download")
+                .args(&missing)
+                .current_dir(&debs),
+            "apt-get download",
+        )?;
+    }
+    let root = cache.join("kernels").join(kernel.version);
+    let marker = root.join(".unpacked");
+    if !marker.exists() {
+        fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+        for entry in fs::read_dir(&debs).map_err(|e| e.to_string())?.flatten() {
+            run(
+                Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(entry.path())
+                    .arg(&root),
+                "dpkg-deb -x",
+            )?;
+        }
+        fs::write(&marker, "").map_err(|e| e.to_string())?;
+    }
+    let find = |names: &[&str]| -> Option<PathBuf> {
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).ok()?.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if names
+                    .iter()
+                    .any(|n| entry.file_name().to_string_lossy() == *n)
+                {
+                    return Some(path);
+                }
+            }
+        }
+        None
+    };
+    let vmlinuz = find(&["vmlinuz", &format!("vmlinuz-{}", kernel.version)])
+        .ok_or_else(|| format!("no vmlinuz in {}", root.display()))?;
+    let ublk = find(&["ublk_drv.ko.xz", "ublk_drv.ko"])
+        .ok_or_else(|| format!("no ublk_drv module in {}", root.display()))?;
+    Ok((vmlinuz, ublk))
+}
+
+/// Builds the guest's binaries: static, so they need no libraries.
+fn build_static(root: &Path) -> Result<PathBuf, String> {
+    let target = "x86_64-unknown-linux-gnu";
+    eprintln!("==> building static netblk binaries");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                target,
+                "-p",
+                "netblk",
+                "-p",
+                "netblk-mock-node",
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(root),
+        "static build",
+    )?;
+    Ok(root.join("target").join(target).join("release"))
+}
+
+fn make_initramfs(work: &Path, bins: &Path, ublk: &Path) -> Result<PathBuf, String> {
+    let stage = work.join("stage");
+    let _ = fs::remove_dir_all(&stage);
+    for dir in [
+        "bin",
+        "sbin",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "lib/modules",
+    ] {
+        fs::create_dir_all(stage.join(dir)).map_err(|e| e.to_string())?;
+    }
+    let busybox = which("busybox")?;
+    fs::copy(&busybox, stage.join("bin/busybox")).map_err(|e| format!("busybox: {e}"))?;
+    for bin in ["netblk", "netblk-mock-node"] {
+        fs::copy(bins.join(bin), stage.join("bin").join(bin)).map_err(|e| format!("{bin}: {e}"))?;
+    }
+    let module = stage.join("lib/modules/ublk_drv.ko");
+    if ublk.extension().is_some_and(|e| e == "xz") {
+        let out = Command::new("xz")
+            .arg("-dc")
+            .arg(ublk)
+            .output()
+            .map_err(|e| format!("xz: {e}"))?;
+        if !out.status.success() {
+            return Err("xz -d of ublk_drv failed".into());
+        }
+        fs::write(&module, out.stdout).map_err(|e| e.to_string())?;
+    } else {
+        fs::copy(ublk, &module).map_err(|e| e.to_string())?;
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nip link set lo up\n\
+         insmod /lib/modules/ublk_drv.ko || echo 'NETBLK-VM-FAIL: insmod ublk_drv'\n\
+         export PATH=/bin:/sbin RUST_LOG=warn\n{SCENARIO}\npoweroff -f\n"
+    );
+    let init_path = stage.join("init");
+    fs::write(&init_path, init).map_err(|e| e.to_string())?;
+    run(Command::new("chmod").arg("+x").arg(&init_path), "chmod")?;
+    let initrd = work.join("initrd.gz");
+    run(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "find . | cpio -o -H newc 2>/dev/null | gzip -1 > {}",
+                initrd.display()
+            ))
+            .current_dir(&stage),
+        "cpio",
+    )?;
+    Ok(initrd)
+}
+
+fn which(tool: &str) -> Result<PathBuf, String> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if path.is_empty() {
+        Err(format!("{tool} not found"))
+    } else {
+        Ok(PathBuf::from(path))
+    }
+}
+
+/// Boots the kernel with the initramfs; returns the serial console output.
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<String, String> {
+    let out = fs::File::create(log).map_err(|e| e.to_string())?;
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+        ])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(out)
+        .spawn()
+        .map_err(|e| format!("qemu: {e}"))?;
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = fs::read_to_string(log).unwrap_or_default();
+            return Err(format!(
+                "the guest did not finish within {timeout:?}; its log:\n{text}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(fs::read_to_string(log).unwrap_or_default())
+}
+
+/// Runs the scenario on the chosen kernels (all by default).
+pub fn vm_test(root: &Path, only: Option<&str>) -> Result<(), String> {
+    need_tools()?;
+    let kernels: Vec<&Kernel> = KERNELS
+        .iter()
+        .filter(|k| only.is_none_or(|o| o == k.name))
+        .collect();
+    if kernels.is_empty() {
+        let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+        return Err(format!("unknown kernel; choose from {}", names.join(", ")));
+    }
+    let cache = cache_dir();
+    let bins = build_static(root)?;
+    let mut failed = Vec::new();
+    for kernel in kernels {
+        eprintln!(
+            "==> kernel {} ({}, expected: {})",
+            kernel.name, kernel.version, kernel.expect
+        );
+        let (vmlinuz, ublk) = fetch_kernel(&cache, kernel)?;
+        let work = root.join("target/vm").join(kernel.name);
+        fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+        let initrd = make_initramfs(&work, &bins, &ublk)?;
+        let started = Instant::now();
+        let log = boot(
+            &vmlinuz,
+            &initrd,
+            &work.join("console.log"),
+            Duration::from_secs(600),
+        )?;
+        let verdict = if log.contains("NETBLK-VM-RESULT: pass") {
+            "pass"
+        } else {
+            "FAIL"
+        };
+        eprintln!(
+            "<== kernel {}: {verdict} in {:.1?}",
+            kernel.name,
+            started.elapsed()
+        );
+        if verdict == "pass" {
+            for line in log
+                .lines()
+                .filter(|l| l.starts_with("ublk") || l.starts_with("io_uring"))
+            {
+                eprintln!("    {line}");
+            }
+        } else {
+            eprintln!("---- guest log ({})\n{log}\n----", kernel.name);
+            failed.push(kernel.name);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("vm-test failed on kernel(s) {}", failed.join(", ")))
+    }
+}
