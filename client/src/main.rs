@@ -30,12 +30,47 @@ enum Cmd {
     /// baseline: raw TCP bulk transfer for 1 MiB, a raw request/echo loop
     /// for 4 KiB, over the same number of connections.
     Bench(BenchArgs),
+    /// Attach a striped volume as /dev/ublkbN and serve it until SIGINT or
+    /// SIGTERM, then detach it cleanly.
+    Map(MapArgs),
     /// Show what this kernel offers netblk: ublk driver features and the
     /// io_uring operations the data path uses.
     Features,
     /// Exercise the ublk control path without serving IO: add a device, set
     /// its parameters, read its info back, delete it. Needs ublk_drv and root.
     UblkCheck,
+}
+
+#[derive(clap::Args, Debug)]
+struct MapArgs {
+    /// Volume name (the nodes store it under this name).
+    #[arg(long)]
+    volume: String,
+    /// Volume size (bytes; K, M, G, T suffixes).
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// The nodes, in stripe order (comma separated). The order is part of
+    /// the volume: nodes refuse a different one.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "ADDR,...")]
+    nodes: Vec<SocketAddr>,
+    /// Stripe unit (bytes; K, M suffixes).
+    #[arg(long, default_value = "128K", value_parser = parse_stripe_unit)]
+    stripe_unit: u32,
+    /// Hardware queues, each a thread with its own connections.
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 64)]
+    depth: u16,
+    /// Logical block size: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    block_size: u32,
+    /// How payloads leave for the nodes: zc (SEND_ZC) or copy.
+    #[arg(long, default_value = "zc", value_parser = ["zc", "copy"])]
+    send: String,
+    /// Seconds before a request fails with EIO.
+    #[arg(long, default_value_t = 30)]
+    io_timeout: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -85,6 +120,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
+        Cmd::Map(args) => map(args),
         Cmd::Features => features(),
         Cmd::UblkCheck => ublk_check(),
     };
@@ -192,4 +228,50 @@ fn ublk_check() -> Result<(), String> {
     ctrl.delete(id).map_err(|e| e.to_string())?;
     println!("ublk: deleted device {id}");
     result.map_err(|e| e.to_string())
+}
+
+fn map(args: MapArgs) -> Result<(), String> {
+    use netblk::frontend::VolumeOptions;
+    use netblk::layout::VolumeSpec;
+    use netblk::ublk::device::{self, MapOptions};
+    let spec = VolumeSpec {
+        name: args.volume,
+        size: args.size,
+        stripe_unit: args.stripe_unit,
+        nodes: args.nodes,
+    };
+    let send_mode = if args.send == "copy" {
+        SendMode::Copy
+    } else {
+        SendMode::ZeroCopy
+    };
+    let options = MapOptions {
+        volume: VolumeOptions {
+            queues: args.queues,
+            depth: args.depth,
+            max_io: 1 << 20,
+            send_mode,
+            io_timeout: Duration::from_secs(args.io_timeout.max(1)),
+            ..VolumeOptions::default()
+        },
+        block_size: args.block_size,
+    };
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("signals: {e}"))?;
+    let device = device::map(&spec, &options).map_err(|e| e.to_string())?;
+    eprintln!(
+        "netblk: {} serves volume '{}' over {} node(s): ublk {} mode, network sends {send_mode}",
+        device.path(),
+        spec.name,
+        spec.nodes.len(),
+        device.mode
+    );
+    println!("{}", device.path());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    signals.forever().next();
+    eprintln!("netblk: stopping {}", device.path());
+    device.stop().map_err(|e| e.to_string())
 }

@@ -199,6 +199,19 @@ pub trait Frontend {
     }
     /// The queue failed and its ring is gone; `tags` were in flight.
     fn fail(&mut self, tags: &[Tag]);
+    /// Operations of the frontend's own (ublk commands) to submit on the
+    /// queue's ring. Their user data must come from [`frontend_user_data`],
+    /// and any memory they point at must stay valid until their completion
+    /// reaches [`Frontend::on_cqe`].
+    fn take_sqes(&mut self, _out: &mut Vec<squeue::Entry>) {}
+    /// The completion of one of the frontend's own operations.
+    fn on_cqe(&mut self, _detail: u64, _result: i32, _engine: &mut Engine, _now: Instant) {}
+}
+
+/// User data for a frontend's own operation; `detail` (40 bits) comes back
+/// in [`Frontend::on_cqe`].
+pub fn frontend_user_data(detail: u64) -> u64 {
+    user_data(K_FRONTEND, 0, detail)
 }
 
 /// Sets `SO_ZEROCOPY` on a socket, so the kernel may send from user pages.
@@ -253,6 +266,7 @@ const K_RECV: u64 = 3;
 const K_RECV_PAYLOAD: u64 = 4;
 const K_WAKE: u64 = 5;
 const K_CANCEL: u64 = 6;
+const K_FRONTEND: u64 = 7;
 
 fn user_data(kind: u64, conn: usize, detail: u64) -> u64 {
     (kind << 56) | ((conn as u64 & 0xffff) << 40) | (detail & 0xff_ffff_ffff)
@@ -322,6 +336,7 @@ pub struct QueueDriver<F: Frontend> {
     mode: SendMode,
     wake_buf: Box<u64>,
     wake_posted: bool,
+    frontend_sqes: Vec<squeue::Entry>,
 }
 
 impl<F: Frontend> QueueDriver<F> {
@@ -382,6 +397,7 @@ impl<F: Frontend> QueueDriver<F> {
             mode,
             wake_buf: Box::new(0),
             wake_posted: false,
+            frontend_sqes: Vec::new(),
         })
     }
 
@@ -416,6 +432,7 @@ impl<F: Frontend> QueueDriver<F> {
             self.deliver_completions();
             // After completions: a frontend refills the tags they freed.
             let more = self.frontend.poll(&mut self.engine, &self.buffers, now);
+            self.post_frontend()?;
             for node in 0..self.conns.len() {
                 self.post_sends(node)?;
                 self.post_recv(node)?;
@@ -423,6 +440,7 @@ impl<F: Frontend> QueueDriver<F> {
             }
             self.post_wake()?;
             if self.deliver_completions() {
+                self.post_frontend()?;
                 // Some finished without IO (invalid, or lost): poll again
                 // before sleeping.
                 self.ring.submit()?;
@@ -457,6 +475,8 @@ impl<F: Frontend> QueueDriver<F> {
             // (kept until their CQE), tag buffers (owned by the queue until
             // the engine completes the request, which waits for every CQE and
             // notification), and `wake_buf` (lives as long as the driver).
+            // Frontend entries (ublk commands) carry integers and tag buffer
+            // addresses, under the same rule (see Frontend::take_sqes).
             let pushed = unsafe { self.ring.submission().push(entry) };
             if pushed.is_ok() {
                 return Ok(());
@@ -490,6 +510,16 @@ impl<F: Frontend> QueueDriver<F> {
             }
             Err(err) => Err(err),
         }
+    }
+
+    fn post_frontend(&mut self) -> io::Result<()> {
+        let mut sqes = std::mem::take(&mut self.frontend_sqes);
+        self.frontend.take_sqes(&mut sqes);
+        for entry in sqes.drain(..) {
+            self.push(&entry)?;
+        }
+        self.frontend_sqes = sqes;
+        Ok(())
     }
 
     fn post_wake(&mut self) -> io::Result<()> {
@@ -635,6 +665,9 @@ impl<F: Frontend> QueueDriver<F> {
                     self.wake_posted = false;
                 }
                 K_CANCEL => {}
+                K_FRONTEND => self
+                    .frontend
+                    .on_cqe(detail, res, &mut self.engine, Instant::now()),
                 K_HEAD => {
                     let conn = &mut self.conns[node];
                     conn.ops -= 1;

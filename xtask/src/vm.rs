@@ -54,11 +54,40 @@ deb http://deb.debian.org/debian sid main
 /// The script the guest runs after boot; its last line is the verdict.
 const SCENARIO: &str = r#"
 set -u
-fail() { echo "NETBLK-VM-FAIL: $*"; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
+fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
 echo "== kernel $(uname -r)"
 netblk features || fail "netblk features"
 netblk ublk-check || fail "netblk ublk-check"
 ls /dev/ublkc* /dev/ublkb* 2>/dev/null && fail "a device was left behind"
+
+# Three mock nodes on loopback, a striped volume over them.
+for p in 7001 7002 7003; do
+  netblk-mock-node --listen 127.0.0.1:$p --store memory >/tmp/node$p.out 2>/tmp/node$p.log &
+done
+for p in 7001 7002 7003; do
+  for i in $(seq 50); do grep -q listening /tmp/node$p.out && break; sleep 0.1; done
+done
+NODES=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
+netblk map --volume vm --size 256M --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map.out 2>/tmp/map.log &
+MAP=$!
+for i in $(seq 100); do [ -b /dev/ublkb0 ] && break; sleep 0.1; done
+[ -b /dev/ublkb0 ] || fail "no /dev/ublkb0 after map"
+grep -q /dev/ublkb0 /tmp/map.out || fail "map did not print the device path"
+cat /tmp/map.log
+
+# Data written through the device reads back the same, past the page cache.
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+dd if=/tmp/data of=/dev/ublkb0 bs=1M seek=3 conv=fsync 2>/dev/null || fail "write to the device"
+blockdev --flushbufs /dev/ublkb0
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/ublkb0 of=/tmp/back bs=1M skip=3 count=16 2>/dev/null || fail "read from the device"
+cmp /tmp/data /tmp/back || fail "data read back differs"
+echo "ublk: 16 MiB written and read back through /dev/ublkb0"
+
+kill -TERM $MAP
+wait $MAP || fail "map exited with an error"
+[ -e /dev/ublkb0 ] && fail "/dev/ublkb0 still there after unmap"
+echo "ublk: device removed on SIGTERM"
 echo "NETBLK-VM-RESULT: pass"
 "#;
 

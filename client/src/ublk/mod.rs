@@ -3,4 +3,6 @@
 //! each queue's ring) comes with the ublk frontend.
 
 pub mod ctrl;
+pub mod device;
+pub mod queue;
 pub mod sys;

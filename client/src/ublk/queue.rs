@@ -1,0 +1,225 @@
+//! One ublk queue as a [`Frontend`]: FETCH / COMMIT_AND_FETCH commands on
+//! the queue's ring, request descriptors read from the driver's shared
+//! array, requests handed to the engine.
+//!
+//! This is the copy mode: each tag's buffer is ours (the registered tag
+//! buffer); the driver copies write data into it before a request arrives and
+//! read data out of it at commit.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use io_uring::{opcode, squeue, types};
+
+use super::sys::{self, IoCmd, IoDesc};
+use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
+use crate::uring::{Frontend, TagBuffers, frontend_user_data};
+
+/// The driver's request descriptors of one queue, mapped read-only.
+struct Descriptors {
+    base: NonNull<IoDesc>,
+    len: usize,
+    depth: u16,
+}
+
+// SAFETY: the mapping is owned by this value and only read; the queue thread
+// that owns it is the only reader.
+unsafe impl Send for Descriptors {}
+
+impl Descriptors {
+    fn map(cdev: &File, queue: u16, depth: u16) -> io::Result<Descriptors> {
+        // SAFETY: sysconf takes an integer and returns one.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = usize::from(depth) * std::mem::size_of::<IoDesc>();
+        let len = bytes.div_ceil(page) * page;
+        let max_depth_bytes =
+            usize::from(sys::UBLK_MAX_QUEUE_DEPTH) * std::mem::size_of::<IoDesc>();
+        let stride = max_depth_bytes.div_ceil(page) * page;
+        let offset = sys::UBLKSRV_CMD_BUF_OFFSET + (usize::from(queue) * stride) as i64;
+        // SAFETY: maps `len` bytes of the ublk char device at the queue's
+        // descriptor offset, read-only and shared; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                cdev.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<IoDesc>())
+            .ok_or_else(|| io::Error::other("mmap of ublk descriptors returned null"))?;
+        Ok(Descriptors { base, len, depth })
+    }
+
+    /// The descriptor of `tag`, as the driver wrote it before completing the
+    /// tag's FETCH.
+    fn get(&self, tag: Tag) -> IoDesc {
+        assert!(tag < self.depth);
+        // SAFETY: tag < depth, so the element lies inside the mapping; the
+        // driver wrote it before the FETCH completion we are handling, and
+        // does not change it until we commit the tag. read_volatile because
+        // the memory is shared with the kernel.
+        unsafe { std::ptr::read_volatile(self.base.as_ptr().add(usize::from(tag))) }
+    }
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `map`.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// One ublk queue in copy mode.
+pub struct UblkQueue {
+    cdev: File,
+    queue: u16,
+    depth: u16,
+    descriptors: Descriptors,
+    /// Buffer address of each tag (the registered tag buffers).
+    buffer_addrs: Vec<u64>,
+    sqes: Vec<squeue::Entry>,
+    /// Tags whose command the driver holds (fetch outstanding).
+    outstanding: u16,
+    /// The device is going away: do not fetch again.
+    aborting: bool,
+    pub requests: u64,
+}
+
+impl UblkQueue {
+    /// Opens the device's char device (`/dev/ublkcN`); the driver allows one
+    /// open, which every queue shares.
+    pub fn open_cdev(dev_id: u32) -> io::Result<File> {
+        let path = format!("/dev/ublkc{dev_id}");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+    }
+
+    /// Sets up queue `queue` on the open char device; its FETCH commands go
+    /// out with the first poll.
+    pub fn new(cdev: &File, queue: u16, depth: u16, buffers: &TagBuffers) -> io::Result<UblkQueue> {
+        let cdev = cdev.try_clone()?;
+        let descriptors = Descriptors::map(&cdev, queue, depth)?;
+        let buffer_addrs = (0..depth).map(|tag| buffers.tag_ptr(tag) as u64).collect();
+        let mut q = UblkQueue {
+            cdev,
+            queue,
+            depth,
+            descriptors,
+            buffer_addrs,
+            sqes: Vec::with_capacity(usize::from(depth)),
+            outstanding: 0,
+            aborting: false,
+            requests: 0,
+        };
+        for tag in 0..depth {
+            q.command(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
+        }
+        Ok(q)
+    }
+
+    fn command(&mut self, op: u32, tag: Tag, result: i32) {
+        let cmd = IoCmd {
+            q_id: self.queue,
+            tag,
+            result,
+            addr: self.buffer_addrs[usize::from(tag)],
+        };
+        let mut bytes = [0u8; 16];
+        bytes[0..2].copy_from_slice(&cmd.q_id.to_ne_bytes());
+        bytes[2..4].copy_from_slice(&cmd.tag.to_ne_bytes());
+        bytes[4..8].copy_from_slice(&cmd.result.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&cmd.addr.to_ne_bytes());
+        let entry = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), op)
+            .cmd(bytes)
+            .build()
+            .user_data(frontend_user_data(u64::from(tag)));
+        self.sqes.push(entry);
+        self.outstanding += 1;
+    }
+
+    /// The engine request for a descriptor, or the errno to answer it with.
+    fn request(&self, tag: Tag, desc: &IoDesc) -> Result<BlockRequest, i32> {
+        let offset = desc.start_sector << 9;
+        let len = u64::from(desc.nr_sectors) << 9;
+        let op = match desc.op() {
+            sys::UBLK_IO_OP_READ => Op::Read,
+            sys::UBLK_IO_OP_WRITE => Op::Write {
+                fua: desc.flags() & (sys::UBLK_IO_F_FUA >> 8) != 0,
+            },
+            sys::UBLK_IO_OP_FLUSH => Op::Flush,
+            sys::UBLK_IO_OP_DISCARD => Op::Discard,
+            sys::UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+            _ => return Err(libc::EOPNOTSUPP),
+        };
+        Ok(BlockRequest {
+            tag,
+            op,
+            offset,
+            len,
+        })
+    }
+}
+
+impl Frontend for UblkQueue {
+    fn poll(&mut self, _: &mut Engine, _: &TagBuffers, _: Instant) -> bool {
+        !(self.aborting && self.outstanding == 0)
+    }
+
+    fn take_sqes(&mut self, out: &mut Vec<squeue::Entry>) {
+        out.append(&mut self.sqes);
+    }
+
+    fn on_cqe(&mut self, detail: u64, result: i32, engine: &mut Engine, now: Instant) {
+        let tag = detail as Tag;
+        self.outstanding = self.outstanding.saturating_sub(1);
+        if result == sys::UBLK_IO_RES_ABORT || result < 0 {
+            // The device is stopping (or the command failed): this tag is done.
+            self.aborting = true;
+            return;
+        }
+        let desc = self.descriptors.get(tag);
+        self.requests += 1;
+        match self.request(tag, &desc) {
+            Ok(request) => {
+                if engine.handle_request(now, request).is_err() {
+                    self.command(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, -libc::EIO);
+                }
+            }
+            Err(errno) => self.command(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, -errno),
+        }
+    }
+
+    fn complete(&mut self, c: Completion, _: &TagBuffers) {
+        let result = match c.result {
+            Ok(bytes) => i32::try_from(bytes).unwrap_or(i32::MAX),
+            Err(errno) => -errno,
+        };
+        // Even while the device stops, a request we took must be committed;
+        // the driver then answers the re-fetch with ABORT.
+        self.command(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, c.tag, result);
+    }
+
+    fn fail(&mut self, _tags: &[Tag]) {
+        self.aborting = true;
+    }
+}
+
+impl UblkQueue {
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+}
