@@ -14,13 +14,17 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   vm-test [--kernel 6.12|6.17|7.3]
         boot real ublk kernels under QEMU and run the scenario in each
-  ci    cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
-        cargo test --workspace";
+  ci [--vm]
+        cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
+        cargo test --workspace; with --vm, then vm-test on every kernel";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") if args.len() == 1 => ci(),
+        Some("ci") if args.len() == 2 && args[1] == "--vm" => {
+            ci().and_then(|()| vm::vm_test(&workspace_root(), None))
+        }
         Some("vm-test") => match &args[1..] {
             [] => vm::vm_test(&workspace_root(), None),
             [flag, kernel] if flag == "--kernel" => vm::vm_test(&workspace_root(), Some(kernel)),
