@@ -70,9 +70,10 @@ done
 NODES=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
 netblk map --volume vm --size 256M --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map.out 2>/tmp/map.log &
 MAP=$!
-for i in $(seq 100); do [ -b /dev/ublkb0 ] && break; sleep 0.1; done
-[ -b /dev/ublkb0 ] || fail "no /dev/ublkb0 after map"
+# The path is printed once the device is usable.
+for i in $(seq 100); do grep -q /dev/ublkb0 /tmp/map.out && break; sleep 0.1; done
 grep -q /dev/ublkb0 /tmp/map.out || fail "map did not print the device path"
+[ -b /dev/ublkb0 ] || fail "no /dev/ublkb0 after map"
 cat /tmp/map.log
 
 # Data written through the device reads back the same, past the page cache.
@@ -84,10 +85,47 @@ dd if=/dev/ublkb0 of=/tmp/back bs=1M skip=3 count=16 2>/dev/null || fail "read f
 cmp /tmp/data /tmp/back || fail "data read back differs"
 echo "ublk: 16 MiB written and read back through /dev/ublkb0"
 
+# fio: random writes of mixed sizes at depth 32, then every block verified.
+fio --name=verify --filename=/dev/ublkb0 --ioengine=libaio --direct=1 --iodepth=32 \
+    --rw=randwrite --bsrange=4k-1m --size=64M --offset=128M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --randrepeat=0 --output=/tmp/fio.log >/dev/null 2>&1 || fail "fio verify"
+grep -q "err= 0" /tmp/fio.log || fail "fio reported errors"
+echo "ublk: fio randwrite 4k-1m depth 32 with crc32c verify: ok"
+
+# ext4: files survive unmap and a fresh map of the same volume.
+mkfs.ext4 -q -F /dev/ublkb0 || fail "mkfs.ext4"
+mkdir -p /mnt && mount -t ext4 /dev/ublkb0 /mnt || fail "mount"
+for i in 1 2 3; do dd if=/dev/urandom of=/mnt/file$i bs=1M count=$((i * 5)) 2>/dev/null; done
+sync
+(cd /mnt && md5sum file1 file2 file3) > /tmp/sums
+umount /mnt || fail "umount"
 kill -TERM $MAP
 wait $MAP || fail "map exited with an error"
 [ -e /dev/ublkb0 ] && fail "/dev/ublkb0 still there after unmap"
 echo "ublk: device removed on SIGTERM"
+
+netblk map --volume vm --size 256M --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map2.out 2>/tmp/map2.log &
+MAP=$!
+DEV=
+for i in $(seq 100); do DEV=$(head -n1 /tmp/map2.out 2>/dev/null); [ -n "$DEV" ] && [ -b "$DEV" ] && break; sleep 0.1; done
+[ -b "$DEV" ] || fail "no device after the second map"
+mount -t ext4 "$DEV" /mnt || fail "mount after remap"
+(cd /mnt && md5sum -c /tmp/sums) >/dev/null || fail "checksums after remap"
+umount /mnt || fail "umount after remap"
+e2fsck -fn "$DEV" >/tmp/fsck.log 2>&1 || fail "e2fsck -fn"
+echo "ublk: ext4 files intact after unmap and remap; e2fsck -fn clean"
+
+# Discard frees and reads back zeroes.
+blkdiscard "$DEV" || fail "blkdiscard"
+blockdev --flushbufs "$DEV"
+echo 3 > /proc/sys/vm/drop_caches
+dd if="$DEV" of=/tmp/after bs=1M count=16 2>/dev/null
+dd if=/dev/zero of=/tmp/zero bs=1M count=16 2>/dev/null
+cmp /tmp/after /tmp/zero || fail "discarded blocks do not read as zeroes"
+echo "ublk: blkdiscard reads back zeroes"
+kill -TERM $MAP
+wait $MAP || fail "second map exited with an error"
+ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
 echo "NETBLK-VM-RESULT: pass"
 "#;
 
@@ -125,7 +163,7 @@ fn need_tools() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "missing host tools: {} (apt-get install qemu-system-x86 busybox-static cpio xz-utils)",
+            "missing host tools: {} (apt-get install qemu-system-x86 busybox-static cpio xz-utils fio e2fsprogs)",
             missing.join(", ")
         ))
     }
@@ -139,7 +177,8 @@ fn cache_dir() -> PathBuf {
     home.join(".cache/netblk-vm")
 }
 
-/// Downloads (once) and unpacks (once) a kernel; returns (vmlinuz, ublk_drv.ko).
+/// Downloads (once) and unpacks (once) a kernel; returns (vmlinuz, the
+/// unpacked tree).
 fn fetch_kernel(cache: &Path, kernel: &Kernel) -> Result<(PathBuf, PathBuf), String> {
     let apt = cache.join("apt");
     let lists = apt.join("lists");
@@ -210,28 +249,75 @@ fn fetch_kernel(cache: &Path, kernel: &Kernel) -> Result<(PathBuf, PathBuf), Str
         }
         fs::write(&marker, "").map_err(|e| e.to_string())?;
     }
-    let find = |names: &[&str]| -> Option<PathBuf> {
-        let mut stack = vec![root.clone()];
-        while let Some(dir) = stack.pop() {
-            for entry in fs::read_dir(&dir).ok()?.flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if names
-                    .iter()
-                    .any(|n| entry.file_name().to_string_lossy() == *n)
-                {
-                    return Some(path);
-                }
+    let vmlinuz = find_file(&root, &["vmlinuz", &format!("vmlinuz-{}", kernel.version)])
+        .ok_or_else(|| format!("no vmlinuz in {}", root.display()))?;
+    Ok((vmlinuz, root))
+}
+
+/// The first file under `root` with one of these names.
+fn find_file(root: &Path, names: &[&str]) -> Option<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).ok()?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if names
+                .iter()
+                .any(|n| entry.file_name().to_string_lossy() == *n)
+            {
+                return Some(path);
             }
         }
-        None
-    };
-    let vmlinuz = find(&["vmlinuz", &format!("vmlinuz-{}", kernel.version)])
-        .ok_or_else(|| format!("no vmlinuz in {}", root.display()))?;
-    let ublk = find(&["ublk_drv.ko.xz", "ublk_drv.ko"])
-        .ok_or_else(|| format!("no ublk_drv module in {}", root.display()))?;
-    Ok((vmlinuz, ublk))
+    }
+    None
+}
+
+/// A module's contents, decompressed.
+fn module_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    if path.extension().is_some_and(|e| e == "xz") {
+        let out = Command::new("xz")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .map_err(|e| format!("xz: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("xz -d {} failed", path.display()));
+        }
+        Ok(out.stdout)
+    } else {
+        fs::read(path).map_err(|e| e.to_string())
+    }
+}
+
+/// Module `name` and everything it depends on, dependencies first, read from
+/// each module's `depends=` field (the packages ship no modules.dep).
+fn modules_with_deps(
+    root: &Path,
+    name: &str,
+    out: &mut Vec<(String, Vec<u8>)>,
+) -> Result<(), String> {
+    if out.iter().any(|(n, _)| n == name) {
+        return Ok(());
+    }
+    let files = [
+        format!("{name}.ko.xz"),
+        format!("{name}.ko"),
+        format!("{}.ko.xz", name.replace('_', "-")),
+    ];
+    let names: Vec<&str> = files.iter().map(String::as_str).collect();
+    let path = find_file(root, &names).ok_or_else(|| format!("module {name} not found"))?;
+    let bytes = module_bytes(&path)?;
+    let depends = bytes
+        .split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(b"depends="))
+        .map(|d| String::from_utf8_lossy(d).to_string())
+        .unwrap_or_default();
+    for dep in depends.split(',').filter(|d| !d.is_empty()) {
+        modules_with_deps(root, dep, out)?;
+    }
+    out.push((name.to_string(), bytes));
+    Ok(())
 }
 
 /// Builds the guest's binaries: static, so they need no libraries.
@@ -257,7 +343,7 @@ fn build_static(root: &Path) -> Result<PathBuf, String> {
     Ok(root.join("target").join(target).join("release"))
 }
 
-fn make_initramfs(work: &Path, bins: &Path, ublk: &Path) -> Result<PathBuf, String> {
+fn make_initramfs(work: &Path, bins: &Path, kernel_root: &Path) -> Result<PathBuf, String> {
     let stage = work.join("stage");
     let _ = fs::remove_dir_all(&stage);
     for dir in [
@@ -277,26 +363,33 @@ fn make_initramfs(work: &Path, bins: &Path, ublk: &Path) -> Result<PathBuf, Stri
     for bin in ["netblk", "netblk-mock-node"] {
         fs::copy(bins.join(bin), stage.join("bin").join(bin)).map_err(|e| format!("{bin}: {e}"))?;
     }
-    let module = stage.join("lib/modules/ublk_drv.ko");
-    if ublk.extension().is_some_and(|e| e == "xz") {
-        let out = Command::new("xz")
-            .arg("-dc")
-            .arg(ublk)
-            .output()
-            .map_err(|e| format!("xz: {e}"))?;
-        if !out.status.success() {
-            return Err("xz -d of ublk_drv failed".into());
+    // Test tools from the host, with the libraries they load.
+    for tool in ["fio", "mkfs.ext4", "e2fsck"] {
+        copy_with_libs(&which(tool)?, &stage)?;
+    }
+    let mut modules = Vec::new();
+    for name in ["ublk_drv", "ext4"] {
+        modules_with_deps(kernel_root, name, &mut modules)?;
+    }
+    // ext4 asks the crypto API for crc32c; older kernels have it as a module.
+    for name in ["crc32c_generic", "crc32c_intel"] {
+        if modules_with_deps(kernel_root, name, &mut modules).is_err() {
+            eprintln!("    (no {name} module in this kernel)");
         }
-        fs::write(&module, out.stdout).map_err(|e| e.to_string())?;
-    } else {
-        fs::copy(ublk, &module).map_err(|e| e.to_string())?;
+    }
+    let mut insmods = String::new();
+    for (name, bytes) in &modules {
+        fs::write(stage.join(format!("lib/modules/{name}.ko")), bytes)
+            .map_err(|e| e.to_string())?;
+        insmods.push_str(&format!(
+            "insmod /lib/modules/{name}.ko || echo 'NETBLK-VM-FAIL: insmod {name}'\n"
+        ));
     }
     let init = format!(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nip link set lo up\n\
-         insmod /lib/modules/ublk_drv.ko || echo 'NETBLK-VM-FAIL: insmod ublk_drv'\n\
-         export PATH=/bin:/sbin RUST_LOG=warn\n{SCENARIO}\npoweroff -f\n"
+         {insmods}export PATH=/bin:/sbin RUST_LOG=warn\n{SCENARIO}\npoweroff -f\n"
     );
     let init_path = stage.join("init");
     fs::write(&init_path, init).map_err(|e| e.to_string())?;
@@ -313,6 +406,40 @@ fn make_initramfs(work: &Path, bins: &Path, ublk: &Path) -> Result<PathBuf, Stri
         "cpio",
     )?;
     Ok(initrd)
+}
+
+/// Copies a dynamically linked program into the guest's /bin, and every
+/// library `ldd` lists to the same path in the guest.
+fn copy_with_libs(program: &Path, stage: &Path) -> Result<(), String> {
+    let name = program.file_name().ok_or("program without a name")?;
+    fs::copy(program, stage.join("bin").join(name))
+        .map_err(|e| format!("{}: {e}", program.display()))?;
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(|e| format!("ldd: {e}"))?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let dest = stage.join(path.trim_start_matches('/'));
+        if dest.exists() {
+            continue;
+        }
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        fs::copy(path, &dest).map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn which(tool: &str) -> Result<PathBuf, String> {
@@ -389,10 +516,10 @@ pub fn vm_test(root: &Path, only: Option<&str>) -> Result<(), String> {
             "==> kernel {} ({}, expected: {})",
             kernel.name, kernel.version, kernel.expect
         );
-        let (vmlinuz, ublk) = fetch_kernel(&cache, kernel)?;
+        let (vmlinuz, kernel_root) = fetch_kernel(&cache, kernel)?;
         let work = root.join("target/vm").join(kernel.name);
         fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-        let initrd = make_initramfs(&work, &bins, &ublk)?;
+        let initrd = make_initramfs(&work, &bins, &kernel_root)?;
         let started = Instant::now();
         let log = boot(
             &vmlinuz,
