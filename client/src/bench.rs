@@ -21,7 +21,7 @@ use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
 use crate::frontend::{VolumeOptions, connect_queue, engine_config, spawn_queue};
 use crate::layout::{DEFAULT_STRIPE_UNIT, VolumeSpec};
 use crate::rng::Rng;
-use crate::uring::{Frontend, SendMode, TagBuffers};
+use crate::uring::{BufferMode, Frontend, SendMode, TagBuffers};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -419,6 +419,7 @@ fn measure_workload(
                 buffers,
                 generator,
                 mode,
+                BufferMode::User,
             )
             .map_err(err)?,
         );

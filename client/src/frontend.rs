@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
 use crate::layout::{Layout, SpecError, VolumeSpec};
 use crate::net::{self, ConnectError, Identity, NodeInfo};
-use crate::uring::{Doorbell, Frontend, QueueDriver, SendMode, TagBuffers};
+use crate::uring::{BufferMode, Doorbell, Frontend, QueueDriver, SendMode, TagBuffers};
 
 /// How a volume is attached.
 #[derive(Debug, Clone)]
@@ -122,13 +122,14 @@ pub fn spawn_queue<F: Frontend + Send + 'static>(
     buffers: Arc<TagBuffers>,
     frontend: F,
     mode: SendMode,
+    buffer_mode: BufferMode,
 ) -> Result<QueueThread<F>, OpenError> {
     // The ring is made on the thread that uses it (single issuer).
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(
-            move || match QueueDriver::new(engine, streams, buffers, frontend, mode) {
+        .spawn(move || {
+            match QueueDriver::new(engine, streams, buffers, frontend, mode, buffer_mode) {
                 Ok(driver) => {
                     let _ = ready_tx.send(Ok(()));
                     let (frontend, result) = driver.run();
@@ -138,8 +139,8 @@ pub fn spawn_queue<F: Frontend + Send + 'static>(
                     let _ = ready_tx.send(Err(io::Error::new(err.kind(), err.to_string())));
                     (None, Err(err))
                 }
-            },
-        )
+            }
+        })
         .map_err(OpenError::Uring)?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(thread),
@@ -294,6 +295,7 @@ impl Volume {
                 buffers,
                 frontend,
                 options.send_mode,
+                BufferMode::User,
             )?;
             let free_tags = crossbeam_channel::bounded(usize::from(options.depth));
             for tag in 0..options.depth {

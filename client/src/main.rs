@@ -65,9 +65,13 @@ struct MapArgs {
     /// Logical block size: 512 or 4096.
     #[arg(long, default_value_t = 512)]
     block_size: u32,
-    /// How payloads leave for the nodes: zc (SEND_ZC) or copy.
+    /// How payloads leave for the nodes in copy mode: zc (SEND_ZC) or copy.
     #[arg(long, default_value = "zc", value_parser = ["zc", "copy"])]
     send: String,
+    /// Zero copy between the block layer and the network: auto (the best the
+    /// kernel offers), on (fail where the kernel cannot), off (copy mode).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    zero_copy: String,
     /// Seconds before a request fails with EIO.
     #[arg(long, default_value_t = 30)]
     io_timeout: u64,
@@ -255,6 +259,11 @@ fn map(args: MapArgs) -> Result<(), String> {
             ..VolumeOptions::default()
         },
         block_size: args.block_size,
+        zero_copy: match args.zero_copy.as_str() {
+            "on" => device::ZeroCopy::On,
+            "off" => device::ZeroCopy::Off,
+            _ => device::ZeroCopy::Auto,
+        },
     };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -263,15 +272,15 @@ fn map(args: MapArgs) -> Result<(), String> {
     .map_err(|e| format!("signals: {e}"))?;
     let device = device::map(&spec, &options).map_err(|e| e.to_string())?;
     eprintln!(
-        "netblk: {} serves volume '{}' over {} node(s): ublk {} mode, network sends {send_mode}",
-        device.path(),
+        "netblk: {} serves volume '{}' over {} node(s): data path: {}",
+        device.block_path(),
         spec.name,
         spec.nodes.len(),
-        device.mode
+        device.path.name()
     );
-    println!("{}", device.path());
+    println!("{}", device.block_path());
     let _ = std::io::Write::flush(&mut std::io::stdout());
     signals.forever().next();
-    eprintln!("netblk: stopping {}", device.path());
+    eprintln!("netblk: stopping {}", device.block_path());
     device.stop().map_err(|e| e.to_string())
 }

@@ -42,6 +42,19 @@ impl std::fmt::Display for SendMode {
     }
 }
 
+/// Where request data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferMode {
+    /// In [`TagBuffers`], registered as the ring's fixed buffers.
+    User,
+    /// In the block request's own pages, which the ublk driver registers in
+    /// the ring's (sparse) buffer table at index = tag (`UBLK_F_AUTO_BUF_REG`).
+    /// Userspace cannot touch them: payloads go out with `SEND_ZC` and come
+    /// in with a receive into the fixed buffer (`recv_fixed`, Linux 7.2+) or
+    /// `READ_FIXED` on the socket.
+    Kernel { recv_fixed: bool },
+}
+
 /// One buffer per tag, in one anonymous mapping allocated at start-up.
 ///
 /// Ownership protocol: a tag's buffer belongs either to the frontend (no IO
@@ -99,6 +112,10 @@ impl TagBuffers {
 
     pub fn tag_size(&self) -> usize {
         self.tag_size
+    }
+
+    pub fn depth(&self) -> u16 {
+        self.depth
     }
 
     /// Start of `tag`'s buffer.
@@ -235,6 +252,38 @@ pub fn enable_zerocopy(socket: &TcpStream) -> io::Result<()> {
     }
 }
 
+/// Whether this kernel's plain `RECV` honours `IORING_RECVSEND_FIXED_BUF`
+/// (Linux 7.2+): tried for real on a socketpair with a registered buffer.
+pub fn probe_recv_fixed() -> bool {
+    let attempt = || -> io::Result<bool> {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        let mut ring = IoUring::new(4)?;
+        let mut buf = vec![0u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: `buf` outlives the ring (the ring is dropped at the end of
+        // this closure, before `buf`... both are locals; the ring is declared
+        // after `buf` and so dropped first).
+        unsafe { ring.submitter().register_buffers(&iov)? };
+        std::io::Write::write_all(&mut &a, b"netblk")?;
+        let entry = opcode::Recv::new(types::Fd(b.as_raw_fd()), buf.as_mut_ptr(), 6)
+            .ioprio(IORING_RECVSEND_FIXED_BUF)
+            .buf_group(0)
+            .build()
+            .user_data(1);
+        // SAFETY: the entry points into `buf`, registered above and alive
+        // until the ring is gone; we wait for the completion below.
+        unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
+        ring.submit_and_wait(1)?;
+        let res = ring.completion().next().map_or(-1, |c| c.result());
+        drop(ring);
+        Ok(res == 6 && &buf[..6] == b"netblk")
+    };
+    attempt().unwrap_or(false)
+}
+
 /// Checks that this kernel's io_uring has what `mode` needs.
 pub fn probe(mode: SendMode) -> io::Result<()> {
     let ring = IoUring::new(8)?;
@@ -268,6 +317,9 @@ const K_WAKE: u64 = 5;
 const K_CANCEL: u64 = 6;
 const K_FRONTEND: u64 = 7;
 
+/// `IORING_RECVSEND_FIXED_BUF`: the receive's buffer is a registered one.
+const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
+
 fn user_data(kind: u64, conn: usize, detail: u64) -> u64 {
     (kind << 56) | ((conn as u64 & 0xffff) << 40) | (detail & 0xff_ffff_ffff)
 }
@@ -291,6 +343,7 @@ const DIRECT_RECV_MIN: u32 = 16 << 10;
 /// payload) is expected next: a preamble and the largest header.
 const HEADER_RECV: usize = PREAMBLE_LEN + netblk_protocol::MAX_HEADER_LEN as usize;
 
+#[derive(Clone, Copy)]
 enum RecvMode {
     Frames,
     /// Receiving a read's payload into `tag`'s buffer at `offset`.
@@ -334,6 +387,7 @@ pub struct QueueDriver<F: Frontend> {
     buffers: Arc<TagBuffers>,
     frontend: F,
     mode: SendMode,
+    buffer_mode: BufferMode,
     wake_buf: Box<u64>,
     wake_posted: bool,
     frontend_sqes: Vec<squeue::Entry>,
@@ -348,6 +402,7 @@ impl<F: Frontend> QueueDriver<F> {
         buffers: Arc<TagBuffers>,
         frontend: F,
         mode: SendMode,
+        buffer_mode: BufferMode,
     ) -> io::Result<QueueDriver<F>> {
         let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
             .clamp(64, 4096)
@@ -365,11 +420,20 @@ impl<F: Frontend> QueueDriver<F> {
                     .build(entries)
             })
             .or_else(|_| IoUring::new(entries))?;
-        let iovecs = buffers.iovecs();
-        // SAFETY: the iovecs describe the buffer mapping, which `buffers` keeps
-        // alive for longer than the ring (the ring is dropped first, and the
-        // shutdown path waits for every operation before that).
-        unsafe { ring.submitter().register_buffers(&iovecs)? };
+        match buffer_mode {
+            BufferMode::User => {
+                let iovecs = buffers.iovecs();
+                // SAFETY: the iovecs describe the buffer mapping, which `buffers`
+                // keeps alive for longer than the ring (the ring is dropped
+                // first, and the shutdown path waits for every operation
+                // before that).
+                unsafe { ring.submitter().register_buffers(&iovecs)? };
+            }
+            BufferMode::Kernel { .. } => {
+                ring.submitter()
+                    .register_buffers_sparse(buffers.depth().into())?;
+            }
+        }
         let conns = streams
             .into_iter()
             .map(|stream| Conn {
@@ -395,6 +459,7 @@ impl<F: Frontend> QueueDriver<F> {
             buffers,
             frontend,
             mode,
+            buffer_mode,
             wake_buf: Box::new(0),
             wake_posted: false,
             frontend_sqes: Vec::new(),
@@ -580,7 +645,11 @@ impl<F: Frontend> QueueDriver<F> {
             );
             if let Some(slice) = payload {
                 let flags = libc::MSG_WAITALL | more(i + 1 == transmits);
-                let ptr = self.buffers.slice_ptr(slice.tag, slice.offset, slice.len);
+                let ptr = match self.buffer_mode {
+                    BufferMode::User => self.buffers.slice_ptr(slice.tag, slice.offset, slice.len),
+                    // A kernel-registered buffer is addressed by offset.
+                    BufferMode::Kernel { .. } => slice.offset as usize as *mut u8,
+                };
                 let detail = (u64::from(slice.tag) << 32) | u64::from(slice.len);
                 let entry = match self.mode {
                     SendMode::ZeroCopy => opcode::SendZc::new(types::Fd(conn.fd), ptr, slice.len)
@@ -614,10 +683,39 @@ impl<F: Frontend> QueueDriver<F> {
         if conn.broken || conn.recv_posted {
             return Ok(());
         }
-        let entry = match conn.mode {
-            RecvMode::Payload {
-                tag, offset, left, ..
-            } if conn.rstart == conn.rend && left >= DIRECT_RECV_MIN => {
+        let kernel = match self.buffer_mode {
+            BufferMode::Kernel { recv_fixed } => Some(recv_fixed),
+            BufferMode::User => None,
+        };
+        let entry = match (conn.mode, kernel) {
+            (
+                RecvMode::Payload {
+                    tag, offset, left, ..
+                },
+                Some(recv_fixed),
+            ) => {
+                // Straight into the request's pages: offset addressing.
+                debug_assert_eq!(conn.rstart, conn.rend, "kernel mode reads headers exactly");
+                let at = offset as usize as *mut u8;
+                if recv_fixed {
+                    opcode::Recv::new(types::Fd(conn.fd), at, left)
+                        .ioprio(IORING_RECVSEND_FIXED_BUF)
+                        .buf_group(tag)
+                        .flags(libc::MSG_WAITALL)
+                        .build()
+                        .user_data(user_data(K_RECV_PAYLOAD, node, 0))
+                } else {
+                    opcode::ReadFixed::new(types::Fd(conn.fd), at, left, tag)
+                        .build()
+                        .user_data(user_data(K_RECV_PAYLOAD, node, 0))
+                }
+            }
+            (
+                RecvMode::Payload {
+                    tag, offset, left, ..
+                },
+                None,
+            ) if conn.rstart == conn.rend && left >= DIRECT_RECV_MIN => {
                 let at = self.buffers.slice_ptr(tag, offset, left);
                 opcode::Recv::new(types::Fd(conn.fd), at, left)
                     .flags(libc::MSG_WAITALL)
@@ -633,16 +731,35 @@ impl<F: Frontend> QueueDriver<F> {
                     conn.rend -= conn.rstart;
                     conn.rstart = 0;
                 }
-                // After a large payload, expect another: take only about a
-                // header, so that most of the next payload is received
-                // straight into its request buffer rather than copied.
-                let want = if conn.large_payloads {
-                    HEADER_RECV.min(conn.rbuf.len() - conn.rend)
+                let want = if kernel.is_some() {
+                    // Exactly the rest of the preamble, or of the header: no
+                    // payload byte may land here, it belongs in the pages.
+                    let have = conn.rend - conn.rstart;
+                    match conn.rbuf[conn.rstart..conn.rend].first_chunk::<PREAMBLE_LEN>() {
+                        None => PREAMBLE_LEN - have,
+                        Some(p) => {
+                            let header_len =
+                                u32::from_be_bytes([p[8], p[9], p[10], p[11]]) as usize;
+                            (PREAMBLE_LEN + header_len).saturating_sub(have).max(1)
+                        }
+                    }
+                } else if conn.large_payloads {
+                    // After a large payload, expect another: take only about a
+                    // header, so that most of the next payload is received
+                    // straight into its request buffer rather than copied.
+                    HEADER_RECV
                 } else {
                     conn.rbuf.len() - conn.rend
                 };
+                let want = want.min(conn.rbuf.len() - conn.rend);
                 let free = &mut conn.rbuf[conn.rend..conn.rend + want];
+                let flags = if kernel.is_some() {
+                    libc::MSG_WAITALL
+                } else {
+                    0
+                };
                 opcode::Recv::new(types::Fd(conn.fd), free.as_mut_ptr(), free.len() as u32)
+                    .flags(flags)
                     .build()
                     .user_data(user_data(K_RECV, node, 0))
             }

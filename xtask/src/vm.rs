@@ -74,7 +74,8 @@ MAP=$!
 for i in $(seq 100); do grep -q /dev/ublkb0 /tmp/map.out && break; sleep 0.1; done
 grep -q /dev/ublkb0 /tmp/map.out || fail "map did not print the device path"
 [ -b /dev/ublkb0 ] || fail "no /dev/ublkb0 after map"
-cat /tmp/map.log
+grep -q "data path: $EXPECT\$" /tmp/map.log || fail "expected the data path '$EXPECT'"
+echo "ublk: data path: $EXPECT (as expected for this kernel)"
 
 # Data written through the device reads back the same, past the page cache.
 dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
@@ -343,7 +344,12 @@ fn build_static(root: &Path) -> Result<PathBuf, String> {
     Ok(root.join("target").join(target).join("release"))
 }
 
-fn make_initramfs(work: &Path, bins: &Path, kernel_root: &Path) -> Result<PathBuf, String> {
+fn make_initramfs(
+    work: &Path,
+    bins: &Path,
+    kernel_root: &Path,
+    expect: &str,
+) -> Result<PathBuf, String> {
     let stage = work.join("stage");
     let _ = fs::remove_dir_all(&stage);
     for dir in [
@@ -389,7 +395,7 @@ fn make_initramfs(work: &Path, bins: &Path, kernel_root: &Path) -> Result<PathBu
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nip link set lo up\n\
-         {insmods}export PATH=/bin:/sbin RUST_LOG=warn\n{SCENARIO}\npoweroff -f\n"
+         {insmods}export PATH=/bin:/sbin RUST_LOG=warn EXPECT='{expect}'\n{SCENARIO}\npoweroff -f\n"
     );
     let init_path = stage.join("init");
     fs::write(&init_path, init).map_err(|e| e.to_string())?;
@@ -519,7 +525,7 @@ pub fn vm_test(root: &Path, only: Option<&str>) -> Result<(), String> {
         let (vmlinuz, kernel_root) = fetch_kernel(&cache, kernel)?;
         let work = root.join("target/vm").join(kernel.name);
         fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-        let initrd = make_initramfs(&work, &bins, &kernel_root)?;
+        let initrd = make_initramfs(&work, &bins, &kernel_root, kernel.expect)?;
         let started = Instant::now();
         let log = boot(
             &vmlinuz,

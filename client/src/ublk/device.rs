@@ -13,7 +13,7 @@ use crate::frontend::{
     OpenError, QueueThread, VolumeOptions, connect_queue, engine_config, spawn_queue,
 };
 use crate::layout::VolumeSpec;
-use crate::uring::{SendMode, TagBuffers};
+use crate::uring::{BufferMode, SendMode, TagBuffers};
 
 /// Why a device could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,55 @@ pub enum MapError {
     Unaligned { size: u64, block: u32 },
     #[error("ublk queue: {0}")]
     Queue(io::Error),
+    #[error(
+        "zero copy needs ublk with UBLK_F_AUTO_BUF_REG (Linux 6.16 or newer); this kernel has none: use --zero-copy auto or off"
+    )]
+    NoZeroCopy,
+}
+
+/// Whether to move data zero-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// The best this kernel can do.
+    Auto,
+    /// Zero copy or fail.
+    On,
+    /// Copy mode.
+    Off,
+}
+
+/// The data path chosen for a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// ublk copies between the request and our buffers.
+    Copy,
+    /// Request pages registered in the ring; writes leave with SEND_ZC from
+    /// them; reads are received with READ_FIXED into them.
+    PartialZeroCopy,
+    /// As partial, and reads are received with RECV into the fixed buffer.
+    FullZeroCopy,
+}
+
+impl DataPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPath::Copy => "copy",
+            DataPath::PartialZeroCopy => "partial zero copy",
+            DataPath::FullZeroCopy => "full zero copy",
+        }
+    }
+}
+
+/// What the kernel offers, and what that means for the data path.
+pub fn choose_path(features: u64, recv_fixed: bool, want: ZeroCopy) -> Result<DataPath, MapError> {
+    let auto_buf_reg =
+        features & sys::UBLK_F_AUTO_BUF_REG != 0 && features & sys::UBLK_F_SUPPORT_ZERO_COPY != 0;
+    match (want, auto_buf_reg) {
+        (ZeroCopy::Off, _) | (ZeroCopy::Auto, false) => Ok(DataPath::Copy),
+        (ZeroCopy::On, false) => Err(MapError::NoZeroCopy),
+        (_, true) if recv_fixed => Ok(DataPath::FullZeroCopy),
+        (_, true) => Ok(DataPath::PartialZeroCopy),
+    }
 }
 
 /// How a device is made.
@@ -36,18 +85,19 @@ pub struct MapOptions {
     pub volume: VolumeOptions,
     /// Logical block size: 512 or 4096.
     pub block_size: u32,
+    pub zero_copy: ZeroCopy,
 }
 
 /// A started device; [`Device::stop`] takes it down.
 pub struct Device {
     pub dev_id: u32,
-    pub mode: &'static str,
+    pub path: DataPath,
     ctrl: Control,
     queues: Vec<QueueThread<UblkQueue>>,
 }
 
 impl Device {
-    pub fn path(&self) -> String {
+    pub fn block_path(&self) -> String {
         format!("/dev/ublkb{}", self.dev_id)
     }
 
@@ -116,6 +166,22 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     let mut ctrl = Control::open()?;
     let features = ctrl.features()?;
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
+    let recv_fixed = crate::uring::probe_recv_fixed();
+    let path = choose_path(features, recv_fixed, options.zero_copy)?;
+    let (buffer_mode, send_mode, zc_flags) = match path {
+        DataPath::Copy => (BufferMode::User, vopts.send_mode, 0),
+        DataPath::PartialZeroCopy | DataPath::FullZeroCopy => {
+            crate::uring::probe(SendMode::ZeroCopy).map_err(OpenError::Uring)?;
+            (
+                BufferMode::Kernel {
+                    recv_fixed: path == DataPath::FullZeroCopy,
+                },
+                // Request pages have no user address: only SEND_ZC can send them.
+                SendMode::ZeroCopy,
+                sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG,
+            )
+        }
+    };
     // Every node must answer before a device exists.
     let mut streams = Vec::with_capacity(vopts.queues);
     for _ in 0..vopts.queues {
@@ -126,14 +192,14 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
         queue_depth: vopts.depth,
         max_io_buf_bytes: vopts.max_io,
         dev_id: u32::MAX,
-        flags: features & sys::UBLK_F_CMD_IOCTL_ENCODE,
+        flags: (features & sys::UBLK_F_CMD_IOCTL_ENCODE) | zc_flags,
         ..DevInfo::default()
     };
     let added = ctrl.add(info)?;
     let dev_id = added.dev_id;
     let mut device = Device {
         dev_id,
-        mode: "copy",
+        path,
         ctrl,
         queues: Vec::new(),
     };
@@ -145,8 +211,14 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
         for (q, streams) in streams.into_iter().enumerate() {
             let buffers =
                 Arc::new(TagBuffers::new(vopts.depth, vopts.max_io).map_err(MapError::Queue)?);
-            let queue =
-                UblkQueue::new(&cdev, q as u16, vopts.depth, &buffers).map_err(MapError::Queue)?;
+            let queue = UblkQueue::new(
+                &cdev,
+                q as u16,
+                vopts.depth,
+                &buffers,
+                buffer_mode != BufferMode::User,
+            )
+            .map_err(MapError::Queue)?;
             let engine = Engine::new(layout, engine_config(vopts));
             let thread = spawn_queue(
                 format!("ublk{dev_id}-q{q}"),
@@ -154,7 +226,8 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
                 streams,
                 buffers,
                 queue,
-                vopts.send_mode,
+                send_mode,
+                buffer_mode,
             )?;
             device.queues.push(thread);
         }
@@ -168,5 +241,35 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
             let _ = device.stop();
             Err(err)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_path_follows_the_kernel() {
+        let zc = sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY;
+        assert_eq!(
+            choose_path(0x1fe, false, ZeroCopy::Auto).ok(),
+            Some(DataPath::Copy)
+        );
+        assert_eq!(
+            choose_path(zc, false, ZeroCopy::Auto).ok(),
+            Some(DataPath::PartialZeroCopy)
+        );
+        assert_eq!(
+            choose_path(zc, true, ZeroCopy::Auto).ok(),
+            Some(DataPath::FullZeroCopy)
+        );
+        assert_eq!(
+            choose_path(zc, true, ZeroCopy::Off).ok(),
+            Some(DataPath::Copy)
+        );
+        assert!(matches!(
+            choose_path(0x1fe, true, ZeroCopy::On),
+            Err(MapError::NoZeroCopy)
+        ));
     }
 }

@@ -2,9 +2,11 @@
 //! the queue's ring, request descriptors read from the driver's shared
 //! array, requests handed to the engine.
 //!
-//! This is the copy mode: each tag's buffer is ours (the registered tag
-//! buffer); the driver copies write data into it before a request arrives and
-//! read data out of it at commit.
+//! Copy mode: each tag's buffer is ours (the registered tag buffer); the
+//! driver copies write data into it before a request arrives and read data
+//! out of it at commit. Zero-copy mode (`UBLK_F_AUTO_BUF_REG`): the driver
+//! registers the request's own pages in the ring at index = tag before the
+//! request arrives, and unregisters them at commit.
 
 use std::fs::File;
 use std::io;
@@ -86,13 +88,15 @@ pub struct UblkQueue {
     queue: u16,
     depth: u16,
     descriptors: Descriptors,
-    /// Buffer address of each tag (the registered tag buffers).
+    /// What each tag's commands carry in `addr`: the tag buffer's address
+    /// (copy mode), or the auto buffer registration (index = tag).
     buffer_addrs: Vec<u64>,
     sqes: Vec<squeue::Entry>,
     /// Tags whose command the driver holds (fetch outstanding).
     outstanding: u16,
     /// The device is going away: do not fetch again.
     aborting: bool,
+    auto_buf_reg: bool,
     pub requests: u64,
 }
 
@@ -110,10 +114,25 @@ impl UblkQueue {
 
     /// Sets up queue `queue` on the open char device; its FETCH commands go
     /// out with the first poll.
-    pub fn new(cdev: &File, queue: u16, depth: u16, buffers: &TagBuffers) -> io::Result<UblkQueue> {
+    pub fn new(
+        cdev: &File,
+        queue: u16,
+        depth: u16,
+        buffers: &TagBuffers,
+        auto_buf_reg: bool,
+    ) -> io::Result<UblkQueue> {
         let cdev = cdev.try_clone()?;
         let descriptors = Descriptors::map(&cdev, queue, depth)?;
-        let buffer_addrs = (0..depth).map(|tag| buffers.tag_ptr(tag) as u64).collect();
+        let buffer_addrs = (0..depth)
+            .map(|tag| {
+                if auto_buf_reg {
+                    // struct ublk_auto_buf_reg { index: tag, flags: 0 }
+                    u64::from(tag)
+                } else {
+                    buffers.tag_ptr(tag) as u64
+                }
+            })
+            .collect();
         let mut q = UblkQueue {
             cdev,
             queue,
@@ -123,6 +142,7 @@ impl UblkQueue {
             sqes: Vec::with_capacity(usize::from(depth)),
             outstanding: 0,
             aborting: false,
+            auto_buf_reg,
             requests: 0,
         };
         for tag in 0..depth {
@@ -132,21 +152,26 @@ impl UblkQueue {
     }
 
     fn command(&mut self, op: u32, tag: Tag, result: i32) {
+        let addr = self.buffer_addrs[usize::from(tag)];
         let cmd = IoCmd {
             q_id: self.queue,
             tag,
             result,
-            addr: self.buffer_addrs[usize::from(tag)],
+            // With auto registration the command's addr must be 0; the
+            // registration travels in the SQE's addr instead.
+            addr: if self.auto_buf_reg { 0 } else { addr },
         };
         let mut bytes = [0u8; 16];
         bytes[0..2].copy_from_slice(&cmd.q_id.to_ne_bytes());
         bytes[2..4].copy_from_slice(&cmd.tag.to_ne_bytes());
         bytes[4..8].copy_from_slice(&cmd.result.to_ne_bytes());
         bytes[8..16].copy_from_slice(&cmd.addr.to_ne_bytes());
-        let entry = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), op)
-            .cmd(bytes)
-            .build()
-            .user_data(frontend_user_data(u64::from(tag)));
+        let mut entry = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), op).cmd(bytes);
+        if self.auto_buf_reg {
+            // The driver reads the auto registration from the SQE's addr.
+            entry = entry.addr(Some(addr));
+        }
+        let entry = entry.build().user_data(frontend_user_data(u64::from(tag)));
         self.sqes.push(entry);
         self.outstanding += 1;
     }
@@ -188,6 +213,13 @@ impl Frontend for UblkQueue {
         self.outstanding = self.outstanding.saturating_sub(1);
         if result == sys::UBLK_IO_RES_ABORT || result < 0 {
             // The device is stopping (or the command failed): this tag is done.
+            if result != sys::UBLK_IO_RES_ABORT && !self.aborting {
+                eprintln!(
+                    "netblk: ublk queue {} tag {tag}: command failed: {}",
+                    self.queue,
+                    io::Error::from_raw_os_error(-result)
+                );
+            }
             self.aborting = true;
             return;
         }
