@@ -9,5 +9,6 @@ pub mod frontend;
 pub mod layout;
 pub mod net;
 pub mod rng;
+pub mod state;
 pub mod ublk;
 pub mod uring;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use netblk::bench::{self, BenchOptions};
-use netblk::ublk::ctrl::{Control, feature_names};
+use netblk::state;
+use netblk::ublk::ctrl::{Control, feature_names, process_alive, terminate};
 use netblk::uring::SendMode;
 use netblk_protocol::units::parse_size;
 
@@ -33,6 +34,14 @@ enum Cmd {
     /// Attach a striped volume as /dev/ublkbN and serve it until SIGINT or
     /// SIGTERM, then detach it cleanly.
     Map(MapArgs),
+    /// Stop and remove a device: the daemon finishes in-flight IO, then the
+    /// device goes away.
+    Unmap {
+        /// /dev/ublkbN or N.
+        device: String,
+    },
+    /// Show every netblk device: id, path, volume, nodes, data path, state.
+    List,
     /// Show what this kernel offers netblk: ublk driver features and the
     /// io_uring operations the data path uses.
     Features,
@@ -125,6 +134,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
         Cmd::Map(args) => map(args),
+        Cmd::Unmap { device } => unmap(&device),
+        Cmd::List => list(),
         Cmd::Features => features(),
         Cmd::UblkCheck => ublk_check(),
     };
@@ -278,9 +289,117 @@ fn map(args: MapArgs) -> Result<(), String> {
         spec.nodes.len(),
         device.path.name()
     );
+    let dir = state::state_dir();
+    let record = state::DeviceRecord {
+        id: device.dev_id,
+        volume: spec.name.clone(),
+        size: spec.size,
+        stripe_unit: spec.stripe_unit,
+        nodes: spec.nodes.clone(),
+        queues: args.queues,
+        depth: args.depth,
+        block_size: args.block_size,
+        data_path: device.path.name().to_string(),
+        pid: std::process::id(),
+    };
+    if let Err(err) = state::save(&dir, &record) {
+        eprintln!(
+            "netblk: cannot record the device in {}: {err} (list and unmap will not see it)",
+            dir.display()
+        );
+    }
     println!("{}", device.block_path());
     let _ = std::io::Write::flush(&mut std::io::stdout());
     signals.forever().next();
     eprintln!("netblk: stopping {}", device.block_path());
-    device.stop().map_err(|e| e.to_string())
+    let id = device.dev_id;
+    let stopped = device.stop().map_err(|e| e.to_string());
+    let _ = state::remove(&dir, id);
+    stopped
+}
+
+fn unmap(device: &str) -> Result<(), String> {
+    let id = state::parse_device(device)?;
+    let dir = state::state_dir();
+    let record = state::load(&dir, id)?;
+    let mut ctrl = Control::open().map_err(|e| e.to_string())?;
+    let exists = ctrl.info(id).is_ok();
+    match (record, exists) {
+        (None, false) => Err(format!(
+            "no netblk device {id} (`netblk list` shows the mapped ones)"
+        )),
+        (Some(_), false) => {
+            let _ = state::remove(&dir, id);
+            Err(format!(
+                "/dev/ublkb{id} is already gone (its stale record was removed)"
+            ))
+        }
+        (record, true) => {
+            match record
+                .as_ref()
+                .map(|r| r.pid)
+                .filter(|pid| process_alive(*pid))
+            {
+                Some(pid) => {
+                    // The daemon drains in-flight IO, stops and deletes the device.
+                    terminate(pid).map_err(|e| format!("cannot signal the daemon {pid}: {e}"))?;
+                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                    while ctrl.info(id).is_ok() {
+                        if std::time::Instant::now() > deadline {
+                            return Err(format!(
+                                "/dev/ublkb{id} still exists 60 s after asking daemon {pid} to stop"
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                None => {
+                    // No daemon: nothing is in flight; take the device down here.
+                    ctrl.stop(id).map_err(|e| e.to_string())?;
+                    ctrl.delete(id).map_err(|e| e.to_string())?;
+                }
+            }
+            let _ = state::remove(&dir, id);
+            println!("unmapped /dev/ublkb{id}");
+            Ok(())
+        }
+    }
+}
+
+fn list() -> Result<(), String> {
+    let dir = state::state_dir();
+    let records = state::list(&dir);
+    let mut ctrl = Control::open().ok();
+    println!(
+        "{:<4} {:<14} {:<16} {:<18} {:<8} NODES",
+        "ID", "DEVICE", "VOLUME", "DATA PATH", "STATE"
+    );
+    for record in records {
+        let record = match record {
+            Ok(r) => r,
+            Err(why) => {
+                eprintln!("netblk: {why}");
+                continue;
+            }
+        };
+        let info = ctrl.as_mut().and_then(|c| c.info(record.id).ok());
+        let state = match info {
+            None => "gone",
+            Some(_) if !process_alive(record.pid) => "needs-recovery",
+            Some(i) if i.state == netblk::ublk::sys::UBLK_S_DEV_LIVE => "live",
+            Some(i) if i.state == netblk::ublk::sys::UBLK_S_DEV_QUIESCED => "quiesced",
+            Some(_) => "stopped",
+        };
+        let nodes: Vec<String> = record.nodes.iter().map(ToString::to_string).collect();
+        println!(
+            "{:<4} {:<14} {:<16} {:<18} {:<8} {}",
+            record.id,
+            format!("/dev/ublkb{}", record.id),
+            record.volume,
+            record.data_path,
+            state,
+            nodes.join(",")
+        );
+    }
+    Ok(())
 }

@@ -63,3 +63,42 @@ fn bench_rejects_bad_arguments_clearly() {
         );
     }
 }
+
+#[test]
+fn map_without_the_ublk_driver_says_what_to_do_and_list_still_works() {
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        eprintln!("skipped: this kernel has ublk (the VM tests cover map there)");
+        return;
+    }
+    let state = std::env::temp_dir().join(format!("netblk-cli-state-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .args([
+            "map",
+            "--volume",
+            "v",
+            "--size",
+            "64M",
+            "--nodes",
+            "127.0.0.1:9",
+        ])
+        .env("NETBLK_STATE_DIR", &state)
+        .output()
+        .expect("run netblk map");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("modprobe ublk_drv"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .arg("list")
+        .env("NETBLK_STATE_DIR", &state)
+        .output()
+        .expect("run netblk list");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ID "));
+    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .args(["unmap", "/dev/sda"])
+        .output()
+        .expect("run netblk unmap");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a netblk device"));
+}

@@ -68,7 +68,19 @@ for p in 7001 7002 7003; do
   for i in $(seq 50); do grep -q listening /tmp/node$p.out && break; sleep 0.1; done
 done
 NODES=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
-netblk map --volume vm --size 256M --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map.out 2>/tmp/map.log &
+
+# Refusals leave no device behind.
+netblk map --volume bad --size 64M --nodes 127.0.0.1:7001,127.0.0.1:7999 >/tmp/bad.out 2>/tmp/bad.log && fail "map with an unreachable node succeeded"
+grep -q "node 1 (127.0.0.1:7999)" /tmp/bad.log || fail "the unreachable node is not named"
+ls /dev/ublkb* 2>/dev/null && fail "a failed map left a device"
+if [ "$EXPECT" = copy ]; then
+  netblk map --volume bad --size 64M --nodes $NODES --zero-copy on >/tmp/bad.out 2>/tmp/bad.log && fail "--zero-copy on succeeded without AUTO_BUF_REG"
+  grep -q AUTO_BUF_REG /tmp/bad.log || fail "--zero-copy on failed without saying why"
+  ls /dev/ublkb* 2>/dev/null && fail "a failed map left a device"
+fi
+echo "ublk: refused maps name the cause and leave no device"
+
+netblk map --volume vm --size 1G --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map.out 2>/tmp/map.log &
 MAP=$!
 # The path is printed once the device is usable.
 for i in $(seq 100); do grep -q /dev/ublkb0 /tmp/map.out && break; sleep 0.1; done
@@ -100,12 +112,16 @@ for i in 1 2 3; do dd if=/dev/urandom of=/mnt/file$i bs=1M count=$((i * 5)) 2>/d
 sync
 (cd /mnt && md5sum file1 file2 file3) > /tmp/sums
 umount /mnt || fail "umount"
-kill -TERM $MAP
+netblk list >/tmp/list.out || fail "netblk list"
+grep -q "/dev/ublkb0 *vm *$EXPECT *live" /tmp/list.out || { cat /tmp/list.out; fail "list does not show the device live"; }
+netblk unmap /dev/ublkb0 >/tmp/unmap.out 2>&1 || { cat /tmp/unmap.out; fail "unmap"; }
 wait $MAP || fail "map exited with an error"
 [ -e /dev/ublkb0 ] && fail "/dev/ublkb0 still there after unmap"
-echo "ublk: device removed on SIGTERM"
+netblk unmap /dev/ublkb0 >/tmp/unmap2.out 2>&1 && fail "a second unmap succeeded"
+grep -q "no netblk device 0" /tmp/unmap2.out || { cat /tmp/unmap2.out; fail "a second unmap is not a clear error"; }
+echo "ublk: list shows the device; unmap removes it; a second unmap is a clear error"
 
-netblk map --volume vm --size 256M --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map2.out 2>/tmp/map2.log &
+netblk map --volume vm --size 1G --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map2.out 2>/tmp/map2.log &
 MAP=$!
 DEV=
 for i in $(seq 100); do DEV=$(head -n1 /tmp/map2.out 2>/dev/null); [ -n "$DEV" ] && [ -b "$DEV" ] && break; sleep 0.1; done
@@ -126,6 +142,7 @@ cmp /tmp/after /tmp/zero || fail "discarded blocks do not read as zeroes"
 echo "ublk: blkdiscard reads back zeroes"
 kill -TERM $MAP
 wait $MAP || fail "second map exited with an error"
+echo "ublk: device removed on SIGTERM"
 ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
 echo "NETBLK-VM-RESULT: pass"
 "#;
