@@ -204,25 +204,6 @@ pub fn feature_names(features: u64) -> Vec<&'static str> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_missing_control_device_says_what_to_do() {
-        let err = Control::open_at(Path::new("/nonexistent/ublk-control"))
-            .err()
-            .expect("no such device");
-        assert!(err.to_string().contains("modprobe ublk_drv"), "{err}");
-    }
-
-    #[test]
-    fn feature_bits_have_names() {
-        let names = feature_names(sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_RECOVERY);
-        assert_eq!(names, vec!["USER_RECOVERY", "AUTO_BUF_REG"]);
-    }
-}
-
 /// True if process `pid` exists (signal 0 probes without sending anything).
 pub fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -249,5 +230,24 @@ pub fn terminate(pid: u32) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_control_device_says_what_to_do() {
+        let err = Control::open_at(Path::new("/nonexistent/ublk-control"))
+            .err()
+            .expect("no such device");
+        assert!(err.to_string().contains("modprobe ublk_drv"), "{err}");
+    }
+
+    #[test]
+    fn feature_bits_have_names() {
+        let names = feature_names(sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_RECOVERY);
+        assert_eq!(names, vec!["USER_RECOVERY", "AUTO_BUF_REG"]);
     }
 }
