@@ -8,10 +8,9 @@
 //! sink moving 1 MiB writes; `echo`, a minimal request/reply loop with 4 KiB
 //! replies at the same depth.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
 use crate::frontend::{VolumeOptions, connect_queue, engine_config, spawn_queue};
 use crate::layout::{DEFAULT_STRIPE_UNIT, VolumeSpec};
+use crate::mock::{MockNodes, mock_node_bin, start_mock_nodes};
 use crate::rng::Rng;
 use crate::uring::{BufferMode, Frontend, SendMode, TagBuffers};
 
@@ -133,92 +133,6 @@ impl Workload {
             Workload::SeqWrite1m | Workload::SeqRead1m => "bulk",
         }
     }
-}
-
-/// Mock nodes started for the run; stopped on drop.
-struct MockNodes(Vec<Child>);
-
-impl Drop for MockNodes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Finds `netblk-mock-node`: given, `$NETBLK_MOCK_NODE`, or beside this program.
-fn mock_node_bin(given: Option<&PathBuf>) -> io::Result<PathBuf> {
-    if let Some(path) = given {
-        return Ok(path.clone());
-    }
-    if let Some(path) = std::env::var_os("NETBLK_MOCK_NODE") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe()?;
-    let beside = exe.with_file_name("netblk-mock-node");
-    if beside.exists() {
-        return Ok(beside);
-    }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!(
-            "netblk-mock-node not found beside {}: build it (cargo build --release) or pass --mock-node",
-            exe.display()
-        ),
-    ))
-}
-
-fn start_mock_nodes(
-    count: usize,
-    bin: &PathBuf,
-    store: &str,
-) -> io::Result<(MockNodes, Vec<SocketAddr>)> {
-    let mut nodes = MockNodes(Vec::new());
-    let mut addrs = Vec::new();
-    for _ in 0..count {
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--store", store])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", bin.display())))?;
-        let stdout = child.stdout.take();
-        nodes.0.push(child);
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        thread::spawn(move || {
-            let mut first = String::new();
-            if let Some(out) = stdout {
-                let mut lines = BufReader::new(out);
-                let _ = lines.read_line(&mut first);
-                let _ = tx.send(first);
-                // Keep the pipe drained.
-                let mut sink = Vec::new();
-                let _ = lines.read_to_end(&mut sink);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "mock node did not start"))?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| {
-                if line.is_empty() {
-                    io::Error::other(format!(
-                        "{} exited before it listened (its error is above)",
-                        bin.display()
-                    ))
-                } else {
-                    io::Error::other(format!("unexpected mock node output {line:?}"))
-                }
-            })?;
-        addrs.push(addr);
-    }
-    Ok((nodes, addrs))
 }
 
 /// CPU seconds (user + system) this process has used, from /proc.
@@ -670,7 +584,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         ));
         start_mock_nodes(options.node_count, &bin, &options.node_store)?
     } else {
-        (MockNodes(Vec::new()), options.nodes.clone())
+        (MockNodes::none(), options.nodes.clone())
     };
     let connections = addrs.len() * options.queues;
     let mut rows = Vec::new();

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod engine;
 pub mod frontend;
 pub mod layout;
+pub mod mock;
 pub mod net;
 pub mod rng;
 pub mod state;

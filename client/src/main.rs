@@ -34,6 +34,15 @@ enum Cmd {
     /// Attach a striped volume as /dev/ublkbN and serve it until SIGINT or
     /// SIGTERM, then detach it cleanly.
     Map(MapArgs),
+    /// Try netblk: start 3 mock nodes, map a volume over them, print the
+    /// device and how to make a filesystem on it, serve until Ctrl-C, then
+    /// unmap and stop the nodes. Without ublk in this kernel, says so and
+    /// runs the same demo in a QEMU VM (`cargo xtask vm-demo`).
+    Demo {
+        /// Volume size.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+    },
     /// Stop and remove a device: the daemon finishes in-flight IO, then the
     /// device goes away.
     Unmap {
@@ -134,6 +143,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
         Cmd::Map(args) => map(args),
+        Cmd::Demo { size } => demo(size),
         Cmd::Unmap { device } => unmap(&device),
         Cmd::List => list(),
         Cmd::Features => features(),
@@ -276,7 +286,7 @@ fn map(args: MapArgs) -> Result<(), String> {
             _ => device::ZeroCopy::Auto,
         },
     };
-    let mut signals = signal_hook::iterator::Signals::new([
+    let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
@@ -289,6 +299,18 @@ fn map(args: MapArgs) -> Result<(), String> {
         spec.nodes.len(),
         device.path.name()
     );
+    println!("{}", device.block_path());
+    serve(device, &spec, &options, signals)
+}
+
+/// Records the device for `list`/`unmap`, serves until SIGINT or SIGTERM,
+/// then stops it and drops the record.
+fn serve(
+    device: netblk::ublk::device::Device,
+    spec: &netblk::layout::VolumeSpec,
+    options: &netblk::ublk::device::MapOptions,
+    mut signals: signal_hook::iterator::Signals,
+) -> Result<(), String> {
     let dir = state::state_dir();
     let record = state::DeviceRecord {
         id: device.dev_id,
@@ -296,9 +318,9 @@ fn map(args: MapArgs) -> Result<(), String> {
         size: spec.size,
         stripe_unit: spec.stripe_unit,
         nodes: spec.nodes.clone(),
-        queues: args.queues,
-        depth: args.depth,
-        block_size: args.block_size,
+        queues: options.volume.queues,
+        depth: options.volume.depth,
+        block_size: options.block_size,
         data_path: device.path.name().to_string(),
         pid: std::process::id(),
     };
@@ -308,7 +330,6 @@ fn map(args: MapArgs) -> Result<(), String> {
             dir.display()
         );
     }
-    println!("{}", device.block_path());
     let _ = std::io::Write::flush(&mut std::io::stdout());
     signals.forever().next();
     eprintln!("netblk: stopping {}", device.block_path());
@@ -402,4 +423,74 @@ fn list() -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+fn demo(size: u64) -> Result<(), String> {
+    use netblk::frontend::VolumeOptions;
+    use netblk::layout::VolumeSpec;
+    use netblk::ublk::ctrl::CtrlError;
+    use netblk::ublk::device::{self, MapOptions, ZeroCopy};
+    if let Err(CtrlError::NoDriver) = Control::open() {
+        println!(
+            "netblk demo: this kernel has no ublk driver, so the demo runs in a QEMU VM with a 7.3 kernel (cargo xtask vm-demo)"
+        );
+        let in_tree = std::path::Path::new("xtask/Cargo.toml").exists();
+        if !in_tree {
+            return Err("run `cargo xtask vm-demo` from a netblk source checkout, or use a kernel with ublk_drv".into());
+        }
+        let status = std::process::Command::new("cargo")
+            .args(["xtask", "vm-demo"])
+            .status()
+            .map_err(|e| format!("cannot run cargo xtask vm-demo: {e}"))?;
+        return if status.success() {
+            Ok(())
+        } else {
+            Err(format!("vm-demo failed ({status})"))
+        };
+    }
+    let bin = netblk::mock::mock_node_bin(None).map_err(|e| e.to_string())?;
+    let (_nodes, addrs) =
+        netblk::mock::start_mock_nodes(3, &bin, "memory").map_err(|e| e.to_string())?;
+    let spec = VolumeSpec {
+        name: "demo".into(),
+        size,
+        stripe_unit: 128 << 10,
+        nodes: addrs,
+    };
+    let options = MapOptions {
+        volume: VolumeOptions {
+            queues: 2,
+            ..VolumeOptions::default()
+        },
+        block_size: 512,
+        zero_copy: ZeroCopy::Auto,
+    };
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("signals: {e}"))?;
+    let device = device::map(&spec, &options).map_err(|e| e.to_string())?;
+    let path = device.block_path();
+    let nodes: Vec<String> = spec.nodes.iter().map(ToString::to_string).collect();
+    println!("{path}");
+    println!(
+        "netblk demo: {path} is a {} volume striped over 3 mock nodes ({}), data path: {}",
+        netblk_size(size),
+        nodes.join(", "),
+        device.path.name()
+    );
+    println!("try:  mkfs.ext4 {path} && mkdir -p /mnt/netblk && mount {path} /mnt/netblk");
+    println!("then: umount /mnt/netblk, and Ctrl-C here to unmap and stop the nodes");
+    let served = serve(device, &spec, &options, signals);
+    println!("netblk demo: unmapped {path}; stopping the nodes");
+    served
+}
+
+fn netblk_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b => format!("{b} bytes"),
+    }
 }

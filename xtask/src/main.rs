@@ -12,6 +12,8 @@ mod vm;
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
+  vm-demo [--kernel 6.12|6.17|7.3]
+        run `netblk demo` in a QEMU guest (7.3 by default) and show it
   vm-test [--kernel 6.12|6.17|7.3]
         boot real ublk kernels under QEMU and run the scenario in each
   ci [--vm]
@@ -25,6 +27,13 @@ fn main() -> ExitCode {
         Some("ci") if args.len() == 2 && args[1] == "--vm" => {
             ci().and_then(|()| vm::vm_test(&workspace_root(), None))
         }
+        Some("vm-demo") => match &args[1..] {
+            [] => vm::vm_demo(&workspace_root(), None),
+            [flag, kernel] if flag == "--kernel" => vm::vm_demo(&workspace_root(), Some(kernel)),
+            _ => Err(format!(
+                "usage: cargo xtask vm-demo [--kernel NAME]\n{USAGE}"
+            )),
+        },
         Some("vm-test") => match &args[1..] {
             [] => vm::vm_test(&workspace_root(), None),
             [flag, kernel] if flag == "--kernel" => vm::vm_test(&workspace_root(), Some(kernel)),

@@ -366,6 +366,7 @@ fn make_initramfs(
     bins: &Path,
     kernel_root: &Path,
     expect: &str,
+    script: &str,
 ) -> Result<PathBuf, String> {
     let stage = work.join("stage");
     let _ = fs::remove_dir_all(&stage);
@@ -384,6 +385,7 @@ fn make_initramfs(
     let busybox = which("busybox")?;
     fs::copy(&busybox, stage.join("bin/busybox")).map_err(|e| format!("busybox: {e}"))?;
     for bin in ["netblk", "netblk-mock-node"] {
+        // The demo finds the mock node beside netblk, as in an install.
         fs::copy(bins.join(bin), stage.join("bin").join(bin)).map_err(|e| format!("{bin}: {e}"))?;
     }
     // Test tools from the host, with the libraries they load.
@@ -412,7 +414,7 @@ fn make_initramfs(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nip link set lo up\n\
-         {insmods}export PATH=/bin:/sbin RUST_LOG=warn EXPECT='{expect}'\n{SCENARIO}\npoweroff -f\n"
+         {insmods}export PATH=/bin:/sbin RUST_LOG=warn EXPECT='{expect}'\n{script}\npoweroff -f\n"
     );
     let init_path = stage.join("init");
     fs::write(&init_path, init).map_err(|e| e.to_string())?;
@@ -520,6 +522,74 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<
     Ok(fs::read_to_string(log).unwrap_or_default())
 }
 
+/// What the guest runs for `cargo xtask vm-demo`: `netblk demo`, used the way
+/// its output suggests, then stopped with Ctrl-C (SIGINT).
+const DEMO: &str = r##"
+fail() { echo "NETBLK-VM-FAIL: $*"; cat /tmp/demo.log; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
+echo "== netblk demo inside a $(uname -r) guest"
+netblk demo >/tmp/demo.out 2>/tmp/demo.log &
+DEMO=$!
+for i in $(seq 100); do DEV=$(head -n1 /tmp/demo.out 2>/dev/null); [ -n "$DEV" ] && [ -b "$DEV" ] && break; sleep 0.1; done
+[ -b "$DEV" ] || fail "demo did not print a device"
+sed 1d /tmp/demo.out
+echo "# mkfs.ext4 $DEV && mount $DEV /mnt/netblk"
+mkfs.ext4 -q -F "$DEV" || fail mkfs
+mkdir -p /mnt/netblk && mount -t ext4 "$DEV" /mnt/netblk || fail mount
+echo "hello from netblk" > /mnt/netblk/hello.txt
+dd if=/dev/urandom of=/mnt/netblk/blob bs=1M count=32 2>/dev/null
+SUM=$(md5sum /mnt/netblk/blob | cut -d' ' -f1)
+sync; umount /mnt/netblk; echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 "$DEV" /mnt/netblk || fail remount
+echo "# cat /mnt/netblk/hello.txt"; cat /mnt/netblk/hello.txt
+[ "$(md5sum /mnt/netblk/blob | cut -d' ' -f1)" = "$SUM" ] || fail "32 MiB blob changed"
+echo "# 32 MiB written, unmounted, remounted: checksum matches"
+df -h /mnt/netblk | tail -1
+umount /mnt/netblk
+netblk list
+kill -INT $DEMO; wait $DEMO || fail "demo exited with an error"
+cat /tmp/demo.out | tail -1
+ls /dev/ublkb* 2>/dev/null && fail "the demo left a device"
+echo "NETBLK-VM-RESULT: pass"
+"##;
+
+/// Boots one kernel (7.3 by default) and runs `netblk demo` in it, showing
+/// what a user would see.
+pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
+    need_tools()?;
+    let kernel = KERNELS
+        .iter()
+        .find(|k| k.name == only.unwrap_or("7.3"))
+        .ok_or("unknown kernel")?;
+    let cache = cache_dir();
+    let bins = build_static(root)?;
+    let (vmlinuz, kernel_root) = fetch_kernel(&cache, kernel)?;
+    let work = root.join("target/vm-demo").join(kernel.name);
+    fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let initrd = make_initramfs(&work, &bins, &kernel_root, kernel.expect, DEMO)?;
+    eprintln!(
+        "==> booting {} under QEMU (software emulation)",
+        kernel.version
+    );
+    let log = boot(
+        &vmlinuz,
+        &initrd,
+        &work.join("console.log"),
+        Duration::from_secs(600),
+    )?;
+    let shown = log.lines().skip_while(|l| !l.contains("== netblk demo"));
+    for line in shown.filter(|l| !l.contains("reboot: Power down")) {
+        println!("{line}");
+    }
+    if log.contains("NETBLK-VM-RESULT: pass") {
+        Ok(())
+    } else {
+        Err(format!(
+            "the demo failed; console log in {}",
+            work.join("console.log").display()
+        ))
+    }
+}
+
 /// Runs the scenario on the chosen kernels (all by default).
 pub fn vm_test(root: &Path, only: Option<&str>) -> Result<(), String> {
     need_tools()?;
@@ -542,7 +612,7 @@ pub fn vm_test(root: &Path, only: Option<&str>) -> Result<(), String> {
         let (vmlinuz, kernel_root) = fetch_kernel(&cache, kernel)?;
         let work = root.join("target/vm").join(kernel.name);
         fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-        let initrd = make_initramfs(&work, &bins, &kernel_root, kernel.expect)?;
+        let initrd = make_initramfs(&work, &bins, &kernel_root, kernel.expect, SCENARIO)?;
         let started = Instant::now();
         let log = boot(
             &vmlinuz,
