@@ -14,8 +14,10 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   vm-demo [--kernel 6.12|6.17|7.3]
         run `netblk demo` in a QEMU guest (7.3 by default) and show it
-  vm-test [--kernel 6.12|6.17|7.3]
-        boot real ublk kernels under QEMU and run the scenario in each
+  vm-test [--kernel 6.12|6.17|7.3 [--version DEBIAN-VERSION]]
+        boot real ublk kernels under QEMU and run the scenario in each;
+        the versions are pinned (6.12.117, 6.17.13, 7.3.4 +deb13-amd64),
+        --version picks another Debian build of that kernel line
   ci [--vm]
         cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
         cargo test --workspace; with --vm, then vm-test on every kernel";
@@ -25,7 +27,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") if args.len() == 1 => ci(),
         Some("ci") if args.len() == 2 && args[1] == "--vm" => {
-            ci().and_then(|()| vm::vm_test(&workspace_root(), None))
+            ci().and_then(|()| vm::vm_test(&workspace_root(), None, None))
         }
         Some("vm-demo") => match &args[1..] {
             [] => vm::vm_demo(&workspace_root(), None),
@@ -35,10 +37,15 @@ fn main() -> ExitCode {
             )),
         },
         Some("vm-test") => match &args[1..] {
-            [] => vm::vm_test(&workspace_root(), None),
-            [flag, kernel] if flag == "--kernel" => vm::vm_test(&workspace_root(), Some(kernel)),
+            [] => vm::vm_test(&workspace_root(), None, None),
+            [flag, kernel] if flag == "--kernel" => {
+                vm::vm_test(&workspace_root(), Some(kernel), None)
+            }
+            [k, kernel, v, version] if k == "--kernel" && v == "--version" => {
+                vm::vm_test(&workspace_root(), Some(kernel), Some(version))
+            }
             _ => Err(format!(
-                "usage: cargo xtask vm-test [--kernel NAME]\n{USAGE}"
+                "usage: cargo xtask vm-test [--kernel NAME [--version VERSION]]\n{USAGE}"
             )),
         },
         Some("-h" | "--help") => {

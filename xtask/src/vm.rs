@@ -78,7 +78,25 @@ if [ "$EXPECT" = copy ]; then
   grep -q AUTO_BUF_REG /tmp/bad.log || fail "--zero-copy on failed without saying why"
   ls /dev/ublkb* 2>/dev/null && fail "a failed map left a device"
 fi
-echo "ublk: refused maps name the cause and leave no device"
+su nobody -s /bin/sh -c "netblk map --volume bad --size 64M --nodes $NODES" >/tmp/bad.out 2>/tmp/bad.log && fail "map as nobody succeeded"
+grep -q "run as root" /tmp/bad.log || fail "no permission is not a clear error"
+[ "$(wc -l < /tmp/bad.log)" -eq 1 ] || fail "the permission error is not one line"
+echo "ublk: refused maps (unreachable node, no permission, zero copy unavailable) name the cause and leave no device"
+
+# A 4 KiB logical block size.
+netblk map --volume vm4k --size 64M --nodes $NODES --block-size 4096 >/tmp/map4k.out 2>/tmp/map4k.log &
+MAP4K=$!
+for i in $(seq 100); do grep -q /dev/ublkb /tmp/map4k.out && break; sleep 0.1; done
+DEV4K=$(head -n1 /tmp/map4k.out)
+[ -b "$DEV4K" ] || fail "no device for --block-size 4096"
+[ "$(blockdev --getss $DEV4K)" = 4096 ] || fail "logical block size is not 4096"
+dd if=/dev/urandom of=/tmp/d4k bs=1M count=4 2>/dev/null
+dd if=/tmp/d4k of=$DEV4K bs=1M conv=fsync 2>/dev/null || fail "write with 4 KiB blocks"
+echo 3 > /proc/sys/vm/drop_caches
+dd if=$DEV4K of=/tmp/b4k bs=1M count=4 2>/dev/null
+cmp /tmp/d4k /tmp/b4k || fail "4 KiB-block device read back differs"
+kill -TERM $MAP4K; wait $MAP4K || fail "4 KiB-block map exited with an error"
+echo "ublk: --block-size 4096 device: 4 MiB written and read back"
 
 netblk map --volume vm --size 1G --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map.out 2>/tmp/map.log &
 MAP=$!
@@ -414,6 +432,9 @@ fn make_initramfs(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nip link set lo up\n\
+         mkdir -p /etc && echo 'root:x:0:0::/:/bin/sh' > /etc/passwd && \
+         echo 'nobody:x:65534:65534::/:/bin/sh' >> /etc/passwd && \
+         printf 'root:x:0:\\nnogroup:x:65534:\\n' > /etc/group\n\
          {insmods}export PATH=/bin:/sbin RUST_LOG=warn EXPECT='{expect}'\n{script}\npoweroff -f\n"
     );
     let init_path = stage.join("init");
@@ -590,13 +611,60 @@ pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
     }
 }
 
-/// Runs the scenario on the chosen kernels (all by default).
-pub fn vm_test(root: &Path, only: Option<&str>) -> Result<(), String> {
-    need_tools()?;
-    let kernels: Vec<&Kernel> = KERNELS
+/// The kernel `name` at another Debian package version than the pinned one
+/// (for example `7.3.5+deb13-amd64`).
+fn with_version(name: &str, version: &str) -> Result<Kernel, String> {
+    let pinned = KERNELS
         .iter()
-        .filter(|k| only.is_none_or(|o| o == k.name))
-        .collect();
+        .find(|k| k.name == name)
+        .ok_or_else(|| format!("--version needs --kernel, one of {}", kernel_names()))?;
+    let version: &'static str = Box::leak(version.to_string().into_boxed_str());
+    // 7.x packages split the image and the modules; 6.x ship one package.
+    let packages: Vec<&'static str> = if version.starts_with("6.") {
+        vec![Box::leak(format!("linux-image-{version}").into_boxed_str())]
+    } else {
+        vec![
+            Box::leak(format!("linux-binary-{version}").into_boxed_str()),
+            Box::leak(format!("linux-modules-{version}").into_boxed_str()),
+        ]
+    };
+    Ok(Kernel {
+        name: pinned.name,
+        version,
+        packages: Box::leak(packages.into_boxed_slice()),
+        expect: pinned.expect,
+    })
+}
+
+fn kernel_names() -> String {
+    KERNELS
+        .iter()
+        .map(|k| k.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs the scenario on the chosen kernels (all by default), optionally at
+/// another package version than the pinned one.
+pub fn vm_test(root: &Path, only: Option<&str>, version: Option<&str>) -> Result<(), String> {
+    need_tools()?;
+    let overridden;
+    let kernels: Vec<&Kernel> = match (only, version) {
+        (Some(name), Some(version)) => {
+            overridden = with_version(name, version)?;
+            vec![&overridden]
+        }
+        (None, Some(_)) => {
+            return Err(format!(
+                "--version needs --kernel, one of {}",
+                kernel_names()
+            ));
+        }
+        _ => KERNELS
+            .iter()
+            .filter(|k| only.is_none_or(|o| o == k.name))
+            .collect(),
+    };
     if kernels.is_empty() {
         let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
         return Err(format!("unknown kernel; choose from {}", names.join(", ")));
