@@ -334,6 +334,7 @@ fn measure_workload(
                 generator,
                 mode,
                 BufferMode::User,
+                None,
             )
             .map_err(err)?,
         );

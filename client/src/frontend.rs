@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
 use crate::layout::{Layout, SpecError, VolumeSpec};
 use crate::net::{self, ConnectError, Identity, NodeInfo};
-use crate::uring::{BufferMode, Doorbell, Frontend, QueueDriver, SendMode, TagBuffers};
+use crate::uring::{BufferMode, Doorbell, Frontend, QueueDriver, Reconnect, SendMode, TagBuffers};
 
 /// How a volume is attached.
 #[derive(Debug, Clone)]
@@ -115,6 +115,8 @@ pub type QueueThread<F> = JoinHandle<(Option<F>, io::Result<()>)>;
 
 /// Starts a queue thread serving `frontend` over `streams`; returns once its
 /// ring is set up. Joining the thread gives the frontend back.
+// Each argument is a distinct part of a queue; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_queue<F: Frontend + Send + 'static>(
     name: String,
     engine: Engine,
@@ -123,13 +125,22 @@ pub fn spawn_queue<F: Frontend + Send + 'static>(
     frontend: F,
     mode: SendMode,
     buffer_mode: BufferMode,
+    reconnect: Option<Reconnect>,
 ) -> Result<QueueThread<F>, OpenError> {
     // The ring is made on the thread that uses it (single issuer).
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            match QueueDriver::new(engine, streams, buffers, frontend, mode, buffer_mode) {
+            match QueueDriver::new(
+                engine,
+                streams,
+                buffers,
+                frontend,
+                mode,
+                buffer_mode,
+                reconnect,
+            ) {
                 Ok(driver) => {
                     let _ = ready_tx.send(Ok(()));
                     let (frontend, result) = driver.run();
@@ -296,6 +307,7 @@ impl Volume {
                 frontend,
                 options.send_mode,
                 BufferMode::User,
+                Some(reconnect_for(spec, &layout, options)),
             )?;
             let free_tags = crossbeam_channel::bounded(usize::from(options.depth));
             for tag in 0..options.depth {
@@ -460,6 +472,17 @@ impl Volume {
         }
         let _ = q.free_tags.0.send(tag);
         result.map(|_| ()).map_err(io::Error::from_raw_os_error)
+    }
+}
+
+/// How queues of this volume reconnect to its nodes.
+pub fn reconnect_for(spec: &VolumeSpec, layout: &Layout, options: &VolumeOptions) -> Reconnect {
+    Reconnect {
+        addrs: spec.nodes.clone(),
+        layout: *layout,
+        client_id: options.client_id.clone(),
+        volume: spec.name.clone(),
+        timeout: options.connect_timeout.min(Duration::from_secs(5)),
     }
 }
 

@@ -12,17 +12,19 @@
 //! All `unsafe` of the client's data path lives here.
 
 use std::io;
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use netblk_protocol::pb::header::Kind;
 use netblk_protocol::{Limits, PREAMBLE_LEN, Preamble, decode_header};
 
 use crate::engine::{Completion, Engine, ReplySink, Tag};
+use crate::layout::Layout;
 
 /// How write payloads leave the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,6 +322,13 @@ const K_FRONTEND: u64 = 7;
 /// `IORING_RECVSEND_FIXED_BUF`: the receive's buffer is a registered one.
 const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
 
+/// The connection field of user data: node index (12 bits) and the
+/// connection's generation (4 bits), so that a completion from a connection
+/// that was replaced is never taken for one of its successor's.
+fn conn_id(node: usize, generation: u8) -> usize {
+    (usize::from(generation & 0xf) << 12) | (node & 0xfff)
+}
+
 fn user_data(kind: u64, conn: usize, detail: u64) -> u64 {
     (kind << 56) | ((conn as u64 & 0xffff) << 40) | (detail & 0xff_ffff_ffff)
 }
@@ -361,6 +370,14 @@ enum RecvMode {
 struct Conn {
     stream: TcpStream,
     fd: RawFd,
+    /// Handshake session of this connection; grows with each reconnect.
+    session: u64,
+    /// Bumped when the connection is replaced (see `conn_id`).
+    generation: u8,
+    /// While lost: when the next reconnect may start, and the wait after it.
+    next_attempt: Instant,
+    backoff: Duration,
+    connecting: bool,
     /// Head bytes of the send chain in flight; kept alive until it completes.
     heads: Vec<Vec<u8>>,
     /// CQEs (other than notifications) the chain still owes.
@@ -391,7 +408,28 @@ pub struct QueueDriver<F: Frontend> {
     wake_buf: Box<u64>,
     wake_posted: bool,
     frontend_sqes: Vec<squeue::Entry>,
+    reconnect: Option<Reconnect>,
+    reconnected: (Sender<Reconnected>, Receiver<Reconnected>),
 }
+
+/// How a queue re-establishes a lost node connection (in the background,
+/// with a bounded exponential backoff); in-flight pieces are sent again
+/// once it is back.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    pub addrs: Vec<SocketAddr>,
+    pub layout: Layout,
+    pub client_id: String,
+    pub volume: String,
+    /// For one connect + handshake.
+    pub timeout: Duration,
+}
+
+/// A reconnect attempt's outcome: node, session, the new connection.
+type Reconnected = (usize, u64, Result<TcpStream, String>);
+
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 impl<F: Frontend> QueueDriver<F> {
     /// Makes the ring (call this on the thread that will run it) and
@@ -403,6 +441,7 @@ impl<F: Frontend> QueueDriver<F> {
         frontend: F,
         mode: SendMode,
         buffer_mode: BufferMode,
+        reconnect: Option<Reconnect>,
     ) -> io::Result<QueueDriver<F>> {
         let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
             .clamp(64, 4096)
@@ -439,6 +478,11 @@ impl<F: Frontend> QueueDriver<F> {
             .map(|stream| Conn {
                 fd: stream.as_raw_fd(),
                 stream,
+                session: 1,
+                generation: 0,
+                next_attempt: Instant::now(),
+                backoff: RECONNECT_MIN,
+                connecting: false,
                 heads: Vec::with_capacity(MAX_CHAIN),
                 chain_left: 0,
                 rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
@@ -463,6 +507,8 @@ impl<F: Frontend> QueueDriver<F> {
             wake_buf: Box::new(0),
             wake_posted: false,
             frontend_sqes: Vec::new(),
+            reconnect,
+            reconnected: crossbeam_channel::unbounded(),
         })
     }
 
@@ -494,6 +540,8 @@ impl<F: Frontend> QueueDriver<F> {
         loop {
             let now = Instant::now();
             self.engine.handle_timeout(now);
+            // Before sending: a connection that came back goes to work now.
+            let nodes_down = self.reconnect_step(now);
             self.deliver_completions();
             // After completions: a frontend refills the tags they freed.
             let more = self.frontend.poll(&mut self.engine, &self.buffers, now);
@@ -514,13 +562,93 @@ impl<F: Frontend> QueueDriver<F> {
             if !more && self.engine.is_idle() {
                 return Ok(());
             }
-            let timeout = self
+            let mut timeout = self
                 .engine
                 .poll_timeout()
                 .map(|d| d.saturating_duration_since(now));
+            if nodes_down || self.conns.iter().any(|c| c.lost_reported) {
+                // A reconnect may be due or finish any moment: look again soon.
+                timeout = Some(timeout.map_or(RECONNECT_MIN, |t| t.min(RECONNECT_MIN)));
+            }
             self.submit_and_wait(timeout)?;
             self.reap()?;
         }
+    }
+
+    /// Installs finished reconnects and starts due ones. True while a node is down.
+    fn reconnect_step(&mut self, now: Instant) -> bool {
+        let Some(reconnect) = &self.reconnect else {
+            return false;
+        };
+        while let Ok((node, session, result)) = self.reconnected.1.try_recv() {
+            let conn = &mut self.conns[node];
+            conn.connecting = false;
+            match result {
+                Ok(stream) => {
+                    eprintln!(
+                        "netblk: node {node} ({}) is back (session {session})",
+                        reconnect.addrs[node]
+                    );
+                    conn.fd = stream.as_raw_fd();
+                    conn.stream = stream;
+                    conn.session = session;
+                    conn.generation = conn.generation.wrapping_add(1);
+                    conn.ops = 0;
+                    conn.heads.clear();
+                    conn.chain_left = 0;
+                    conn.rstart = 0;
+                    conn.rend = 0;
+                    conn.mode = RecvMode::Frames;
+                    conn.recv_posted = false;
+                    conn.large_payloads = false;
+                    conn.broken = false;
+                    conn.lost_reported = false;
+                    conn.backoff = RECONNECT_MIN;
+                    self.engine.handle_connection_restored(node);
+                }
+                Err(why) => {
+                    if conn.backoff >= RECONNECT_MAX {
+                        eprintln!("netblk: node {node}: still down: {why}");
+                    }
+                    conn.next_attempt = now + conn.backoff;
+                    conn.backoff = (conn.backoff * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+        let mut down = false;
+        for (node, conn) in self.conns.iter_mut().enumerate() {
+            if !conn.lost_reported {
+                continue;
+            }
+            down = true;
+            if conn.connecting || now < conn.next_attempt {
+                continue;
+            }
+            conn.connecting = true;
+            let session = conn.session + 1;
+            let (addr, layout, timeout) =
+                (reconnect.addrs[node], reconnect.layout, reconnect.timeout);
+            let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
+            let done = self.reconnected.0.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("reconnect-{node}"))
+                .spawn(move || {
+                    let who = crate::net::Identity {
+                        client_id: &client_id,
+                        volume: &volume,
+                        session,
+                    };
+                    let result = crate::net::connect(addr, node, &layout, &who, timeout)
+                        .map(|(stream, _)| stream)
+                        .map_err(|e| e.to_string());
+                    let _ = done.send((node, session, result));
+                });
+            if spawned.is_err() {
+                conn.connecting = false;
+                conn.next_attempt = now + conn.backoff;
+            }
+        }
+        down
     }
 
     /// Hands finished requests to the frontend; true if there were any.
@@ -630,6 +758,7 @@ impl<F: Frontend> QueueDriver<F> {
         if plan.is_empty() {
             return Ok(());
         }
+        let cid = conn_id(node, conn.generation);
         let mut entries = Vec::with_capacity(plan.len() * 2);
         let transmits = plan.len();
         for (i, (head, payload)) in plan.into_iter().enumerate() {
@@ -641,7 +770,7 @@ impl<F: Frontend> QueueDriver<F> {
                 opcode::Send::new(types::Fd(conn.fd), bytes.as_ptr(), bytes.len() as u32)
                     .flags(libc::MSG_WAITALL | more(payload.is_none() && i + 1 == transmits))
                     .build()
-                    .user_data(user_data(K_HEAD, node, head as u64)),
+                    .user_data(user_data(K_HEAD, cid, head as u64)),
             );
             if let Some(slice) = payload {
                 let flags = libc::MSG_WAITALL | more(i + 1 == transmits);
@@ -650,7 +779,8 @@ impl<F: Frontend> QueueDriver<F> {
                     // A kernel-registered buffer is addressed by offset.
                     BufferMode::Kernel { .. } => slice.offset as usize as *mut u8,
                 };
-                let detail = (u64::from(slice.tag) << 32) | u64::from(slice.len);
+                // tag (13 bits) and length (27 bits: at most 64 MiB) in 40 bits.
+                let detail = (u64::from(slice.tag) << 27) | u64::from(slice.len);
                 let entry = match self.mode {
                     SendMode::ZeroCopy => opcode::SendZc::new(types::Fd(conn.fd), ptr, slice.len)
                         .buf_index(Some(slice.tag))
@@ -660,7 +790,7 @@ impl<F: Frontend> QueueDriver<F> {
                         .flags(flags)
                         .build(),
                 };
-                entries.push(entry.user_data(user_data(K_DATA, node, detail)));
+                entries.push(entry.user_data(user_data(K_DATA, cid, detail)));
             }
         }
         let last = entries.len() - 1;
@@ -668,7 +798,10 @@ impl<F: Frontend> QueueDriver<F> {
         conn.ops += entries.len() as u32;
         for (i, entry) in entries.into_iter().enumerate() {
             let entry = if i < last {
-                entry.flags(squeue::Flags::IO_LINK)
+                // A hard link keeps the order without cancelling the rest
+                // when one fails: a cancelled SEND_ZC would still post a
+                // notification, after a CQE without F_MORE.
+                entry.flags(squeue::Flags::IO_HARDLINK)
             } else {
                 entry
             };
@@ -683,6 +816,7 @@ impl<F: Frontend> QueueDriver<F> {
         if conn.broken || conn.recv_posted {
             return Ok(());
         }
+        let cid = conn_id(node, conn.generation);
         let kernel = match self.buffer_mode {
             BufferMode::Kernel { recv_fixed } => Some(recv_fixed),
             BufferMode::User => None,
@@ -703,11 +837,11 @@ impl<F: Frontend> QueueDriver<F> {
                         .buf_group(tag)
                         .flags(libc::MSG_WAITALL)
                         .build()
-                        .user_data(user_data(K_RECV_PAYLOAD, node, 0))
+                        .user_data(user_data(K_RECV_PAYLOAD, cid, 0))
                 } else {
                     opcode::ReadFixed::new(types::Fd(conn.fd), at, left, tag)
                         .build()
-                        .user_data(user_data(K_RECV_PAYLOAD, node, 0))
+                        .user_data(user_data(K_RECV_PAYLOAD, cid, 0))
                 }
             }
             (
@@ -720,7 +854,7 @@ impl<F: Frontend> QueueDriver<F> {
                 opcode::Recv::new(types::Fd(conn.fd), at, left)
                     .flags(libc::MSG_WAITALL)
                     .build()
-                    .user_data(user_data(K_RECV_PAYLOAD, node, 0))
+                    .user_data(user_data(K_RECV_PAYLOAD, cid, 0))
             }
             _ => {
                 if conn.rstart == conn.rend {
@@ -761,7 +895,7 @@ impl<F: Frontend> QueueDriver<F> {
                 opcode::Recv::new(types::Fd(conn.fd), free.as_mut_ptr(), free.len() as u32)
                     .flags(flags)
                     .build()
-                    .user_data(user_data(K_RECV, node, 0))
+                    .user_data(user_data(K_RECV, cid, 0))
             }
         };
         conn.recv_posted = true;
@@ -776,7 +910,20 @@ impl<F: Frontend> QueueDriver<F> {
             .map(|c| (c.user_data(), c.result(), c.flags()))
             .collect();
         for (ud, res, flags) in cqes {
-            let (kind, node, detail) = split_user_data(ud);
+            let (kind, cid, detail) = split_user_data(ud);
+            let node = cid & 0xfff;
+            let current = self
+                .conns
+                .get(node)
+                .is_some_and(|c| conn_id(node, c.generation) == cid);
+            if matches!(kind, K_HEAD | K_DATA | K_RECV | K_RECV_PAYLOAD) && !current {
+                // From a connection already replaced: only a buffer it held
+                // matters now.
+                if kind == K_DATA && (cqueue::notif(flags) || !cqueue::more(flags)) {
+                    self.engine.handle_buffer_released((detail >> 27) as Tag);
+                }
+                continue;
+            }
             match kind {
                 K_WAKE => {
                     self.wake_posted = false;
@@ -787,8 +934,8 @@ impl<F: Frontend> QueueDriver<F> {
                     .on_cqe(detail, res, &mut self.engine, Instant::now()),
                 K_HEAD => {
                     let conn = &mut self.conns[node];
-                    conn.ops -= 1;
-                    conn.chain_left -= 1;
+                    conn.ops = conn.ops.saturating_sub(1);
+                    conn.chain_left = conn.chain_left.saturating_sub(1);
                     let expected = conn.heads.get(detail as usize).map_or(0, Vec::len);
                     if res < 0 || res as usize != expected {
                         self.break_conn(node, "send failed", res);
@@ -804,18 +951,18 @@ impl<F: Frontend> QueueDriver<F> {
     }
 
     fn on_data_sent(&mut self, node: usize, detail: u64, res: i32, flags: u32) {
-        let tag = (detail >> 32) as Tag;
-        let len = (detail & 0xffff_ffff) as i32;
+        let tag = (detail >> 27) as Tag;
+        let len = (detail & ((1 << 27) - 1)) as i32;
         let conn = &mut self.conns[node];
         if cqueue::notif(flags) {
             // The zero-copy notification: the kernel is done with the buffer.
-            conn.ops -= 1;
+            conn.ops = conn.ops.saturating_sub(1);
             self.engine.handle_buffer_released(tag);
             return;
         }
-        conn.chain_left -= 1;
+        conn.chain_left = conn.chain_left.saturating_sub(1);
         if !cqueue::more(flags) {
-            conn.ops -= 1;
+            conn.ops = conn.ops.saturating_sub(1);
             self.engine.handle_buffer_released(tag);
         }
         if res != len {
@@ -825,7 +972,7 @@ impl<F: Frontend> QueueDriver<F> {
 
     fn on_recv(&mut self, node: usize, res: i32) {
         let conn = &mut self.conns[node];
-        conn.ops -= 1;
+        conn.ops = conn.ops.saturating_sub(1);
         conn.recv_posted = false;
         if res <= 0 {
             self.break_conn(node, "connection closed by node", res);
@@ -839,7 +986,7 @@ impl<F: Frontend> QueueDriver<F> {
 
     fn on_recv_payload(&mut self, node: usize, res: i32) {
         let conn = &mut self.conns[node];
-        conn.ops -= 1;
+        conn.ops = conn.ops.saturating_sub(1);
         conn.recv_posted = false;
         if res <= 0 {
             self.break_conn(node, "connection closed by node mid-payload", res);

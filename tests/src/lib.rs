@@ -50,8 +50,14 @@ impl MockNode {
     /// Starts a node on 127.0.0.1 port 0 with these extra arguments and waits
     /// for its `listening on` line.
     pub fn start(args: &[&str]) -> MockNode {
+        MockNode::start_at("127.0.0.1:0", args)
+    }
+
+    /// Starts a node listening on `listen` (for example the address of a
+    /// node that was stopped, to restart it in place).
+    pub fn start_at(listen: &str, args: &[&str]) -> MockNode {
         let mut child = Command::new(mock_node_bin())
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

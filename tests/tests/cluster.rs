@@ -272,3 +272,78 @@ fn out_of_range_and_node_errors_surface_as_io_errors() {
         .expect_err("spans both");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
 }
+
+/// A volume over `cluster` with a model, and a workload running in the
+/// background while `disturb` does its worst; no IO may fail.
+fn survive(cluster: &mut Cluster, name: &str, disturb: impl FnOnce(&mut Cluster)) {
+    let size = 32 * MIB;
+    let spec = VolumeSpec {
+        name: name.into(),
+        size,
+        stripe_unit: 64 << 10,
+        nodes: cluster.addrs(),
+    };
+    let options = VolumeOptions {
+        queues: 2,
+        depth: 16,
+        io_timeout: std::time::Duration::from_secs(30),
+        ..VolumeOptions::default()
+    };
+    let volume = Volume::open(&spec, &options).expect("open volume");
+    let model = Arc::new(Mutex::new(vec![0u8; size as usize]));
+    thread::scope(|s| {
+        let worker = s.spawn(|| workload(&volume, &model, 2, 150, 99));
+        thread::sleep(std::time::Duration::from_millis(150));
+        disturb(cluster);
+        worker
+            .join()
+            .expect("workload: no IO error while nodes come and go");
+    });
+    let mut all = vec![0u8; size as usize];
+    volume.read_at(&mut all, 0).expect("read all");
+    assert!(
+        all == *model.lock().expect("model"),
+        "volume differs from the model"
+    );
+}
+
+#[test]
+fn a_node_killed_and_restarted_mid_workload_costs_no_io_error() {
+    let mut cluster = Cluster::start(3);
+    survive(&mut cluster, "restart", |cluster| {
+        let addr = cluster.nodes[1].addr.to_string();
+        cluster.nodes[1].signal(libc::SIGKILL);
+        assert!(
+            cluster.nodes[1]
+                .wait_exit(std::time::Duration::from_secs(5))
+                .is_some()
+        );
+        thread::sleep(std::time::Duration::from_millis(300));
+        let store = format!("dir:{}", cluster.dir.path().join("node1").display());
+        cluster.nodes[1] = MockNode::start_at(&addr, &["--store", &store]);
+    });
+}
+
+#[test]
+fn dropped_connections_and_corrupted_replies_are_survived() {
+    let mut cluster = Cluster::start(3);
+    cluster.nodes[0]
+        .admin()
+        .set_faults(netblk_protocol::pb::Faults {
+            drop_after: 40,
+            ..Default::default()
+        });
+    survive(&mut cluster, "flaky", |cluster| {
+        for _ in 0..3 {
+            cluster.nodes[2]
+                .admin()
+                .set_faults(netblk_protocol::pb::Faults {
+                    corrupt_replies: 1,
+                    ..Default::default()
+                });
+            thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    assert!(cluster.nodes[0].admin().stats().dropped_connections > 0);
+    assert!(cluster.nodes[2].admin().stats().corrupted_replies > 0);
+}

@@ -10,7 +10,7 @@ use super::queue::UblkQueue;
 use super::sys::{self, DevInfo, ParamBasic, ParamDiscard, Params};
 use crate::engine::Engine;
 use crate::frontend::{
-    OpenError, QueueThread, VolumeOptions, connect_queue, engine_config, spawn_queue,
+    OpenError, QueueThread, VolumeOptions, connect_queue, engine_config, reconnect_for, spawn_queue,
 };
 use crate::layout::VolumeSpec;
 use crate::uring::{BufferMode, SendMode, TagBuffers};
@@ -228,6 +228,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
                 queue,
                 send_mode,
                 buffer_mode,
+                Some(reconnect_for(spec, &layout, vopts)),
             )?;
             device.queues.push(thread);
         }
