@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub max_in_flight_per_node: usize,
     /// A request not complete after this long fails with EIO.
     pub io_timeout: Duration,
+    /// A node down longer than this fails IO to its stripes at once with
+    /// EIO instead of queueing it, until it is back.
+    pub node_down_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +78,7 @@ impl Default for EngineConfig {
             max_io: 1 << 20,
             max_in_flight_per_node: 1024,
             io_timeout: Duration::from_secs(30),
+            node_down_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -172,6 +176,8 @@ struct Slot {
 #[derive(Debug)]
 struct NodeState {
     up: bool,
+    /// Since when the connection is lost (None while up).
+    down_since: Option<Instant>,
     /// Pieces waiting to be sent, oldest first.
     queue: VecDeque<u64>,
     in_flight: usize,
@@ -210,6 +216,7 @@ impl Engine {
         let nodes = (0..layout.node_count())
             .map(|_| NodeState {
                 up: false,
+                down_since: None,
                 queue: VecDeque::new(),
                 in_flight: 0,
             })
@@ -310,6 +317,15 @@ impl Engine {
                     .map(|(node, node_offset, len)| (node, node_offset, 0, len)),
             ),
             Op::Flush => new_pieces.extend((0..self.layout.node_count()).map(|n| (n, 0, 0, 0))),
+        }
+        if new_pieces
+            .iter()
+            .any(|(node, ..)| self.node_given_up(*node, now))
+        {
+            let slot = &mut self.slots[usize::from(tag)];
+            slot.errno = EIO;
+            self.try_complete(tag);
+            return Ok(());
         }
         for (node, node_offset, buf_offset, len) in new_pieces {
             let id = self.next_id;
@@ -482,11 +498,12 @@ impl Engine {
 
     /// `node`'s connection is gone. Pieces sent on it and not answered will
     /// be sent again, first, once it is restored.
-    pub fn handle_connection_lost(&mut self, node: usize) {
+    pub fn handle_connection_lost(&mut self, now: Instant, node: usize) {
         let Some(state) = self.nodes.get_mut(node) else {
             return;
         };
         state.up = false;
+        state.down_since.get_or_insert(now);
         state.in_flight = 0;
         let mut resend: Vec<u64> = self
             .pieces
@@ -509,6 +526,7 @@ impl Engine {
     pub fn handle_connection_restored(&mut self, node: usize) {
         if let Some(state) = self.nodes.get_mut(node) {
             state.up = true;
+            state.down_since = None;
             state.in_flight = 0;
         }
     }
@@ -516,6 +534,20 @@ impl Engine {
     /// Time passed: requests past their deadline fail with EIO (they
     /// complete once no IO still uses their buffer).
     pub fn handle_timeout(&mut self, now: Instant) {
+        for node in 0..self.nodes.len() {
+            if self.node_given_up(node, now) && !self.nodes[node].queue.is_empty() {
+                let queued: Vec<u64> = self.nodes[node].queue.drain(..).collect();
+                for id in queued {
+                    if self
+                        .pieces
+                        .get(&id)
+                        .is_some_and(|p| p.state == PieceState::Queued)
+                    {
+                        self.finish_piece(id, EIO);
+                    }
+                }
+            }
+        }
         while let Some(&(deadline, tag, seq)) = self.deadlines.front() {
             if deadline > now {
                 break;
@@ -553,14 +585,37 @@ impl Engine {
 
     /// When [`Engine::handle_timeout`] should next be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut next = None;
         while let Some(&(deadline, tag, seq)) = self.deadlines.front() {
             let slot = &self.slots[usize::from(tag)];
             if slot.active && slot.seq == seq && !slot.timed_out {
-                return Some(deadline);
+                next = Some(deadline);
+                break;
             }
             self.deadlines.pop_front();
         }
-        None
+        // A down node with queued pieces is given up on at its own deadline.
+        let limit = self.config.node_down_timeout;
+        let node_deadline = self
+            .nodes
+            .iter()
+            .filter(|n| !n.queue.is_empty())
+            .filter_map(|n| n.down_since.map(|t| t + limit))
+            .min();
+        match (next, node_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// True if `node` has been down for longer than the node-down timeout.
+    pub fn node_given_up(&self, node: usize, now: Instant) -> bool {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.down_since)
+            .is_some_and(|since| {
+                now.saturating_duration_since(since) >= self.config.node_down_timeout
+            })
     }
 
     /// The next finished request.
@@ -612,6 +667,7 @@ mod tests {
                 max_io: 65536,
                 max_in_flight_per_node: 8,
                 io_timeout: Duration::from_secs(1),
+                node_down_timeout: Duration::from_secs(10),
             },
         );
         for n in 0..nodes as usize {
@@ -816,7 +872,7 @@ mod tests {
         let t0 = Instant::now();
         submit(&mut e, t0, 0, Op::Write { fua: false }, 0, 4096);
         let first = e.poll_transmit(0).expect("sent");
-        e.handle_connection_lost(0);
+        e.handle_connection_lost(t0, 0);
         e.handle_buffer_released(0);
         assert!(e.poll_transmit(0).is_none(), "nothing goes out while down");
         e.handle_connection_restored(0);

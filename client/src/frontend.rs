@@ -32,6 +32,8 @@ pub struct VolumeOptions {
     pub max_io: u32,
     pub send_mode: SendMode,
     pub io_timeout: Duration,
+    /// A node down longer than this fails IO to its stripes at once (EIO).
+    pub node_down_timeout: Duration,
     pub connect_timeout: Duration,
     /// Sent in handshakes, shown in node logs.
     pub client_id: String,
@@ -45,6 +47,7 @@ impl Default for VolumeOptions {
             max_io: 1 << 20,
             send_mode: SendMode::ZeroCopy,
             io_timeout: Duration::from_secs(30),
+            node_down_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             client_id: format!("netblk-{}", std::process::id()),
         }
@@ -493,6 +496,7 @@ pub fn engine_config(options: &VolumeOptions) -> EngineConfig {
         max_io: options.max_io,
         max_in_flight_per_node: usize::from(options.depth) * 4,
         io_timeout: options.io_timeout,
+        node_down_timeout: options.node_down_timeout,
     }
 }
 

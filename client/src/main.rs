@@ -93,6 +93,11 @@ struct MapArgs {
     /// Seconds before a request fails with EIO.
     #[arg(long, default_value_t = 30)]
     io_timeout: u64,
+    /// Seconds a node may stay unreachable before IO to its stripes fails at
+    /// once with EIO (instead of waiting for --io-timeout); IO works again as
+    /// soon as it is back.
+    #[arg(long, default_value_t = 15)]
+    node_down_timeout: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -277,6 +282,7 @@ fn map(args: MapArgs) -> Result<(), String> {
             max_io: 1 << 20,
             send_mode,
             io_timeout: Duration::from_secs(args.io_timeout.max(1)),
+            node_down_timeout: Duration::from_secs(args.node_down_timeout),
             ..VolumeOptions::default()
         },
         block_size: args.block_size,

@@ -1137,7 +1137,7 @@ impl<F: Frontend> QueueDriver<F> {
             self.engine.handle_payload(id, false);
         }
         conn.mode = RecvMode::Frames;
-        self.engine.handle_connection_lost(node);
+        self.engine.handle_connection_lost(Instant::now(), node);
     }
 
     /// Closes the connections and waits until the kernel holds nothing of ours.

@@ -347,3 +347,61 @@ fn dropped_connections_and_corrupted_replies_are_survived() {
     assert!(cluster.nodes[0].admin().stats().dropped_connections > 0);
     assert!(cluster.nodes[2].admin().stats().corrupted_replies > 0);
 }
+
+#[test]
+fn a_node_down_past_its_timeout_fails_fast_then_recovers() {
+    use std::time::{Duration, Instant};
+    let mut cluster = Cluster::start(2);
+    let spec = VolumeSpec {
+        name: "down".into(),
+        size: 16 * MIB,
+        stripe_unit: 65536,
+        nodes: cluster.addrs(),
+    };
+    let options = VolumeOptions {
+        io_timeout: Duration::from_secs(30),
+        node_down_timeout: Duration::from_secs(1),
+        ..VolumeOptions::default()
+    };
+    let volume = Volume::open(&spec, &options).expect("open");
+    volume.write_at(&[1; 4096], 65536).expect("node 1 up");
+    let addr = cluster.nodes[1].addr.to_string();
+    cluster.nodes[1].signal(libc::SIGKILL);
+    assert!(cluster.nodes[1].wait_exit(Duration::from_secs(5)).is_some());
+
+    // Stripes of node 1: EIO well before the 30 s IO timeout.
+    let start = Instant::now();
+    let err = volume
+        .write_at(&[2; 4096], 65536)
+        .expect_err("node 1 is down");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(5), "failed after {waited:?}");
+    // Once given up on, at once.
+    let start = Instant::now();
+    assert!(volume.write_at(&[2; 4096], 65536).is_err());
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "fast fail took {:?}",
+        start.elapsed()
+    );
+    // Node 0 keeps working meanwhile.
+    volume.write_at(&[3; 4096], 0).expect("node 0 is up");
+
+    // Back in place: IO to its stripes works again, no remap.
+    let store = format!("dir:{}", cluster.dir.path().join("node1").display());
+    cluster.nodes[1] = MockNode::start_at(&addr, &["--store", &store]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match volume.write_at(&[4; 4096], 65536) {
+            Ok(()) => break,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+            Err(err) => panic!("node 1 back, IO still fails: {err}"),
+        }
+    }
+    let mut back = vec![0u8; 4096];
+    volume.read_at(&mut back, 65536).expect("read from node 1");
+    assert_eq!(back, vec![4; 4096]);
+    volume.read_at(&mut back, 0).expect("read from node 0");
+    assert_eq!(back, vec![3; 4096]);
+}

@@ -146,6 +146,7 @@ impl Sim {
                 max_io: p.max_io,
                 max_in_flight_per_node: 16,
                 io_timeout: p.io_timeout,
+                node_down_timeout: Duration::from_secs(3600),
             },
         );
         let nodes = (0..p.nodes as usize)
@@ -312,7 +313,8 @@ impl Sim {
         n.generation += 1;
         n.inbox.clear();
         self.client_inbox[node].clear();
-        self.engine.handle_connection_lost(node);
+        let now = self.instant();
+        self.engine.handle_connection_lost(now, node);
         if !self.nodes[node].dead {
             let at = self.now + self.rng.micros(20_000);
             self.schedule(at, Event::ConnectionRestore { node });
