@@ -259,11 +259,6 @@ impl Engine {
             .collect()
     }
 
-    /// True if `node`'s connection is up (as last reported).
-    pub fn node_up(&self, node: usize) -> bool {
-        self.nodes.get(node).is_some_and(|n| n.up)
-    }
-
     /// A new block request on a free tag. Invalid requests (out of range,
     /// too large) complete at once with EINVAL.
     pub fn handle_request(&mut self, now: Instant, request: BlockRequest) -> Result<(), TagError> {

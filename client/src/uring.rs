@@ -112,10 +112,6 @@ impl TagBuffers {
         })
     }
 
-    pub fn tag_size(&self) -> usize {
-        self.tag_size
-    }
-
     pub fn depth(&self) -> u16 {
         self.depth
     }
@@ -259,15 +255,15 @@ pub fn enable_zerocopy(socket: &TcpStream) -> io::Result<()> {
 pub fn probe_recv_fixed() -> bool {
     let attempt = || -> io::Result<bool> {
         let (a, b) = std::os::unix::net::UnixStream::pair()?;
-        let mut ring = IoUring::new(4)?;
+        // Declared before the ring, so dropped after it on every path.
         let mut buf = vec![0u8; 4096];
+        let mut ring = IoUring::new(4)?;
         let iov = [libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }];
-        // SAFETY: `buf` outlives the ring (the ring is dropped at the end of
-        // this closure, before `buf`... both are locals; the ring is declared
-        // after `buf` and so dropped first).
+        // SAFETY: `buf` is declared before the ring, so it outlives the ring
+        // (and with it the registration) on every path out of this closure.
         unsafe { ring.submitter().register_buffers(&iov)? };
         std::io::Write::write_all(&mut &a, b"netblk")?;
         let entry = opcode::Recv::new(types::Fd(b.as_raw_fd()), buf.as_mut_ptr(), 6)
@@ -970,28 +966,34 @@ impl<F: Frontend> QueueDriver<F> {
         }
     }
 
-    fn on_recv(&mut self, node: usize, res: i32) {
+    /// Books a finished receive on `node`; false (and the connection broken)
+    /// if it brought nothing.
+    fn recv_done(&mut self, node: usize, res: i32, what: &str) -> bool {
         let conn = &mut self.conns[node];
         conn.ops = conn.ops.saturating_sub(1);
         conn.recv_posted = false;
         if res <= 0 {
-            self.break_conn(node, "connection closed by node", res);
+            self.break_conn(node, what, res);
+            return false;
+        }
+        true
+    }
+
+    fn on_recv(&mut self, node: usize, res: i32) {
+        if !self.recv_done(node, res, "connection closed by node") {
             return;
         }
-        conn.rend += res as usize;
+        self.conns[node].rend += res as usize;
         if let Err(why) = self.parse(node) {
             self.break_conn(node, &why, 0);
         }
     }
 
     fn on_recv_payload(&mut self, node: usize, res: i32) {
-        let conn = &mut self.conns[node];
-        conn.ops = conn.ops.saturating_sub(1);
-        conn.recv_posted = false;
-        if res <= 0 {
-            self.break_conn(node, "connection closed by node mid-payload", res);
+        if !self.recv_done(node, res, "connection closed by node mid-payload") {
             return;
         }
+        let conn = &mut self.conns[node];
         if let RecvMode::Payload {
             id,
             tag,

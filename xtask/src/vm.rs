@@ -573,6 +573,20 @@ ls /dev/ublkb* 2>/dev/null && fail "the demo left a device"
 echo "NETBLK-VM-RESULT: pass"
 "##;
 
+/// Fetches `kernel`, builds an initramfs running `script` in `work`, boots
+/// it, and returns the console output.
+fn run_guest(work: &Path, bins: &Path, kernel: &Kernel, script: &str) -> Result<String, String> {
+    let (vmlinuz, kernel_root) = fetch_kernel(&cache_dir(), kernel)?;
+    fs::create_dir_all(work).map_err(|e| e.to_string())?;
+    let initrd = make_initramfs(work, bins, &kernel_root, kernel.expect, script)?;
+    boot(
+        &vmlinuz,
+        &initrd,
+        &work.join("console.log"),
+        Duration::from_secs(600),
+    )
+}
+
 /// Boots one kernel (7.3 by default) and runs `netblk demo` in it, showing
 /// what a user would see.
 pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
@@ -581,22 +595,13 @@ pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
         .iter()
         .find(|k| k.name == only.unwrap_or("7.3"))
         .ok_or("unknown kernel")?;
-    let cache = cache_dir();
     let bins = build_static(root)?;
-    let (vmlinuz, kernel_root) = fetch_kernel(&cache, kernel)?;
-    let work = root.join("target/vm-demo").join(kernel.name);
-    fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-    let initrd = make_initramfs(&work, &bins, &kernel_root, kernel.expect, DEMO)?;
     eprintln!(
         "==> booting {} under QEMU (software emulation)",
         kernel.version
     );
-    let log = boot(
-        &vmlinuz,
-        &initrd,
-        &work.join("console.log"),
-        Duration::from_secs(600),
-    )?;
+    let work = root.join("target/vm-demo").join(kernel.name);
+    let log = run_guest(&work, &bins, kernel, DEMO)?;
     let shown = log.lines().skip_while(|l| !l.contains("== netblk demo"));
     for line in shown.filter(|l| !l.contains("reboot: Power down")) {
         println!("{line}");
@@ -669,7 +674,6 @@ pub fn vm_test(root: &Path, only: Option<&str>, version: Option<&str>) -> Result
         let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
         return Err(format!("unknown kernel; choose from {}", names.join(", ")));
     }
-    let cache = cache_dir();
     let bins = build_static(root)?;
     let mut failed = Vec::new();
     for kernel in kernels {
@@ -677,16 +681,12 @@ pub fn vm_test(root: &Path, only: Option<&str>, version: Option<&str>) -> Result
             "==> kernel {} ({}, expected: {})",
             kernel.name, kernel.version, kernel.expect
         );
-        let (vmlinuz, kernel_root) = fetch_kernel(&cache, kernel)?;
-        let work = root.join("target/vm").join(kernel.name);
-        fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-        let initrd = make_initramfs(&work, &bins, &kernel_root, kernel.expect, SCENARIO)?;
         let started = Instant::now();
-        let log = boot(
-            &vmlinuz,
-            &initrd,
-            &work.join("console.log"),
-            Duration::from_secs(600),
+        let log = run_guest(
+            &root.join("target/vm").join(kernel.name),
+            &bins,
+            kernel,
+            SCENARIO,
         )?;
         let verdict = if log.contains("NETBLK-VM-RESULT: pass") {
             "pass"

@@ -86,7 +86,6 @@ impl Drop for Descriptors {
 pub struct UblkQueue {
     cdev: File,
     queue: u16,
-    depth: u16,
     descriptors: Descriptors,
     /// What each tag's commands carry in `addr`: the tag buffer's address
     /// (copy mode), or the auto buffer registration (index = tag).
@@ -136,7 +135,6 @@ impl UblkQueue {
         let mut q = UblkQueue {
             cdev,
             queue,
-            depth,
             descriptors,
             buffer_addrs,
             sqes: Vec::with_capacity(usize::from(depth)),
@@ -247,11 +245,5 @@ impl Frontend for UblkQueue {
 
     fn fail(&mut self, _tags: &[Tag]) {
         self.aborting = true;
-    }
-}
-
-impl UblkQueue {
-    pub fn depth(&self) -> u16 {
-        self.depth
     }
 }
