@@ -314,7 +314,7 @@ fn measure_workload(
     let mut threads = Vec::new();
     let cpu0 = cpu_seconds();
     for q in 0..queues {
-        let (streams, _) = connect_queue(spec, &layout, &volume_options).map_err(err)?;
+        let (streams, _) = connect_queue(spec, &layout, &volume_options, q).map_err(err)?;
         let engine = Engine::new(layout, engine_config(&volume_options));
         let buffers = Arc::new(TagBuffers::new(depth, 1 << 20)?);
         let generator = Generator::new(

@@ -35,8 +35,13 @@ pub struct VolumeOptions {
     /// A node down longer than this fails IO to its stripes at once (EIO).
     pub node_down_timeout: Duration,
     pub connect_timeout: Duration,
-    /// Sent in handshakes, shown in node logs.
+    /// Who this client is to the nodes (each queue adds `/qN`): nodes fence
+    /// an older session of the same id when a newer one connects. Kept across
+    /// a daemon recovery.
     pub client_id: String,
+    /// The first handshake session; each reconnect counts up from it. A
+    /// recovered daemon starts above every session of the one before it.
+    pub session: u64,
 }
 
 impl Default for VolumeOptions {
@@ -50,6 +55,7 @@ impl Default for VolumeOptions {
             node_down_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             client_id: format!("netblk-{}", std::process::id()),
+            session: 1,
         }
     }
 }
@@ -96,11 +102,13 @@ pub fn connect_queue(
     spec: &VolumeSpec,
     layout: &Layout,
     options: &VolumeOptions,
+    queue: usize,
 ) -> Result<(Vec<TcpStream>, Vec<NodeInfo>), OpenError> {
+    let client_id = queue_client_id(options, queue);
     let who = Identity {
-        client_id: &options.client_id,
+        client_id: &client_id,
         volume: &spec.name,
-        session: 1,
+        session: options.session,
     };
     let mut streams = Vec::with_capacity(spec.nodes.len());
     let mut infos = Vec::with_capacity(spec.nodes.len());
@@ -110,6 +118,12 @@ pub fn connect_queue(
         infos.push(info);
     }
     Ok((streams, infos))
+}
+
+/// The client id one queue's connections use: one live connection per node
+/// and id, so each queue has its own.
+pub fn queue_client_id(options: &VolumeOptions, queue: usize) -> String {
+    format!("{}/q{queue}", options.client_id)
 }
 
 /// A running queue thread; joining it gives back its frontend (unless the
@@ -280,7 +294,7 @@ impl Volume {
         let mut queues: Vec<Queue> = Vec::with_capacity(options.queues);
         let mut nodes = Vec::new();
         for q in 0..options.queues {
-            let (streams, infos) = connect_queue(spec, &layout, options)?;
+            let (streams, infos) = connect_queue(spec, &layout, options, q)?;
             nodes = infos;
             let engine = Engine::new(layout, engine_config(options));
             let buffers =
@@ -310,7 +324,7 @@ impl Volume {
                 frontend,
                 options.send_mode,
                 BufferMode::User,
-                Some(reconnect_for(spec, &layout, options)),
+                Some(reconnect_for(spec, &layout, options, q)),
             )?;
             let free_tags = crossbeam_channel::bounded(usize::from(options.depth));
             for tag in 0..options.depth {
@@ -479,11 +493,17 @@ impl Volume {
 }
 
 /// How queues of this volume reconnect to its nodes.
-pub fn reconnect_for(spec: &VolumeSpec, layout: &Layout, options: &VolumeOptions) -> Reconnect {
+pub fn reconnect_for(
+    spec: &VolumeSpec,
+    layout: &Layout,
+    options: &VolumeOptions,
+    queue: usize,
+) -> Reconnect {
     Reconnect {
         addrs: spec.nodes.clone(),
         layout: *layout,
-        client_id: options.client_id.clone(),
+        client_id: queue_client_id(options, queue),
+        session: options.session,
         volume: spec.name.clone(),
         timeout: options.connect_timeout.min(Duration::from_secs(5)),
     }

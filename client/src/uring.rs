@@ -416,6 +416,8 @@ pub struct Reconnect {
     pub addrs: Vec<SocketAddr>,
     pub layout: Layout,
     pub client_id: String,
+    /// The session the first connections were made with.
+    pub session: u64,
     pub volume: String,
     /// For one connect + handshake.
     pub timeout: Duration,
@@ -469,12 +471,13 @@ impl<F: Frontend> QueueDriver<F> {
                     .register_buffers_sparse(buffers.depth().into())?;
             }
         }
+        let first_session = reconnect.as_ref().map_or(1, |r| r.session);
         let conns = streams
             .into_iter()
             .map(|stream| Conn {
                 fd: stream.as_raw_fd(),
                 stream,
-                session: 1,
+                session: first_session,
                 generation: 0,
                 next_attempt: Instant::now(),
                 backoff: RECONNECT_MIN,

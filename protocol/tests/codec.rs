@@ -124,6 +124,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
                 stall,
                 corrupt_replies,
                 crash_after,
+                stall_open_only: stall,
             },
         )
 }

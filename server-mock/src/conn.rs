@@ -18,6 +18,7 @@ use netblk_protocol::{Decoded, FrameError, PROTOCOL_VERSION, decode_frame, encod
 use tracing::{debug, info, warn};
 
 use crate::faults;
+use crate::fence::Member;
 use crate::node::{Node, Volume, bump};
 use crate::store::VolumeMeta;
 
@@ -253,12 +254,38 @@ impl ReplyWriter {
 /// A data connection after its handshake.
 struct Conn {
     node: Arc<Node>,
+    /// The node's number for this connection.
+    id: u64,
+    /// Its place in session fencing (none for anonymous clients, or with
+    /// fencing off).
+    member: Option<Arc<Member>>,
     volume: Arc<Volume>,
     writer: ReplyWriter,
     /// Requests taken off the socket so far.
     requests: AtomicU64,
     /// Requests waiting in the delay queue.
     delayed: AtomicUsize,
+}
+
+impl Conn {
+    /// True once a newer session of the same client took over.
+    fn fenced(&self) -> bool {
+        self.member.as_ref().is_some_and(|m| m.is_fenced())
+    }
+
+    fn begin(&self) {
+        if let Some(member) = &self.member {
+            member.begin();
+        }
+    }
+
+    /// The request taken with [`Conn::begin`] was answered or (`applied`
+    /// false) discarded.
+    fn end(&self, applied: bool) {
+        if let Some(member) = &self.member {
+            member.end(applied);
+        }
+    }
 }
 
 /// A request held back by the latency knob.
@@ -274,7 +301,7 @@ pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64) {
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     debug!(%peer, id, "connection accepted");
-    let result = serve_stream(&node, &stream);
+    let result = serve_stream(&node, &stream, id);
     // Count and log first, close second: whoever sees the close also sees
     // the counters.
     match result {
@@ -297,7 +324,7 @@ pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64) {
     node.unregister(id);
 }
 
-fn serve_stream(node: &Arc<Node>, stream: &TcpStream) -> Result<(), ConnError> {
+fn serve_stream(node: &Arc<Node>, stream: &TcpStream, id: u64) -> Result<(), ConnError> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(node.config.write_timeout))?;
     let timeout = node.config.handshake_timeout;
@@ -318,7 +345,7 @@ fn serve_stream(node: &Arc<Node>, stream: &TcpStream) -> Result<(), ConnError> {
     };
     stream.set_read_timeout(None)?;
     match first.kind {
-        Some(Kind::Handshake(handshake)) => serve_data(node, stream, &mut reader, handshake),
+        Some(Kind::Handshake(handshake)) => serve_data(node, stream, id, &mut reader, handshake),
         Some(Kind::Admin(admin)) if node.config.admin => {
             serve_admin(node, stream, &mut reader, admin)
         }
@@ -368,7 +395,11 @@ fn check_volume_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn accept_handshake(node: &Node, handshake: &pb::Handshake) -> Result<Arc<Volume>, String> {
+fn accept_handshake(
+    node: &Node,
+    stream: &TcpStream,
+    handshake: &pb::Handshake,
+) -> Result<(Arc<Volume>, Option<Arc<Member>>), String> {
     if handshake.protocol_version != u32::from(PROTOCOL_VERSION) {
         return Err(format!(
             "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
@@ -380,20 +411,36 @@ fn accept_handshake(node: &Node, handshake: &pb::Handshake) -> Result<Arc<Volume
         .layout
         .ok_or_else(|| "the handshake carries no layout".to_string())?;
     netblk_protocol::geometry::check_layout(handshake.volume_size, &layout)?;
-    node.volume(
+    let volume = node.volume(
         &handshake.volume,
         VolumeMeta::from_handshake(handshake.volume_size, &layout),
-    )
+    )?;
+    if !node.config.fencing || handshake.client_id.is_empty() {
+        return Ok((volume, None));
+    }
+    let member = node.sessions.admit(
+        &handshake.volume,
+        &handshake.client_id,
+        handshake.session,
+        stream,
+        node.config.drain_timeout,
+        || {
+            node.faults.wake();
+            node.delayed.wake();
+        },
+    )?;
+    Ok((volume, Some(member)))
 }
 
 fn serve_data(
     node: &Arc<Node>,
     stream: &TcpStream,
+    id: u64,
     reader: &mut FrameReader,
     handshake: pb::Handshake,
 ) -> Result<(), ConnError> {
-    let volume = match accept_handshake(node, &handshake) {
-        Ok(volume) => volume,
+    let (volume, member) = match accept_handshake(node, stream, &handshake) {
+        Ok(accepted) => accepted,
         Err(why) => {
             let reply = pb::HandshakeReply {
                 status: Status::Refused as i32,
@@ -434,6 +481,8 @@ fn serve_data(
 
     let conn = Arc::new(Conn {
         node: Arc::clone(node),
+        id,
+        member,
         volume,
         writer: ReplyWriter::new(stream)?,
         requests: AtomicU64::new(0),
@@ -461,9 +510,14 @@ fn serve_data(
             break Err(err);
         }
     };
-    // Whatever ended the connection, what was accepted gets its reply.
+    // Whatever ended the connection, what was accepted gets its reply
+    // (unless a newer session of the client fenced it off).
     conn.writer.flush();
     drain(&conn);
+    if let Some(member) = &conn.member {
+        node.sessions
+            .leave(&handshake.volume, &handshake.client_id, member);
+    }
     result
 }
 
@@ -493,11 +547,16 @@ fn take_request(
     if faults.drop_after > 0 && seen > faults.drop_after {
         return Err(ConnError::Dropped(faults.drop_after));
     }
-    node.faults.wait_while_stalled(node.stopping_flag());
+    conn.begin();
+    node.faults
+        .wait_while_stalled(conn.id, || node.stopping() || conn.fenced());
     let delay = node.faults.delay(&faults);
-    if delay.is_zero() {
+    if conn.fenced() {
+        conn.end(false);
+    } else if delay.is_zero() {
         let reply = execute(node, &conn.volume, &faults, &request, payload, scratch);
         conn.writer.send(node, reply, scratch, false);
+        conn.end(true);
     } else {
         conn.delayed.fetch_add(1, Ordering::AcqRel);
         node.delayed.push(
@@ -516,18 +575,25 @@ fn take_request(
 pub fn run_delayed(node: &Node) {
     let mut scratch = Vec::new();
     while let Some(job) = node.delayed.pop_due(|| node.stopping()) {
-        node.faults.wait_while_stalled(node.stopping_flag());
-        let faults = node.faults.get();
-        let reply = execute(
-            node,
-            &job.conn.volume,
-            &faults,
-            &job.request,
-            &job.payload,
-            &mut scratch,
-        );
-        job.conn.writer.send(node, reply, &scratch, true);
-        job.conn.delayed.fetch_sub(1, Ordering::AcqRel);
+        let conn = &job.conn;
+        node.faults
+            .wait_while_stalled(conn.id, || node.stopping() || conn.fenced());
+        if conn.fenced() {
+            conn.end(false);
+        } else {
+            let faults = node.faults.get();
+            let reply = execute(
+                node,
+                &conn.volume,
+                &faults,
+                &job.request,
+                &job.payload,
+                &mut scratch,
+            );
+            conn.writer.send(node, reply, &scratch, true);
+            conn.end(true);
+        }
+        conn.delayed.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -656,7 +722,7 @@ fn serve_admin(
             Some(Cmd::SetFaults(faults)) => match faults::check(&faults) {
                 Ok(()) => {
                     info!(?faults, "faults changed");
-                    node.faults.set(faults);
+                    node.faults.set(faults, node.next_conn_id());
                 }
                 Err(why) => {
                     reply.status = Status::Invalid as i32;

@@ -1,7 +1,7 @@
 //! Fault injection knobs, settable at start and changed while running
 //! through the admin protocol.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ pub fn check(faults: &pb::Faults) -> Result<(), String> {
 pub struct Knobs {
     faults: Mutex<pb::Faults>,
     unstalled: Condvar,
+    /// With `stall_open_only`: connections numbered from this one on (opened
+    /// after the stall was set) are not held.
+    stall_cutoff: AtomicU64,
     rng: Mutex<u64>,
 }
 
@@ -41,6 +44,7 @@ impl Knobs {
         Knobs {
             faults: Mutex::new(faults),
             unstalled: Condvar::new(),
+            stall_cutoff: AtomicU64::new(u64::MAX),
             rng: Mutex::new(seed),
         }
     }
@@ -57,8 +61,23 @@ impl Knobs {
     }
 
     /// Replaces every fault. The caller checked them with [`check`].
-    pub fn set(&self, faults: pb::Faults) {
-        *self.lock() = faults;
+    /// `next_conn` is the number the next accepted connection will get: a
+    /// stall of the open connections only holds those below it.
+    pub fn set(&self, faults: pb::Faults, next_conn: u64) {
+        let mut current = self.lock();
+        let cutoff = if faults.stall && faults.stall_open_only {
+            if current.stall && current.stall_open_only {
+                // Still the same stall: it keeps holding the same connections.
+                self.stall_cutoff.load(Ordering::Relaxed)
+            } else {
+                next_conn
+            }
+        } else {
+            u64::MAX
+        };
+        self.stall_cutoff.store(cutoff, Ordering::Relaxed);
+        *current = faults;
+        drop(current);
         self.unstalled.notify_all();
     }
 
@@ -68,11 +87,12 @@ impl Knobs {
         self.unstalled.notify_all();
     }
 
-    /// Blocks while the stall knob is set, until it is cleared or `give_up`
-    /// becomes true (the node is shutting down).
-    pub fn wait_while_stalled(&self, give_up: &AtomicBool) {
+    /// Blocks while the stall knob holds connection `conn`, until it is
+    /// cleared or `give_up` says so (the node is shutting down, or the
+    /// connection was fenced).
+    pub fn wait_while_stalled(&self, conn: u64, give_up: impl Fn() -> bool) {
         let mut faults = self.lock();
-        while faults.stall && !give_up.load(Ordering::Acquire) {
+        while faults.stall && conn < self.stall_cutoff.load(Ordering::Relaxed) && !give_up() {
             faults = self
                 .unstalled
                 .wait_timeout(faults, Duration::from_millis(100))

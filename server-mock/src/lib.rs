@@ -10,6 +10,7 @@
 mod conn;
 mod delay;
 pub mod faults;
+mod fence;
 mod node;
 pub mod store;
 

@@ -55,6 +55,12 @@ struct Args {
     #[arg(long)]
     no_admin: bool,
 
+    /// Do not fence a client's older sessions when it reconnects. Unsafe:
+    /// stale requests of a dead connection may then overwrite newer data.
+    /// Only for demonstrating that hazard.
+    #[arg(long, help_heading = "Fault injection")]
+    no_fencing: bool,
+
     /// Hold every request this many microseconds before executing it.
     #[arg(
         long,
@@ -171,6 +177,7 @@ fn main() -> ExitCode {
         stall: args.stall,
         corrupt_replies: args.corrupt_replies,
         crash_after: args.crash_after,
+        stall_open_only: false,
     };
     if let Err(why) = netblk_mock_node::faults::check(&faults) {
         eprintln!("netblk-mock-node: {why}");
@@ -182,6 +189,7 @@ fn main() -> ExitCode {
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
     config.admin = !args.no_admin;
+    config.fencing = !args.no_fencing;
     config.faults = faults;
     config.fault_seed = args.fault_seed.unwrap_or_else(clock_seed);
 

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::conn::{self, Delayed};
 use crate::delay::DelayQueue;
 use crate::faults::Knobs;
+use crate::fence::Sessions;
 use crate::store::{self, Backend, StoreKind, VolumeMeta};
 
 /// Exit code of the crash fault: the node exits at once, flushing nothing.
@@ -40,6 +41,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How long a reply may wait on a client that does not read.
     pub write_timeout: Duration,
+    /// Fence a client's older sessions when a newer one connects (off only
+    /// to demonstrate the hazard it prevents).
+    pub fencing: bool,
 }
 
 impl Config {
@@ -55,6 +59,7 @@ impl Config {
             drain_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
+            fencing: true,
         }
     }
 }
@@ -94,6 +99,7 @@ pub struct Node {
     pub faults: Knobs,
     pub counters: Counters,
     pub delayed: DelayQueue<Delayed>,
+    pub sessions: Sessions,
     volumes: Mutex<HashMap<String, Arc<Volume>>>,
     open: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
@@ -109,8 +115,9 @@ impl Node {
         self.stopping.load(Ordering::Acquire)
     }
 
-    pub fn stopping_flag(&self) -> &AtomicBool {
-        &self.stopping
+    /// The number the next accepted connection will get.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.load(Ordering::Relaxed)
     }
 
     /// The volume `name`, created on first use. Refuses (with a message for
@@ -271,6 +278,7 @@ impl Server {
             local_addr,
             counters: Counters::default(),
             delayed: DelayQueue::new(),
+            sessions: Sessions::default(),
             volumes: Mutex::default(),
             open: Mutex::default(),
             next_conn: AtomicU64::new(1),

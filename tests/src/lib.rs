@@ -189,7 +189,8 @@ impl ClientError {
     }
 }
 
-/// A handshake for `volume` with a given geometry.
+/// A handshake for `volume` with a given geometry, as a client of its own
+/// (a fresh client id, session 1): helper clients never fence each other.
 pub fn handshake(
     volume: &str,
     volume_size: u64,
@@ -199,7 +200,11 @@ pub fn handshake(
 ) -> pb::Handshake {
     pb::Handshake {
         protocol_version: u32::from(netblk_protocol::PROTOCOL_VERSION),
-        client_id: "netblk-tests".into(),
+        client_id: format!(
+            "netblk-tests-{}-{}",
+            std::process::id(),
+            NEXT_CLIENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
         volume: volume.into(),
         volume_size,
         layout: Some(pb::Layout {
@@ -210,6 +215,8 @@ pub fn handshake(
         session: 1,
     }
 }
+
+static NEXT_CLIENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Reads and writes whole frames on a blocking socket with a read timeout.
 struct Framed {

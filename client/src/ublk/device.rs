@@ -184,8 +184,8 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     };
     // Every node must answer before a device exists.
     let mut streams = Vec::with_capacity(vopts.queues);
-    for _ in 0..vopts.queues {
-        streams.push(connect_queue(spec, &layout, vopts)?.0);
+    for q in 0..vopts.queues {
+        streams.push(connect_queue(spec, &layout, vopts, q)?.0);
     }
     let info = DevInfo {
         nr_hw_queues: vopts.queues as u16,
@@ -228,7 +228,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
                 queue,
                 send_mode,
                 buffer_mode,
-                Some(reconnect_for(spec, &layout, vopts)),
+                Some(reconnect_for(spec, &layout, vopts, q)),
             )?;
             device.queues.push(thread);
         }

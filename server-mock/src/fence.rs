@@ -1,0 +1,158 @@
+//! Session fencing: a client's newer session is accepted only once nothing
+//! from its older sessions can still be applied.
+//!
+//! A client (one stream of one client process: its `client_id`) has at most
+//! one live connection per node. When it reconnects, requests it sent on the
+//! dead connection may still sit in this node (read but not yet executed: in
+//! the delay queue, held by a stall, or mid-execution). The client resends
+//! them on the new connection, and may then write the same range again; if
+//! the stale copy were applied after that, it would overwrite newer data.
+//! So a handshake with session `S` for `(volume, client_id)` first fences
+//! every older connection of that client: requests not yet executed are
+//! discarded (never applied, never answered), and the handshake waits until
+//! the ones executing right now are done. A handshake with a session below
+//! the newest one seen is refused as stale.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+/// One data connection as fencing sees it.
+pub struct Member {
+    pub session: u64,
+    fenced: AtomicBool,
+    /// Requests taken off the socket and neither discarded nor answered.
+    busy: AtomicUsize,
+    discarded: AtomicU64,
+    stream: TcpStream,
+}
+
+impl Member {
+    /// True once a newer session of the same client took over: nothing more
+    /// from this connection may be applied.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// A request was taken off the socket.
+    pub fn begin(&self) {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A request was answered, or discarded (`applied` false).
+    pub fn end(&self, applied: bool) {
+        if !applied {
+            self.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Client {
+    newest: u64,
+    members: Vec<Arc<Member>>,
+}
+
+/// Every client's sessions on this node.
+#[derive(Default)]
+pub struct Sessions {
+    clients: Mutex<HashMap<(String, String), Client>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Sessions {
+    /// Admits a connection of `client_id` on `volume` with `session`: fences
+    /// the client's older connections and waits (at most `timeout`) until
+    /// none of them is executing anything. `wake` is called after fencing so
+    /// that requests held by a stall or a delay get to see it.
+    pub fn admit(
+        &self,
+        volume: &str,
+        client_id: &str,
+        session: u64,
+        stream: &TcpStream,
+        timeout: Duration,
+        wake: impl Fn(),
+    ) -> Result<Arc<Member>, String> {
+        let member = Arc::new(Member {
+            session,
+            fenced: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
+            discarded: AtomicU64::new(0),
+            stream: stream
+                .try_clone()
+                .map_err(|err| format!("cannot track the connection: {err}"))?,
+        });
+        let older = {
+            let mut clients = lock(&self.clients);
+            let client = clients
+                .entry((volume.to_owned(), client_id.to_owned()))
+                .or_insert(Client {
+                    newest: 0,
+                    members: Vec::new(),
+                });
+            if session < client.newest {
+                return Err(format!(
+                    "session {session} of client '{client_id}' is stale: session {} is newer",
+                    client.newest
+                ));
+            }
+            client.newest = session;
+            // Members whose connection ended and who hold nothing are gone.
+            client
+                .members
+                .retain(|m| !(m.is_fenced() && m.busy.load(Ordering::SeqCst) == 0));
+            let older = std::mem::take(&mut client.members);
+            client.members.push(Arc::clone(&member));
+            older
+        };
+        for old in &older {
+            old.fenced.store(true, Ordering::SeqCst);
+            // Its reader stops; replies it would still send go nowhere.
+            let _ = old.stream.shutdown(Shutdown::Both);
+        }
+        wake();
+        let deadline = Instant::now() + timeout;
+        for old in &older {
+            while old.busy.load(Ordering::SeqCst) > 0 {
+                if Instant::now() >= deadline {
+                    member.fenced.store(true, Ordering::SeqCst);
+                    return Err(format!(
+                        "session {} of client '{client_id}' still has requests executing after {timeout:?}; try again",
+                        old.session
+                    ));
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            info!(
+                client = client_id,
+                volume,
+                old = old.session,
+                new = session,
+                discarded = old.discarded.load(Ordering::Relaxed),
+                "older session fenced"
+            );
+        }
+        Ok(member)
+    }
+
+    /// The connection of `member` ended: it takes nothing more.
+    pub fn leave(&self, volume: &str, client_id: &str, member: &Arc<Member>) {
+        member.fenced.store(true, Ordering::SeqCst);
+        let mut clients = lock(&self.clients);
+        let key = (volume.to_owned(), client_id.to_owned());
+        if let Some(client) = clients.get_mut(&key) {
+            client
+                .members
+                .retain(|m| !Arc::ptr_eq(m, member) || m.busy.load(Ordering::SeqCst) > 0);
+        }
+    }
+}
