@@ -61,6 +61,11 @@ struct Args {
     #[arg(long, help_heading = "Fault injection")]
     no_fencing: bool,
 
+    /// Model a disk with a volatile write cache: writes stay in memory until
+    /// a FLUSH (or their own FUA); a crash or kill -9 loses the rest.
+    #[arg(long, help_heading = "Fault injection")]
+    volatile_cache: bool,
+
     /// Hold every request this many microseconds before executing it.
     #[arg(
         long,
@@ -190,6 +195,7 @@ fn main() -> ExitCode {
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
     config.admin = !args.no_admin;
     config.fencing = !args.no_fencing;
+    config.volatile_cache = args.volatile_cache;
     config.faults = faults;
     config.fault_seed = args.fault_seed.unwrap_or_else(clock_seed);
 

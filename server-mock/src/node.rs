@@ -44,6 +44,9 @@ pub struct Config {
     /// Fence a client's older sessions when a newer one connects (off only
     /// to demonstrate the hazard it prevents).
     pub fencing: bool,
+    /// Hold writes in a volatile cache until FLUSH (see
+    /// [`store::VolatileCache`]).
+    pub volatile_cache: bool,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             fencing: true,
+            volatile_cache: false,
         }
     }
 }
@@ -127,8 +131,12 @@ impl Node {
         let volume = match volumes.get(name) {
             Some(volume) => Arc::clone(volume),
             None => {
-                let (backend, meta) = store::open_or_create(&self.config.store, name, wanted)
-                    .map_err(|err| format!("cannot open volume '{name}': {err}"))?;
+                let (mut backend, meta) =
+                    store::open_or_create(&self.config.store, name, wanted)
+                        .map_err(|err| format!("cannot open volume '{name}': {err}"))?;
+                if self.config.volatile_cache {
+                    backend = Box::new(store::VolatileCache::new(backend, meta.capacity()));
+                }
                 let volume = Arc::new(Volume {
                     name: name.to_owned(),
                     meta,

@@ -389,6 +389,121 @@ impl Backend for DirBackend {
     }
 }
 
+/// Page size of the volatile write cache.
+const CACHE_PAGE: u64 = 4096;
+
+/// A disk's volatile write cache in front of a store: writes are held in
+/// memory and reach the store only on FLUSH (or, for their own data, with
+/// FUA); a crash or `kill -9` loses what was not flushed. Lets tests check
+/// that a client's completed flush really covered its completed writes.
+///
+/// One lock serializes everything: a read must not see the store between a
+/// flush's write-back and the removal of the pages it wrote.
+pub struct VolatileCache {
+    inner: Box<dyn Backend>,
+    /// Bytes of the volume here: the last page may be short.
+    capacity: u64,
+    pages: Mutex<HashMap<u64, Box<[u8]>>>,
+}
+
+impl VolatileCache {
+    pub fn new(inner: Box<dyn Backend>, capacity: u64) -> Self {
+        VolatileCache {
+            inner,
+            capacity,
+            pages: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn page_len(&self, page: u64) -> usize {
+        (self.capacity.saturating_sub(page * CACHE_PAGE)).min(CACHE_PAGE) as usize
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<[u8]>>> {
+        self.pages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for VolatileCache {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let pages = self.lock();
+        self.inner.read(offset, buf)?;
+        for_each_chunk(offset, buf.len() as u64, CACHE_PAGE, |page, at, done, n| {
+            if let Some(cached) = pages.get(&page) {
+                buf[done..done + n].copy_from_slice(&cached[at..at + n]);
+            }
+        });
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let mut pages = self.lock();
+        let mut result = Ok(());
+        for_each_chunk(
+            offset,
+            data.len() as u64,
+            CACHE_PAGE,
+            |page, at, done, n| {
+                if result.is_err() {
+                    return;
+                }
+                let cached = match pages.entry(page) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let mut fresh = vec![0u8; self.page_len(page)].into_boxed_slice();
+                        if n < fresh.len() {
+                            // A partial page starts from what the store holds.
+                            if let Err(err) = self.inner.read(page * CACHE_PAGE, &mut fresh) {
+                                result = Err(err);
+                                return;
+                            }
+                        }
+                        e.insert(fresh)
+                    }
+                };
+                cached[at..at + n].copy_from_slice(&data[done..done + n]);
+            },
+        );
+        result?;
+        if fua {
+            // Forced unit access: this write's data is durable before the reply.
+            self.inner.write(offset, data, true)?;
+            self.inner.flush()?;
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut pages = self.lock();
+        for_each_chunk(offset, len, CACHE_PAGE, |page, at, _, n| {
+            if n == self.page_len(page) {
+                pages.remove(&page);
+            } else if let Some(cached) = pages.get_mut(&page) {
+                cached[at..at + n].fill(0);
+            }
+        });
+        self.inner.zero(offset, len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut pages = self.lock();
+        let mut order: Vec<u64> = pages.keys().copied().collect();
+        order.sort_unstable();
+        for page in order {
+            if let Some(data) = pages.get(&page) {
+                self.inner.write(page * CACHE_PAGE, data, false)?;
+            }
+            pages.remove(&page);
+        }
+        drop(pages);
+        self.inner.flush()
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.inner.stored_bytes() + self.lock().len() as u64 * CACHE_PAGE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,5 +581,44 @@ mod tests {
         assert!(VolumeMeta::parse("").is_err());
         assert!(VolumeMeta::parse("netblk-volume 1\nvolume_size x\n").is_err());
         assert!(VolumeMeta::parse("netblk-volume 1\nvolume_size 5\n").is_err());
+    }
+
+    #[test]
+    fn volatile_cache_keeps_writes_from_the_store_until_flush() {
+        let cache = VolatileCache::new(Box::new(MemoryBackend::new()), 3 * 4096 + 512);
+        let inner_of = |c: &VolatileCache, offset: u64, len: usize| {
+            let mut buf = vec![0u8; len];
+            c.inner.read(offset, &mut buf).expect("read store");
+            buf
+        };
+        // Unaligned, spanning pages, including the short last page.
+        cache.write(4000, &[7; 8000], false).expect("write");
+        cache
+            .write(3 * 4096, &[9; 512], false)
+            .expect("write last page");
+        let mut seen = vec![0u8; 8000];
+        cache.read(4000, &mut seen).expect("read");
+        assert_eq!(seen, vec![7; 8000]);
+        assert_eq!(
+            inner_of(&cache, 4000, 8000),
+            vec![0; 8000],
+            "not yet durable"
+        );
+        // FUA makes its own data durable at once.
+        cache.write(0, &[5; 512], true).expect("fua write");
+        assert_eq!(inner_of(&cache, 0, 512), vec![5; 512]);
+        // Zeroing reaches the store and the cache.
+        cache.zero(4096, 4096).expect("zero");
+        let mut zeroed = vec![1u8; 4096];
+        cache.read(4096, &mut zeroed).expect("read zeroed");
+        assert_eq!(zeroed, vec![0; 4096]);
+        cache.flush().expect("flush");
+        let mut want = vec![0u8; 3 * 4096 + 512];
+        want[..512].fill(5);
+        want[4000..4096].fill(7);
+        want[8192..12000].fill(7);
+        want[3 * 4096..].fill(9);
+        assert_eq!(inner_of(&cache, 0, want.len()), want);
+        assert_eq!(cache.lock().len(), 0);
     }
 }

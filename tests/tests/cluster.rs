@@ -24,14 +24,34 @@ struct Cluster {
 impl Cluster {
     /// `n` nodes, each with its own directory store.
     fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// `n` nodes with extra arguments, each with its own directory store.
+    fn start_with(n: usize, args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let nodes = (0..n)
             .map(|i| {
-                let store = format!("dir:{}", dir.path().join(format!("node{i}")).display());
-                MockNode::start(&["--store", &store])
+                let args = Cluster::node_args(&dir, i, args);
+                MockNode::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
             })
             .collect();
         Cluster { nodes, dir }
+    }
+
+    fn node_args(dir: &tempfile::TempDir, i: usize, extra: &[&str]) -> Vec<String> {
+        let store = format!("dir:{}", dir.path().join(format!("node{i}")).display());
+        let mut args = vec!["--store".to_string(), store];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
+    /// Starts node `i` again at its address, on its store.
+    fn restart(&mut self, i: usize, extra: &[&str]) {
+        let addr = self.nodes[i].addr.to_string();
+        let args = Cluster::node_args(&self.dir, i, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.nodes[i] = MockNode::start_at(&addr, &args);
     }
 
     fn addrs(&self) -> Vec<SocketAddr> {
@@ -311,7 +331,6 @@ fn survive(cluster: &mut Cluster, name: &str, disturb: impl FnOnce(&mut Cluster)
 fn a_node_killed_and_restarted_mid_workload_costs_no_io_error() {
     let mut cluster = Cluster::start(3);
     survive(&mut cluster, "restart", |cluster| {
-        let addr = cluster.nodes[1].addr.to_string();
         cluster.nodes[1].signal(libc::SIGKILL);
         assert!(
             cluster.nodes[1]
@@ -319,8 +338,7 @@ fn a_node_killed_and_restarted_mid_workload_costs_no_io_error() {
                 .is_some()
         );
         thread::sleep(std::time::Duration::from_millis(300));
-        let store = format!("dir:{}", cluster.dir.path().join("node1").display());
-        cluster.nodes[1] = MockNode::start_at(&addr, &["--store", &store]);
+        cluster.restart(1, &[]);
     });
 }
 
@@ -365,7 +383,6 @@ fn a_node_down_past_its_timeout_fails_fast_then_recovers() {
     };
     let volume = Volume::open(&spec, &options).expect("open");
     volume.write_at(&[1; 4096], 65536).expect("node 1 up");
-    let addr = cluster.nodes[1].addr.to_string();
     cluster.nodes[1].signal(libc::SIGKILL);
     assert!(cluster.nodes[1].wait_exit(Duration::from_secs(5)).is_some());
 
@@ -389,8 +406,7 @@ fn a_node_down_past_its_timeout_fails_fast_then_recovers() {
     volume.write_at(&[3; 4096], 0).expect("node 0 is up");
 
     // Back in place: IO to its stripes works again, no remap.
-    let store = format!("dir:{}", cluster.dir.path().join("node1").display());
-    cluster.nodes[1] = MockNode::start_at(&addr, &["--store", &store]);
+    cluster.restart(1, &[]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match volume.write_at(&[4; 4096], 65536) {
@@ -404,4 +420,89 @@ fn a_node_down_past_its_timeout_fails_fast_then_recovers() {
     assert_eq!(back, vec![4; 4096]);
     volume.read_at(&mut back, 0).expect("read from node 0");
     assert_eq!(back, vec![3; 4096]);
+}
+
+#[test]
+fn a_completed_flush_is_durable_even_when_it_crossed_a_reconnect() {
+    // Nodes with a volatile write cache: only flushed (or FUA) data survives
+    // their crash. Every flush is made to cross a reconnect: each node drops
+    // each connection at its next request, so the flush's pieces are lost
+    // with their connections and must be sent again on new ones.
+    const ROUNDS: u64 = 4;
+    let args = ["--volatile-cache"];
+    let mut cluster = Cluster::start_with(3, &args);
+    let size = 8 * MIB;
+    let spec = VolumeSpec {
+        name: "flushes".into(),
+        size,
+        stripe_unit: 64 << 10,
+        nodes: cluster.addrs(),
+    };
+    let options = VolumeOptions {
+        queues: 2,
+        depth: 16,
+        ..VolumeOptions::default()
+    };
+    let mut model = vec![0u8; size as usize];
+    let mut durable = model.clone();
+    let mut rng = Rng::new(7);
+    {
+        let volume = Volume::open(&spec, &options).expect("open volume");
+        let write_some = |rng: &mut Rng, model: &mut Vec<u8>| {
+            for _ in 0..24 {
+                let len = 512 * (1 + rng.below(512));
+                let offset = 512 * rng.below((size - len) / 512 + 1);
+                let range = offset as usize..(offset + len) as usize;
+                fill(rng, &mut model[range.clone()]);
+                volume.write_at(&model[range], offset).expect("write");
+            }
+        };
+        for round in 0..ROUNDS {
+            write_some(&mut rng, &mut model);
+            for node in &cluster.nodes {
+                node.admin().set_faults(netblk_protocol::pb::Faults {
+                    drop_after: 1,
+                    ..Default::default()
+                });
+            }
+            volume
+                .flush()
+                .unwrap_or_else(|err| panic!("round {round}: flush failed: {err}"));
+            durable.copy_from_slice(&model);
+            for node in &cluster.nodes {
+                node.admin()
+                    .set_faults(netblk_protocol::pb::Faults::default());
+            }
+        }
+        // Written, never flushed: a crash may take it.
+        write_some(&mut rng, &mut model);
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let dropped = node.admin().stats().dropped_connections;
+            assert!(
+                dropped >= ROUNDS,
+                "node {i}: only {dropped} connections dropped; flushes did not cross reconnects"
+            );
+        }
+    }
+    for i in 0..cluster.nodes.len() {
+        cluster.nodes[i].admin().crash();
+        assert!(
+            cluster.nodes[i]
+                .wait_exit(std::time::Duration::from_secs(5))
+                .is_some()
+        );
+        cluster.restart(i, &args);
+    }
+    let volume = Volume::open(&spec, &options).expect("open after the crash");
+    let mut all = vec![0u8; size as usize];
+    volume.read_at(&mut all, 0).expect("read all");
+    let first_bad = all.iter().zip(&durable).position(|(a, b)| a != b);
+    assert!(
+        first_bad.is_none(),
+        "after the crash the volume differs from what the last flush covered, first at byte {first_bad:?}"
+    );
+    assert!(
+        all != model,
+        "the unflushed writes should have been lost with the caches"
+    );
 }
