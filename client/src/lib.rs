@@ -9,6 +9,7 @@ pub mod frontend;
 pub mod layout;
 pub mod mock;
 pub mod net;
+pub mod recv;
 pub mod rng;
 pub mod state;
 pub mod ublk;

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
-use netblk_protocol::pb::header::Kind;
-use netblk_protocol::{Limits, PREAMBLE_LEN, Preamble, decode_header};
+use netblk_protocol::PREAMBLE_LEN;
 
-use crate::engine::{Completion, Engine, ReplySink, Tag};
+use crate::engine::{Completion, Engine, Tag};
 use crate::layout::Layout;
+use crate::recv::{DIRECT_RECV_MIN, RecvMode, ReplyReader};
 
 /// How write payloads leave the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -341,27 +341,9 @@ fn split_user_data(ud: u64) -> (u64, usize, u64) {
 const MAX_CHAIN: usize = 32;
 /// Receive buffer per connection: headers and small payloads.
 const RECV_BUF: usize = 256 << 10;
-/// A payload at least this large that is not in the buffer yet is received
-/// straight into the request buffer.
-const DIRECT_RECV_MIN: u32 = 16 << 10;
 /// How much to receive into the connection buffer when a header (and a large
 /// payload) is expected next: a preamble and the largest header.
 const HEADER_RECV: usize = PREAMBLE_LEN + netblk_protocol::MAX_HEADER_LEN as usize;
-
-#[derive(Clone, Copy)]
-enum RecvMode {
-    Frames,
-    /// Receiving a read's payload into `tag`'s buffer at `offset`.
-    Payload {
-        id: u64,
-        tag: Tag,
-        offset: u32,
-        left: u32,
-    },
-    Skip {
-        left: u64,
-    },
-}
 
 struct Conn {
     stream: TcpStream,
@@ -381,10 +363,8 @@ struct Conn {
     rbuf: Box<[u8]>,
     rstart: usize,
     rend: usize,
-    mode: RecvMode,
+    reader: ReplyReader,
     recv_posted: bool,
-    /// The last reply carried a payload worth receiving directly.
-    large_payloads: bool,
     /// Operations the kernel still holds, notifications included.
     ops: u32,
     broken: bool,
@@ -487,9 +467,8 @@ impl<F: Frontend> QueueDriver<F> {
                 rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
                 rstart: 0,
                 rend: 0,
-                mode: RecvMode::Frames,
+                reader: ReplyReader::new(),
                 recv_posted: false,
-                large_payloads: false,
                 ops: 0,
                 broken: false,
                 lost_reported: false,
@@ -597,9 +576,8 @@ impl<F: Frontend> QueueDriver<F> {
                     conn.chain_left = 0;
                     conn.rstart = 0;
                     conn.rend = 0;
-                    conn.mode = RecvMode::Frames;
+                    conn.reader = ReplyReader::new();
                     conn.recv_posted = false;
-                    conn.large_payloads = false;
                     conn.broken = false;
                     conn.lost_reported = false;
                     conn.backoff = RECONNECT_MIN;
@@ -820,7 +798,7 @@ impl<F: Frontend> QueueDriver<F> {
             BufferMode::Kernel { recv_fixed } => Some(recv_fixed),
             BufferMode::User => None,
         };
-        let entry = match (conn.mode, kernel) {
+        let entry = match (conn.reader.mode(), kernel) {
             (
                 RecvMode::Payload {
                     tag, offset, left, ..
@@ -876,7 +854,7 @@ impl<F: Frontend> QueueDriver<F> {
                             (PREAMBLE_LEN + header_len).saturating_sub(have).max(1)
                         }
                     }
-                } else if conn.large_payloads {
+                } else if conn.reader.large_payloads() {
                     // After a large payload, expect another: take only about a
                     // header, so that most of the next payload is received
                     // straight into its request buffer rather than copied.
@@ -996,124 +974,30 @@ impl<F: Frontend> QueueDriver<F> {
         if !self.recv_done(node, res, "connection closed by node mid-payload") {
             return;
         }
-        let conn = &mut self.conns[node];
-        if let RecvMode::Payload {
-            id,
-            tag,
-            offset,
-            left,
-        } = conn.mode
-        {
-            let got = (res as u32).min(left);
-            if got == left {
-                conn.mode = RecvMode::Frames;
-                self.engine.handle_payload(id, true);
-            } else {
-                conn.mode = RecvMode::Payload {
-                    id,
-                    tag,
-                    offset: offset + got,
-                    left: left - got,
-                };
-            }
-        }
+        self.conns[node]
+            .reader
+            .payload_received(&mut self.engine, res as u32);
     }
 
     /// Consumes whole frames and payload bytes from the receive buffer.
     fn parse(&mut self, node: usize) -> Result<(), String> {
-        loop {
-            let conn = &mut self.conns[node];
-            let avail = conn.rend - conn.rstart;
-            match conn.mode {
-                RecvMode::Frames => {
-                    let Some(preamble) =
-                        conn.rbuf[conn.rstart..conn.rend].first_chunk::<PREAMBLE_LEN>()
-                    else {
-                        return Ok(());
-                    };
-                    let preamble = Preamble::parse(
-                        preamble,
-                        &Limits {
-                            max_payload_len: u32::MAX,
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
-                    let need = PREAMBLE_LEN + preamble.header_len as usize;
-                    if avail < need {
-                        return Ok(());
-                    }
-                    let header = decode_header(
-                        &conn.rbuf[conn.rstart + PREAMBLE_LEN..conn.rstart + need],
-                        preamble.payload_len,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    conn.rstart += need;
-                    let Some(Kind::Reply(reply)) = header.kind else {
-                        return Err("the node sent something other than a reply".into());
-                    };
-                    let sink = self
-                        .engine
-                        .handle_reply(node, &reply, preamble.payload_len)
-                        .map_err(|e| e.to_string())?;
-                    let conn = &mut self.conns[node];
-                    conn.large_payloads = preamble.payload_len >= DIRECT_RECV_MIN;
-                    conn.mode = match sink {
-                        ReplySink::Done => RecvMode::Frames,
-                        ReplySink::Discard if preamble.payload_len == 0 => RecvMode::Frames,
-                        ReplySink::Discard => RecvMode::Skip {
-                            left: u64::from(preamble.payload_len),
-                        },
-                        ReplySink::Buffer { id, slice } => RecvMode::Payload {
-                            id,
-                            tag: slice.tag,
-                            offset: slice.offset,
-                            left: slice.len,
-                        },
-                    };
-                }
-                RecvMode::Skip { left } => {
-                    let take = (avail as u64).min(left);
-                    conn.rstart += take as usize;
-                    conn.mode = if take == left {
-                        RecvMode::Frames
-                    } else {
-                        RecvMode::Skip { left: left - take }
-                    };
-                    if take < left {
-                        return Ok(());
-                    }
-                }
-                RecvMode::Payload {
-                    id,
-                    tag,
-                    offset,
-                    left,
-                } => {
-                    let take = avail.min(left as usize);
-                    let at = self.buffers.slice_ptr(tag, offset, take as u32);
-                    // SAFETY: `at..at+take` is part of the slice the engine
-                    // handed out for this payload, inside the tag's buffer,
-                    // which the queue owns while the request is in flight; the
-                    // source is our own receive buffer, which does not overlap it.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(conn.rbuf[conn.rstart..].as_ptr(), at, take);
-                    }
-                    conn.rstart += take;
-                    if take == left as usize {
-                        conn.mode = RecvMode::Frames;
-                        self.engine.handle_payload(id, true);
-                    } else {
-                        conn.mode = RecvMode::Payload {
-                            id,
-                            tag,
-                            offset: offset + take as u32,
-                            left: left - take as u32,
-                        };
-                        return Ok(());
-                    }
-                }
-            }
-        }
+        let conn = &mut self.conns[node];
+        let buffers = &self.buffers;
+        let consumed = conn.reader.feed(
+            node,
+            &conn.rbuf[conn.rstart..conn.rend],
+            &mut self.engine,
+            |tag, offset, bytes| {
+                let at = buffers.slice_ptr(tag, offset, bytes.len() as u32);
+                // SAFETY: `at..at+len` is part of the slice the engine handed
+                // out for this payload, inside the tag's buffer, which the
+                // queue owns while the request is in flight; the source is the
+                // connection's receive buffer, which does not overlap it.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
+            },
+        );
+        conn.rstart += consumed.as_ref().copied().unwrap_or(0);
+        consumed.map(|_| ())
     }
 
     fn break_conn(&mut self, node: usize, why: &str, res: i32) {
@@ -1138,10 +1022,7 @@ impl<F: Frontend> QueueDriver<F> {
             return;
         }
         conn.lost_reported = true;
-        if let RecvMode::Payload { id, .. } = conn.mode {
-            self.engine.handle_payload(id, false);
-        }
-        conn.mode = RecvMode::Frames;
+        conn.reader.reset(&mut self.engine);
         self.engine.handle_connection_lost(Instant::now(), node);
     }
 
