@@ -54,10 +54,26 @@ impl Default for VolumeOptions {
             io_timeout: Duration::from_secs(30),
             node_down_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
-            client_id: format!("netblk-{}", std::process::id()),
+            client_id: fresh_client_id(),
             session: 1,
         }
     }
+}
+
+/// A client id no other process (on this host or another) is likely to
+/// have: nodes fence a client's older connections by it.
+pub fn fresh_client_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map(|()| u64::from_le_bytes(bytes))
+        .unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+    format!("netblk-{}-{random:016x}", std::process::id())
 }
 
 impl VolumeOptions {

@@ -32,7 +32,8 @@ enum Cmd {
     /// for 4 KiB, over the same number of connections.
     Bench(BenchArgs),
     /// Attach a striped volume as /dev/ublkbN and serve it until SIGINT or
-    /// SIGTERM, then detach it cleanly.
+    /// SIGTERM, then detach it cleanly. The device outlives a daemon that
+    /// dies: `netblk map --recover N` attaches a new one and IO resumes.
     Map(MapArgs),
     /// Try netblk: start 3 mock nodes, map a volume over them, print the
     /// device and how to make a filesystem on it, serve until Ctrl-C, then
@@ -61,15 +62,25 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct MapArgs {
+    /// Take over device N (/dev/ublkbN or N) whose daemon died: everything
+    /// else comes from its record under the state directory (options given
+    /// anyway must match it).
+    #[arg(long, value_name = "DEVICE")]
+    recover: Option<String>,
     /// Volume name (the nodes store it under this name).
-    #[arg(long)]
-    volume: String,
+    #[arg(long, required_unless_present = "recover")]
+    volume: Option<String>,
     /// Volume size (bytes; K, M, G, T suffixes).
-    #[arg(long, value_parser = parse_size)]
-    size: u64,
+    #[arg(long, value_parser = parse_size, required_unless_present = "recover")]
+    size: Option<u64>,
     /// The nodes, in stripe order (comma separated). The order is part of
     /// the volume: nodes refuse a different one.
-    #[arg(long, value_delimiter = ',', required = true, value_name = "ADDR,...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "recover",
+        value_name = "ADDR,..."
+    )]
     nodes: Vec<SocketAddr>,
     /// Stripe unit (bytes; K, M suffixes).
     #[arg(long, default_value = "128K", value_parser = parse_stripe_unit)]
@@ -264,23 +275,21 @@ fn map(args: MapArgs) -> Result<(), String> {
     use netblk::frontend::VolumeOptions;
     use netblk::layout::VolumeSpec;
     use netblk::ublk::device::{self, MapOptions};
+    if let Some(device) = &args.recover {
+        return recover(device, &args);
+    }
     let spec = VolumeSpec {
-        name: args.volume,
-        size: args.size,
+        name: args.volume.clone().unwrap_or_default(),
+        size: args.size.unwrap_or_default(),
         stripe_unit: args.stripe_unit,
-        nodes: args.nodes,
-    };
-    let send_mode = if args.send == "copy" {
-        SendMode::Copy
-    } else {
-        SendMode::ZeroCopy
+        nodes: args.nodes.clone(),
     };
     let options = MapOptions {
         volume: VolumeOptions {
             queues: args.queues,
             depth: args.depth,
             max_io: 1 << 20,
-            send_mode,
+            send_mode: send_mode(&args.send),
             io_timeout: Duration::from_secs(args.io_timeout.max(1)),
             node_down_timeout: Duration::from_secs(args.node_down_timeout),
             ..VolumeOptions::default()
@@ -292,11 +301,7 @@ fn map(args: MapArgs) -> Result<(), String> {
             _ => device::ZeroCopy::Auto,
         },
     };
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .map_err(|e| format!("signals: {e}"))?;
+    let signals = stop_signals()?;
     let device = device::map(&spec, &options).map_err(|e| e.to_string())?;
     eprintln!(
         "netblk: {} serves volume '{}' over {} node(s): data path: {}",
@@ -306,33 +311,128 @@ fn map(args: MapArgs) -> Result<(), String> {
         device.path.name()
     );
     println!("{}", device.block_path());
-    serve(device, &spec, &options, signals)
+    serve(device, &spec, &options, 0, signals)
 }
 
-/// Records the device for `list`/`unmap`, serves until SIGINT or SIGTERM,
-/// then stops it and drops the record.
+fn send_mode(name: &str) -> SendMode {
+    if name == "copy" {
+        SendMode::Copy
+    } else {
+        SendMode::ZeroCopy
+    }
+}
+
+fn stop_signals() -> Result<signal_hook::iterator::Signals, String> {
+    signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("signals: {e}"))
+}
+
+/// `map --recover`: a new daemon for a device whose daemon died, set up
+/// from its record.
+fn recover(device: &str, args: &MapArgs) -> Result<(), String> {
+    use netblk::frontend::VolumeOptions;
+    use netblk::layout::VolumeSpec;
+    use netblk::ublk::device::{self, MapOptions};
+    let id = state::parse_device(device)?;
+    let dir = state::state_dir();
+    let record = state::load(&dir, id)?.ok_or_else(|| {
+        format!(
+            "no record of /dev/ublkb{id} in {} (was it mapped by netblk on this host?)",
+            dir.display()
+        )
+    })?;
+    if process_alive(record.pid) {
+        return Err(format!(
+            "/dev/ublkb{id} is served by daemon {} which is still running: nothing to recover",
+            record.pid
+        ));
+    }
+    let differs = |what: &str| format!("--{what} differs from what /dev/ublkb{id} was mapped with");
+    if args.volume.as_ref().is_some_and(|v| *v != record.volume) {
+        return Err(differs("volume"));
+    }
+    if args.size.is_some_and(|s| s != record.size) {
+        return Err(differs("size"));
+    }
+    if !args.nodes.is_empty() && args.nodes != record.nodes {
+        return Err(differs("nodes"));
+    }
+    let generation = record
+        .generation
+        .checked_add(1)
+        .ok_or_else(|| format!("/dev/ublkb{id} has been recovered too often"))?;
+    let spec = VolumeSpec {
+        name: record.volume.clone(),
+        size: record.size,
+        stripe_unit: record.stripe_unit,
+        nodes: record.nodes.clone(),
+    };
+    let options = MapOptions {
+        volume: VolumeOptions {
+            queues: record.queues,
+            depth: record.depth,
+            max_io: 1 << 20,
+            send_mode: send_mode(&record.send),
+            io_timeout: Duration::from_secs(record.io_timeout_secs.max(1)),
+            node_down_timeout: Duration::from_secs(record.node_down_timeout_secs),
+            client_id: record.client_id.clone(),
+            session: u64::from(generation) << 32,
+            ..VolumeOptions::default()
+        },
+        block_size: record.block_size,
+        zero_copy: device::ZeroCopy::Auto,
+    };
+    let signals = stop_signals()?;
+    let device = device::recover(&spec, &options, id).map_err(|e| e.to_string())?;
+    eprintln!(
+        "netblk: recovered {}: volume '{}' over {} node(s), data path: {}",
+        device.block_path(),
+        spec.name,
+        spec.nodes.len(),
+        device.path.name()
+    );
+    println!("{}", device.block_path());
+    serve(device, &spec, &options, generation, signals)
+}
+
+/// Records the device for `list`/`unmap`/`map --recover`, serves until
+/// SIGINT or SIGTERM, then stops it and drops the record.
 fn serve(
     device: netblk::ublk::device::Device,
     spec: &netblk::layout::VolumeSpec,
     options: &netblk::ublk::device::MapOptions,
+    generation: u32,
     mut signals: signal_hook::iterator::Signals,
 ) -> Result<(), String> {
     let dir = state::state_dir();
+    let vopts = &options.volume;
     let record = state::DeviceRecord {
         id: device.dev_id,
         volume: spec.name.clone(),
         size: spec.size,
         stripe_unit: spec.stripe_unit,
         nodes: spec.nodes.clone(),
-        queues: options.volume.queues,
-        depth: options.volume.depth,
+        queues: vopts.queues,
+        depth: vopts.depth,
         block_size: options.block_size,
         data_path: device.path.name().to_string(),
         pid: std::process::id(),
+        client_id: vopts.client_id.clone(),
+        generation,
+        io_timeout_secs: vopts.io_timeout.as_secs(),
+        node_down_timeout_secs: vopts.node_down_timeout.as_secs(),
+        send: match vopts.send_mode {
+            SendMode::Copy => "copy",
+            SendMode::ZeroCopy => "zc",
+        }
+        .to_string(),
     };
     if let Err(err) = state::save(&dir, &record) {
         eprintln!(
-            "netblk: cannot record the device in {}: {err} (list and unmap will not see it)",
+            "netblk: cannot record the device in {}: {err} (list, unmap and recovery will not see it)",
             dir.display()
         );
     }
@@ -488,7 +588,7 @@ fn demo(size: u64) -> Result<(), String> {
     );
     println!("try:  mkfs.ext4 {path} && mkdir -p /mnt/netblk && mount {path} /mnt/netblk");
     println!("then: umount /mnt/netblk, and Ctrl-C here to unmap and stop the nodes");
-    let served = serve(device, &spec, &options, signals);
+    let served = serve(device, &spec, &options, 0, signals);
     println!("netblk demo: unmapped {path}; stopping the nodes");
     served
 }

@@ -26,13 +26,22 @@ pub struct DeviceRecord {
     pub data_path: String,
     /// The serving daemon.
     pub pid: u32,
+    /// What the nodes know this client as (kept across recoveries).
+    pub client_id: String,
+    /// Bumped by each recovery; sessions of generation `g` start at
+    /// `g << 32`, above every session of the daemons before.
+    pub generation: u32,
+    pub io_timeout_secs: u64,
+    pub node_down_timeout_secs: u64,
+    /// `zc` or `copy`.
+    pub send: String,
 }
 
 impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "netblk-device 1\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\n",
+            "netblk-device 2\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\n",
             self.id,
             self.volume,
             self.size,
@@ -42,14 +51,19 @@ impl DeviceRecord {
             self.depth,
             self.block_size,
             self.data_path,
-            self.pid
+            self.pid,
+            self.client_id,
+            self.generation,
+            self.io_timeout_secs,
+            self.node_down_timeout_secs,
+            self.send
         )
     }
 
     fn parse(text: &str) -> Result<DeviceRecord, String> {
         let mut lines = text.lines();
-        if lines.next() != Some("netblk-device 1") {
-            return Err("not a netblk device record (version 1)".into());
+        if lines.next() != Some("netblk-device 2") {
+            return Err("not a netblk device record (version 2)".into());
         }
         let fields: Vec<(&str, &str)> = lines.filter_map(|l| l.split_once(' ')).collect();
         let get = |key: &str| {
@@ -77,6 +91,11 @@ impl DeviceRecord {
             block_size: num("block_size", get("block_size")?)?,
             data_path: get("data_path")?.to_string(),
             pid: num("pid", get("pid")?)?,
+            client_id: get("client_id")?.to_string(),
+            generation: num("generation", get("generation")?)?,
+            io_timeout_secs: num("io_timeout", get("io_timeout")?)?,
+            node_down_timeout_secs: num("node_down_timeout", get("node_down_timeout")?)?,
+            send: get("send")?.to_string(),
         })
     }
 }
@@ -158,6 +177,11 @@ mod tests {
             block_size: 512,
             data_path: "full zero copy".into(),
             pid: 42,
+            client_id: "netblk-42-00ff".into(),
+            generation: 3,
+            io_timeout_secs: 30,
+            node_down_timeout_secs: 15,
+            send: "zc".into(),
         }
     }
 
@@ -178,7 +202,7 @@ mod tests {
     #[test]
     fn junk_is_an_error_and_devices_parse() {
         assert!(DeviceRecord::parse("hello").is_err());
-        assert!(DeviceRecord::parse("netblk-device 1\nid x\n").is_err());
+        assert!(DeviceRecord::parse("netblk-device 2\nid x\n").is_err());
         assert_eq!(parse_device("/dev/ublkb7"), Ok(7));
         assert_eq!(parse_device("ublkb12"), Ok(12));
         assert_eq!(parse_device("5"), Ok(5));

@@ -147,6 +147,42 @@ impl Control {
             .map(drop)
     }
 
+    /// Begins attaching a new server to a device whose server died
+    /// (`UBLK_F_USER_RECOVERY`): the device must be quiesced and its char
+    /// device released by the dead server (EBUSY until then).
+    pub fn start_recovery(&mut self, dev_id: u32) -> Result<(), CtrlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            ..CtrlCmd::default()
+        };
+        self.run(
+            "START_USER_RECOVERY",
+            sys::UBLK_U_CMD_START_USER_RECOVERY,
+            cmd,
+        )
+        .map(drop)
+    }
+
+    /// Ends a recovery once every queue of the new server (`pid`) has
+    /// fetched its requests: the device is live again, and the requests
+    /// held meanwhile (and, with reissue, those the dead server had) are
+    /// issued to the new server.
+    pub fn end_recovery(&mut self, dev_id: u32, pid: i32) -> Result<(), CtrlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            data: [pid as u64],
+            ..CtrlCmd::default()
+        };
+        self.run(
+            "END_USER_RECOVERY",
+            sys::UBLK_U_CMD_END_USER_RECOVERY,
+            cmd,
+        )
+        .map(drop)
+    }
+
     pub fn stop(&mut self, dev_id: u32) -> Result<(), CtrlError> {
         let cmd = CtrlCmd {
             dev_id,

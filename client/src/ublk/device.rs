@@ -4,6 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::ctrl::{Control, CtrlError};
 use super::queue::UblkQueue;
@@ -28,6 +29,16 @@ pub enum MapError {
     Unaligned { size: u64, block: u32 },
     #[error("ublk queue: {0}")]
     Queue(io::Error),
+    #[error(
+        "/dev/ublkb{0} was created without UBLK_F_USER_RECOVERY (this kernel lacks it?): it cannot be recovered; unmap it"
+    )]
+    NotRecoverable(u32),
+    #[error("the device does not match its record: {0}")]
+    Mismatch(String),
+    #[error(
+        "/dev/ublkb{dev_id} is not ready for recovery (state {state}): is its old daemon still running or exiting?"
+    )]
+    Busy { dev_id: u32, state: u16 },
     #[error(
         "zero copy needs ublk with UBLK_F_AUTO_BUF_REG (Linux 6.16 or newer); this kernel has none: use --zero-copy auto or off"
     )]
@@ -149,8 +160,78 @@ fn params(size: u64, block_size: u32, max_io: u32) -> Params {
     }
 }
 
+/// The buffer and send modes of a data path, and the device flags it needs.
+fn path_setup(path: DataPath, send: SendMode) -> Result<(BufferMode, SendMode, u64), MapError> {
+    Ok(match path {
+        DataPath::Copy => (BufferMode::User, send, 0),
+        DataPath::PartialZeroCopy | DataPath::FullZeroCopy => {
+            crate::uring::probe(SendMode::ZeroCopy).map_err(OpenError::Uring)?;
+            (
+                BufferMode::Kernel {
+                    recv_fixed: path == DataPath::FullZeroCopy,
+                },
+                // Request pages have no user address: only SEND_ZC can send them.
+                SendMode::ZeroCopy,
+                sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG,
+            )
+        }
+    })
+}
+
+/// Every queue connected to every node (in queue order).
+fn connect_all(
+    spec: &VolumeSpec,
+    layout: &crate::layout::Layout,
+    vopts: &VolumeOptions,
+) -> Result<Vec<Vec<std::net::TcpStream>>, MapError> {
+    let mut streams = Vec::with_capacity(vopts.queues);
+    for q in 0..vopts.queues {
+        streams.push(connect_queue(spec, layout, vopts, q)?.0);
+    }
+    Ok(streams)
+}
+
+/// Opens the char device and starts one queue thread per hardware queue;
+/// their FETCH commands go out at once.
+fn start_queues(
+    device: &mut Device,
+    spec: &VolumeSpec,
+    layout: &crate::layout::Layout,
+    vopts: &VolumeOptions,
+    streams: Vec<Vec<std::net::TcpStream>>,
+    (buffer_mode, send_mode): (BufferMode, SendMode),
+) -> Result<(), MapError> {
+    let dev_id = device.dev_id;
+    let cdev = UblkQueue::open_cdev(dev_id).map_err(MapError::Queue)?;
+    for (q, streams) in streams.into_iter().enumerate() {
+        let buffers = Arc::new(TagBuffers::new(vopts.depth, vopts.max_io).map_err(MapError::Queue)?);
+        let queue = UblkQueue::new(
+            &cdev,
+            q as u16,
+            vopts.depth,
+            &buffers,
+            buffer_mode != BufferMode::User,
+        )
+        .map_err(MapError::Queue)?;
+        let engine = Engine::new(*layout, engine_config(vopts));
+        let thread = spawn_queue(
+            format!("ublk{dev_id}-q{q}"),
+            engine,
+            streams,
+            buffers,
+            queue,
+            send_mode,
+            buffer_mode,
+            Some(reconnect_for(spec, layout, vopts, q)),
+        )?;
+        device.queues.push(thread);
+    }
+    Ok(())
+}
+
 /// Connects, adds, configures and starts the device. Nothing is left behind
-/// on failure.
+/// on failure. The device survives its daemon (`UBLK_F_USER_RECOVERY`,
+/// with reissue where the kernel has it): see [`recover`].
 pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> {
     let layout = spec.layout().map_err(OpenError::from)?;
     if options.block_size != 512 && options.block_size != 4096 {
@@ -168,31 +249,15 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
     let recv_fixed = crate::uring::probe_recv_fixed();
     let path = choose_path(features, recv_fixed, options.zero_copy)?;
-    let (buffer_mode, send_mode, zc_flags) = match path {
-        DataPath::Copy => (BufferMode::User, vopts.send_mode, 0),
-        DataPath::PartialZeroCopy | DataPath::FullZeroCopy => {
-            crate::uring::probe(SendMode::ZeroCopy).map_err(OpenError::Uring)?;
-            (
-                BufferMode::Kernel {
-                    recv_fixed: path == DataPath::FullZeroCopy,
-                },
-                // Request pages have no user address: only SEND_ZC can send them.
-                SendMode::ZeroCopy,
-                sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG,
-            )
-        }
-    };
+    let (buffer_mode, send_mode, zc_flags) = path_setup(path, vopts.send_mode)?;
     // Every node must answer before a device exists.
-    let mut streams = Vec::with_capacity(vopts.queues);
-    for q in 0..vopts.queues {
-        streams.push(connect_queue(spec, &layout, vopts, q)?.0);
-    }
+    let streams = connect_all(spec, &layout, vopts)?;
     let info = DevInfo {
         nr_hw_queues: vopts.queues as u16,
         queue_depth: vopts.depth,
         max_io_buf_bytes: vopts.max_io,
         dev_id: u32::MAX,
-        flags: (features & sys::UBLK_F_CMD_IOCTL_ENCODE) | zc_flags,
+        flags: (features & sys::UBLK_F_CMD_IOCTL_ENCODE) | recovery_flags(features) | zc_flags,
         ..DevInfo::default()
     };
     let added = ctrl.add(info)?;
@@ -207,31 +272,14 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
         device
             .ctrl
             .set_params(dev_id, &params(spec.size, options.block_size, vopts.max_io))?;
-        let cdev = UblkQueue::open_cdev(dev_id).map_err(MapError::Queue)?;
-        for (q, streams) in streams.into_iter().enumerate() {
-            let buffers =
-                Arc::new(TagBuffers::new(vopts.depth, vopts.max_io).map_err(MapError::Queue)?);
-            let queue = UblkQueue::new(
-                &cdev,
-                q as u16,
-                vopts.depth,
-                &buffers,
-                buffer_mode != BufferMode::User,
-            )
-            .map_err(MapError::Queue)?;
-            let engine = Engine::new(layout, engine_config(vopts));
-            let thread = spawn_queue(
-                format!("ublk{dev_id}-q{q}"),
-                engine,
-                streams,
-                buffers,
-                queue,
-                send_mode,
-                buffer_mode,
-                Some(reconnect_for(spec, &layout, vopts, q)),
-            )?;
-            device.queues.push(thread);
-        }
+        start_queues(
+            &mut device,
+            spec,
+            &layout,
+            vopts,
+            streams,
+            (buffer_mode, send_mode),
+        )?;
         device.ctrl.start(dev_id, std::process::id() as i32)?;
         Ok(())
     })();
@@ -243,6 +291,91 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
             Err(err)
         }
     }
+}
+
+/// The recovery flags a device is created with, from what the kernel has:
+/// user recovery, plus reissue (in-flight requests go to the new daemon
+/// instead of failing) where available.
+pub fn recovery_flags(features: u64) -> u64 {
+    let wanted = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
+    if features & sys::UBLK_F_USER_RECOVERY == 0 {
+        0
+    } else {
+        features & wanted
+    }
+}
+
+/// How long recovery waits for the kernel to let go of the dead daemon.
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+
+/// Attaches this process as the new daemon of device `dev_id`, whose daemon
+/// died: the device (and any filesystem on it) stayed; its IO waited, and
+/// resumes here. `spec` and `options` must be what the device was mapped
+/// with (the state record holds them). On failure the device is left as it
+/// was, waiting for another attempt.
+pub fn recover(spec: &VolumeSpec, options: &MapOptions, dev_id: u32) -> Result<Device, MapError> {
+    let layout = spec.layout().map_err(OpenError::from)?;
+    let vopts = &options.volume;
+    let mut ctrl = Control::open()?;
+    let info = ctrl.info(dev_id)?;
+    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
+        return Err(MapError::NotRecoverable(dev_id));
+    }
+    if usize::from(info.nr_hw_queues) != vopts.queues || info.queue_depth != vopts.depth {
+        return Err(MapError::Mismatch(format!(
+            "/dev/ublkb{dev_id} has {} queues of depth {}, the record says {} of {}",
+            info.nr_hw_queues, info.queue_depth, vopts.queues, vopts.depth
+        )));
+    }
+    crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
+    let path = if info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
+        if crate::uring::probe_recv_fixed() {
+            DataPath::FullZeroCopy
+        } else {
+            DataPath::PartialZeroCopy
+        }
+    } else {
+        DataPath::Copy
+    };
+    let (buffer_mode, send_mode, _) = path_setup(path, vopts.send_mode)?;
+    // The nodes first: nothing is touched unless they all answer.
+    let streams = connect_all(spec, &layout, vopts)?;
+    // The kernel quiesces the device once the dead daemon's files are
+    // released; until then START_USER_RECOVERY says EBUSY.
+    let deadline = Instant::now() + RECOVERY_WAIT;
+    loop {
+        match ctrl.start_recovery(dev_id) {
+            Ok(()) => break,
+            Err(CtrlError::Command { err, .. })
+                if err.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(CtrlError::Command { err, .. }) if err.raw_os_error() == Some(libc::EBUSY) => {
+                let state = ctrl.info(dev_id).map(|i| i.state).unwrap_or(u16::MAX);
+                return Err(MapError::Busy { dev_id, state });
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    let mut device = Device {
+        dev_id,
+        path,
+        ctrl,
+        queues: Vec::new(),
+    };
+    start_queues(
+        &mut device,
+        spec,
+        &layout,
+        vopts,
+        streams,
+        (buffer_mode, send_mode),
+    )?;
+    device
+        .ctrl
+        .end_recovery(dev_id, std::process::id() as i32)?;
+    Ok(device)
 }
 
 #[cfg(test)]
