@@ -323,11 +323,8 @@ fn send_mode(name: &str) -> SendMode {
 }
 
 fn stop_signals() -> Result<signal_hook::iterator::Signals, String> {
-    signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .map_err(|e| format!("signals: {e}"))
+    signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("signals: {e}"))
 }
 
 /// `map --recover`: a new daemon for a device whose daemon died, set up

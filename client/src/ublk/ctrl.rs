@@ -175,12 +175,8 @@ impl Control {
             data: [pid as u64],
             ..CtrlCmd::default()
         };
-        self.run(
-            "END_USER_RECOVERY",
-            sys::UBLK_U_CMD_END_USER_RECOVERY,
-            cmd,
-        )
-        .map(drop)
+        self.run("END_USER_RECOVERY", sys::UBLK_U_CMD_END_USER_RECOVERY, cmd)
+            .map(drop)
     }
 
     pub fn stop(&mut self, dev_id: u32) -> Result<(), CtrlError> {

@@ -204,7 +204,8 @@ fn start_queues(
     let dev_id = device.dev_id;
     let cdev = UblkQueue::open_cdev(dev_id).map_err(MapError::Queue)?;
     for (q, streams) in streams.into_iter().enumerate() {
-        let buffers = Arc::new(TagBuffers::new(vopts.depth, vopts.max_io).map_err(MapError::Queue)?);
+        let buffers =
+            Arc::new(TagBuffers::new(vopts.depth, vopts.max_io).map_err(MapError::Queue)?);
         let queue = UblkQueue::new(
             &cdev,
             q as u16,

@@ -1,0 +1,78 @@
+//! `netblk map --recover` refusals that need no kernel: they are decided from
+//! the state record before ublk is touched. (Recovery itself runs in the VM:
+//! `cargo xtask vm-test`.)
+
+use std::process::{Command, Output};
+
+fn netblk(state: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .args(args)
+        .env("NETBLK_STATE_DIR", state)
+        .output()
+        .expect("run netblk")
+}
+
+fn record(pid: u32, volume: &str) -> String {
+    format!(
+        "netblk-device 2\nid 7\nvolume {volume}\nsize 67108864\nstripe_unit 65536\n\
+         nodes 127.0.0.1:7001,127.0.0.1:7002\nqueues 1\ndepth 64\nblock_size 512\n\
+         data_path copy\npid {pid}\nclient_id netblk-1-ab\ngeneration 0\nio_timeout 30\n\
+         node_down_timeout 15\nsend zc\n"
+    )
+}
+
+#[test]
+fn recover_without_a_record_is_a_clear_error() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let out = netblk(state.path(), &["map", "--recover", "/dev/ublkb7"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no record of /dev/ublkb7"), "{stderr}");
+}
+
+#[test]
+fn recover_refuses_a_device_whose_daemon_still_runs() {
+    let state = tempfile::tempdir().expect("tempdir");
+    // This test process stands in for a live daemon.
+    std::fs::write(state.path().join("ublk7"), record(std::process::id(), "v")).expect("record");
+    let out = netblk(state.path(), &["map", "--recover", "7"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("still running"), "{stderr}");
+}
+
+#[test]
+fn recover_refuses_options_that_differ_from_the_record() {
+    let state = tempfile::tempdir().expect("tempdir");
+    // A pid that cannot be alive: above the kernel's pid_max limit.
+    std::fs::write(state.path().join("ublk7"), record(4_194_305, "v")).expect("record");
+    let out = netblk(
+        state.path(),
+        &["map", "--recover", "7", "--volume", "other"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--volume differs"), "{stderr}");
+    let out = netblk(
+        state.path(),
+        &[
+            "map",
+            "--recover",
+            "7",
+            "--nodes",
+            "127.0.0.1:7002,127.0.0.1:7001",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--nodes differs"), "{stderr}");
+}
+
+#[test]
+fn map_without_volume_or_recover_is_a_usage_error() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let out = netblk(state.path(), &["map", "--size", "1G"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--volume"), "{stderr}");
+}
