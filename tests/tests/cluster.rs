@@ -506,3 +506,100 @@ fn a_completed_flush_is_durable_even_when_it_crossed_a_reconnect() {
         "the unflushed writes should have been lost with the caches"
     );
 }
+
+#[test]
+fn a_stalled_node_times_out_within_the_bound_then_works_again() {
+    use std::time::{Duration, Instant};
+    let cluster = Cluster::start(2);
+    let spec = VolumeSpec {
+        name: "stalled".into(),
+        size: 16 * MIB,
+        stripe_unit: 65536,
+        nodes: cluster.addrs(),
+    };
+    let timeout = Duration::from_secs(1);
+    let options = VolumeOptions {
+        io_timeout: timeout,
+        ..VolumeOptions::default()
+    };
+    let volume = Volume::open(&spec, &options).expect("open");
+    volume.write_at(&[1; 4096], 65536).expect("node 1 answers");
+    cluster.nodes[1]
+        .admin()
+        .set_faults(netblk_protocol::pb::Faults {
+            stall: true,
+            ..Default::default()
+        });
+    // The node takes the request and never answers: EIO at the deadline.
+    let start = Instant::now();
+    let err = volume
+        .write_at(&[2; 4096], 65536)
+        .expect_err("node 1 is stalled");
+    let waited = start.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(
+        waited >= timeout - Duration::from_millis(50) && waited < timeout * 3,
+        "timed out after {waited:?} with a {timeout:?} IO timeout"
+    );
+    // The other node is not held up meanwhile.
+    let start = Instant::now();
+    volume.write_at(&[3; 4096], 0).expect("node 0 answers");
+    assert!(start.elapsed() < Duration::from_millis(500));
+    // Once the stall ends, the same node serves again, in order.
+    cluster.nodes[1]
+        .admin()
+        .set_faults(netblk_protocol::pb::Faults::default());
+    volume.write_at(&[4; 4096], 65536).expect("node 1 is back");
+    let mut back = vec![0u8; 4096];
+    volume.read_at(&mut back, 65536).expect("read node 1");
+    assert_eq!(back, vec![4; 4096]);
+    volume.read_at(&mut back, 0).expect("read node 0");
+    assert_eq!(back, vec![3; 4096]);
+}
+
+#[test]
+fn a_slow_node_is_waited_for_and_the_data_is_right() {
+    use std::time::{Duration, Instant};
+    let cluster = Cluster::start(3);
+    let latency = Duration::from_millis(100);
+    cluster.nodes[1]
+        .admin()
+        .set_faults(netblk_protocol::pb::Faults {
+            latency_us: latency.as_micros() as u64,
+            jitter_us: 50_000,
+            ..Default::default()
+        });
+    let spec = VolumeSpec {
+        name: "slow".into(),
+        size: 16 * MIB,
+        stripe_unit: 65536,
+        nodes: cluster.addrs(),
+    };
+    let options = VolumeOptions {
+        io_timeout: Duration::from_secs(2),
+        ..VolumeOptions::default()
+    };
+    let volume = Volume::open(&spec, &options).expect("open");
+    let mut rng = Rng::new(11);
+    for round in 0..10u64 {
+        // 192 KiB from a stripe boundary: one piece on every node.
+        let offset = round * 3 * 65536;
+        let mut data = vec![0u8; 3 * 65536];
+        fill(&mut rng, &mut data);
+        let start = Instant::now();
+        volume
+            .write_at(&data, offset)
+            .expect("write through a slow node");
+        let mut back = vec![0u8; data.len()];
+        volume
+            .read_at(&mut back, offset)
+            .expect("read through a slow node");
+        let took = start.elapsed();
+        assert!(back == data, "round {round}: data differs");
+        // Both went through the slow node; neither timed out.
+        assert!(
+            took >= 2 * latency && took < Duration::from_secs(2),
+            "round {round}: write + read took {took:?}"
+        );
+    }
+}
