@@ -58,6 +58,16 @@ impl Cluster {
         self.nodes.iter().map(|n| n.addr).collect()
     }
 
+    /// A volume over every node, with a 64 KiB stripe unit.
+    fn spec(&self, name: &str, size: u64) -> VolumeSpec {
+        VolumeSpec {
+            name: name.into(),
+            size,
+            stripe_unit: 64 << 10,
+            nodes: self.addrs(),
+        }
+    }
+
     /// The bytes node `i` holds for `volume` (its sparse file).
     fn node_file(&self, i: usize, volume: &str) -> Vec<u8> {
         std::fs::read(
@@ -264,12 +274,7 @@ fn an_unreachable_node_is_a_clear_error() {
 #[test]
 fn out_of_range_and_node_errors_surface_as_io_errors() {
     let cluster = Cluster::start(2);
-    let spec = VolumeSpec {
-        name: "errors".into(),
-        size: 16 * MIB,
-        stripe_unit: 65536,
-        nodes: cluster.addrs(),
-    };
+    let spec = cluster.spec("errors", 16 * MIB);
     let volume = Volume::open(&spec, &VolumeOptions::default()).expect("open");
     let mut buf = vec![0u8; 4096];
     let err = volume
@@ -297,12 +302,7 @@ fn out_of_range_and_node_errors_surface_as_io_errors() {
 /// background while `disturb` does its worst; no IO may fail.
 fn survive(cluster: &mut Cluster, name: &str, disturb: impl FnOnce(&mut Cluster)) {
     let size = 32 * MIB;
-    let spec = VolumeSpec {
-        name: name.into(),
-        size,
-        stripe_unit: 64 << 10,
-        nodes: cluster.addrs(),
-    };
+    let spec = cluster.spec(name, size);
     let options = VolumeOptions {
         queues: 2,
         depth: 16,
@@ -370,12 +370,7 @@ fn dropped_connections_and_corrupted_replies_are_survived() {
 fn a_node_down_past_its_timeout_fails_fast_then_recovers() {
     use std::time::{Duration, Instant};
     let mut cluster = Cluster::start(2);
-    let spec = VolumeSpec {
-        name: "down".into(),
-        size: 16 * MIB,
-        stripe_unit: 65536,
-        nodes: cluster.addrs(),
-    };
+    let spec = cluster.spec("down", 16 * MIB);
     let options = VolumeOptions {
         io_timeout: Duration::from_secs(30),
         node_down_timeout: Duration::from_secs(1),
@@ -432,12 +427,7 @@ fn a_completed_flush_is_durable_even_when_it_crossed_a_reconnect() {
     let args = ["--volatile-cache"];
     let mut cluster = Cluster::start_with(3, &args);
     let size = 8 * MIB;
-    let spec = VolumeSpec {
-        name: "flushes".into(),
-        size,
-        stripe_unit: 64 << 10,
-        nodes: cluster.addrs(),
-    };
+    let spec = cluster.spec("flushes", size);
     let options = VolumeOptions {
         queues: 2,
         depth: 16,
@@ -511,12 +501,7 @@ fn a_completed_flush_is_durable_even_when_it_crossed_a_reconnect() {
 fn a_stalled_node_times_out_within_the_bound_then_works_again() {
     use std::time::{Duration, Instant};
     let cluster = Cluster::start(2);
-    let spec = VolumeSpec {
-        name: "stalled".into(),
-        size: 16 * MIB,
-        stripe_unit: 65536,
-        nodes: cluster.addrs(),
-    };
+    let spec = cluster.spec("stalled", 16 * MIB);
     let timeout = Duration::from_secs(1);
     let options = VolumeOptions {
         io_timeout: timeout,
@@ -569,12 +554,7 @@ fn a_slow_node_is_waited_for_and_the_data_is_right() {
             jitter_us: 50_000,
             ..Default::default()
         });
-    let spec = VolumeSpec {
-        name: "slow".into(),
-        size: 16 * MIB,
-        stripe_unit: 65536,
-        nodes: cluster.addrs(),
-    };
+    let spec = cluster.spec("slow", 16 * MIB);
     let options = VolumeOptions {
         io_timeout: Duration::from_secs(2),
         ..VolumeOptions::default()
