@@ -247,7 +247,21 @@ pub fn process_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 sends nothing; it only checks that the
     // process exists and may be signalled. It takes plain integers.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    // A zombie (killed, not yet reaped by its parent) serves nothing.
+    exists && !is_zombie(pid)
+}
+
+/// True if `/proc` says `pid` has exited and waits to be reaped.
+fn is_zombie(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.trim_start().chars().next()
+        })
+        .is_some_and(|state| matches!(state, 'Z' | 'X'))
 }
 
 /// Asks the daemon `pid` to stop (SIGTERM).
@@ -275,6 +289,22 @@ mod tests {
             .err()
             .expect("no such device");
         assert!(err.to_string().contains("modprobe ublk_drv"), "{err}");
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        // Exited but not reaped yet: a zombie.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!process_alive(pid), "a zombie counts as alive");
+        assert!(process_alive(std::process::id()));
+        child.wait().expect("reap");
     }
 
     #[test]
