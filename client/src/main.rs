@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use netblk::bench::{self, BenchOptions};
 use netblk::state;
-use netblk::ublk::ctrl::{Control, feature_names, process_alive, terminate};
+use netblk::ublk::ctrl::{Control, daemon_alive, feature_names, process_start_time, terminate};
 use netblk::uring::SendMode;
 use netblk_protocol::units::parse_size;
 
@@ -341,7 +341,7 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), String> {
             dir.display()
         )
     })?;
-    if process_alive(record.pid) {
+    if daemon_alive(record.pid, record.pid_start) {
         return Err(format!(
             "/dev/ublkb{id} is served by daemon {} which is still running: nothing to recover",
             record.pid
@@ -417,6 +417,7 @@ fn serve(
         block_size: options.block_size,
         data_path: device.path.name().to_string(),
         pid: std::process::id(),
+        pid_start: process_start_time(std::process::id()).unwrap_or(0),
         client_id: vopts.client_id.clone(),
         generation,
         io_timeout_secs: vopts.io_timeout.as_secs(),
@@ -461,8 +462,8 @@ fn unmap(device: &str) -> Result<(), String> {
         (record, true) => {
             match record
                 .as_ref()
+                .filter(|r| daemon_alive(r.pid, r.pid_start))
                 .map(|r| r.pid)
-                .filter(|pid| process_alive(*pid))
             {
                 Some(pid) => {
                     // The daemon drains in-flight IO, stops and deletes the device.
@@ -509,7 +510,7 @@ fn list() -> Result<(), String> {
         let info = ctrl.as_mut().and_then(|c| c.info(record.id).ok());
         let state = match info {
             None => "gone",
-            Some(_) if !process_alive(record.pid) => "needs-recovery",
+            Some(_) if !daemon_alive(record.pid, record.pid_start) => "needs-recovery",
             Some(i) if i.state == netblk::ublk::sys::UBLK_S_DEV_LIVE => "live",
             Some(i) if i.state == netblk::ublk::sys::UBLK_S_DEV_QUIESCED => "quiesced",
             Some(_) => "stopped",

@@ -24,8 +24,10 @@ pub struct DeviceRecord {
     pub depth: u16,
     pub block_size: u32,
     pub data_path: String,
-    /// The serving daemon.
+    /// The serving daemon, and when it started (to tell it from a later
+    /// process with the same pid).
     pub pid: u32,
+    pub pid_start: u64,
     /// What the nodes know this client as (kept across recoveries).
     pub client_id: String,
     /// Bumped by each recovery; sessions of generation `g` start at
@@ -41,7 +43,7 @@ impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "netblk-device 2\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\n",
+            "netblk-device 2\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\n",
             self.id,
             self.volume,
             self.size,
@@ -52,6 +54,7 @@ impl DeviceRecord {
             self.block_size,
             self.data_path,
             self.pid,
+            self.pid_start,
             self.client_id,
             self.generation,
             self.io_timeout_secs,
@@ -91,6 +94,7 @@ impl DeviceRecord {
             block_size: num("block_size", get("block_size")?)?,
             data_path: get("data_path")?.to_string(),
             pid: num("pid", get("pid")?)?,
+            pid_start: num("pid_start", get("pid_start")?)?,
             client_id: get("client_id")?.to_string(),
             generation: num("generation", get("generation")?)?,
             io_timeout_secs: num("io_timeout", get("io_timeout")?)?,
@@ -177,6 +181,7 @@ mod tests {
             block_size: 512,
             data_path: "full zero copy".into(),
             pid: 42,
+            pid_start: 1234,
             client_id: "netblk-42-00ff".into(),
             generation: 3,
             io_timeout_secs: 30,

@@ -12,11 +12,21 @@ fn netblk(state: &std::path::Path, args: &[&str]) -> Output {
         .expect("run netblk")
 }
 
-fn record(pid: u32, volume: &str) -> String {
+/// When `pid` started, from `/proc/PID/stat` (field 22).
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let (_, rest) = stat.rsplit_once(')').expect("comm");
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|t| t.parse().ok())
+        .expect("start time")
+}
+
+fn record(pid: u32, start: u64, volume: &str) -> String {
     format!(
         "netblk-device 2\nid 7\nvolume {volume}\nsize 67108864\nstripe_unit 65536\n\
          nodes 127.0.0.1:7001,127.0.0.1:7002\nqueues 1\ndepth 64\nblock_size 512\n\
-         data_path copy\npid {pid}\nclient_id netblk-1-ab\ngeneration 0\nio_timeout 30\n\
+         data_path copy\npid {pid}\npid_start {start}\nclient_id netblk-1-ab\ngeneration 0\nio_timeout 30\n\
          node_down_timeout 15\nsend zc\n"
     )
 }
@@ -34,7 +44,8 @@ fn recover_without_a_record_is_a_clear_error() {
 fn recover_refuses_a_device_whose_daemon_still_runs() {
     let state = tempfile::tempdir().expect("tempdir");
     // This test process stands in for a live daemon.
-    std::fs::write(state.path().join("ublk7"), record(std::process::id(), "v")).expect("record");
+    let me = std::process::id();
+    std::fs::write(state.path().join("ublk7"), record(me, start_time(me), "v")).expect("record");
     let out = netblk(state.path(), &["map", "--recover", "7"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -42,10 +53,28 @@ fn recover_refuses_a_device_whose_daemon_still_runs() {
 }
 
 #[test]
+fn a_reused_pid_is_not_the_daemon() {
+    let state = tempfile::tempdir().expect("tempdir");
+    // Our pid, but another start time: the daemon died and its pid was
+    // reused. Recovery goes on (and fails later here: no ublk on the host,
+    // or no node at these addresses), instead of refusing.
+    let me = std::process::id();
+    std::fs::write(
+        state.path().join("ublk7"),
+        record(me, start_time(me) + 1, "v"),
+    )
+    .expect("record");
+    let out = netblk(state.path(), &["map", "--recover", "7"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("still running"), "{stderr}");
+}
+
+#[test]
 fn recover_refuses_options_that_differ_from_the_record() {
     let state = tempfile::tempdir().expect("tempdir");
     // A pid that cannot be alive: above the kernel's pid_max limit.
-    std::fs::write(state.path().join("ublk7"), record(4_194_305, "v")).expect("record");
+    std::fs::write(state.path().join("ublk7"), record(4_194_305, 0, "v")).expect("record");
     let out = netblk(
         state.path(),
         &["map", "--recover", "7", "--volume", "other"],

@@ -252,6 +252,22 @@ pub fn process_alive(pid: u32) -> bool {
     exists && !is_zombie(pid)
 }
 
+/// When process `pid` started (clock ticks since boot, `/proc/PID/stat`
+/// field 22): with the pid, it names one process even after pids wrap.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state); field 22 is the 20th from there.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True if the daemon recorded as (`pid`, `start`) still runs: the pid is
+/// alive and is the same process, not a later one that got the same pid.
+pub fn daemon_alive(pid: u32, start: u64) -> bool {
+    // A start of 0 was not known when recorded: the pid alone decides.
+    process_alive(pid) && process_start_time(pid).is_none_or(|now| start == 0 || now == start)
+}
+
 /// True if `/proc` says `pid` has exited and waits to be reaped.
 fn is_zombie(pid: libc::pid_t) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -305,6 +321,15 @@ mod tests {
         assert!(!process_alive(pid), "a zombie counts as alive");
         assert!(process_alive(std::process::id()));
         child.wait().expect("reap");
+    }
+
+    #[test]
+    fn a_daemon_is_its_pid_and_start_time() {
+        let me = std::process::id();
+        let start = process_start_time(me).expect("own start time");
+        assert!(daemon_alive(me, start));
+        // Same pid, another start: a different process that reused the pid.
+        assert!(!daemon_alive(me, start + 1));
     }
 
     #[test]
