@@ -307,7 +307,10 @@ pub fn recovery_flags(features: u64) -> u64 {
 }
 
 /// How long recovery waits for the kernel to let go of the dead daemon.
-const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+/// Usually well under a second; on 6.12, when the dead daemon held every
+/// tag, the device is only quiesced once the block layer's request timeout
+/// (30 s) fires, hence the margin.
+const RECOVERY_WAIT: Duration = Duration::from_secs(90);
 
 /// Attaches this process as the new daemon of device `dev_id`, whose daemon
 /// died: the device (and any filesystem on it) stayed; its IO waited, and
