@@ -21,7 +21,7 @@ use crate::frontend::{VolumeOptions, connect_queue, engine_config, spawn_queue};
 use crate::layout::{DEFAULT_STRIPE_UNIT, VolumeSpec};
 use crate::mock::{MockNodes, mock_node_bin, start_mock_nodes};
 use crate::rng::Rng;
-use crate::uring::{BufferMode, Frontend, SendMode, TagBuffers};
+use crate::uring::{BufferMode, Frontend, QueueParts, SendMode, TagBuffers};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -328,13 +328,15 @@ fn measure_workload(
         threads.push(
             spawn_queue(
                 format!("bench-q{q}"),
-                engine,
-                streams,
-                buffers,
-                generator,
-                mode,
-                BufferMode::User,
-                None,
+                QueueParts {
+                    engine,
+                    streams,
+                    buffers,
+                    frontend: generator,
+                    mode,
+                    buffer_mode: BufferMode::User,
+                    reconnect: None,
+                },
             )
             .map_err(err)?,
         );

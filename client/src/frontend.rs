@@ -19,7 +19,9 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
 use crate::layout::{Layout, SpecError, VolumeSpec};
 use crate::net::{self, ConnectError, Identity, NodeInfo};
-use crate::uring::{BufferMode, Doorbell, Frontend, QueueDriver, Reconnect, SendMode, TagBuffers};
+use crate::uring::{
+    BufferMode, Doorbell, Frontend, QueueDriver, QueueParts, Reconnect, SendMode, TagBuffers,
+};
 
 /// How a volume is attached.
 #[derive(Debug, Clone)]
@@ -148,41 +150,23 @@ pub type QueueThread<F> = JoinHandle<(Option<F>, io::Result<()>)>;
 
 /// Starts a queue thread serving `frontend` over `streams`; returns once its
 /// ring is set up. Joining the thread gives the frontend back.
-// Each argument is a distinct part of a queue; a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
 pub fn spawn_queue<F: Frontend + Send + 'static>(
     name: String,
-    engine: Engine,
-    streams: Vec<TcpStream>,
-    buffers: Arc<TagBuffers>,
-    frontend: F,
-    mode: SendMode,
-    buffer_mode: BufferMode,
-    reconnect: Option<Reconnect>,
+    parts: QueueParts<F>,
 ) -> Result<QueueThread<F>, OpenError> {
     // The ring is made on the thread that uses it (single issuer).
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || {
-            match QueueDriver::new(
-                engine,
-                streams,
-                buffers,
-                frontend,
-                mode,
-                buffer_mode,
-                reconnect,
-            ) {
-                Ok(driver) => {
-                    let _ = ready_tx.send(Ok(()));
-                    let (frontend, result) = driver.run();
-                    (Some(frontend), result)
-                }
-                Err(err) => {
-                    let _ = ready_tx.send(Err(io::Error::new(err.kind(), err.to_string())));
-                    (None, Err(err))
-                }
+        .spawn(move || match QueueDriver::new(parts) {
+            Ok(driver) => {
+                let _ = ready_tx.send(Ok(()));
+                let (frontend, result) = driver.run();
+                (Some(frontend), result)
+            }
+            Err(err) => {
+                let _ = ready_tx.send(Err(io::Error::new(err.kind(), err.to_string())));
+                (None, Err(err))
             }
         })
         .map_err(OpenError::Uring)?;
@@ -334,13 +318,15 @@ impl Volume {
             };
             let thread = spawn_queue(
                 format!("netblk-q{q}"),
-                engine,
-                streams,
-                buffers,
-                frontend,
-                options.send_mode,
-                BufferMode::User,
-                Some(reconnect_for(spec, &layout, options, q)),
+                QueueParts {
+                    engine,
+                    streams,
+                    buffers,
+                    frontend,
+                    mode: options.send_mode,
+                    buffer_mode: BufferMode::User,
+                    reconnect: Some(reconnect_for(spec, &layout, options, q)),
+                },
             )?;
             let free_tags = crossbeam_channel::bounded(usize::from(options.depth));
             for tag in 0..options.depth {

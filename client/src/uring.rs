@@ -409,18 +409,32 @@ type Reconnected = (usize, u64, Result<TcpStream, String>);
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
+/// Everything a queue is made of: its engine, one connected socket per node
+/// (in node order), its tag buffers, where its requests come from, how data
+/// moves, and how it reconnects (`None`: a lost node stays lost).
+pub struct QueueParts<F> {
+    pub engine: Engine,
+    pub streams: Vec<TcpStream>,
+    pub buffers: Arc<TagBuffers>,
+    pub frontend: F,
+    pub mode: SendMode,
+    pub buffer_mode: BufferMode,
+    pub reconnect: Option<Reconnect>,
+}
+
 impl<F: Frontend> QueueDriver<F> {
     /// Makes the ring (call this on the thread that will run it) and
     /// registers the buffers.
-    pub fn new(
-        engine: Engine,
-        streams: Vec<TcpStream>,
-        buffers: Arc<TagBuffers>,
-        frontend: F,
-        mode: SendMode,
-        buffer_mode: BufferMode,
-        reconnect: Option<Reconnect>,
-    ) -> io::Result<QueueDriver<F>> {
+    pub fn new(parts: QueueParts<F>) -> io::Result<QueueDriver<F>> {
+        let QueueParts {
+            engine,
+            streams,
+            buffers,
+            frontend,
+            mode,
+            buffer_mode,
+            reconnect,
+        } = parts;
         let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
             .clamp(64, 4096)
             .next_power_of_two();

@@ -14,7 +14,7 @@ use crate::frontend::{
     OpenError, QueueThread, VolumeOptions, connect_queue, engine_config, reconnect_for, spawn_queue,
 };
 use crate::layout::VolumeSpec;
-use crate::uring::{BufferMode, SendMode, TagBuffers};
+use crate::uring::{BufferMode, QueueParts, SendMode, TagBuffers};
 
 /// Why a device could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -217,13 +217,15 @@ fn start_queues(
         let engine = Engine::new(*layout, engine_config(vopts));
         let thread = spawn_queue(
             format!("ublk{dev_id}-q{q}"),
-            engine,
-            streams,
-            buffers,
-            queue,
-            send_mode,
-            buffer_mode,
-            Some(reconnect_for(spec, layout, vopts, q)),
+            QueueParts {
+                engine,
+                streams,
+                buffers,
+                frontend: queue,
+                mode: send_mode,
+                buffer_mode,
+                reconnect: Some(reconnect_for(spec, layout, vopts, q)),
+            },
         )?;
         device.queues.push(thread);
     }
