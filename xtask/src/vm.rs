@@ -55,6 +55,10 @@ deb http://deb.debian.org/debian sid main
 const SCENARIO: &str = r#"
 set -u
 fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
+# wait_dev FILE: prints the device a map printed to FILE, once it is a block device.
+wait_dev() { for i in $(seq 100); do d=$(head -n1 "$1" 2>/dev/null); [ -n "$d" ] && [ -b "$d" ] && { echo "$d"; return; }; sleep 0.1; done; }
+# wait_listening FILE...: returns once each node said it listens (or 5 s each).
+wait_listening() { for f in "$@"; do for i in $(seq 50); do grep -q listening "$f" && break; sleep 0.1; done; done; }
 echo "== kernel $(uname -r)"
 netblk features || fail "netblk features"
 netblk ublk-check || fail "netblk ublk-check"
@@ -64,9 +68,7 @@ ls /dev/ublkc* /dev/ublkb* 2>/dev/null && fail "a device was left behind"
 for p in 7001 7002 7003; do
   netblk-mock-node --listen 127.0.0.1:$p --store memory >/tmp/node$p.out 2>/tmp/node$p.log &
 done
-for p in 7001 7002 7003; do
-  for i in $(seq 50); do grep -q listening /tmp/node$p.out && break; sleep 0.1; done
-done
+wait_listening /tmp/node7001.out /tmp/node7002.out /tmp/node7003.out
 NODES=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
 
 # Refusals leave no device behind.
@@ -86,8 +88,7 @@ echo "ublk: refused maps (unreachable node, no permission, zero copy unavailable
 # A 4 KiB logical block size.
 netblk map --volume vm4k --size 64M --nodes $NODES --block-size 4096 >/tmp/map4k.out 2>/tmp/map4k.log &
 MAP4K=$!
-for i in $(seq 100); do grep -q /dev/ublkb /tmp/map4k.out && break; sleep 0.1; done
-DEV4K=$(head -n1 /tmp/map4k.out)
+DEV4K=$(wait_dev /tmp/map4k.out)
 [ -b "$DEV4K" ] || fail "no device for --block-size 4096"
 [ "$(blockdev --getss $DEV4K)" = 4096 ] || fail "logical block size is not 4096"
 dd if=/dev/urandom of=/tmp/d4k bs=1M count=4 2>/dev/null
@@ -101,7 +102,7 @@ echo "ublk: --block-size 4096 device: 4 MiB written and read back"
 netblk map --volume vm --size 1G --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map.out 2>/tmp/map.log &
 MAP=$!
 # The path is printed once the device is usable.
-for i in $(seq 100); do grep -q /dev/ublkb0 /tmp/map.out && break; sleep 0.1; done
+wait_dev /tmp/map.out >/dev/null
 grep -q /dev/ublkb0 /tmp/map.out || fail "map did not print the device path"
 [ -b /dev/ublkb0 ] || fail "no /dev/ublkb0 after map"
 grep -q "data path: $EXPECT\$" /tmp/map.log || fail "expected the data path '$EXPECT'"
@@ -141,8 +142,7 @@ echo "ublk: list shows the device; unmap removes it; a second unmap is a clear e
 
 netblk map --volume vm --size 1G --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map2.out 2>/tmp/map2.log &
 MAP=$!
-DEV=
-for i in $(seq 100); do DEV=$(head -n1 /tmp/map2.out 2>/dev/null); [ -n "$DEV" ] && [ -b "$DEV" ] && break; sleep 0.1; done
+DEV=$(wait_dev /tmp/map2.out)
 [ -b "$DEV" ] || fail "no device after the second map"
 mount -t ext4 "$DEV" /mnt || fail "mount after remap"
 (cd /mnt && md5sum -c /tmp/sums) >/dev/null || fail "checksums after remap"
@@ -169,14 +169,11 @@ for p in 7101 7102 7103; do
   netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/node$p >/tmp/rnode$p.out 2>/tmp/rnode$p.log &
   eval "NODE$p=$!"
 done
-for p in 7101 7102 7103; do
-  for i in $(seq 50); do grep -q listening /tmp/rnode$p.out && break; sleep 0.1; done
-done
+wait_listening /tmp/rnode7101.out /tmp/rnode7102.out /tmp/rnode7103.out
 RNODES=127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103
 netblk map --volume rel --size 512M --nodes $RNODES --stripe-unit 64K --queues 2 --node-down-timeout 3 >/tmp/rel.out 2>/tmp/rel.log &
 MAP=$!
-DEV=
-for i in $(seq 100); do DEV=$(head -n1 /tmp/rel.out 2>/dev/null); [ -n "$DEV" ] && [ -b "$DEV" ] && break; sleep 0.1; done
+DEV=$(wait_dev /tmp/rel.out)
 [ -b "$DEV" ] || fail "no device for the reliability volume"
 mkfs.ext4 -q -F "$DEV" || fail "mkfs.ext4 (reliability)"
 mount -t ext4 "$DEV" /mnt || fail "mount (reliability)"
@@ -249,8 +246,7 @@ ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
 # A device whose daemon died can still be unmapped.
 netblk map --volume orphan --size 64M --nodes $NODES >/tmp/orphan.out 2>/tmp/orphan.log &
 MAP=$!
-for i in $(seq 100); do grep -q /dev/ublkb /tmp/orphan.out && break; sleep 0.1; done
-ODEV=$(head -n1 /tmp/orphan.out)
+ODEV=$(wait_dev /tmp/orphan.out)
 [ -b "$ODEV" ] || fail "no device for the orphan volume"
 kill -KILL $MAP
 wait $MAP 2>/dev/null
