@@ -487,14 +487,13 @@ impl Backend for VolatileCache {
 
     fn flush(&self) -> io::Result<()> {
         let mut pages = self.lock();
-        let mut order: Vec<u64> = pages.keys().copied().collect();
-        order.sort_unstable();
-        for page in order {
-            if let Some(data) = pages.get(&page) {
-                self.inner.write(page * CACHE_PAGE, data, false)?;
-            }
-            pages.remove(&page);
+        let mut order: Vec<(&u64, &Box<[u8]>)> = pages.iter().collect();
+        order.sort_unstable_by_key(|(page, _)| **page);
+        for (page, data) in order {
+            self.inner.write(page * CACHE_PAGE, data, false)?;
         }
+        // Written back (a failure above keeps them all cached, still dirty).
+        pages.clear();
         drop(pages);
         self.inner.flush()
     }
