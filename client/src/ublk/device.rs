@@ -334,15 +334,8 @@ pub fn recover(spec: &VolumeSpec, options: &MapOptions, dev_id: u32) -> Result<D
         )));
     }
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
-    let path = if info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
-        if crate::uring::probe_recv_fixed() {
-            DataPath::FullZeroCopy
-        } else {
-            DataPath::PartialZeroCopy
-        }
-    } else {
-        DataPath::Copy
-    };
+    // The device's flags fix its data path: zero copy if it was made so.
+    let path = choose_path(info.flags, crate::uring::probe_recv_fixed(), ZeroCopy::Auto)?;
     let (buffer_mode, send_mode, _) = path_setup(path, vopts.send_mode)?;
     // The nodes first: nothing is touched unless they all answer.
     let streams = connect_all(spec, &layout, vopts)?;
