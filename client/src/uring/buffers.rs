@@ -1,0 +1,115 @@
+//! Request buffers: one per tag, in one anonymous mapping made at start-up.
+
+use std::io;
+use std::ptr::NonNull;
+
+use crate::engine::Tag;
+
+/// One buffer per tag, in one anonymous mapping allocated at start-up.
+///
+/// Ownership protocol: a tag's buffer belongs either to the frontend (no IO
+/// in flight: it fills or drains it) or to the queue thread and the kernel
+/// (from submission until the engine completes the request). The tag itself
+/// is the token passed between them.
+pub struct TagBuffers {
+    base: NonNull<u8>,
+    len: usize,
+    tag_size: usize,
+    depth: u16,
+}
+
+// SAFETY: the mapping is plain memory that lives as long as the value; who
+// may touch which tag's bytes is governed by the ownership protocol above,
+// which hands a tag to one thread at a time through channels (which order
+// the memory accesses).
+unsafe impl Send for TagBuffers {}
+// SAFETY: as for Send: shared references only give out raw pointers, and
+// the unsafe accessors require the caller to own the tag.
+unsafe impl Sync for TagBuffers {}
+
+impl TagBuffers {
+    /// `depth` buffers of `tag_size` bytes each.
+    pub fn new(depth: u16, tag_size: u32) -> io::Result<TagBuffers> {
+        let tag_size = tag_size as usize;
+        let len = usize::from(depth)
+            .checked_mul(tag_size)
+            .filter(|len| *len > 0)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad buffer geometry"))?;
+        // SAFETY: an anonymous private mapping with no address hint touches no
+        // existing memory; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "mmap returned null"))?;
+        Ok(TagBuffers {
+            base,
+            len,
+            tag_size,
+            depth,
+        })
+    }
+
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+
+    /// Start of `tag`'s buffer.
+    pub fn tag_ptr(&self, tag: Tag) -> *mut u8 {
+        assert!(tag < self.depth, "tag {tag} beyond depth {}", self.depth);
+        // SAFETY: tag < depth, so the offset stays inside the mapping.
+        unsafe { self.base.as_ptr().add(usize::from(tag) * self.tag_size) }
+    }
+
+    /// Start of `len` bytes at `offset` in `tag`'s buffer.
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    pub fn slice_ptr(&self, tag: Tag, offset: u32, len: u32) -> *mut u8 {
+        let end = offset as usize + len as usize;
+        assert!(end <= self.tag_size, "{offset}+{len} beyond the tag buffer");
+        // SAFETY: offset <= end <= tag_size: inside this tag's buffer.
+        unsafe { self.tag_ptr(tag).add(offset as usize) }
+    }
+
+    /// The whole of `tag`'s buffer.
+    ///
+    /// # Safety
+    /// The caller owns `tag` (see the type's docs): no IO on it is in flight
+    /// and no other reference to its bytes exists while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn tag_slice(&self, tag: Tag) -> &mut [u8] {
+        // SAFETY: the pointer and length stay inside the mapping; exclusive
+        // access is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.tag_ptr(tag), self.tag_size) }
+    }
+
+    pub(super) fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.depth)
+            .map(|tag| libc::iovec {
+                iov_base: self.tag_ptr(tag).cast(),
+                iov_len: self.tag_size,
+            })
+            .collect()
+    }
+}
+
+impl Drop for TagBuffers {
+    fn drop(&mut self) {
+        // SAFETY: base/len are exactly what mmap returned; nothing refers to
+        // the mapping any more (the rings that registered it are gone first).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! One node connection as the ring sees it, and how it breaks.
+
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use super::{Frontend, QueueDriver};
+use crate::recv::ReplyReader;
+
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
+    pub(super) fd: RawFd,
+    /// Handshake session of this connection; grows with each reconnect.
+    pub(super) session: u64,
+    /// Bumped when the connection is replaced (see `conn_id`).
+    pub(super) generation: u8,
+    /// While lost: when the next reconnect may start, and the wait after it.
+    pub(super) next_attempt: Instant,
+    pub(super) backoff: Duration,
+    pub(super) connecting: bool,
+    /// Head bytes of the send chain in flight; kept alive until it completes.
+    pub(super) heads: Vec<Vec<u8>>,
+    /// CQEs (other than notifications) the chain still owes.
+    pub(super) chain_left: u32,
+    pub(super) rbuf: Box<[u8]>,
+    pub(super) rstart: usize,
+    pub(super) rend: usize,
+    pub(super) reader: ReplyReader,
+    pub(super) recv_posted: bool,
+    /// Operations the kernel still holds, notifications included.
+    pub(super) ops: u32,
+    pub(super) broken: bool,
+    pub(super) lost_reported: bool,
+}
+
+impl<F: Frontend> QueueDriver<F> {
+    pub(super) fn break_conn(&mut self, node: usize, why: &str, res: i32) {
+        let conn = &mut self.conns[node];
+        if !conn.broken {
+            conn.broken = true;
+            let detail = if res < 0 {
+                format!(": {}", io::Error::from_raw_os_error(-res))
+            } else {
+                String::new()
+            };
+            eprintln!("netblk: connection to node {node} lost ({why}{detail})");
+            // Makes the operations still in the kernel finish.
+            let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Once every operation of a broken connection is back, tells the engine.
+    pub(super) fn check_lost(&mut self, node: usize) {
+        let conn = &mut self.conns[node];
+        if !conn.broken || conn.lost_reported || conn.ops > 0 {
+            return;
+        }
+        conn.lost_reported = true;
+        conn.reader.reset(&mut self.engine);
+        self.engine.handle_connection_lost(Instant::now(), node);
+    }
+}

@@ -1,0 +1,430 @@
+//! The per-queue io_uring driver: thin glue that moves bytes and time in and
+//! out of the [`Engine`].
+//!
+//! One thread per queue, one ring per thread; the ring owns one TCP
+//! connection per node. Request buffers ([`TagBuffers`]) are registered as
+//! fixed buffers, one per tag (buffer index = tag). Write payloads go out with
+//! `IORING_OP_SEND_ZC` from the fixed buffer, the header linked before it;
+//! a buffer is handed back to the engine only at the zero-copy notification.
+//! Read replies: the header is received into the connection's buffer, the
+//! payload straight into the request buffer at its offset.
+//!
+//! All `unsafe` of the client's data path lives here.
+
+mod buffers;
+mod conn;
+mod ids;
+mod receive;
+mod reconnect;
+mod send;
+mod sys;
+
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+pub use buffers::TagBuffers;
+pub use reconnect::Reconnect;
+pub use sys::{Doorbell, enable_zerocopy, probe, probe_recv_fixed};
+
+use crate::engine::{Completion, Engine, Tag};
+use crate::recv::ReplyReader;
+use conn::Conn;
+use ids::{
+    K_CANCEL, K_DATA, K_FRONTEND, K_HEAD, K_RECV, K_RECV_PAYLOAD, K_WAKE, conn_id, split_user_data,
+    user_data,
+};
+use receive::RECV_BUF;
+use reconnect::{RECONNECT_MIN, Reconnected};
+use send::MAX_CHAIN;
+
+/// How write payloads leave the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendMode {
+    /// `IORING_OP_SEND_ZC` from the registered buffer.
+    ZeroCopy,
+    /// Plain `IORING_OP_SEND`: the kernel copies (for comparison, and TLS later).
+    Copy,
+}
+
+impl std::fmt::Display for SendMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SendMode::ZeroCopy => "zc",
+            SendMode::Copy => "copy",
+        })
+    }
+}
+
+/// Where request data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferMode {
+    /// In [`TagBuffers`], registered as the ring's fixed buffers.
+    User,
+    /// In the block request's own pages, which the ublk driver registers in
+    /// the ring's (sparse) buffer table at index = tag (`UBLK_F_AUTO_BUF_REG`).
+    /// Userspace cannot touch them: payloads go out with `SEND_ZC` and come
+    /// in with a receive into the fixed buffer (`recv_fixed`, Linux 7.2+) or
+    /// `READ_FIXED` on the socket.
+    Kernel { recv_fixed: bool },
+}
+
+/// Where a queue's block requests come from and where they complete: the
+/// seam between the driver and a frontend (in-process, generator, ublk).
+pub trait Frontend {
+    /// Hands new requests to the engine. Returns false once the frontend has
+    /// no more to give: the queue then stops as soon as the engine is idle.
+    fn poll(&mut self, engine: &mut Engine, buffers: &TagBuffers, now: Instant) -> bool;
+    /// A request finished; its tag and buffer belong to the frontend again.
+    fn complete(&mut self, completion: Completion, buffers: &TagBuffers);
+    /// A descriptor whose readability means "call poll": the driver keeps a
+    /// read posted on it.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The queue failed and its ring is gone; `tags` were in flight.
+    fn fail(&mut self, tags: &[Tag]);
+    /// Operations of the frontend's own (ublk commands) to submit on the
+    /// queue's ring. Their user data must come from [`frontend_user_data`],
+    /// and any memory they point at must stay valid until their completion
+    /// reaches [`Frontend::on_cqe`].
+    fn take_sqes(&mut self, _out: &mut Vec<squeue::Entry>) {}
+    /// The completion of one of the frontend's own operations.
+    fn on_cqe(&mut self, _detail: u64, _result: i32, _engine: &mut Engine, _now: Instant) {}
+}
+
+/// User data for a frontend's own operation; `detail` (40 bits) comes back
+/// in [`Frontend::on_cqe`].
+pub fn frontend_user_data(detail: u64) -> u64 {
+    user_data(K_FRONTEND, 0, detail)
+}
+
+/// One queue's driver; see the module docs.
+pub struct QueueDriver<F: Frontend> {
+    // Declared first: dropped before the buffers it has registered.
+    ring: IoUring,
+    engine: Engine,
+    conns: Vec<Conn>,
+    buffers: Arc<TagBuffers>,
+    frontend: F,
+    mode: SendMode,
+    buffer_mode: BufferMode,
+    wake_buf: Box<u64>,
+    wake_posted: bool,
+    frontend_sqes: Vec<squeue::Entry>,
+    reconnect: Option<Reconnect>,
+    reconnected: (Sender<Reconnected>, Receiver<Reconnected>),
+}
+
+/// Everything a queue is made of: its engine, one connected socket per node
+/// (in node order), its tag buffers, where its requests come from, how data
+/// moves, and how it reconnects (`None`: a lost node stays lost).
+pub struct QueueParts<F> {
+    pub engine: Engine,
+    pub streams: Vec<TcpStream>,
+    pub buffers: Arc<TagBuffers>,
+    pub frontend: F,
+    pub mode: SendMode,
+    pub buffer_mode: BufferMode,
+    pub reconnect: Option<Reconnect>,
+}
+
+impl<F: Frontend> QueueDriver<F> {
+    /// Makes the ring (call this on the thread that will run it) and
+    /// registers the buffers.
+    pub fn new(parts: QueueParts<F>) -> io::Result<QueueDriver<F>> {
+        let QueueParts {
+            engine,
+            streams,
+            buffers,
+            frontend,
+            mode,
+            buffer_mode,
+            reconnect,
+        } = parts;
+        let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
+            .clamp(64, 4096)
+            .next_power_of_two();
+        // Deferred task work (6.1+): completions are processed when this
+        // thread asks for them, in batches, instead of interrupting it.
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_single_issuer()
+                    .setup_coop_taskrun()
+                    .build(entries)
+            })
+            .or_else(|_| IoUring::new(entries))?;
+        match buffer_mode {
+            BufferMode::User => {
+                let iovecs = buffers.iovecs();
+                // SAFETY: the iovecs describe the buffer mapping, which `buffers`
+                // keeps alive for longer than the ring (the ring is dropped
+                // first, and the shutdown path waits for every operation
+                // before that).
+                unsafe { ring.submitter().register_buffers(&iovecs)? };
+            }
+            BufferMode::Kernel { .. } => {
+                ring.submitter()
+                    .register_buffers_sparse(buffers.depth().into())?;
+            }
+        }
+        let first_session = reconnect.as_ref().map_or(1, |r| r.session);
+        let conns = streams
+            .into_iter()
+            .map(|stream| Conn {
+                fd: stream.as_raw_fd(),
+                stream,
+                session: first_session,
+                generation: 0,
+                next_attempt: Instant::now(),
+                backoff: RECONNECT_MIN,
+                connecting: false,
+                heads: Vec::with_capacity(MAX_CHAIN),
+                chain_left: 0,
+                rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
+                rstart: 0,
+                rend: 0,
+                reader: ReplyReader::new(),
+                recv_posted: false,
+                ops: 0,
+                broken: false,
+                lost_reported: false,
+            })
+            .collect();
+        Ok(QueueDriver {
+            ring,
+            engine,
+            conns,
+            buffers,
+            frontend,
+            mode,
+            buffer_mode,
+            wake_buf: Box::new(0),
+            wake_posted: false,
+            frontend_sqes: Vec::new(),
+            reconnect,
+            reconnected: crossbeam_channel::unbounded(),
+        })
+    }
+
+    /// Serves until the frontend has no more requests and every request
+    /// finished, then closes the connections. Gives the frontend back. If the
+    /// ring fails, the frontend hears of it through [`Frontend::fail`].
+    pub fn run(mut self) -> (F, io::Result<()>) {
+        let result = self.serve().and_then(|()| self.shutdown());
+        if let Err(err) = &result {
+            eprintln!("netblk: queue failed: {err}");
+        }
+        let tags = self.engine.active_tags();
+        let QueueDriver {
+            ring, mut frontend, ..
+        } = self;
+        // Tearing the ring down cancels what the kernel still holds; only then
+        // may the frontend reuse the buffers of requests still in flight.
+        drop(ring);
+        if result.is_err() {
+            frontend.fail(&tags);
+        }
+        (frontend, result)
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        for node in 0..self.conns.len() {
+            self.engine.handle_connection_restored(node);
+        }
+        loop {
+            let now = Instant::now();
+            self.engine.handle_timeout(now);
+            // Before sending: a connection that came back goes to work now.
+            let nodes_down = self.reconnect_step(now);
+            self.deliver_completions();
+            // After completions: a frontend refills the tags they freed.
+            let more = self.frontend.poll(&mut self.engine, &self.buffers, now);
+            self.post_frontend()?;
+            for node in 0..self.conns.len() {
+                self.post_sends(node)?;
+                self.post_recv(node)?;
+                self.check_lost(node);
+            }
+            self.post_wake()?;
+            if self.deliver_completions() {
+                self.post_frontend()?;
+                // Some finished without IO (invalid, or lost): poll again
+                // before sleeping.
+                self.ring.submit()?;
+                continue;
+            }
+            if !more && self.engine.is_idle() {
+                return Ok(());
+            }
+            let mut timeout = self
+                .engine
+                .poll_timeout()
+                .map(|d| d.saturating_duration_since(now));
+            if nodes_down || self.conns.iter().any(|c| c.lost_reported) {
+                // A reconnect may be due or finish any moment: look again soon.
+                timeout = Some(timeout.map_or(RECONNECT_MIN, |t| t.min(RECONNECT_MIN)));
+            }
+            self.submit_and_wait(timeout)?;
+            self.reap()?;
+        }
+    }
+
+    /// Hands finished requests to the frontend; true if there were any.
+    fn deliver_completions(&mut self) -> bool {
+        let mut any = false;
+        while let Some(c) = self.engine.poll_completion() {
+            self.frontend.complete(c, &self.buffers);
+            any = true;
+        }
+        any
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry built by this driver points only at memory
+            // that outlives the operation: connection buffers and head vectors
+            // (kept until their CQE), tag buffers (owned by the queue until
+            // the engine completes the request, which waits for every CQE and
+            // notification), and `wake_buf` (lives as long as the driver).
+            // Frontend entries (ublk commands) carry integers and tag buffer
+            // addresses, under the same rule (see Frontend::take_sqes).
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if !self.ring.completion().is_empty() {
+            self.ring.submit()?;
+            return Ok(());
+        }
+        let result = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::from(t.max(Duration::from_micros(1)));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn post_frontend(&mut self) -> io::Result<()> {
+        let mut sqes = std::mem::take(&mut self.frontend_sqes);
+        self.frontend.take_sqes(&mut sqes);
+        for entry in sqes.drain(..) {
+            self.push(&entry)?;
+        }
+        self.frontend_sqes = sqes;
+        Ok(())
+    }
+
+    fn post_wake(&mut self) -> io::Result<()> {
+        if self.wake_posted {
+            return Ok(());
+        }
+        let Some(fd) = self.frontend.wake_fd() else {
+            return Ok(());
+        };
+        let entry = opcode::Read::new(types::Fd(fd), (&raw mut *self.wake_buf).cast::<u8>(), 8)
+            .build()
+            .user_data(user_data(K_WAKE, 0, 0));
+        self.push(&entry)?;
+        self.wake_posted = true;
+        Ok(())
+    }
+
+    fn reap(&mut self) -> io::Result<()> {
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (ud, res, flags) in cqes {
+            let (kind, cid, detail) = split_user_data(ud);
+            let node = cid & 0xfff;
+            let current = self
+                .conns
+                .get(node)
+                .is_some_and(|c| conn_id(node, c.generation) == cid);
+            if matches!(kind, K_HEAD | K_DATA | K_RECV | K_RECV_PAYLOAD) && !current {
+                // From a connection already replaced: only a buffer it held
+                // matters now.
+                if kind == K_DATA && (cqueue::notif(flags) || !cqueue::more(flags)) {
+                    self.engine.handle_buffer_released((detail >> 27) as Tag);
+                }
+                continue;
+            }
+            match kind {
+                K_WAKE => {
+                    self.wake_posted = false;
+                }
+                K_CANCEL => {}
+                K_FRONTEND => self
+                    .frontend
+                    .on_cqe(detail, res, &mut self.engine, Instant::now()),
+                K_HEAD => {
+                    let conn = &mut self.conns[node];
+                    conn.ops = conn.ops.saturating_sub(1);
+                    conn.chain_left = conn.chain_left.saturating_sub(1);
+                    let expected = conn.heads.get(detail as usize).map_or(0, Vec::len);
+                    if res < 0 || res as usize != expected {
+                        self.break_conn(node, "send failed", res);
+                    }
+                }
+                K_DATA => self.on_data_sent(node, detail, res, flags),
+                K_RECV => self.on_recv(node, res),
+                K_RECV_PAYLOAD => self.on_recv_payload(node, res),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the connections and waits until the kernel holds nothing of ours.
+    fn shutdown(&mut self) -> io::Result<()> {
+        for conn in &mut self.conns {
+            conn.broken = true;
+            let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+        if self.wake_posted {
+            let cancel = opcode::AsyncCancel::new(user_data(K_WAKE, 0, 0))
+                .build()
+                .user_data(user_data(K_CANCEL, 0, 0));
+            self.push(&cancel)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (self.wake_posted || self.conns.iter().any(|c| c.ops > 0))
+            && Instant::now() < deadline
+        {
+            self.submit_and_wait(Some(Duration::from_millis(100)))?;
+            self.reap()?;
+        }
+        self.deliver_completions();
+        Ok(())
+    }
+}

@@ -1,0 +1,167 @@
+//! The receive side of a connection: one receive posted at a time, headers
+//! into the connection buffer, large payloads straight into request buffers
+//! (three strategies, by buffer mode and kernel).
+
+use std::io;
+
+use io_uring::{opcode, types};
+use netblk_protocol::PREAMBLE_LEN;
+
+use super::ids::{K_RECV, K_RECV_PAYLOAD, conn_id, user_data};
+use super::sys::IORING_RECVSEND_FIXED_BUF;
+use super::{BufferMode, Frontend, QueueDriver};
+use crate::recv::{DIRECT_RECV_MIN, RecvMode};
+
+/// Receive buffer per connection: headers and small payloads.
+pub(super) const RECV_BUF: usize = 256 << 10;
+/// How much to receive into the connection buffer when a header (and a large
+/// payload) is expected next: a preamble and the largest header.
+const HEADER_RECV: usize = PREAMBLE_LEN + netblk_protocol::MAX_HEADER_LEN as usize;
+
+impl<F: Frontend> QueueDriver<F> {
+    /// Keeps one receive posted on `node`.
+    pub(super) fn post_recv(&mut self, node: usize) -> io::Result<()> {
+        let conn = &mut self.conns[node];
+        if conn.broken || conn.recv_posted {
+            return Ok(());
+        }
+        let cid = conn_id(node, conn.generation);
+        let kernel = match self.buffer_mode {
+            BufferMode::Kernel { recv_fixed } => Some(recv_fixed),
+            BufferMode::User => None,
+        };
+        let entry = match (conn.reader.mode(), kernel) {
+            (
+                RecvMode::Payload {
+                    tag, offset, left, ..
+                },
+                Some(recv_fixed),
+            ) => {
+                // Straight into the request's pages: offset addressing.
+                debug_assert_eq!(conn.rstart, conn.rend, "kernel mode reads headers exactly");
+                let at = offset as usize as *mut u8;
+                if recv_fixed {
+                    opcode::Recv::new(types::Fd(conn.fd), at, left)
+                        .ioprio(IORING_RECVSEND_FIXED_BUF)
+                        .buf_group(tag)
+                        .flags(libc::MSG_WAITALL)
+                        .build()
+                        .user_data(user_data(K_RECV_PAYLOAD, cid, 0))
+                } else {
+                    opcode::ReadFixed::new(types::Fd(conn.fd), at, left, tag)
+                        .build()
+                        .user_data(user_data(K_RECV_PAYLOAD, cid, 0))
+                }
+            }
+            (
+                RecvMode::Payload {
+                    tag, offset, left, ..
+                },
+                None,
+            ) if conn.rstart == conn.rend && left >= DIRECT_RECV_MIN => {
+                let at = self.buffers.slice_ptr(tag, offset, left);
+                opcode::Recv::new(types::Fd(conn.fd), at, left)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+                    .user_data(user_data(K_RECV_PAYLOAD, cid, 0))
+            }
+            _ => {
+                if conn.rstart == conn.rend {
+                    conn.rstart = 0;
+                    conn.rend = 0;
+                } else if conn.rbuf.len() - conn.rend < 64 << 10 {
+                    conn.rbuf.copy_within(conn.rstart..conn.rend, 0);
+                    conn.rend -= conn.rstart;
+                    conn.rstart = 0;
+                }
+                let want = if kernel.is_some() {
+                    // Exactly the rest of the preamble, or of the header: no
+                    // payload byte may land here, it belongs in the pages.
+                    let have = conn.rend - conn.rstart;
+                    match conn.rbuf[conn.rstart..conn.rend].first_chunk::<PREAMBLE_LEN>() {
+                        None => PREAMBLE_LEN - have,
+                        Some(p) => {
+                            let header_len =
+                                u32::from_be_bytes([p[8], p[9], p[10], p[11]]) as usize;
+                            (PREAMBLE_LEN + header_len).saturating_sub(have).max(1)
+                        }
+                    }
+                } else if conn.reader.large_payloads() {
+                    // After a large payload, expect another: take only about a
+                    // header, so that most of the next payload is received
+                    // straight into its request buffer rather than copied.
+                    HEADER_RECV
+                } else {
+                    conn.rbuf.len() - conn.rend
+                };
+                let want = want.min(conn.rbuf.len() - conn.rend);
+                let free = &mut conn.rbuf[conn.rend..conn.rend + want];
+                let flags = if kernel.is_some() {
+                    libc::MSG_WAITALL
+                } else {
+                    0
+                };
+                opcode::Recv::new(types::Fd(conn.fd), free.as_mut_ptr(), free.len() as u32)
+                    .flags(flags)
+                    .build()
+                    .user_data(user_data(K_RECV, cid, 0))
+            }
+        };
+        conn.recv_posted = true;
+        conn.ops += 1;
+        self.push(&entry)
+    }
+
+    /// if it brought nothing.
+    /// Books a finished receive on `node`; false (and the connection broken)
+    fn recv_done(&mut self, node: usize, res: i32, what: &str) -> bool {
+        let conn = &mut self.conns[node];
+        conn.ops = conn.ops.saturating_sub(1);
+        conn.recv_posted = false;
+        if res <= 0 {
+            self.break_conn(node, what, res);
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn on_recv(&mut self, node: usize, res: i32) {
+        if !self.recv_done(node, res, "connection closed by node") {
+            return;
+        }
+        self.conns[node].rend += res as usize;
+        if let Err(why) = self.parse(node) {
+            self.break_conn(node, &why, 0);
+        }
+    }
+
+    pub(super) fn on_recv_payload(&mut self, node: usize, res: i32) {
+        if !self.recv_done(node, res, "connection closed by node mid-payload") {
+            return;
+        }
+        self.conns[node]
+            .reader
+            .payload_received(&mut self.engine, res as u32);
+    }
+
+    /// Consumes whole frames and payload bytes from the receive buffer.
+    fn parse(&mut self, node: usize) -> Result<(), String> {
+        let conn = &mut self.conns[node];
+        let buffers = &self.buffers;
+        let consumed = conn.reader.feed(
+            node,
+            &conn.rbuf[conn.rstart..conn.rend],
+            &mut self.engine,
+            |tag, offset, bytes| {
+                let at = buffers.slice_ptr(tag, offset, bytes.len() as u32);
+                // SAFETY: `at..at+len` is part of the slice the engine handed
+                // out for this payload, inside the tag's buffer, which the
+                // queue owns while the request is in flight; the source is the
+                // connection's receive buffer, which does not overlap it.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
+            },
+        );
+        conn.rstart += consumed.as_ref().copied().unwrap_or(0);
+        consumed.map(|_| ())
+    }
+}

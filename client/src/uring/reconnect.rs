@@ -1,0 +1,108 @@
+//! Re-establishing lost node connections, off the queue thread, with a
+//! bounded exponential backoff.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use super::{Frontend, QueueDriver};
+use crate::layout::Layout;
+use crate::recv::ReplyReader;
+
+/// How a queue re-establishes a lost node connection (in the background,
+/// with a bounded exponential backoff); in-flight pieces are sent again
+/// once it is back.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    pub addrs: Vec<SocketAddr>,
+    pub layout: Layout,
+    pub client_id: String,
+    /// The session the first connections were made with.
+    pub session: u64,
+    pub volume: String,
+    /// For one connect + handshake.
+    pub timeout: Duration,
+}
+
+/// A reconnect attempt's outcome: node, session, the new connection.
+pub(super) type Reconnected = (usize, u64, Result<TcpStream, String>);
+
+pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(50);
+pub(super) const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+impl<F: Frontend> QueueDriver<F> {
+    /// Installs finished reconnects and starts due ones. True while a node is down.
+    pub(super) fn reconnect_step(&mut self, now: Instant) -> bool {
+        let Some(reconnect) = &self.reconnect else {
+            return false;
+        };
+        while let Ok((node, session, result)) = self.reconnected.1.try_recv() {
+            let conn = &mut self.conns[node];
+            conn.connecting = false;
+            match result {
+                Ok(stream) => {
+                    eprintln!(
+                        "netblk: node {node} ({}) is back (session {session})",
+                        reconnect.addrs[node]
+                    );
+                    conn.fd = stream.as_raw_fd();
+                    conn.stream = stream;
+                    conn.session = session;
+                    conn.generation = conn.generation.wrapping_add(1);
+                    conn.ops = 0;
+                    conn.heads.clear();
+                    conn.chain_left = 0;
+                    conn.rstart = 0;
+                    conn.rend = 0;
+                    conn.reader = ReplyReader::new();
+                    conn.recv_posted = false;
+                    conn.broken = false;
+                    conn.lost_reported = false;
+                    conn.backoff = RECONNECT_MIN;
+                    self.engine.handle_connection_restored(node);
+                }
+                Err(why) => {
+                    if conn.backoff >= RECONNECT_MAX {
+                        eprintln!("netblk: node {node}: still down: {why}");
+                    }
+                    conn.next_attempt = now + conn.backoff;
+                    conn.backoff = (conn.backoff * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+        let mut down = false;
+        for (node, conn) in self.conns.iter_mut().enumerate() {
+            if !conn.lost_reported {
+                continue;
+            }
+            down = true;
+            if conn.connecting || now < conn.next_attempt {
+                continue;
+            }
+            conn.connecting = true;
+            let session = conn.session + 1;
+            let (addr, layout, timeout) =
+                (reconnect.addrs[node], reconnect.layout, reconnect.timeout);
+            let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
+            let done = self.reconnected.0.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("reconnect-{node}"))
+                .spawn(move || {
+                    let who = crate::net::Identity {
+                        client_id: &client_id,
+                        volume: &volume,
+                        session,
+                    };
+                    let result = crate::net::connect(addr, node, &layout, &who, timeout)
+                        .map(|(stream, _)| stream)
+                        .map_err(|e| e.to_string());
+                    let _ = done.send((node, session, result));
+                });
+            if spawned.is_err() {
+                conn.connecting = false;
+                conn.next_attempt = now + conn.backoff;
+            }
+        }
+        down
+    }
+}

@@ -1,0 +1,123 @@
+//! Kernel facilities around the ring: the doorbell eventfd, socket options,
+//! and probes of what this kernel's io_uring can do.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{IoUring, opcode, types};
+
+use super::SendMode;
+
+/// An eventfd that wakes a queue thread from another thread.
+pub struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    pub fn new() -> io::Result<Doorbell> {
+        // SAFETY: eventfd takes integers and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Wakes the queue thread.
+    pub fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full
+        // counter (EAGAIN) means the thread is being woken anyway.
+        unsafe {
+            libc::write(
+                self.0.as_raw_fd(),
+                (&raw const one).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Sets `SO_ZEROCOPY` on a socket, so the kernel may send from user pages.
+pub fn enable_zerocopy(socket: &TcpStream) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int;
+    // the descriptor belongs to `socket`, open for the whole call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ZEROCOPY,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether this kernel's plain `RECV` honours `IORING_RECVSEND_FIXED_BUF`
+/// (Linux 7.2+): tried for real on a socketpair with a registered buffer.
+pub fn probe_recv_fixed() -> bool {
+    let attempt = || -> io::Result<bool> {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        // Declared before the ring, so dropped after it on every path.
+        let mut buf = vec![0u8; 4096];
+        let mut ring = IoUring::new(4)?;
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: `buf` is declared before the ring, so it outlives the ring
+        // (and with it the registration) on every path out of this closure.
+        unsafe { ring.submitter().register_buffers(&iov)? };
+        std::io::Write::write_all(&mut &a, b"netblk")?;
+        let entry = opcode::Recv::new(types::Fd(b.as_raw_fd()), buf.as_mut_ptr(), 6)
+            .ioprio(IORING_RECVSEND_FIXED_BUF)
+            .buf_group(0)
+            .build()
+            .user_data(1);
+        // SAFETY: the entry points into `buf`, registered above and alive
+        // until the ring is gone; we wait for the completion below.
+        unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
+        ring.submit_and_wait(1)?;
+        let res = ring.completion().next().map_or(-1, |c| c.result());
+        drop(ring);
+        Ok(res == 6 && &buf[..6] == b"netblk")
+    };
+    attempt().unwrap_or(false)
+}
+
+/// Checks that this kernel's io_uring has what `mode` needs.
+pub fn probe(mode: SendMode) -> io::Result<()> {
+    let ring = IoUring::new(8)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let needed: &[(u8, &str)] = match mode {
+        SendMode::ZeroCopy => &[
+            (opcode::Send::CODE, "SEND"),
+            (opcode::SendZc::CODE, "SEND_ZC"),
+            (opcode::Recv::CODE, "RECV"),
+        ],
+        SendMode::Copy => &[(opcode::Send::CODE, "SEND"), (opcode::Recv::CODE, "RECV")],
+    };
+    for (code, name) in needed {
+        if !probe.is_supported(*code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("this kernel's io_uring lacks IORING_OP_{name} (needed for {mode} mode)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `IORING_RECVSEND_FIXED_BUF`: the receive's buffer is a registered one.
+pub(super) const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
