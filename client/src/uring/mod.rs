@@ -16,6 +16,7 @@ mod conn;
 mod ids;
 mod receive;
 mod reconnect;
+mod ring;
 mod send;
 mod sys;
 
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{cqueue, opcode, squeue, types};
 
 pub use buffers::TagBuffers;
 pub use reconnect::Reconnect;
@@ -41,6 +42,7 @@ use ids::{
 };
 use receive::RECV_BUF;
 use reconnect::{RECONNECT_MIN, Reconnected};
+use ring::Ring;
 use send::MAX_CHAIN;
 
 /// How write payloads leave the buffer.
@@ -107,7 +109,7 @@ pub fn frontend_user_data(detail: u64) -> u64 {
 /// One queue's driver; see the module docs.
 pub struct QueueDriver<F: Frontend> {
     // Declared first: dropped before the buffers it has registered.
-    ring: IoUring,
+    ring: Ring,
     engine: Engine,
     conns: Vec<Conn>,
     buffers: Arc<TagBuffers>,
@@ -147,22 +149,9 @@ impl<F: Frontend> QueueDriver<F> {
             buffer_mode,
             reconnect,
         } = parts;
-        let entries = (4 * MAX_CHAIN as u32 * streams.len() as u32)
-            .clamp(64, 4096)
-            .next_power_of_two();
-        // Deferred task work (6.1+): completions are processed when this
-        // thread asks for them, in batches, instead of interrupting it.
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-            .or_else(|_| {
-                IoUring::builder()
-                    .setup_single_issuer()
-                    .setup_coop_taskrun()
-                    .build(entries)
-            })
-            .or_else(|_| IoUring::new(entries))?;
+        let depth = engine.config().depth;
+        let (sq, cq) = ring::ring_sizes(depth, streams.len(), 2 * MAX_CHAIN);
+        let ring = Ring::new(sq, cq)?;
         match buffer_mode {
             BufferMode::User => {
                 let iovecs = buffers.iovecs();
@@ -290,47 +279,27 @@ impl<F: Frontend> QueueDriver<F> {
     }
 
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every entry built by this driver points only at memory
-            // that outlives the operation: connection buffers and head vectors
-            // (kept until their CQE), tag buffers (owned by the queue until
-            // the engine completes the request, which waits for every CQE and
-            // notification), and `wake_buf` (lives as long as the driver).
-            // Frontend entries (ublk commands) carry integers and tag buffer
-            // addresses, under the same rule (see Frontend::take_sqes).
-            let pushed = unsafe { self.ring.submission().push(entry) };
-            if pushed.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: see `push_chain`.
+        unsafe { self.push_chain(std::slice::from_ref(entry)) }
+    }
+
+    /// Pushes a linked chain whole (see [`Ring::push_chain`]).
+    ///
+    /// # Safety
+    /// Every entry built by this driver points only at memory that outlives
+    /// the operation: connection buffers and head vectors (kept until their
+    /// CQE), tag buffers (owned by the queue until the engine completes the
+    /// request, which waits for every CQE and notification), and `wake_buf`
+    /// (lives as long as the driver). Frontend entries (ublk commands) carry
+    /// integers and tag buffer addresses, under the same rule (see
+    /// [`Frontend::take_sqes`]).
+    unsafe fn push_chain(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.ring.push_chain(entries) }
     }
 
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        if !self.ring.completion().is_empty() {
-            self.ring.submit()?;
-            return Ok(());
-        }
-        let result = match timeout {
-            Some(t) => {
-                let ts = types::Timespec::from(t.max(Duration::from_micros(1)));
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            }
-            None => self.ring.submit_and_wait(1),
-        };
-        match result {
-            Ok(_) => Ok(()),
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(err) => Err(err),
-        }
+        self.ring.submit_and_wait(timeout)
     }
 
     fn post_frontend(&mut self) -> io::Result<()> {
@@ -359,11 +328,7 @@ impl<F: Frontend> QueueDriver<F> {
     }
 
     fn reap(&mut self) -> io::Result<()> {
-        let cqes: Vec<(u64, i32, u32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result(), c.flags()))
-            .collect();
+        let cqes = self.ring.completions()?;
         for (ud, res, flags) in cqes {
             let (kind, cid, detail) = split_user_data(ud);
             let node = cid & 0xfff;

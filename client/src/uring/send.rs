@@ -79,17 +79,16 @@ impl<F: Frontend> QueueDriver<F> {
         let last = entries.len() - 1;
         conn.chain_left = entries.len() as u32;
         conn.ops += entries.len() as u32;
-        for (i, entry) in entries.into_iter().enumerate() {
-            let entry = if i < last {
-                // A hard link keeps the order without cancelling the rest
-                // when one fails: a cancelled SEND_ZC would still post a
-                // notification, after a CQE without F_MORE.
-                entry.flags(squeue::Flags::IO_HARDLINK)
-            } else {
-                entry
-            };
-            self.push(&entry)?;
+        for entry in &mut entries[..last] {
+            // A hard link keeps the order without cancelling the rest when
+            // one fails: a cancelled SEND_ZC would still post a notification,
+            // after a CQE without F_MORE.
+            *entry = entry.clone().flags(squeue::Flags::IO_HARDLINK);
         }
+        // SAFETY: the heads live in `conn.heads` until the chain's last CQE,
+        // the payloads in tag buffers the engine holds until their buffers
+        // are released (see `QueueDriver::push_chain`).
+        unsafe { self.push_chain(&entries) }?;
         Ok(())
     }
 
