@@ -167,8 +167,9 @@ struct Slot {
     len: u64,
     /// Pieces not yet answered.
     pieces: Vec<u64>,
-    /// Sends and receives still using the buffer.
-    buf_refs: u32,
+    /// The node of every send and receive still using the buffer (one
+    /// entry each).
+    buf_nodes: Vec<usize>,
     errno: i32,
     timed_out: bool,
 }
@@ -191,6 +192,8 @@ pub struct EngineStats {
     pub pieces_resent: u64,
     pub timeouts: u64,
     pub stale_replies: u64,
+    /// Connections torn down because a request timed out on them.
+    pub aborts: u64,
 }
 
 /// The request engine of one queue; see the module docs.
@@ -203,6 +206,8 @@ pub struct Engine {
     completions: VecDeque<Completion>,
     /// (deadline, tag, seq) in submission order, so deadlines only grow.
     deadlines: VecDeque<(Instant, Tag, u64)>,
+    /// Nodes whose connection must be torn down (see [`Engine::poll_abort`]).
+    aborts: VecDeque<usize>,
     next_id: u64,
     next_seq: u64,
     stats: EngineStats,
@@ -229,6 +234,7 @@ impl Engine {
             nodes,
             completions: VecDeque::new(),
             deadlines: VecDeque::new(),
+            aborts: VecDeque::new(),
             next_id: 1,
             next_seq: 1,
             stats: EngineStats::default(),
@@ -283,9 +289,11 @@ impl Engine {
                 request.len
             },
             pieces: std::mem::take(&mut slot.pieces),
+            buf_nodes: std::mem::take(&mut slot.buf_nodes),
             ..Slot::default()
         };
         slot.pieces.clear();
+        slot.buf_nodes.clear();
 
         let in_range = request
             .offset
@@ -399,18 +407,21 @@ impl Engine {
             );
             debug_assert!(encoded.is_ok(), "{encoded:?}");
             if let Some(p) = payload {
-                self.slots[usize::from(p.tag)].buf_refs += 1;
+                self.slots[usize::from(p.tag)].buf_nodes.push(node);
             }
             return Some(Transmit { id, head, payload });
         }
         None
     }
 
-    /// The buffer of `tag` is no longer used by one earlier transmit.
-    pub fn handle_buffer_released(&mut self, tag: Tag) {
+    /// The buffer of `tag` is no longer used by one earlier transmit to `node`.
+    pub fn handle_buffer_released(&mut self, node: usize, tag: Tag) {
         if let Some(slot) = self.slots.get_mut(usize::from(tag)) {
-            debug_assert!(slot.buf_refs > 0, "buffer of tag {tag} released twice");
-            slot.buf_refs = slot.buf_refs.saturating_sub(1);
+            let held = slot.buf_nodes.iter().position(|n| *n == node);
+            debug_assert!(held.is_some(), "buffer of tag {tag} released twice");
+            if let Some(i) = held {
+                slot.buf_nodes.swap_remove(i);
+            }
             self.try_complete(tag);
         }
     }
@@ -466,7 +477,7 @@ impl Engine {
             offset: rec.buf_offset as u32,
             len: rec.len as u32,
         };
-        self.slots[usize::from(rec.tag)].buf_refs += 1;
+        self.slots[usize::from(rec.tag)].buf_nodes.push(node);
         Ok(ReplySink::Buffer { id, slice })
     }
 
@@ -480,8 +491,10 @@ impl Engine {
         };
         debug_assert_eq!(rec.state, PieceState::Receiving);
         let tag = rec.tag;
-        if let Some(slot) = self.slots.get_mut(usize::from(tag)) {
-            slot.buf_refs = slot.buf_refs.saturating_sub(1);
+        if let Some(slot) = self.slots.get_mut(usize::from(tag))
+            && let Some(i) = slot.buf_nodes.iter().position(|n| *n == rec.node)
+        {
+            slot.buf_nodes.swap_remove(i);
         }
         if ok {
             self.finish_piece(id, 0);
@@ -526,8 +539,13 @@ impl Engine {
         }
     }
 
-    /// Time passed: requests past their deadline fail with EIO (they
-    /// complete once no IO still uses their buffer).
+    /// Time passed: requests past their deadline fail with EIO. Every
+    /// connection that still holds a piece of such a request (unanswered, or
+    /// its buffer in a send or receive) is to be torn down
+    /// ([`Engine::poll_abort`]): that returns the buffer at once, however the
+    /// node behaves, and a stale copy of the piece can never be applied
+    /// later, since the node fences the old connection when the new session
+    /// comes. The request completes once no IO uses its buffer.
     pub fn handle_timeout(&mut self, now: Instant) {
         for node in 0..self.nodes.len() {
             if self.node_given_up(node, now) && !self.nodes[node].queue.is_empty() {
@@ -558,14 +576,19 @@ impl Engine {
             }
             self.stats.timeouts += 1;
             let ids = std::mem::take(&mut slot.pieces);
+            let mut abort: Vec<usize> = slot.buf_nodes.clone();
             let mut keep = Vec::new();
             for id in ids {
                 match self.pieces.get(&id).map(|p| (p.state, p.node)) {
-                    Some((PieceState::Receiving, _)) => keep.push(id),
+                    Some((PieceState::Receiving, node)) => {
+                        keep.push(id);
+                        abort.push(node);
+                    }
                     Some((PieceState::Sent, node)) => {
                         self.pieces.remove(&id);
                         let n = &mut self.nodes[node];
                         n.in_flight = n.in_flight.saturating_sub(1);
+                        abort.push(node);
                     }
                     Some((PieceState::Queued, _)) => {
                         self.pieces.remove(&id);
@@ -574,8 +597,23 @@ impl Engine {
                 }
             }
             self.slots[usize::from(tag)].pieces = keep;
+            for node in abort {
+                if !self.aborts.contains(&node) {
+                    self.aborts.push_back(node);
+                    self.stats.aborts += 1;
+                }
+            }
             self.try_complete(tag);
         }
+    }
+
+    /// A node whose connection must be torn down now (shut down and reset,
+    /// so the kernel gives back every buffer it holds) and replaced by a new
+    /// session: a request with a piece on it timed out. Report the loss with
+    /// [`Engine::handle_connection_lost`] once the connection's operations
+    /// are back, as for any lost connection.
+    pub fn poll_abort(&mut self) -> Option<usize> {
+        self.aborts.pop_front()
     }
 
     /// When [`Engine::handle_timeout`] should next be called.
@@ -636,7 +674,7 @@ impl Engine {
 
     fn try_complete(&mut self, tag: Tag) {
         let slot = &mut self.slots[usize::from(tag)];
-        if !slot.active || !slot.pieces.is_empty() || slot.buf_refs > 0 {
+        if !slot.active || !slot.pieces.is_empty() || !slot.buf_nodes.is_empty() {
             return;
         }
         slot.active = false;
@@ -717,9 +755,9 @@ mod tests {
         assert_eq!(e.handle_reply(0, &ok(a.id), 0), Ok(ReplySink::Done));
         assert_eq!(e.handle_reply(1, &ok(b.id), 0), Ok(ReplySink::Done));
         assert_eq!(e.poll_completion(), None, "zero-copy buffers still in use");
-        e.handle_buffer_released(1);
+        e.handle_buffer_released(0, 1);
         assert_eq!(e.poll_completion(), None);
-        e.handle_buffer_released(1);
+        e.handle_buffer_released(1, 1);
         assert_eq!(
             e.poll_completion(),
             Some(Completion {
@@ -868,12 +906,12 @@ mod tests {
         submit(&mut e, t0, 0, Op::Write { fua: false }, 0, 4096);
         let first = e.poll_transmit(0).expect("sent");
         e.handle_connection_lost(t0, 0);
-        e.handle_buffer_released(0);
+        e.handle_buffer_released(0, 0);
         assert!(e.poll_transmit(0).is_none(), "nothing goes out while down");
         e.handle_connection_restored(0);
         let again = e.poll_transmit(0).expect("resent");
         assert_eq!(again.id, first.id);
-        e.handle_buffer_released(0);
+        e.handle_buffer_released(0, 0);
         assert_eq!(e.stats().pieces_resent, 1);
 
         assert_eq!(e.poll_timeout(), Some(t0 + Duration::from_secs(1)));
@@ -893,5 +931,39 @@ mod tests {
             "late reply is stale"
         );
         assert_eq!(e.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_timeout_aborts_the_connections_that_hold_its_pieces() {
+        let mut e = engine(3);
+        let t0 = Instant::now();
+        // Pieces on nodes 0, 1 and 2.
+        submit(&mut e, t0, 0, Op::Write { fua: false }, 0, 3 * 4096);
+        let a = e.poll_transmit(0).expect("a");
+        let b = e.poll_transmit(1).expect("b");
+        let c = e.poll_transmit(2).expect("c");
+        // Node 1 answered and its send is done; node 2 answered but its
+        // zero-copy notification is still out; node 0 is silent.
+        e.handle_reply(1, &ok(b.id), 0).expect("b reply");
+        e.handle_buffer_released(1, 0);
+        e.handle_reply(2, &ok(c.id), 0).expect("c reply");
+        assert_eq!(e.poll_abort(), None);
+        e.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(e.poll_abort(), Some(0), "the silent node holds a piece");
+        assert_eq!(e.poll_abort(), Some(2), "node 2 still holds the buffer");
+        assert_eq!(e.poll_abort(), None);
+        assert_eq!(e.stats().aborts, 2);
+        assert_eq!(e.poll_completion(), None, "buffers still in the kernel");
+        // The aborts give the buffers back.
+        e.handle_buffer_released(0, 0);
+        e.handle_buffer_released(2, 0);
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 0,
+                result: Err(EIO)
+            })
+        );
+        assert_eq!(e.handle_reply(0, &ok(a.id), 0), Ok(ReplySink::Discard));
     }
 }

@@ -79,6 +79,14 @@ pub fn fresh_client_id() -> String {
 }
 
 impl VolumeOptions {
+    /// The timeouts of a connection of this volume.
+    pub fn timeouts(&self) -> net::Timeouts {
+        net::Timeouts {
+            connect: self.connect_timeout,
+            io: self.io_timeout,
+        }
+    }
+
     fn check(&self) -> Result<(), OpenError> {
         if self.queues == 0 || self.queues > 64 {
             return Err(OpenError::Options(format!(
@@ -131,7 +139,7 @@ pub fn connect_queue(
     let mut streams = Vec::with_capacity(spec.nodes.len());
     let mut infos = Vec::with_capacity(spec.nodes.len());
     for (node, addr) in spec.nodes.iter().enumerate() {
-        let (stream, info) = net::connect(*addr, node, layout, &who, options.connect_timeout)?;
+        let (stream, info) = net::connect(*addr, node, layout, &who, options.timeouts())?;
         streams.push(stream);
         infos.push(info);
     }
@@ -507,7 +515,10 @@ pub fn reconnect_for(
         client_id: queue_client_id(options, queue),
         session: options.session,
         volume: spec.name.clone(),
-        timeout: options.connect_timeout.min(Duration::from_secs(5)),
+        timeouts: net::Timeouts {
+            connect: options.connect_timeout.min(Duration::from_secs(5)),
+            io: options.io_timeout,
+        },
     }
 }
 

@@ -51,17 +51,28 @@ pub struct Identity<'a> {
     pub session: u64,
 }
 
+/// How long a connection may take to come up, and how long a request may
+/// take (which also bounds how long a silent peer goes unnoticed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connect plus handshake.
+    pub connect: Duration,
+    /// A request's deadline (`--io-timeout`).
+    pub io: Duration,
+}
+
 /// Connects to node `node` of `layout` and completes the handshake.
 pub fn connect(
     addr: SocketAddr,
     node: usize,
     layout: &Layout,
     who: &Identity<'_>,
-    timeout: Duration,
+    timeouts: Timeouts,
 ) -> Result<(TcpStream, NodeInfo), ConnectError> {
+    let timeout = timeouts.connect;
     let connect_err = |source| ConnectError::Connect { node, addr, source };
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
-    configure(&stream, timeout).map_err(connect_err)?;
+    configure(&stream, timeouts).map_err(connect_err)?;
     let hs_err = |why: String| ConnectError::Handshake { node, addr, why };
 
     let handshake = pb::Header {
@@ -126,17 +137,30 @@ pub fn connect(
     ))
 }
 
-fn configure(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+/// Keepalive probing of an idle connection: (idle time, interval, probes).
+/// A peer that vanished (no RST: a dead host, a cut link) is noticed within
+/// about the IO timeout even when no request is waiting on it.
+pub fn keepalive_for(io_timeout: Duration) -> (Duration, Duration, u32) {
+    let idle = (io_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(15));
+    let interval = (io_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(5));
+    (idle, interval, 3)
+}
+
+fn configure(stream: &TcpStream, timeouts: Timeouts) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeouts.connect))?;
+    stream.set_write_timeout(Some(timeouts.connect))?;
     let sock = SockRef::from(stream);
+    // Sent data left unacknowledged this long fails the connection (a
+    // peer that stopped reading, or vanished): it is then re-established.
+    sock.set_tcp_user_timeout(Some(timeouts.io))?;
+    let (idle, interval, probes) = keepalive_for(timeouts.io);
     sock.set_keepalive(true)?;
     sock.set_tcp_keepalive(
         &TcpKeepalive::new()
-            .with_time(Duration::from_secs(10))
-            .with_interval(Duration::from_secs(5))
-            .with_retries(3),
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(probes),
     )?;
     // Zero-copy sends work without it on io_uring, but it is what the kernel
     // documents for sending from user pages; older kernels ignore the hint.

@@ -4,6 +4,9 @@
 //!
 //! Everything here has a bounded wait: a test fails, it never hangs.
 
+pub mod cluster;
+pub mod netns;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -56,7 +59,19 @@ impl MockNode {
     /// Starts a node listening on `listen` (for example the address of a
     /// node that was stopped, to restart it in place).
     pub fn start_at(listen: &str, args: &[&str]) -> MockNode {
-        let mut child = Command::new(mock_node_bin())
+        MockNode::spawn(Command::new(mock_node_bin()), listen, args)
+    }
+
+    /// Starts a node inside network namespace `netns` (made by the test),
+    /// listening on `listen` there.
+    pub fn start_in_netns(netns: &str, listen: &str, args: &[&str]) -> MockNode {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]).arg(mock_node_bin());
+        MockNode::spawn(command, listen, args)
+    }
+
+    fn spawn(mut command: Command, listen: &str, args: &[&str]) -> MockNode {
+        let mut child = command
             .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", "info")

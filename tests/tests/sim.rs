@@ -70,6 +70,7 @@ enum Event {
     },
     /// A zero-copy notification: the buffer of `tag` is free again.
     Release {
+        node: usize,
         tag: Tag,
     },
     ConnectionRestore {
@@ -332,9 +333,15 @@ impl Sim {
                     if self.p.zero_copy {
                         self.pending_releases[usize::from(slice.tag)] += 1;
                         let at = self.now + self.rng.micros(2_000);
-                        self.schedule(at, Event::Release { tag: slice.tag });
+                        self.schedule(
+                            at,
+                            Event::Release {
+                                node,
+                                tag: slice.tag,
+                            },
+                        );
                     } else {
-                        self.engine.handle_buffer_released(slice.tag);
+                        self.engine.handle_buffer_released(node, slice.tag);
                     }
                 }
                 self.send_stream(node, true, bytes);
@@ -482,6 +489,9 @@ impl Sim {
         let mut steps = 0u64;
         loop {
             self.engine.handle_timeout(self.instant());
+            while let Some(node) = self.engine.poll_abort() {
+                self.drop_connection(node);
+            }
             self.submit();
             self.transmit();
             self.check_completions();
@@ -534,9 +544,9 @@ impl Sim {
                     generation,
                     bytes,
                 } if generation == self.nodes[node].generation => self.client_receive(node, bytes),
-                Event::Release { tag } => {
+                Event::Release { node, tag } => {
                     self.pending_releases[usize::from(tag)] -= 1;
-                    self.engine.handle_buffer_released(tag);
+                    self.engine.handle_buffer_released(node, tag);
                 }
                 Event::ConnectionRestore { node } => {
                     let n = &mut self.nodes[node];

@@ -1,7 +1,7 @@
 //! One node connection as the ring sees it, and how it breaks.
 
 use std::io;
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,9 @@ impl<F: Frontend> QueueDriver<F> {
                 String::new()
             };
             eprintln!("netblk: connection to node {node} lost ({why}{detail})");
-            // Makes the operations still in the kernel finish.
-            let _ = conn.stream.shutdown(Shutdown::Both);
+            // Makes the operations still in the kernel finish, and the
+            // kernel let go of every buffer the connection holds.
+            super::sys::abort(&conn.stream);
         }
     }
 

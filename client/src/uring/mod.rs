@@ -233,6 +233,9 @@ impl<F: Frontend> QueueDriver<F> {
         loop {
             let now = Instant::now();
             self.engine.handle_timeout(now);
+            while let Some(node) = self.engine.poll_abort() {
+                self.break_conn(node, "a request timed out on it", 0);
+            }
             // Before sending: a connection that came back goes to work now.
             let nodes_down = self.reconnect_step(now);
             self.deliver_completions();
@@ -340,7 +343,8 @@ impl<F: Frontend> QueueDriver<F> {
                 // From a connection already replaced: only a buffer it held
                 // matters now.
                 if kind == K_DATA && (cqueue::notif(flags) || !cqueue::more(flags)) {
-                    self.engine.handle_buffer_released((detail >> 27) as Tag);
+                    self.engine
+                        .handle_buffer_released(node, (detail >> 27) as Tag);
                 }
                 continue;
             }

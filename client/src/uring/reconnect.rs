@@ -20,8 +20,8 @@ pub struct Reconnect {
     /// The session the first connections were made with.
     pub session: u64,
     pub volume: String,
-    /// For one connect + handshake.
-    pub timeout: Duration,
+    /// For one connect + handshake, and the IO timeout.
+    pub timeouts: crate::net::Timeouts,
 }
 
 /// A reconnect attempt's outcome: node, session, the new connection.
@@ -81,8 +81,8 @@ impl<F: Frontend> QueueDriver<F> {
             }
             conn.connecting = true;
             let session = conn.session + 1;
-            let (addr, layout, timeout) =
-                (reconnect.addrs[node], reconnect.layout, reconnect.timeout);
+            let (addr, layout, timeouts) =
+                (reconnect.addrs[node], reconnect.layout, reconnect.timeouts);
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
             let done = self.reconnected.0.clone();
             let spawned = std::thread::Builder::new()
@@ -93,7 +93,7 @@ impl<F: Frontend> QueueDriver<F> {
                         volume: &volume,
                         session,
                     };
-                    let result = crate::net::connect(addr, node, &layout, &who, timeout)
+                    let result = crate::net::connect(addr, node, &layout, &who, timeouts)
                         .map(|(stream, _)| stream)
                         .map_err(|e| e.to_string());
                     let _ = done.send((node, session, result));

@@ -99,13 +99,13 @@ impl<F: Frontend> QueueDriver<F> {
         if cqueue::notif(flags) {
             // The zero-copy notification: the kernel is done with the buffer.
             conn.ops = conn.ops.saturating_sub(1);
-            self.engine.handle_buffer_released(tag);
+            self.engine.handle_buffer_released(node, tag);
             return;
         }
         conn.chain_left = conn.chain_left.saturating_sub(1);
         if !cqueue::more(flags) {
             conn.ops = conn.ops.saturating_sub(1);
-            self.engine.handle_buffer_released(tag);
+            self.engine.handle_buffer_released(node, tag);
         }
         if res != len {
             self.break_conn(node, "payload send failed", res);

@@ -121,3 +121,28 @@ pub fn probe(mode: SendMode) -> io::Result<()> {
 
 /// `IORING_RECVSEND_FIXED_BUF`: the receive's buffer is a registered one.
 pub(super) const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
+
+/// Tears a TCP connection down at once, whatever the peer does: shuts it
+/// down (operations waiting on it finish) and resets it (`connect` with
+/// `AF_UNSPEC`: the kernel sends a RST and frees its send queue, so every
+/// zero-copy notification comes back even when the peer stopped reading or
+/// vanished). The descriptor stays open; the ring may still hold it.
+pub fn abort(socket: &TcpStream) {
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC, its size passed with
+    // it; the descriptor belongs to `socket`, open for the whole call.
+    let rc = unsafe {
+        let mut addr: libc::sockaddr = std::mem::zeroed();
+        addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            socket.as_raw_fd(),
+            &raw const addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        // Not expected on TCP; the linger-0 close when the stream is
+        // dropped resets it then.
+        let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
