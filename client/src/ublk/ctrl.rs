@@ -467,7 +467,7 @@ mod tests {
             waits: VecDeque::from([Err(io::Error::from_raw_os_error(libc::EBADF))]),
             ..Script::default()
         };
-        let err = wait_for(&mut ring, 1).err().expect("the wait failed");
+        let err = wait_for(&mut ring, 1).expect_err("the wait failed");
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
     }
 
@@ -491,7 +491,7 @@ mod tests {
         }
         assert!(ctrl.ring.completion().is_empty(), "every completion reaped");
         ctrl.broken = true;
-        let err = ctrl.info(0).err().expect("broken");
+        let err = ctrl.info(0).expect_err("broken");
         assert!(matches!(err, CtrlError::Broken { .. }), "{err}");
         assert_eq!(ctrl.last_user_data, 3, "nothing was submitted");
     }
