@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
 use crate::frontend::{VolumeOptions, connect_queue, engine_config, spawn_queue};
-use crate::layout::{DEFAULT_STRIPE_UNIT, VolumeSpec};
+use crate::layout::{DEFAULT_STRIPE_UNIT, Layout, VolumeSpec};
 use crate::mock::{MockNodes, mock_node_bin, start_mock_nodes};
 use crate::rng::Rng;
 use crate::uring::{BufferMode, Frontend, QueueParts, SendMode, TagBuffers};
@@ -54,6 +54,89 @@ impl Default for BenchOptions {
             stripe_unit: DEFAULT_STRIPE_UNIT,
             volume_size: 1 << 30,
             node_store: "null".into(),
+        }
+    }
+}
+
+/// Shortest time per workload.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+/// Longest time per workload: one hour.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+/// Most mock nodes the benchmark starts.
+pub const MAX_MOCK_NODES: usize = 64;
+
+/// A time per workload given in (fractional) seconds, checked.
+pub fn duration_from_secs(secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| duration_error(secs))
+        .and_then(check_duration)
+}
+
+fn check_duration(duration: Duration) -> Result<Duration, String> {
+    if (MIN_DURATION..=MAX_DURATION).contains(&duration) {
+        Ok(duration)
+    } else {
+        Err(duration_error(duration.as_secs_f64()))
+    }
+}
+
+fn duration_error(secs: f64) -> String {
+    format!(
+        "duration {secs} s must be from {} to {} seconds",
+        MIN_DURATION.as_secs_f64(),
+        MAX_DURATION.as_secs_f64()
+    )
+}
+
+impl BenchOptions {
+    /// Checks every number against its bounds, saying which is wrong: the
+    /// queues and depth as a volume's, the volume's geometry over the nodes,
+    /// the duration, and a volume large enough for the largest workload block.
+    pub fn check(&self) -> Result<(), String> {
+        check_duration(self.duration)?;
+        if self.nodes.is_empty() && !(1..=MAX_MOCK_NODES).contains(&self.node_count) {
+            return Err(format!(
+                "node count {} must be from 1 to {MAX_MOCK_NODES}",
+                self.node_count
+            ));
+        }
+        let volume = VolumeOptions {
+            queues: self.queues,
+            depth: self.depth,
+            ..VolumeOptions::default()
+        };
+        volume.check().map_err(|e| e.to_string())?;
+        if usize::from(self.depth) < self.queues {
+            return Err(format!(
+                "depth {} must be at least the number of queues {} (it is shared among them)",
+                self.depth, self.queues
+            ));
+        }
+        if self.nodes.is_empty() {
+            let node_count =
+                u32::try_from(self.node_count).map_err(|_| "too many nodes".to_string())?;
+            Layout::new(self.volume_size, self.stripe_unit, node_count)
+        } else {
+            self.spec(self.nodes.clone()).layout()
+        }
+        .map_err(|e| e.to_string())?;
+        let largest = Workload::SeqWrite1m.block();
+        if self.volume_size < largest {
+            return Err(format!(
+                "volume size {} must be at least {largest} bytes (the largest workload block)",
+                self.volume_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// The benchmark's volume over `nodes`.
+    fn spec(&self, nodes: Vec<SocketAddr>) -> VolumeSpec {
+        VolumeSpec {
+            name: format!("bench-{}", std::process::id()),
+            size: self.volume_size,
+            stripe_unit: self.stripe_unit,
+            nodes,
         }
     }
 }
@@ -577,6 +660,9 @@ fn median_by(mut runs: Vec<Figures>, key: fn(&Figures) -> f64) -> Figures {
 
 /// Runs the whole benchmark.
 pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result<Report> {
+    options
+        .check()
+        .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
     let (_mock, addrs) = if options.nodes.is_empty() {
         let bin = mock_node_bin(options.mock_node_bin.as_ref())?;
         progress(&format!(
@@ -591,12 +677,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     };
     let connections = addrs.len() * options.queues;
     let mut rows = Vec::new();
-    let spec = VolumeSpec {
-        name: format!("bench-{}", std::process::id()),
-        size: options.volume_size,
-        stripe_unit: options.stripe_unit,
-        nodes: addrs.clone(),
-    };
+    let spec = options.spec(addrs.clone());
     crate::uring::probe(SendMode::Copy)?;
     let (mut echoes, mut bulks) = (Vec::new(), Vec::new());
     for mode in &options.modes {
@@ -738,5 +819,137 @@ impl Report {
             fig(&self.bulk),
             rows.join(",")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_numbers_are_checked() {
+        assert!(BenchOptions::default().check().is_ok());
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let bad: [(BenchOptions, &str); 14] = [
+            (
+                BenchOptions {
+                    node_count: 0,
+                    ..BenchOptions::default()
+                },
+                "node count 0 must be from 1 to 64",
+            ),
+            (
+                BenchOptions {
+                    node_count: usize::MAX,
+                    ..BenchOptions::default()
+                },
+                "must be from 1 to 64",
+            ),
+            (
+                BenchOptions {
+                    queues: 0,
+                    ..BenchOptions::default()
+                },
+                "queues 0 must be from 1 to 64",
+            ),
+            (
+                BenchOptions {
+                    queues: 65,
+                    depth: 4096,
+                    ..BenchOptions::default()
+                },
+                "queues 65",
+            ),
+            (
+                BenchOptions {
+                    depth: 0,
+                    ..BenchOptions::default()
+                },
+                "depth 0 must be from 1 to 4096",
+            ),
+            (
+                BenchOptions {
+                    depth: 4097,
+                    ..BenchOptions::default()
+                },
+                "depth 4097",
+            ),
+            (
+                BenchOptions {
+                    depth: 2,
+                    queues: 4,
+                    ..BenchOptions::default()
+                },
+                "at least the number of queues 4",
+            ),
+            (
+                BenchOptions {
+                    duration: Duration::ZERO,
+                    ..BenchOptions::default()
+                },
+                "duration 0 s must be from 0.001 to 3600 seconds",
+            ),
+            (
+                BenchOptions {
+                    duration: Duration::MAX,
+                    ..BenchOptions::default()
+                },
+                "must be from 0.001 to 3600 seconds",
+            ),
+            (
+                BenchOptions {
+                    volume_size: 512 << 10,
+                    ..BenchOptions::default()
+                },
+                "volume size 524288 must be at least 1048576 bytes",
+            ),
+            (
+                BenchOptions {
+                    volume_size: u64::MAX,
+                    ..BenchOptions::default()
+                },
+                "at most",
+            ),
+            (
+                BenchOptions {
+                    stripe_unit: 1000,
+                    ..BenchOptions::default()
+                },
+                "stripe unit 1000 must be a power of two",
+            ),
+            (
+                BenchOptions {
+                    nodes: (0..1025).map(|p| addr(1000 + p)).collect(),
+                    ..BenchOptions::default()
+                },
+                "node count 1025 must be from 1 to 1024",
+            ),
+            (
+                BenchOptions {
+                    nodes: vec![addr(1), addr(2), addr(1)],
+                    ..BenchOptions::default()
+                },
+                "node 127.0.0.1:1 is listed twice",
+            ),
+        ];
+        for (options, says) in bad {
+            let err = options.check().expect_err(says);
+            assert!(err.contains(says), "{err}");
+            let err = run(&options, &mut |_| {}).expect_err(says);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        }
+    }
+
+    #[test]
+    fn durations_in_seconds_are_checked() {
+        assert_eq!(duration_from_secs(0.5), Ok(Duration::from_millis(500)));
+        assert_eq!(duration_from_secs(3600.0), Ok(MAX_DURATION));
+        for secs in [0.0, -1.0, 1e-12, 3600.5, 1e300, f64::NAN, f64::INFINITY] {
+            let err = duration_from_secs(secs).expect_err("out of range");
+            assert!(
+                err.contains("must be from 0.001 to 3600 seconds"),
+                "{secs}: {err}"
+            );
+        }
     }
 }

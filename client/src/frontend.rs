@@ -78,6 +78,21 @@ pub fn fresh_client_id() -> String {
     format!("netblk-{}-{random:016x}", std::process::id())
 }
 
+/// Shortest `io_timeout` and `node_down_timeout`.
+pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest `io_timeout` and `node_down_timeout`: one hour (deadlines are
+/// `now + timeout`, which must not overflow).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A duration in seconds, whole where it is whole.
+fn seconds(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        d.as_secs().to_string()
+    } else {
+        d.as_secs_f64().to_string()
+    }
+}
+
 impl VolumeOptions {
     /// The timeouts of a connection of this volume.
     pub fn timeouts(&self) -> net::Timeouts {
@@ -87,7 +102,8 @@ impl VolumeOptions {
         }
     }
 
-    fn check(&self) -> Result<(), OpenError> {
+    /// Checks every number against its bounds, saying which is wrong.
+    pub fn check(&self) -> Result<(), OpenError> {
         if self.queues == 0 || self.queues > 64 {
             return Err(OpenError::Options(format!(
                 "queues {} must be from 1 to 64",
@@ -105,6 +121,19 @@ impl VolumeOptions {
                 "max IO {} must be a multiple of 512 from 4 KiB to 64 MiB",
                 self.max_io
             )));
+        }
+        for (what, timeout) in [
+            ("io timeout", self.io_timeout),
+            ("node-down timeout", self.node_down_timeout),
+        ] {
+            if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&timeout) {
+                return Err(OpenError::Options(format!(
+                    "{what} {} s must be from {} to {} seconds",
+                    seconds(timeout),
+                    seconds(MIN_TIMEOUT),
+                    seconds(MAX_TIMEOUT)
+                )));
+            }
         }
         Ok(())
     }

@@ -40,7 +40,7 @@ enum Cmd {
     /// unmap and stop the nodes. Without ublk in this kernel, says so and
     /// runs the same demo in a QEMU VM (`cargo xtask vm-demo`).
     Demo {
-        /// Volume size.
+        /// Volume size: whole 512-byte blocks, at most 1 EiB.
         #[arg(long, default_value = "1G", value_parser = parse_size)]
         size: u64,
     },
@@ -51,6 +51,9 @@ enum Cmd {
         device: String,
     },
     /// Show every netblk device: id, path, volume, nodes, data path, state.
+    ///
+    /// A record that cannot be read is reported by its file name and the
+    /// others are still shown; the exit status is then 1.
     List,
     /// Show what this kernel offers netblk: ublk driver features and the
     /// io_uring operations the data path uses.
@@ -70,11 +73,11 @@ struct MapArgs {
     /// Volume name (the nodes store it under this name).
     #[arg(long, required_unless_present = "recover")]
     volume: Option<String>,
-    /// Volume size (bytes; K, M, G, T suffixes).
+    /// Volume size (bytes; K, M, G, T suffixes): whole blocks, at most 1 EiB.
     #[arg(long, value_parser = parse_size, required_unless_present = "recover")]
     size: Option<u64>,
-    /// The nodes, in stripe order (comma separated). The order is part of
-    /// the volume: nodes refuse a different one.
+    /// The nodes, in stripe order (comma separated; 1 to 1024). The order is
+    /// part of the volume: nodes refuse a different one.
     #[arg(
         long,
         value_delimiter = ',',
@@ -82,13 +85,13 @@ struct MapArgs {
         value_name = "ADDR,..."
     )]
     nodes: Vec<SocketAddr>,
-    /// Stripe unit (bytes; K, M suffixes).
+    /// Stripe unit (bytes; K, M suffixes): a power of two from 4K to 4M.
     #[arg(long, default_value = "128K", value_parser = parse_stripe_unit)]
     stripe_unit: u32,
-    /// Hardware queues, each a thread with its own connections.
+    /// Hardware queues (1 to 64), each a thread with its own connections.
     #[arg(long, default_value_t = 1)]
     queues: usize,
-    /// Requests in flight per queue.
+    /// Requests in flight per queue (1 to 4096).
     #[arg(long, default_value_t = 64)]
     depth: u16,
     /// Logical block size: 512 or 4096.
@@ -101,13 +104,13 @@ struct MapArgs {
     /// kernel offers), on (fail where the kernel cannot), off (copy mode).
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     zero_copy: String,
-    /// Seconds before a request fails with EIO.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds before a request fails with EIO (1 to 3600).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
     io_timeout: u64,
     /// Seconds a node may stay unreachable before IO to its stripes fails at
     /// once with EIO (instead of waiting for --io-timeout); IO works again as
-    /// soon as it is back.
-    #[arg(long, default_value_t = 15)]
+    /// soon as it is back (1 to 3600).
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
     node_down_timeout: u64,
 }
 
@@ -116,28 +119,29 @@ struct BenchArgs {
     /// Use these nodes (comma separated) instead of starting mock nodes.
     #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
     nodes: Vec<SocketAddr>,
-    /// How many mock nodes to start.
+    /// How many mock nodes to start (1 to 64).
     #[arg(long, default_value_t = 4, value_name = "N")]
     node_count: usize,
     /// The netblk-mock-node binary [default: beside this program].
     #[arg(long, value_name = "PATH")]
     mock_node: Option<PathBuf>,
-    /// Queue threads (each has one connection per node).
+    /// Queue threads (1 to 64; each has one connection per node).
     #[arg(long, default_value_t = 1)]
     queues: usize,
-    /// Requests in flight.
+    /// Requests in flight, shared among the queues (from --queues to 4096).
     #[arg(long, default_value_t = 32)]
     depth: u16,
-    /// Seconds per workload (fractions allowed).
+    /// Seconds per workload (fractions allowed; 0.001 to 3600).
     #[arg(long, default_value_t = 3.0, value_name = "SECS")]
     duration: f64,
     /// Send mode to measure: zc, copy, or both (compared in one run).
     #[arg(long, default_value = "both", value_parser = ["zc", "copy", "both"])]
     mode: String,
-    /// Stripe unit (bytes; K, M suffixes).
+    /// Stripe unit (bytes; K, M suffixes): a power of two from 4K to 4M.
     #[arg(long, default_value = "128K", value_parser = parse_stripe_unit, value_name = "SIZE")]
     stripe_unit: u32,
-    /// Volume size (bytes; K, M, G, T suffixes).
+    /// Volume size (bytes; K, M, G, T suffixes): from 1M to 1 EiB, whole
+    /// 512-byte sectors.
     #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "SIZE")]
     size: u64,
     /// Store of the mock nodes started: null (measures client and network
@@ -154,33 +158,47 @@ fn parse_stripe_unit(text: &str) -> Result<u32, String> {
     u32::try_from(size).map_err(|_| format!("stripe unit {size} is too large"))
 }
 
+/// Why a command failed.
+#[derive(Debug)]
+enum Failure {
+    /// Bad input, found before anything started: exit status 2, as for
+    /// clap's own errors.
+    Usage(String),
+    /// Anything else: exit status 1.
+    Run(String),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Failure {
+        Failure::Run(why)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
         Cmd::Map(args) => map(args),
         Cmd::Demo { size } => demo(size),
-        Cmd::Unmap { device } => unmap(&device),
-        Cmd::List => list(),
-        Cmd::Features => features(),
-        Cmd::UblkCheck => ublk_check(),
+        Cmd::Unmap { device } => unmap(&device).map_err(Failure::Run),
+        Cmd::List => list().map_err(Failure::Run),
+        Cmd::Features => features().map_err(Failure::Run),
+        Cmd::UblkCheck => ublk_check().map_err(Failure::Run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(why) => {
+        Err(Failure::Usage(why)) => {
+            eprintln!("netblk: {why}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(why)) => {
             eprintln!("netblk: {why}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run_bench(args: BenchArgs) -> Result<(), String> {
-    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 3600.0) {
-        return Err(format!(
-            "--duration {} must be from 0 to 3600 seconds",
-            args.duration
-        ));
-    }
+fn run_bench(args: BenchArgs) -> Result<(), Failure> {
     let modes = match args.mode.as_str() {
         "zc" => vec![SendMode::ZeroCopy],
         "copy" => vec![SendMode::Copy],
@@ -188,16 +206,17 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     };
     let options = BenchOptions {
         nodes: args.nodes,
-        node_count: args.node_count.clamp(1, 64),
+        node_count: args.node_count,
         mock_node_bin: args.mock_node,
         queues: args.queues,
         depth: args.depth,
-        duration: Duration::from_secs_f64(args.duration),
+        duration: bench::duration_from_secs(args.duration).map_err(Failure::Usage)?,
         modes,
         stripe_unit: args.stripe_unit,
         volume_size: args.size,
         node_store: args.node_store,
     };
+    options.check().map_err(Failure::Usage)?;
     let json = args.json;
     let report = bench::run(&options, &mut |step| {
         if !json {
@@ -271,26 +290,17 @@ fn ublk_check() -> Result<(), String> {
     result.map_err(|e| e.to_string())
 }
 
-fn map(args: MapArgs) -> Result<(), String> {
+fn map(args: MapArgs) -> Result<(), Failure> {
     use netblk::frontend::VolumeOptions;
     use netblk::layout::VolumeSpec;
     use netblk::ublk::device::{self, MapOptions};
-    if let Some(device) = &args.recover {
-        return recover(device, &args);
-    }
-    let spec = VolumeSpec {
-        name: args.volume.clone().unwrap_or_default(),
-        size: args.size.unwrap_or_default(),
-        stripe_unit: args.stripe_unit,
-        nodes: args.nodes.clone(),
-    };
     let options = MapOptions {
         volume: VolumeOptions {
             queues: args.queues,
             depth: args.depth,
             max_io: 1 << 20,
             send_mode: send_mode(&args.send),
-            io_timeout: Duration::from_secs(args.io_timeout.max(1)),
+            io_timeout: Duration::from_secs(args.io_timeout),
             node_down_timeout: Duration::from_secs(args.node_down_timeout),
             ..VolumeOptions::default()
         },
@@ -301,6 +311,19 @@ fn map(args: MapArgs) -> Result<(), String> {
             _ => device::ZeroCopy::Auto,
         },
     };
+    // Every number given is checked, also with --recover (which takes its
+    // options from the record instead).
+    options.check().map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Some(device) = &args.recover {
+        return recover(device, &args);
+    }
+    let spec = VolumeSpec {
+        name: args.volume.clone().unwrap_or_default(),
+        size: args.size.unwrap_or_default(),
+        stripe_unit: args.stripe_unit,
+        nodes: args.nodes.clone(),
+    };
+    device::check(&spec, &options).map_err(|e| Failure::Usage(e.to_string()))?;
     let signals = stop_signals()?;
     let device = device::map(&spec, &options).map_err(|e| e.to_string())?;
     eprintln!(
@@ -311,7 +334,7 @@ fn map(args: MapArgs) -> Result<(), String> {
         device.path.name()
     );
     println!("{}", device.block_path());
-    serve(device, &spec, &options, 0, signals)
+    serve(device, &spec, &options, 0, signals).map_err(Failure::Run)
 }
 
 fn send_mode(name: &str) -> SendMode {
@@ -329,7 +352,7 @@ fn stop_signals() -> Result<signal_hook::iterator::Signals, String> {
 
 /// `map --recover`: a new daemon for a device whose daemon died, set up
 /// from its record.
-fn recover(device: &str, args: &MapArgs) -> Result<(), String> {
+fn recover(device: &str, args: &MapArgs) -> Result<(), Failure> {
     use netblk::frontend::VolumeOptions;
     use netblk::layout::VolumeSpec;
     use netblk::ublk::device::{self, MapOptions};
@@ -342,12 +365,16 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), String> {
         )
     })?;
     if daemon_alive(record.pid, record.pid_start) {
-        return Err(format!(
+        return Err(Failure::Run(format!(
             "/dev/ublkb{id} is served by daemon {} which is still running: nothing to recover",
             record.pid
-        ));
+        )));
     }
-    let differs = |what: &str| format!("--{what} differs from what /dev/ublkb{id} was mapped with");
+    let differs = |what: &str| {
+        Failure::Usage(format!(
+            "--{what} differs from what /dev/ublkb{id} was mapped with"
+        ))
+    };
     if args.volume.as_ref().is_some_and(|v| *v != record.volume) {
         return Err(differs("volume"));
     }
@@ -373,7 +400,7 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), String> {
             depth: record.depth,
             max_io: 1 << 20,
             send_mode: send_mode(&record.send),
-            io_timeout: Duration::from_secs(record.io_timeout_secs.max(1)),
+            io_timeout: Duration::from_secs(record.io_timeout_secs),
             node_down_timeout: Duration::from_secs(record.node_down_timeout_secs),
             client_id: record.client_id.clone(),
             session: u64::from(generation) << 32,
@@ -382,6 +409,13 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), String> {
         block_size: record.block_size,
         zero_copy: device::ZeroCopy::Auto,
     };
+    // The record is a file: its numbers are checked like the user's.
+    device::check(&spec, &options).map_err(|e| {
+        format!(
+            "the record of /dev/ublkb{id} in {} is unusable: {e}",
+            dir.display()
+        )
+    })?;
     let signals = stop_signals()?;
     let device = device::recover(&spec, &options, id).map_err(|e| e.to_string())?;
     eprintln!(
@@ -392,7 +426,7 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), String> {
         device.path.name()
     );
     println!("{}", device.block_path());
-    serve(device, &spec, &options, generation, signals)
+    serve(device, &spec, &options, generation, signals).map_err(Failure::Run)
 }
 
 /// Records the device for `list`/`unmap`/`map --recover`, serves until
@@ -499,11 +533,13 @@ fn list() -> Result<(), String> {
         "{:<4} {:<14} {:<16} {:<18} {:<8} NODES",
         "ID", "DEVICE", "VOLUME", "DATA PATH", "STATE"
     );
+    let mut unreadable = 0;
     for record in records {
         let record = match record {
             Ok(r) => r,
             Err(why) => {
                 eprintln!("netblk: {why}");
+                unreadable += 1;
                 continue;
             }
         };
@@ -526,40 +562,29 @@ fn list() -> Result<(), String> {
             nodes.join(",")
         );
     }
+    if unreadable > 0 {
+        return Err(format!(
+            "{unreadable} device record(s) in {} could not be read (see above)",
+            dir.display()
+        ));
+    }
     Ok(())
 }
 
-fn demo(size: u64) -> Result<(), String> {
+fn demo(size: u64) -> Result<(), Failure> {
     use netblk::frontend::VolumeOptions;
     use netblk::layout::VolumeSpec;
     use netblk::ublk::ctrl::CtrlError;
     use netblk::ublk::device::{self, MapOptions, ZeroCopy};
-    if let Err(CtrlError::NoDriver) = Control::open() {
-        println!(
-            "netblk demo: this kernel has no ublk driver, so the demo runs in a QEMU VM with a 7.3 kernel (cargo xtask vm-demo)"
-        );
-        let in_tree = std::path::Path::new("xtask/Cargo.toml").exists();
-        if !in_tree {
-            return Err("run `cargo xtask vm-demo` from a netblk source checkout, or use a kernel with ublk_drv".into());
-        }
-        let status = std::process::Command::new("cargo")
-            .args(["xtask", "vm-demo"])
-            .status()
-            .map_err(|e| format!("cannot run cargo xtask vm-demo: {e}"))?;
-        return if status.success() {
-            Ok(())
-        } else {
-            Err(format!("vm-demo failed ({status})"))
-        };
-    }
-    let bin = netblk::mock::mock_node_bin(None).map_err(|e| e.to_string())?;
-    let (_nodes, addrs) =
-        netblk::mock::start_mock_nodes(3, &bin, "memory").map_err(|e| e.to_string())?;
-    let spec = VolumeSpec {
+    const NODES: u16 = 3;
+    // Checked with stand-in addresses before any node starts.
+    let mut spec = VolumeSpec {
         name: "demo".into(),
         size,
         stripe_unit: 128 << 10,
-        nodes: addrs,
+        nodes: (1..=NODES)
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+            .collect(),
     };
     let options = MapOptions {
         volume: VolumeOptions {
@@ -569,6 +594,29 @@ fn demo(size: u64) -> Result<(), String> {
         block_size: 512,
         zero_copy: ZeroCopy::Auto,
     };
+    device::check(&spec, &options).map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Err(CtrlError::NoDriver) = Control::open() {
+        println!(
+            "netblk demo: this kernel has no ublk driver, so the demo runs in a QEMU VM with a 7.3 kernel (cargo xtask vm-demo)"
+        );
+        let in_tree = std::path::Path::new("xtask/Cargo.toml").exists();
+        if !in_tree {
+            return Err(Failure::Run("run `cargo xtask vm-demo` from a netblk source checkout, or use a kernel with ublk_drv".into()));
+        }
+        let status = std::process::Command::new("cargo")
+            .args(["xtask", "vm-demo"])
+            .status()
+            .map_err(|e| format!("cannot run cargo xtask vm-demo: {e}"))?;
+        return if status.success() {
+            Ok(())
+        } else {
+            Err(Failure::Run(format!("vm-demo failed ({status})")))
+        };
+    }
+    let bin = netblk::mock::mock_node_bin(None).map_err(|e| e.to_string())?;
+    let (_nodes, addrs) = netblk::mock::start_mock_nodes(usize::from(NODES), &bin, "memory")
+        .map_err(|e| e.to_string())?;
+    spec.nodes = addrs;
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -588,7 +636,7 @@ fn demo(size: u64) -> Result<(), String> {
     println!("then: umount /mnt/netblk, and Ctrl-C here to unmap and stop the nodes");
     let served = serve(device, &spec, &options, 0, signals);
     println!("netblk demo: unmapped {path}; stopping the nodes");
-    served
+    Ok(served?)
 }
 
 fn netblk_size(bytes: u64) -> String {

@@ -1,11 +1,31 @@
 //! What netblk remembers about its devices, one small file per device under
 //! the state directory (`$NETBLK_STATE_DIR`, default `/run/netblk`): enough
 //! for `netblk list` and `netblk unmap` to work from another process.
+//!
+//! The directory is private: made with mode 0700; one that exists with
+//! looser permissions is tightened to 0700, and one that is a symbolic link,
+//! not a directory, or owned by another user is refused. A record is written
+//! atomically (a fresh temporary file in the same directory, mode 0600,
+//! fsynced, renamed over the record, then the directory fsynced), and read
+//! without following symbolic links; a record that is not a regular file of
+//! ours, is larger than [`MAX_RECORD_BYTES`], is cut short or is not a
+//! netblk record is an error naming the file.
 
-use std::fs;
-use std::io;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::ublk::ctrl::effective_uid;
+
+/// The first line of a record: its magic and format version.
+const MAGIC: &str = "netblk-device 2";
+
+/// Largest record read, bytes. A record is a few hundred bytes; anything
+/// larger is not one of ours.
+pub const MAX_RECORD_BYTES: u64 = 64 << 10;
 
 /// The state directory.
 pub fn state_dir() -> PathBuf {
@@ -65,10 +85,24 @@ impl DeviceRecord {
 
     fn parse(text: &str) -> Result<DeviceRecord, String> {
         let mut lines = text.lines();
-        if lines.next() != Some("netblk-device 2") {
-            return Err("not a netblk device record (version 2)".into());
+        let first = lines.next().unwrap_or_default();
+        if first != MAGIC {
+            let shown: String = first.chars().take(40).collect();
+            return Err(format!(
+                "not a netblk device record: it starts with {shown:?}, not {MAGIC:?}"
+            ));
+        }
+        // Every record we write ends with a newline: without one, it was
+        // cut short.
+        if !text.ends_with('\n') {
+            return Err("cut short (no final newline): a torn write?".into());
         }
         let fields: Vec<(&str, &str)> = lines.filter_map(|l| l.split_once(' ')).collect();
+        for (i, (key, _)) in fields.iter().enumerate() {
+            if fields[..i].iter().any(|(k, _)| k == key) {
+                return Err(format!("'{key}' appears twice"));
+            }
+        }
         let get = |key: &str| {
             fields
                 .iter()
@@ -99,7 +133,10 @@ impl DeviceRecord {
             generation: num("generation", get("generation")?)?,
             io_timeout_secs: num("io_timeout", get("io_timeout")?)?,
             node_down_timeout_secs: num("node_down_timeout", get("node_down_timeout")?)?,
-            send: get("send")?.to_string(),
+            send: match get("send")? {
+                send @ ("zc" | "copy") => send.to_string(),
+                other => return Err(format!("bad 'send' value '{other}'")),
+            },
         })
     }
 }
@@ -108,25 +145,171 @@ fn record_path(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("ublk{id}"))
 }
 
-/// Writes the record atomically (temporary file, then rename).
+fn not_ours(what: &Path, uid: u32) -> String {
+    format!(
+        "{} belongs to uid {uid}, not to this user (uid {})",
+        what.display(),
+        effective_uid()
+    )
+}
+
+/// Checks the state directory before it is read: `Ok(false)` if there is
+/// none; an error if it is a symbolic link, not a directory, or another
+/// user's.
+fn check_dir(dir: &Path) -> Result<bool, String> {
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(format!("state directory {}: {err}", dir.display())),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(format!(
+            "state directory {} is a symbolic link: refusing to use it (point NETBLK_STATE_DIR at the real directory)",
+            dir.display()
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(format!(
+            "state directory {} is not a directory",
+            dir.display()
+        ));
+    }
+    if meta.uid() != effective_uid() {
+        return Err(format!("state directory {}", not_ours(dir, meta.uid())));
+    }
+    Ok(true)
+}
+
+/// Makes the state directory private before a record is written: creates
+/// it with mode 0700 (and its parents as usual), or tightens an existing one
+/// of ours to 0700; refuses one that [`check_dir`] refuses.
+fn prepare_dir(dir: &Path) -> io::Result<()> {
+    let refuse = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
+    if !check_dir(dir).map_err(refuse)? {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)?;
+        }
+        match fs::DirBuilder::new().mode(0o700).create(dir) {
+            Err(err) if err.kind() != io::ErrorKind::AlreadyExists => return Err(err),
+            _ => {}
+        }
+        // Made by us or, in a race, by someone else: look again.
+        check_dir(dir).map_err(refuse)?;
+    }
+    let mode = fs::symlink_metadata(dir)?.permissions().mode();
+    // Also undoes a umask that took bits from the mode asked for.
+    if mode & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// A new temporary file for record `id`, beside it: a name no one else
+/// uses, created exclusively, without following links, mode 0600. Names
+/// start with a dot, so [`list`] never takes one for a record.
+fn create_temp(dir: &Path, id: u32) -> io::Result<(PathBuf, File)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut last = None;
+    for _ in 0..16 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".ublk{id}.{}.{n}.tmp", std::process::id()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(file) => {
+                // The umask may have taken bits from the mode asked for.
+                file.set_permissions(fs::Permissions::from_mode(0o600))?;
+                return Ok((tmp, file));
+            }
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => last = Some(err),
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free temporary file name")))
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)?
+        .sync_all()
+}
+
+/// Writes the record atomically and privately: a reader sees the old
+/// record or the new one, never a part; see the module documentation.
 pub fn save(dir: &Path, record: &DeviceRecord) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
+    prepare_dir(dir)?;
     let path = record_path(dir, record.id);
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, record.to_text())?;
-    fs::rename(&tmp, &path)
+    let (tmp, mut file) = create_temp(dir, record.id)?;
+    let written = file
+        .write_all(record.to_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, &path));
+    drop(file);
+    if let Err(err) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(err);
+    }
+    sync_dir(dir)
+}
+
+/// Reads and checks the record at `path`, which must be device `id`'s.
+fn read_record(path: &Path, id: u32) -> Result<Option<DeviceRecord>, String> {
+    let named = |why: String| format!("{}: {why}", path.display());
+    // O_NONBLOCK: opening a FIFO planted here must not hang.
+    let mut file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(named(
+                "is a symbolic link: refusing to follow it (remove it)".into(),
+            ));
+        }
+        Err(err) => return Err(named(err.to_string())),
+    };
+    let meta = file.metadata().map_err(|e| named(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(named("is not a regular file".into()));
+    }
+    if meta.uid() != effective_uid() {
+        return Err(not_ours(path, meta.uid()));
+    }
+    let too_large = || named(format!("larger than any record ({MAX_RECORD_BYTES} bytes)"));
+    if meta.len() > MAX_RECORD_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(MAX_RECORD_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| named(e.to_string()))?;
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
+        return Err(too_large());
+    }
+    let text = String::from_utf8(bytes).map_err(|_| named("not a text file".into()))?;
+    let record = DeviceRecord::parse(&text).map_err(named)?;
+    if record.id != id {
+        return Err(named(format!("records device {}, not {id}", record.id)));
+    }
+    Ok(Some(record))
 }
 
 /// The record of device `id`, if there is one.
 pub fn load(dir: &Path, id: u32) -> Result<Option<DeviceRecord>, String> {
-    let path = record_path(dir, id);
-    match fs::read_to_string(&path) {
-        Ok(text) => DeviceRecord::parse(&text)
-            .map(Some)
-            .map_err(|why| format!("{}: {why}", path.display())),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(format!("{}: {err}", path.display())),
+    if !check_dir(dir)? {
+        return Ok(None);
     }
+    read_record(&record_path(dir, id), id)
 }
 
 pub fn remove(dir: &Path, id: u32) -> io::Result<()> {
@@ -136,18 +319,33 @@ pub fn remove(dir: &Path, id: u32) -> io::Result<()> {
     }
 }
 
-/// Every record, by device id; unreadable ones are reported, not skipped silently.
+/// Every record, by device id; one that cannot be read is an error naming
+/// its file, among the others (and so is a state directory that cannot be
+/// read).
 pub fn list(dir: &Path) -> Vec<Result<DeviceRecord, String>> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
+    match check_dir(dir) {
+        Ok(true) => {}
+        Ok(false) => return Vec::new(),
+        Err(why) => return vec![Err(why)],
+    }
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(err) => return vec![Err(format!("state directory {}: {err}", dir.display()))],
     };
     let mut ids: Vec<u32> = entries
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublk")?.parse().ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let name = name.to_str()?;
+            let id: u32 = name.strip_prefix("ublk")?.parse().ok()?;
+            // Only the name the record of `id` has (not `ublk007`).
+            (name == format!("ublk{id}")).then_some(id)
+        })
         .collect();
     ids.sort_unstable();
     ids.into_iter()
-        .filter_map(|id| load(dir, id).transpose())
+        .filter_map(|id| read_record(&record_path(dir, id), id).transpose())
         .collect()
 }
 
@@ -190,10 +388,27 @@ mod tests {
         }
     }
 
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn records_round_trip_and_list() {
-        let dir = std::env::temp_dir().join(format!("netblk-state-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
         save(&dir, &record()).expect("save");
         assert_eq!(load(&dir, 3), Ok(Some(record())));
         assert_eq!(load(&dir, 4), Ok(None));
@@ -201,7 +416,172 @@ mod tests {
         remove(&dir, 3).expect("remove");
         remove(&dir, 3).expect("removing twice is fine");
         assert!(list(&dir).is_empty());
-        let _ = fs::remove_dir_all(&dir);
+        assert!(
+            list(&tmp.path().join("none")).is_empty(),
+            "no directory: no records"
+        );
+    }
+
+    #[test]
+    fn records_are_written_atomically_and_privately() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        save(&dir, &record()).expect("save");
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("ublk3")), 0o600);
+        let newer = DeviceRecord {
+            generation: 4,
+            ..record()
+        };
+        save(&dir, &newer).expect("save over");
+        assert_eq!(load(&dir, 3), Ok(Some(newer)));
+        assert_eq!(mode(&dir.join("ublk3")), 0o600);
+        assert_eq!(names(&dir), vec!["ublk3"], "no temporary file is left");
+    }
+
+    #[test]
+    fn a_loose_state_directory_is_tightened() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+        save(&dir, &record()).expect("save");
+        assert_eq!(mode(&dir), 0o700);
+    }
+
+    #[test]
+    fn a_symlinked_state_directory_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let real = tmp.path().join("real");
+        save(&real, &record()).expect("save");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let err = save(&link, &record()).expect_err("refused");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        let err = load(&link, 3).expect_err("refused");
+        assert!(err.contains("symbolic link"), "{err}");
+        let listed = list(&link);
+        assert_eq!(listed.len(), 1);
+        assert!(
+            listed[0]
+                .as_ref()
+                .is_err_and(|e| e.contains("symbolic link"))
+        );
+        assert_eq!(
+            names(&real),
+            vec!["ublk3"],
+            "nothing written through the link"
+        );
+    }
+
+    #[test]
+    fn a_symlinked_record_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        save(&dir, &record()).expect("save");
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::rename(dir.join("ublk3"), &elsewhere).expect("move");
+        std::os::unix::fs::symlink(&elsewhere, dir.join("ublk3")).expect("symlink");
+        let err = load(&dir, 3).expect_err("refused");
+        assert!(
+            err.contains("ublk3") && err.contains("symbolic link"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_torn_record_is_an_error() {
+        let text = record().to_text();
+        assert!(DeviceRecord::parse(&text).is_ok());
+        for len in 0..text.len() {
+            assert!(
+                DeviceRecord::parse(&text[..len]).is_err(),
+                "cut at {len}: {:?}",
+                &text[..len]
+            );
+        }
+    }
+
+    #[test]
+    fn bad_records_name_their_file_and_the_others_still_list() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        save(&dir, &DeviceRecord { id: 1, ..record() }).expect("save");
+        save(&dir, &DeviceRecord { id: 9, ..record() }).expect("save");
+        let text = record().to_text();
+        let mut oversized = text.clone();
+        oversized.push_str(&"# padding\n".repeat(8000));
+        let bad: [(u32, Vec<u8>, &str); 6] = [
+            (2, text.as_bytes()[..text.len() / 2].to_vec(), "cut short"),
+            (3, vec![0xff, 0x00, 0x13, 0x37], "not a text file"),
+            (4, oversized.into_bytes(), "larger than any record"),
+            (
+                5,
+                text.replace(MAGIC, "netblk-device 1").into_bytes(),
+                "not a netblk device record",
+            ),
+            (6, text.clone().into_bytes(), "records device 3, not 6"),
+            (7, Vec::new(), "not a netblk device record"),
+        ];
+        for (id, bytes, _) in &bad {
+            fs::write(dir.join(format!("ublk{id}")), bytes).expect("write");
+        }
+        let listed = list(&dir);
+        assert_eq!(listed.len(), 8, "{listed:?}");
+        assert_eq!(listed[0], Ok(DeviceRecord { id: 1, ..record() }));
+        assert_eq!(listed[7], Ok(DeviceRecord { id: 9, ..record() }));
+        for ((id, _, why), listed) in bad.iter().zip(&listed[1..7]) {
+            let err = listed.as_ref().expect_err("a bad record");
+            let file = dir.join(format!("ublk{id}"));
+            assert!(
+                err.starts_with(&format!("{}: ", file.display())) && err.contains(why),
+                "ublk{id}: {err}"
+            );
+            assert_eq!(load(&dir, *id).as_ref(), Err(err));
+        }
+    }
+
+    #[test]
+    fn a_record_that_is_no_regular_file_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        save(&dir, &record()).expect("save");
+        fs::create_dir(dir.join("ublk4")).expect("mkdir");
+        let err = load(&dir, 4).expect_err("a directory");
+        assert!(
+            err.contains("ublk4") && err.contains("not a regular file"),
+            "{err}"
+        );
+        // A FIFO would block a plain open forever.
+        let fifo = dir.join("ublk5");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = load(&dir, 5).expect_err("a FIFO");
+            assert!(
+                err.contains("ublk5") && err.contains("not a regular file"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_of_another_user_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        save(&dir, &record()).expect("save");
+        let other = effective_uid().wrapping_add(4242);
+        if std::os::unix::fs::chown(dir.join("ublk3"), Some(other), None).is_err() {
+            eprintln!("skipped: cannot give a file to another user here");
+            return;
+        }
+        let err = load(&dir, 3).expect_err("another user's");
+        assert!(
+            err.contains("ublk3") && err.contains(&format!("uid {other}")),
+            "{err}"
+        );
+        std::os::unix::fs::chown(&dir, Some(other), None).expect("chown dir");
+        let err = save(&dir, &record()).expect_err("another user's directory");
+        assert!(err.to_string().contains(&format!("uid {other}")), "{err}");
     }
 
     #[test]

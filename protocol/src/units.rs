@@ -6,9 +6,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, suffix) = t.split_at(digits_end);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size (examples: 4096, 64K, 4M, 1G)"))?;
+    let number: u64 = digits.parse().map_err(|err: std::num::ParseIntError| {
+        if *err.kind() == std::num::IntErrorKind::PosOverflow {
+            format!("'{text}' is too large")
+        } else {
+            format!("'{text}' is not a size (examples: 4096, 64K, 4M, 1G)")
+        }
+    })?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -36,5 +40,9 @@ mod tests {
         assert!(parse_size("4X").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        for huge in ["99999999999999999999T", "18446744073709551616", "16777216T"] {
+            assert_eq!(parse_size(huge), Err(format!("'{huge}' is too large")));
+        }
     }
 }

@@ -43,12 +43,14 @@ struct Args {
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
 
-    /// Seconds to wait for in-flight requests on shutdown before exiting anyway.
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    /// Seconds to wait for in-flight requests on shutdown before exiting
+    /// anyway (0 to 3600).
+    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     drain_timeout: u64,
 
-    /// Seconds a new connection may take to send its handshake before it is closed.
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    /// Seconds a new connection may take to send its handshake before it is
+    /// closed (1 to 3600).
+    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     handshake_timeout: u64,
 
     /// Refuse admin connections (fault changes, statistics, crash requests).
@@ -66,7 +68,8 @@ struct Args {
     #[arg(long, help_heading = "Fault injection")]
     volatile_cache: bool,
 
-    /// Hold every request this many microseconds before executing it.
+    /// Hold every request this many microseconds before executing it (at
+    /// most one hour).
     #[arg(
         long,
         default_value_t = 0,
@@ -76,7 +79,7 @@ struct Args {
     latency_us: u64,
 
     /// Add a random 0..=US microseconds to each request's latency (replies
-    /// then come back out of order).
+    /// then come back out of order; at most one hour).
     #[arg(
         long,
         default_value_t = 0,
@@ -192,7 +195,7 @@ fn main() -> ExitCode {
     config.max_io_size = args.max_io_size;
     config.node_id = args.node_id.unwrap_or_default();
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
-    config.handshake_timeout = Duration::from_secs(args.handshake_timeout.max(1));
+    config.handshake_timeout = Duration::from_secs(args.handshake_timeout);
     config.admin = !args.no_admin;
     config.fencing = !args.no_fencing;
     config.volatile_cache = args.volatile_cache;

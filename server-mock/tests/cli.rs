@@ -56,3 +56,30 @@ fn bad_flags_are_refused_with_a_clear_message() {
         );
     }
 }
+
+#[test]
+fn numbers_out_of_range_are_refused_not_panicked_on() {
+    let max = u64::MAX.to_string();
+    for (args, says) in [
+        (&["--drain-timeout", max.as_str()][..], "0..=3600"),
+        (&["--drain-timeout", "3601"], "0..=3600"),
+        (&["--handshake-timeout", "0"], "1..=3600"),
+        (&["--handshake-timeout", max.as_str()], "1..=3600"),
+        (&["--latency-us", max.as_str()], "latency and jitter"),
+        (&["--jitter-us", max.as_str()], "latency and jitter"),
+        (&["--max-io-size", max.as_str()], "max IO size"),
+        (&["--max-io-size", "99999999999999999999T"], "too large"),
+        (&["--corrupt-replies", max.as_str()], "--corrupt-replies"),
+    ] {
+        let out = std::process::Command::new(mock_node_bin())
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(says) && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -1,6 +1,14 @@
 //! The ublk control device (`/dev/ublk-control`): feature query, adding,
 //! configuring, starting, stopping and deleting devices. Commands are
 //! `IORING_OP_URING_CMD`s on a small ring of 128-byte entries, one at a time.
+//!
+//! Each command has its own `user_data`, and a command returns only once
+//! its own completion is reaped (an interrupted wait is waited again;
+//! completions of anything else are skipped). A buffer the driver reads or
+//! writes by address lives on the heap and is handed over with the command,
+//! which gives it back after the completion; if the wait fails otherwise,
+//! the command may still be in flight, so the buffer is leaked (never freed
+//! under the driver) and the ring is not used again.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -29,12 +37,63 @@ pub enum CtrlError {
     Ring(io::Error),
     #[error("ublk {what} failed: {err}")]
     Command { what: &'static str, err: io::Error },
+    #[error(
+        "ublk {what}: the control ring is unusable since a command's wait failed while it may have been in flight"
+    )]
+    Broken { what: &'static str },
 }
 
 /// An open control device.
 pub struct Control {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     file: File,
+    /// The `user_data` of the previous command: each has its own.
+    last_user_data: u64,
+    /// A command may still be in flight after its wait failed: the ring is
+    /// not used again.
+    broken: bool,
+}
+
+/// Where a ring's completions come from: the control ring, or a scripted
+/// one in tests.
+trait Completions {
+    /// Submits what is queued and waits for at least one completion.
+    fn submit_and_wait(&mut self) -> io::Result<()>;
+    /// The next completion reaped: `(user_data, result)`.
+    fn next_completion(&mut self) -> Option<(u64, i32)>;
+}
+
+impl Completions for IoUring<squeue::Entry128, cqueue::Entry> {
+    fn submit_and_wait(&mut self) -> io::Result<()> {
+        IoUring::submit_and_wait(self, 1).map(drop)
+    }
+
+    fn next_completion(&mut self) -> Option<(u64, i32)> {
+        self.completion()
+            .next()
+            .map(|c| (c.user_data(), c.result()))
+    }
+}
+
+/// Waits for the completion of the command submitted with `user_data`
+/// and returns its result. Completions of anything else (there should be
+/// none: commands run one at a time) are reaped and skipped. An
+/// interrupted wait (EINTR) is waited again, since the command may be in
+/// flight. Any other failure of the wait is returned: the command may then
+/// still be in flight.
+fn wait_for(ring: &mut impl Completions, user_data: u64) -> io::Result<i32> {
+    loop {
+        while let Some((got, result)) = ring.next_completion() {
+            if got == user_data {
+                return Ok(result);
+            }
+        }
+        match ring.submit_and_wait() {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
 }
 
 impl Control {
@@ -55,15 +114,58 @@ impl Control {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(8)
             .map_err(CtrlError::Ring)?;
-        Ok(Control { ring, file })
+        Ok(Control {
+            ring,
+            file,
+            last_user_data: 0,
+            broken: false,
+        })
     }
 
-    /// Runs one command and returns its (non-negative) result.
+    /// Runs one command whose buffer (`cmd.addr` and `cmd.len` are set to
+    /// it) is `buf`, and returns its (non-negative) result and the buffer,
+    /// which the driver may have written. If the command's completion could
+    /// not be reaped, the driver may still use the buffer: it is leaked.
+    fn run_with<T>(
+        &mut self,
+        what: &'static str,
+        cmd_op: u32,
+        mut cmd: CtrlCmd,
+        mut buf: Box<T>,
+    ) -> Result<(i32, Box<T>), CtrlError> {
+        if self.broken {
+            return Err(CtrlError::Broken { what });
+        }
+        cmd.addr = std::ptr::from_mut::<T>(&mut *buf) as u64;
+        cmd.len = u16::try_from(std::mem::size_of::<T>()).map_err(|_| CtrlError::Command {
+            what,
+            err: io::Error::other("command buffer too large"),
+        })?;
+        match self.run(what, cmd_op, cmd) {
+            Ok(res) => Ok((res, buf)),
+            Err(err) => {
+                if self.broken {
+                    // Never freed under the driver.
+                    std::mem::forget(buf);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs one command and returns its (non-negative) result, once its
+    /// completion is reaped. If the wait fails other than by an interrupt,
+    /// the command may still be in flight: the ring is then marked broken
+    /// and not used again.
     fn run(&mut self, what: &'static str, cmd_op: u32, cmd: CtrlCmd) -> Result<i32, CtrlError> {
+        let fail = |err| CtrlError::Command { what, err };
+        if self.broken {
+            return Err(CtrlError::Broken { what });
+        }
         let mut bytes = [0u8; 80];
         // SAFETY: CtrlCmd is a plain repr(C) struct of integers, 32 bytes
-        // long (checked at compile time in sys.rs), so viewing it as bytes
-        // reads only initialised memory within it.
+        // long without padding (checked at compile time in sys.rs), so
+        // viewing it as bytes reads only initialised memory within it.
         let raw = unsafe {
             std::slice::from_raw_parts(
                 (&raw const cmd).cast::<u8>(),
@@ -71,67 +173,69 @@ impl Control {
             )
         };
         bytes[..raw.len()].copy_from_slice(raw);
+        self.last_user_data = self.last_user_data.wrapping_add(1);
+        let user_data = self.last_user_data;
         let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), cmd_op)
             .cmd(bytes)
             .build()
-            .user_data(u64::from(cmd_op));
-        let fail = |err| CtrlError::Command { what, err };
-        // SAFETY: the command's buffer (`cmd.addr`, if any) points at memory
-        // the caller keeps alive until this function returns, and this
-        // function waits for the command's completion before returning.
+            .user_data(user_data);
+        // SAFETY: the command's buffer (`cmd.addr`, if any) is the heap
+        // allocation `run_with` holds, which it gives back to its caller
+        // only after this function reaped the command's completion, and
+        // leaks otherwise; the command bytes are copied into the entry.
         unsafe { self.ring.submission().push(&entry) }
             .map_err(|_| fail(io::Error::other("control ring full")))?;
-        self.ring.submit_and_wait(1).map_err(fail)?;
-        let cqe = self
-            .ring
-            .completion()
-            .next()
-            .ok_or_else(|| fail(io::Error::other("no completion")))?;
-        match cqe.result() {
-            res if res < 0 => Err(fail(io::Error::from_raw_os_error(-res))),
-            res => Ok(res),
+        match wait_for(&mut self.ring, user_data) {
+            Ok(res) if res < 0 => Err(fail(io::Error::from_raw_os_error(-res))),
+            Ok(res) => Ok(res),
+            Err(err) => {
+                self.broken = true;
+                Err(fail(err))
+            }
         }
     }
 
     /// The driver's feature bits (`UBLK_F_*`).
     pub fn features(&mut self) -> Result<u64, CtrlError> {
-        let mut features: u64 = 0;
         let cmd = CtrlCmd {
             dev_id: u32::MAX,
             queue_id: u16::MAX,
-            len: std::mem::size_of::<u64>() as u16,
-            addr: (&raw mut features) as u64,
             ..CtrlCmd::default()
         };
-        self.run("GET_FEATURES", sys::UBLK_U_CMD_GET_FEATURES, cmd)?;
-        Ok(features)
+        let (_, features) = self.run_with(
+            "GET_FEATURES",
+            sys::UBLK_U_CMD_GET_FEATURES,
+            cmd,
+            Box::new(0u64),
+        )?;
+        Ok(*features)
     }
 
     /// Adds a device; `info.dev_id` may be `u32::MAX` for "any". Returns the
     /// device info as the driver completed it (with the id chosen).
-    pub fn add(&mut self, mut info: DevInfo) -> Result<DevInfo, CtrlError> {
+    pub fn add(&mut self, info: DevInfo) -> Result<DevInfo, CtrlError> {
         let cmd = CtrlCmd {
             dev_id: info.dev_id,
             queue_id: u16::MAX,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            addr: (&raw mut info) as u64,
             ..CtrlCmd::default()
         };
-        self.run("ADD_DEV", sys::UBLK_U_CMD_ADD_DEV, cmd)?;
-        Ok(info)
+        let (_, added) = self.run_with("ADD_DEV", sys::UBLK_U_CMD_ADD_DEV, cmd, Box::new(info))?;
+        Ok(*added)
     }
 
     pub fn set_params(&mut self, dev_id: u32, params: &Params) -> Result<(), CtrlError> {
-        let mut params = *params;
         let cmd = CtrlCmd {
             dev_id,
             queue_id: u16::MAX,
-            len: std::mem::size_of::<Params>() as u16,
-            addr: (&raw mut params) as u64,
             ..CtrlCmd::default()
         };
-        self.run("SET_PARAMS", sys::UBLK_U_CMD_SET_PARAMS, cmd)
-            .map(drop)
+        self.run_with(
+            "SET_PARAMS",
+            sys::UBLK_U_CMD_SET_PARAMS,
+            cmd,
+            Box::new(*params),
+        )
+        .map(drop)
     }
 
     /// Starts the device once every queue has fetched its requests;
@@ -206,18 +310,16 @@ impl Control {
     pub fn info(&mut self, dev_id: u32) -> Result<DevInfo, CtrlError> {
         #[repr(C, align(8))]
         struct Buf([u8; 128]);
-        let mut buf = Buf([0; 128]);
+        let mut buf = Box::new(Buf([0; 128]));
         let path = format!("/dev/ublkc{dev_id}");
         buf.0[..path.len()].copy_from_slice(path.as_bytes());
         let cmd = CtrlCmd {
             dev_id,
             queue_id: u16::MAX,
-            len: buf.0.len() as u16,
-            addr: (&raw mut buf) as u64,
             dev_path_len: path.len() as u16,
             ..CtrlCmd::default()
         };
-        self.run("GET_DEV_INFO2", sys::UBLK_U_CMD_GET_DEV_INFO2, cmd)?;
+        let (_, buf) = self.run_with("GET_DEV_INFO2", sys::UBLK_U_CMD_GET_DEV_INFO2, cmd, buf)?;
         let at = path.len();
         debug_assert!(at + std::mem::size_of::<DevInfo>() <= buf.0.len());
         // SAFETY: the driver wrote a DevInfo (64 bytes of plain integers)
@@ -280,6 +382,12 @@ fn is_zombie(pid: libc::pid_t) -> bool {
         .is_some_and(|state| matches!(state, 'Z' | 'X'))
 }
 
+/// This process's effective user id: the owner of the files it creates.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Asks the daemon `pid` to stop (SIGTERM).
 pub fn terminate(pid: u32) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid)
@@ -298,6 +406,95 @@ pub fn terminate(pid: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::collections::VecDeque;
+
+    /// A ring whose waits and completions follow a script.
+    #[derive(Default)]
+    struct Script {
+        /// What each wait does: fail, or deliver these completions.
+        waits: VecDeque<io::Result<Vec<(u64, i32)>>>,
+        ready: VecDeque<(u64, i32)>,
+        waited: usize,
+    }
+
+    impl Completions for Script {
+        fn submit_and_wait(&mut self) -> io::Result<()> {
+            self.waited += 1;
+            match self.waits.pop_front() {
+                Some(Ok(completions)) => {
+                    self.ready.extend(completions);
+                    Ok(())
+                }
+                Some(Err(err)) => Err(err),
+                None => panic!("waited again after the script ended"),
+            }
+        }
+
+        fn next_completion(&mut self) -> Option<(u64, i32)> {
+            self.ready.pop_front()
+        }
+    }
+
+    #[test]
+    fn completions_of_other_commands_are_skipped() {
+        let mut ring = Script {
+            // Left over from before, and one arriving with ours.
+            ready: VecDeque::from([(3, -libc::EIO)]),
+            waits: VecDeque::from([Ok(vec![(4, -libc::EINVAL)]), Ok(vec![(5, 7)])]),
+            ..Script::default()
+        };
+        assert_eq!(wait_for(&mut ring, 5).ok(), Some(7));
+        assert_eq!(ring.waited, 2, "waited until its own completion came");
+    }
+
+    #[test]
+    fn an_interrupted_wait_is_waited_again() {
+        let eintr = || Err(io::Error::from_raw_os_error(libc::EINTR));
+        let mut ring = Script {
+            waits: VecDeque::from([eintr(), eintr(), Ok(vec![(9, 0)])]),
+            ..Script::default()
+        };
+        // Returning at the interrupt would leave the command in flight on
+        // a buffer its caller then frees.
+        assert_eq!(wait_for(&mut ring, 9).ok(), Some(0));
+        assert_eq!(ring.waited, 3);
+    }
+
+    #[test]
+    fn a_failed_wait_is_an_error() {
+        let mut ring = Script {
+            waits: VecDeque::from([Err(io::Error::from_raw_os_error(libc::EBADF))]),
+            ..Script::default()
+        };
+        let err = wait_for(&mut ring, 1).expect_err("the wait failed");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn commands_have_their_own_user_data_and_a_broken_ring_is_not_used() {
+        // /dev/null is no ublk control device, but its commands complete
+        // at once (with whatever result), which drives the real ring.
+        let mut ctrl = match Control::open_at(Path::new("/dev/null")) {
+            Ok(ctrl) => ctrl,
+            Err(err) => {
+                eprintln!("skipped: no io_uring here ({err})");
+                return;
+            }
+        };
+        for expected in 1..=3 {
+            if let Err(err) = ctrl.features() {
+                assert!(matches!(err, CtrlError::Command { .. }), "{err}");
+            }
+            assert_eq!(ctrl.last_user_data, expected);
+            assert!(!ctrl.broken);
+        }
+        assert!(ctrl.ring.completion().is_empty(), "every completion reaped");
+        ctrl.broken = true;
+        let err = ctrl.info(0).expect_err("broken");
+        assert!(matches!(err, CtrlError::Broken { .. }), "{err}");
+        assert_eq!(ctrl.last_user_data, 3, "nothing was submitted");
+    }
 
     #[test]
     fn a_missing_control_device_says_what_to_do() {

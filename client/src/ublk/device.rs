@@ -13,7 +13,7 @@ use crate::engine::Engine;
 use crate::frontend::{
     OpenError, QueueThread, VolumeOptions, connect_queue, engine_config, reconnect_for, spawn_queue,
 };
-use crate::layout::VolumeSpec;
+use crate::layout::{Layout, VolumeSpec};
 use crate::uring::{BufferMode, QueueParts, SendMode, TagBuffers};
 
 /// Why a device could not be served.
@@ -99,6 +99,33 @@ pub struct MapOptions {
     pub zero_copy: ZeroCopy,
 }
 
+impl MapOptions {
+    /// Checks every number of the options against its bounds (the volume
+    /// options' own, and the block size).
+    pub fn check(&self) -> Result<(), MapError> {
+        if self.block_size != 512 && self.block_size != 4096 {
+            return Err(MapError::BlockSize(self.block_size));
+        }
+        self.volume.check()?;
+        Ok(())
+    }
+}
+
+/// Checks a volume and how it is to be mapped before anything is touched:
+/// the volume's name, nodes and geometry, the options, and that the volume
+/// is whole blocks. Returns the volume's layout.
+pub fn check(spec: &VolumeSpec, options: &MapOptions) -> Result<Layout, MapError> {
+    let layout = spec.layout().map_err(OpenError::from)?;
+    options.check()?;
+    if !spec.size.is_multiple_of(u64::from(options.block_size)) {
+        return Err(MapError::Unaligned {
+            size: spec.size,
+            block: options.block_size,
+        });
+    }
+    Ok(layout)
+}
+
 /// A started device; [`Device::stop`] takes it down.
 pub struct Device {
     pub dev_id: u32,
@@ -181,7 +208,7 @@ fn path_setup(path: DataPath, send: SendMode) -> Result<(BufferMode, SendMode, u
 /// Every queue connected to every node (in queue order).
 fn connect_all(
     spec: &VolumeSpec,
-    layout: &crate::layout::Layout,
+    layout: &Layout,
     vopts: &VolumeOptions,
 ) -> Result<Vec<Vec<std::net::TcpStream>>, MapError> {
     let mut streams = Vec::with_capacity(vopts.queues);
@@ -196,7 +223,7 @@ fn connect_all(
 fn start_queues(
     device: &mut Device,
     spec: &VolumeSpec,
-    layout: &crate::layout::Layout,
+    layout: &Layout,
     vopts: &VolumeOptions,
     streams: Vec<Vec<std::net::TcpStream>>,
     (buffer_mode, send_mode): (BufferMode, SendMode),
@@ -236,16 +263,7 @@ fn start_queues(
 /// on failure. The device survives its daemon (`UBLK_F_USER_RECOVERY`,
 /// with reissue where the kernel has it): see [`recover`].
 pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> {
-    let layout = spec.layout().map_err(OpenError::from)?;
-    if options.block_size != 512 && options.block_size != 4096 {
-        return Err(MapError::BlockSize(options.block_size));
-    }
-    if !spec.size.is_multiple_of(u64::from(options.block_size)) {
-        return Err(MapError::Unaligned {
-            size: spec.size,
-            block: options.block_size,
-        });
-    }
+    let layout = check(spec, options)?;
     let vopts = &options.volume;
     let mut ctrl = Control::open()?;
     let features = ctrl.features()?;
@@ -320,7 +338,7 @@ const RECOVERY_WAIT: Duration = Duration::from_secs(90);
 /// with (the state record holds them). On failure the device is left as it
 /// was, waiting for another attempt.
 pub fn recover(spec: &VolumeSpec, options: &MapOptions, dev_id: u32) -> Result<Device, MapError> {
-    let layout = spec.layout().map_err(OpenError::from)?;
+    let layout = check(spec, options)?;
     let vopts = &options.volume;
     let mut ctrl = Control::open()?;
     let info = ctrl.info(dev_id)?;
@@ -380,6 +398,120 @@ pub fn recover(spec: &VolumeSpec, options: &MapOptions, dev_id: u32) -> Result<D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(size: u64, stripe_unit: u32, nodes: u16) -> VolumeSpec {
+        VolumeSpec {
+            name: "v".into(),
+            size,
+            stripe_unit,
+            nodes: (1..=nodes)
+                .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+                .collect(),
+        }
+    }
+
+    fn options(change: impl FnOnce(&mut MapOptions)) -> MapOptions {
+        let mut options = MapOptions {
+            volume: VolumeOptions::default(),
+            block_size: 512,
+            zero_copy: ZeroCopy::Auto,
+        };
+        change(&mut options);
+        options
+    }
+
+    type Change<'a> = &'a dyn Fn(&mut MapOptions);
+
+    #[test]
+    fn every_number_is_checked_before_anything_starts() {
+        let good = spec(1 << 30, 128 << 10, 3);
+        assert!(check(&good, &options(|_| {})).is_ok());
+        // The bounds themselves are fine.
+        assert!(
+            check(
+                &spec(1 << 60, 4 << 20, 1024),
+                &options(|o| {
+                    o.block_size = 4096;
+                    o.volume.queues = 64;
+                    o.volume.depth = 4096;
+                    o.volume.io_timeout = Duration::from_secs(3600);
+                    o.volume.node_down_timeout = Duration::from_secs(1);
+                })
+            )
+            .is_ok()
+        );
+        let secs = Duration::from_secs;
+        let bad_options: [(Change, &str); 12] = [
+            (
+                &|o| o.block_size = 1024,
+                "block size 1024 must be 512 or 4096",
+            ),
+            (&|o| o.block_size = u32::MAX, "must be 512 or 4096"),
+            (&|o| o.volume.queues = 0, "queues 0 must be from 1 to 64"),
+            (&|o| o.volume.queues = 65, "queues 65 must be from 1 to 64"),
+            (&|o| o.volume.queues = usize::MAX, "must be from 1 to 64"),
+            (&|o| o.volume.depth = 0, "depth 0 must be from 1 to 4096"),
+            (
+                &|o| o.volume.depth = u16::MAX,
+                "depth 65535 must be from 1 to 4096",
+            ),
+            (
+                &|o| o.volume.io_timeout = secs(0),
+                "io timeout 0 s must be from 1 to 3600 seconds",
+            ),
+            (&|o| o.volume.io_timeout = secs(3601), "io timeout 3601 s"),
+            (
+                &|o| o.volume.io_timeout = secs(u64::MAX),
+                "io timeout 18446744073709551615 s",
+            ),
+            (
+                &|o| o.volume.node_down_timeout = secs(0),
+                "node-down timeout 0 s must be from 1 to 3600 seconds",
+            ),
+            (
+                &|o| o.volume.node_down_timeout = Duration::MAX,
+                "node-down timeout",
+            ),
+        ];
+        for (change, says) in bad_options {
+            let err = check(&good, &options(change)).expect_err(says).to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        let bad_specs = [
+            (
+                spec(0, 128 << 10, 3),
+                "volume size 0 must be a non-zero multiple of 512",
+            ),
+            (spec(1000, 128 << 10, 3), "volume size 1000"),
+            (spec(u64::MAX, 128 << 10, 3), "at most 1152921504606846976"),
+            (spec((1 << 60) + 512, 128 << 10, 3), "at most"),
+            (
+                spec(1 << 30, 3 << 10, 3),
+                "stripe unit 3072 must be a power of two",
+            ),
+            (spec(1 << 30, 8 << 20, 3), "stripe unit 8388608"),
+            (spec(1 << 30, u32::MAX, 3), "stripe unit 4294967295"),
+            (spec(1 << 30, 128 << 10, 0), "at least one node"),
+            (
+                spec(1 << 30, 128 << 10, 1025),
+                "node count 1025 must be from 1 to 1024",
+            ),
+        ];
+        for (spec, says) in bad_specs {
+            let err = check(&spec, &options(|_| {})).expect_err(says).to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        let err = check(
+            &spec((1 << 20) + 512, 128 << 10, 3),
+            &options(|o| o.block_size = 4096),
+        )
+        .expect_err("unaligned")
+        .to_string();
+        assert!(
+            err.contains("not a multiple of the block size 4096"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_data_path_follows_the_kernel() {
