@@ -157,6 +157,9 @@ struct PieceRec {
     buf_offset: u64,
     len: u64,
     state: PieceState,
+    /// For a flush: the node's acknowledged writes when it was sent, which
+    /// its success makes durable.
+    covers: u64,
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +185,19 @@ struct NodeState {
     /// Pieces waiting to be sent, oldest first.
     queue: VecDeque<u64>,
     in_flight: usize,
+    /// The node's incarnation of the volume, once known.
+    incarnation: Option<u64>,
+    /// Writes (discards, write-zeroes) the node acknowledged, counted...
+    writes_acked: u64,
+    /// ...and how many of them a completed flush covers.
+    flushed_upto: u64,
+    /// The node came back as a new incarnation while it held acknowledged,
+    /// unflushed writes: they may be gone. The next flush fails with EIO
+    /// (and FUA writes until then).
+    lost_writes: bool,
+    /// The node no longer holds the pinned volume (it was lost and made
+    /// anew): IO to its stripes fails at once.
+    refused: bool,
 }
 
 /// Counters for metrics and tests.
@@ -194,6 +210,11 @@ pub struct EngineStats {
     pub stale_replies: u64,
     /// Connections torn down because a request timed out on them.
     pub aborts: u64,
+    /// Nodes that came back as a new incarnation with acknowledged writes
+    /// not known to be durable.
+    pub lost_incarnations: u64,
+    /// Flushes failed because a node may have lost acknowledged writes.
+    pub failed_flushes: u64,
 }
 
 /// The request engine of one queue; see the module docs.
@@ -224,6 +245,11 @@ impl Engine {
                 down_since: None,
                 queue: VecDeque::new(),
                 in_flight: 0,
+                incarnation: None,
+                writes_acked: 0,
+                flushed_upto: 0,
+                lost_writes: false,
+                refused: false,
             })
             .collect();
         Engine {
@@ -343,6 +369,7 @@ impl Engine {
                     buf_offset,
                     len,
                     state: PieceState::Queued,
+                    covers: 0,
                 },
             );
             self.nodes[node].queue.push_back(id);
@@ -370,6 +397,7 @@ impl Engine {
                 continue;
             }
             rec.state = PieceState::Sent;
+            rec.covers = state.writes_acked;
             state.in_flight += 1;
             self.stats.pieces_sent += 1;
             let len = rec.len;
@@ -468,6 +496,12 @@ impl Engine {
             });
         }
         if expected == 0 {
+            let (op, covers) = (rec.op, rec.covers);
+            let errno = if errno == 0 {
+                self.acknowledged(node, op, covers)
+            } else {
+                errno
+            };
             self.finish_piece(id, errno);
             return Ok(ReplySink::Done);
         }
@@ -641,14 +675,73 @@ impl Engine {
         }
     }
 
-    /// True if `node` has been down for longer than the node-down timeout.
+    /// True if `node` has been down for longer than the node-down timeout,
+    /// or no longer holds the volume.
     pub fn node_given_up(&self, node: usize, now: Instant) -> bool {
-        self.nodes
-            .get(node)
-            .and_then(|n| n.down_since)
-            .is_some_and(|since| {
-                now.saturating_duration_since(since) >= self.config.node_down_timeout
-            })
+        self.nodes.get(node).is_some_and(|n| {
+            n.refused
+                || n.down_since.is_some_and(|since| {
+                    now.saturating_duration_since(since) >= self.config.node_down_timeout
+                })
+        })
+    }
+
+    /// What `node`'s (re)connection said of the volume: its incarnation, and
+    /// an earlier one whose acknowledged writes it made durable (0: none).
+    /// A new incarnation while writes it acknowledged are not known to be
+    /// flushed means they may be lost: the next flush fails with EIO.
+    pub fn handle_incarnation(&mut self, node: usize, incarnation: u64, durable_incarnation: u64) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        n.refused = false;
+        if let Some(old) = n.incarnation
+            && old != incarnation
+        {
+            if n.writes_acked > n.flushed_upto && durable_incarnation != old {
+                n.lost_writes = true;
+                self.stats.lost_incarnations += 1;
+            } else if !n.lost_writes {
+                // Everything the old incarnation acknowledged is durable.
+                n.flushed_upto = n.writes_acked;
+            }
+        }
+        n.incarnation = Some(incarnation);
+    }
+
+    /// `node` answers, but no longer holds this volume (or holds another one
+    /// under its name): IO to its stripes fails at once with EIO, queued
+    /// pieces included, until [`Engine::handle_incarnation`] says it is back.
+    pub fn handle_node_refused(&mut self, node: usize) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.refused = true;
+        }
+    }
+
+    /// Durability bookkeeping of a successful answer from `node`; the errno
+    /// the piece ends with.
+    fn acknowledged(&mut self, node: usize, op: Op, covers: u64) -> i32 {
+        let n = &mut self.nodes[node];
+        match op {
+            Op::Read => 0,
+            Op::Write { fua: false } | Op::Discard | Op::WriteZeroes => {
+                n.writes_acked += 1;
+                0
+            }
+            Op::Write { fua: true } if n.lost_writes => EIO,
+            Op::Write { fua: true } => 0,
+            Op::Flush if n.lost_writes => {
+                // Reported once: from here on the node's state is known again.
+                n.lost_writes = false;
+                n.flushed_upto = n.writes_acked;
+                self.stats.failed_flushes += 1;
+                EIO
+            }
+            Op::Flush => {
+                n.flushed_upto = n.flushed_upto.max(covers);
+                0
+            }
+        }
     }
 
     /// The next finished request.
@@ -965,5 +1058,95 @@ mod tests {
             })
         );
         assert_eq!(e.handle_reply(0, &ok(a.id), 0), Ok(ReplySink::Discard));
+    }
+
+    fn flush(e: &mut Engine, now: Instant, tag: Tag) -> Vec<u64> {
+        submit(e, now, tag, Op::Flush, 0, 0);
+        (0..e.layout().node_count())
+            .map(|n| e.poll_transmit(n).expect("flush piece").id)
+            .collect()
+    }
+
+    fn write_acked(e: &mut Engine, now: Instant, tag: Tag, node: usize, fua: bool) {
+        submit(e, now, tag, Op::Write { fua }, node as u64 * 4096, 4096);
+        let t = e.poll_transmit(node).expect("write piece");
+        e.handle_reply(node, &ok(t.id), 0).expect("reply");
+        e.handle_buffer_released(node, tag);
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Ok(4096)));
+    }
+
+    #[test]
+    fn a_node_that_lost_acknowledged_writes_fails_the_next_flush_once() {
+        let mut e = engine(2);
+        let now = Instant::now();
+        e.handle_incarnation(0, 7, 0);
+        e.handle_incarnation(1, 9, 0);
+        write_acked(&mut e, now, 0, 0, false);
+        // Node 0 restarts as incarnation 8, nothing vouched for.
+        e.handle_connection_lost(now, 0);
+        e.handle_incarnation(0, 8, 0);
+        e.handle_connection_restored(0);
+        // A FUA write in that window fails too.
+        submit(&mut e, now, 1, Op::Write { fua: true }, 0, 4096);
+        let t = e.poll_transmit(0).expect("fua piece");
+        e.handle_reply(0, &ok(t.id), 0).expect("reply");
+        e.handle_buffer_released(0, 1);
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Err(EIO)));
+        let ids = flush(&mut e, now, 2);
+        for (n, id) in ids.iter().enumerate() {
+            e.handle_reply(n, &ok(*id), 0).expect("reply");
+        }
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Err(EIO)));
+        assert_eq!(e.stats().failed_flushes, 1);
+        // Reported once: the next flush is fine.
+        let ids = flush(&mut e, now, 2);
+        for (n, id) in ids.iter().enumerate() {
+            e.handle_reply(n, &ok(*id), 0).expect("reply");
+        }
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Ok(0)));
+    }
+
+    #[test]
+    fn a_restart_after_a_flush_or_vouched_for_loses_nothing() {
+        let mut e = engine(1);
+        let now = Instant::now();
+        e.handle_incarnation(0, 1, 0);
+        write_acked(&mut e, now, 0, 0, false);
+        let ids = flush(&mut e, now, 1);
+        e.handle_reply(0, &ok(ids[0]), 0).expect("reply");
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Ok(0)));
+        // Restart after the flush: nothing was unflushed.
+        e.handle_incarnation(0, 2, 0);
+        // A write, then a restart whose store made incarnation 2 durable.
+        write_acked(&mut e, now, 0, 0, false);
+        e.handle_incarnation(0, 3, 2);
+        // A write acknowledged after a flush was sent is not covered by it.
+        let ids = flush(&mut e, now, 1);
+        write_acked(&mut e, now, 0, 0, false);
+        e.handle_reply(0, &ok(ids[0]), 0).expect("reply");
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Ok(0)));
+        e.handle_incarnation(0, 4, 0);
+        let ids = flush(&mut e, now, 1);
+        e.handle_reply(0, &ok(ids[0]), 0).expect("reply");
+        assert_eq!(
+            e.poll_completion().map(|c| c.result),
+            Some(Err(EIO)),
+            "the write after the flush was lost with incarnation 3"
+        );
+        assert_eq!(e.stats().lost_incarnations, 1);
+    }
+
+    #[test]
+    fn a_refused_node_fails_its_stripes_at_once() {
+        let mut e = engine(2);
+        let now = Instant::now();
+        e.handle_connection_lost(now, 1);
+        e.handle_node_refused(1);
+        submit(&mut e, now, 0, Op::Write { fua: false }, 4096, 4096);
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Err(EIO)));
+        submit(&mut e, now, 0, Op::Read, 0, 4096);
+        assert!(e.poll_transmit(0).is_some(), "node 0 still serves");
+        e.handle_incarnation(1, 5, 0);
+        assert!(!e.node_given_up(1, now));
     }
 }

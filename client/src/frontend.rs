@@ -44,6 +44,11 @@ pub struct VolumeOptions {
     /// The first handshake session; each reconnect counts up from it. A
     /// recovered daemon starts above every session of the one before it.
     pub session: u64,
+    /// The volume identity each node must hold, in node order: pinned at
+    /// the first connect (empty: take what the nodes have, then pin it) and
+    /// kept across a daemon recovery. A node holding another identity lost
+    /// the volume and is refused.
+    pub volume_ids: Vec<String>,
 }
 
 impl Default for VolumeOptions {
@@ -58,6 +63,7 @@ impl Default for VolumeOptions {
             connect_timeout: Duration::from_secs(10),
             client_id: fresh_client_id(),
             session: 1,
+            volume_ids: Vec::new(),
         }
     }
 }
@@ -160,19 +166,52 @@ pub fn connect_queue(
     queue: usize,
 ) -> Result<(Vec<TcpStream>, Vec<NodeInfo>), OpenError> {
     let client_id = queue_client_id(options, queue);
-    let who = Identity {
-        client_id: &client_id,
-        volume: &spec.name,
-        session: options.session,
-    };
     let mut streams = Vec::with_capacity(spec.nodes.len());
     let mut infos = Vec::with_capacity(spec.nodes.len());
     for (node, addr) in spec.nodes.iter().enumerate() {
+        let who = Identity {
+            client_id: &client_id,
+            volume: &spec.name,
+            session: options.session,
+            volume_id: options.volume_ids.get(node).map(String::as_str),
+        };
         let (stream, info) = net::connect(*addr, node, layout, &who, options.timeouts())?;
         streams.push(stream);
         infos.push(info);
     }
     Ok((streams, infos))
+}
+
+/// One queue's connections, in node order, and what each node said.
+pub type ConnectedQueue = (Vec<TcpStream>, Vec<NodeInfo>);
+
+/// Connects every queue, in order. Unless `options` pin the nodes' volume
+/// identities already, the first queue's connections pin them, and every
+/// later connection (of any queue, reconnects included) must find the same.
+pub fn connect_queues(
+    spec: &VolumeSpec,
+    layout: &Layout,
+    options: &mut VolumeOptions,
+) -> Result<Vec<ConnectedQueue>, OpenError> {
+    let mut queues = Vec::with_capacity(options.queues);
+    for q in 0..options.queues {
+        let (streams, infos) = connect_queue(spec, layout, options, q)?;
+        if options.volume_ids.is_empty() {
+            options.volume_ids = infos.iter().map(|i| i.volume_id.clone()).collect();
+        }
+        queues.push((streams, infos));
+    }
+    Ok(queues)
+}
+
+/// A queue's engine, told what each node's handshake said of its
+/// incarnation of the volume.
+pub fn queue_engine(layout: &Layout, options: &VolumeOptions, nodes: &[NodeInfo]) -> Engine {
+    let mut engine = Engine::new(*layout, engine_config(options));
+    for (node, info) in nodes.iter().enumerate() {
+        engine.handle_incarnation(node, info.incarnation, info.durable_incarnation);
+    }
+    engine
 }
 
 /// The client id one queue's connections use: one live connection per node
@@ -330,10 +369,14 @@ impl Volume {
         crate::uring::probe(options.send_mode).map_err(OpenError::Uring)?;
         let mut queues: Vec<Queue> = Vec::with_capacity(options.queues);
         let mut nodes = Vec::new();
-        for q in 0..options.queues {
-            let (streams, infos) = connect_queue(spec, &layout, options, q)?;
+        let mut options = options.clone();
+        let options = &mut options;
+        for (q, (streams, infos)) in connect_queues(spec, &layout, options)?
+            .into_iter()
+            .enumerate()
+        {
+            let engine = queue_engine(&layout, options, &infos);
             nodes = infos;
-            let engine = Engine::new(layout, engine_config(options));
             let buffers =
                 Arc::new(TagBuffers::new(options.depth, options.max_io).map_err(OpenError::Uring)?);
             let shared = Arc::new(QueueShared {
@@ -548,6 +591,7 @@ pub fn reconnect_for(
             connect: options.connect_timeout.min(Duration::from_secs(5)),
             io: options.io_timeout,
         },
+        volume_ids: options.volume_ids.clone(),
     }
 }
 

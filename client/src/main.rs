@@ -404,6 +404,7 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), Failure> {
             node_down_timeout: Duration::from_secs(record.node_down_timeout_secs),
             client_id: record.client_id.clone(),
             session: u64::from(generation) << 32,
+            volume_ids: record.volume_ids.clone(),
             ..VolumeOptions::default()
         },
         block_size: record.block_size,
@@ -461,6 +462,7 @@ fn serve(
             SendMode::ZeroCopy => "zc",
         }
         .to_string(),
+        volume_ids: device.volume_ids.clone(),
     };
     if let Err(err) = state::save(&dir, &record) {
         eprintln!(

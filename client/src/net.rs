@@ -34,6 +34,16 @@ pub enum ConnectError {
         addr: SocketAddr,
         why: String,
     },
+    #[error(
+        "node {node} ({addr}) lost volume '{volume}': it now holds volume identity {got}, not {pinned} (made anew, empty): refusing it, its stripes fail with EIO"
+    )]
+    VolumeLost {
+        node: usize,
+        addr: SocketAddr,
+        volume: String,
+        pinned: String,
+        got: String,
+    },
 }
 
 /// What a node said in its handshake reply.
@@ -41,6 +51,12 @@ pub enum ConnectError {
 pub struct NodeInfo {
     pub node_id: String,
     pub max_io_size: u32,
+    /// The volume's identity on this node, fixed when it was created.
+    pub volume_id: String,
+    /// This life of the volume on the node, and an earlier one whose
+    /// acknowledged writes it made durable (0: none).
+    pub incarnation: u64,
+    pub durable_incarnation: u64,
 }
 
 /// Who is connecting, to which volume.
@@ -49,6 +65,9 @@ pub struct Identity<'a> {
     pub client_id: &'a str,
     pub volume: &'a str,
     pub session: u64,
+    /// The volume identity this node must hold (pinned at first connect):
+    /// None to take whatever it has.
+    pub volume_id: Option<&'a str>,
 }
 
 /// How long a connection may take to come up, and how long a request may
@@ -115,6 +134,17 @@ pub fn connect(
             message: reply.message,
         });
     }
+    if let Some(pinned) = who.volume_id
+        && pinned != reply.volume_id
+    {
+        return Err(ConnectError::VolumeLost {
+            node,
+            addr,
+            volume: who.volume.to_owned(),
+            pinned: pinned.to_owned(),
+            got: reply.volume_id,
+        });
+    }
     if reply.max_io_size < layout.stripe_unit() {
         return Err(hs_err(format!(
             "the node's max IO size {} is below the stripe unit {}",
@@ -133,6 +163,9 @@ pub fn connect(
         NodeInfo {
             node_id: reply.node_id,
             max_io_size: reply.max_io_size,
+            volume_id: reply.volume_id,
+            incarnation: reply.incarnation,
+            durable_incarnation: reply.durable_incarnation,
         },
     ))
 }

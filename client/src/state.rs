@@ -57,13 +57,16 @@ pub struct DeviceRecord {
     pub node_down_timeout_secs: u64,
     /// `zc` or `copy`.
     pub send: String,
+    /// Each node's volume identity, pinned at the first connect (empty:
+    /// the next connect pins them).
+    pub volume_ids: Vec<String>,
 }
 
 impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "netblk-device 2\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\n",
+            "netblk-device 2\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\n",
             self.id,
             self.volume,
             self.size,
@@ -79,7 +82,8 @@ impl DeviceRecord {
             self.generation,
             self.io_timeout_secs,
             self.node_down_timeout_secs,
-            self.send
+            self.send,
+            self.volume_ids.join(",")
         )
     }
 
@@ -117,6 +121,7 @@ impl DeviceRecord {
             .split(',')
             .map(|n| num::<SocketAddr>("nodes", n))
             .collect::<Result<Vec<_>, _>>()?;
+        let nodes_len = nodes.len();
         Ok(DeviceRecord {
             id: num("id", get("id")?)?,
             volume: get("volume")?.to_string(),
@@ -136,6 +141,20 @@ impl DeviceRecord {
             send: match get("send")? {
                 send @ ("zc" | "copy") => send.to_string(),
                 other => return Err(format!("bad 'send' value '{other}'")),
+            },
+            volume_ids: match get("volume_ids")? {
+                "" => Vec::new(),
+                ids => {
+                    let ids: Vec<String> = ids.split(',').map(str::to_string).collect();
+                    if ids.len() != nodes_len
+                        || ids
+                            .iter()
+                            .any(|id| id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()))
+                    {
+                        return Err(format!("bad 'volume_ids' value '{}'", ids.join(",")));
+                    }
+                    ids
+                }
             },
         })
     }
@@ -385,6 +404,7 @@ mod tests {
             io_timeout_secs: 30,
             node_down_timeout_secs: 15,
             send: "zc".into(),
+            volume_ids: vec!["0a1b".into(), "2c3d".into()],
         }
     }
 
@@ -592,5 +612,22 @@ mod tests {
         assert_eq!(parse_device("ublkb12"), Ok(12));
         assert_eq!(parse_device("5"), Ok(5));
         assert!(parse_device("/dev/sda").is_err());
+    }
+
+    #[test]
+    fn volume_ids_are_kept_and_checked() {
+        let text = record().to_text();
+        assert_eq!(DeviceRecord::parse(&text), Ok(record()));
+        // Nothing pinned yet (the next connect pins).
+        let unpinned = text.replace("volume_ids 0a1b,2c3d", "volume_ids ");
+        assert_eq!(
+            DeviceRecord::parse(&unpinned).map(|r| r.volume_ids),
+            Ok(Vec::new())
+        );
+        for bad in ["volume_ids 0a1b", "volume_ids 0a1b,zz", "volume_ids 0a1b,"] {
+            let text = text.replace("volume_ids 0a1b,2c3d", bad);
+            let err = DeviceRecord::parse(&text).expect_err(bad);
+            assert!(err.contains("volume_ids"), "{err}");
+        }
     }
 }

@@ -201,7 +201,7 @@ fn record(id: u32, io_timeout: &str) -> String {
         "netblk-device 2\nid {id}\nvolume v\nsize 67108864\nstripe_unit 65536\n\
          nodes 127.0.0.1:7001,127.0.0.1:7002\nqueues 1\ndepth 64\nblock_size 512\n\
          data_path copy\npid 4194305\npid_start 0\nclient_id netblk-1-ab\ngeneration 0\n\
-         io_timeout {io_timeout}\nnode_down_timeout 15\nsend zc\n"
+         io_timeout {io_timeout}\nnode_down_timeout 15\nsend zc\nvolume_ids \n"
     )
 }
 

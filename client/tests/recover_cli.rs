@@ -27,7 +27,7 @@ fn record(pid: u32, start: u64, volume: &str) -> String {
         "netblk-device 2\nid 7\nvolume {volume}\nsize 67108864\nstripe_unit 65536\n\
          nodes 127.0.0.1:7001,127.0.0.1:7002\nqueues 1\ndepth 64\nblock_size 512\n\
          data_path copy\npid {pid}\npid_start {start}\nclient_id netblk-1-ab\ngeneration 0\nio_timeout 30\n\
-         node_down_timeout 15\nsend zc\n"
+         node_down_timeout 15\nsend zc\nvolume_ids \n"
     )
 }
 

@@ -48,15 +48,25 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
 }
 
 fn handshake_reply() -> impl Strategy<Value = pb::HandshakeReply> {
-    (status(), text(), any::<u32>(), any::<u32>(), text()).prop_map(
-        |(status, message, protocol_version, max_io_size, node_id)| pb::HandshakeReply {
-            status,
-            message,
-            protocol_version,
-            max_io_size,
-            node_id,
-        },
+    (
+        (status(), text(), any::<u32>(), any::<u32>(), text()),
+        (text(), any::<u64>(), any::<u64>()),
     )
+        .prop_map(
+            |(
+                (status, message, protocol_version, max_io_size, node_id),
+                (volume_id, incarnation, durable_incarnation),
+            )| pb::HandshakeReply {
+                status,
+                message,
+                protocol_version,
+                max_io_size,
+                node_id,
+                volume_id,
+                incarnation,
+                durable_incarnation,
+            },
+        )
 }
 
 /// A request and the payload length it must carry.

@@ -448,6 +448,7 @@ fn serve_data(
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 max_io_size: node.config.max_io_size,
                 node_id: node.config.node_id.clone(),
+                ..Default::default()
             };
             // The refusal is what matters; a failed send changes nothing.
             let _ = send_frame(
@@ -471,6 +472,9 @@ fn serve_data(
         protocol_version: u32::from(PROTOCOL_VERSION),
         max_io_size: node.config.max_io_size,
         node_id: node.config.node_id.clone(),
+        volume_id: volume.lineage.id.clone(),
+        incarnation: volume.lineage.incarnation,
+        durable_incarnation: volume.lineage.durable_incarnation,
     };
     send_frame(
         stream,

@@ -72,6 +72,7 @@ impl Config {
 pub struct Volume {
     pub name: String,
     pub meta: VolumeMeta,
+    pub lineage: store::Lineage,
     /// Bytes of the volume on this node; node offsets are below it.
     pub capacity: u64,
     pub backend: Box<dyn Backend>,
@@ -131,15 +132,25 @@ impl Node {
         let volume = match volumes.get(name) {
             Some(volume) => Arc::clone(volume),
             None => {
-                let (mut backend, meta) =
+                let (mut backend, meta, mut lineage) =
                     store::open_or_create(&self.config.store, name, wanted)
                         .map_err(|err| format!("cannot open volume '{name}': {err}"))?;
                 if self.config.volatile_cache {
                     backend = Box::new(store::VolatileCache::new(backend, meta.capacity()));
+                    // What an earlier process held in its cache is gone.
+                    lineage.durable_incarnation = 0;
                 }
+                info!(
+                    volume = name,
+                    id = lineage.id,
+                    incarnation = lineage.incarnation,
+                    durable_incarnation = lineage.durable_incarnation,
+                    "volume incarnation"
+                );
                 let volume = Arc::new(Volume {
                     name: name.to_owned(),
                     meta,
+                    lineage,
                     capacity: meta.capacity(),
                     backend,
                 });

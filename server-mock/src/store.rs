@@ -72,14 +72,15 @@ impl VolumeMeta {
         netblk_protocol::geometry::node_capacity(self.volume_size, &self.layout())
     }
 
-    fn to_text(self) -> String {
+    fn to_text(self, id: &str) -> String {
         format!(
-            "netblk-volume 1\nvolume_size {}\nstripe_unit {}\nnode_count {}\nnode_index {}\n",
+            "netblk-volume 1\nvolume_size {}\nstripe_unit {}\nnode_count {}\nnode_index {}\nid {id}\n",
             self.volume_size, self.stripe_unit, self.node_count, self.node_index
         )
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    /// The metadata and the volume's id (None in files from before ids).
+    fn parse(text: &str) -> Result<(Self, Option<String>), String> {
         let mut fields: HashMap<&str, &str> = HashMap::new();
         let mut lines = text.lines();
         if lines.next() != Some("netblk-volume 1") {
@@ -100,12 +101,20 @@ impl VolumeMeta {
         let small = |key: &str| -> Result<u32, String> {
             u32::try_from(get(key)?).map_err(|_| format!("'{key}' out of range"))
         };
-        Ok(VolumeMeta {
+        let id = fields
+            .get("id")
+            .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()))
+            .map(|id| (*id).to_owned());
+        if fields.contains_key("id") && id.is_none() {
+            return Err("bad 'id'".into());
+        }
+        let meta = VolumeMeta {
             volume_size: get("volume_size")?,
             stripe_unit: small("stripe_unit")?,
             node_count: small("node_count")?,
             node_index: small("node_index")?,
-        })
+        };
+        Ok((meta, id))
     }
 }
 
@@ -132,22 +141,82 @@ pub trait Backend: Send + Sync {
     fn stored_bytes(&self) -> u64;
 }
 
+/// Which volume a client talks to, and which life of it.
+///
+/// `id` is fixed when the volume is created (and persisted with it): a
+/// different id under the same name means the volume was lost and made
+/// anew. `incarnation` is new each time this process opens the volume: the
+/// writes it acknowledged live in it until flushed. `durable_incarnation`
+/// names an earlier incarnation whose every acknowledged write this store
+/// made durable when it opened the volume (0: none), so a client that had
+/// unflushed writes there lost nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    pub id: String,
+    pub incarnation: u64,
+    pub durable_incarnation: u64,
+}
+
+/// A random non-zero number, for identities and incarnations.
+pub fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let random = File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map(|()| u64::from_le_bytes(bytes))
+        .unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id()) << 40
+        });
+    random.max(1)
+}
+
+fn new_volume_id() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
+}
+
 /// Opens a volume that exists in the store, or creates it. `Ok((backend,
-/// meta))` carries the metadata the store holds, which the caller compares
-/// with what the client asked for.
+/// meta, lineage))` carries the metadata the store holds, which the caller
+/// compares with what the client asked for, and the volume's lineage.
 pub fn open_or_create(
     kind: &StoreKind,
     name: &str,
     wanted: VolumeMeta,
-) -> io::Result<(Box<dyn Backend>, VolumeMeta)> {
+) -> io::Result<(Box<dyn Backend>, VolumeMeta, Lineage)> {
+    let fresh = || Lineage {
+        id: new_volume_id(),
+        incarnation: random_u64(),
+        durable_incarnation: 0,
+    };
     match kind {
-        StoreKind::Memory => Ok((Box::new(MemoryBackend::new()), wanted)),
-        StoreKind::Null => Ok((Box::new(NullBackend), wanted)),
+        StoreKind::Memory => Ok((Box::new(MemoryBackend::new()), wanted, fresh())),
+        StoreKind::Null => Ok((Box::new(NullBackend), wanted, fresh())),
         StoreKind::Dir(dir) => {
-            let (backend, meta) = DirBackend::open_or_create(dir, name, wanted)?;
-            Ok((Box::new(backend), meta))
+            let (backend, meta, lineage) = DirBackend::open_or_create(dir, name, wanted)?;
+            Ok((Box::new(backend), meta, lineage))
         }
     }
+}
+
+/// This kernel's boot: the page cache (where acknowledged writes of an
+/// earlier process wait) survives a process, not a reboot.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Writes `text` to `path` atomically and durably (temp file, fsync, rename,
+/// fsync of the directory).
+fn write_durably(dir: &Path, path: &Path, text: &str) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
 }
 
 /// Calls `f(chunk index, offset in chunk, offset in range, length)` for each
@@ -279,12 +348,12 @@ impl DirBackend {
         dir: &Path,
         name: &str,
         wanted: VolumeMeta,
-    ) -> io::Result<(Self, VolumeMeta)> {
+    ) -> io::Result<(Self, VolumeMeta, Lineage)> {
         let data_path = dir.join(format!("{name}.vol"));
         let meta_path = dir.join(format!("{name}.meta"));
-        match std::fs::read_to_string(&meta_path) {
+        let (backend, meta, id) = match std::fs::read_to_string(&meta_path) {
             Ok(text) => {
-                let meta = VolumeMeta::parse(&text).map_err(|why| {
+                let (meta, id) = VolumeMeta::parse(&text).map_err(|why| {
                     io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("{}: {why}", meta_path.display()),
@@ -302,7 +371,16 @@ impl DirBackend {
                         ),
                     ));
                 }
-                Ok((DirBackend { file }, meta))
+                let id = match id {
+                    Some(id) => id,
+                    None => {
+                        // A volume from before ids: it gets one now, for good.
+                        let id = new_volume_id();
+                        write_durably(dir, &meta_path, &meta.to_text(&id))?;
+                        id
+                    }
+                };
+                (DirBackend { file }, meta, id)
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 // Data file first, metadata last: a volume only exists once its
@@ -315,15 +393,47 @@ impl DirBackend {
                     .open(&data_path)?;
                 file.set_len(wanted.capacity())?;
                 file.sync_all()?;
-                let tmp = dir.join(format!("{name}.meta.tmp"));
-                std::fs::write(&tmp, wanted.to_text())?;
-                File::open(&tmp)?.sync_all()?;
-                std::fs::rename(&tmp, &meta_path)?;
-                File::open(dir)?.sync_all()?;
-                Ok((DirBackend { file }, wanted))
+                let id = new_volume_id();
+                write_durably(dir, &meta_path, &wanted.to_text(&id))?;
+                (DirBackend { file }, wanted, id)
             }
-            Err(err) => Err(err),
+            Err(err) => return Err(err),
+        };
+        let durable_incarnation = backend.take_over(dir, name)?;
+        let lineage = Lineage {
+            id,
+            incarnation: random_u64(),
+            durable_incarnation,
+        };
+        backend.record_incarnation(dir, name, lineage.incarnation)?;
+        Ok((backend, meta, lineage))
+    }
+
+    /// Makes every write of the process that had this volume open before
+    /// durable (they reached the page cache; on the same boot they are still
+    /// there), and returns that process's incarnation: none of what it
+    /// acknowledged is lost.
+    fn take_over(&self, dir: &Path, name: &str) -> io::Result<u64> {
+        let path = dir.join(format!("{name}.incarnation"));
+        let previous = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(err),
+        };
+        let mut words = previous.split_whitespace();
+        let (Some(boot), Some(incarnation)) = (words.next(), words.next()) else {
+            return Ok(0);
+        };
+        if boot != boot_id() || boot.is_empty() {
+            return Ok(0);
         }
+        self.file.sync_data()?;
+        Ok(incarnation.parse().unwrap_or(0))
+    }
+
+    fn record_incarnation(&self, dir: &Path, name: &str, incarnation: u64) -> io::Result<()> {
+        let path = dir.join(format!("{name}.incarnation"));
+        write_durably(dir, &path, &format!("{} {incarnation}\n", boot_id()))
     }
 
     fn write_zeroes_slowly(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -548,16 +658,51 @@ mod tests {
     #[test]
     fn dir_backend_reads_writes_and_reopens() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (backend, got) =
+        let (backend, got, first) =
             DirBackend::open_or_create(dir.path(), "v", meta(1 << 20)).expect("create");
         assert_eq!(got, meta(1 << 20));
+        assert_eq!(first.durable_incarnation, 0, "a new volume has no past");
         exercise(&backend);
         drop(backend);
-        let (_, got) = DirBackend::open_or_create(dir.path(), "v", meta(2 << 20)).expect("reopen");
+        let (_, got, second) =
+            DirBackend::open_or_create(dir.path(), "v", meta(2 << 20)).expect("reopen");
         assert_eq!(
             got,
             meta(1 << 20),
             "the stored metadata wins; the caller compares"
+        );
+        assert_eq!(second.id, first.id, "the identity is the volume's for good");
+        assert_ne!(
+            second.incarnation, first.incarnation,
+            "a new incarnation per open"
+        );
+        assert_eq!(
+            second.durable_incarnation, first.incarnation,
+            "the first process's writes were made durable at reopen"
+        );
+        // Another volume has another identity.
+        let (_, _, other) =
+            DirBackend::open_or_create(dir.path(), "w", meta(1 << 20)).expect("create w");
+        assert_ne!(other.id, first.id);
+    }
+
+    #[test]
+    fn an_incarnation_of_another_boot_is_not_vouched_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (backend, _, first) =
+            DirBackend::open_or_create(dir.path(), "v", meta(1 << 20)).expect("create");
+        drop(backend);
+        std::fs::write(
+            dir.path().join("v.incarnation"),
+            format!("another-boot {}\n", first.incarnation),
+        )
+        .expect("fake a reboot");
+        let (_, _, second) =
+            DirBackend::open_or_create(dir.path(), "v", meta(1 << 20)).expect("reopen");
+        assert_eq!(second.id, first.id);
+        assert_eq!(
+            second.durable_incarnation, 0,
+            "the page cache did not survive"
         );
     }
 
@@ -576,7 +721,11 @@ mod tests {
     #[test]
     fn metadata_round_trips_and_rejects_junk() {
         let m = meta(123 * 512);
-        assert_eq!(VolumeMeta::parse(&m.to_text()), Ok(m));
+        assert_eq!(
+            VolumeMeta::parse(&m.to_text("00ff")),
+            Ok((m, Some("00ff".to_owned())))
+        );
+        assert!(VolumeMeta::parse(&m.to_text("not hex")).is_err());
         assert!(VolumeMeta::parse("").is_err());
         assert!(VolumeMeta::parse("netblk-volume 1\nvolume_size x\n").is_err());
         assert!(VolumeMeta::parse("netblk-volume 1\nvolume_size 5\n").is_err());

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use super::ctrl::{Control, CtrlError};
 use super::queue::UblkQueue;
 use super::sys::{self, DevInfo, ParamBasic, ParamDiscard, Params};
-use crate::engine::Engine;
 use crate::frontend::{
-    OpenError, QueueThread, VolumeOptions, connect_queue, engine_config, reconnect_for, spawn_queue,
+    ConnectedQueue, OpenError, QueueThread, VolumeOptions, connect_queues, queue_engine,
+    reconnect_for, spawn_queue,
 };
 use crate::layout::{Layout, VolumeSpec};
 use crate::uring::{BufferMode, QueueParts, SendMode, TagBuffers};
@@ -130,6 +130,8 @@ pub fn check(spec: &VolumeSpec, options: &MapOptions) -> Result<Layout, MapError
 pub struct Device {
     pub dev_id: u32,
     pub path: DataPath,
+    /// The volume identity of each node, as pinned at the first connect.
+    pub volume_ids: Vec<String>,
     ctrl: Control,
     queues: Vec<QueueThread<UblkQueue>>,
 }
@@ -205,17 +207,14 @@ fn path_setup(path: DataPath, send: SendMode) -> Result<(BufferMode, SendMode, u
     })
 }
 
-/// Every queue connected to every node (in queue order).
+/// Every queue connected to every node (in queue order), and what each
+/// node said; pins the nodes' volume identities in `vopts` unless it has.
 fn connect_all(
     spec: &VolumeSpec,
     layout: &Layout,
-    vopts: &VolumeOptions,
-) -> Result<Vec<Vec<std::net::TcpStream>>, MapError> {
-    let mut streams = Vec::with_capacity(vopts.queues);
-    for q in 0..vopts.queues {
-        streams.push(connect_queue(spec, layout, vopts, q)?.0);
-    }
-    Ok(streams)
+    vopts: &mut VolumeOptions,
+) -> Result<Vec<ConnectedQueue>, MapError> {
+    Ok(connect_queues(spec, layout, vopts)?)
 }
 
 /// Opens the char device and starts one queue thread per hardware queue;
@@ -225,12 +224,13 @@ fn start_queues(
     spec: &VolumeSpec,
     layout: &Layout,
     vopts: &VolumeOptions,
-    streams: Vec<Vec<std::net::TcpStream>>,
+    connected: Vec<ConnectedQueue>,
     (buffer_mode, send_mode): (BufferMode, SendMode),
 ) -> Result<(), MapError> {
     let dev_id = device.dev_id;
     let cdev = UblkQueue::open_cdev(dev_id).map_err(MapError::Queue)?;
-    for (q, streams) in streams.into_iter().enumerate() {
+    device.volume_ids = vopts.volume_ids.clone();
+    for (q, (streams, nodes)) in connected.into_iter().enumerate() {
         let buffers =
             Arc::new(TagBuffers::new(vopts.depth, vopts.max_io).map_err(MapError::Queue)?);
         let queue = UblkQueue::new(
@@ -241,7 +241,7 @@ fn start_queues(
             buffer_mode != BufferMode::User,
         )
         .map_err(MapError::Queue)?;
-        let engine = Engine::new(*layout, engine_config(vopts));
+        let engine = queue_engine(layout, vopts, &nodes);
         let thread = spawn_queue(
             format!("ublk{dev_id}-q{q}"),
             QueueParts {
@@ -272,6 +272,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     let path = choose_path(features, recv_fixed, options.zero_copy)?;
     let (buffer_mode, send_mode, zc_flags) = path_setup(path, vopts.send_mode)?;
     // Every node must answer before a device exists.
+    let vopts = &mut vopts.clone();
     let streams = connect_all(spec, &layout, vopts)?;
     let info = DevInfo {
         nr_hw_queues: vopts.queues as u16,
@@ -286,6 +287,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     let mut device = Device {
         dev_id,
         path,
+        volume_ids: Vec::new(),
         ctrl,
         queues: Vec::new(),
     };
@@ -356,6 +358,7 @@ pub fn recover(spec: &VolumeSpec, options: &MapOptions, dev_id: u32) -> Result<D
     let path = choose_path(info.flags, crate::uring::probe_recv_fixed(), ZeroCopy::Auto)?;
     let (buffer_mode, send_mode, _) = path_setup(path, vopts.send_mode)?;
     // The nodes first: nothing is touched unless they all answer.
+    let vopts = &mut vopts.clone();
     let streams = connect_all(spec, &layout, vopts)?;
     // The kernel quiesces the device once the dead daemon's files are
     // released; until then START_USER_RECOVERY says EBUSY.
@@ -378,6 +381,7 @@ pub fn recover(spec: &VolumeSpec, options: &MapOptions, dev_id: u32) -> Result<D
     let mut device = Device {
         dev_id,
         path,
+        volume_ids: Vec::new(),
         ctrl,
         queues: Vec::new(),
     };

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{Frontend, QueueDriver};
 use crate::layout::Layout;
+use crate::net::{ConnectError, NodeInfo};
 use crate::recv::ReplyReader;
 
 /// How a queue re-establishes a lost node connection (in the background,
@@ -22,10 +23,13 @@ pub struct Reconnect {
     pub volume: String,
     /// For one connect + handshake, and the IO timeout.
     pub timeouts: crate::net::Timeouts,
+    /// The volume identity each node held at the first connect: a node that
+    /// comes back with another one lost the volume and is refused.
+    pub volume_ids: Vec<String>,
 }
 
 /// A reconnect attempt's outcome: node, session, the new connection.
-pub(super) type Reconnected = (usize, u64, Result<TcpStream, String>);
+pub(super) type Reconnected = (usize, u64, Result<(TcpStream, NodeInfo), ConnectError>);
 
 pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(50);
 pub(super) const RECONNECT_MAX: Duration = Duration::from_secs(2);
@@ -40,7 +44,7 @@ impl<F: Frontend> QueueDriver<F> {
             let conn = &mut self.conns[node];
             conn.connecting = false;
             match result {
-                Ok(stream) => {
+                Ok((stream, info)) => {
                     eprintln!(
                         "netblk: node {node} ({}) is back (session {session})",
                         reconnect.addrs[node]
@@ -59,7 +63,23 @@ impl<F: Frontend> QueueDriver<F> {
                     conn.broken = false;
                     conn.lost_reported = false;
                     conn.backoff = RECONNECT_MIN;
+                    self.engine.handle_incarnation(
+                        node,
+                        info.incarnation,
+                        info.durable_incarnation,
+                    );
                     self.engine.handle_connection_restored(node);
+                }
+                Err(why @ ConnectError::VolumeLost { .. }) => {
+                    // Answering, but not with our data: no point waiting for
+                    // the node-down timeout. Tried again, slowly, in case the
+                    // volume is put back.
+                    if conn.backoff < RECONNECT_MAX {
+                        eprintln!("netblk: {why}");
+                    }
+                    self.engine.handle_node_refused(node);
+                    conn.next_attempt = now + RECONNECT_MAX;
+                    conn.backoff = RECONNECT_MAX;
                 }
                 Err(why) => {
                     if conn.backoff >= RECONNECT_MAX {
@@ -84,6 +104,7 @@ impl<F: Frontend> QueueDriver<F> {
             let (addr, layout, timeouts) =
                 (reconnect.addrs[node], reconnect.layout, reconnect.timeouts);
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
+            let pinned = reconnect.volume_ids.get(node).cloned();
             let done = self.reconnected.0.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("reconnect-{node}"))
@@ -92,10 +113,9 @@ impl<F: Frontend> QueueDriver<F> {
                         client_id: &client_id,
                         volume: &volume,
                         session,
+                        volume_id: pinned.as_deref(),
                     };
-                    let result = crate::net::connect(addr, node, &layout, &who, timeouts)
-                        .map(|(stream, _)| stream)
-                        .map_err(|e| e.to_string());
+                    let result = crate::net::connect(addr, node, &layout, &who, timeouts);
                     let _ = done.send((node, session, result));
                 });
             if spawned.is_err() {
