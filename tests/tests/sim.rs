@@ -1,11 +1,17 @@
 //! Seeded deterministic simulation of the request engine.
 //!
 //! A fake network carries frames (through the real codec, split into random
-//! chunks) between one engine and N simulated nodes. Nodes answer in random
-//! order, replies sometimes arrive twice; connections drop and come back; zero-copy buffer
-//! releases arrive late. A workload of random non-overlapping requests runs
-//! against an in-memory reference model, and every read, every result and
-//! finally every node's store are checked against it.
+//! chunks: payloads arrive in pieces) between one engine and N simulated
+//! nodes. Nodes answer in random order, replies sometimes arrive twice;
+//! connections drop and come back. As on a real socket, a send holds its
+//! buffer until the peer has read the bytes (plus a delay for zero-copy
+//! notifications), so a node that stops reading holds the request's buffer
+//! until the connection is torn down. A node executes what it read even
+//! after the connection is gone, late, until a newer session of the client
+//! fences the older ones (the mock node's rule). A workload of random
+//! non-overlapping requests runs against an in-memory reference model, and
+//! every read, every result and finally every node's store are checked
+//! against it.
 //!
 //! A failure prints its seed; `NETBLK_SIM_SEED=<seed> cargo test -p
 //! netblk-tests --test sim` replays exactly that run.
@@ -48,7 +54,7 @@ fn take_frame(inbox: &mut Vec<u8>) -> Option<(pb::Header, Vec<u8>)> {
 
 #[derive(Debug)]
 enum Event {
-    /// Bytes arrive at a node on connection generation `gen`.
+    /// Bytes arrive at a node on connection generation `generation`.
     ToNode {
         node: usize,
         generation: u64,
@@ -76,6 +82,14 @@ enum Event {
     ConnectionRestore {
         node: usize,
     },
+    /// A node stops reading its connection for a while, then goes on.
+    Stall {
+        node: usize,
+        until: Duration,
+    },
+    Unstall {
+        node: usize,
+    },
     /// The engine's deadline timer.
     Timer,
 }
@@ -91,6 +105,21 @@ struct SimNode {
     last_to_client: Duration,
     /// Down for good (the node-down scenario).
     dead: bool,
+    /// Requests of connections below this generation are never executed
+    /// (a newer session fenced them); above it they run, however late.
+    fenced_below: u64,
+    /// Not reading: what arrives waits here, and senders wait with it.
+    stalled: bool,
+    held: Vec<u8>,
+    /// Bytes of the current connection sent to / read by the node, and the
+    /// sends that wait for the node to read up to a point: (end, tag).
+    sent: u64,
+    read: u64,
+    unread_sends: Vec<(u64, Tag)>,
+    /// Ranges (node offset, length) of writes that failed while this node's
+    /// connection was torn down: what the node holds there is known only
+    /// once the next session fenced the old one.
+    resync_at_restore: Vec<(u64, u64)>,
 }
 
 struct Outstanding {
@@ -111,6 +140,10 @@ struct Params {
     io_timeout: Duration,
     /// Node 0 dies for good after this many submissions (node-down scenario).
     kill_node0_after: Option<usize>,
+    /// Percent of requests a node executes late: after 1 to 3 IO timeouts.
+    slow_percent: u64,
+    /// Per-mille of steps at which a node stops reading for 1 to 4 IO timeouts.
+    stall_permille: u64,
 }
 
 struct Sim {
@@ -135,6 +168,7 @@ struct Sim {
     completed: usize,
     errors: usize,
     max_error_latency: Duration,
+    max_latency: Duration,
 }
 
 impl Sim {
@@ -161,6 +195,13 @@ impl Sim {
                     last_to_node: Duration::ZERO,
                     last_to_client: Duration::ZERO,
                     dead: false,
+                    fenced_below: 1,
+                    stalled: false,
+                    held: Vec::new(),
+                    sent: 0,
+                    read: 0,
+                    unread_sends: Vec::new(),
+                    resync_at_restore: Vec::new(),
                 }
             })
             .collect();
@@ -184,6 +225,7 @@ impl Sim {
             completed: 0,
             errors: 0,
             max_error_latency: Duration::ZERO,
+            max_latency: Duration::ZERO,
             p,
         }
     }
@@ -200,9 +242,12 @@ impl Sim {
         self.events.push(Reverse((at, self.seq, key)));
     }
 
-    /// Splits `bytes` into random chunks, delivered in order after random delays.
-    fn send_stream(&mut self, node: usize, to_node: bool, bytes: Vec<u8>) {
-        let generation = self.nodes[node].generation;
+    /// Splits `bytes` into random chunks, delivered in order after random
+    /// delays, on connection `generation`.
+    fn send_stream(&mut self, node: usize, generation: u64, to_node: bool, bytes: Vec<u8>) {
+        if to_node {
+            self.nodes[node].sent += bytes.len() as u64;
+        }
         let mut rest = &bytes[..];
         while !rest.is_empty() {
             let n = (1 + self.rng.below(rest.len() as u64 * 2) as usize).min(rest.len());
@@ -313,6 +358,13 @@ impl Sim {
         n.up = false;
         n.generation += 1;
         n.inbox.clear();
+        n.held.clear();
+        (n.sent, n.read) = (0, 0);
+        // The kernel lets go of every buffer of a torn-down connection.
+        let unread = std::mem::take(&mut n.unread_sends);
+        for (_, tag) in unread {
+            self.release(node, tag);
+        }
         self.client_inbox[node].clear();
         let now = self.instant();
         self.engine.handle_connection_lost(now, node);
@@ -330,21 +382,14 @@ impl Sim {
                 if let Some(slice) = t.payload {
                     let buf = &self.buffers[usize::from(slice.tag)];
                     bytes.extend_from_slice(&buf[slice.offset as usize..][..slice.len as usize]);
-                    if self.p.zero_copy {
-                        self.pending_releases[usize::from(slice.tag)] += 1;
-                        let at = self.now + self.rng.micros(2_000);
-                        self.schedule(
-                            at,
-                            Event::Release {
-                                node,
-                                tag: slice.tag,
-                            },
-                        );
-                    } else {
-                        self.engine.handle_buffer_released(node, slice.tag);
-                    }
+                    // Held until the node has read it all.
+                    self.pending_releases[usize::from(slice.tag)] += 1;
+                    let n = &mut self.nodes[node];
+                    let end = n.sent + bytes.len() as u64;
+                    n.unread_sends.push((end, slice.tag));
                 }
-                self.send_stream(node, true, bytes);
+                let generation = self.nodes[node].generation;
+                self.send_stream(node, generation, true, bytes);
             }
         }
     }
@@ -362,6 +407,7 @@ impl Sim {
                 c.tag
             );
             self.completed += 1;
+            self.max_latency = self.max_latency.max(self.now - o.submitted);
             let r = o.request;
             match c.result {
                 Err(errno) => {
@@ -369,9 +415,20 @@ impl Sim {
                     assert_eq!(errno, 5, "only EIO from timeouts");
                     self.max_error_latency = self.max_error_latency.max(self.now - o.submitted);
                     // The request may or may not have reached a node: the
-                    // model cannot know, so take the range back from the nodes.
+                    // model cannot know, so take the range back from the
+                    // nodes: now where the connection is up (nothing of the
+                    // request is left in it), else once the next session
+                    // fenced what the old one may still run.
                     if matches!(r.op, Op::Write { .. } | Op::Discard | Op::WriteZeroes) {
-                        self.resync(r.offset, r.len);
+                        for p in self.layout.pieces(r.offset, r.len) {
+                            if self.nodes[p.node].up {
+                                self.resync(p.node, p.node_offset, p.len);
+                            } else {
+                                self.nodes[p.node]
+                                    .resync_at_restore
+                                    .push((p.node_offset, p.len));
+                            }
+                        }
                     }
                 }
                 Ok(n) => {
@@ -398,23 +455,67 @@ impl Sim {
         }
     }
 
-    /// Copies what the nodes hold for a range back into the model.
-    fn resync(&mut self, offset: u64, len: u64) {
-        for p in self.layout.pieces(offset, len) {
-            let src = &self.nodes[p.node].store[p.node_offset as usize..][..p.len as usize];
-            self.model[(offset + p.buf_offset) as usize..][..p.len as usize].copy_from_slice(src);
+    /// Copies what `node` holds for a range of its store back into the model.
+    fn resync(&mut self, node: usize, node_offset: u64, len: u64) {
+        for p in self.layout.pieces(0, self.p.size) {
+            if p.node != node {
+                continue;
+            }
+            let (start, end) = (
+                p.node_offset.max(node_offset),
+                (p.node_offset + p.len).min(node_offset + len),
+            );
+            if start < end {
+                let src = &self.nodes[node].store[start as usize..end as usize];
+                let at = (p.buf_offset + start - p.node_offset) as usize;
+                self.model[at..at + src.len()].copy_from_slice(src);
+            }
         }
     }
 
+    /// A send of `tag`'s buffer to `node` is done with it: now for a plain
+    /// send, after the notification's delay for a zero-copy one.
+    fn release(&mut self, node: usize, tag: Tag) {
+        let at = if self.p.zero_copy {
+            self.now + self.rng.micros(2_000)
+        } else {
+            self.now
+        };
+        self.schedule(at, Event::Release { node, tag });
+    }
+
     fn node_receive(&mut self, node: usize, bytes: Vec<u8>) {
+        let n = &mut self.nodes[node];
+        if n.stalled || !n.held.is_empty() {
+            n.held.extend_from_slice(&bytes);
+            return;
+        }
+        n.read += bytes.len() as u64;
+        let read = n.read;
+        let mut done = Vec::new();
+        n.unread_sends.retain(|(end, tag)| {
+            let read_all = *end <= read;
+            if read_all {
+                done.push(*tag);
+            }
+            !read_all
+        });
+        for tag in done {
+            self.release(node, tag);
+        }
         self.nodes[node].inbox.extend_from_slice(&bytes);
         while let Some((header, payload)) = take_frame(&mut self.nodes[node].inbox) {
             let Some(Kind::Request(pb::Request { id, op: Some(op) })) = header.kind else {
                 panic!("client sent {header:?}");
             };
             let generation = self.nodes[node].generation;
-            // Nodes execute in any order.
-            let at = self.now + self.rng.micros(3_000);
+            // Nodes execute in any order, some requests very late.
+            let at = if self.rng.chance(self.p.slow_percent) {
+                let timeout = self.p.io_timeout.as_micros() as u64;
+                self.now + Duration::from_micros(timeout + self.rng.below(2 * timeout))
+            } else {
+                self.now + self.rng.micros(3_000)
+            };
             self.schedule(
                 at,
                 Event::Execute {
@@ -428,7 +529,14 @@ impl Sim {
         }
     }
 
-    fn node_execute(&mut self, node: usize, id: u64, op: WireOp, payload: Vec<u8>) {
+    fn node_execute(
+        &mut self,
+        node: usize,
+        generation: u64,
+        id: u64,
+        op: WireOp,
+        payload: Vec<u8>,
+    ) {
         let store = &mut self.nodes[node].store;
         let mut data = Vec::new();
         match op {
@@ -459,7 +567,7 @@ impl Sim {
             let copy = bytes.clone();
             bytes.extend_from_slice(&copy);
         }
-        self.send_stream(node, false, bytes);
+        self.send_stream(node, generation, false, bytes);
     }
 
     fn client_receive(&mut self, node: usize, bytes: Vec<u8>) {
@@ -495,7 +603,10 @@ impl Sim {
             self.submit();
             self.transmit();
             self.check_completions();
-            if self.submitted >= self.p.requests && self.outstanding.is_empty() {
+            let finished = self.submitted >= self.p.requests && self.outstanding.is_empty();
+            // Then what the network and the nodes still hold plays out: late
+            // executions, fences at reconnects.
+            if finished && self.events.is_empty() {
                 break;
             }
             if let Some(deadline) = self.engine.poll_timeout() {
@@ -506,9 +617,16 @@ impl Sim {
                 }
             }
             // Sometimes a connection breaks.
-            if self.rng.chance(self.p.drop_percent) {
+            if !finished && self.rng.chance(self.p.drop_percent) {
                 let node = self.rng.below(self.nodes.len() as u64) as usize;
                 self.drop_connection(node);
+            }
+            // Sometimes a node stops reading.
+            if !finished && self.rng.below(1000) < self.p.stall_permille {
+                let node = self.rng.below(self.nodes.len() as u64) as usize;
+                let timeout = self.p.io_timeout.as_micros() as u64;
+                let until = self.now + Duration::from_micros(timeout + self.rng.below(3 * timeout));
+                self.schedule(self.now, Event::Stall { node, until });
             }
             let Some(Reverse((at, _, key))) = self.events.pop() else {
                 panic!(
@@ -530,14 +648,16 @@ impl Sim {
                     generation,
                     bytes,
                 } if generation == self.nodes[node].generation => self.node_receive(node, bytes),
+                // Run late, even for a connection that is gone, unless a
+                // newer session fenced it.
                 Event::Execute {
                     node,
                     generation,
                     id,
                     op,
                     payload,
-                } if generation == self.nodes[node].generation => {
-                    self.node_execute(node, id, op, payload)
+                } if generation >= self.nodes[node].fenced_below => {
+                    self.node_execute(node, generation, id, op, payload)
                 }
                 Event::ToClient {
                     node,
@@ -554,7 +674,26 @@ impl Sim {
                         n.up = true;
                         n.last_to_node = self.now;
                         n.last_to_client = self.now;
+                        // The new session fences the older ones.
+                        n.fenced_below = n.generation;
+                        for (offset, len) in std::mem::take(&mut n.resync_at_restore) {
+                            self.resync(node, offset, len);
+                        }
                         self.engine.handle_connection_restored(node);
+                    }
+                }
+                Event::Stall { node, until } => {
+                    if !self.nodes[node].stalled {
+                        self.nodes[node].stalled = true;
+                        self.schedule(until, Event::Unstall { node });
+                    }
+                }
+                Event::Unstall { node } => {
+                    let n = &mut self.nodes[node];
+                    n.stalled = false;
+                    let held = std::mem::take(&mut n.held);
+                    if !held.is_empty() {
+                        self.node_receive(node, held);
                     }
                 }
                 Event::Timer => timer_at = None,
@@ -621,6 +760,8 @@ fn engine_survives_reordering_splits_duplicates_and_reconnects() {
                 zero_copy: rng.chance(50),
                 io_timeout: Duration::from_secs(30),
                 kill_node0_after: None,
+                slow_percent: 0,
+                stall_permille: 0,
             };
             let mut sim = Sim::new(seed, p);
             sim.run();
@@ -658,6 +799,8 @@ fn a_dead_node_fails_its_requests_with_eio_within_the_timeout() {
                 zero_copy: true,
                 io_timeout: timeout,
                 kill_node0_after: Some(100),
+                slow_percent: 0,
+                stall_permille: 0,
             };
             let mut sim = Sim::new(seed, p);
             sim.run();
@@ -669,5 +812,56 @@ fn a_dead_node_fails_its_requests_with_eio_within_the_timeout() {
                 sim.max_error_latency
             );
         });
+    }
+}
+
+/// Nodes that run requests very late and stop reading for longer than the
+/// IO timeout: every request ends within its deadline (plus the time to
+/// hand back buffers), and a write that timed out never lands over what
+/// came after it: the volume always matches the model.
+#[test]
+fn late_and_stalled_nodes_never_hold_a_request_past_its_deadline_or_land_a_stale_write() {
+    let all = seeds(200..240);
+    let replaying = all.len() == 1;
+    let (mut errors, mut aborts) = (0, 0);
+    for seed in all {
+        let stats = std::panic::AssertUnwindSafe((&mut errors, &mut aborts));
+        with_seed(seed, move |seed| {
+            let stats = stats;
+            let mut rng = Rng::new(seed ^ 0x5eed);
+            let timeout = Duration::from_millis(50);
+            let nodes = [1u32, 2, 3][rng.below(3) as usize];
+            let p = Params {
+                nodes,
+                stripe_unit: 4096,
+                size: 4096 * u64::from(nodes) * 4,
+                depth: 1 + rng.below(8) as u16,
+                max_io: 16384,
+                requests: 400,
+                drop_percent: 0,
+                dup_percent: 5,
+                zero_copy: rng.chance(50),
+                io_timeout: timeout,
+                kill_node0_after: None,
+                slow_percent: 3,
+                stall_permille: 2,
+            };
+            let mut sim = Sim::new(seed, p);
+            sim.run();
+            assert_eq!(sim.completed, sim.p.requests, "nothing hangs");
+            assert!(
+                sim.max_latency <= timeout + Duration::from_millis(5),
+                "a request took {:?} with a {timeout:?} deadline",
+                sim.max_latency
+            );
+            sim.check_nodes();
+            let (errors, aborts) = stats.0;
+            *errors += sim.errors;
+            *aborts += sim.engine.stats().aborts;
+        });
+    }
+    if !replaying {
+        assert!(errors > 0, "the seeds exercise timeouts");
+        assert!(aborts > 0, "the seeds exercise torn-down connections");
     }
 }
