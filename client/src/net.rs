@@ -173,9 +173,11 @@ pub fn connect(
 /// Keepalive probing of an idle connection: (idle time, interval, probes).
 /// A peer that vanished (no RST: a dead host, a cut link) is noticed within
 /// about the IO timeout even when no request is waiting on it.
+/// Whole seconds: what the kernel takes.
 pub fn keepalive_for(io_timeout: Duration) -> (Duration, Duration, u32) {
-    let idle = (io_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(15));
-    let interval = (io_timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(5));
+    let secs = io_timeout.as_secs();
+    let idle = Duration::from_secs((secs / 2).clamp(1, 15));
+    let interval = Duration::from_secs((secs / 6).clamp(1, 5));
     (idle, interval, 3)
 }
 
@@ -199,4 +201,37 @@ fn configure(stream: &TcpStream, timeouts: Timeouts) -> io::Result<()> {
     // documents for sending from user pages; older kernels ignore the hint.
     crate::uring::enable_zerocopy(stream)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_notices_a_silent_peer_within_the_io_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let io = Duration::from_secs(7);
+        configure(
+            &stream,
+            Timeouts {
+                connect: Duration::from_secs(2),
+                io,
+            },
+        )
+        .expect("configure");
+        let sock = SockRef::from(&stream);
+        assert_eq!(sock.tcp_user_timeout().expect("user timeout"), Some(io));
+        assert!(sock.keepalive().expect("keepalive"));
+        let (idle, interval, probes) = keepalive_for(io);
+        assert_eq!(sock.tcp_keepalive_time().expect("idle"), idle);
+        assert_eq!(sock.tcp_keepalive_interval().expect("interval"), interval);
+        assert_eq!(sock.tcp_keepalive_retries().expect("retries"), probes);
+        // An idle dead peer is found within about the IO timeout.
+        for secs in [1, 2, 5, 30, 3600] {
+            let io = Duration::from_secs(secs);
+            let (idle, interval, probes) = keepalive_for(io);
+            assert!(idle + interval * probes <= io.max(Duration::from_secs(4)) + io / 2);
+        }
+    }
 }
