@@ -104,6 +104,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
         any::<bool>(),
         any::<u32>(),
         any::<u64>(),
+        status(),
     )
         .prop_map(
             |(
@@ -115,6 +116,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
                 stall,
                 corrupt_replies,
                 crash_after,
+                corrupt_part,
             )| pb::Faults {
                 latency_us,
                 jitter_us,
@@ -125,6 +127,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
                 corrupt_replies,
                 crash_after,
                 stall_open_only: stall,
+                corrupt_part,
             },
         )
 }
