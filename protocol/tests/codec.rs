@@ -1,5 +1,9 @@
 //! Property tests for the frame codec: every message round-trips, and no byte
 //! stream (random, mutated, truncated, split anywhere) makes the decoder panic.
+//! Behind valid preambles, random or rule-breaking headers get typed header
+//! errors (or exactly the verdict of the frame rules), partial frames ask for
+//! exactly the missing bytes, and a valid frame after garbage comes out
+//! intact.
 
 use netblk_protocol::pb::{self, admin::Cmd, header::Kind, request::Op};
 use netblk_protocol::{
@@ -114,6 +118,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
         any::<bool>(),
         any::<u32>(),
         any::<u64>(),
+        status(),
     )
         .prop_map(
             |(
@@ -125,6 +130,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
                 stall,
                 corrupt_replies,
                 crash_after,
+                corrupt_part,
             )| pb::Faults {
                 latency_us,
                 jitter_us,
@@ -135,6 +141,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
                 corrupt_replies,
                 crash_after,
                 stall_open_only: stall,
+                corrupt_part,
             },
         )
 }
@@ -293,6 +300,298 @@ proptest! {
         }
         stream.truncate(cut.index(stream.len() + 1));
         let _ = decode_stream(&stream, &chunks, &Limits::default());
+    }
+}
+
+/// The errors a frame can have once its preamble is valid: they are about
+/// the header, never the framing.
+fn is_header_error(err: &FrameError) -> bool {
+    match err {
+        FrameError::Protobuf(why) => !why.is_empty(),
+        FrameError::UnknownMessage
+        | FrameError::UnknownOp { .. }
+        | FrameError::UnexpectedPayload { .. }
+        | FrameError::WriteLengthMismatch { .. } => true,
+        FrameError::BadMagic(_)
+        | FrameError::UnsupportedVersion(_)
+        | FrameError::ReservedFlags(_)
+        | FrameError::HeaderTooLong { .. }
+        | FrameError::PayloadTooLong { .. } => false,
+    }
+}
+
+/// A valid preamble for `header` and `payload`, then both.
+fn framed(header: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Preamble {
+        header_len: header.len() as u32,
+        payload_len: payload.len() as u32,
+    }
+    .to_bytes()
+    .to_vec();
+    out.extend_from_slice(header);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks what the decoder makes of one frame whose preamble is valid and
+/// announces exactly the bytes that follow: every prefix needs exactly the
+/// missing bytes (never 0), and the whole either decodes as one frame of
+/// exactly that length, agreeing with `decode_header`, or fails with a
+/// header error. Returns the decoded header (`None` after an error).
+fn check_one_frame(
+    bytes: &[u8],
+    header_len: usize,
+    limits: &Limits,
+) -> Result<Option<pb::Header>, TestCaseError> {
+    for cut in 0..bytes.len() {
+        let want = if cut < PREAMBLE_LEN {
+            PREAMBLE_LEN - cut
+        } else {
+            bytes.len() - cut
+        };
+        prop_assert_eq!(
+            decode_frame(&bytes[..cut], limits),
+            Ok(Decoded::NeedMore(want)),
+            "prefix of {} bytes",
+            cut
+        );
+    }
+    let payload_len = (bytes.len() - PREAMBLE_LEN - header_len) as u32;
+    let alone = decode_header(&bytes[PREAMBLE_LEN..PREAMBLE_LEN + header_len], payload_len);
+    match decode_frame(bytes, limits) {
+        Ok(Decoded::Frame(frame)) => {
+            prop_assert_eq!(frame.len, bytes.len());
+            prop_assert_eq!(frame.payload, &bytes[PREAMBLE_LEN + header_len..]);
+            prop_assert_eq!(alone, Ok(frame.header.clone()));
+            Ok(Some(frame.header))
+        }
+        Ok(Decoded::NeedMore(need)) => Err(TestCaseError::fail(format!(
+            "whole frame still needs {need}"
+        ))),
+        Err(err) => {
+            prop_assert!(is_header_error(&err), "{:?}", err);
+            prop_assert_eq!(alone, Err(err));
+            Ok(None)
+        }
+    }
+}
+
+/// Any header kind, or none, with fields anywhere in their range: unknown
+/// status codes, requests without an operation, extreme ids and lengths.
+fn any_kind() -> impl Strategy<Value = Option<Kind>> {
+    let op = proptest::option::of(prop_oneof![
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(offset, length)| Op::Read(pb::Read { offset, length })),
+        (
+            any::<u64>(),
+            prop_oneof![0u32..5000, any::<u32>()],
+            any::<bool>()
+        )
+            .prop_map(|(offset, length, fua)| Op::Write(pb::Write {
+                offset,
+                length,
+                fua
+            })),
+        Just(Op::Flush(pb::Flush {})),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(offset, length)| Op::Discard(pb::Discard { offset, length })),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(offset, length)| Op::WriteZeroes(pb::WriteZeroes { offset, length })),
+        any::<u64>().prop_map(|nonce| Op::Ping(pb::Ping { nonce })),
+    ]);
+    proptest::option::of(prop_oneof![
+        handshake().prop_map(Kind::Handshake),
+        handshake_reply().prop_map(Kind::HandshakeReply),
+        (any::<u64>(), op).prop_map(|(id, op)| Kind::Request(pb::Request { id, op })),
+        reply().prop_map(Kind::Reply),
+        admin().prop_map(Kind::Admin),
+        admin_reply().prop_map(Kind::AdminReply),
+    ])
+}
+
+/// Protobuf fields this schema does not know (numbers above the `Header`'s),
+/// in every wire type: a decoder skips them.
+fn unknown_fields() -> impl Strategy<Value = Vec<u8>> {
+    let field = (
+        7u32..=1000,
+        prop_oneof![
+            any::<u64>().prop_map(|v| (0u8, v.to_le_bytes().to_vec())),
+            any::<[u8; 8]>().prop_map(|v| (1u8, v.to_vec())),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(|v| (2u8, v)),
+            any::<[u8; 4]>().prop_map(|v| (5u8, v.to_vec())),
+        ],
+    )
+        .prop_map(|(number, (wire_type, value))| {
+            let mut out = Vec::new();
+            prost::encoding::encode_key(
+                number,
+                match wire_type {
+                    0 => prost::encoding::WireType::Varint,
+                    1 => prost::encoding::WireType::SixtyFourBit,
+                    2 => prost::encoding::WireType::LengthDelimited,
+                    _ => prost::encoding::WireType::ThirtyTwoBit,
+                },
+                &mut out,
+            );
+            match wire_type {
+                0 => prost::encoding::encode_varint(
+                    u64::from_le_bytes(value.try_into().unwrap_or_default()),
+                    &mut out,
+                ),
+                2 => {
+                    prost::encoding::encode_varint(value.len() as u64, &mut out);
+                    out.extend_from_slice(&value);
+                }
+                _ => out.extend_from_slice(&value),
+            }
+            out
+        });
+    proptest::collection::vec(field, 0..4).prop_map(|fields| fields.concat())
+}
+
+/// What the decoder must say of a well-formed `header` whose preamble
+/// announced `payload_len`.
+fn verdict(header: &pb::Header, payload_len: u32) -> Result<(), FrameError> {
+    let unexpected = |what| {
+        if payload_len == 0 {
+            Ok(())
+        } else {
+            Err(FrameError::UnexpectedPayload {
+                what,
+                len: payload_len,
+            })
+        }
+    };
+    match &header.kind {
+        None => Err(FrameError::UnknownMessage),
+        Some(Kind::Request(pb::Request { id, op: None })) => Err(FrameError::UnknownOp { id: *id }),
+        Some(Kind::Request(pb::Request {
+            op: Some(Op::Write(write)),
+            ..
+        })) if write.length != payload_len => Err(FrameError::WriteLengthMismatch {
+            declared: write.length,
+            actual: payload_len,
+        }),
+        Some(Kind::Request(pb::Request {
+            op: Some(Op::Write(_)),
+            ..
+        })) => Ok(()),
+        Some(Kind::Request(_)) => unexpected("a request other than write"),
+        Some(Kind::Reply(_)) => Ok(()),
+        Some(Kind::Handshake(_)) => unexpected("a handshake"),
+        Some(Kind::HandshakeReply(_)) => unexpected("a handshake reply"),
+        Some(Kind::Admin(_)) => unexpected("an admin request"),
+        Some(Kind::AdminReply(_)) => unexpected("an admin reply"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// A valid preamble, then any bytes where the header should be, and a
+    /// payload: the frame decodes (agreeing with `decode_header`) or fails
+    /// with a header error, and every prefix asks for exactly what is
+    /// missing.
+    #[test]
+    fn random_headers_behind_valid_preambles_fail_typed(
+        header in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            proptest::collection::vec(any::<u8>(), 0..=MAX_HEADER_LEN as usize),
+        ],
+        payload in proptest::collection::vec(any::<u8>(), 0..3000),
+        max_payload in 3000u32..100_000,
+    ) {
+        let limits = Limits { max_payload_len: max_payload };
+        let bytes = framed(&header, &payload);
+        check_one_frame(&bytes, header.len(), &limits)?;
+        let _ = decode_stream(&bytes, &[1, 17, 300], &limits);
+    }
+
+    /// Well-formed headers of every kind (and of none), fields anywhere in
+    /// their range, unknown fields added, behind valid preambles with a
+    /// payload that may not fit them: the decoder gives exactly the verdict
+    /// the frame rules give, and the header it decodes is the one encoded.
+    #[test]
+    fn well_formed_headers_get_exactly_the_rule_verdict(
+        kind in any_kind(),
+        extra in unknown_fields(),
+        extra_first in any::<bool>(),
+        payload_len in prop_oneof![Just(None), (0u32..5000).prop_map(Some)],
+        fill in any::<u8>(),
+    ) {
+        let header = pb::Header { kind };
+        let encoded = prost::Message::encode_to_vec(&header);
+        let bytes = if extra_first {
+            [extra.clone(), encoded].concat()
+        } else {
+            [encoded, extra.clone()].concat()
+        };
+        prop_assume!(bytes.len() <= MAX_HEADER_LEN as usize);
+        // By default, the payload the header asks for (a write's length).
+        let fitting = match &header.kind {
+            Some(Kind::Request(pb::Request { op: Some(Op::Write(w)), .. })) => w.length.min(5000),
+            _ => 0,
+        };
+        let payload_len = payload_len.unwrap_or(fitting);
+        let payload: Vec<u8> = (0..payload_len).map(|i| fill ^ i as u8).collect();
+        let frame = framed(&bytes, &payload);
+        let decoded = check_one_frame(&frame, bytes.len(), &Limits::default())?;
+        match verdict(&header, payload_len) {
+            Ok(()) => prop_assert_eq!(decoded, Some(header)),
+            Err(want) => {
+                prop_assert_eq!(decoded, None);
+                prop_assert_eq!(decode_header(&bytes, payload_len), Err(want));
+            }
+        }
+    }
+
+    /// A frame of garbage (valid preamble, random or rule-breaking header,
+    /// random payload) followed by a valid frame: the garbage fails with a
+    /// header error or decodes as exactly its own bytes, and then the valid
+    /// frame comes out intact: never swallowed, shifted or taken for
+    /// something else.
+    #[test]
+    fn a_valid_frame_after_garbage_is_not_mis_decoded(
+        garbage_header in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            (any_kind(), unknown_fields()).prop_map(|(kind, extra)| {
+                [prost::Message::encode_to_vec(&pb::Header { kind }), extra].concat()
+            }),
+        ],
+        garbage_payload in proptest::collection::vec(any::<u8>(), 0..2000),
+        (header, payload) in frame(),
+        chunks in proptest::collection::vec(1usize..3000, 1..6),
+    ) {
+        prop_assume!(garbage_header.len() <= MAX_HEADER_LEN as usize);
+        let limits = Limits::default();
+        let mut stream = framed(&garbage_header, &garbage_payload);
+        let garbage_len = stream.len();
+        encode_frame(&header, &payload, &mut stream).expect("valid frame encodes");
+        match decode_frame(&stream, &limits) {
+            Err(err) => {
+                prop_assert!(is_header_error(&err), "{:?}", err);
+                prop_assert_eq!(decode_stream(&stream, &chunks, &limits), Err(err));
+            }
+            Ok(Decoded::NeedMore(need)) => {
+                return Err(TestCaseError::fail(format!("garbage frame needs {need} more")));
+            }
+            Ok(Decoded::Frame(first)) => {
+                prop_assert_eq!(first.len, garbage_len);
+                prop_assert_eq!(first.payload, &garbage_payload[..]);
+                let first_header = first.header.clone();
+                let Ok(Decoded::Frame(second)) = decode_frame(&stream[garbage_len..], &limits) else {
+                    return Err(TestCaseError::fail("the valid frame did not decode"));
+                };
+                prop_assert_eq!(&second.header, &header);
+                prop_assert_eq!(second.payload, &payload[..]);
+                prop_assert_eq!(second.len, stream.len() - garbage_len);
+                let streamed = decode_stream(&stream, &chunks, &limits);
+                prop_assert_eq!(
+                    streamed,
+                    Ok(vec![(first_header, garbage_payload.clone()), (header, payload)])
+                );
+            }
+        }
     }
 }
 

@@ -214,11 +214,18 @@ impl ReplyWriter {
             let _ = self.raw.shutdown(Shutdown::Both);
             return;
         }
-        if node.faults.take_corrupt() {
-            head[0] ^= 0xff;
+        let mut corrupted_payload = None;
+        if let Some(corruption) = node.faults.take_corrupt(&head, payload.len(), &node.limits) {
+            corrupted_payload = corruption.apply(&mut head, payload);
             bump(&node.counters.corrupted_replies, 1);
-            info!("corrupting a reply frame (fault)");
+            info!(
+                part = ?corruption.part,
+                at = corruption.at,
+                mask = corruption.mask,
+                "corrupting a reply frame (fault)"
+            );
         }
+        let payload = corrupted_payload.as_deref().unwrap_or(payload);
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let sent = if payload.len() >= DIRECT_WRITE_MIN {
             // Large data goes straight to the socket, not through the buffer.

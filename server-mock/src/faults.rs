@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use netblk_protocol::pb::{self, Status};
+use netblk_protocol::pb::{self, CorruptPart, Status, header::Kind};
+use netblk_protocol::{Limits, PREAMBLE_LEN, Preamble, decode_header};
 
 /// Largest latency or jitter a knob accepts: one hour.
 const MAX_DELAY_US: u64 = 3_600_000_000;
@@ -26,7 +27,63 @@ pub fn check(faults: &pb::Faults) -> Result<(), String> {
     if Status::try_from(faults.error_status).is_err() {
         return Err(format!("unknown error status {}", faults.error_status));
     }
+    if CorruptPart::try_from(faults.corrupt_part).is_err() {
+        return Err(format!("unknown corrupt part {}", faults.corrupt_part));
+    }
     Ok(())
+}
+
+/// How many positions `CorruptPart::Any` tries before it settles for the
+/// first magic byte (a flip there is always rejected).
+const ANY_TRIES: usize = 64;
+
+/// One byte of a reply frame to flip: `at` counts from the frame's first
+/// byte (preamble, then header, then payload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Corruption {
+    pub at: usize,
+    pub mask: u8,
+    pub part: CorruptPart,
+}
+
+impl Corruption {
+    /// Flips the byte in `head` (preamble and header) or, past it, in a copy
+    /// of `payload`, which is returned.
+    pub fn apply(&self, head: &mut [u8], payload: &[u8]) -> Option<Vec<u8>> {
+        if let Some(byte) = head.get_mut(self.at) {
+            *byte ^= self.mask;
+            return None;
+        }
+        let mut copy = payload.to_vec();
+        if let Some(byte) = copy.get_mut(self.at - head.len()) {
+            *byte ^= self.mask;
+        }
+        Some(copy)
+    }
+}
+
+/// True if a frame that starts with `head` (its preamble and header) can no
+/// longer be taken for a reply: the preamble or the header it announces is
+/// refused, or decodes as something else. A header length grown past the
+/// header is not rejected (a receiver would wait for more), nor is a payload
+/// length that still fits the limits (only the requester can tell).
+fn rejected_alone(head: &[u8], limits: &Limits) -> bool {
+    let Some((preamble, rest)) = head.split_first_chunk::<PREAMBLE_LEN>() else {
+        return false;
+    };
+    let preamble = match Preamble::parse(preamble, limits) {
+        Ok(preamble) => preamble,
+        Err(_) => return true,
+    };
+    let Some(header) = rest.get(..preamble.header_len as usize) else {
+        return false;
+    };
+    !matches!(
+        decode_header(header, preamble.payload_len),
+        Ok(pb::Header {
+            kind: Some(Kind::Reply(_))
+        })
+    )
 }
 
 /// The node's current faults, with the small amount of state they need.
@@ -37,6 +94,19 @@ pub struct Knobs {
     /// after the stall was set) are not held.
     stall_cutoff: AtomicU64,
     rng: Mutex<u64>,
+    /// Where corruption lands: a stream of its own, so that the same seed
+    /// corrupts the same bytes whatever jitter and errors drew.
+    corrupt_rng: Mutex<u64>,
+}
+
+/// splitmix64: small, seedable, good enough to pick faults.
+fn next_random(state: &Mutex<u64>) -> u64 {
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Knobs {
@@ -46,6 +116,7 @@ impl Knobs {
             unstalled: Condvar::new(),
             stall_cutoff: AtomicU64::new(u64::MAX),
             rng: Mutex::new(seed),
+            corrupt_rng: Mutex::new(seed ^ 0x636f_7272_7570_7421),
         }
     }
 
@@ -102,13 +173,7 @@ impl Knobs {
     }
 
     fn random(&self) -> u64 {
-        // splitmix64: small, seedable, good enough to pick faults.
-        let mut state = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        next_random(&self.rng)
     }
 
     /// How long to hold a request before executing it.
@@ -135,14 +200,57 @@ impl Knobs {
         })
     }
 
-    /// True if this reply must be corrupted (and counts it off).
-    pub fn take_corrupt(&self) -> bool {
+    /// The byte to flip in this reply frame, if it must be corrupted (and
+    /// then counts it off). `head` is the frame's preamble and header,
+    /// `payload_len` the length of the payload sent after it. With
+    /// [`CorruptPart::Payload`], a frame without a payload is passed over
+    /// and not counted.
+    pub fn take_corrupt(
+        &self,
+        head: &[u8],
+        payload_len: usize,
+        limits: &Limits,
+    ) -> Option<Corruption> {
         let mut faults = self.lock();
         if faults.corrupt_replies == 0 {
-            return false;
+            return None;
+        }
+        let part = CorruptPart::try_from(faults.corrupt_part).unwrap_or(CorruptPart::Any);
+        let span = match part {
+            CorruptPart::Any => 0..head.len(),
+            CorruptPart::Preamble => 0..PREAMBLE_LEN.min(head.len()),
+            CorruptPart::Header => PREAMBLE_LEN.min(head.len())..head.len(),
+            CorruptPart::Payload => head.len()..head.len() + payload_len,
+        };
+        if span.is_empty() {
+            return None;
         }
         faults.corrupt_replies -= 1;
-        true
+        drop(faults);
+        let draw = || {
+            let x = next_random(&self.corrupt_rng);
+            let at = span.start + (x % span.len() as u64) as usize;
+            // 1..=255: never 0, which would change nothing.
+            let mask = ((x >> 32) % 255 + 1) as u8;
+            Corruption { at, mask, part }
+        };
+        if part != CorruptPart::Any {
+            return Some(draw());
+        }
+        let mut scratch = head.to_vec();
+        for _ in 0..ANY_TRIES {
+            let corruption = draw();
+            scratch[corruption.at] ^= corruption.mask;
+            if rejected_alone(&scratch, limits) {
+                return Some(corruption);
+            }
+            scratch[corruption.at] ^= corruption.mask;
+        }
+        Some(Corruption {
+            at: 0,
+            mask: 0xff,
+            part,
+        })
     }
 }
 
@@ -168,6 +276,121 @@ mod tests {
         assert_eq!(knobs.draw_error(&faults), Some(Status::IoError));
         faults.error_probability = 0.0;
         assert_eq!(knobs.draw_error(&faults), None);
+    }
+
+    /// Preamble and header of a reply to `id`, with a payload of `len` bytes.
+    fn reply_head(id: u64, len: usize) -> Vec<u8> {
+        let mut head = Vec::new();
+        let reply = pb::Reply {
+            id,
+            ..Default::default()
+        };
+        netblk_protocol::encode_head(&pb::Header::reply(reply), len, &mut head).expect("encodes");
+        head
+    }
+
+    fn knobs(part: CorruptPart, n: u32, seed: u64) -> Knobs {
+        let faults = pb::Faults {
+            corrupt_replies: n,
+            corrupt_part: part as i32,
+            ..Default::default()
+        };
+        Knobs::new(faults, seed)
+    }
+
+    #[test]
+    fn any_lands_in_preamble_and_header_and_is_always_rejected() {
+        let limits = Limits::default();
+        let knobs = knobs(CorruptPart::Any, 500, 1);
+        let mut in_preamble = 0;
+        let mut in_header = 0;
+        for i in 0..500u64 {
+            let id = i * 37 + 1;
+            let len = if i % 2 == 0 { 4096 } else { 0 };
+            let mut head = reply_head(id, len);
+            let c = knobs.take_corrupt(&head, len, &limits).expect("counted");
+            assert_eq!(c.part, CorruptPart::Any);
+            assert_ne!(c.mask, 0);
+            assert!(c.at < head.len(), "never the payload: {c:?}");
+            if c.at < PREAMBLE_LEN {
+                in_preamble += 1;
+            } else {
+                in_header += 1;
+            }
+            assert!(c.apply(&mut head, &[]).is_none());
+            assert!(rejected_alone(&head, &limits), "{c:?} left a reply");
+        }
+        assert!(
+            in_preamble > 0 && in_header > 0,
+            "{in_preamble} {in_header}"
+        );
+        assert_eq!(knobs.get().corrupt_replies, 0);
+        assert!(knobs.take_corrupt(&reply_head(1, 0), 0, &limits).is_none());
+    }
+
+    #[test]
+    fn a_chosen_part_is_hit_anywhere_in_it() {
+        let limits = Limits::default();
+        let head = reply_head(300, 100);
+        let header = PREAMBLE_LEN..head.len();
+        let payload = head.len()..head.len() + 100;
+        for (part, span) in [
+            (CorruptPart::Preamble, 0..PREAMBLE_LEN),
+            (CorruptPart::Header, header),
+            (CorruptPart::Payload, payload),
+        ] {
+            let knobs = knobs(part, 2000, 9);
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..2000 {
+                let c = knobs.take_corrupt(&head, 100, &limits).expect("counted");
+                assert_eq!(c.part, part);
+                assert_ne!(c.mask, 0);
+                assert!(span.contains(&c.at), "{c:?} outside {span:?}");
+                seen.insert(c.at);
+            }
+            assert_eq!(seen.len(), span.len(), "{part:?}: every byte is hit");
+        }
+    }
+
+    #[test]
+    fn payload_corruption_flips_one_byte_of_a_copy_and_skips_frames_without_data() {
+        let limits = Limits::default();
+        let knobs = knobs(CorruptPart::Payload, 1, 3);
+        let empty = reply_head(1, 0);
+        assert!(knobs.take_corrupt(&empty, 0, &limits).is_none());
+        assert_eq!(knobs.get().corrupt_replies, 1, "not counted");
+        let mut head = reply_head(2, 64);
+        let clean = head.clone();
+        let data = [0x5a; 64];
+        let c = knobs
+            .take_corrupt(&head, 64, &limits)
+            .expect("a read reply");
+        let copy = c.apply(&mut head, &data).expect("payload copied");
+        assert_eq!(head, clean, "head untouched");
+        let diff: Vec<usize> = (0..64).filter(|&i| copy[i] != data[i]).collect();
+        assert_eq!(diff, vec![c.at - clean.len()]);
+        assert_eq!(knobs.get().corrupt_replies, 0);
+    }
+
+    #[test]
+    fn the_same_seed_corrupts_the_same_bytes_whatever_else_was_drawn() {
+        let limits = Limits::default();
+        let head = reply_head(77, 512);
+        let run = |seed: u64, other_draws: usize| {
+            let knobs = knobs(CorruptPart::Any, 20, seed);
+            let jitter = pb::Faults {
+                jitter_us: 1000,
+                ..Default::default()
+            };
+            for _ in 0..other_draws {
+                knobs.delay(&jitter);
+            }
+            (0..20)
+                .map(|_| knobs.take_corrupt(&head, 512, &limits).expect("counted"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(5, 0), run(5, 13));
+        assert_ne!(run(5, 0), run(6, 0));
     }
 
     #[test]
@@ -198,6 +421,13 @@ mod tests {
         assert!(
             check(&pb::Faults {
                 error_status: 99,
+                ..ok
+            })
+            .is_err()
+        );
+        assert!(
+            check(&pb::Faults {
+                corrupt_part: 4,
                 ..ok
             })
             .is_err()

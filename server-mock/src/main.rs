@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use netblk_mock_node::{Config, Server, StoreKind, parse_size};
-use netblk_protocol::pb::{self, Status};
+use netblk_protocol::pb::{self, CorruptPart, Status};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -117,7 +117,8 @@ struct Args {
     #[arg(long, help_heading = "Fault injection")]
     stall: bool,
 
-    /// Corrupt the next N reply frames (their magic is flipped).
+    /// Corrupt the next N reply frames: one byte of each is XORed with a
+    /// nonzero mask, at a place --corrupt-part allows.
     #[arg(
         long,
         default_value_t = 0,
@@ -125,6 +126,24 @@ struct Args {
         help_heading = "Fault injection"
     )]
     corrupt_replies: u32,
+
+    /// Where --corrupt-replies flips its byte. `any`: the preamble or the
+    /// protobuf header, only where the frame then no longer decodes as a
+    /// reply, which a client detects (it reconnects and resends).
+    /// `preamble`, `header`: any byte of that part, whatever it does (a
+    /// header flip may yield a valid reply with another id or status; a
+    /// longer header length leaves the client waiting for bytes). `payload`:
+    /// any byte of a read's data, which no client can detect until data
+    /// digests exist (data goes wrong silently); replies without data are
+    /// passed over and not counted. Byte and mask come from --fault-seed.
+    #[arg(
+        long,
+        default_value = "any",
+        value_parser = parse_corrupt_part,
+        value_name = "any|preamble|header|payload",
+        help_heading = "Fault injection"
+    )]
+    corrupt_part: CorruptPart,
 
     /// Exit at once (a crash: exit code 86, nothing flushed) when the node has
     /// received N requests in all (0 = never).
@@ -136,7 +155,8 @@ struct Args {
     )]
     crash_after: u64,
 
-    /// Seed for the random draws of jitter and error injection [default: from the clock].
+    /// Seed for the random draws of jitter, error injection and where
+    /// corruption lands (a stream of its own) [default: from the clock].
     #[arg(long, value_name = "SEED", help_heading = "Fault injection")]
     fault_seed: Option<u64>,
 }
@@ -166,6 +186,20 @@ fn parse_status(text: &str) -> Result<Status, String> {
     })
 }
 
+fn parse_corrupt_part(text: &str) -> Result<CorruptPart, String> {
+    Ok(match text.to_ascii_lowercase().as_str() {
+        "any" => CorruptPart::Any,
+        "preamble" => CorruptPart::Preamble,
+        "header" => CorruptPart::Header,
+        "payload" => CorruptPart::Payload,
+        _ => {
+            return Err(format!(
+                "unknown part '{text}': use any, preamble, header or payload"
+            ));
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -186,6 +220,7 @@ fn main() -> ExitCode {
         corrupt_replies: args.corrupt_replies,
         crash_after: args.crash_after,
         stall_open_only: false,
+        corrupt_part: args.corrupt_part as i32,
     };
     if let Err(why) = netblk_mock_node::faults::check(&faults) {
         eprintln!("netblk-mock-node: {why}");

@@ -29,6 +29,7 @@ fn help_explains_every_flag() {
         "--drop-after",
         "--stall",
         "--corrupt-replies",
+        "--corrupt-part",
         "--crash-after",
         "--fault-seed",
     ] {
@@ -43,6 +44,7 @@ fn bad_flags_are_refused_with_a_clear_message() {
         &["--store", "disk"],
         &["--max-io-size", "12Q"],
         &["--error-status", "ebadf"],
+        &["--corrupt-part", "trailer"],
     ] {
         let out = std::process::Command::new(mock_node_bin())
             .args(args)

@@ -395,6 +395,14 @@ impl NodeClient {
         Ok(self.call(Op::Ping(pb::Ping { nonce: 7 }), &[])?.0)
     }
 
+    /// Reads exactly `len` raw bytes, whatever they are (for tests of
+    /// corrupted replies).
+    pub fn recv_raw(&mut self, len: usize) -> io::Result<Vec<u8>> {
+        let mut bytes = vec![0u8; len];
+        self.framed.stream.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
     /// Writes raw bytes, for tests of malformed input.
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.framed.stream.write_all(bytes)

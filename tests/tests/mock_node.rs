@@ -6,8 +6,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use netblk_mock_node::CRASH_EXIT_CODE;
-use netblk_protocol::pb::{self, Status, header::Kind, request::Op};
-use netblk_protocol::{FrameError, MAX_HEADER_LEN, Preamble, encode_frame};
+use netblk_protocol::pb::{self, CorruptPart, Status, header::Kind, request::Op};
+use netblk_protocol::{
+    Decoded, Limits, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, decode_frame, encode_frame,
+};
 use netblk_tests::{ClientError, MockNode, NodeClient, handshake, pattern};
 
 const MIB: u64 = 1 << 20;
@@ -453,8 +455,9 @@ fn corrupt_knob_mangles_exactly_the_next_n_replies() {
         ..Default::default()
     });
     let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    // The default part: the frame no longer decodes as a reply.
     match client.ping() {
-        Err(ClientError::Frame(FrameError::BadMagic(_))) => {}
+        Err(ClientError::Frame(_) | ClientError::Unexpected(_)) => {}
         other => panic!("expected a corrupted frame, got {other:?}"),
     }
     let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
@@ -462,6 +465,172 @@ fn corrupt_knob_mangles_exactly_the_next_n_replies() {
     let mut admin = node.admin();
     assert_eq!(admin.stats().corrupted_replies, 1);
     assert_eq!(admin.faults().corrupt_replies, 0);
+}
+
+/// The part of a reply frame a byte offset lies in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FramePart {
+    Preamble,
+    Header,
+    Payload,
+}
+
+/// A read reply as received, and where it differs from the clean frame.
+struct Received {
+    bytes: Vec<u8>,
+    flipped: Option<(usize, FramePart)>,
+}
+
+/// Sends `n` reads of `data` (at offset 0) pipelined, after a ping each when
+/// `pings`, and compares the raw reply bytes with the clean frames: each
+/// corrupted reply differs from its clean frame in exactly one byte (ping
+/// replies in none).
+fn receive_reads(client: &mut NodeClient, data: &[u8], n: usize, pings: bool) -> Vec<Received> {
+    let mut expected = Vec::new();
+    for _ in 0..n {
+        if pings {
+            let id = client
+                .send(Op::Ping(pb::Ping { nonce: 5 }), &[])
+                .expect("send");
+            let reply = pb::Reply {
+                id,
+                nonce: 5,
+                ..Default::default()
+            };
+            expected.push((false, pb::Header::reply(reply), Vec::new()));
+        }
+        let id = client
+            .send(read_op(0, data.len() as u32), &[])
+            .expect("send");
+        let reply = pb::Reply {
+            id,
+            ..Default::default()
+        };
+        expected.push((true, pb::Header::reply(reply), data.to_vec()));
+    }
+    let mut received = Vec::new();
+    for (is_read, header, payload) in expected {
+        let mut clean = Vec::new();
+        encode_frame(&header, &payload, &mut clean).expect("encodes");
+        let head_len = clean.len() - payload.len();
+        let bytes = client.recv_raw(clean.len()).expect("reply bytes");
+        let diff: Vec<usize> = (0..clean.len()).filter(|&i| bytes[i] != clean[i]).collect();
+        assert!(diff.len() <= 1, "one byte flipped at most: {diff:?}");
+        let flipped = diff.first().map(|&at| {
+            let part = if at < PREAMBLE_LEN {
+                FramePart::Preamble
+            } else if at < head_len {
+                FramePart::Header
+            } else {
+                FramePart::Payload
+            };
+            (at, part)
+        });
+        if is_read {
+            received.push(Received { bytes, flipped });
+        } else {
+            assert!(flipped.is_none(), "a reply without data is passed over");
+        }
+    }
+    received
+}
+
+#[test]
+fn corrupted_replies_land_in_every_part_of_the_frame() {
+    let node = MockNode::start(&["--fault-seed", "11"]);
+    let mut admin = node.admin();
+    let data = pattern(3, 4096);
+    let limits = Limits::default();
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    client.write(0, &data, false);
+    let set = |admin: &mut netblk_tests::AdminClient, n: u32, part: CorruptPart| {
+        admin.set_faults(pb::Faults {
+            corrupt_replies: n,
+            corrupt_part: part as i32,
+            ..Default::default()
+        })
+    };
+
+    // The default: preamble or header, never the payload, and never a frame
+    // that still decodes as a reply (nor one that leaves the decoder
+    // waiting for more).
+    set(&mut admin, 60, CorruptPart::Any);
+    let mut parts = HashSet::new();
+    for reply in receive_reads(&mut client, &data, 60, false) {
+        let (at, part) = reply.flipped.expect("every reply corrupted");
+        assert_ne!(part, FramePart::Payload);
+        parts.insert(part);
+        match decode_frame(&reply.bytes, &limits) {
+            Err(_) => {}
+            Ok(Decoded::Frame(frame)) => assert!(
+                !matches!(frame.header.kind, Some(Kind::Reply(_))),
+                "byte {at} flipped, still a reply: {:?}",
+                frame.header
+            ),
+            Ok(Decoded::NeedMore(need)) => panic!("byte {at} flipped: waits for {need} bytes"),
+        }
+    }
+    assert_eq!(
+        parts,
+        HashSet::from([FramePart::Preamble, FramePart::Header]),
+        "60 corruptions hit both"
+    );
+
+    // A chosen part: every corrupted byte is in it.
+    for (part, want) in [
+        (CorruptPart::Preamble, FramePart::Preamble),
+        (CorruptPart::Header, FramePart::Header),
+        (CorruptPart::Payload, FramePart::Payload),
+    ] {
+        set(&mut admin, 10, part);
+        // Pings in between: payload corruption passes them over.
+        let pings = part == CorruptPart::Payload;
+        for reply in receive_reads(&mut client, &data, 10, pings) {
+            assert_eq!(reply.flipped.map(|(_, p)| p), Some(want), "{part:?}");
+            if want == FramePart::Payload {
+                // Nothing in the frame tells: only a data digest could.
+                let decoded = decode_frame(&reply.bytes, &limits);
+                let Ok(Decoded::Frame(frame)) = decoded else {
+                    panic!("payload corruption still decodes: {decoded:?}");
+                };
+                assert!(matches!(frame.header.kind, Some(Kind::Reply(_))));
+                assert_ne!(frame.payload, &data[..]);
+            }
+        }
+    }
+    assert_eq!(admin.faults().corrupt_replies, 0);
+    assert_eq!(admin.stats().corrupted_replies, 60 + 3 * 10);
+
+    // Knob spent: clean replies again on the same connection.
+    assert_eq!(client.read(0, 4096), data);
+}
+
+#[test]
+fn the_same_fault_seed_corrupts_the_same_bytes() {
+    let run = |seed: &str| {
+        let node = MockNode::start(&[
+            "--fault-seed",
+            seed,
+            "--corrupt-replies",
+            "12",
+            "--corrupt-part",
+            "header",
+        ]);
+        let faults = node.admin().faults();
+        assert_eq!(faults.corrupt_part, CorruptPart::Header as i32);
+        let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+        receive_reads(&mut client, &[0; 512], 12, false)
+            .into_iter()
+            .map(|reply| {
+                let (at, part) = reply.flipped.expect("corrupted");
+                assert_eq!(part, FramePart::Header);
+                (at, reply.bytes)
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = run("5");
+    assert_eq!(first, run("5"));
+    assert_ne!(first, run("6"));
 }
 
 #[test]

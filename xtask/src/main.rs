@@ -14,10 +14,13 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   vm-demo [--kernel 6.12|6.17|7.3]
         run `netblk demo` in a QEMU guest (7.3 by default) and show it
-  vm-test [--kernel 6.12|6.17|7.3 [--version DEBIAN-VERSION]]
-        boot real ublk kernels under QEMU and run the scenario in each;
+  vm-test [--kernel 6.12|6.17|7.3 [--version DEBIAN-VERSION]] [--scenario NAME[,NAME...]]
+        boot real ublk kernels under QEMU and run the scenarios in each;
         the versions are pinned (6.12.117, 6.17.13, 7.3.4 +deb13-amd64),
-        --version picks another Debian build of that kernel line
+        --version picks another Debian build of that kernel line;
+        --scenario runs only those (xtask/src/scenarios/NAME.sh, after
+        common.sh, in their fixed order): refusals, blocksize, basic, fs,
+        reliability, orphan
   ci [--vm]
         cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
         cargo test --workspace; with --vm, then vm-test on every kernel";
@@ -27,7 +30,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") if args.len() == 1 => ci(),
         Some("ci") if args.len() == 2 && args[1] == "--vm" => {
-            ci().and_then(|()| vm::vm_test(&workspace_root(), None, None))
+            ci().and_then(|()| vm::vm_test(&workspace_root(), None, None, &[]))
         }
         Some("vm-demo") => match &args[1..] {
             [] => vm::vm_demo(&workspace_root(), None),
@@ -36,18 +39,14 @@ fn main() -> ExitCode {
                 "usage: cargo xtask vm-demo [--kernel NAME]\n{USAGE}"
             )),
         },
-        Some("vm-test") => match &args[1..] {
-            [] => vm::vm_test(&workspace_root(), None, None),
-            [flag, kernel] if flag == "--kernel" => {
-                vm::vm_test(&workspace_root(), Some(kernel), None)
-            }
-            [k, kernel, v, version] if k == "--kernel" && v == "--version" => {
-                vm::vm_test(&workspace_root(), Some(kernel), Some(version))
-            }
-            _ => Err(format!(
-                "usage: cargo xtask vm-test [--kernel NAME [--version VERSION]]\n{USAGE}"
-            )),
-        },
+        Some("vm-test") => VmTestArgs::parse(&args[1..]).and_then(|a| {
+            vm::vm_test(
+                &workspace_root(),
+                a.kernel.as_deref(),
+                a.version.as_deref(),
+                &a.scenarios,
+            )
+        }),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
@@ -60,6 +59,41 @@ fn main() -> ExitCode {
             eprintln!("xtask: {why}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The flags of `vm-test`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct VmTestArgs {
+    kernel: Option<String>,
+    version: Option<String>,
+    /// Scenario names, in the order given (they run in their fixed order).
+    scenarios: Vec<String>,
+}
+
+impl VmTestArgs {
+    fn parse(args: &[String]) -> Result<VmTestArgs, String> {
+        let usage = || {
+            format!(
+                "usage: cargo xtask vm-test [--kernel NAME [--version VERSION]] [--scenario NAME[,NAME...]]\n{USAGE}"
+            )
+        };
+        let mut parsed = VmTestArgs::default();
+        let mut args = args.iter();
+        while let Some(flag) = args.next() {
+            let value = args.next().ok_or_else(usage)?;
+            match flag.as_str() {
+                "--kernel" if parsed.kernel.is_none() => parsed.kernel = Some(value.clone()),
+                "--version" if parsed.version.is_none() => parsed.version = Some(value.clone()),
+                // An empty name is kept, to be refused as unknown.
+                "--scenario" => parsed.scenarios.extend(value.split(',').map(String::from)),
+                _ => return Err(usage()),
+            }
+        }
+        if parsed.version.is_some() && parsed.kernel.is_none() {
+            return Err(format!("--version needs --kernel\n{}", usage()));
+        }
+        Ok(parsed)
     }
 }
 
@@ -101,5 +135,54 @@ fn cargo(args: &[&str]) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{shown} failed ({status})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn vm_test_flags_parse() {
+        assert_eq!(VmTestArgs::parse(&[]), Ok(VmTestArgs::default()));
+        assert_eq!(
+            VmTestArgs::parse(&args(&[
+                "--kernel",
+                "7.3",
+                "--scenario",
+                "fs,basic",
+                "--scenario",
+                "orphan"
+            ])),
+            Ok(VmTestArgs {
+                kernel: Some("7.3".into()),
+                version: None,
+                scenarios: args(&["fs", "basic", "orphan"]),
+            })
+        );
+        assert_eq!(
+            VmTestArgs::parse(&args(&["--scenario", "basic", "--kernel", "6.12"]))
+                .map(|a| a.kernel),
+            Ok(Some("6.12".into()))
+        );
+        for bad in [
+            &["--scenario"][..],
+            &["--kernel", "7.3", "--kernel", "6.12"],
+            &["--version", "7.3.5+deb13-amd64"],
+            &["--scenarios", "basic"],
+        ] {
+            assert!(VmTestArgs::parse(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn usage_names_every_scenario() {
+        for (name, _) in vm::SCENARIOS {
+            assert!(USAGE.contains(name), "{name}");
+        }
     }
 }

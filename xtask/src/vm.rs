@@ -1,5 +1,6 @@
 //! `cargo xtask vm-test`: boots real Debian kernels that have `ublk_drv`
-//! under QEMU (software emulation) and runs netblk's scenario inside.
+//! under QEMU (software emulation) and runs netblk's scenarios inside: shell
+//! scripts in `scenarios/`, one per subject, after `scenarios/common.sh`.
 //! See ../shared/KERNEL.md for the recipe this follows.
 //!
 //! Downloads are cached outside the work tree (`$NETBLK_VM_CACHE`, default
@@ -51,213 +52,58 @@ deb http://deb.debian.org/debian trixie-backports main
 deb http://deb.debian.org/debian sid main
 ";
 
-/// The script the guest runs after boot; its last line is the verdict.
-const SCENARIO: &str = r#"
-set -u
-fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
-# wait_dev FILE: prints the device a map printed to FILE, once it is a block device.
-wait_dev() { for i in $(seq 100); do d=$(head -n1 "$1" 2>/dev/null); [ -n "$d" ] && [ -b "$d" ] && { echo "$d"; return; }; sleep 0.1; done; }
-# wait_listening FILE...: returns once each node said it listens (or 5 s each).
-wait_listening() { for f in "$@"; do for i in $(seq 50); do grep -q listening "$f" && break; sleep 0.1; done; done; }
-echo "== kernel $(uname -r)"
-netblk features || fail "netblk features"
-netblk ublk-check || fail "netblk ublk-check"
-ls /dev/ublkc* /dev/ublkb* 2>/dev/null && fail "a device was left behind"
+/// What every guest script starts with: the helpers (`fail`, `wait_dev`,
+/// `wait_listening`) and the state each scenario starts from.
+const COMMON: &str = include_str!("scenarios/common.sh");
 
-# Three mock nodes on loopback, a striped volume over them.
-for p in 7001 7002 7003; do
-  netblk-mock-node --listen 127.0.0.1:$p --store memory >/tmp/node$p.out 2>/tmp/node$p.log &
-done
-wait_listening /tmp/node7001.out /tmp/node7002.out /tmp/node7003.out
-NODES=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
+/// The scenarios by name, in the order every run takes them. Each starts
+/// from what `common.sh` sets up and leaves no device behind, so any
+/// selection of them runs on its own.
+pub const SCENARIOS: &[(&str, &str)] = &[
+    ("refusals", include_str!("scenarios/refusals.sh")),
+    ("blocksize", include_str!("scenarios/blocksize.sh")),
+    ("basic", include_str!("scenarios/basic.sh")),
+    ("fs", include_str!("scenarios/fs.sh")),
+    ("reliability", include_str!("scenarios/reliability.sh")),
+    ("orphan", include_str!("scenarios/orphan.sh")),
+];
 
-# Refusals leave no device behind.
-netblk map --volume bad --size 64M --nodes 127.0.0.1:7001,127.0.0.1:7999 >/tmp/bad.out 2>/tmp/bad.log && fail "map with an unreachable node succeeded"
-grep -q "node 1 (127.0.0.1:7999)" /tmp/bad.log || fail "the unreachable node is not named"
-ls /dev/ublkb* 2>/dev/null && fail "a failed map left a device"
-if [ "$EXPECT" = copy ]; then
-  netblk map --volume bad --size 64M --nodes $NODES --zero-copy on >/tmp/bad.out 2>/tmp/bad.log && fail "--zero-copy on succeeded without AUTO_BUF_REG"
-  grep -q AUTO_BUF_REG /tmp/bad.log || fail "--zero-copy on failed without saying why"
-  ls /dev/ublkb* 2>/dev/null && fail "a failed map left a device"
-fi
-su nobody -s /bin/sh -c "netblk map --volume bad --size 64M --nodes $NODES" >/tmp/bad.out 2>/tmp/bad.log && fail "map as nobody succeeded"
-grep -q "run as root" /tmp/bad.log || fail "no permission is not a clear error"
-[ "$(wc -l < /tmp/bad.log)" -eq 1 ] || fail "the permission error is not one line"
-echo "ublk: refused maps (unreachable node, no permission, zero copy unavailable) name the cause and leave no device"
+/// The line a guest prints when every scenario passed.
+const PASS: &str = "NETBLK-VM-RESULT: pass";
 
-# A 4 KiB logical block size.
-netblk map --volume vm4k --size 64M --nodes $NODES --block-size 4096 >/tmp/map4k.out 2>/tmp/map4k.log &
-MAP4K=$!
-DEV4K=$(wait_dev /tmp/map4k.out)
-[ -b "$DEV4K" ] || fail "no device for --block-size 4096"
-[ "$(blockdev --getss $DEV4K)" = 4096 ] || fail "logical block size is not 4096"
-dd if=/dev/urandom of=/tmp/d4k bs=1M count=4 2>/dev/null
-dd if=/tmp/d4k of=$DEV4K bs=1M conv=fsync 2>/dev/null || fail "write with 4 KiB blocks"
-echo 3 > /proc/sys/vm/drop_caches
-dd if=$DEV4K of=/tmp/b4k bs=1M count=4 2>/dev/null
-cmp /tmp/d4k /tmp/b4k || fail "4 KiB-block device read back differs"
-kill -TERM $MAP4K; wait $MAP4K || fail "4 KiB-block map exited with an error"
-echo "ublk: --block-size 4096 device: 4 MiB written and read back"
-
-netblk map --volume vm --size 1G --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map.out 2>/tmp/map.log &
-MAP=$!
-# The path is printed once the device is usable.
-wait_dev /tmp/map.out >/dev/null
-grep -q /dev/ublkb0 /tmp/map.out || fail "map did not print the device path"
-[ -b /dev/ublkb0 ] || fail "no /dev/ublkb0 after map"
-grep -q "data path: $EXPECT\$" /tmp/map.log || fail "expected the data path '$EXPECT'"
-echo "ublk: data path: $EXPECT (as expected for this kernel)"
-
-# Data written through the device reads back the same, past the page cache.
-dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
-dd if=/tmp/data of=/dev/ublkb0 bs=1M seek=3 conv=fsync 2>/dev/null || fail "write to the device"
-blockdev --flushbufs /dev/ublkb0
-echo 3 > /proc/sys/vm/drop_caches
-dd if=/dev/ublkb0 of=/tmp/back bs=1M skip=3 count=16 2>/dev/null || fail "read from the device"
-cmp /tmp/data /tmp/back || fail "data read back differs"
-echo "ublk: 16 MiB written and read back through /dev/ublkb0"
-
-# fio: random writes of mixed sizes at depth 32, then every block verified.
-fio --name=verify --filename=/dev/ublkb0 --ioengine=libaio --direct=1 --iodepth=32 \
-    --rw=randwrite --bsrange=4k-1m --size=64M --offset=128M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --randrepeat=0 --output=/tmp/fio.log >/dev/null 2>&1 || fail "fio verify"
-grep -q "err= 0" /tmp/fio.log || fail "fio reported errors"
-echo "ublk: fio randwrite 4k-1m depth 32 with crc32c verify: ok"
-
-# ext4: files survive unmap and a fresh map of the same volume.
-mkfs.ext4 -q -F /dev/ublkb0 || fail "mkfs.ext4"
-mkdir -p /mnt && mount -t ext4 /dev/ublkb0 /mnt || fail "mount"
-for i in 1 2 3; do dd if=/dev/urandom of=/mnt/file$i bs=1M count=$((i * 5)) 2>/dev/null; done
-sync
-(cd /mnt && md5sum file1 file2 file3) > /tmp/sums
-umount /mnt || fail "umount"
-netblk list >/tmp/list.out || fail "netblk list"
-grep -q "/dev/ublkb0 *vm *$EXPECT *live" /tmp/list.out || { cat /tmp/list.out; fail "list does not show the device live"; }
-netblk unmap /dev/ublkb0 >/tmp/unmap.out 2>&1 || { cat /tmp/unmap.out; fail "unmap"; }
-wait $MAP || fail "map exited with an error"
-[ -e /dev/ublkb0 ] && fail "/dev/ublkb0 still there after unmap"
-netblk unmap /dev/ublkb0 >/tmp/unmap2.out 2>&1 && fail "a second unmap succeeded"
-grep -q "no netblk device 0" /tmp/unmap2.out || { cat /tmp/unmap2.out; fail "a second unmap is not a clear error"; }
-echo "ublk: list shows the device; unmap removes it; a second unmap is a clear error"
-
-netblk map --volume vm --size 1G --nodes $NODES --stripe-unit 64K --queues 2 >/tmp/map2.out 2>/tmp/map2.log &
-MAP=$!
-DEV=$(wait_dev /tmp/map2.out)
-[ -b "$DEV" ] || fail "no device after the second map"
-mount -t ext4 "$DEV" /mnt || fail "mount after remap"
-(cd /mnt && md5sum -c /tmp/sums) >/dev/null || fail "checksums after remap"
-umount /mnt || fail "umount after remap"
-e2fsck -fn "$DEV" >/tmp/fsck.log 2>&1 || fail "e2fsck -fn"
-echo "ublk: ext4 files intact after unmap and remap; e2fsck -fn clean"
-
-# Discard frees and reads back zeroes.
-blkdiscard "$DEV" || fail "blkdiscard"
-blockdev --flushbufs "$DEV"
-echo 3 > /proc/sys/vm/drop_caches
-dd if="$DEV" of=/tmp/after bs=1M count=16 2>/dev/null
-dd if=/dev/zero of=/tmp/zero bs=1M count=16 2>/dev/null
-cmp /tmp/after /tmp/zero || fail "discarded blocks do not read as zeroes"
-echo "ublk: blkdiscard reads back zeroes"
-kill -TERM $MAP
-wait $MAP || fail "second map exited with an error"
-echo "ublk: device removed on SIGTERM"
-ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
-
-# Reliability. Nodes with directory stores, so that one can be restarted.
-for p in 7101 7102 7103; do
-  mkdir -p /var/node$p
-  netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/node$p >/tmp/rnode$p.out 2>/tmp/rnode$p.log &
-  eval "NODE$p=$!"
-done
-wait_listening /tmp/rnode7101.out /tmp/rnode7102.out /tmp/rnode7103.out
-RNODES=127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103
-netblk map --volume rel --size 512M --nodes $RNODES --stripe-unit 64K --queues 2 --node-down-timeout 3 >/tmp/rel.out 2>/tmp/rel.log &
-MAP=$!
-DEV=$(wait_dev /tmp/rel.out)
-[ -b "$DEV" ] || fail "no device for the reliability volume"
-mkfs.ext4 -q -F "$DEV" || fail "mkfs.ext4 (reliability)"
-mount -t ext4 "$DEV" /mnt || fail "mount (reliability)"
-# fio writes at a bounded rate (so it is still writing when the daemon
-# dies), then verifies every block.
-fio_on_ext4() {
-  fio --name=$1 --directory=/mnt --ioengine=libaio --direct=1 --iodepth=16 \
-      --rw=randwrite --bsrange=4k-256k --size=48M --rate=12m --verify=crc32c \
-      --verify_fatal=1 --do_verify=1 --randrepeat=0 --output=/tmp/$1.log >/dev/null 2>&1
+pub fn scenario_names() -> String {
+    SCENARIOS
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-# 1. The daemon is killed -9 mid-workload and recovered: no error.
-fio_on_ext4 kill9 &
-FIO=$!
-sleep 1.5
-kill -0 $FIO 2>/dev/null || fail "fio ended before the daemon was killed"
-kill -KILL $MAP
-sleep 0.5
-netblk list >/tmp/list2.out || fail "netblk list (dead daemon)"
-grep -q "$DEV *rel .*needs-recovery" /tmp/list2.out || { cat /tmp/list2.out; fail "list does not show needs-recovery"; }
-netblk map --recover "$DEV" >/tmp/rec.out 2>/tmp/rec.log &
-MAP=$!
-wait $FIO || fail "fio across daemon kill -9 and recovery"
-grep -q "err= 0" /tmp/kill9.log || fail "fio reported errors across the daemon restart"
-grep -q "recovered $DEV" /tmp/rec.log || fail "recovery did not say so"
-grep -q "data path: $EXPECT" /tmp/rec.log || fail "recovered with another data path"
-netblk list >/tmp/list3.out || fail "netblk list (recovered)"
-grep -q "$DEV *rel .*live" /tmp/list3.out || { cat /tmp/list3.out; fail "list does not show the recovered device live"; }
-netblk map --recover "$DEV" >/tmp/rec2.out 2>/tmp/rec2.log && fail "recovering a served device succeeded"
-grep -q "still running" /tmp/rec2.log || fail "recovering a served device is not a clear error"
-echo "ublk: daemon kill -9 during fio on ext4, map --recover: fio verify clean"
-
-# 2. A node is killed and restarted mid-workload: no error.
-fio_on_ext4 nodekill &
-FIO=$!
-sleep 1.5
-kill -0 $FIO 2>/dev/null || fail "fio ended before the node was killed"
-kill -KILL $NODE7102
-sleep 1
-netblk-mock-node --listen 127.0.0.1:7102 --store dir:/var/node7102 >/tmp/rnode7102.out 2>/tmp/rnode7102b.log &
-wait $FIO || fail "fio across a node kill and restart"
-grep -q "err= 0" /tmp/nodekill.log || fail "fio reported errors across a node restart"
-umount /mnt || fail "umount (reliability)"
-e2fsck -fn "$DEV" >/tmp/fsck2.log 2>&1 || fail "e2fsck -fn after the daemon and node restarts"
-echo "ublk: node kill -9 and restart during fio on ext4: fio verify clean; e2fsck -fn clean"
-
-# 3. A node down past --node-down-timeout (3 s): EIO within the bound,
-#    then the device works again once the node is back.
-kill -KILL $NODE7103
-T0=$(date +%s)
-fio --name=down --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=8 --rw=write \
-    --bs=1M --size=16M --output=/tmp/down.log >/dev/null 2>&1 && fail "IO to a dead node succeeded"
-T1=$(date +%s)
-grep -qi "input/output error" /tmp/down.log || fail "IO to a dead node did not fail with EIO"
-[ $((T1 - T0)) -le 12 ] || fail "EIO took $((T1 - T0)) s with a 3 s node-down timeout"
-netblk-mock-node --listen 127.0.0.1:7103 --store dir:/var/node7103 >/tmp/rnode7103.out 2>/tmp/rnode7103b.log &
-OK=
-for i in $(seq 40); do
-  sleep 0.5
-  dd if=/tmp/data of="$DEV" bs=1M count=16 oflag=direct 2>/dev/null && OK=1 && break
-done
-[ -n "$OK" ] || fail "the device did not work again after the node came back"
-dd if="$DEV" of=/tmp/back2 bs=1M count=16 iflag=direct 2>/dev/null || fail "read after the node came back"
-cmp /tmp/data /tmp/back2 || fail "data after the node came back differs"
-echo "ublk: node down past its timeout: EIO after $((T1 - T0)) s (bound 12 s); usable again once back"
-netblk unmap "$DEV" >/tmp/unmap3.out 2>&1 || { cat /tmp/unmap3.out; fail "unmap of the recovered device"; }
-wait $MAP || fail "the recovered daemon exited with an error"
-ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
-
-# A device whose daemon died can still be unmapped.
-netblk map --volume orphan --size 64M --nodes $NODES >/tmp/orphan.out 2>/tmp/orphan.log &
-MAP=$!
-ODEV=$(wait_dev /tmp/orphan.out)
-[ -b "$ODEV" ] || fail "no device for the orphan volume"
-kill -KILL $MAP
-wait $MAP 2>/dev/null
-netblk unmap "$ODEV" >/tmp/unmap4.out 2>&1 || { cat /tmp/unmap4.out; fail "unmap of a device whose daemon died"; }
-[ -e "$ODEV" ] && fail "$ODEV still there after unmap"
-netblk map --recover "$ODEV" >/tmp/rec3.out 2>/tmp/rec3.log && fail "recovering an unmapped device succeeded"
-grep -q "no record" /tmp/rec3.log || { cat /tmp/rec3.log; fail "recovering an unmapped device is not a clear error"; }
-echo "ublk: a device whose daemon died unmaps cleanly; recovering it afterwards is a clear error"
-ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
-echo "NETBLK-VM-RESULT: pass"
-"#;
+/// The script the guest runs after boot: `common.sh`, then the scenarios
+/// named in `only` (all if it is empty) in their fixed order, each announced
+/// by an `== scenario NAME` line; its last line is the verdict.
+pub fn scenario_script(only: &[String]) -> Result<String, String> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|name| !SCENARIOS.iter().any(|(n, _)| n == name))
+    {
+        return Err(format!(
+            "unknown scenario '{unknown}'; choose from {}",
+            scenario_names()
+        ));
+    }
+    let mut script = String::from(COMMON);
+    for (name, body) in SCENARIOS
+        .iter()
+        .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
+    {
+        script.push_str(&format!(
+            "\n# ---- scenarios/{name}.sh\necho \"== scenario {name}\"\n{body}"
+        ));
+    }
+    script.push_str(&format!("\necho \"{PASS}\"\n"));
+    Ok(script)
+}
 
 fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     let status = cmd
@@ -716,7 +562,7 @@ pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
     for line in shown.filter(|l| !l.contains("reboot: Power down")) {
         println!("{line}");
     }
-    if log.contains("NETBLK-VM-RESULT: pass") {
+    if log.contains(PASS) {
         Ok(())
     } else {
         Err(format!(
@@ -759,9 +605,16 @@ fn kernel_names() -> String {
         .join(", ")
 }
 
-/// Runs the scenario on the chosen kernels (all by default), optionally at
-/// another package version than the pinned one.
-pub fn vm_test(root: &Path, only: Option<&str>, version: Option<&str>) -> Result<(), String> {
+/// Runs the scenarios (`scenarios`, or all if empty) on the chosen kernels
+/// (all by default), optionally at another package version than the pinned
+/// one.
+pub fn vm_test(
+    root: &Path,
+    only: Option<&str>,
+    version: Option<&str>,
+    scenarios: &[String],
+) -> Result<(), String> {
+    let script = scenario_script(scenarios)?;
     need_tools()?;
     let overridden;
     let kernels: Vec<&Kernel> = match (only, version) {
@@ -796,13 +649,9 @@ pub fn vm_test(root: &Path, only: Option<&str>, version: Option<&str>) -> Result
             &root.join("target/vm").join(kernel.name),
             &bins,
             kernel,
-            SCENARIO,
+            &script,
         )?;
-        let verdict = if log.contains("NETBLK-VM-RESULT: pass") {
-            "pass"
-        } else {
-            "FAIL"
-        };
+        let verdict = if log.contains(PASS) { "pass" } else { "FAIL" };
         eprintln!(
             "<== kernel {}: {verdict} in {:.1?}",
             kernel.name,
@@ -824,5 +673,76 @@ pub fn vm_test(root: &Path, only: Option<&str>, version: Option<&str>) -> Result
         Ok(())
     } else {
         Err(format!("vm-test failed on kernel(s) {}", failed.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn every_scenario_file_is_listed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/scenarios");
+        let mut files: Vec<String> = fs::read_dir(&dir)
+            .expect("scenarios directory")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let mut listed: Vec<String> = SCENARIOS
+            .iter()
+            .map(|(name, _)| format!("{name}.sh"))
+            .chain(["common.sh".to_string()])
+            .collect();
+        listed.sort();
+        assert_eq!(files, listed);
+    }
+
+    #[test]
+    fn a_selection_runs_after_common_in_the_fixed_order() {
+        let script = scenario_script(&names(&["orphan", "basic"])).expect("known names");
+        assert!(script.starts_with(COMMON));
+        let basic = script.find("== scenario basic").expect("basic");
+        let orphan = script.find("== scenario orphan").expect("orphan");
+        assert!(basic < orphan, "fixed order, not the order given");
+        assert!(!script.contains("== scenario reliability"));
+        assert!(script.contains(SCENARIOS[2].1) && script.contains(SCENARIOS[5].1));
+        assert!(script.trim_end().ends_with(&format!("echo \"{PASS}\"")));
+        assert_eq!(script.matches(PASS).count(), 1);
+
+        let all = scenario_script(&[]).expect("all");
+        let mut at = 0;
+        for (name, body) in SCENARIOS {
+            let found = all[at..]
+                .find(&format!("== scenario {name}\"\n{body}"))
+                .unwrap_or_else(|| panic!("{name} missing or out of order"));
+            at += found;
+        }
+    }
+
+    #[test]
+    fn an_unknown_scenario_is_a_clear_error() {
+        let err = scenario_script(&names(&["basic", "nosuch"])).expect_err("unknown");
+        assert!(err.contains("'nosuch'"), "{err}");
+        assert!(err.contains(&scenario_names()), "{err}");
+        // `--scenario basic,` is no way to say "all".
+        assert!(scenario_script(&names(&["basic", ""])).is_err());
+    }
+
+    #[test]
+    fn the_whole_script_is_valid_shell() {
+        let script = scenario_script(&[]).expect("all");
+        let out = Command::new("sh")
+            .args(["-n", "-c", &script])
+            .output()
+            .expect("run sh -n");
+        assert!(
+            out.status.success(),
+            "sh -n: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

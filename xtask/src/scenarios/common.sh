@@ -1,0 +1,20 @@
+# Always first: helpers, then what every scenario starts from (the kernel's
+# ublk checked, three mock nodes with memory stores at $NODES, no device).
+# Every scenario leaves no device behind.
+set -u
+fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
+# wait_dev FILE: prints the device a map printed to FILE, once it is a block device.
+wait_dev() { for i in $(seq 100); do d=$(head -n1 "$1" 2>/dev/null); [ -n "$d" ] && [ -b "$d" ] && { echo "$d"; return; }; sleep 0.1; done; }
+# wait_listening FILE...: returns once each node said it listens (or 5 s each).
+wait_listening() { for f in "$@"; do for i in $(seq 50); do grep -q listening "$f" && break; sleep 0.1; done; done; }
+echo "== kernel $(uname -r)"
+netblk features || fail "netblk features"
+netblk ublk-check || fail "netblk ublk-check"
+ls /dev/ublkc* /dev/ublkb* 2>/dev/null && fail "a device was left behind"
+
+# Three mock nodes on loopback, a striped volume over them.
+for p in 7001 7002 7003; do
+  netblk-mock-node --listen 127.0.0.1:$p --store memory >/tmp/node$p.out 2>/tmp/node$p.log &
+done
+wait_listening /tmp/node7001.out /tmp/node7002.out /tmp/node7003.out
+NODES=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
