@@ -123,6 +123,8 @@ pub enum ReplyError {
     PayloadLength { id: u64, expected: u64, got: u32 },
     #[error("second reply for request {id} while its payload is being received")]
     Duplicate { id: u64 },
+    #[error("reply for request {id}, which was never sent")]
+    NeverSent { id: u64 },
 }
 
 /// Misuse of tags by a frontend: a bug, not an IO error.
@@ -463,6 +465,12 @@ impl Engine {
     ) -> Result<ReplySink, ReplyError> {
         let id = reply.id;
         let Some(rec) = self.pieces.get_mut(&id) else {
+            // An id this engine never gave out is a corrupted or foreign
+            // reply: the connection is broken (and its pieces resent), not
+            // left to wait for the deadline.
+            if id == 0 || id >= self.next_id {
+                return Err(ReplyError::NeverSent { id });
+            }
             self.stats.stale_replies += 1;
             return Ok(ReplySink::Discard);
         };
@@ -928,9 +936,13 @@ mod tests {
         ));
         assert_eq!(
             e.handle_reply(0, &ok(999), 0),
-            Ok(ReplySink::Discard),
-            "unknown id is stale"
+            Err(ReplyError::NeverSent { id: 999 }),
+            "an id never given out breaks the connection"
         );
+        assert!(matches!(
+            e.handle_reply(0, &ok(0), 0),
+            Err(ReplyError::NeverSent { .. })
+        ));
     }
 
     #[test]
