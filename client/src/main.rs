@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use netblk::bench::{self, BenchOptions};
@@ -310,13 +310,20 @@ fn map(args: MapArgs) -> Result<(), Failure> {
             "off" => device::ZeroCopy::Off,
             _ => device::ZeroCopy::Auto,
         },
+        fail_queue: None,
     };
     // Every number given is checked, also with --recover (which takes its
     // options from the record instead).
     options.check().map_err(|e| Failure::Usage(e.to_string()))?;
+    // The test hook is read once, here, for the map and for a recovery.
+    let fail_queue = device::FailQueue::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
     if let Some(device) = &args.recover {
-        return recover(device, &args);
+        return recover(device, &args, fail_queue);
     }
+    let options = MapOptions {
+        fail_queue,
+        ..options
+    };
     let spec = VolumeSpec {
         name: args.volume.clone().unwrap_or_default(),
         size: args.size.unwrap_or_default(),
@@ -351,8 +358,14 @@ fn stop_signals() -> Result<signal_hook::iterator::Signals, String> {
 }
 
 /// `map --recover`: a new daemon for a device whose daemon died, set up
-/// from its record.
-fn recover(device: &str, args: &MapArgs) -> Result<(), Failure> {
+/// from its record. The pid check here is only an early, friendly refusal:
+/// what keeps a live daemon from being fenced out is the kernel's state of
+/// the device, which `device::recover` waits on before any node is touched.
+fn recover(
+    device: &str,
+    args: &MapArgs,
+    fail_queue: Option<netblk::ublk::device::FailQueue>,
+) -> Result<(), Failure> {
     use netblk::frontend::VolumeOptions;
     use netblk::layout::VolumeSpec;
     use netblk::ublk::device::{self, MapOptions};
@@ -409,6 +422,7 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), Failure> {
         },
         block_size: record.block_size,
         zero_copy: device::ZeroCopy::Auto,
+        fail_queue: None,
     };
     // The record is a file: its numbers are checked like the user's.
     device::check(&spec, &options).map_err(|e| {
@@ -417,8 +431,16 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), Failure> {
             dir.display()
         )
     })?;
-    let signals = stop_signals()?;
-    let device = device::recover(&spec, &options, id).map_err(|e| e.to_string())?;
+    let options = MapOptions {
+        fail_queue,
+        ..options
+    };
+    options.check().map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut signals = stop_signals()?;
+    // SIGINT/SIGTERM while waiting for the kernel give up the recovery.
+    let mut interrupted = || signals.pending().next().is_some();
+    let device =
+        device::recover(&spec, &options, id, &mut interrupted).map_err(|e| e.to_string())?;
     eprintln!(
         "netblk: recovered {}: volume '{}' over {} node(s), data path: {}",
         device.block_path(),
@@ -430,10 +452,22 @@ fn recover(device: &str, args: &MapArgs) -> Result<(), Failure> {
     serve(device, &spec, &options, generation, signals).map_err(Failure::Run)
 }
 
+/// How often the serving daemon looks at its signals and queue threads.
+const SUPERVISE_POLL: Duration = Duration::from_millis(100);
+
+/// When one queue's ring dies the kernel aborts the others' commands: how
+/// long the supervisor lets them end too, so that the queue that failed is
+/// named first, not one that was merely aborted.
+const QUEUE_END_GRACE: Duration = Duration::from_millis(300);
+
 /// Records the device for `list`/`unmap`/`map --recover`, serves until
-/// SIGINT or SIGTERM, then stops it and drops the record.
+/// SIGINT or SIGTERM, then stops it and drops the record. If a queue ends
+/// by itself meanwhile, returns an error naming it and why, leaving the
+/// device and its record as they are: once this process is gone the kernel
+/// quiesces the device, `list` shows it as needing recovery, and
+/// `map --recover` takes over.
 fn serve(
-    device: netblk::ublk::device::Device,
+    mut device: netblk::ublk::device::Device,
     spec: &netblk::layout::VolumeSpec,
     options: &netblk::ublk::device::MapOptions,
     generation: u32,
@@ -471,8 +505,47 @@ fn serve(
         );
     }
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    signals.forever().next();
-    eprintln!("netblk: stopping {}", device.block_path());
+    let path = device.block_path();
+    // Test hook only (NETBLK_TEST_FAIL_QUEUE): when to make a queue fail.
+    let mut hook_due = options
+        .fail_queue
+        .map(|hook| (hook, Instant::now() + hook.after));
+    loop {
+        use netblk::ublk::device::{FAIL_QUEUE_ENV, Supervision, supervise};
+        let stop = signals.pending().next().is_some();
+        if let Some((hook, due)) = hook_due
+            && Instant::now() >= due
+        {
+            eprintln!(
+                "netblk: {FAIL_QUEUE_ENV}: making queue {} of {path} fail now (test hook)",
+                hook.queue
+            );
+            device.fail_queue_now();
+            hook_due = None;
+        }
+        let mut ended = device.ended_queues();
+        if !ended.is_empty() && !stop {
+            std::thread::sleep(QUEUE_END_GRACE);
+            ended.extend(device.ended_queues());
+        }
+        match supervise(stop, &ended) {
+            Supervision::Serve => std::thread::sleep(SUPERVISE_POLL),
+            Supervision::Stop => {
+                for end in &ended {
+                    eprintln!("netblk: {path}: {end}");
+                }
+                break;
+            }
+            Supervision::Abandon(why) => {
+                // Neither stopped nor deleted: the device waits for a new
+                // daemon, and the record tells `map --recover` how to make it.
+                return Err(format!(
+                    "{path}: {why}; the daemon exits and leaves the device to the kernel, which holds its IO until `netblk map --recover {path}`"
+                ));
+            }
+        }
+    }
+    eprintln!("netblk: stopping {path}");
     let id = device.dev_id;
     let stopped = device.stop().map_err(|e| e.to_string());
     let _ = state::remove(&dir, id);
@@ -546,13 +619,10 @@ fn list() -> Result<(), String> {
             }
         };
         let info = ctrl.as_mut().and_then(|c| c.info(record.id).ok());
-        let state = match info {
-            None => "gone",
-            Some(_) if !daemon_alive(record.pid, record.pid_start) => "needs-recovery",
-            Some(i) if i.state == netblk::ublk::sys::UBLK_S_DEV_LIVE => "live",
-            Some(i) if i.state == netblk::ublk::sys::UBLK_S_DEV_QUIESCED => "quiesced",
-            Some(_) => "stopped",
-        };
+        let state = state::device_state(
+            info.map(|i| i.state),
+            daemon_alive(record.pid, record.pid_start),
+        );
         let nodes: Vec<String> = record.nodes.iter().map(ToString::to_string).collect();
         println!(
             "{:<4} {:<14} {:<16} {:<18} {:<8} {}",
@@ -595,6 +665,7 @@ fn demo(size: u64) -> Result<(), Failure> {
         },
         block_size: 512,
         zero_copy: ZeroCopy::Auto,
+        fail_queue: None,
     };
     device::check(&spec, &options).map_err(|e| Failure::Usage(e.to_string()))?;
     if let Err(CtrlError::NoDriver) = Control::open() {
@@ -637,7 +708,9 @@ fn demo(size: u64) -> Result<(), Failure> {
     println!("try:  mkfs.ext4 {path} && mkdir -p /mnt/netblk && mount {path} /mnt/netblk");
     println!("then: umount /mnt/netblk, and Ctrl-C here to unmap and stop the nodes");
     let served = serve(device, &spec, &options, 0, signals);
-    println!("netblk demo: unmapped {path}; stopping the nodes");
+    if served.is_ok() {
+        println!("netblk demo: unmapped {path}; stopping the nodes");
+    }
     Ok(served?)
 }
 

@@ -27,6 +27,24 @@ const MAGIC: &str = "netblk-device 2";
 /// larger is not one of ours.
 pub const MAX_RECORD_BYTES: u64 = 64 << 10;
 
+/// What `list` shows as a device's state, from the kernel's state of the
+/// device (`None`: no such device) and whether the daemon of its record
+/// still runs. A device whose daemon is gone needs recovery whatever the
+/// kernel says while it lets go of the daemon (LIVE first, then QUIESCED),
+/// unless the device was stopped (DEAD: nothing to recover; unmap it).
+pub fn device_state(kernel_state: Option<u16>, daemon_alive: bool) -> &'static str {
+    use crate::ublk::sys;
+    match kernel_state {
+        None => "gone",
+        Some(sys::UBLK_S_DEV_DEAD) => "stopped",
+        Some(_) if !daemon_alive => "needs-recovery",
+        Some(sys::UBLK_S_DEV_LIVE) => "live",
+        Some(sys::UBLK_S_DEV_QUIESCED) => "quiesced",
+        Some(sys::UBLK_S_DEV_FAIL_IO) => "failing-io",
+        Some(_) => "unknown",
+    }
+}
+
 /// The state directory.
 pub fn state_dir() -> PathBuf {
     std::env::var_os("NETBLK_STATE_DIR").map_or_else(|| PathBuf::from("/run/netblk"), PathBuf::from)
@@ -423,6 +441,27 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn a_device_whose_daemon_is_gone_needs_recovery() {
+        use crate::ublk::sys::{
+            UBLK_S_DEV_DEAD, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED,
+        };
+        // A daemon that exited (a queue failed, or it was killed): the
+        // kernel says LIVE until it lets go of it, then QUIESCED.
+        for state in [UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO, 9] {
+            assert_eq!(device_state(Some(state), false), "needs-recovery");
+        }
+        assert_eq!(device_state(Some(UBLK_S_DEV_LIVE), true), "live");
+        assert_eq!(device_state(Some(UBLK_S_DEV_QUIESCED), true), "quiesced");
+        assert_eq!(device_state(Some(UBLK_S_DEV_FAIL_IO), true), "failing-io");
+        assert_eq!(device_state(Some(9), true), "unknown");
+        // Stopped: nothing to recover, with or without a daemon.
+        assert_eq!(device_state(Some(UBLK_S_DEV_DEAD), false), "stopped");
+        assert_eq!(device_state(Some(UBLK_S_DEV_DEAD), true), "stopped");
+        assert_eq!(device_state(None, false), "gone");
+        assert_eq!(device_state(None, true), "gone");
     }
 
     #[test]

@@ -371,3 +371,42 @@ fn a_symlinked_state_directory_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is a symbolic link"), "{stderr}");
 }
+
+#[test]
+fn the_queue_failure_test_hook_is_checked_before_anything_starts() {
+    let state = tempfile::tempdir().expect("tempdir");
+    for (hook, queues, says) in [
+        (
+            "x",
+            "1",
+            "NETBLK_TEST_FAIL_QUEUE: 'x' is not <queue>:<millis>",
+        ),
+        ("1:-1", "2", "'1:-1' is not <queue>:<millis>"),
+        (
+            "0:3600001",
+            "1",
+            "delay 3600001 ms must be at most 3600000 ms",
+        ),
+        (
+            "2:100",
+            "2",
+            "NETBLK_TEST_FAIL_QUEUE: queue 2 does not exist: the device has 2 queue(s)",
+        ),
+    ] {
+        let mut args = MAP.to_vec();
+        args.extend(["--size", "64M", "--queues", queues]);
+        let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+            .args(&args)
+            .env("NETBLK_STATE_DIR", state.path())
+            .env("NETBLK_TEST_FAIL_QUEUE", hook)
+            .output()
+            .expect("run netblk");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{hook}: {stderr}");
+        assert!(
+            stderr.contains(says),
+            "{hook}: expected {says:?} in {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(state.path()).expect("state").count(), 0);
+}

@@ -7,18 +7,24 @@
 //! out of it at commit. Zero-copy mode (`UBLK_F_AUTO_BUF_REG`): the driver
 //! registers the request's own pages in the ring at index = tag before the
 //! request arrives, and unregisters them at commit.
+//!
+//! A queue that gives up (a ublk command failed, or the test hook's
+//! [`FailSwitch`] was pulled) says why in [`UblkQueue::failure`], which the
+//! daemon's supervisor reads once the queue thread has ended.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
 use super::sys::{self, IoCmd, IoDesc};
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
-use crate::uring::{Frontend, TagBuffers, frontend_user_data};
+use crate::uring::{Doorbell, Frontend, TagBuffers, frontend_user_data};
 
 /// The driver's request descriptors of one queue, mapped read-only.
 struct Descriptors {
@@ -82,6 +88,36 @@ impl Drop for Descriptors {
     }
 }
 
+/// Test hook only (`NETBLK_TEST_FAIL_QUEUE`, see
+/// [`super::device::FailQueue`]): pulled, it makes its queue fail as if its
+/// ring had broken: the queue takes no more requests (those the kernel hands
+/// it stay unanswered and go to the next daemon at recovery) and its thread
+/// ends once the requests it already has are done. Only a queue armed with
+/// one has a wake descriptor; the others' data path is unchanged.
+pub struct FailSwitch {
+    pulled: AtomicBool,
+    doorbell: Doorbell,
+}
+
+impl FailSwitch {
+    pub fn new() -> io::Result<Arc<FailSwitch>> {
+        Ok(Arc::new(FailSwitch {
+            pulled: AtomicBool::new(false),
+            doorbell: Doorbell::new()?,
+        }))
+    }
+
+    /// Makes the queue fail; it notices at once, even when idle.
+    pub fn pull(&self) {
+        self.pulled.store(true, Ordering::Release);
+        self.doorbell.ring();
+    }
+
+    fn is_pulled(&self) -> bool {
+        self.pulled.load(Ordering::Acquire)
+    }
+}
+
 /// One ublk queue in copy mode.
 pub struct UblkQueue {
     cdev: File,
@@ -97,6 +133,13 @@ pub struct UblkQueue {
     aborting: bool,
     auto_buf_reg: bool,
     pub requests: u64,
+    /// Why this queue gave up, if it did: the first ublk command that
+    /// failed, or the test hook.
+    failure: Option<String>,
+    /// The queue takes no more requests and ends as soon as the engine is
+    /// idle (test hook).
+    given_up: bool,
+    fail_switch: Option<Arc<FailSwitch>>,
 }
 
 impl UblkQueue {
@@ -142,11 +185,24 @@ impl UblkQueue {
             aborting: false,
             auto_buf_reg,
             requests: 0,
+            failure: None,
+            given_up: false,
+            fail_switch: None,
         };
         for tag in 0..depth {
             q.command(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
         }
         Ok(q)
+    }
+
+    /// Arms the test hook's switch on this queue (before its thread starts).
+    pub fn arm_fail_switch(&mut self, switch: Arc<FailSwitch>) {
+        self.fail_switch = Some(switch);
+    }
+
+    /// Why the queue gave up, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     fn command(&mut self, op: u32, tag: Tag, result: i32) {
@@ -199,7 +255,24 @@ impl UblkQueue {
 
 impl Frontend for UblkQueue {
     fn poll(&mut self, _: &mut Engine, _: &TagBuffers, _: Instant) -> bool {
-        !(self.aborting && self.outstanding == 0)
+        if let Some(switch) = &self.fail_switch
+            && switch.is_pulled()
+            && !self.given_up
+        {
+            self.given_up = true;
+            self.failure.get_or_insert_with(|| {
+                format!(
+                    "made to fail by the {} test hook",
+                    super::device::FAIL_QUEUE_ENV
+                )
+            });
+        }
+        let done = self.given_up || (self.aborting && self.outstanding == 0);
+        !done
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        self.fail_switch.as_ref().map(|s| s.doorbell.fd())
     }
 
     fn take_sqes(&mut self, out: &mut Vec<squeue::Entry>) {
@@ -212,13 +285,20 @@ impl Frontend for UblkQueue {
         if result == sys::UBLK_IO_RES_ABORT || result < 0 {
             // The device is stopping (or the command failed): this tag is done.
             if result != sys::UBLK_IO_RES_ABORT && !self.aborting {
-                eprintln!(
-                    "netblk: ublk queue {} tag {tag}: command failed: {}",
-                    self.queue,
+                let why = format!(
+                    "ublk command of tag {tag} failed: {}",
                     io::Error::from_raw_os_error(-result)
                 );
+                eprintln!("netblk: ublk queue {}: {why}", self.queue);
+                self.failure.get_or_insert(why);
             }
             self.aborting = true;
+            return;
+        }
+        if self.given_up {
+            // As with a broken ring: the request stays unanswered; the
+            // kernel requeues it for the next daemon (or fails it) once
+            // this one is gone.
             return;
         }
         let desc = self.descriptors.get(tag);
