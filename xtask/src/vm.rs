@@ -66,6 +66,8 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("fs", include_str!("scenarios/fs.sh")),
     ("reliability", include_str!("scenarios/reliability.sh")),
     ("orphan", include_str!("scenarios/orphan.sh")),
+    ("trust", include_str!("scenarios/trust.sh")),
+    ("recovery", include_str!("scenarios/recovery.sh")),
 ];
 
 /// The line a guest prints when every scenario passed.

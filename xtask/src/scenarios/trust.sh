@@ -1,0 +1,83 @@
+# Trust (issue 9): deep queues keep send chains whole; every wait is
+# bounded when a node stops reading; a flush never claims durability a node
+# lost.
+for p in 7201 7202 7203; do
+  netblk-mock-node --listen 127.0.0.1:$p --store memory >/tmp/tnode$p.out 2>/tmp/tnode$p.log &
+  eval "TNODE$p=$!"
+done
+wait_listening /tmp/tnode7201.out /tmp/tnode7202.out /tmp/tnode7203.out
+TNODES=127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7203
+
+# 1. fio asks for more than the queue holds, at a small and a large depth,
+#    with IOs split into many pieces (4 KiB stripe unit): data verified.
+for d in 4:64 512:1024; do
+  depth=${d%%:*}; iodepth=${d##*:}
+  netblk map --volume deep$depth --size 256M --nodes $TNODES --stripe-unit 4K --depth $depth >/tmp/deep.out 2>/tmp/deep.log &
+  MAP=$!
+  DEV=$(wait_dev /tmp/deep.out)
+  [ -b "$DEV" ] || fail "no device for --depth $depth"
+  fio --name=deep --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=$iodepth \
+      --rw=randwrite --bsrange=4k-512k --size=64M --verify=crc32c --verify_fatal=1 \
+      --do_verify=1 --randrepeat=0 --output=/tmp/deep$depth.log >/dev/null 2>&1 || fail "fio verify at iodepth $iodepth over --depth $depth"
+  grep -q "err= 0" /tmp/deep$depth.log || fail "fio reported errors at iodepth $iodepth over --depth $depth"
+  kill -TERM $MAP; wait $MAP || fail "map --depth $depth exited with an error"
+  echo "ublk: --depth $depth, fio iodepth $iodepth, 4k-512k over a 4 KiB stripe unit: verify clean"
+done
+
+# 2. A node stops reading (SIGSTOP) under 1 MiB writes at depth 16: every
+#    write ends within --io-timeout + 1 s (here with emulation slack), then
+#    IO works again once it goes on.
+netblk map --volume stop --size 256M --nodes $TNODES --io-timeout 5 --node-down-timeout 120 >/tmp/stop.out 2>/tmp/stop.log &
+MAP=$!
+DEV=$(wait_dev /tmp/stop.out)
+[ -b "$DEV" ] || fail "no device for the stopped-node volume"
+fio --name=stop --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=16 --rw=write \
+    --bs=1M --size=200M --time_based --runtime=120 --output=/tmp/stopfio.log >/dev/null 2>&1 &
+FIO=$!
+sleep 2
+kill -0 $FIO 2>/dev/null || fail "fio ended before the node was stopped"
+kill -STOP $TNODE7202
+T0=$(date +%s)
+wait $FIO && fail "fio went on with a stopped node"
+T1=$(date +%s)
+grep -qi "input/output error" /tmp/stopfio.log || fail "writes to a stopped node did not fail with EIO"
+[ $((T1 - T0)) -le 9 ] || fail "writes to a stopped node took $((T1 - T0)) s to fail (io timeout 5 s)"
+kill -CONT $TNODE7202
+dd if=/dev/urandom of=/tmp/sdata bs=1M count=16 2>/dev/null
+OK=
+for i in $(seq 40); do
+  dd if=/tmp/sdata of="$DEV" bs=1M count=16 oflag=direct 2>/dev/null && OK=1 && break
+  sleep 0.5
+done
+[ -n "$OK" ] || fail "the device did not work again after the node went on"
+dd if="$DEV" of=/tmp/sback bs=1M count=16 iflag=direct 2>/dev/null || fail "read after the node went on"
+cmp /tmp/sdata /tmp/sback || fail "data after the node went on differs"
+kill -TERM $MAP; wait $MAP || fail "the stopped-node map exited with an error"
+echo "ublk: a node stopped under 1 MiB writes at depth 16: EIO after $((T1 - T0)) s (io timeout 5 s); works again after SIGCONT"
+
+# 3. Nodes with a volatile cache: one is killed after acknowledging writes,
+#    before a flush, and restarted: the flush (fdatasync) fails with EIO,
+#    once; without the crash it succeeds.
+for p in 7301 7302 7303; do
+  mkdir -p /var/vnode$p
+  netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/vnode$p --volatile-cache >/tmp/vnode$p.out 2>/tmp/vnode$p.log &
+  eval "VNODE$p=$!"
+done
+wait_listening /tmp/vnode7301.out /tmp/vnode7302.out /tmp/vnode7303.out
+netblk map --volume cache --size 128M --nodes 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 >/tmp/cache.out 2>/tmp/cache.log &
+MAP=$!
+DEV=$(wait_dev /tmp/cache.out)
+[ -b "$DEV" ] || fail "no device for the volatile-cache volume"
+dd if=/dev/urandom of="$DEV" bs=1M count=32 oflag=direct 2>/dev/null || fail "write (volatile cache)"
+dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/dev/null || fail "fdatasync without a crash"
+dd if=/dev/urandom of="$DEV" bs=1M count=32 oflag=direct 2>/dev/null || fail "second write (volatile cache)"
+kill -KILL $VNODE7302
+wait $VNODE7302 2>/dev/null
+netblk-mock-node --listen 127.0.0.1:7302 --store dir:/var/vnode7302 --volatile-cache >/tmp/vnode7302.out 2>/tmp/vnode7302b.log &
+wait_listening /tmp/vnode7302.out
+dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/tmp/fsync.err && fail "fdatasync succeeded after a node lost acknowledged writes"
+grep -qi "input/output error" /tmp/fsync.err || { cat /tmp/fsync.err; fail "the lost flush is not EIO"; }
+dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/dev/null || fail "the next fdatasync (reported once)"
+kill -TERM $MAP; wait $MAP || fail "the volatile-cache map exited with an error"
+echo "ublk: a volatile-cache node killed between write and flush: fdatasync EIO (once); without a crash: ok"
+ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
