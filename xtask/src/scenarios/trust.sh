@@ -27,21 +27,36 @@ done
 # 2. A node stops reading (SIGSTOP) under 1 MiB writes at depth 16: every
 #    write ends within --io-timeout + 1 s (here with emulation slack), then
 #    IO works again once it goes on.
-netblk map --volume stop --size 256M --nodes $TNODES --io-timeout 5 --node-down-timeout 120 >/tmp/stop.out 2>/tmp/stop.log &
+# Two nodes: the stopped one is owed half of the 16 MiB in flight, more than
+# the sockets take, so sends to it stall.
+netblk map --volume stop --size 256M --nodes 127.0.0.1:7201,127.0.0.1:7202 --io-timeout 5 --node-down-timeout 120 >/tmp/stop.out 2>/tmp/stop.log &
 MAP=$!
 DEV=$(wait_dev /tmp/stop.out)
 [ -b "$DEV" ] || fail "no device for the stopped-node volume"
-fio --name=stop --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=16 --rw=write \
+fio --name=stop --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=64 --rw=write \
     --bs=1M --size=200M --time_based --runtime=120 --output=/tmp/stopfio.log >/dev/null 2>&1 &
 FIO=$!
 sleep 2
 kill -0 $FIO 2>/dev/null || fail "fio ended before the node was stopped"
 kill -STOP $TNODE7202
 T0=$(date +%s)
+# Bounded here too: without the fix fio itself hangs in the block layer.
+for i in $(seq 200); do kill -0 $FIO 2>/dev/null || break; sleep 0.1; done
+kill -0 $FIO 2>/dev/null && fail "fio still waits $(($(date +%s) - T0)) s after the node was stopped (io timeout 5 s)"
 wait $FIO && fail "fio went on with a stopped node"
-T1=$(date +%s)
 grep -qi "input/output error" /tmp/stopfio.log || fail "writes to a stopped node did not fail with EIO"
-[ $((T1 - T0)) -le 9 ] || fail "writes to a stopped node took $((T1 - T0)) s to fail (io timeout 5 s)"
+# fio exits at its first error, without waiting for the rest (a process's
+# exit does not wait for its AIO): the device's in-flight count tells when
+# every write has ended.
+INFLIGHT=/sys/block/${DEV#/dev/}/inflight
+for i in $(seq 300); do
+  set -- $(cat $INFLIGHT)
+  [ "$1" = 0 ] && [ "$2" = 0 ] && break
+  sleep 0.1
+done
+T1=$(date +%s)
+[ "$1" = 0 ] && [ "$2" = 0 ] || fail "writes to a stopped node still in flight $((T1 - T0)) s after the stop: $(cat $INFLIGHT)"
+[ $((T1 - T0)) -le 9 ] || fail "writes to a stopped node took $((T1 - T0)) s to end (io timeout 5 s)"
 kill -CONT $TNODE7202
 dd if=/dev/urandom of=/tmp/sdata bs=1M count=16 2>/dev/null
 OK=
@@ -53,7 +68,7 @@ done
 dd if="$DEV" of=/tmp/sback bs=1M count=16 iflag=direct 2>/dev/null || fail "read after the node went on"
 cmp /tmp/sdata /tmp/sback || fail "data after the node went on differs"
 kill -TERM $MAP; wait $MAP || fail "the stopped-node map exited with an error"
-echo "ublk: a node stopped under 1 MiB writes at depth 16: EIO after $((T1 - T0)) s (io timeout 5 s); works again after SIGCONT"
+echo "ublk: a node stopped under 1 MiB writes at depth 16: EIO, nothing in flight $((T1 - T0)) s after the stop (io timeout 5 s); works again after SIGCONT"
 
 # 3. Nodes with a volatile cache: one is killed after acknowledging writes,
 #    before a flush, and restarted: the flush (fdatasync) fails with EIO,
