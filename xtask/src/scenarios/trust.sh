@@ -68,7 +68,7 @@ done
 dd if="$DEV" of=/tmp/sback bs=1M count=16 iflag=direct 2>/dev/null || fail "read after the node went on"
 cmp /tmp/sdata /tmp/sback || fail "data after the node went on differs"
 kill -TERM $MAP; wait $MAP || fail "the stopped-node map exited with an error"
-echo "ublk: a node stopped under 1 MiB writes at depth 16: EIO, nothing in flight $((T1 - T0)) s after the stop (io timeout 5 s); works again after SIGCONT"
+echo "ublk: a node stopped under 1 MiB writes at depth 64: EIO, nothing in flight $((T1 - T0)) s after the stop (io timeout 5 s); works again after SIGCONT"
 
 # 3. Nodes with a volatile cache: one is killed after acknowledging writes,
 #    before a flush, and restarted: the flush (fdatasync) fails with EIO,
