@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
-use crate::frontend::{VolumeOptions, connect_queue, engine_config, spawn_queue};
+use crate::frontend::{VolumeOptions, connect_queue, queue_engine, queue_span, spawn_queue};
 use crate::layout::{DEFAULT_STRIPE_UNIT, Layout, VolumeSpec};
 use crate::mock::{MockNodes, mock_node_bin, start_mock_nodes};
 use crate::rng::Rng;
@@ -395,10 +395,12 @@ fn measure_workload(
     };
     let err = |e: crate::frontend::OpenError| io::Error::other(e.to_string());
     let mut threads = Vec::new();
+    let mut all_figures = Vec::new();
     let cpu0 = cpu_seconds();
     for q in 0..queues {
-        let (streams, _) = connect_queue(spec, &layout, &volume_options, q).map_err(err)?;
-        let engine = Engine::new(layout, engine_config(&volume_options));
+        let (streams, nodes) = connect_queue(spec, &layout, &volume_options, q).map_err(err)?;
+        let (engine, figures) = queue_engine(&layout, &volume_options, &nodes);
+        all_figures.push(figures);
         let buffers = Arc::new(TagBuffers::new(depth, 1 << 20)?);
         let generator = Generator::new(
             workload,
@@ -419,6 +421,7 @@ fn measure_workload(
                     mode,
                     buffer_mode: BufferMode::User,
                     reconnect: None,
+                    span: queue_span(&spec.name, "", q),
                 },
             )
             .map_err(err)?,

@@ -12,12 +12,14 @@
 //! the byte count or the first error as an errno.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netblk_protocol::pb::{self, request::Op as WireOp};
 use netblk_protocol::{encode_head, errno_of_status};
 
 use crate::layout::Layout;
+use crate::stats::QueueStats;
 
 /// Index of a request buffer, as a ublk tag.
 pub type Tag = u16;
@@ -162,6 +164,7 @@ struct PieceRec {
     /// For a flush: the node's acknowledged writes when it was sent, which
     /// its success makes durable.
     covers: u64,
+    sent_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +180,9 @@ struct Slot {
     buf_nodes: Vec<usize>,
     errno: i32,
     timed_out: bool,
+    /// What it is and when it arrived (for the latency figures).
+    op: Option<Op>,
+    started: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -231,6 +237,10 @@ pub struct Engine {
     deadlines: VecDeque<(Instant, Tag, u64)>,
     /// Nodes whose connection must be torn down (see [`Engine::poll_abort`]).
     aborts: VecDeque<usize>,
+    /// The latest time handed in (for latencies).
+    clock: Instant,
+    /// Where the queue's figures go, if anyone reads them.
+    figures: Option<Arc<QueueStats>>,
     next_id: u64,
     next_seq: u64,
     stats: EngineStats,
@@ -263,6 +273,8 @@ impl Engine {
             completions: VecDeque::new(),
             deadlines: VecDeque::new(),
             aborts: VecDeque::new(),
+            clock: Instant::now(),
+            figures: None,
             next_id: 1,
             next_seq: 1,
             stats: EngineStats::default(),
@@ -279,6 +291,22 @@ impl Engine {
 
     pub fn stats(&self) -> EngineStats {
         self.stats
+    }
+
+    /// Records the queue's figures (requests, latencies, per node) in
+    /// `figures` from now on.
+    pub fn set_figures(&mut self, figures: Arc<QueueStats>) {
+        self.figures = Some(figures);
+    }
+
+    pub fn figures(&self) -> Option<&Arc<QueueStats>> {
+        self.figures.as_ref()
+    }
+
+    /// The time now, for latencies: the driver hands it in when it wakes,
+    /// before it hands in what woke it.
+    pub fn set_clock(&mut self, now: Instant) {
+        self.clock = now;
     }
 
     /// True if no request is active.
@@ -306,6 +334,17 @@ impl Engine {
             return Err(TagError::Busy(tag));
         }
         self.stats.requests += 1;
+        self.clock = now;
+        if let Some(f) = &self.figures {
+            f.request_started(
+                request.op,
+                if request.op == Op::Flush {
+                    0
+                } else {
+                    request.len
+                },
+            );
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         *slot = Slot {
@@ -318,6 +357,8 @@ impl Engine {
             },
             pieces: std::mem::take(&mut slot.pieces),
             buf_nodes: std::mem::take(&mut slot.buf_nodes),
+            op: Some(request.op),
+            started: Some(now),
             ..Slot::default()
         };
         slot.pieces.clear();
@@ -372,6 +413,7 @@ impl Engine {
                     len,
                     state: PieceState::Queued,
                     covers: 0,
+                    sent_at: None,
                 },
             );
             self.nodes[node].queue.push_back(id);
@@ -400,7 +442,14 @@ impl Engine {
             }
             rec.state = PieceState::Sent;
             rec.covers = state.writes_acked;
+            rec.sent_at = Some(self.clock);
             state.in_flight += 1;
+            if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
+                n.in_flight.set(state.in_flight as u64);
+                if matches!(rec.op, Op::Write { .. }) {
+                    n.sent_bytes.add(rec.len);
+                }
+            }
             self.stats.pieces_sent += 1;
             let len = rec.len;
             let op = match rec.op {
@@ -490,6 +539,14 @@ impl Engine {
             }
             PieceState::Receiving => return Err(ReplyError::Duplicate { id }),
         }
+        if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
+            let f = self.figures.as_ref().map_or(0, |f| f.ns(self.clock));
+            n.last_reply_ns.set(f);
+            if let Some(sent) = rec.sent_at {
+                n.piece_latency
+                    .record_ns(self.clock.saturating_duration_since(sent).as_nanos() as u64);
+            }
+        }
         let errno = errno_of_status(reply.status);
         let expected = if errno == 0 && rec.op == Op::Read {
             rec.len
@@ -514,6 +571,9 @@ impl Engine {
             return Ok(ReplySink::Done);
         }
         rec.state = PieceState::Receiving;
+        if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
+            n.received_bytes.add(expected);
+        }
         let slice = BufSlice {
             tag: rec.tag,
             offset: rec.buf_offset as u32,
@@ -570,6 +630,10 @@ impl Engine {
             state.queue.push_front(*id);
         }
         self.stats.pieces_resent += resend.len() as u64;
+        if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
+            n.resent.add(resend.len() as u64);
+            n.in_flight.set(0);
+        }
     }
 
     /// `node`'s connection is up (again): its queued pieces may go out.
@@ -589,6 +653,7 @@ impl Engine {
     /// later, since the node fences the old connection when the new session
     /// comes. The request completes once no IO uses its buffer.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = now;
         for node in 0..self.nodes.len() {
             if self.node_given_up(node, now) && !self.nodes[node].queue.is_empty() {
                 let queued: Vec<u64> = self.nodes[node].queue.drain(..).collect();
@@ -630,6 +695,7 @@ impl Engine {
                         self.pieces.remove(&id);
                         let n = &mut self.nodes[node];
                         n.in_flight = n.in_flight.saturating_sub(1);
+                        self.mirror_in_flight(node);
                         abort.push(node);
                     }
                     Some((PieceState::Queued, _)) => {
@@ -643,6 +709,9 @@ impl Engine {
                 if !self.aborts.contains(&node) {
                     self.aborts.push_back(node);
                     self.stats.aborts += 1;
+                    if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
+                        n.timeouts.add(1);
+                    }
                 }
             }
             self.try_complete(tag);
@@ -763,6 +832,7 @@ impl Engine {
         };
         let node = &mut self.nodes[rec.node];
         node.in_flight = node.in_flight.saturating_sub(1);
+        self.mirror_in_flight(rec.node);
         let slot = &mut self.slots[usize::from(rec.tag)];
         if let Some(pos) = slot.pieces.iter().position(|p| *p == id) {
             slot.pieces.swap_remove(pos);
@@ -771,6 +841,14 @@ impl Engine {
             slot.errno = errno;
         }
         self.try_complete(rec.tag);
+    }
+
+    fn mirror_in_flight(&self, node: usize) {
+        if let (Some(f), Some(n)) = (&self.figures, self.nodes.get(node)) {
+            if let Some(fig) = f.nodes.get(node) {
+                fig.in_flight.set(n.in_flight as u64);
+            }
+        }
     }
 
     fn try_complete(&mut self, tag: Tag) {
@@ -784,6 +862,10 @@ impl Engine {
         } else {
             Ok(slot.len)
         };
+        if let (Some(f), Some(op), Some(started)) = (&self.figures, slot.op, slot.started) {
+            let latency = self.clock.saturating_duration_since(started).as_nanos() as u64;
+            f.request_done(op, latency, slot.errno);
+        }
         self.completions.push_back(Completion { tag, result });
     }
 }

@@ -19,6 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
 use crate::layout::{Layout, SpecError, VolumeSpec};
 use crate::net::{self, ConnectError, Identity, NodeInfo};
+use crate::stats::QueueStats;
 use crate::uring::{
     BufferMode, Doorbell, Frontend, QueueDriver, QueueParts, Reconnect, SendMode, TagBuffers,
 };
@@ -205,13 +206,25 @@ pub fn connect_queues(
 }
 
 /// A queue's engine, told what each node's handshake said of its
-/// incarnation of the volume.
-pub fn queue_engine(layout: &Layout, options: &VolumeOptions, nodes: &[NodeInfo]) -> Engine {
+/// incarnation of the volume, and the figures it records.
+pub fn queue_engine(
+    layout: &Layout,
+    options: &VolumeOptions,
+    nodes: &[NodeInfo],
+) -> (Engine, Arc<QueueStats>) {
     let mut engine = Engine::new(*layout, engine_config(options));
     for (node, info) in nodes.iter().enumerate() {
         engine.handle_incarnation(node, info.incarnation, info.durable_incarnation);
     }
-    engine
+    let figures = Arc::new(QueueStats::new(layout.node_count()));
+    engine.set_figures(Arc::clone(&figures));
+    (engine, figures)
+}
+
+/// The span a queue thread runs in: its log events carry the volume, the
+/// device (empty in-process) and the queue.
+pub fn queue_span(volume: &str, device: &str, queue: usize) -> tracing::Span {
+    tracing::info_span!("queue", volume, device, queue)
 }
 
 /// The client id one queue's connections use: one live connection per node
@@ -232,12 +245,13 @@ pub fn spawn_queue<F: Frontend + Send + 'static>(
 ) -> Result<QueueThread<F>, OpenError> {
     // The ring is made on the thread that uses it (single issuer).
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let span = parts.span.clone();
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || match QueueDriver::new(parts) {
+        .spawn(move || match span.in_scope(|| QueueDriver::new(parts)) {
             Ok(driver) => {
                 let _ = ready_tx.send(Ok(()));
-                let (frontend, result) = driver.run();
+                let (frontend, result) = span.in_scope(|| driver.run());
                 (Some(frontend), result)
             }
             Err(err) => {
@@ -345,6 +359,8 @@ impl Frontend for ChannelFrontend {
 }
 
 struct Queue {
+    /// What the queue measured.
+    figures: Arc<QueueStats>,
     shared: Arc<QueueShared>,
     requests: Sender<BlockRequest>,
     free_tags: (Sender<Tag>, Receiver<Tag>),
@@ -375,7 +391,7 @@ impl Volume {
             .into_iter()
             .enumerate()
         {
-            let engine = queue_engine(&layout, options, &infos);
+            let (engine, figures) = queue_engine(&layout, options, &infos);
             nodes = infos;
             let buffers =
                 Arc::new(TagBuffers::new(options.depth, options.max_io).map_err(OpenError::Uring)?);
@@ -406,6 +422,7 @@ impl Volume {
                     mode: options.send_mode,
                     buffer_mode: BufferMode::User,
                     reconnect: Some(reconnect_for(spec, &layout, options, q)),
+                    span: queue_span(&spec.name, "", q),
                 },
             )?;
             let free_tags = crossbeam_channel::bounded(usize::from(options.depth));
@@ -414,6 +431,7 @@ impl Volume {
                 let _ = free_tags.0.send(tag);
             }
             queues.push(Queue {
+                figures,
                 shared,
                 requests: requests_tx,
                 free_tags,
@@ -443,6 +461,11 @@ impl Volume {
     }
 
     /// What each node said at handshake, in node order.
+    /// What each queue measured (requests, latencies, per node).
+    pub fn figures(&self) -> Vec<Arc<QueueStats>> {
+        self.queues.iter().map(|q| Arc::clone(&q.figures)).collect()
+    }
+
     pub fn nodes(&self) -> &[NodeInfo] {
         &self.nodes
     }

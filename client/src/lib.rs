@@ -12,5 +12,7 @@ pub mod net;
 pub mod recv;
 pub mod rng;
 pub mod state;
+pub mod stats;
+pub mod telemetry;
 pub mod ublk;
 pub mod uring;

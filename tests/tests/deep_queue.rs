@@ -185,6 +185,7 @@ fn run(nodes: usize, depth: u16, io_size: u64, stripe_unit: u32, mode: SendMode)
             mode,
             buffer_mode: BufferMode::User,
             reconnect: Some(reconnect_for(&spec, &layout, &options, 0)),
+            span: tracing::Span::none(),
         },
     )
     .expect("queue");

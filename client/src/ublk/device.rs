@@ -13,9 +13,10 @@ use super::queue::{FailSwitch, UblkQueue};
 use super::sys::{self, DevInfo, ParamBasic, ParamDiscard, Params};
 use crate::frontend::{
     ConnectedQueue, OpenError, QueueThread, VolumeOptions, connect_queues, queue_engine,
-    reconnect_for, spawn_queue,
+    queue_span, reconnect_for, spawn_queue,
 };
 use crate::layout::{Layout, VolumeSpec};
+use crate::stats::QueueStats;
 use crate::uring::{BufferMode, QueueParts, SendMode, TagBuffers};
 
 /// Why a device could not be served.
@@ -223,6 +224,8 @@ pub struct Device {
     pub path: DataPath,
     /// The volume identity of each node, as pinned at the first connect.
     pub volume_ids: Vec<String>,
+    /// What each queue measured.
+    pub figures: Vec<Arc<QueueStats>>,
     ctrl: Control,
     /// The running queue threads, by queue index.
     queues: Vec<(usize, QueueThread<UblkQueue>)>,
@@ -490,7 +493,8 @@ fn start_queues(
             queue.arm_fail_switch(Arc::clone(&switch));
             device.fail_switch = Some(switch);
         }
-        let engine = queue_engine(layout, vopts, &nodes);
+        let (engine, figures) = queue_engine(layout, vopts, &nodes);
+        device.figures.push(figures);
         let thread = spawn_queue(
             format!("ublk{dev_id}-q{q}"),
             QueueParts {
@@ -501,6 +505,7 @@ fn start_queues(
                 mode: send_mode,
                 buffer_mode,
                 reconnect: Some(reconnect_for(spec, layout, vopts, q)),
+                span: queue_span(&spec.name, &format!("/dev/ublkb{dev_id}"), q),
             },
         )?;
         device.queues.push((q, thread));
@@ -538,6 +543,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
         dev_id,
         path,
         volume_ids: Vec::new(),
+        figures: Vec::new(),
         ctrl,
         queues: Vec::new(),
         fail_switch: None,
@@ -820,6 +826,7 @@ impl RecoverySteps for LiveRecovery<'_> {
             dev_id: self.dev_id,
             path: self.path,
             volume_ids: Vec::new(),
+            figures: Vec::new(),
             ctrl,
             queues: Vec::new(),
             fail_switch: None,

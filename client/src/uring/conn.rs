@@ -32,7 +32,24 @@ pub(super) struct Conn {
     pub(super) ops: u32,
     pub(super) broken: bool,
     pub(super) lost_reported: bool,
+    /// The current outage, for its log lines: since when, reconnect
+    /// attempts so far, when it was last summed up, and whether the
+    /// node-down timeout (or a refusal) gave the node up.
+    pub(super) outage: Option<Outage>,
 }
+
+/// One outage of a connection, logged when it starts and ends, with a
+/// summary at most every [`OUTAGE_SUMMARY`] in between.
+pub(super) struct Outage {
+    pub(super) since: Instant,
+    pub(super) attempts: u32,
+    pub(super) summarized: Instant,
+    pub(super) given_up: bool,
+    pub(super) refused: bool,
+}
+
+/// How often a continuing outage is summed up in the log.
+pub(super) const OUTAGE_SUMMARY: Duration = Duration::from_secs(30);
 
 impl<F: Frontend> QueueDriver<F> {
     pub(super) fn break_conn(&mut self, node: usize, why: &str, res: i32) {
@@ -44,10 +61,23 @@ impl<F: Frontend> QueueDriver<F> {
             } else {
                 String::new()
             };
-            eprintln!("netblk: connection to node {node} lost ({why}{detail})");
+            let now = Instant::now();
+            if conn.outage.is_none() {
+                tracing::warn!(node, session = conn.session, reason = %format!("{why}{detail}"), "connection lost");
+                conn.outage = Some(Outage {
+                    since: now,
+                    attempts: 0,
+                    summarized: now,
+                    given_up: false,
+                    refused: false,
+                });
+            }
             // Makes the operations still in the kernel finish, and the
             // kernel let go of every buffer the connection holds.
             super::sys::abort(&conn.stream);
+            if let Some(f) = self.engine.figures() {
+                f.node_down(node, now, &format!("{why}{detail}"));
+            }
         }
     }
 

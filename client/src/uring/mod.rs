@@ -134,6 +134,9 @@ pub struct QueueParts<F> {
     pub mode: SendMode,
     pub buffer_mode: BufferMode,
     pub reconnect: Option<Reconnect>,
+    /// The queue thread runs inside it: its fields (volume, device, queue)
+    /// go with every log event of the queue.
+    pub span: tracing::Span,
 }
 
 impl<F: Frontend> QueueDriver<F> {
@@ -148,6 +151,7 @@ impl<F: Frontend> QueueDriver<F> {
             mode,
             buffer_mode,
             reconnect,
+            span: _,
         } = parts;
         let depth = engine.config().depth;
         let (sq, cq) = ring::ring_sizes(depth, streams.len(), 2 * MAX_CHAIN);
@@ -187,6 +191,7 @@ impl<F: Frontend> QueueDriver<F> {
                 ops: 0,
                 broken: false,
                 lost_reported: false,
+                outage: None,
             })
             .collect();
         Ok(QueueDriver {
@@ -211,7 +216,7 @@ impl<F: Frontend> QueueDriver<F> {
     pub fn run(mut self) -> (F, io::Result<()>) {
         let result = self.serve().and_then(|()| self.shutdown());
         if let Err(err) = &result {
-            eprintln!("netblk: queue failed: {err}");
+            tracing::error!(error = %err, "queue failed");
         }
         let tags = self.engine.active_tags();
         let QueueDriver {
@@ -229,6 +234,9 @@ impl<F: Frontend> QueueDriver<F> {
     fn serve(&mut self) -> io::Result<()> {
         for node in 0..self.conns.len() {
             self.engine.handle_connection_restored(node);
+            if let Some(f) = self.engine.figures() {
+                f.node_up(node, self.conns[node].session, false);
+            }
         }
         loop {
             let now = Instant::now();
@@ -267,6 +275,7 @@ impl<F: Frontend> QueueDriver<F> {
                 timeout = Some(timeout.map_or(RECONNECT_MIN, |t| t.min(RECONNECT_MIN)));
             }
             self.submit_and_wait(timeout)?;
+            self.engine.set_clock(Instant::now());
             self.reap()?;
         }
     }

@@ -45,9 +45,16 @@ impl<F: Frontend> QueueDriver<F> {
             conn.connecting = false;
             match result {
                 Ok((stream, info)) => {
-                    eprintln!(
-                        "netblk: node {node} ({}) is back (session {session})",
-                        reconnect.addrs[node]
+                    let down_ms = conn.outage.take().map_or(0, |o| {
+                        now.saturating_duration_since(o.since).as_millis() as u64
+                    });
+                    tracing::info!(
+                        node,
+                        addr = %reconnect.addrs[node],
+                        session,
+                        incarnation = info.incarnation,
+                        down_ms,
+                        "reconnected"
                     );
                     conn.fd = stream.as_raw_fd();
                     conn.stream = stream;
@@ -74,16 +81,29 @@ impl<F: Frontend> QueueDriver<F> {
                     // Answering, but not with our data: no point waiting for
                     // the node-down timeout. Tried again, slowly, in case the
                     // volume is put back.
-                    if conn.backoff < RECONNECT_MAX {
-                        eprintln!("netblk: {why}");
+                    if let Some(o) = conn.outage.as_mut() {
+                        o.attempts += 1;
+                        if !o.refused {
+                            o.refused = true;
+                            tracing::error!(node, error = %why, "node refused: it lost the volume");
+                        }
+                    }
+                    if let Some(f) = self.engine.figures() {
+                        f.node_down(node, now, &why.to_string());
                     }
                     self.engine.handle_node_refused(node);
                     conn.next_attempt = now + RECONNECT_MAX;
                     conn.backoff = RECONNECT_MAX;
                 }
                 Err(why) => {
-                    if conn.backoff >= RECONNECT_MAX {
-                        eprintln!("netblk: node {node}: still down: {why}");
+                    if let Some(o) = conn.outage.as_mut() {
+                        o.attempts += 1;
+                        if o.attempts == 1 {
+                            tracing::warn!(node, error = %why, "reconnect failed; retrying with backoff");
+                        }
+                    }
+                    if let Some(f) = self.engine.figures() {
+                        f.node_down(node, now, &why.to_string());
                     }
                     conn.next_attempt = now + conn.backoff;
                     conn.backoff = (conn.backoff * 2).min(RECONNECT_MAX);
@@ -96,6 +116,21 @@ impl<F: Frontend> QueueDriver<F> {
                 continue;
             }
             down = true;
+            if let Some(o) = conn.outage.as_mut() {
+                let down_s = now.saturating_duration_since(o.since).as_secs();
+                if !o.given_up && self.engine.node_given_up(node, now) {
+                    o.given_up = true;
+                    tracing::error!(
+                        node,
+                        down_s,
+                        "node given up: IO to its stripes fails until it is back"
+                    );
+                }
+                if now.saturating_duration_since(o.summarized) >= super::conn::OUTAGE_SUMMARY {
+                    o.summarized = now;
+                    tracing::warn!(node, down_s, attempts = o.attempts, "node still down");
+                }
+            }
             if conn.connecting || now < conn.next_attempt {
                 continue;
             }

@@ -64,6 +64,15 @@ impl<F: Frontend> QueueDriver<F> {
                 };
                 // tag (13 bits) and length (27 bits: at most 64 MiB) in 40 bits.
                 let detail = (u64::from(slice.tag) << 27) | u64::from(slice.len);
+                if let Some(f) = self.engine.figures() {
+                    match self.mode {
+                        SendMode::ZeroCopy => {
+                            f.zc_sends.add(1);
+                            f.zc_bytes.add(u64::from(slice.len));
+                        }
+                        SendMode::Copy => f.copied_bytes.add(u64::from(slice.len)),
+                    }
+                }
                 let entry = match self.mode {
                     SendMode::ZeroCopy => opcode::SendZc::new(types::Fd(conn.fd), ptr, slice.len)
                         .buf_index(Some(slice.tag))
@@ -99,6 +108,9 @@ impl<F: Frontend> QueueDriver<F> {
         if cqueue::notif(flags) {
             // The zero-copy notification: the kernel is done with the buffer.
             conn.ops = conn.ops.saturating_sub(1);
+            if let Some(f) = self.engine.figures() {
+                f.zc_notifications.add(1);
+            }
             self.engine.handle_buffer_released(node, tag);
             return;
         }
