@@ -21,6 +21,7 @@ use crate::frontend::{VolumeOptions, connect_queue, queue_engine, queue_span, sp
 use crate::layout::{DEFAULT_STRIPE_UNIT, Layout, VolumeSpec};
 use crate::mock::{MockNodes, mock_node_bin, start_mock_nodes};
 use crate::rng::Rng;
+use crate::telemetry::{Source, Telemetry};
 use crate::uring::{BufferMode, Frontend, QueueParts, SendMode, TagBuffers};
 
 /// What to run.
@@ -39,6 +40,11 @@ pub struct BenchOptions {
     pub volume_size: u64,
     /// Store of the mock nodes started (`null` measures client and network only).
     pub node_store: String,
+    /// Where each workload's figures are reported (`--metrics-addr`).
+    pub telemetry: Option<Arc<Telemetry>>,
+    /// Also measure the 4 KiB workloads without recording figures,
+    /// alternating with and without, to state what recording costs.
+    pub metrics_overhead: bool,
 }
 
 impl Default for BenchOptions {
@@ -54,6 +60,8 @@ impl Default for BenchOptions {
             stripe_unit: DEFAULT_STRIPE_UNIT,
             volume_size: 1 << 30,
             node_store: "null".into(),
+            telemetry: None,
+            metrics_overhead: false,
         }
     }
 }
@@ -185,7 +193,22 @@ pub struct Report {
     /// The median of the bulk baselines measured (one before each 1 MiB workload).
     pub bulk: Figures,
     pub rows: Vec<Row>,
+    /// What recording figures costs, where measured.
+    pub overhead: Vec<Overhead>,
 }
+
+/// IOPS of a 4 KiB workload with figures recorded, as a ratio of IOPS
+/// without: the median over alternating pairs of runs.
+#[derive(Debug, Clone)]
+pub struct Overhead {
+    pub workload: &'static str,
+    pub mode: SendMode,
+    pub ratio: f64,
+    pub pairs: usize,
+}
+
+/// Pairs of runs (without, then with figures) behind an [`Overhead`].
+const OVERHEAD_PAIRS: usize = 5;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Workload {
@@ -382,6 +405,8 @@ fn measure_workload(
     options: &BenchOptions,
     mode: SendMode,
     workload: Workload,
+    record: bool,
+    report: Option<&Telemetry>,
 ) -> io::Result<Figures> {
     let layout = spec.layout().map_err(|e| io::Error::other(e.to_string()))?;
     let queues = options.queues.max(1);
@@ -399,8 +424,12 @@ fn measure_workload(
     let cpu0 = cpu_seconds();
     for q in 0..queues {
         let (streams, nodes) = connect_queue(spec, &layout, &volume_options, q).map_err(err)?;
-        let (engine, figures) = queue_engine(&layout, &volume_options, &nodes);
-        all_figures.push(figures);
+        let (mut engine, figures) = queue_engine(&layout, &volume_options, &nodes);
+        if record {
+            all_figures.push(figures);
+        } else {
+            engine.drop_figures();
+        }
         let buffers = Arc::new(TagBuffers::new(depth, 1 << 20)?);
         let generator = Generator::new(
             workload,
@@ -426,6 +455,15 @@ fn measure_workload(
             )
             .map_err(err)?,
         );
+    }
+    if let Some(telemetry) = report {
+        telemetry.add(Source {
+            volume: format!("{}-{}-{mode}", spec.name, workload.name()),
+            device: String::new(),
+            nodes: spec.nodes.clone(),
+            data_path: "in-process".into(),
+            queues: all_figures.clone(),
+        });
     }
     let mut latencies = Vec::new();
     let (mut ops, mut errors, mut first_error) = (0, 0, None);
@@ -683,6 +721,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     let spec = options.spec(addrs.clone());
     crate::uring::probe(SendMode::Copy)?;
     let (mut echoes, mut bulks) = (Vec::new(), Vec::new());
+    let mut overhead = Vec::new();
     for mode in &options.modes {
         crate::uring::probe(*mode)?;
         for workload in [
@@ -711,7 +750,27 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                 }
             };
             progress(&format!("netblk {mode}: {}", workload.name()));
-            let f = measure_workload(&spec, options, *mode, workload)?;
+            let report = options.telemetry.as_deref();
+            let f = measure_workload(&spec, options, *mode, workload, true, report)?;
+            if options.metrics_overhead && workload.block() == 4096 {
+                progress(&format!(
+                    "netblk {mode}: {} with and without figures, {OVERHEAD_PAIRS} pairs",
+                    workload.name()
+                ));
+                let mut ratios = Vec::with_capacity(OVERHEAD_PAIRS);
+                for _ in 0..OVERHEAD_PAIRS {
+                    let without = measure_workload(&spec, options, *mode, workload, false, None)?;
+                    let with = measure_workload(&spec, options, *mode, workload, true, None)?;
+                    ratios.push(with.iops() / without.iops().max(1e-9));
+                }
+                ratios.sort_by(f64::total_cmp);
+                overhead.push(Overhead {
+                    workload: workload.name(),
+                    mode: *mode,
+                    ratio: ratios[ratios.len() / 2],
+                    pairs: ratios.len(),
+                });
+            }
             let ratio = ratio_of(&f) / ratio_of(&baseline).max(1e-9);
             rows.push(Row {
                 workload: workload.name(),
@@ -730,6 +789,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         echo: median_by(echoes, Figures::iops),
         bulk: median_by(bulks, Figures::mib_s),
         rows,
+        overhead,
     })
 }
 
@@ -779,6 +839,12 @@ impl Report {
             "-",
             self.bulk.mib_s()
         ));
+        for o in &self.overhead {
+            out.push_str(&format!(
+                "recording figures: {} {}: {:.3} of the IOPS without (median of {} alternating pairs)\n",
+                o.workload, o.mode, o.ratio, o.pairs
+            ));
+        }
         out
     }
 
@@ -811,8 +877,18 @@ impl Report {
                 )
             })
             .collect();
+        let overhead: Vec<String> = self
+            .overhead
+            .iter()
+            .map(|o| {
+                format!(
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"ratio\":{:.4},\"pairs\":{}}}",
+                    o.workload, o.mode, o.ratio, o.pairs
+                )
+            })
+            .collect();
         format!(
-            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"baselines\":{{\"echo\":{},\"bulk\":{}}},\"results\":[{}]}}",
+            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"baselines\":{{\"echo\":{},\"bulk\":{}}},\"results\":[{}],\"metrics_overhead\":[{}]}}",
             self.nodes,
             self.options.queues,
             self.connections,
@@ -820,7 +896,8 @@ impl Report {
             self.options.duration.as_secs_f64(),
             fig(&self.echo),
             fig(&self.bulk),
-            rows.join(",")
+            rows.join(","),
+            overhead.join(",")
         )
     }
 }

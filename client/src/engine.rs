@@ -299,6 +299,11 @@ impl Engine {
         self.figures = Some(figures);
     }
 
+    /// Stops recording figures (to measure what recording costs).
+    pub fn drop_figures(&mut self) {
+        self.figures = None;
+    }
+
     pub fn figures(&self) -> Option<&Arc<QueueStats>> {
         self.figures.as_ref()
     }
@@ -844,10 +849,10 @@ impl Engine {
     }
 
     fn mirror_in_flight(&self, node: usize) {
-        if let (Some(f), Some(n)) = (&self.figures, self.nodes.get(node)) {
-            if let Some(fig) = f.nodes.get(node) {
-                fig.in_flight.set(n.in_flight as u64);
-            }
+        if let (Some(f), Some(n)) = (&self.figures, self.nodes.get(node))
+            && let Some(fig) = f.nodes.get(node)
+        {
+            fig.in_flight.set(n.in_flight as u64);
         }
     }
 

@@ -639,8 +639,8 @@ impl Drop for Volume {
             if let Some(thread) = q.thread.take() {
                 match thread.join() {
                     Ok((_, Ok(()))) => {}
-                    Ok((_, Err(err))) => eprintln!("netblk: queue thread failed: {err}"),
-                    Err(_) => eprintln!("netblk: queue thread panicked"),
+                    Ok((_, Err(err))) => tracing::error!(error = %err, "queue thread failed"),
+                    Err(_) => tracing::error!("queue thread panicked"),
                 }
             }
         }

@@ -10,6 +10,7 @@ use netblk::bench::{self, BenchOptions};
 use netblk::state;
 use netblk::ublk::ctrl::{Control, daemon_alive, feature_names, process_start_time, terminate};
 use netblk::uring::SendMode;
+use netblk_observe::logging::LogFormat;
 use netblk_protocol::units::parse_size;
 
 /// netblk: a distributed network block storage client.
@@ -18,6 +19,14 @@ use netblk_protocol::units::parse_size;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Log lines as text (coloured only on a terminal) or one JSON object
+    /// a line; levels from RUST_LOG (default info).
+    #[arg(long, global = true, default_value = "text", value_parser = parse_log_format)]
+    log_format: LogFormat,
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    text.parse()
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,6 +58,19 @@ enum Cmd {
     Unmap {
         /// /dev/ublkbN or N.
         device: String,
+    },
+    /// Show each device as its daemon sees it: volume, data path, state,
+    /// and per node: connection (or down since when), session, pieces in
+    /// flight, reconnects, p50/p99 latency over the last minute, last error.
+    ///
+    /// Asks each live daemon over its control socket; a device whose daemon
+    /// is gone is shown from its record.
+    Status {
+        /// Only this device (/dev/ublkbN or N).
+        device: Option<String>,
+        /// One JSON array of devices, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Show every netblk device: id, path, volume, nodes, data path, state.
     ///
@@ -112,6 +134,9 @@ struct MapArgs {
     /// soon as it is back (1 to 3600).
     #[arg(long, default_value_t = 15, value_name = "SECS")]
     node_down_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -151,6 +176,13 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics while it runs.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Also run each 4 KiB workload with and without recording figures
+    /// (alternating pairs) and print what recording costs.
+    #[arg(long)]
+    metrics_overhead: bool,
 }
 
 fn parse_stripe_unit(text: &str) -> Result<u32, String> {
@@ -176,12 +208,14 @@ impl From<String> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    netblk_observe::logging::init(cli.log_format);
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
         Cmd::Map(args) => map(args),
         Cmd::Demo { size } => demo(size),
         Cmd::Unmap { device } => unmap(&device).map_err(Failure::Run),
         Cmd::List => list().map_err(Failure::Run),
+        Cmd::Status { device, json } => status(device.as_deref(), json).map_err(Failure::Run),
         Cmd::Features => features().map_err(Failure::Run),
         Cmd::UblkCheck => ublk_check().map_err(Failure::Run),
     };
@@ -215,8 +249,14 @@ fn run_bench(args: BenchArgs) -> Result<(), Failure> {
         stripe_unit: args.stripe_unit,
         volume_size: args.size,
         node_store: args.node_store,
+        telemetry: None,
+        metrics_overhead: args.metrics_overhead,
     };
     options.check().map_err(Failure::Usage)?;
+    let options = BenchOptions {
+        telemetry: start_metrics(args.metrics_addr)?,
+        ..options
+    };
     let json = args.json;
     let report = bench::run(&options, &mut |step| {
         if !json {
@@ -333,15 +373,71 @@ fn map(args: MapArgs) -> Result<(), Failure> {
     device::check(&spec, &options).map_err(|e| Failure::Usage(e.to_string()))?;
     let signals = stop_signals()?;
     let device = device::map(&spec, &options).map_err(|e| e.to_string())?;
-    eprintln!(
-        "netblk: {} serves volume '{}' over {} node(s): data path: {}",
+    tracing::info!(
+        device = %device.block_path(),
+        volume = %spec.name,
+        nodes = spec.nodes.len(),
+        "{} serves volume '{}' over {} node(s): data path: {}",
         device.block_path(),
         spec.name,
         spec.nodes.len(),
         device.path.name()
     );
     println!("{}", device.block_path());
-    serve(device, &spec, &options, 0, signals).map_err(Failure::Run)
+    serve(device, &spec, &options, 0, signals, args.metrics_addr).map_err(Failure::Run)
+}
+
+/// Starts `/metrics` on `addr`, if given: the telemetry to report to.
+fn start_metrics(
+    addr: Option<SocketAddr>,
+) -> Result<Option<std::sync::Arc<netblk::telemetry::Telemetry>>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let telemetry = netblk::telemetry::Telemetry::new();
+    let collector = std::sync::Arc::clone(&telemetry);
+    let bound = netblk_observe::endpoint::serve(addr, move || collector.collect())?;
+    tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    Ok(Some(telemetry))
+}
+
+fn status(device: Option<&str>, json: bool) -> Result<(), String> {
+    let only = device.map(state::parse_device).transpose()?;
+    let dir = state::state_dir();
+    let mut ctrl = Control::open().ok();
+    let (devices, errors) = netblk::control::status_all(&dir, only, |record| {
+        let info = ctrl.as_mut().and_then(|c| c.info(record.id).ok());
+        state::device_state(
+            info.map(|i| i.state),
+            daemon_alive(record.pid, record.pid_start),
+        )
+        .to_string()
+    });
+    if let Some(id) = only
+        && devices.is_empty()
+        && errors.is_empty()
+    {
+        return Err(format!(
+            "no netblk device {id} (`netblk list` shows the mapped ones)"
+        ));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(devices));
+    } else {
+        print!("{}", netblk::control::status_text(&devices));
+    }
+    for why in &errors {
+        eprintln!("netblk: {why}");
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} device record(s) in {} could not be read (see above)",
+            errors.len(),
+            dir.display()
+        ))
+    }
 }
 
 fn send_mode(name: &str) -> SendMode {
@@ -441,15 +537,26 @@ fn recover(
     let mut interrupted = || signals.pending().next().is_some();
     let device =
         device::recover(&spec, &options, id, &mut interrupted).map_err(|e| e.to_string())?;
-    eprintln!(
-        "netblk: recovered {}: volume '{}' over {} node(s), data path: {}",
+    tracing::info!(
+        device = %device.block_path(),
+        volume = %spec.name,
+        generation,
+        "recovered {}: volume '{}' over {} node(s), data path: {}",
         device.block_path(),
         spec.name,
         spec.nodes.len(),
         device.path.name()
     );
     println!("{}", device.block_path());
-    serve(device, &spec, &options, generation, signals).map_err(Failure::Run)
+    serve(
+        device,
+        &spec,
+        &options,
+        generation,
+        signals,
+        args.metrics_addr,
+    )
+    .map_err(Failure::Run)
 }
 
 /// How often the serving daemon looks at its signals and queue threads.
@@ -472,8 +579,19 @@ fn serve(
     options: &netblk::ublk::device::MapOptions,
     generation: u32,
     mut signals: signal_hook::iterator::Signals,
+    metrics_addr: Option<SocketAddr>,
 ) -> Result<(), String> {
     let dir = state::state_dir();
+    let source = netblk::telemetry::Source {
+        volume: spec.name.clone(),
+        device: device.block_path(),
+        nodes: spec.nodes.clone(),
+        data_path: device.path.name().to_string(),
+        queues: device.figures.clone(),
+    };
+    if let Some(telemetry) = start_metrics(metrics_addr)? {
+        telemetry.add(source.clone());
+    }
     let vopts = &options.volume;
     let record = state::DeviceRecord {
         id: device.dev_id,
@@ -499,10 +617,15 @@ fn serve(
         volume_ids: device.volume_ids.clone(),
     };
     if let Err(err) = state::save(&dir, &record) {
-        eprintln!(
-            "netblk: cannot record the device in {}: {err} (list, unmap and recovery will not see it)",
-            dir.display()
+        tracing::error!(
+            dir = %dir.display(),
+            error = %err,
+            "cannot record the device: list, status, unmap and recovery will not see it"
         );
+    }
+    let socket = netblk::control::socket_path(&dir, device.dev_id);
+    if let Err(err) = netblk::control::serve(&socket, source) {
+        tracing::error!(socket = %socket.display(), error = %err, "no control socket: `netblk status` cannot ask this daemon");
     }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let path = device.block_path();
@@ -516,8 +639,8 @@ fn serve(
         if let Some((hook, due)) = hook_due
             && Instant::now() >= due
         {
-            eprintln!(
-                "netblk: {FAIL_QUEUE_ENV}: making queue {} of {path} fail now (test hook)",
+            tracing::warn!(
+                "{FAIL_QUEUE_ENV}: making queue {} of {path} fail now (test hook)",
                 hook.queue
             );
             device.fail_queue_now();
@@ -532,7 +655,7 @@ fn serve(
             Supervision::Serve => std::thread::sleep(SUPERVISE_POLL),
             Supervision::Stop => {
                 for end in &ended {
-                    eprintln!("netblk: {path}: {end}");
+                    tracing::info!("{path}: {end}");
                 }
                 break;
             }
@@ -545,10 +668,11 @@ fn serve(
             }
         }
     }
-    eprintln!("netblk: stopping {path}");
+    tracing::info!(device = %path, "stopping");
     let id = device.dev_id;
     let stopped = device.stop().map_err(|e| e.to_string());
     let _ = state::remove(&dir, id);
+    let _ = std::fs::remove_file(&socket);
     stopped
 }
 
@@ -707,7 +831,7 @@ fn demo(size: u64) -> Result<(), Failure> {
     );
     println!("try:  mkfs.ext4 {path} && mkdir -p /mnt/netblk && mount {path} /mnt/netblk");
     println!("then: umount /mnt/netblk, and Ctrl-C here to unmap and stop the nodes");
-    let served = serve(device, &spec, &options, 0, signals);
+    let served = serve(device, &spec, &options, 0, signals, None);
     if served.is_ok() {
         println!("netblk demo: unmapped {path}; stopping the nodes");
     }

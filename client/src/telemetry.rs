@@ -107,7 +107,12 @@ impl Source {
     /// The `netblk status` view of the device: `latency_since` holds each
     /// node's latency snapshot of about a minute ago (p50/p99 are over what
     /// came since).
-    pub fn status(&self, state: &str, latency_since: &[Snapshot], now: Instant) -> serde_json::Value {
+    pub fn status(
+        &self,
+        state: &str,
+        latency_since: &[Snapshot],
+        now: Instant,
+    ) -> serde_json::Value {
         let nodes: Vec<serde_json::Value> = self
             .nodes
             .iter()
@@ -158,6 +163,14 @@ pub struct LatencyWindow {
 pub const WINDOW: Duration = Duration::from_secs(60);
 
 impl LatencyWindow {
+    /// A window that starts empty at `now`: until a minute has passed,
+    /// quantiles cover everything since.
+    pub fn starting(nodes: usize, now: Instant) -> LatencyWindow {
+        LatencyWindow {
+            samples: VecDeque::from([(now, vec![Snapshot::default(); nodes])]),
+        }
+    }
+
     /// Takes a sample of `source`'s node latencies.
     pub fn sample(&mut self, source: &Source, now: Instant) {
         let snaps = (0..source.nodes.len())
@@ -224,32 +237,56 @@ impl Telemetry {
 fn publish(p: &mut Published, now: Instant) {
     let s = &p.source;
     let labels = s.labels();
-    metrics::gauge!("netblk_data_path_info", &[
-        labels[0].clone(),
-        labels[1].clone(),
-        ("path", s.data_path.clone()),
-    ])
+    metrics::gauge!(
+        "netblk_data_path_info",
+        &[
+            labels[0].clone(),
+            labels[1].clone(),
+            ("path", s.data_path.clone()),
+        ]
+    )
     .set(1.0);
     for (i, op) in OPS.iter().enumerate() {
-        let l = [labels[0].clone(), labels[1].clone(), ("op", (*op).to_string())];
+        let l = [
+            labels[0].clone(),
+            labels[1].clone(),
+            ("op", (*op).to_string()),
+        ];
         metrics::counter!("netblk_requests_total", &l).absolute(s.sum(|q| q.ops[i].requests.get()));
-        metrics::counter!("netblk_request_bytes_total", &l).absolute(s.sum(|q| q.ops[i].bytes.get()));
-        metrics::gauge!("netblk_requests_in_flight", &l).set(s.sum(|q| q.ops[i].in_flight.get()) as f64);
+        metrics::counter!("netblk_request_bytes_total", &l)
+            .absolute(s.sum(|q| q.ops[i].bytes.get()));
+        metrics::gauge!("netblk_requests_in_flight", &l)
+            .set(s.sum(|q| q.ops[i].in_flight.get()) as f64);
         for (e, (_, name)) in ERRNOS.iter().enumerate() {
             let count = s.sum(|q| q.ops[i].errors[e].get());
             if count > 0 {
-                let le = [l[0].clone(), l[1].clone(), l[2].clone(), ("errno", (*name).to_string())];
+                let le = [
+                    l[0].clone(),
+                    l[1].clone(),
+                    l[2].clone(),
+                    ("errno", (*name).to_string()),
+                ];
                 metrics::counter!("netblk_request_errors_total", &le).absolute(count);
             }
         }
         let latency = s.op_latency(i);
-        latency.publish_since(&p.ops[i], &metrics::histogram!("netblk_request_duration_seconds", &l));
+        latency.publish_since(
+            &p.ops[i],
+            &metrics::histogram!("netblk_request_duration_seconds", &l),
+        );
         p.ops[i] = latency;
     }
     for (n, addr) in s.nodes.iter().enumerate() {
         let f = s.node(n, now);
-        let l = [labels[0].clone(), labels[1].clone(), ("node", addr.to_string())];
-        f.latency.publish_since(&p.nodes[n], &metrics::histogram!("netblk_node_piece_duration_seconds", &l));
+        let l = [
+            labels[0].clone(),
+            labels[1].clone(),
+            ("node", addr.to_string()),
+        ];
+        f.latency.publish_since(
+            &p.nodes[n],
+            &metrics::histogram!("netblk_node_piece_duration_seconds", &l),
+        );
         p.nodes[n] = f.latency;
         metrics::gauge!("netblk_node_connected", &l).set(if f.connected { 1.0 } else { 0.0 });
         metrics::gauge!("netblk_node_session", &l).set(f.session as f64);
@@ -270,7 +307,11 @@ fn publish(p: &mut Published, now: Instant) {
         ("zerocopy", s.sum(|q| q.zc_bytes.get())),
         ("copy", s.sum(|q| q.copied_bytes.get())),
     ] {
-        let l = [labels[0].clone(), labels[1].clone(), ("mode", mode.to_string())];
+        let l = [
+            labels[0].clone(),
+            labels[1].clone(),
+            ("mode", mode.to_string()),
+        ];
         metrics::counter!("netblk_payload_sent_bytes_total", &l).absolute(bytes);
     }
 }

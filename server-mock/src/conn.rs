@@ -641,6 +641,7 @@ fn execute(
         bump(&node.counters.injected_errors, 1);
         reply.status = status as i32;
         reply.message = "injected error (fault)".into();
+        node.counters.reply(request, &reply);
         return reply;
     }
     if let Err((status, message)) = apply(node, volume, request, payload, &mut reply, data) {
@@ -648,6 +649,7 @@ fn execute(
         reply.status = status as i32;
         reply.message = message;
     }
+    node.counters.reply(request, &reply);
     reply
 }
 

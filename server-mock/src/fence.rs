@@ -62,6 +62,8 @@ struct Client {
 #[derive(Default)]
 pub struct Sessions {
     clients: Mutex<HashMap<(String, String), Client>>,
+    /// Older sessions fenced so far.
+    fenced: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,6 +71,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Sessions {
+    /// Older sessions fenced by newer ones so far.
+    pub fn fenced(&self) -> u64 {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
     /// Admits a connection of `client_id` on `volume` with `session`: fences
     /// the client's older connections and waits (at most `timeout`) until
     /// none of them is executing anything. `wake` is called after fencing so
@@ -140,6 +147,7 @@ impl Sessions {
                 discarded = old.discarded.load(Ordering::Relaxed),
                 "older session fenced"
             );
+            self.fenced.fetch_add(1, Ordering::Relaxed);
         }
         Ok(member)
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use netblk_mock_node::{Config, Server, StoreKind, parse_size};
+use netblk_observe::logging::LogFormat;
 use netblk_protocol::pb::{self, CorruptPart, Status};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -27,6 +28,16 @@ struct Args {
     /// Address to listen on. Port 0 picks a free port (see the `listening on` line).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "IP:PORT")]
     listen: SocketAddr,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any; the
+    /// address is logged).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+
+    /// Log lines as text (coloured only on a terminal) or one JSON object a
+    /// line; levels from RUST_LOG (default info).
+    #[arg(long, default_value = "text", value_parser = parse_log_format)]
+    log_format: LogFormat,
 
     /// Where volumes live: `memory` (sparse, lost at exit), `dir:PATH` (one
     /// sparse file per volume under PATH; flush and FUA writes are durable;
@@ -202,13 +213,7 @@ fn parse_corrupt_part(text: &str) -> Result<CorruptPart, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    netblk_observe::logging::init(args.log_format);
 
     let faults = pb::Faults {
         latency_us: args.latency_us,
@@ -237,7 +242,7 @@ fn main() -> ExitCode {
     config.faults = faults;
     config.fault_seed = args.fault_seed.unwrap_or_else(clock_seed);
 
-    match serve(config) {
+    match serve(config, args.metrics_addr) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("netblk-mock-node: {err}");
@@ -253,8 +258,16 @@ fn clock_seed() -> u64 {
         .unwrap_or(0)
 }
 
-fn serve(config: Config) -> std::io::Result<()> {
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    text.parse()
+}
+
+fn serve(config: Config, metrics_addr: Option<SocketAddr>) -> std::io::Result<()> {
     let server = Server::bind(config)?;
+    if let Some(addr) = metrics_addr {
+        let bound = server.serve_metrics(addr).map_err(std::io::Error::other)?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let handle = server.shutdown_handle();
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()

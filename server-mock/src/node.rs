@@ -90,6 +90,30 @@ pub struct Counters {
     pub injected_errors: AtomicU64,
     pub dropped_connections: AtomicU64,
     pub corrupted_replies: AtomicU64,
+    /// Replies by operation ([`OPS`]) and status (its protobuf number).
+    pub replies: [[AtomicU64; STATUSES]; OPS.len()],
+}
+
+/// Operation names (metric labels) by their index in [`Counters::replies`].
+pub const OPS: [&str; 6] = ["read", "write", "flush", "discard", "write_zeroes", "ping"];
+/// Status numbers counted (0 = ok, the rest as in `netblk.v1.Status`).
+pub const STATUSES: usize = 16;
+
+impl Counters {
+    /// Counts one reply to `request`.
+    pub fn reply(&self, request: &pb::Request, reply: &pb::Reply) {
+        use pb::request::Op;
+        let op = match &request.op {
+            Some(Op::Read(_)) => 0,
+            Some(Op::Write(_)) => 1,
+            Some(Op::Flush(_)) => 2,
+            Some(Op::Discard(_)) => 3,
+            Some(Op::WriteZeroes(_)) => 4,
+            Some(Op::Ping(_)) | None => 5,
+        };
+        let status = usize::try_from(reply.status).unwrap_or(0).min(STATUSES - 1);
+        bump(&self.replies[op][status], 1);
+    }
 }
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) -> u64 {
@@ -313,6 +337,12 @@ impl Server {
         self.node.local_addr
     }
 
+    /// Serves the node's figures at `http://addr/metrics`; the address bound.
+    pub fn serve_metrics(&self, addr: SocketAddr) -> Result<SocketAddr, String> {
+        let node = Arc::clone(&self.node);
+        netblk_observe::endpoint::serve(addr, move || collect_metrics(&node))
+    }
+
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(Arc::clone(&self.node))
     }
@@ -366,4 +396,42 @@ impl Server {
         info!("stopped cleanly");
         Ok(())
     }
+}
+
+/// Pushes the node's counters into the `metrics` facade (when `/metrics`
+/// is scraped): requests by operation and status, bytes, connections,
+/// fenced sessions, protocol errors and injected faults.
+fn collect_metrics(node: &Node) {
+    let stats = node.stats();
+    for (op, by_status) in OPS.iter().zip(&node.counters.replies) {
+        for (status, count) in by_status.iter().enumerate() {
+            let count = count.load(Ordering::Relaxed);
+            if count == 0 {
+                continue;
+            }
+            let name = pb::Status::try_from(status as i32).map_or_else(
+                |_| format!("status_{status}"),
+                |s| s.as_str_name().to_lowercase(),
+            );
+            metrics::counter!("netblk_mock_requests_total", "op" => *op, "status" => name)
+                .absolute(count);
+        }
+    }
+    metrics::counter!("netblk_mock_read_bytes_total").absolute(stats.bytes_read);
+    metrics::counter!("netblk_mock_written_bytes_total").absolute(stats.bytes_written);
+    metrics::counter!("netblk_mock_connections_accepted_total")
+        .absolute(stats.connections_accepted);
+    metrics::gauge!("netblk_mock_connections_open").set(stats.connections_open as f64);
+    metrics::counter!("netblk_mock_handshakes_refused_total").absolute(stats.connections_refused);
+    metrics::counter!("netblk_mock_fenced_sessions_total").absolute(node.sessions.fenced());
+    metrics::counter!("netblk_mock_protocol_errors_total").absolute(stats.protocol_errors);
+    for (fault, count) in [
+        ("error", stats.injected_errors),
+        ("drop", stats.dropped_connections),
+        ("corrupt", stats.corrupted_replies),
+    ] {
+        metrics::counter!("netblk_mock_injected_faults_total", "fault" => fault).absolute(count);
+    }
+    metrics::gauge!("netblk_mock_volumes").set(stats.volumes as f64);
+    metrics::gauge!("netblk_mock_stored_bytes").set(stats.stored_bytes as f64);
 }

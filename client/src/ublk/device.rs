@@ -789,14 +789,18 @@ impl RecoverySteps for LiveRecovery<'_> {
     }
 
     fn waiting(&mut self, state: &str) {
-        eprintln!(
-            "netblk: /dev/ublkb{} is still {state}: waiting up to {} s for the kernel to let go of its old daemon",
+        tracing::warn!(
+            "/dev/ublkb{} is still {state}: waiting up to {} s for the kernel to let go of its old daemon",
             self.dev_id,
             RECOVERY_WAIT.as_secs()
         );
     }
 
     fn connect(&mut self) -> Result<(), MapError> {
+        tracing::info!(
+            device = self.dev_id,
+            "recovery: the old daemon is gone; connecting to the nodes"
+        );
         let vopts = &mut self.vopts;
         let buffers = tag_buffers(vopts)?;
         let streams = connect_all(self.spec, &self.layout, vopts)?;
@@ -805,6 +809,7 @@ impl RecoverySteps for LiveRecovery<'_> {
     }
 
     fn start(&mut self) -> Result<(), CtrlError> {
+        tracing::info!(device = self.dev_id, "recovery: START_USER_RECOVERY");
         match self.ctrl.as_mut() {
             Some(ctrl) => ctrl.start_recovery(self.dev_id),
             None => Err(CtrlError::Broken {

@@ -289,7 +289,7 @@ impl Frontend for UblkQueue {
                     "ublk command of tag {tag} failed: {}",
                     io::Error::from_raw_os_error(-result)
                 );
-                eprintln!("netblk: ublk queue {}: {why}", self.queue);
+                tracing::error!(queue = self.queue, "{why}");
                 self.failure.get_or_insert(why);
             }
             self.aborting = true;

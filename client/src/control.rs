@@ -1,0 +1,252 @@
+//! The serving daemon's private control socket: a unix socket beside the
+//! device's record (`ublkN.sock`, mode 0600 in the 0700 state directory).
+//! A client writes one command line, the daemon answers one JSON line and
+//! closes. Commands: `status` (the device, its data path and state, and
+//! each node's connection, session, in-flight pieces, last error,
+//! reconnects and p50/p99 latency over the last minute).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::telemetry::{LatencyWindow, Source};
+
+/// Every read and write on the socket is bounded by this.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest command line and answer accepted.
+const MAX_LINE: u64 = 1 << 20;
+/// How often node latencies are sampled for the last-minute quantiles.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// The socket of device `id` in the state directory `dir`.
+pub fn socket_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("ublk{id}.sock"))
+}
+
+/// Serves the control socket of `source` at `path` from two threads (one
+/// answers, one samples latencies) for as long as the process lives.
+pub fn serve(path: &Path, source: Source) -> io::Result<()> {
+    // A socket left by a daemon that died is ours to replace.
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let source = Arc::new(source);
+    let window = Arc::new(Mutex::new(LatencyWindow::starting(
+        source.nodes.len(),
+        Instant::now(),
+    )));
+    {
+        let (source, window) = (Arc::clone(&source), Arc::clone(&window));
+        std::thread::Builder::new()
+            .name("status-sampler".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(SAMPLE_EVERY);
+                    window
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .sample(&source, Instant::now());
+                }
+            })?;
+    }
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                if let Err(err) = answer(&stream, &source, &window) {
+                    tracing::debug!(error = %err, "control request failed");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(stream: &UnixStream, source: &Source, window: &Mutex<LatencyWindow>) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(stream.take(MAX_LINE)).read_line(&mut line)?;
+    let reply = match line.trim() {
+        "status" => {
+            let earlier = window
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .oldest()
+                .to_vec();
+            source.status("live", &earlier, Instant::now())
+        }
+        other => serde_json::json!({ "error": format!("unknown command '{other}'") }),
+    };
+    let mut out = stream;
+    writeln!(out, "{reply}")?;
+    out.flush()
+}
+
+/// Asks the daemon behind `path` for `command`; its JSON answer.
+pub fn ask(path: &Path, command: &str) -> io::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    writeln!(stream, "{command}")?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// `netblk status`: every recorded device (or only `only`), as its daemon
+/// tells it over the control socket, or from its record where no daemon
+/// answers (`state` then says why). Unreadable records come back as errors.
+pub fn status_all(
+    dir: &Path,
+    only: Option<u32>,
+    mut device_state: impl FnMut(&crate::state::DeviceRecord) -> String,
+) -> (Vec<serde_json::Value>, Vec<String>) {
+    let mut devices = Vec::new();
+    let mut errors = Vec::new();
+    for record in crate::state::list(dir) {
+        let record = match record {
+            Ok(r) => r,
+            Err(why) => {
+                errors.push(why);
+                continue;
+            }
+        };
+        if only.is_some_and(|id| id != record.id) {
+            continue;
+        }
+        let state = device_state(&record);
+        let answer = if state == "live" {
+            ask(&socket_path(dir, record.id), "status").map_err(|e| e.to_string())
+        } else {
+            Err(String::new())
+        };
+        devices.push(match answer {
+            Ok(status) => status,
+            Err(why) => serde_json::json!({
+                "device": format!("/dev/ublkb{}", record.id),
+                "volume": record.volume,
+                "data_path": record.data_path,
+                "state": state,
+                "queues": record.queues,
+                "error": if why.is_empty() { serde_json::Value::Null } else {
+                    serde_json::Value::String(format!("its daemon did not answer: {why}"))
+                },
+                "nodes": record.nodes.iter().enumerate().map(|(i, a)| serde_json::json!({
+                    "node": i, "address": a.to_string(),
+                })).collect::<Vec<_>>(),
+            }),
+        });
+    }
+    (devices, errors)
+}
+
+/// `netblk status` for people: a block per device, a line per node.
+pub fn status_text(devices: &[serde_json::Value]) -> String {
+    let mut out = String::new();
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    for d in devices {
+        out.push_str(&format!(
+            "{}  volume {}  data path {}  state {}  queues {}\n",
+            text(&d["device"]),
+            text(&d["volume"]),
+            text(&d["data_path"]),
+            text(&d["state"]),
+            text(&d["queues"])
+        ));
+        if let Some(err) = d["error"].as_str() {
+            out.push_str(&format!("  {err}\n"));
+        }
+        for n in d["nodes"].as_array().map_or(&[][..], Vec::as_slice) {
+            let link = match (n["connected"].as_bool(), n["down_for_s"].as_f64()) {
+                (Some(true), _) => "connected".to_string(),
+                (Some(false), Some(s)) => format!("down for {s:.1} s"),
+                (Some(false), None) => "down".to_string(),
+                (None, _) => "-".to_string(),
+            };
+            let ms =
+                |v: &serde_json::Value| v.as_f64().map_or("-".into(), |m| format!("{m:.2} ms"));
+            out.push_str(&format!(
+                "  node {} {:<21} {:<18} session {:<6} in flight {:<4} reconnects {:<4} p50 {:<10} p99 {:<10} last error {}\n",
+                text(&n["node"]),
+                text(&n["address"]),
+                link,
+                text(&n["session"]),
+                text(&n["in_flight"]),
+                text(&n["reconnects"]),
+                ms(&n["p50_ms"]),
+                ms(&n["p99_ms"]),
+                match n["last_error"].as_str() {
+                    Some("") | None => "-".to_string(),
+                    Some(e) => e.to_string(),
+                }
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::QueueStats;
+
+    #[test]
+    fn status_over_the_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = socket_path(dir.path(), 3);
+        let queue = Arc::new(QueueStats::new(2));
+        queue.node_up(0, 5, false);
+        queue.node_up(1, 6, true);
+        queue.node_down(1, Instant::now(), "connection reset");
+        queue.nodes[0].piece_latency.record_ns(300_000);
+        let source = Source {
+            volume: "v".into(),
+            device: "/dev/ublkb3".into(),
+            nodes: vec![
+                "127.0.0.1:7001".parse().expect("addr"),
+                "127.0.0.1:7002".parse().expect("addr"),
+            ],
+            data_path: "copy".into(),
+            queues: vec![queue],
+        };
+        serve(&path, source).expect("serve");
+        let mode = std::fs::metadata(&path)
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let status = ask(&path, "status").expect("status");
+        assert_eq!(status["device"], "/dev/ublkb3");
+        assert_eq!(status["data_path"], "copy");
+        assert_eq!(status["state"], "live");
+        let nodes = status["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes[0]["connected"], true);
+        assert_eq!(nodes[0]["session"], 5);
+        assert!(
+            nodes[0]["p50_ms"]
+                .as_f64()
+                .is_some_and(|ms| (0.2..=0.5).contains(&ms))
+        );
+        assert_eq!(nodes[1]["connected"], false);
+        assert_eq!(nodes[1]["reconnects"], 1);
+        assert_eq!(nodes[1]["last_error"], "connection reset");
+        assert!(nodes[1]["down_for_s"].as_f64().is_some());
+        let bad = ask(&path, "launch").expect("answer");
+        assert!(
+            bad["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unknown command"))
+        );
+    }
+}
