@@ -105,3 +105,34 @@ fn map_without_volume_or_recover_is_a_usage_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--volume"), "{stderr}");
 }
+
+#[test]
+fn status_shows_a_device_whose_daemon_is_gone_from_its_record() {
+    let state = tempfile::tempdir().expect("tempdir");
+    // A daemon that is gone: a pid with another start time.
+    let me = std::process::id();
+    std::fs::write(state.path().join("ublk7"), record(me, 1, "kept")).expect("record");
+    let out = netblk(state.path(), &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let devices: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    let d = &devices[0];
+    assert_eq!(d["device"], "/dev/ublkb7");
+    assert_eq!(d["volume"], "kept");
+    assert_eq!(d["data_path"], "copy");
+    assert_ne!(d["state"], "live");
+    assert_eq!(d["nodes"][1]["address"], "127.0.0.1:7002");
+    let text = netblk(state.path(), &["status", "7"]);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        stdout.contains("/dev/ublkb7  volume kept  data path copy"),
+        "{stdout}"
+    );
+    let none = netblk(state.path(), &["status", "9"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no netblk device 9"));
+}

@@ -411,7 +411,10 @@ fn collect_metrics(node: &Node) {
             }
             let name = pb::Status::try_from(status as i32).map_or_else(
                 |_| format!("status_{status}"),
-                |s| s.as_str_name().to_lowercase(),
+                |s| {
+                    let name = s.as_str_name();
+                    name.strip_prefix("STATUS_").unwrap_or(name).to_lowercase()
+                },
             );
             metrics::counter!("netblk_mock_requests_total", "op" => *op, "status" => name)
                 .absolute(count);

@@ -76,6 +76,9 @@ impl<F: Frontend> QueueDriver<F> {
                         info.durable_incarnation,
                     );
                     self.engine.handle_connection_restored(node);
+                    if let Some(f) = self.engine.figures() {
+                        f.node_up(node, session, true);
+                    }
                 }
                 Err(why @ ConnectError::VolumeLost { .. }) => {
                     // Answering, but not with our data: no point waiting for
