@@ -758,9 +758,18 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                     workload.name()
                 ));
                 let mut ratios = Vec::with_capacity(OVERHEAD_PAIRS);
-                for _ in 0..OVERHEAD_PAIRS {
-                    let without = measure_workload(&spec, options, *mode, workload, false, None)?;
-                    let with = measure_workload(&spec, options, *mode, workload, true, None)?;
+                for pair in 0..OVERHEAD_PAIRS {
+                    // Which goes first alternates, so that warming up (or
+                    // the machine's drift) favours neither.
+                    let run =
+                        |record| measure_workload(&spec, options, *mode, workload, record, None);
+                    let (with, without) = if pair % 2 == 0 {
+                        let without = run(false)?;
+                        (run(true)?, without)
+                    } else {
+                        let with = run(true)?;
+                        (with, run(false)?)
+                    };
                     ratios.push(with.iops() / without.iops().max(1e-9));
                 }
                 ratios.sort_by(f64::total_cmp);
