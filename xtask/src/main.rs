@@ -20,7 +20,7 @@ tasks:
         --version picks another Debian build of that kernel line;
         --scenario runs only those (xtask/src/scenarios/NAME.sh, after
         common.sh, in their fixed order): refusals, blocksize, basic, fs,
-        reliability, orphan, trust, recovery
+        reliability, orphan, trust, recovery, observe
   ci [--vm]
         cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
         cargo test --workspace; with --vm, then vm-test on every kernel";

@@ -68,6 +68,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("orphan", include_str!("scenarios/orphan.sh")),
     ("trust", include_str!("scenarios/trust.sh")),
     ("recovery", include_str!("scenarios/recovery.sh")),
+    ("observe", include_str!("scenarios/observe.sh")),
 ];
 
 /// The line a guest prints when every scenario passed.

@@ -1,0 +1,80 @@
+# Observability (issue 10): `netblk status --json` and `/metrics` of a
+# mapped device under fio show the data path, each node's state and
+# latency; a node that stops shows as down in both, then back; the log of a
+# node restart has one "connection lost" and one "reconnected" event per
+# connection, not one per retry.
+# Nodes of its own, with directory stores, so one can restart in place.
+for p in 7401 7402 7403; do
+  mkdir -p /var/onode$p
+  netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/onode$p >/tmp/onode$p.out 2>/tmp/onode$p.log &
+  eval "ONODE$p=$!"
+done
+wait_listening /tmp/onode7401.out /tmp/onode7402.out /tmp/onode7403.out
+ONODES=127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403
+netblk map --volume seen --size 256M --nodes $ONODES --queues 2 --io-timeout 3 \
+    --metrics-addr 127.0.0.1:9100 >/tmp/seen.out 2>/tmp/seen.log &
+MAP=$!
+DEV=$(wait_dev /tmp/seen.out)
+[ -b "$DEV" ] || fail "no device for the observed volume"
+grep -q "metrics at http://127.0.0.1:9100/metrics" /tmp/seen.log || fail "the daemon did not say where its metrics are"
+fio --name=seen --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=16 --rw=randrw \
+    --bsrange=4k-256k --size=64M --time_based --runtime=30 --output=/tmp/seenfio.log >/dev/null 2>&1 &
+FIO=$!
+sleep 3
+netblk status --json >/tmp/status.json || fail "netblk status --json"
+grep -q "\"data_path\":\"$EXPECT\"" /tmp/status.json || { cat /tmp/status.json; fail "status does not show the data path '$EXPECT'"; }
+grep -q '"state":"live"' /tmp/status.json || { cat /tmp/status.json; fail "status does not show the device live"; }
+[ "$(grep -o '"connected":true' /tmp/status.json | wc -l)" = 3 ] || { cat /tmp/status.json; fail "status does not show 3 nodes connected"; }
+grep -q '"p50_ms":[0-9]' /tmp/status.json || { cat /tmp/status.json; fail "status has no node latency"; }
+netblk status >/tmp/status.txt || fail "netblk status"
+grep -q "node 1 127.0.0.1:7402 .*connected" /tmp/status.txt || { cat /tmp/status.txt; fail "status text does not show node 1 connected"; }
+wget -q -O /tmp/metrics.txt http://127.0.0.1:9100/metrics || fail "GET /metrics"
+grep -q "^netblk_data_path_info{.*path=\"$EXPECT\".*} 1" /tmp/metrics.txt || fail "metrics do not show the data path"
+grep -qE '^netblk_request_duration_seconds_count\{.*op="write".*\} [1-9]' /tmp/metrics.txt || fail "no write latencies in the metrics"
+grep -qE '^netblk_node_piece_duration_seconds_count\{.*node="127.0.0.1:7402".*\} [1-9]' /tmp/metrics.txt || fail "no piece latencies for node 1"
+grep -qE '^netblk_node_connected\{.*node="127.0.0.1:7402".*\} 1' /tmp/metrics.txt || fail "metrics do not show node 1 connected"
+echo "ublk: status --json and /metrics under fio: data path $EXPECT, 3 nodes connected, latency histograms filled"
+
+# Node 1 stops: once a request times out on it (--io-timeout 3) its
+# connections are torn down, and both views say so.
+kill -STOP $ONODE7402
+DOWN=
+for i in $(seq 60); do
+  sleep 0.5
+  netblk status --json >/tmp/status2.json 2>/dev/null
+  wget -q -O /tmp/metrics2.txt http://127.0.0.1:9100/metrics 2>/dev/null
+  if grep -q '"address":"127.0.0.1:7402","connected":false' /tmp/status2.json \
+     && grep -qE '^netblk_node_connected\{.*node="127.0.0.1:7402".*\} 0' /tmp/metrics2.txt; then
+    DOWN=1; break
+  fi
+done
+[ -n "$DOWN" ] || { cat /tmp/status2.json; grep node_connected /tmp/metrics2.txt; kill -CONT $ONODE7402; fail "a stopped node does not show as down"; }
+kill -CONT $ONODE7402
+UP=
+for i in $(seq 60); do
+  sleep 0.5
+  wget -q -O /tmp/metrics3.txt http://127.0.0.1:9100/metrics 2>/dev/null
+  grep -qE '^netblk_node_connected\{.*node="127.0.0.1:7402".*\} 1' /tmp/metrics3.txt && UP=1 && break
+done
+[ -n "$UP" ] || fail "node 1 does not show as back after SIGCONT"
+echo "ublk: a stopped node shows as down in status and /metrics, and back after SIGCONT"
+wait $FIO
+
+# Node 2 (7403) restarts while fio runs: one lost and one reconnected event per
+# connection (2 queues), however many reconnect attempts failed between.
+fio --name=seen2 --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=8 --rw=randwrite \
+    --bs=4k --size=64M --time_based --runtime=8 --output=/tmp/seenfio2.log >/dev/null 2>&1 &
+FIO=$!
+sleep 1
+kill -KILL $ONODE7403
+sleep 4
+netblk-mock-node --listen 127.0.0.1:7403 --store dir:/var/onode7403 >/tmp/onode7403b.out 2>/tmp/onode7403b.log &
+wait $FIO
+LOST=$(grep "connection lost" /tmp/seen.log | grep -c "node=2")
+BACK=$(grep "reconnected" /tmp/seen.log | grep -c "node=2")
+[ "$LOST" = 2 ] || { grep "node=2" /tmp/seen.log; fail "$LOST 'connection lost' events for node 2, not one per connection (2)"; }
+[ "$BACK" = 2 ] || { grep "node=2" /tmp/seen.log; fail "$BACK 'reconnected' events for node 2, not one per connection (2)"; }
+[ "$(grep -c "node=2" /tmp/seen.log)" -le 8 ] || { grep "node=2" /tmp/seen.log; fail "node 2's outage flooded the log"; }
+echo "ublk: a node restart logs one lost and one reconnected event per connection"
+kill -TERM $MAP; wait $MAP || fail "the observed map exited with an error"
+ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
