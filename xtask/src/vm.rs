@@ -378,7 +378,7 @@ fn make_initramfs(
          mkdir -p /etc && echo 'root:x:0:0::/:/bin/sh' > /etc/passwd && \
          echo 'nobody:x:65534:65534::/:/bin/sh' >> /etc/passwd && \
          printf 'root:x:0:\\nnogroup:x:65534:\\n' > /etc/group\n\
-         {insmods}export PATH=/bin:/sbin RUST_LOG=warn EXPECT='{expect}'\n{script}\npoweroff -f\n"
+         {insmods}export PATH=/bin:/sbin RUST_LOG=info EXPECT='{expect}'\n{script}\npoweroff -f\n"
     );
     let init_path = stage.join("init");
     fs::write(&init_path, init).map_err(|e| e.to_string())?;

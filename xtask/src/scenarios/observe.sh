@@ -34,6 +34,8 @@ grep -qE '^netblk_request_duration_seconds_count\{.*op="write".*\} [1-9]' /tmp/m
 grep -qE '^netblk_node_piece_duration_seconds_count\{.*node="127.0.0.1:7402".*\} [1-9]' /tmp/metrics.txt || fail "no piece latencies for node 1"
 grep -qE '^netblk_node_connected\{.*node="127.0.0.1:7402".*\} 1' /tmp/metrics.txt || fail "metrics do not show node 1 connected"
 echo "ublk: status --json and /metrics under fio: data path $EXPECT, 3 nodes connected, latency histograms filled"
+sed 's/^/ublk: status: /' /tmp/status.txt
+grep -E '^netblk_(node_connected|node_piece_duration_seconds_count|requests_total|data_path_info)' /tmp/metrics.txt | sed 's/^/ublk: metrics: /'
 
 # Node 1 stops: once a request times out on it (--io-timeout 3) its
 # connections are torn down, and both views say so.
@@ -70,11 +72,17 @@ kill -KILL $ONODE7403
 sleep 4
 netblk-mock-node --listen 127.0.0.1:7403 --store dir:/var/onode7403 >/tmp/onode7403b.out 2>/tmp/onode7403b.log &
 wait $FIO
+# Both queues reconnect in the background, IO or not (backoff up to 2 s).
+for i in $(seq 100); do
+  [ "$(grep "reconnected" /tmp/seen.log | grep -c "node=2")" -ge 2 ] && break
+  sleep 0.2
+done
 LOST=$(grep "connection lost" /tmp/seen.log | grep -c "node=2")
 BACK=$(grep "reconnected" /tmp/seen.log | grep -c "node=2")
 [ "$LOST" = 2 ] || { grep "node=2" /tmp/seen.log; fail "$LOST 'connection lost' events for node 2, not one per connection (2)"; }
 [ "$BACK" = 2 ] || { grep "node=2" /tmp/seen.log; fail "$BACK 'reconnected' events for node 2, not one per connection (2)"; }
 [ "$(grep -c "node=2" /tmp/seen.log)" -le 8 ] || { grep "node=2" /tmp/seen.log; fail "node 2's outage flooded the log"; }
 echo "ublk: a node restart logs one lost and one reconnected event per connection"
+grep "node=2" /tmp/seen.log | sed 's/^/ublk: log: /'
 kill -TERM $MAP; wait $MAP || fail "the observed map exited with an error"
 ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
