@@ -7,6 +7,27 @@ fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "
 wait_dev() { for i in $(seq 100); do d=$(head -n1 "$1" 2>/dev/null); [ -n "$d" ] && [ -b "$d" ] && { echo "$d"; return; }; sleep 0.1; done; }
 # wait_listening FILE...: returns once each node said it listens (or 5 s each).
 wait_listening() { for f in "$@"; do for i in $(seq 50); do grep -q listening "$f" && break; sleep 0.1; done; done; }
+# dir_nodes NAME "ARGS" PORT...: a mock node per port on 127.0.0.1 with a
+# directory store /var/NAMEPORT (and ARGS), output in /tmp/NAMEPORT.out and
+# .log, its pid in $pid_NAMEPORT; returns once all listen.
+dir_nodes() {
+  name=$1; extra=$2; shift 2
+  for p in "$@"; do
+    mkdir -p /var/$name$p
+    netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/$name$p $extra >/tmp/$name$p.out 2>/tmp/$name$p.log &
+    eval "pid_$name$p=$!"
+  done
+  for p in "$@"; do wait_listening /tmp/$name$p.out; done
+}
+# restart_dir_node NAME "ARGS" PORT: starts that node again on its store
+# (log in /tmp/NAMEPORTb.log) once the old one is gone.
+restart_dir_node() {
+  eval "old=\$pid_$1$3"
+  wait $old 2>/dev/null
+  netblk-mock-node --listen 127.0.0.1:$3 --store dir:/var/$1$3 $2 >/tmp/$1$3.out 2>/tmp/$1$3b.log &
+  eval "pid_$1$3=$!"
+  wait_listening /tmp/$1$3.out
+}
 echo "== kernel $(uname -r)"
 netblk features || fail "netblk features"
 netblk ublk-check || fail "netblk ublk-check"

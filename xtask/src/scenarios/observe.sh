@@ -4,12 +4,7 @@
 # node restart has one "connection lost" and one "reconnected" event per
 # connection, not one per retry.
 # Nodes of its own, with directory stores, so one can restart in place.
-for p in 7401 7402 7403; do
-  mkdir -p /var/onode$p
-  netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/onode$p >/tmp/onode$p.out 2>/tmp/onode$p.log &
-  eval "ONODE$p=$!"
-done
-wait_listening /tmp/onode7401.out /tmp/onode7402.out /tmp/onode7403.out
+dir_nodes onode "" 7401 7402 7403
 ONODES=127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403
 netblk map --volume seen --size 256M --nodes $ONODES --queues 2 --io-timeout 3 \
     --metrics-addr 127.0.0.1:9100 >/tmp/seen.out 2>/tmp/seen.log &
@@ -39,7 +34,7 @@ grep -E '^netblk_(node_connected|node_piece_duration_seconds_count|requests_tota
 
 # Node 1 stops: once a request times out on it (--io-timeout 3) its
 # connections are torn down, and both views say so.
-kill -STOP $ONODE7402
+kill -STOP $pid_onode7402
 DOWN=
 for i in $(seq 60); do
   sleep 0.5
@@ -50,8 +45,8 @@ for i in $(seq 60); do
     DOWN=1; break
   fi
 done
-[ -n "$DOWN" ] || { cat /tmp/status2.json; grep node_connected /tmp/metrics2.txt; kill -CONT $ONODE7402; fail "a stopped node does not show as down"; }
-kill -CONT $ONODE7402
+[ -n "$DOWN" ] || { cat /tmp/status2.json; grep node_connected /tmp/metrics2.txt; kill -CONT $pid_onode7402; fail "a stopped node does not show as down"; }
+kill -CONT $pid_onode7402
 UP=
 for i in $(seq 60); do
   sleep 0.5
@@ -68,9 +63,9 @@ fio --name=seen2 --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=8 --rw
     --bs=4k --size=64M --time_based --runtime=8 --output=/tmp/seenfio2.log >/dev/null 2>&1 &
 FIO=$!
 sleep 1
-kill -KILL $ONODE7403
+kill -KILL $pid_onode7403
 sleep 4
-netblk-mock-node --listen 127.0.0.1:7403 --store dir:/var/onode7403 >/tmp/onode7403b.out 2>/tmp/onode7403b.log &
+restart_dir_node onode "" 7403 &
 wait $FIO
 # Both queues reconnect in the background, IO or not (backoff up to 2 s).
 for i in $(seq 100); do

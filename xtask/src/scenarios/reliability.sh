@@ -1,10 +1,5 @@
 # Reliability. Nodes with directory stores, so that one can be restarted.
-for p in 7101 7102 7103; do
-  mkdir -p /var/node$p
-  netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/node$p >/tmp/rnode$p.out 2>/tmp/rnode$p.log &
-  eval "NODE$p=$!"
-done
-wait_listening /tmp/rnode7101.out /tmp/rnode7102.out /tmp/rnode7103.out
+dir_nodes rnode "" 7101 7102 7103
 RNODES=127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103
 netblk map --volume rel --size 512M --nodes $RNODES --stripe-unit 64K --queues 2 --node-down-timeout 3 >/tmp/rel.out 2>/tmp/rel.log &
 MAP=$!
@@ -46,9 +41,9 @@ fio_on_ext4 nodekill &
 FIO=$!
 sleep 1.5
 kill -0 $FIO 2>/dev/null || fail "fio ended before the node was killed"
-kill -KILL $NODE7102
+kill -KILL $pid_rnode7102
 sleep 1
-netblk-mock-node --listen 127.0.0.1:7102 --store dir:/var/node7102 >/tmp/rnode7102.out 2>/tmp/rnode7102b.log &
+restart_dir_node rnode "" 7102 &
 wait $FIO || fail "fio across a node kill and restart"
 grep -q "err= 0" /tmp/nodekill.log || fail "fio reported errors across a node restart"
 umount /mnt || fail "umount (reliability)"
@@ -57,14 +52,14 @@ echo "ublk: node kill -9 and restart during fio on ext4: fio verify clean; e2fsc
 
 # 3. A node down past --node-down-timeout (3 s): EIO within the bound,
 #    then the device works again once the node is back.
-kill -KILL $NODE7103
+kill -KILL $pid_rnode7103
 T0=$(date +%s)
 fio --name=down --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=8 --rw=write \
     --bs=1M --size=16M --output=/tmp/down.log >/dev/null 2>&1 && fail "IO to a dead node succeeded"
 T1=$(date +%s)
 grep -qi "input/output error" /tmp/down.log || fail "IO to a dead node did not fail with EIO"
 [ $((T1 - T0)) -le 12 ] || fail "EIO took $((T1 - T0)) s with a 3 s node-down timeout"
-netblk-mock-node --listen 127.0.0.1:7103 --store dir:/var/node7103 >/tmp/rnode7103.out 2>/tmp/rnode7103b.log &
+restart_dir_node rnode "" 7103
 dd if=/dev/urandom of=/tmp/rdata bs=1M count=16 2>/dev/null
 OK=
 for i in $(seq 40); do

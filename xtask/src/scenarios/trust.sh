@@ -73,12 +73,7 @@ echo "ublk: a node stopped under 1 MiB writes at depth 64: EIO, nothing in fligh
 # 3. Nodes with a volatile cache: one is killed after acknowledging writes,
 #    before a flush, and restarted: the flush (fdatasync) fails with EIO,
 #    once; without the crash it succeeds.
-for p in 7301 7302 7303; do
-  mkdir -p /var/vnode$p
-  netblk-mock-node --listen 127.0.0.1:$p --store dir:/var/vnode$p --volatile-cache >/tmp/vnode$p.out 2>/tmp/vnode$p.log &
-  eval "VNODE$p=$!"
-done
-wait_listening /tmp/vnode7301.out /tmp/vnode7302.out /tmp/vnode7303.out
+dir_nodes vnode --volatile-cache 7301 7302 7303
 netblk map --volume cache --size 128M --nodes 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 >/tmp/cache.out 2>/tmp/cache.log &
 MAP=$!
 DEV=$(wait_dev /tmp/cache.out)
@@ -86,10 +81,8 @@ DEV=$(wait_dev /tmp/cache.out)
 dd if=/dev/urandom of="$DEV" bs=1M count=32 oflag=direct 2>/dev/null || fail "write (volatile cache)"
 dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/dev/null || fail "fdatasync without a crash"
 dd if=/dev/urandom of="$DEV" bs=1M count=32 oflag=direct 2>/dev/null || fail "second write (volatile cache)"
-kill -KILL $VNODE7302
-wait $VNODE7302 2>/dev/null
-netblk-mock-node --listen 127.0.0.1:7302 --store dir:/var/vnode7302 --volatile-cache >/tmp/vnode7302.out 2>/tmp/vnode7302b.log &
-wait_listening /tmp/vnode7302.out
+kill -KILL $pid_vnode7302
+restart_dir_node vnode --volatile-cache 7302
 dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/tmp/fsync.err && fail "fdatasync succeeded after a node lost acknowledged writes"
 grep -qi "input/output error" /tmp/fsync.err || { cat /tmp/fsync.err; fail "the lost flush is not EIO"; }
 dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/dev/null || fail "the next fdatasync (reported once)"
