@@ -202,6 +202,21 @@ pub fn connect_queues(
         }
         queues.push((streams, infos));
     }
+    if let Some((_, infos)) = queues.first() {
+        for (node, (addr, info)) in spec.nodes.iter().zip(infos).enumerate() {
+            tracing::info!(
+                volume = %spec.name,
+                node,
+                %addr,
+                node_id = %info.node_id,
+                volume_id = %info.volume_id,
+                incarnation = info.incarnation,
+                session = options.session,
+                queues = options.queues,
+                "connected"
+            );
+        }
+    }
     Ok(queues)
 }
 
