@@ -1,19 +1,22 @@
-//! `netblk bench`: netblk's own benchmark, with a raw TCP baseline measured
-//! in the same run over the same number of connections, so that figures are
-//! quoted as ratios (these machines are shared and noisy).
+//! `netblk bench`: netblk's own benchmark, each figure a ratio of an
+//! upper-bound baseline measured just before it in the same run (these
+//! machines are shared and noisy).
 //!
 //! Workloads, each for a fixed time, through the in-process frontend:
 //! random 4 KiB reads and writes, sequential 1 MiB writes and reads. Each
-//! keeps `depth` requests in flight. Baselines: `bulk`, a minimal sender and
-//! sink moving 1 MiB writes; `echo`, a minimal request/reply loop with 4 KiB
-//! replies at the same depth.
+//! keeps `depth` requests in flight. The baseline ([`wire`]) does the same
+//! operation as cheaply as the machine allows: the same pieces to the same
+//! node processes over the same connections, as prebuilt frames from one
+//! ring per queue, with no engine, layout or encoding. netblk's ratio of it
+//! is at most 1 (above 1, the baseline would be wrong), and the figure to
+//! raise.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+pub mod wire;
+
+use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
@@ -157,6 +160,7 @@ pub struct Figures {
     pub seconds: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    pub p999_us: f64,
     /// Client CPU (user + system) per GiB moved; 0 where not measured.
     pub cpu_s_per_gib: f64,
 }
@@ -179,7 +183,7 @@ pub struct Row {
     pub baseline: &'static str,
     /// The baseline measured just before this workload.
     pub baseline_figures: Figures,
-    /// netblk figure / baseline figure (IOPS for small IO, MiB/s for bulk).
+    /// netblk figure / baseline figure (IOPS for 4 KiB, MiB/s for 1 MiB).
     pub ratio: f64,
 }
 
@@ -188,10 +192,6 @@ pub struct Report {
     pub nodes: usize,
     pub connections: usize,
     pub options: BenchOptions,
-    /// The median of the echo baselines measured (one before each 4 KiB workload).
-    pub echo: Figures,
-    /// The median of the bulk baselines measured (one before each 1 MiB workload).
-    pub bulk: Figures,
     pub rows: Vec<Row>,
     /// What recording figures costs, where measured.
     pub overhead: Vec<Overhead>,
@@ -233,12 +233,37 @@ impl Workload {
             Workload::SeqWrite1m | Workload::SeqRead1m => 1 << 20,
         }
     }
-    fn baseline(self) -> &'static str {
-        match self {
-            Workload::RandRead4k | Workload::RandWrite4k => "echo",
-            Workload::SeqWrite1m | Workload::SeqRead1m => "bulk",
-        }
+    fn writes(self) -> bool {
+        matches!(self, Workload::RandWrite4k | Workload::SeqWrite1m)
     }
+}
+
+/// The wire baseline of `workload`: the same pieces netblk sends (a 4 KiB
+/// request is one piece; a 1 MiB request, aligned, one piece per stripe
+/// unit), as many in flight, with the same send mode, to the same nodes.
+fn measure_wire(
+    spec: &VolumeSpec,
+    options: &BenchOptions,
+    mode: SendMode,
+    workload: Workload,
+) -> io::Result<Figures> {
+    let queues = options.queues.max(1);
+    let piece = workload.block().min(u64::from(options.stripe_unit)) as u32;
+    let pieces_per_request = workload.block().div_ceil(u64::from(piece)) as usize;
+    let per_queue = (usize::from(options.depth) / queues).max(1);
+    let load = wire::WireLoad {
+        write: workload.writes(),
+        piece,
+        queues,
+        in_flight: per_queue * pieces_per_request,
+        mode,
+        duration: options.duration,
+    };
+    let cpu0 = cpu_seconds();
+    let r = wire::run(spec, load)?;
+    let cpu = cpu_seconds() - cpu0;
+    let requests = r.bytes / workload.block();
+    Ok(figures(r.latencies_us, requests, r.bytes, r.seconds, cpu))
 }
 
 /// CPU seconds (user + system) this process has used, from /proc.
@@ -279,6 +304,7 @@ fn figures(mut latencies: Vec<u32>, ops: u64, bytes: u64, seconds: f64, cpu: f64
         seconds,
         p50_us: percentile(&latencies, 0.50),
         p99_us: percentile(&latencies, 0.99),
+        p999_us: percentile(&latencies, 0.999),
         cpu_s_per_gib: if gib > 0.0 && cpu > 0.0 {
             cpu / gib
         } else {
@@ -510,195 +536,6 @@ fn measure_workload(
     ))
 }
 
-/// Pairs of connected sockets over loopback, server side served by `serve`.
-fn loopback_pairs(n: usize) -> io::Result<(Vec<TcpStream>, Vec<TcpStream>)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let mut clients = Vec::new();
-    let mut servers = Vec::new();
-    for _ in 0..n {
-        let c = TcpStream::connect(addr)?;
-        let (s, _) = listener.accept()?;
-        c.set_nodelay(true)?;
-        s.set_nodelay(true)?;
-        clients.push(c);
-        servers.push(s);
-    }
-    Ok((clients, servers))
-}
-
-/// Raw TCP bulk: one sender and one sink per connection, 1 MiB writes.
-/// Splits `n` into `parts` nearly equal counts.
-fn spread(n: usize, parts: usize) -> Vec<usize> {
-    (0..parts)
-        .map(|i| n / parts + usize::from(i < n % parts))
-        .collect()
-}
-
-/// Raw TCP bulk: `senders` threads, each writing 1 MiB buffers round-robin
-/// to its `per_sender` connections (the shape of netblk's queue threads),
-/// and one sink thread per connection (the shape of the mock node). Like
-/// netblk's request buffers, the senders cycle through `depth` distinct
-/// 1 MiB buffers in all, so that no side wins by copying one cache-hot buffer.
-fn baseline_bulk(
-    senders: usize,
-    per_sender: usize,
-    depth: usize,
-    duration: Duration,
-) -> io::Result<Figures> {
-    let (clients, servers) = loopback_pairs(senders * per_sender)?;
-    let received = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sinks: Vec<_> = servers
-        .into_iter()
-        .map(|mut s| {
-            let received = Arc::clone(&received);
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 20];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    received.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    let t0 = Instant::now();
-    let mut clients = clients.into_iter();
-    let threads: Vec<_> = spread(depth.max(senders), senders)
-        .into_iter()
-        .map(|buffers| {
-            let mut conns: Vec<TcpStream> = clients.by_ref().take(per_sender).collect();
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                let bufs = vec![vec![0x5au8; 1 << 20]; buffers.max(1)];
-                let mut i = 0;
-                'send: while !stop.load(Ordering::Relaxed) {
-                    for c in &mut conns {
-                        if c.write_all(&bufs[i % bufs.len()]).is_err() {
-                            break 'send;
-                        }
-                        i += 1;
-                    }
-                }
-            })
-        })
-        .collect();
-    thread::sleep(duration);
-    let bytes = received.load(Ordering::Relaxed);
-    let seconds = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    for s in sinks {
-        let _ = s.join();
-    }
-    Ok(figures(Vec::new(), bytes >> 20, bytes, seconds, 0.0))
-}
-
-/// Raw TCP echo: 32-byte requests, 4 KiB replies, `depth` in flight in all,
-/// from `clients` threads each driving `per_client` connections round-robin,
-/// answered by one thread per connection.
-fn baseline_echo(
-    clients: usize,
-    per_client: usize,
-    depth: usize,
-    duration: Duration,
-) -> io::Result<Figures> {
-    const REQUEST: usize = 32;
-    const REPLY: usize = 4096;
-    let (conns, servers) = loopback_pairs(clients * per_client)?;
-    let servers: Vec<_> = servers
-        .into_iter()
-        .map(|mut s| {
-            thread::spawn(move || {
-                let mut req = [0u8; REQUEST];
-                let reply = vec![0x5au8; REPLY];
-                while s.read_exact(&mut req).is_ok() {
-                    if s.write_all(&reply).is_err() {
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let t0 = Instant::now();
-    let mut conns = conns.into_iter();
-    let threads: Vec<_> = spread(depth.max(clients), clients)
-        .into_iter()
-        .map(|depth| {
-            let conns: Vec<TcpStream> = conns.by_ref().take(per_client).collect();
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || -> (Vec<u32>, u64) {
-                let req = [1u8; REQUEST];
-                let mut reply = vec![0u8; REPLY];
-                let mut lat = Vec::with_capacity(1 << 16);
-                let mut ops = 0;
-                let mut inflight: Vec<std::collections::VecDeque<Instant>> =
-                    spread(depth, conns.len())
-                        .into_iter()
-                        .map(std::collections::VecDeque::with_capacity)
-                        .collect();
-                let mut conns = conns;
-                for (c, k) in conns.iter_mut().zip(spread(depth, inflight.len())) {
-                    for _ in 0..k {
-                        if c.write_all(&req).is_err() {
-                            return (lat, 0);
-                        }
-                    }
-                }
-                for (q, k) in inflight.iter_mut().zip(spread(depth, conns.len())) {
-                    q.extend(std::iter::repeat_n(Instant::now(), k));
-                }
-                loop {
-                    let mut busy = false;
-                    for (c, q) in conns.iter_mut().zip(inflight.iter_mut()) {
-                        let Some(start) = q.pop_front() else { continue };
-                        busy = true;
-                        if c.read_exact(&mut reply).is_err() {
-                            return (lat, ops);
-                        }
-                        lat.push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                        ops += 1;
-                        if !stop.load(Ordering::Relaxed) {
-                            if c.write_all(&req).is_err() {
-                                return (lat, ops);
-                            }
-                            q.push_back(Instant::now());
-                        }
-                    }
-                    if !busy {
-                        return (lat, ops);
-                    }
-                }
-            })
-        })
-        .collect();
-    thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    let mut ops = 0;
-    for t in threads {
-        if let Ok((lat, n)) = t.join() {
-            all.extend(lat);
-            ops += n;
-        }
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    drop(servers);
-    Ok(figures(all, ops, ops * REPLY as u64, seconds, 0.0))
-}
-
-/// The run with the median `key` (the default figures if there is none).
-fn median_by(mut runs: Vec<Figures>, key: fn(&Figures) -> f64) -> Figures {
-    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
-    let mid = runs.len() / 2;
-    runs.into_iter().nth(mid).unwrap_or_default()
-}
-
 /// Runs the whole benchmark.
 pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result<Report> {
     options
@@ -720,7 +557,6 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     let mut rows = Vec::new();
     let spec = options.spec(addrs.clone());
     crate::uring::probe(SendMode::Copy)?;
-    let (mut echoes, mut bulks) = (Vec::new(), Vec::new());
     let mut overhead = Vec::new();
     for mode in &options.modes {
         crate::uring::probe(*mode)?;
@@ -732,22 +568,15 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         ] {
             // Each workload is paired with its baseline measured just before
             // it, so that drift in the machine's load cancels in the ratio.
-            let depth = usize::from(options.depth);
-            let (baseline, ratio_of) = match workload.baseline() {
-                "echo" => {
-                    progress(&format!(
-                        "baseline: echo over {connections} connections, depth {depth}"
-                    ));
-                    let b = baseline_echo(options.queues, addrs.len(), depth, options.duration)?;
-                    echoes.push(b.clone());
-                    (b, Figures::iops as fn(&Figures) -> f64)
-                }
-                _ => {
-                    progress(&format!("baseline: bulk over {connections} connections"));
-                    let b = baseline_bulk(options.queues, addrs.len(), depth, options.duration)?;
-                    bulks.push(b.clone());
-                    (b, Figures::mib_s as fn(&Figures) -> f64)
-                }
+            progress(&format!(
+                "baseline: {} over {connections} connections, {mode}",
+                workload.name()
+            ));
+            let baseline = measure_wire(&spec, options, *mode, workload)?;
+            let ratio_of: fn(&Figures) -> f64 = if workload.block() >= 1 << 20 {
+                Figures::mib_s
+            } else {
+                Figures::iops
             };
             progress(&format!("netblk {mode}: {}", workload.name()));
             let report = options.telemetry.as_deref();
@@ -785,7 +614,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                 workload: workload.name(),
                 mode: *mode,
                 figures: f,
-                baseline: workload.baseline(),
+                baseline: "wire",
                 baseline_figures: baseline,
                 ratio,
             });
@@ -795,8 +624,6 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         nodes: addrs.len(),
         connections,
         options: options.clone(),
-        echo: median_by(echoes, Figures::iops),
-        bulk: median_by(bulks, Figures::mib_s),
         rows,
         overhead,
     })
@@ -814,40 +641,40 @@ impl Report {
             self.options.duration.as_secs_f64()
         );
         out.push_str(&format!(
-            "{:<14} {:<5} {:>10} {:>9} {:>9} {:>9} {:>10}  {}\n",
-            "workload", "mode", "IOPS", "MiB/s", "p50 us", "p99 us", "CPU s/GiB", "vs baseline"
+            "{:<14} {:<5} {:<8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n",
+            "workload",
+            "mode",
+            "who",
+            "IOPS",
+            "MiB/s",
+            "p50 us",
+            "p99 us",
+            "p99.9 us",
+            "CPU s/GiB",
+            "ratio"
         ));
         for r in &self.rows {
-            let f = &r.figures;
-            out.push_str(&format!(
-                "{:<14} {:<5} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>10.2}  {:.2} of {}\n",
-                r.workload,
-                r.mode.to_string(),
-                f.iops(),
-                f.mib_s(),
-                f.p50_us,
-                f.p99_us,
-                f.cpu_s_per_gib,
-                r.ratio,
-                r.baseline
-            ));
+            for (who, f) in [("netblk", &r.figures), (r.baseline, &r.baseline_figures)] {
+                let ratio = if who == "netblk" {
+                    format!("{:.2}", r.ratio)
+                } else {
+                    String::new()
+                };
+                out.push_str(&format!(
+                    "{:<14} {:<5} {:<8} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>10.2}  {}\n",
+                    r.workload,
+                    r.mode.to_string(),
+                    who,
+                    f.iops(),
+                    f.mib_s(),
+                    f.p50_us,
+                    f.p99_us,
+                    f.p999_us,
+                    f.cpu_s_per_gib,
+                    ratio
+                ));
+            }
         }
-        out.push_str(&format!(
-            "{:<14} {:<5} {:>10.0} {:>9.1} {:>9.0} {:>9.0}\n",
-            "echo (median)",
-            "-",
-            self.echo.iops(),
-            self.echo.mib_s(),
-            self.echo.p50_us,
-            self.echo.p99_us
-        ));
-        out.push_str(&format!(
-            "{:<14} {:<5} {:>10} {:>9.1}\n",
-            "bulk (median)",
-            "-",
-            "-",
-            self.bulk.mib_s()
-        ));
         for o in &self.overhead {
             out.push_str(&format!(
                 "recording figures: {} {}: {:.3} of the IOPS without (median of {} alternating pairs)\n",
@@ -861,11 +688,12 @@ impl Report {
     pub fn to_json(&self) -> String {
         let fig = |f: &Figures| {
             format!(
-                "{{\"iops\":{:.1},\"mib_s\":{:.2},\"p50_us\":{:.0},\"p99_us\":{:.0},\"cpu_s_per_gib\":{:.3},\"ops\":{},\"seconds\":{:.3}}}",
+                "{{\"iops\":{:.1},\"mib_s\":{:.2},\"p50_us\":{:.0},\"p99_us\":{:.0},\"p999_us\":{:.0},\"cpu_s_per_gib\":{:.3},\"ops\":{},\"seconds\":{:.3}}}",
                 f.iops(),
                 f.mib_s(),
                 f.p50_us,
                 f.p99_us,
+                f.p999_us,
                 f.cpu_s_per_gib,
                 f.ops,
                 f.seconds
@@ -897,14 +725,12 @@ impl Report {
             })
             .collect();
         format!(
-            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"baselines\":{{\"echo\":{},\"bulk\":{}}},\"results\":[{}],\"metrics_overhead\":[{}]}}",
+            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"results\":[{}],\"metrics_overhead\":[{}]}}",
             self.nodes,
             self.options.queues,
             self.connections,
             self.options.depth,
             self.options.duration.as_secs_f64(),
-            fig(&self.echo),
-            fig(&self.bulk),
             rows.join(","),
             overhead.join(",")
         )

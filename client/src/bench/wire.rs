@@ -1,0 +1,306 @@
+//! The upper-bound baseline of `netblk bench`: the same operation netblk
+//! does, done as cheaply as this machine allows.
+//!
+//! Same node processes, same connections (one per queue and node, with the
+//! real handshake), same direction, same piece size and the same number of
+//! pieces in flight; but no engine, no layout, no protobuf encoding: every
+//! request is a prebuilt frame (preamble, header, and a write's payload) in
+//! one buffer, and whatever a connection has ready goes out in one
+//! `SENDMSG` (`SENDMSG_ZC` for a zero-copy row), one at a time per
+//! connection so frames never interleave; every connection of a queue is
+//! driven from that queue's one ring with batched submissions. Replies are only measured
+//! (their preamble says how long they are), never decoded. The mock node
+//! answers a connection's requests in order, so a reply closes the oldest
+//! request of its connection.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, types};
+
+use netblk_protocol::pb::{self, request::Op as WireOp};
+use netblk_protocol::{PREAMBLE_LEN, encode_head};
+
+use crate::layout::VolumeSpec;
+use crate::net::{self, Identity, Timeouts};
+use crate::uring::SendMode;
+
+/// What one baseline run does: `piece`-sized reads or writes, `in_flight`
+/// of them outstanding per queue, spread over the queue's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct WireLoad {
+    pub write: bool,
+    pub piece: u32,
+    pub queues: usize,
+    pub in_flight: usize,
+    pub mode: SendMode,
+    pub duration: Duration,
+}
+
+/// What a baseline run measured: pieces done, payload bytes, per-piece
+/// round trips in microseconds, wall seconds.
+#[derive(Debug, Default)]
+pub struct WireResult {
+    pub pieces: u64,
+    pub bytes: u64,
+    pub latencies_us: Vec<u32>,
+    pub seconds: f64,
+}
+
+/// Runs `load` against `spec`'s nodes: one thread and ring per queue.
+pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
+    let layout = spec.layout().map_err(|e| io::Error::other(e.to_string()))?;
+    let mut queues = Vec::with_capacity(load.queues);
+    for q in 0..load.queues {
+        let mut conns = Vec::with_capacity(spec.nodes.len());
+        for (node, addr) in spec.nodes.iter().enumerate() {
+            let client_id = format!("netblk-baseline-{}-q{q}", std::process::id());
+            let who = Identity {
+                client_id: &client_id,
+                volume: &spec.name,
+                session: 1,
+                volume_id: None,
+            };
+            let timeouts = Timeouts {
+                connect: Duration::from_secs(10),
+                io: Duration::from_secs(30),
+            };
+            let (stream, _) = net::connect(*addr, node, &layout, &who, timeouts)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            conns.push(stream);
+        }
+        queues.push(conns);
+    }
+    let capacity = layout.node_capacity(0).min(
+        (0..spec.nodes.len())
+            .map(|n| layout.node_capacity(n))
+            .min()
+            .unwrap_or(0),
+    );
+    let threads: Vec<_> = queues
+        .into_iter()
+        .map(|conns| std::thread::spawn(move || drive(conns, load, capacity)))
+        .collect();
+    let mut total = WireResult::default();
+    for t in threads {
+        let r = t
+            .join()
+            .map_err(|_| io::Error::other("baseline thread panicked"))??;
+        total.pieces += r.pieces;
+        total.bytes += r.bytes;
+        total.latencies_us.extend(r.latencies_us);
+        total.seconds = total.seconds.max(r.seconds);
+    }
+    Ok(total)
+}
+
+// user_data: kind in the top byte, connection below.
+const SEND: u64 = 1;
+const RECV: u64 = 2;
+
+struct Conn {
+    stream: TcpStream,
+    /// The send in flight: its frames' iovecs and header, kept alive until
+    /// its last completion.
+    iovs: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
+    sending: bool,
+    /// Send times of the requests in flight, oldest first.
+    sent: VecDeque<Instant>,
+    /// Frames (indexes into the frame buffer) ready to go out.
+    idle: Vec<usize>,
+    rbuf: Vec<u8>,
+    rlen: usize,
+    /// Bytes of a reply still to skip (its payload, past the buffer).
+    skip: usize,
+}
+
+/// One queue's ring over its connections, until `load.duration` has passed
+/// and every request is answered.
+fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<WireResult> {
+    let n = conns.len().max(1);
+    let per_conn = load.in_flight.div_ceil(n).max(1);
+    // Prebuilt frames, one per request slot, back to back in one buffer.
+    let mut frames: Vec<(usize, usize)> = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let pieces_per_node = (capacity / u64::from(load.piece)).max(1);
+    for slot in 0..n * per_conn {
+        let offset = (slot as u64 * 7919 % pieces_per_node) * u64::from(load.piece);
+        let op = if load.write {
+            WireOp::Write(pb::Write {
+                offset,
+                length: load.piece,
+                fua: false,
+            })
+        } else {
+            WireOp::Read(pb::Read {
+                offset,
+                length: load.piece,
+            })
+        };
+        let start = buf.len();
+        let payload = if load.write { load.piece as usize } else { 0 };
+        encode_head(&pb::Header::request(slot as u64 + 1, op), payload, &mut buf)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        buf.resize(buf.len() + payload, 0x5a);
+        frames.push((start, buf.len() - start));
+    }
+    let mut ring = IoUring::new((4 * n).next_power_of_two().max(64) as u32)?;
+    let recv_size = if load.write {
+        64 << 10
+    } else {
+        (load.piece as usize + 4096).max(64 << 10)
+    };
+    let mut conns: Vec<Conn> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, stream)| Conn {
+            stream,
+            iovs: Vec::with_capacity(per_conn),
+            // SAFETY: msghdr is plain data; all zeroes is a valid empty one.
+            msg: Box::new(unsafe { std::mem::zeroed() }),
+            sending: false,
+            sent: VecDeque::new(),
+            idle: (i * per_conn..(i + 1) * per_conn).collect(),
+            rbuf: vec![0u8; recv_size],
+            rlen: 0,
+            skip: 0,
+        })
+        .collect();
+    let mut result = WireResult::default();
+    let start = Instant::now();
+    let deadline = start + load.duration;
+    let mut recv_posted = vec![false; conns.len()];
+    let mut sends_out = 0usize;
+    loop {
+        let stopping = Instant::now() >= deadline;
+        for (i, c) in conns.iter_mut().enumerate() {
+            if !stopping && !c.sending && !c.idle.is_empty() {
+                // Everything ready goes out in one message.
+                c.iovs.clear();
+                for f in c.idle.drain(..) {
+                    let (at, len) = frames[f];
+                    c.iovs.push(libc::iovec {
+                        // The kernel only reads from it.
+                        iov_base: buf[at..].as_ptr() as *mut libc::c_void,
+                        iov_len: len,
+                    });
+                    c.sent.push_back(Instant::now());
+                }
+                c.msg.msg_iov = c.iovs.as_mut_ptr();
+                c.msg.msg_iovlen = c.iovs.len();
+                let fd = types::Fd(c.stream.as_raw_fd());
+                let msg: *const libc::msghdr = &*c.msg;
+                let entry = match load.mode {
+                    SendMode::ZeroCopy => opcode::SendMsgZc::new(fd, msg)
+                        .flags(libc::MSG_WAITALL as u32)
+                        .build(),
+                    SendMode::Copy => opcode::SendMsg::new(fd, msg)
+                        .flags(libc::MSG_WAITALL as u32)
+                        .build(),
+                };
+                let entry = entry.user_data((SEND << 56) | ((i as u64) << 32));
+                // SAFETY: the message, its iovecs and the frames they point
+                // at (in `buf`, never written again) stay alive and unchanged
+                // until this send's last completion.
+                while unsafe { ring.submission().push(&entry) }.is_err() {
+                    ring.submit()?;
+                }
+                c.sending = true;
+                sends_out += 1;
+            }
+            if !recv_posted[i] && !c.sent.is_empty() {
+                let free = &mut c.rbuf[c.rlen..];
+                let entry = opcode::Recv::new(
+                    types::Fd(c.stream.as_raw_fd()),
+                    free.as_mut_ptr(),
+                    free.len() as u32,
+                )
+                .build()
+                .user_data((RECV << 56) | ((i as u64) << 32));
+                // SAFETY: the receive buffer is the connection's, not moved
+                // or touched until this receive completes.
+                while unsafe { ring.submission().push(&entry) }.is_err() {
+                    ring.submit()?;
+                }
+                recv_posted[i] = true;
+            }
+        }
+        if stopping && conns.iter().all(|c| c.sent.is_empty()) && sends_out == 0 {
+            break;
+        }
+        ring.submit_and_wait(1)?;
+        let cqes: Vec<(u64, i32, u32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (ud, res, flags) in cqes {
+            let i = ((ud >> 32) & 0xff_ffff) as usize;
+            let c = &mut conns[i];
+            if ud >> 56 == SEND {
+                if res < 0 {
+                    return Err(io::Error::from_raw_os_error(-res));
+                }
+                // A zero-copy send posts twice; the message is done after the last.
+                if cqueue::more(flags) {
+                    continue;
+                }
+                sends_out -= 1;
+                c.sending = false;
+                continue;
+            }
+            recv_posted[i] = false;
+            if res <= 0 {
+                return Err(io::Error::other(format!(
+                    "node closed the connection ({res})"
+                )));
+            }
+            c.rlen += res as usize;
+            // Whole replies: skip payloads, count one piece each.
+            let mut at = 0;
+            loop {
+                if c.skip > 0 {
+                    let n = c.skip.min(c.rlen - at);
+                    c.skip -= n;
+                    at += n;
+                    if c.skip > 0 {
+                        break;
+                    }
+                    continue;
+                }
+                if c.rlen - at < PREAMBLE_LEN {
+                    break;
+                }
+                let p = &c.rbuf[at..at + PREAMBLE_LEN];
+                let header = u32::from_be_bytes([p[8], p[9], p[10], p[11]]) as usize;
+                let payload = u32::from_be_bytes([p[12], p[13], p[14], p[15]]) as usize;
+                if c.rlen - at < PREAMBLE_LEN + header {
+                    break;
+                }
+                at += PREAMBLE_LEN + header;
+                c.skip = payload;
+                let Some(sent) = c.sent.pop_front() else {
+                    return Err(io::Error::other("a reply nobody asked for"));
+                };
+                result
+                    .latencies_us
+                    .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                result.pieces += 1;
+                result.bytes += u64::from(load.piece);
+                // The request's frame may go again (its slot is free).
+                let slot = c.idle.len() + c.sent.len();
+                let base = i * per_conn;
+                c.idle.push(base + slot % per_conn);
+            }
+            c.rbuf.copy_within(at..c.rlen, 0);
+            c.rlen -= at;
+        }
+    }
+    result.seconds = start.elapsed().as_secs_f64();
+    drop(ring);
+    drop(buf);
+    Ok(result)
+}
