@@ -149,10 +149,12 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
         frames.push((start, buf.len() - start));
     }
     let mut ring = IoUring::new((4 * n).next_power_of_two().max(64) as u32)?;
+    // Room for every reply the connection may have outstanding, so that one
+    // receive takes whatever has arrived (fewer, larger receives).
     let recv_size = if load.write {
         64 << 10
     } else {
-        (load.piece as usize + 4096).max(64 << 10)
+        ((load.piece as usize + 4096) * per_conn).clamp(256 << 10, 8 << 20)
     };
     let mut conns: Vec<Conn> = conns
         .into_iter()
