@@ -205,6 +205,38 @@ pub struct Overhead {
     pub mode: SendMode,
     pub ratio: f64,
     pub pairs: usize,
+    /// What recording one such request costs, timed in a loop, and the CPU
+    /// netblk spends per request of the workload (from its CPU per GiB).
+    pub recording_ns: f64,
+    pub cpu_ns_per_request: f64,
+}
+
+/// The CPU time of recording one single-piece request's figures (what the
+/// engine does when figures are on), timed over many in a loop.
+pub fn recording_ns_per_request() -> f64 {
+    const ROUNDS: u32 = 2_000_000;
+    let figures = crate::stats::QueueStats::new(4);
+    let op = Op::Write { fua: false };
+    // Latencies spread over the buckets (10 µs to 10 ms), so that the bucket
+    // search is not always predicted right.
+    let mut rng = Rng::new(0x5eed);
+    let latencies: Vec<u64> = (0..4096).map(|_| 10_000 + rng.below(10_000_000)).collect();
+    let t0 = Instant::now();
+    for i in 0..ROUNDS {
+        let node = &figures.nodes[(i % 4) as usize];
+        let latency = std::hint::black_box(latencies[(i % 4096) as usize]);
+        figures.request_started(op, 4096);
+        node.in_flight.set(u64::from(i & 7));
+        node.sent_bytes.add(4096);
+        node.last_reply_ns.set(u64::from(i));
+        node.piece_latency.record_ns(latency);
+        node.in_flight.set(u64::from(i & 3));
+        figures.request_done(op, latency + 5_000, 0);
+    }
+    let ns = t0.elapsed().as_nanos() as f64 / f64::from(ROUNDS);
+    // Keep the loop from being optimised away.
+    std::hint::black_box(&figures);
+    ns
 }
 
 /// Pairs of runs (without, then with figures) behind an [`Overhead`].
@@ -602,11 +634,14 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                     ratios.push(with.iops() / without.iops().max(1e-9));
                 }
                 ratios.sort_by(f64::total_cmp);
+                let per_request = f.cpu_s_per_gib * workload.block() as f64 / (1u64 << 30) as f64;
                 overhead.push(Overhead {
                     workload: workload.name(),
                     mode: *mode,
                     ratio: ratios[ratios.len() / 2],
                     pairs: ratios.len(),
+                    recording_ns: recording_ns_per_request(),
+                    cpu_ns_per_request: per_request * 1e9,
                 });
             }
             let ratio = ratio_of(&f) / ratio_of(&baseline).max(1e-9);
@@ -677,8 +712,14 @@ impl Report {
         }
         for o in &self.overhead {
             out.push_str(&format!(
-                "recording figures: {} {}: {:.3} of the IOPS without (median of {} alternating pairs)\n",
-                o.workload, o.mode, o.ratio, o.pairs
+                "recording figures: {} {}: {:.3} of the IOPS without (median of {} alternating pairs); {:.0} ns per request = {:.2}% of the {:.0} ns of CPU netblk spends on one\n",
+                o.workload,
+                o.mode,
+                o.ratio,
+                o.pairs,
+                o.recording_ns,
+                100.0 * o.recording_ns / o.cpu_ns_per_request.max(1e-9),
+                o.cpu_ns_per_request
             ));
         }
         out
@@ -719,8 +760,8 @@ impl Report {
             .iter()
             .map(|o| {
                 format!(
-                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"ratio\":{:.4},\"pairs\":{}}}",
-                    o.workload, o.mode, o.ratio, o.pairs
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"ratio\":{:.4},\"pairs\":{},\"recording_ns\":{:.1},\"cpu_ns_per_request\":{:.0}}}",
+                    o.workload, o.mode, o.ratio, o.pairs, o.recording_ns, o.cpu_ns_per_request
                 )
             })
             .collect();
