@@ -120,8 +120,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
         spec.nodes.len(),
         device.path.name()
     );
-    println!("{}", device.block_path());
-    serve(device, &spec, &options, 0, signals, args.metrics_addr).map_err(Failure::Run)
+    serve(device, &spec, &options, 0, signals, args.metrics_addr, true).map_err(Failure::Run)
 }
 
 /// Starts `/metrics` on `addr`, if given: the telemetry to report to.
@@ -245,7 +244,6 @@ fn recover(
         spec.nodes.len(),
         device.path.name()
     );
-    println!("{}", device.block_path());
     serve(
         device,
         &spec,
@@ -253,6 +251,7 @@ fn recover(
         generation,
         signals,
         args.metrics_addr,
+        true,
     )
     .map_err(Failure::Run)
 }
@@ -265,7 +264,9 @@ const SUPERVISE_POLL: Duration = Duration::from_millis(100);
 /// named first, not one that was merely aborted.
 const QUEUE_END_GRACE: Duration = Duration::from_millis(300);
 
-/// Records the device for `list`/`unmap`/`map --recover`, serves until
+/// Records the device for `list`/`unmap`/`map --recover`, starts its
+/// control socket and metrics, prints its path (if `print_path`: scripts may
+/// use all of it from then on), serves until
 /// SIGINT or SIGTERM, then stops it and drops the record. If a queue ends
 /// by itself meanwhile, returns an error naming it and why, leaving the
 /// device and its record as they are: once this process is gone the kernel
@@ -278,6 +279,7 @@ pub fn serve(
     generation: u32,
     mut signals: signal_hook::iterator::Signals,
     metrics_addr: Option<SocketAddr>,
+    print_path: bool,
 ) -> Result<(), String> {
     let dir = state::state_dir();
     let source = netblk::telemetry::Source {
@@ -324,6 +326,11 @@ pub fn serve(
     let socket = netblk::control::socket_path(&dir, device.dev_id);
     if let Err(err) = netblk::control::serve(&socket, source) {
         tracing::error!(socket = %socket.display(), error = %err, "no control socket: `netblk status` cannot ask this daemon");
+    }
+    // The path, once the device, its record, its control socket and its
+    // metrics are all in place: scripts may use any of them from here.
+    if print_path {
+        println!("{}", device.block_path());
     }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let path = device.block_path();
