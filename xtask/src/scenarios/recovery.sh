@@ -54,13 +54,19 @@ echo "ublk: map --recover of a live daemon's device: refused (pid check), and wi
 # --- (a) A queue made to fail: the daemon exits non-zero naming it, leaves
 #         the device quiesced, `list` says needs-recovery, and `map --recover`
 #         brings IO back with the data intact.
-NETBLK_TEST_FAIL_QUEUE=1:4000 netblk map --volume p5 --size 256M --nodes $NODES --queues 2 >/tmp/p5.out 2>/tmp/p5.log &
+# The queue fails 20 s after the map: the write below must be done by then
+# (it is bounded; were the queue to fail under it, it would wait for a
+# recovery this script only starts after it).
+NETBLK_TEST_FAIL_QUEUE=1:20000 netblk map --volume p5 --size 256M --nodes $NODES --queues 2 >/tmp/p5.out 2>/tmp/p5.log &
 P5=$!
 P5DEV=$(wait_dev /tmp/p5.out)
 [ -b "$P5DEV" ] || fail "no device for the queue-failure volume"
 dd if=/dev/urandom of=/tmp/p5data bs=1M count=8 2>/dev/null
-dd if=/tmp/p5data of="$P5DEV" bs=1M conv=fsync oflag=direct 2>/dev/null || fail "write before the queue failure"
-wait_exit $P5 30 || fail "the daemon still runs 30 s after its queue 1 was made to fail"
+dd if=/tmp/p5data of="$P5DEV" bs=1M conv=fsync oflag=direct 2>/dev/null &
+PRE=$!
+wait_exit $PRE 15 || fail "the write before the queue failure took over 15 s"
+[ "$RC" -eq 0 ] || fail "write before the queue failure"
+wait_exit $P5 40 || fail "the daemon still runs 40 s after its queue 1 was due to fail"
 [ "$RC" -eq 1 ] || { cat /tmp/p5.log; fail "the daemon exited with status $RC after a queue failed, not 1"; }
 grep -q "NETBLK_TEST_FAIL_QUEUE: making queue 1 of $P5DEV fail now" /tmp/p5.log || fail "the test hook did not fire"
 grep -q "netblk: $P5DEV: queue 1 failed: made to fail by the NETBLK_TEST_FAIL_QUEUE test hook" /tmp/p5.log \
