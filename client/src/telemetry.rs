@@ -154,7 +154,7 @@ impl Source {
 
 /// Each node's latency snapshots over the last minute, taken every few
 /// seconds, so quantiles can be told over about a minute.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LatencyWindow {
     samples: VecDeque<(Instant, Vec<Snapshot>)>,
 }

@@ -74,12 +74,11 @@ pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
         }
         queues.push(conns);
     }
-    let capacity = layout.node_capacity(0).min(
-        (0..spec.nodes.len())
-            .map(|n| layout.node_capacity(n))
-            .min()
-            .unwrap_or(0),
-    );
+    // Offsets within what every node holds.
+    let capacity = (0..spec.nodes.len())
+        .map(|n| layout.node_capacity(n))
+        .min()
+        .unwrap_or(0);
     let threads: Vec<_> = queues
         .into_iter()
         .map(|conns| std::thread::spawn(move || drive(conns, load, capacity)))
@@ -292,10 +291,10 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
                     .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 result.pieces += 1;
                 result.bytes += u64::from(load.piece);
-                // The request's frame may go again (its slot is free).
-                let slot = c.idle.len() + c.sent.len();
-                let base = i * per_conn;
-                c.idle.push(base + slot % per_conn);
+                // A slot of the connection is free again. Frames are never
+                // written after they are built, so any of the connection's
+                // may go, even one a zero-copy send still reads.
+                c.idle.push(i * per_conn + c.sent.len() % per_conn);
             }
             c.rbuf.copy_within(at..c.rlen, 0);
             c.rlen -= at;
