@@ -433,6 +433,19 @@ impl Engine {
     /// The next frame to send to `node`, if its connection is up and its
     /// in-flight bound allows.
     pub fn poll_transmit(&mut self, node: usize) -> Option<Transmit> {
+        let mut head = Vec::with_capacity(64);
+        let (id, payload) = self.poll_transmit_into(node, &mut head)?;
+        Some(Transmit { id, head, payload })
+    }
+
+    /// As [`Engine::poll_transmit`], but appends the head to `head` (so a
+    /// driver batches the heads of many frames in one buffer, with no
+    /// allocation per frame). Returns the piece id and the payload.
+    pub fn poll_transmit_into(
+        &mut self,
+        node: usize,
+        head: &mut Vec<u8>,
+    ) -> Option<(u64, Option<BufSlice>)> {
         let state = self.nodes.get_mut(node)?;
         if !state.up || state.in_flight >= self.config.max_in_flight_per_node {
             return None;
@@ -482,18 +495,17 @@ impl Engine {
                 offset: rec.buf_offset as u32,
                 len: len as u32,
             });
-            let mut head = Vec::with_capacity(64);
             // Our own headers are small and consistent: encoding cannot fail.
             let encoded = encode_head(
                 &pb::Header::request(id, op),
                 payload.map_or(0, |p| p.len as usize),
-                &mut head,
+                head,
             );
             debug_assert!(encoded.is_ok(), "{encoded:?}");
             if let Some(p) = payload {
                 self.slots[usize::from(p.tag)].buf_nodes.push(node);
             }
-            return Some(Transmit { id, head, payload });
+            return Some((id, payload));
         }
         None
     }

@@ -228,12 +228,30 @@ fn metrics_and_logs_tell_what_happened() {
         })
         .sum();
     assert_eq!(sent, 20.0 * 4096.0, "payload bytes to the nodes");
-    let zc = value(
-        &after,
-        "netblk_payload_sent_bytes_total",
-        &[("volume", "observed"), ("mode", "zerocopy")],
+    // Zero copy by default, but 4 KiB payloads are below its threshold: the
+    // kernel copies them. One 64 KiB write (one stripe unit) goes zero-copy.
+    let payload = |s: &[Sample], mode: &str| {
+        value(
+            s,
+            "netblk_payload_sent_bytes_total",
+            &[("volume", "observed"), ("mode", mode)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        payload(&after, "copy"),
+        20.0 * 4096.0,
+        "small payloads copied"
     );
-    assert_eq!(zc, Some(20.0 * 4096.0), "zero-copy sends by default");
+    assert_eq!(payload(&after, "zerocopy"), 0.0);
+    volume.write_at(&[7; 65536], 0).expect("write");
+    let after = scrape(addr);
+    assert_eq!(
+        payload(&after, "zerocopy"),
+        65536.0,
+        "large payloads zero-copy"
+    );
+    assert_eq!(payload(&after, "copy"), 20.0 * 4096.0);
 
     // Node 1 killed: disconnected (once the client notices), then back.
     let node1 = [("volume", "observed"), ("node", nodes[1].as_str())];

@@ -19,8 +19,8 @@ pub(super) struct Conn {
     pub(super) next_attempt: Instant,
     pub(super) backoff: Duration,
     pub(super) connecting: bool,
-    /// Head bytes of the send chain in flight; kept alive until it completes.
-    pub(super) heads: Vec<Vec<u8>>,
+    /// The send chain in flight; kept alive until it completes.
+    pub(super) chain: super::send::SendChain,
     /// CQEs (other than notifications) the chain still owes.
     pub(super) chain_left: u32,
     pub(super) rbuf: Box<[u8]>,

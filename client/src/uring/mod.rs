@@ -3,9 +3,11 @@
 //!
 //! One thread per queue, one ring per thread; the ring owns one TCP
 //! connection per node. Request buffers ([`TagBuffers`]) are registered as
-//! fixed buffers, one per tag (buffer index = tag). Write payloads go out with
-//! `IORING_OP_SEND_ZC` from the fixed buffer, the header linked before it;
-//! a buffer is handed back to the engine only at the zero-copy notification.
+//! fixed buffers, one per tag (buffer index = tag). What a connection has
+//! ready goes out as one linked chain (see `send`): heads and copied payloads
+//! gathered in a `SENDMSG`, large write payloads as `IORING_OP_SEND_ZC` from
+//! the fixed buffer; a buffer is handed back to the engine only once the
+//! kernel is done with it (for zero copy: at the notification).
 //! Read replies: the header is received into the connection's buffer, the
 //! payload straight into the request buffer at its offset.
 //!
@@ -43,7 +45,7 @@ use ids::{
 use receive::RECV_BUF;
 use reconnect::{RECONNECT_MIN, Reconnected};
 use ring::Ring;
-use send::MAX_CHAIN;
+use send::{MAX_CHAIN_OPS, SendChain};
 
 /// How write payloads leave the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +156,7 @@ impl<F: Frontend> QueueDriver<F> {
             span: _,
         } = parts;
         let depth = engine.config().depth;
-        let (sq, cq) = ring::ring_sizes(depth, streams.len(), 2 * MAX_CHAIN);
+        let (sq, cq) = ring::ring_sizes(depth, streams.len(), MAX_CHAIN_OPS);
         let ring = Ring::new(sq, cq)?;
         match buffer_mode {
             BufferMode::User => {
@@ -181,7 +183,7 @@ impl<F: Frontend> QueueDriver<F> {
                 next_attempt: Instant::now(),
                 backoff: RECONNECT_MIN,
                 connecting: false,
-                heads: Vec::with_capacity(MAX_CHAIN),
+                chain: SendChain::default(),
                 chain_left: 0,
                 rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
                 rstart: 0,
@@ -350,7 +352,9 @@ impl<F: Frontend> QueueDriver<F> {
                 .is_some_and(|c| conn_id(node, c.generation) == cid);
             if matches!(kind, K_HEAD | K_DATA | K_RECV | K_RECV_PAYLOAD) && !current {
                 // From a connection already replaced: only a buffer it held
-                // matters now.
+                // matters now. (A connection is replaced only once it holds
+                // no operation, so this is a safety net; a `SENDMSG`'s
+                // copied payloads went with its chain.)
                 if kind == K_DATA && (cqueue::notif(flags) || !cqueue::more(flags)) {
                     self.engine
                         .handle_buffer_released(node, (detail >> 27) as Tag);
@@ -365,15 +369,7 @@ impl<F: Frontend> QueueDriver<F> {
                 K_FRONTEND => self
                     .frontend
                     .on_cqe(detail, res, &mut self.engine, Instant::now()),
-                K_HEAD => {
-                    let conn = &mut self.conns[node];
-                    conn.ops = conn.ops.saturating_sub(1);
-                    conn.chain_left = conn.chain_left.saturating_sub(1);
-                    let expected = conn.heads.get(detail as usize).map_or(0, Vec::len);
-                    if res < 0 || res as usize != expected {
-                        self.break_conn(node, "send failed", res);
-                    }
-                }
+                K_HEAD => self.on_msg_sent(node, detail, res),
                 K_DATA => self.on_data_sent(node, detail, res, flags),
                 K_RECV => self.on_recv(node, res),
                 K_RECV_PAYLOAD => self.on_recv_payload(node, res),

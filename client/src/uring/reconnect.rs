@@ -61,7 +61,7 @@ impl<F: Frontend> QueueDriver<F> {
                     conn.session = session;
                     conn.generation = conn.generation.wrapping_add(1);
                     conn.ops = 0;
-                    conn.heads.clear();
+                    conn.chain.clear();
                     conn.chain_left = 0;
                     conn.rstart = 0;
                     conn.rend = 0;
