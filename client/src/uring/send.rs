@@ -41,11 +41,22 @@ pub(super) struct SendChain {
     copied: Vec<Tag>,
 }
 
-/// One `SENDMSG` of a chain.
+/// One `SENDMSG` of a chain: its iovecs, their bytes, the tags whose
+/// payloads it copies, and those payloads' bytes.
 struct Group {
     iovs: Range<usize>,
     bytes: usize,
     copied: Range<usize>,
+    copied_bytes: u64,
+}
+
+/// One operation of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A `SENDMSG` of the group with this index.
+    Msg(usize),
+    /// A `SEND_ZC` of this payload.
+    ZeroCopy(BufSlice),
 }
 
 /// A step of a chain being planned.
@@ -73,18 +84,74 @@ impl SendChain {
         let g = self.groups.get(group)?;
         Some((g.bytes, &self.copied[g.copied.clone()]))
     }
+
+    /// Turns the planned parts into steps: each run of heads and copied
+    /// payloads becomes one group (a `SENDMSG`), each zero-copy payload a
+    /// step of its own. `self.heads` is final: the iovecs point into it, and
+    /// the messages into the iovecs. `payload` gives a copied payload's bytes.
+    fn plan(&mut self, parts: Vec<Part>, payload: impl Fn(&BufSlice) -> *const u8) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let mut open: Option<Group> = None;
+        for part in parts {
+            let (base, len, copied) = match part {
+                Part::ZeroCopy(slice) => {
+                    if let Some(g) = open.take() {
+                        steps.push(Step::Msg(self.groups.len()));
+                        self.groups.push(g);
+                    }
+                    steps.push(Step::ZeroCopy(slice));
+                    continue;
+                }
+                Part::Head(range) => (self.heads[range.clone()].as_ptr(), range.len(), None),
+                Part::Copy(slice) => (payload(&slice), slice.len as usize, Some(slice.tag)),
+            };
+            let (iovs, tags) = (self.iovs.len(), self.copied.len());
+            let g = open.get_or_insert(Group {
+                iovs: iovs..iovs,
+                bytes: 0,
+                copied: tags..tags,
+                copied_bytes: 0,
+            });
+            self.iovs.push(libc::iovec {
+                // The kernel only reads through it.
+                iov_base: base.cast_mut().cast(),
+                iov_len: len,
+            });
+            g.iovs.end = self.iovs.len();
+            g.bytes += len;
+            if let Some(tag) = copied {
+                self.copied.push(tag);
+                g.copied.end = self.copied.len();
+                g.copied_bytes += len as u64;
+            }
+        }
+        if let Some(g) = open.take() {
+            steps.push(Step::Msg(self.groups.len()));
+            self.groups.push(g);
+        }
+        // The iovecs are final: the messages can point at them.
+        for g in &self.groups {
+            // SAFETY: msghdr is plain data; all zeroes is an empty message.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iovs[g.iovs.clone()].as_ptr().cast_mut();
+            msg.msg_iovlen = g.iovs.len();
+            self.msgs.push(msg);
+        }
+        steps
+    }
+}
+
+/// Whether a write payload of `len` bytes goes out zero-copy (else the
+/// kernel copies it).
+fn zero_copy(buffers: BufferMode, mode: SendMode, len: u32) -> bool {
+    match buffers {
+        // The request's pages are not mapped here: only a fixed-buffer send reaches them.
+        BufferMode::Kernel { .. } => true,
+        BufferMode::User => mode == SendMode::ZeroCopy && len >= ZC_MIN,
+    }
 }
 
 impl<F: Frontend> QueueDriver<F> {
-    /// Whether a write payload goes out zero-copy (else the kernel copies it).
-    fn zero_copy(&self, slice: &BufSlice) -> bool {
-        match self.buffer_mode {
-            // The request's pages are not mapped here: only a fixed-buffer send reaches them.
-            BufferMode::Kernel { .. } => true,
-            BufferMode::User => self.mode == SendMode::ZeroCopy && slice.len >= ZC_MIN,
-        }
-    }
-
     /// Starts a send chain on `node` if none is in flight.
     pub(super) fn post_sends(&mut self, node: usize) -> io::Result<()> {
         let conn = &mut self.conns[node];
@@ -104,7 +171,7 @@ impl<F: Frontend> QueueDriver<F> {
             };
             parts.push(Part::Head(head_start..chain.heads.len()));
             head_start = chain.heads.len();
-            parts.push(if self.zero_copy(&slice) {
+            parts.push(if zero_copy(self.buffer_mode, self.mode, slice.len) {
                 Part::ZeroCopy(slice)
             } else {
                 Part::Copy(slice)
@@ -113,7 +180,11 @@ impl<F: Frontend> QueueDriver<F> {
         if head_start < chain.heads.len() {
             parts.push(Part::Head(head_start..chain.heads.len()));
         }
-        let mut entries = self.plan_chain(node, &mut chain, parts);
+        let buffers = &self.buffers;
+        let steps = chain.plan(parts, |p| {
+            buffers.slice_ptr(p.tag, p.offset, p.len).cast_const()
+        });
+        let mut entries = self.chain_entries(node, &chain, &steps);
         self.conns[node].chain = chain;
         let Some(last) = entries.len().checked_sub(1) else {
             return Ok(());
@@ -137,83 +208,29 @@ impl<F: Frontend> QueueDriver<F> {
         Ok(())
     }
 
-    /// Turns the planned parts into operations: each run of heads and copied
-    /// payloads becomes one `SENDMSG`, each zero-copy payload a `SEND_ZC`.
-    /// `chain.heads` is final: the iovecs point into it.
-    fn plan_chain(
-        &mut self,
-        node: usize,
-        chain: &mut SendChain,
-        parts: Vec<Part>,
-    ) -> Vec<squeue::Entry> {
-        enum Step {
-            Msg(usize),
-            Zc(BufSlice),
-        }
-        let mut steps = Vec::new();
-        let mut open: Option<Group> = None;
-        for part in parts {
-            let (base, len) = match part {
-                Part::ZeroCopy(slice) => {
-                    if let Some(g) = open.take() {
-                        steps.push(Step::Msg(chain.groups.len()));
-                        chain.groups.push(g);
-                    }
-                    steps.push(Step::Zc(slice));
-                    continue;
-                }
-                Part::Head(range) => (chain.heads[range.clone()].as_ptr(), range.len()),
-                Part::Copy(slice) => {
-                    chain.copied.push(slice.tag);
-                    if let Some(f) = self.engine.figures() {
-                        f.copied_bytes.add(u64::from(slice.len));
-                    }
-                    let ptr = self.buffers.slice_ptr(slice.tag, slice.offset, slice.len);
-                    (ptr.cast_const(), slice.len as usize)
-                }
-            };
-            let g = open.get_or_insert_with(|| Group {
-                iovs: chain.iovs.len()..chain.iovs.len(),
-                bytes: 0,
-                copied: chain.copied.len()..chain.copied.len(),
-            });
-            chain.iovs.push(libc::iovec {
-                // The kernel only reads through it.
-                iov_base: base.cast_mut().cast(),
-                iov_len: len,
-            });
-            g.iovs.end = chain.iovs.len();
-            g.copied.end = chain.copied.len();
-            g.bytes += len;
-        }
-        if let Some(g) = open.take() {
-            steps.push(Step::Msg(chain.groups.len()));
-            chain.groups.push(g);
-        }
-        // Now the iovecs are final, the messages can point at them, and
-        // once the messages are final the entries can point at those.
-        for g in &chain.groups {
-            // SAFETY: msghdr is plain data; all zeroes is an empty message.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = chain.iovs[g.iovs.clone()].as_ptr().cast_mut();
-            msg.msg_iovlen = g.iovs.len();
-            chain.msgs.push(msg);
-        }
+    /// The chain's operations: a `SENDMSG` per group, a `SEND_ZC` per
+    /// zero-copy payload, in order.
+    fn chain_entries(&self, node: usize, chain: &SendChain, steps: &[Step]) -> Vec<squeue::Entry> {
         let conn = &self.conns[node];
         let fd = types::Fd(conn.fd);
         let cid = conn_id(node, conn.generation);
         let count = steps.len();
         let mut entries = Vec::with_capacity(count);
-        for (i, step) in steps.into_iter().enumerate() {
+        for (i, step) in steps.iter().enumerate() {
             // MSG_MORE: more of this chain follows; let TCP fill segments
             // across the operations.
             let flags = libc::MSG_WAITALL | if i + 1 == count { 0 } else { libc::MSG_MORE };
-            entries.push(match step {
-                Step::Msg(group) => opcode::SendMsg::new(fd, &raw const chain.msgs[group])
-                    .flags(flags as u32)
-                    .build()
-                    .user_data(user_data(K_HEAD, cid, group as u64)),
-                Step::Zc(slice) => {
+            entries.push(match *step {
+                Step::Msg(group) => {
+                    if let Some(f) = self.engine.figures() {
+                        f.copied_bytes.add(chain.groups[group].copied_bytes);
+                    }
+                    opcode::SendMsg::new(fd, &raw const chain.msgs[group])
+                        .flags(flags as u32)
+                        .build()
+                        .user_data(user_data(K_HEAD, cid, group as u64))
+                }
+                Step::ZeroCopy(slice) => {
                     if let Some(f) = self.engine.figures() {
                         f.zc_sends.add(1);
                         f.zc_bytes.add(u64::from(slice.len));
@@ -276,5 +293,115 @@ impl<F: Frontend> QueueDriver<F> {
         if res != len {
             self.break_conn(node, "payload send failed", res);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(tag: Tag, len: u32) -> BufSlice {
+        BufSlice {
+            tag,
+            offset: 0,
+            len,
+        }
+    }
+
+    /// Plans `frames` (payload length, zero copy?) with 10-byte heads;
+    /// returns the steps and, per group, its bytes and copied tags.
+    fn plan(frames: &[(Option<u32>, bool)]) -> (Vec<Step>, Vec<(usize, Vec<Tag>)>) {
+        let mut chain = SendChain::default();
+        let mut parts = Vec::new();
+        let mut start = 0;
+        for (tag, (payload, zc)) in frames.iter().enumerate() {
+            chain.heads.extend_from_slice(&[0u8; 10]);
+            let Some(len) = payload else { continue };
+            parts.push(Part::Head(start..chain.heads.len()));
+            start = chain.heads.len();
+            let s = slice(tag as Tag, *len);
+            parts.push(if *zc {
+                Part::ZeroCopy(s)
+            } else {
+                Part::Copy(s)
+            });
+        }
+        if start < chain.heads.len() {
+            parts.push(Part::Head(start..chain.heads.len()));
+        }
+        let backing = [0u8; 1];
+        let steps = chain.plan(parts, |_| backing.as_ptr());
+        let groups = (0..chain.groups.len())
+            .map(|g| {
+                let (bytes, tags) = chain.group(g).expect("group");
+                (bytes, tags.to_vec())
+            })
+            .collect();
+        for (g, msg) in chain.msgs.iter().enumerate() {
+            let iovs = &chain.iovs[chain.groups[g].iovs.clone()];
+            assert_eq!(msg.msg_iov.cast_const(), iovs.as_ptr());
+            assert_eq!(msg.msg_iovlen, iovs.len());
+            let sum: usize = iovs.iter().map(|v| v.iov_len).sum();
+            assert_eq!(
+                sum, chain.groups[g].bytes,
+                "a message sends its group's bytes"
+            );
+        }
+        (steps, groups)
+    }
+
+    #[test]
+    fn a_batch_of_small_writes_and_reads_is_one_sendmsg() {
+        let frames = [
+            (Some(4096), false),
+            (None, false),
+            (Some(4096), false),
+            (None, false),
+        ];
+        let (steps, groups) = plan(&frames);
+        assert_eq!(steps, vec![Step::Msg(0)]);
+        assert_eq!(groups, vec![(4 * 10 + 2 * 4096, vec![0, 2])]);
+    }
+
+    #[test]
+    fn zero_copy_payloads_go_alone_between_the_gathered_heads() {
+        let frames = [
+            (Some(1 << 20), true),
+            (None, false),
+            (Some(4096), false),
+            (Some(1 << 20), true),
+        ];
+        let (steps, groups) = plan(&frames);
+        assert_eq!(
+            steps,
+            vec![
+                Step::Msg(0),
+                Step::ZeroCopy(slice(0, 1 << 20)),
+                Step::Msg(1),
+                Step::ZeroCopy(slice(3, 1 << 20)),
+            ]
+        );
+        // Head 0; then heads 1, 2, payload 2 and head 3.
+        assert_eq!(groups, vec![(10, vec![]), (30 + 4096, vec![2])]);
+    }
+
+    #[test]
+    fn small_user_payloads_are_copied_kernel_ones_never() {
+        let kernel = BufferMode::Kernel { recv_fixed: false };
+        assert!(zero_copy(kernel, SendMode::ZeroCopy, 512));
+        assert!(!zero_copy(
+            BufferMode::User,
+            SendMode::ZeroCopy,
+            ZC_MIN - 512
+        ));
+        assert!(zero_copy(BufferMode::User, SendMode::ZeroCopy, ZC_MIN));
+        assert!(!zero_copy(BufferMode::User, SendMode::Copy, 1 << 20));
+    }
+
+    #[test]
+    fn reads_only_are_one_sendmsg_of_heads() {
+        let (steps, groups) = plan(&[(None, false); 5]);
+        assert_eq!(steps, vec![Step::Msg(0)]);
+        assert_eq!(groups, vec![(50, vec![])]);
     }
 }
