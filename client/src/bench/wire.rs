@@ -6,8 +6,10 @@
 //! pieces in flight; but no engine, no layout, no protobuf encoding: every
 //! request is a prebuilt frame (preamble, header, and a write's payload) in
 //! one buffer, and whatever a connection has ready goes out in one
-//! `SENDMSG` (`SENDMSG_ZC` for a zero-copy row), one at a time per
-//! connection so frames never interleave; every connection of a queue is
+//! `SENDMSG`, one at a time per connection so frames never interleave (for a
+//! zero-copy row with pieces netblk sends zero-copy: one `SENDMSG_ZC` from
+//! the frame buffer registered as a fixed buffer, or, before Linux 6.15,
+//! with its pages pinned per send); every connection of a queue is
 //! driven from that queue's one ring with batched submissions. Replies are only measured
 //! (their preamble says how long they are), never decoded. The mock node
 //! answers a connection's requests in order, so a reply closes the oldest
@@ -26,7 +28,7 @@ use netblk_protocol::{PREAMBLE_LEN, encode_head};
 
 use crate::layout::VolumeSpec;
 use crate::net::{self, Identity, Timeouts};
-use crate::uring::SendMode;
+use crate::uring::{SendMode, ZC_MIN};
 
 /// What one baseline run does: `piece`-sized reads or writes, `in_flight`
 /// of them outstanding per queue, spread over the queue's connections.
@@ -148,6 +150,19 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
         frames.push((start, buf.len() - start));
     }
     let mut ring = IoUring::new((4 * n).next_power_of_two().max(64) as u32)?;
+    // Zero copy as netblk does it: only payloads of ZC_MIN and more, and
+    // from a registered buffer (no page pinning per send) where the kernel
+    // allows a vectored send from one (6.15+); else with pinning.
+    let zero_copy = load.mode == SendMode::ZeroCopy && load.piece >= ZC_MIN;
+    let mut fixed = zero_copy && buf.len() <= 1 << 30 && {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `buf` is neither moved nor freed until the ring is
+        // dropped (below, before it), and the kernel only reads from it.
+        unsafe { ring.submitter().register_buffers(&[iov]) }.is_ok()
+    };
     // Room for every reply the connection may have outstanding, so that one
     // receive takes whatever has arrived (fewer, larger receives).
     let recv_size = if load.write {
@@ -195,13 +210,15 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
                 c.msg.msg_iovlen = c.iovs.len();
                 let fd = types::Fd(c.stream.as_raw_fd());
                 let msg: *const libc::msghdr = &*c.msg;
-                let entry = match load.mode {
-                    SendMode::ZeroCopy => opcode::SendMsgZc::new(fd, msg)
+                let entry = if zero_copy {
+                    opcode::SendMsgZc::new(fd, msg)
                         .flags(libc::MSG_WAITALL as u32)
-                        .build(),
-                    SendMode::Copy => opcode::SendMsg::new(fd, msg)
+                        .buf_index(fixed.then_some(0))
+                        .build()
+                } else {
+                    opcode::SendMsg::new(fd, msg)
                         .flags(libc::MSG_WAITALL as u32)
-                        .build(),
+                        .build()
                 };
                 let entry = entry.user_data((SEND << 56) | ((i as u64) << 32));
                 // SAFETY: the message, its iovecs and the frames they point
@@ -242,15 +259,35 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
             let i = ((ud >> 32) & 0xff_ffff) as usize;
             let c = &mut conns[i];
             if ud >> 56 == SEND {
+                if fixed && (res == -libc::EINVAL || res == -libc::EFAULT) {
+                    // This kernel has no vectored send from a registered
+                    // buffer (before 6.15), and refused it before sending
+                    // anything: the same message goes again, with pinning.
+                    fixed = false;
+                    let fd = types::Fd(c.stream.as_raw_fd());
+                    let entry = opcode::SendMsgZc::new(fd, &raw const *c.msg)
+                        .flags(libc::MSG_WAITALL as u32)
+                        .build()
+                        .user_data(ud);
+                    // SAFETY: as for the first submission of this message.
+                    while unsafe { ring.submission().push(&entry) }.is_err() {
+                        ring.submit()?;
+                    }
+                    continue;
+                }
                 if res < 0 {
                     return Err(io::Error::from_raw_os_error(-res));
                 }
-                // A zero-copy send posts twice; the message is done after the last.
-                if cqueue::more(flags) {
-                    continue;
+                // A zero-copy send posts twice: its result (the data is
+                // queued: the next send of the connection may start, as
+                // netblk's next chain does), then the notification (the
+                // kernel let go of the frames: the send is over).
+                if !cqueue::notif(flags) {
+                    c.sending = false;
                 }
-                sends_out -= 1;
-                c.sending = false;
+                if !cqueue::more(flags) {
+                    sends_out -= 1;
+                }
                 continue;
             }
             recv_posted[i] = false;

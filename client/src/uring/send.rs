@@ -27,7 +27,7 @@ pub(super) const MAX_CHAIN_OPS: usize = 2 * MAX_CHAIN;
 /// Payloads below this size are copied even in zero-copy mode (when they are
 /// in userspace buffers): pinning pages and waiting for a notification costs
 /// more than copying them, and they join the batch's one `SENDMSG`.
-pub(super) const ZC_MIN: u32 = 16 << 10;
+pub(crate) const ZC_MIN: u32 = 16 << 10;
 
 /// The chain in flight on a connection, kept alive until its last completion:
 /// the head bytes, and for each `SENDMSG` its message, iovecs and the tags of
