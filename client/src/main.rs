@@ -133,6 +133,15 @@ struct BenchArgs {
     /// (alternating pairs) and print what recording costs.
     #[arg(long)]
     metrics_overhead: bool,
+    /// Workloads to run (comma separated): seqwrite-1m, seqread-1m,
+    /// randwrite-4k, randread-4k [default: all].
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    workloads: Vec<bench::Workload>,
+    /// Pairs of runs per workload (1 to 99), netblk and its baseline, which
+    /// goes first alternating; the median pair is shown, with the spread of
+    /// the ratio.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn parse_stripe_unit(text: &str) -> Result<u32, String> {
@@ -201,6 +210,12 @@ fn run_bench(args: BenchArgs) -> Result<(), Failure> {
         node_store: args.node_store,
         telemetry: None,
         metrics_overhead: args.metrics_overhead,
+        workloads: if args.workloads.is_empty() {
+            bench::Workload::ALL.to_vec()
+        } else {
+            args.workloads
+        },
+        rounds: args.rounds,
     };
     options.check().map_err(Failure::Usage)?;
     let options = BenchOptions {

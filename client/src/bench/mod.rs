@@ -11,6 +11,7 @@
 //! is at most 1 (above 1, the baseline would be wrong), and the figure to
 //! raise.
 
+mod report;
 pub mod wire;
 
 use std::io;
@@ -48,6 +49,11 @@ pub struct BenchOptions {
     /// Also measure the 4 KiB workloads without recording figures,
     /// alternating with and without, to state what recording costs.
     pub metrics_overhead: bool,
+    /// The workloads to run, in this order.
+    pub workloads: Vec<Workload>,
+    /// Pairs of runs (netblk and its baseline, which goes first
+    /// alternating) per workload; the median pair is reported.
+    pub rounds: usize,
 }
 
 impl Default for BenchOptions {
@@ -65,9 +71,14 @@ impl Default for BenchOptions {
             node_store: "null".into(),
             telemetry: None,
             metrics_overhead: false,
+            workloads: Workload::ALL.to_vec(),
+            rounds: 3,
         }
     }
 }
+
+/// Most rounds per workload.
+pub const MAX_ROUNDS: usize = 99;
 
 /// Shortest time per workload.
 pub const MIN_DURATION: Duration = Duration::from_millis(1);
@@ -105,6 +116,15 @@ impl BenchOptions {
     /// the duration, and a volume large enough for the largest workload block.
     pub fn check(&self) -> Result<(), String> {
         check_duration(self.duration)?;
+        if !(1..=MAX_ROUNDS).contains(&self.rounds) {
+            return Err(format!(
+                "rounds {} must be from 1 to {MAX_ROUNDS}",
+                self.rounds
+            ));
+        }
+        if self.workloads.is_empty() {
+            return Err("no workload to run".into());
+        }
         if self.nodes.is_empty() && !(1..=MAX_MOCK_NODES).contains(&self.node_count) {
             return Err(format!(
                 "node count {} must be from 1 to {MAX_MOCK_NODES}",
@@ -183,8 +203,13 @@ pub struct Row {
     pub baseline: &'static str,
     /// The baseline measured just before this workload.
     pub baseline_figures: Figures,
-    /// netblk figure / baseline figure (IOPS for 4 KiB, MiB/s for 1 MiB).
+    /// netblk figure / baseline figure (IOPS for 4 KiB, MiB/s for 1 MiB):
+    /// the median over the rounds (whose figures these are), and the
+    /// lowest and highest.
     pub ratio: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -242,16 +267,38 @@ pub fn recording_ns_per_request() -> f64 {
 /// Pairs of runs (without, then with figures) behind an [`Overhead`].
 const OVERHEAD_PAIRS: usize = 5;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Workload {
+/// One of the benchmark's workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
     RandRead4k,
     RandWrite4k,
     SeqWrite1m,
     SeqRead1m,
 }
 
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Workload, String> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+                format!("unknown workload {text:?} (known: {})", names.join(", "))
+            })
+    }
+}
+
 impl Workload {
-    fn name(self) -> &'static str {
+    /// Every workload, in the order a run takes them.
+    pub const ALL: [Workload; 4] = [
+        Workload::SeqWrite1m,
+        Workload::SeqRead1m,
+        Workload::RandWrite4k,
+        Workload::RandRead4k,
+    ];
+
+    pub fn name(self) -> &'static str {
         match self {
             Workload::RandRead4k => "randread-4k",
             Workload::RandWrite4k => "randwrite-4k",
@@ -590,29 +637,56 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     let spec = options.spec(addrs.clone());
     crate::uring::probe(SendMode::Copy)?;
     let mut overhead = Vec::new();
+    // Warm up (connections, the nodes' buffers, TCP windows) unmeasured, so
+    // that the first pair does not pay for it.
+    let warm = BenchOptions {
+        duration: options.duration.min(Duration::from_millis(500)),
+        ..options.clone()
+    };
+    measure_wire(&spec, &warm, SendMode::Copy, options.workloads[0])?;
     for mode in &options.modes {
         crate::uring::probe(*mode)?;
-        for workload in [
-            Workload::SeqWrite1m,
-            Workload::SeqRead1m,
-            Workload::RandWrite4k,
-            Workload::RandRead4k,
-        ] {
-            // Each workload is paired with its baseline measured just before
-            // it, so that drift in the machine's load cancels in the ratio.
-            progress(&format!(
-                "baseline: {} over {connections} connections, {mode}",
-                workload.name()
-            ));
-            let baseline = measure_wire(&spec, options, *mode, workload)?;
+        for &workload in &options.workloads {
             let ratio_of: fn(&Figures) -> f64 = if workload.block() >= 1 << 20 {
                 Figures::mib_s
             } else {
                 Figures::iops
             };
-            progress(&format!("netblk {mode}: {}", workload.name()));
-            let report = options.telemetry.as_deref();
-            let f = measure_workload(&spec, options, *mode, workload, true, report)?;
+            // Rounds of pairs, the baseline first in even rounds and netblk
+            // first in odd ones, so that warming up and the machine's drift
+            // favour neither; the median pair is reported.
+            let mut pairs: Vec<(f64, Figures, Figures)> = Vec::with_capacity(options.rounds);
+            for round in 0..options.rounds {
+                let of = format!(
+                    "{} (round {}/{})",
+                    workload.name(),
+                    round + 1,
+                    options.rounds
+                );
+                let baseline = |progress: &mut dyn FnMut(&str)| {
+                    progress(&format!(
+                        "baseline: {of} over {connections} connections, {mode}"
+                    ));
+                    measure_wire(&spec, options, *mode, workload)
+                };
+                let netblk = |progress: &mut dyn FnMut(&str)| {
+                    progress(&format!("netblk {mode}: {of}"));
+                    let report = options.telemetry.as_deref();
+                    measure_workload(&spec, options, *mode, workload, true, report)
+                };
+                let (f, b) = if round % 2 == 0 {
+                    let b = baseline(progress)?;
+                    (netblk(progress)?, b)
+                } else {
+                    let f = netblk(progress)?;
+                    (f, baseline(progress)?)
+                };
+                pairs.push((ratio_of(&f) / ratio_of(&b).max(1e-9), f, b));
+            }
+            pairs.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let (ratio_min, ratio_max) = (pairs[0].0, pairs[pairs.len() - 1].0);
+            let rounds = pairs.len();
+            let (ratio, f, baseline) = pairs.swap_remove(rounds / 2);
             if options.metrics_overhead && workload.block() == 4096 {
                 progress(&format!(
                     "netblk {mode}: {} with and without figures, {OVERHEAD_PAIRS} pairs",
@@ -644,7 +718,6 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                     cpu_ns_per_request: per_request * 1e9,
                 });
             }
-            let ratio = ratio_of(&f) / ratio_of(&baseline).max(1e-9);
             rows.push(Row {
                 workload: workload.name(),
                 mode: *mode,
@@ -652,6 +725,9 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                 baseline: "wire",
                 baseline_figures: baseline,
                 ratio,
+                ratio_min,
+                ratio_max,
+                rounds,
             });
         }
     }
@@ -662,120 +738,6 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         rows,
         overhead,
     })
-}
-
-impl Report {
-    /// A table for people.
-    pub fn to_text(&self) -> String {
-        let mut out = format!(
-            "netblk bench: {} nodes, {} queue(s), {} connections, depth {}, {:.1} s per workload\n\n",
-            self.nodes,
-            self.options.queues,
-            self.connections,
-            self.options.depth,
-            self.options.duration.as_secs_f64()
-        );
-        out.push_str(&format!(
-            "{:<14} {:<5} {:<8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n",
-            "workload",
-            "mode",
-            "who",
-            "IOPS",
-            "MiB/s",
-            "p50 us",
-            "p99 us",
-            "p99.9 us",
-            "CPU s/GiB",
-            "ratio"
-        ));
-        for r in &self.rows {
-            for (who, f) in [("netblk", &r.figures), (r.baseline, &r.baseline_figures)] {
-                let ratio = if who == "netblk" {
-                    format!("{:.2}", r.ratio)
-                } else {
-                    String::new()
-                };
-                out.push_str(&format!(
-                    "{:<14} {:<5} {:<8} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>10.2}  {}\n",
-                    r.workload,
-                    r.mode.to_string(),
-                    who,
-                    f.iops(),
-                    f.mib_s(),
-                    f.p50_us,
-                    f.p99_us,
-                    f.p999_us,
-                    f.cpu_s_per_gib,
-                    ratio
-                ));
-            }
-        }
-        for o in &self.overhead {
-            out.push_str(&format!(
-                "recording figures: {} {}: {:.3} of the IOPS without (median of {} alternating pairs); {:.0} ns per request = {:.2}% of the {:.0} ns of CPU netblk spends on one\n",
-                o.workload,
-                o.mode,
-                o.ratio,
-                o.pairs,
-                o.recording_ns,
-                100.0 * o.recording_ns / o.cpu_ns_per_request.max(1e-9),
-                o.cpu_ns_per_request
-            ));
-        }
-        out
-    }
-
-    /// One JSON object.
-    pub fn to_json(&self) -> String {
-        let fig = |f: &Figures| {
-            format!(
-                "{{\"iops\":{:.1},\"mib_s\":{:.2},\"p50_us\":{:.0},\"p99_us\":{:.0},\"p999_us\":{:.0},\"cpu_s_per_gib\":{:.3},\"ops\":{},\"seconds\":{:.3}}}",
-                f.iops(),
-                f.mib_s(),
-                f.p50_us,
-                f.p99_us,
-                f.p999_us,
-                f.cpu_s_per_gib,
-                f.ops,
-                f.seconds
-            )
-        };
-        let rows: Vec<String> = self
-            .rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"figures\":{},\"baseline\":\"{}\",\"baseline_figures\":{},\"ratio\":{:.3}}}",
-                    r.workload,
-                    r.mode,
-                    fig(&r.figures),
-                    r.baseline,
-                    fig(&r.baseline_figures),
-                    r.ratio
-                )
-            })
-            .collect();
-        let overhead: Vec<String> = self
-            .overhead
-            .iter()
-            .map(|o| {
-                format!(
-                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"ratio\":{:.4},\"pairs\":{},\"recording_ns\":{:.1},\"cpu_ns_per_request\":{:.0}}}",
-                    o.workload, o.mode, o.ratio, o.pairs, o.recording_ns, o.cpu_ns_per_request
-                )
-            })
-            .collect();
-        format!(
-            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"results\":[{}],\"metrics_overhead\":[{}]}}",
-            self.nodes,
-            self.options.queues,
-            self.connections,
-            self.options.depth,
-            self.options.duration.as_secs_f64(),
-            rows.join(","),
-            overhead.join(",")
-        )
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,124 @@
+//! How a benchmark report is shown: a table for people, one JSON object for
+//! programs.
+
+use super::{Figures, Report};
+
+impl Report {
+    /// A table for people.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "netblk bench: {} nodes, {} queue(s), {} connections, depth {}, {:.1} s per run, {} round(s) per workload (the median pair shown)\n\n",
+            self.nodes,
+            self.options.queues,
+            self.connections,
+            self.options.depth,
+            self.options.duration.as_secs_f64(),
+            self.options.rounds
+        );
+        out.push_str(&format!(
+            "{:<14} {:<5} {:<8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n",
+            "workload",
+            "mode",
+            "who",
+            "IOPS",
+            "MiB/s",
+            "p50 us",
+            "p99 us",
+            "p99.9 us",
+            "CPU s/GiB",
+            "ratio"
+        ));
+        for r in &self.rows {
+            for (who, f) in [("netblk", &r.figures), (r.baseline, &r.baseline_figures)] {
+                let ratio = if who == "netblk" && r.rounds > 1 {
+                    format!("{:.2} ({:.2}-{:.2})", r.ratio, r.ratio_min, r.ratio_max)
+                } else if who == "netblk" {
+                    format!("{:.2}", r.ratio)
+                } else {
+                    String::new()
+                };
+                out.push_str(&format!(
+                    "{:<14} {:<5} {:<8} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>10.2}  {}\n",
+                    r.workload,
+                    r.mode.to_string(),
+                    who,
+                    f.iops(),
+                    f.mib_s(),
+                    f.p50_us,
+                    f.p99_us,
+                    f.p999_us,
+                    f.cpu_s_per_gib,
+                    ratio
+                ));
+            }
+        }
+        for o in &self.overhead {
+            out.push_str(&format!(
+                "recording figures: {} {}: {:.3} of the IOPS without (median of {} alternating pairs); {:.0} ns per request = {:.2}% of the {:.0} ns of CPU netblk spends on one\n",
+                o.workload,
+                o.mode,
+                o.ratio,
+                o.pairs,
+                o.recording_ns,
+                100.0 * o.recording_ns / o.cpu_ns_per_request.max(1e-9),
+                o.cpu_ns_per_request
+            ));
+        }
+        out
+    }
+
+    /// One JSON object.
+    pub fn to_json(&self) -> String {
+        let fig = |f: &Figures| {
+            format!(
+                "{{\"iops\":{:.1},\"mib_s\":{:.2},\"p50_us\":{:.0},\"p99_us\":{:.0},\"p999_us\":{:.0},\"cpu_s_per_gib\":{:.3},\"ops\":{},\"seconds\":{:.3}}}",
+                f.iops(),
+                f.mib_s(),
+                f.p50_us,
+                f.p99_us,
+                f.p999_us,
+                f.cpu_s_per_gib,
+                f.ops,
+                f.seconds
+            )
+        };
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"figures\":{},\"baseline\":\"{}\",\"baseline_figures\":{},\"ratio\":{:.3},\"ratio_min\":{:.3},\"ratio_max\":{:.3},\"rounds\":{}}}",
+                    r.workload,
+                    r.mode,
+                    fig(&r.figures),
+                    r.baseline,
+                    fig(&r.baseline_figures),
+                    r.ratio,
+                    r.ratio_min,
+                    r.ratio_max,
+                    r.rounds
+                )
+            })
+            .collect();
+        let overhead: Vec<String> = self
+            .overhead
+            .iter()
+            .map(|o| {
+                format!(
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"ratio\":{:.4},\"pairs\":{},\"recording_ns\":{:.1},\"cpu_ns_per_request\":{:.0}}}",
+                    o.workload, o.mode, o.ratio, o.pairs, o.recording_ns, o.cpu_ns_per_request
+                )
+            })
+            .collect();
+        format!(
+            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"results\":[{}],\"metrics_overhead\":[{}]}}",
+            self.nodes,
+            self.options.queues,
+            self.connections,
+            self.options.depth,
+            self.options.duration.as_secs_f64(),
+            rows.join(","),
+            overhead.join(",")
+        )
+    }
+}
