@@ -312,6 +312,9 @@ impl Workload {
             Workload::SeqWrite1m | Workload::SeqRead1m => 1 << 20,
         }
     }
+    fn random(self) -> bool {
+        matches!(self, Workload::RandRead4k | Workload::RandWrite4k)
+    }
     fn writes(self) -> bool {
         matches!(self, Workload::RandWrite4k | Workload::SeqWrite1m)
     }
@@ -337,6 +340,7 @@ fn measure_wire(
         in_flight: per_queue * pieces_per_request,
         mode,
         duration: options.duration,
+        random: workload.random(),
     };
     let cpu0 = cpu_seconds();
     let r = wire::run(spec, load)?;

@@ -40,6 +40,10 @@ pub struct WireLoad {
     pub in_flight: usize,
     pub mode: SendMode,
     pub duration: Duration,
+    /// Each new piece goes to a random connection (random offsets: the
+    /// stripe unit's node is any), else to the one that freed its slot
+    /// (sequential requests spread their pieces evenly).
+    pub random: bool,
 }
 
 /// What a baseline run measured: pieces done, payload bytes, per-piece
@@ -190,6 +194,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
     let start = Instant::now();
     let deadline = start + load.duration;
     let mut recv_posted = vec![false; conns.len()];
+    let mut rng = crate::rng::Rng::new(0x5eed_0001);
     let mut sends_out = 0usize;
     loop {
         let stopping = Instant::now() >= deadline;
@@ -291,6 +296,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
                 continue;
             }
             recv_posted[i] = false;
+            let mut freed = 0;
             if res <= 0 {
                 return Err(io::Error::other(format!(
                     "node closed the connection ({res})"
@@ -328,13 +334,23 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
                     .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 result.pieces += 1;
                 result.bytes += u64::from(load.piece);
-                // A slot of the connection is free again. Frames are never
-                // written after they are built, so any of the connection's
-                // may go, even one a zero-copy send still reads.
-                c.idle.push(i * per_conn + c.sent.len() % per_conn);
+                freed += 1;
             }
             c.rbuf.copy_within(at..c.rlen, 0);
             c.rlen -= at;
+            // A slot is free again: on this connection, or, for random
+            // pieces, on any (as a random offset's stripe unit is on any
+            // node). Frames are never written after they are built, so any
+            // may go, even one a zero-copy send still reads.
+            for _ in 0..freed {
+                let j = if load.random {
+                    rng.below(n as u64) as usize
+                } else {
+                    i
+                };
+                let frame = j * per_conn + conns[j].idle.len() % per_conn;
+                conns[j].idle.push(frame);
+            }
         }
     }
     result.seconds = start.elapsed().as_secs_f64();
