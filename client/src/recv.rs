@@ -11,10 +11,6 @@ use netblk_protocol::{Limits, PREAMBLE_LEN, Preamble, decode_header};
 
 use crate::engine::{Engine, ReplySink, Tag};
 
-/// Payloads at least this large are worth receiving straight into the
-/// request buffer rather than through the connection's buffer.
-pub const DIRECT_RECV_MIN: u32 = 16 << 10;
-
 /// What the next bytes on the connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecvMode {
@@ -35,9 +31,6 @@ pub enum RecvMode {
 #[derive(Debug)]
 pub struct ReplyReader {
     mode: RecvMode,
-    /// The last reply carried a payload worth receiving directly: expect
-    /// another.
-    large_payloads: bool,
 }
 
 impl Default for ReplyReader {
@@ -50,16 +43,11 @@ impl ReplyReader {
     pub fn new() -> ReplyReader {
         ReplyReader {
             mode: RecvMode::Frames,
-            large_payloads: false,
         }
     }
 
     pub fn mode(&self) -> RecvMode {
         self.mode
-    }
-
-    pub fn large_payloads(&self) -> bool {
-        self.large_payloads
     }
 
     /// Consumes whole frames and payload bytes from the start of `buf`, the
@@ -104,7 +92,6 @@ impl ReplyReader {
                     let sink = engine
                         .handle_reply(node, &reply, preamble.payload_len)
                         .map_err(|e| e.to_string())?;
-                    self.large_payloads = preamble.payload_len >= DIRECT_RECV_MIN;
                     self.mode = match sink {
                         ReplySink::Done => RecvMode::Frames,
                         ReplySink::Discard if preamble.payload_len == 0 => RecvMode::Frames,

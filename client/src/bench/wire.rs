@@ -117,7 +117,11 @@ struct Conn {
     sent: VecDeque<Instant>,
     /// Frames (indexes into the frame buffer) ready to go out.
     idle: Vec<usize>,
+    /// Replies land here, at `rlen`, sweeping the whole buffer (sized as
+    /// the connection's replies in flight, as netblk's requests' buffers
+    /// are) before starting over; `rstart` is where parsing resumes.
     rbuf: Vec<u8>,
+    rstart: usize,
     rlen: usize,
     /// Bytes of a reply still to skip (its payload, past the buffer).
     skip: usize,
@@ -186,6 +190,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
             sent: VecDeque::new(),
             idle: (i * per_conn..(i + 1) * per_conn).collect(),
             rbuf: vec![0u8; recv_size],
+            rstart: 0,
             rlen: 0,
             skip: 0,
         })
@@ -304,7 +309,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
             }
             c.rlen += res as usize;
             // Whole replies: skip payloads, count one piece each.
-            let mut at = 0;
+            let mut at = c.rstart;
             loop {
                 if c.skip > 0 {
                     let n = c.skip.min(c.rlen - at);
@@ -336,8 +341,13 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
                 result.bytes += u64::from(load.piece);
                 freed += 1;
             }
-            c.rbuf.copy_within(at..c.rlen, 0);
-            c.rlen -= at;
+            c.rstart = at;
+            if c.rbuf.len() - c.rlen < (c.rbuf.len() / 4).min(256 << 10) {
+                // Near the end: what is left of a reply moves to the start.
+                c.rbuf.copy_within(at..c.rlen, 0);
+                c.rlen -= at;
+                c.rstart = 0;
+            }
             // A slot is free again: on this connection, or, for random
             // pieces, on any (as a random offset's stripe unit is on any
             // node). Frames are never written after they are built, so any
