@@ -28,7 +28,7 @@ use netblk_protocol::{PREAMBLE_LEN, encode_head};
 
 use crate::layout::VolumeSpec;
 use crate::net::{self, Identity, Timeouts};
-use crate::uring::{SendMode, ZC_MIN};
+use crate::uring::{MAX_CHAIN, SendMode, ZC_MIN};
 
 /// What one baseline run does: `piece`-sized reads or writes, `in_flight`
 /// of them outstanding per queue, spread over the queue's connections.
@@ -207,7 +207,9 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
             if !stopping && !c.sending && !c.idle.is_empty() {
                 // Everything ready goes out in one message.
                 c.iovs.clear();
-                for f in c.idle.drain(..) {
+                // At most as many frames as one netblk send chain.
+                let take = c.idle.len().min(MAX_CHAIN);
+                for f in c.idle.drain(..take) {
                     let (at, len) = frames[f];
                     c.iovs.push(libc::iovec {
                         // The kernel only reads from it.

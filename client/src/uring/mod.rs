@@ -45,7 +45,7 @@ use ids::{
 use receive::RECV_BUF;
 use reconnect::{RECONNECT_MIN, Reconnected};
 use ring::Ring;
-pub(crate) use send::ZC_MIN;
+pub(crate) use send::{MAX_CHAIN, ZC_MIN};
 use send::{MAX_CHAIN_OPS, SendChain};
 
 /// How write payloads leave the buffer.

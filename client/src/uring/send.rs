@@ -18,7 +18,7 @@ use super::{BufferMode, Frontend, QueueDriver, SendMode};
 use crate::engine::{BufSlice, Tag};
 
 /// Most frames in one send chain.
-pub(super) const MAX_CHAIN: usize = 32;
+pub(crate) const MAX_CHAIN: usize = 32;
 
 /// Most operations in one send chain: a `SENDMSG` and a `SEND_ZC` per frame,
 /// at worst.
