@@ -752,7 +752,7 @@ mod tests {
     fn bench_numbers_are_checked() {
         assert!(BenchOptions::default().check().is_ok());
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        let bad: [(BenchOptions, &str); 14] = [
+        let bad: [(BenchOptions, &str); 17] = [
             (
                 BenchOptions {
                     node_count: 0,
@@ -853,6 +853,27 @@ mod tests {
                 },
                 "node 127.0.0.1:1 is listed twice",
             ),
+            (
+                BenchOptions {
+                    rounds: 0,
+                    ..BenchOptions::default()
+                },
+                "rounds 0 must be from 1 to 99",
+            ),
+            (
+                BenchOptions {
+                    rounds: 100,
+                    ..BenchOptions::default()
+                },
+                "rounds 100 must be from 1 to 99",
+            ),
+            (
+                BenchOptions {
+                    workloads: Vec::new(),
+                    ..BenchOptions::default()
+                },
+                "no workload to run",
+            ),
         ];
         for (options, says) in bad {
             let err = options.check().expect_err(says);
@@ -873,5 +894,18 @@ mod tests {
                 "{secs}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn workloads_are_named_as_printed() {
+        for w in Workload::ALL {
+            assert_eq!(w.name().parse::<Workload>(), Ok(w));
+        }
+        let err = "randread-8k".parse::<Workload>().expect_err("unknown");
+        assert!(err.contains("unknown workload \"randread-8k\""), "{err}");
+        assert!(
+            err.contains("seqwrite-1m, seqread-1m, randwrite-4k, randread-4k"),
+            "{err}"
+        );
     }
 }

@@ -16,7 +16,7 @@ impl Report {
             self.options.rounds
         );
         out.push_str(&format!(
-            "{:<14} {:<5} {:<8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n",
+            "{:<14} {:<5} {:<8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>6}  {}\n",
             "workload",
             "mode",
             "who",
@@ -26,10 +26,16 @@ impl Report {
             "p99 us",
             "p99.9 us",
             "CPU s/GiB",
+            "p50 x",
             "ratio"
         ));
         for r in &self.rows {
             for (who, f) in [("netblk", &r.figures), (r.baseline, &r.baseline_figures)] {
+                let p50 = if who == "netblk" {
+                    format!("{:.2}", f.p50_us / r.baseline_figures.p50_us.max(1e-9))
+                } else {
+                    String::new()
+                };
                 let ratio = if who == "netblk" && r.rounds > 1 {
                     format!("{:.2} ({:.2}-{:.2})", r.ratio, r.ratio_min, r.ratio_max)
                 } else if who == "netblk" {
@@ -38,7 +44,7 @@ impl Report {
                     String::new()
                 };
                 out.push_str(&format!(
-                    "{:<14} {:<5} {:<8} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>10.2}  {}\n",
+                    "{:<14} {:<5} {:<8} {:>10.0} {:>9.1} {:>9.0} {:>9.0} {:>9.0} {:>10.2} {:>6}  {}\n",
                     r.workload,
                     r.mode.to_string(),
                     who,
@@ -48,10 +54,14 @@ impl Report {
                     f.p99_us,
                     f.p999_us,
                     f.cpu_s_per_gib,
+                    p50,
                     ratio
                 ));
             }
         }
+        out.push_str(
+            "ratio: netblk's IOPS (MiB/s for 1 MiB) / the baseline's, median (lowest-highest) over the rounds; p50 x: netblk's p50 latency / the baseline's\n",
+        );
         for o in &self.overhead {
             out.push_str(&format!(
                 "recording figures: {} {}: {:.3} of the IOPS without (median of {} alternating pairs); {:.0} ns per request = {:.2}% of the {:.0} ns of CPU netblk spends on one\n",

@@ -131,12 +131,15 @@ struct Conn {
 /// and every request is answered.
 fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<WireResult> {
     let n = conns.len().max(1);
-    let per_conn = load.in_flight.div_ceil(n).max(1);
+    // Exactly `in_flight` pieces outstanding (at depth 1, one, not one per
+    // connection); `per_conn` only sizes buffers.
+    let slots = load.in_flight.max(1);
+    let per_conn = slots.div_ceil(n);
     // Prebuilt frames, one per request slot, back to back in one buffer.
     let mut frames: Vec<(usize, usize)> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
     let pieces_per_node = (capacity / u64::from(load.piece)).max(1);
-    for slot in 0..n * per_conn {
+    for slot in 0..slots {
         let offset = (slot as u64 * 7919 % pieces_per_node) * u64::from(load.piece);
         let op = if load.write {
             WireOp::Write(pb::Write {
@@ -188,7 +191,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
             msg: Box::new(unsafe { std::mem::zeroed() }),
             sending: false,
             sent: VecDeque::new(),
-            idle: (i * per_conn..(i + 1) * per_conn).collect(),
+            idle: (i..slots).step_by(n).collect(),
             rbuf: vec![0u8; recv_size],
             rstart: 0,
             rlen: 0,
@@ -200,6 +203,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
     let deadline = start + load.duration;
     let mut recv_posted = vec![false; conns.len()];
     let mut rng = crate::rng::Rng::new(0x5eed_0001);
+    let mut next_frame = 0;
     let mut sends_out = 0usize;
     loop {
         let stopping = Instant::now() >= deadline;
@@ -360,8 +364,9 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
                 } else {
                     i
                 };
-                let frame = j * per_conn + conns[j].idle.len() % per_conn;
-                conns[j].idle.push(frame);
+                // Any frame will do: they are never written.
+                next_frame = (next_frame + 1) % slots;
+                conns[j].idle.push(next_frame);
             }
         }
     }
