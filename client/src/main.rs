@@ -142,6 +142,11 @@ struct BenchArgs {
     /// the ratio.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Run everything at 1 and 2 queues over 1, 2, 4 and 8 nodes (with
+    /// --nodes, the first that many) and print the curve, with the CPU of
+    /// the client and of the mock nodes.
+    #[arg(long)]
+    sweep: bool,
 }
 
 fn parse_stripe_unit(text: &str) -> Result<u32, String> {
@@ -216,6 +221,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Failure> {
             args.workloads
         },
         rounds: args.rounds,
+        sweep: args.sweep,
     };
     options.check().map_err(Failure::Usage)?;
     let options = BenchOptions {

@@ -99,4 +99,9 @@ impl MockNodes {
     pub fn none() -> MockNodes {
         MockNodes(Vec::new())
     }
+
+    /// The nodes' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(Child::id).collect()
+    }
 }

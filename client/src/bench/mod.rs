@@ -54,7 +54,22 @@ pub struct BenchOptions {
     /// Pairs of runs (netblk and its baseline, which goes first
     /// alternating) per workload; the median pair is reported.
     pub rounds: usize,
+    /// Run everything for each of [`SWEEP`]'s queues and nodes instead
+    /// (with `nodes`, the first that many of them).
+    pub sweep: bool,
 }
+
+/// The (queues, nodes) a sweep measures.
+pub const SWEEP: [(usize, usize); 8] = [
+    (1, 1),
+    (1, 2),
+    (1, 4),
+    (1, 8),
+    (2, 1),
+    (2, 2),
+    (2, 4),
+    (2, 8),
+];
 
 impl Default for BenchOptions {
     fn default() -> Self {
@@ -73,6 +88,7 @@ impl Default for BenchOptions {
             metrics_overhead: false,
             workloads: Workload::ALL.to_vec(),
             rounds: 3,
+            sweep: false,
         }
     }
 }
@@ -183,6 +199,11 @@ pub struct Figures {
     pub p999_us: f64,
     /// Client CPU (user + system) per GiB moved; 0 where not measured.
     pub cpu_s_per_gib: f64,
+    /// Client CPU over the run, percent of one core.
+    pub cpu_pct: f64,
+    /// CPU of the mock nodes the benchmark started, percent of one core
+    /// (0 with `--nodes`).
+    pub node_cpu_pct: f64,
 }
 
 impl Figures {
@@ -203,6 +224,9 @@ pub struct Row {
     pub baseline: &'static str,
     /// The baseline measured just before this workload.
     pub baseline_figures: Figures,
+    /// The queues and nodes it ran with.
+    pub queues: usize,
+    pub nodes: usize,
     /// netblk figure / baseline figure (IOPS for 4 KiB, MiB/s for 1 MiB):
     /// the median over the rounds (whose figures these are), and the
     /// lowest and highest.
@@ -349,9 +373,30 @@ fn measure_wire(
     Ok(figures(r.latencies_us, requests, r.bytes, r.seconds, cpu))
 }
 
+/// Runs `measure`, and adds the CPU the mock nodes used meanwhile.
+fn with_node_cpu(
+    pids: &[u32],
+    measure: impl FnOnce() -> io::Result<Figures>,
+) -> io::Result<Figures> {
+    let before = cpu_seconds_of_all(pids);
+    let mut f = measure()?;
+    f.node_cpu_pct = 100.0 * (cpu_seconds_of_all(pids) - before) / f.seconds.max(1e-9);
+    Ok(f)
+}
+
 /// CPU seconds (user + system) this process has used, from /proc.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_seconds_of("self")
+}
+
+/// CPU seconds the processes `pids` have used together.
+fn cpu_seconds_of_all(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_seconds_of(&p.to_string())).sum()
+}
+
+/// CPU seconds (user + system) process `pid` ("self" or a number) has used.
+fn cpu_seconds_of(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
     // Fields after the command name (which is in parentheses).
@@ -393,6 +438,8 @@ fn figures(mut latencies: Vec<u32>, ops: u64, bytes: u64, seconds: f64, cpu: f64
         } else {
             0.0
         },
+        cpu_pct: 100.0 * cpu / seconds.max(1e-9),
+        node_cpu_pct: 0.0,
     }
 }
 
@@ -624,7 +671,45 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     options
         .check()
         .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
-    let (_mock, addrs) = if options.nodes.is_empty() {
+    if !options.sweep {
+        return run_one(options, progress);
+    }
+    let mut report: Option<Report> = None;
+    for (queues, nodes) in SWEEP {
+        if usize::from(options.depth) < queues
+            || (!options.nodes.is_empty() && options.nodes.len() < nodes)
+        {
+            continue;
+        }
+        let point = BenchOptions {
+            queues,
+            node_count: nodes,
+            nodes: options.nodes.iter().take(nodes).copied().collect(),
+            ..options.clone()
+        };
+        progress(&format!("sweep: {queues} queue(s), {nodes} node(s)"));
+        let one = run_one(&point, progress)?;
+        match report.as_mut() {
+            None => report = Some(one),
+            Some(r) => {
+                r.rows.extend(one.rows);
+                r.overhead.extend(one.overhead);
+            }
+        }
+    }
+    let mut report = report.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no sweep point fits these options",
+        )
+    })?;
+    report.options = options.clone();
+    Ok(report)
+}
+
+/// One benchmark at `options`' queues and nodes.
+fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result<Report> {
+    let (mock, addrs) = if options.nodes.is_empty() {
         let bin = mock_node_bin(options.mock_node_bin.as_ref())?;
         progress(&format!(
             "starting {} mock nodes ({}, store {})",
@@ -637,6 +722,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         (MockNodes::none(), options.nodes.clone())
     };
     let connections = addrs.len() * options.queues;
+    let node_pids = mock.pids();
     let mut rows = Vec::new();
     let spec = options.spec(addrs.clone());
     crate::uring::probe(SendMode::Copy)?;
@@ -671,12 +757,14 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                     progress(&format!(
                         "baseline: {of} over {connections} connections, {mode}"
                     ));
-                    measure_wire(&spec, options, *mode, workload)
+                    with_node_cpu(&node_pids, || measure_wire(&spec, options, *mode, workload))
                 };
                 let netblk = |progress: &mut dyn FnMut(&str)| {
                     progress(&format!("netblk {mode}: {of}"));
                     let report = options.telemetry.as_deref();
-                    measure_workload(&spec, options, *mode, workload, true, report)
+                    with_node_cpu(&node_pids, || {
+                        measure_workload(&spec, options, *mode, workload, true, report)
+                    })
                 };
                 let (f, b) = if round % 2 == 0 {
                     let b = baseline(progress)?;
@@ -725,6 +813,8 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
             rows.push(Row {
                 workload: workload.name(),
                 mode: *mode,
+                queues: options.queues,
+                nodes: addrs.len(),
                 figures: f,
                 baseline: "wire",
                 baseline_figures: baseline,

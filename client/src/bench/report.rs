@@ -6,6 +6,9 @@ use super::{Figures, Report};
 impl Report {
     /// A table for people.
     pub fn to_text(&self) -> String {
+        if self.options.sweep {
+            return self.sweep_text();
+        }
         let mut out = format!(
             "netblk bench: {} nodes, {} queue(s), {} connections, depth {}, {:.1} s per run, {} round(s) per workload (the median pair shown)\n\n",
             self.nodes,
@@ -77,17 +80,70 @@ impl Report {
         out
     }
 
+    /// A sweep's curve: per workload, netblk and its baseline at each
+    /// queues/nodes point, with where the CPU went.
+    fn sweep_text(&self) -> String {
+        let mut out = format!(
+            "netblk bench --sweep: depth {}, {:.1} s per run, {} round(s) per point (the median pair shown)\n\n",
+            self.options.depth,
+            self.options.duration.as_secs_f64(),
+            self.options.rounds
+        );
+        out.push_str(&format!(
+            "{:<14} {:<5} {:>6} {:>5} {:>13} {:>13} {:>6} {:>11} {:>10} {:>11} {:>10}\n",
+            "workload",
+            "mode",
+            "queues",
+            "nodes",
+            "netblk",
+            "wire",
+            "ratio",
+            "netblk CPU%",
+            "its nodes%",
+            "wire CPU%",
+            "its nodes%"
+        ));
+        for r in &self.rows {
+            let (figure, unit): (fn(&Figures) -> f64, &str) = if r.workload.ends_with("-1m") {
+                (Figures::mib_s, "MiB/s")
+            } else {
+                (Figures::iops, "IOPS")
+            };
+            let (f, b) = (&r.figures, &r.baseline_figures);
+            out.push_str(&format!(
+                "{:<14} {:<5} {:>6} {:>5} {:>7.0} {:<5} {:>7.0} {:<5} {:>6.2} {:>11.0} {:>10.0} {:>11.0} {:>10.0}\n",
+                r.workload,
+                r.mode.to_string(),
+                r.queues,
+                r.nodes,
+                figure(f),
+                unit,
+                figure(b),
+                unit,
+                r.ratio,
+                f.cpu_pct,
+                f.node_cpu_pct,
+                b.cpu_pct,
+                b.node_cpu_pct
+            ));
+        }
+        out.push_str("CPU%: of one core, over the run: the client process, and the mock nodes it started together\n");
+        out
+    }
+
     /// One JSON object.
     pub fn to_json(&self) -> String {
         let fig = |f: &Figures| {
             format!(
-                "{{\"iops\":{:.1},\"mib_s\":{:.2},\"p50_us\":{:.0},\"p99_us\":{:.0},\"p999_us\":{:.0},\"cpu_s_per_gib\":{:.3},\"ops\":{},\"seconds\":{:.3}}}",
+                "{{\"iops\":{:.1},\"mib_s\":{:.2},\"p50_us\":{:.0},\"p99_us\":{:.0},\"p999_us\":{:.0},\"cpu_s_per_gib\":{:.3},\"cpu_pct\":{:.1},\"node_cpu_pct\":{:.1},\"ops\":{},\"seconds\":{:.3}}}",
                 f.iops(),
                 f.mib_s(),
                 f.p50_us,
                 f.p99_us,
                 f.p999_us,
                 f.cpu_s_per_gib,
+                f.cpu_pct,
+                f.node_cpu_pct,
                 f.ops,
                 f.seconds
             )
@@ -97,9 +153,11 @@ impl Report {
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"figures\":{},\"baseline\":\"{}\",\"baseline_figures\":{},\"ratio\":{:.3},\"ratio_min\":{:.3},\"ratio_max\":{:.3},\"rounds\":{}}}",
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"queues\":{},\"nodes\":{},\"figures\":{},\"baseline\":\"{}\",\"baseline_figures\":{},\"ratio\":{:.3},\"ratio_min\":{:.3},\"ratio_max\":{:.3},\"rounds\":{}}}",
                     r.workload,
                     r.mode,
+                    r.queues,
+                    r.nodes,
                     fig(&r.figures),
                     r.baseline,
                     fig(&r.baseline_figures),
