@@ -491,9 +491,23 @@ pub fn which(tool: &str) -> Result<PathBuf, String> {
 }
 
 /// Boots the kernel with the initramfs; returns the serial console output.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<String, String> {
+/// With a `monitor` path, QEMU's human monitor listens on that Unix socket
+/// (`stop` and `cont` pause and resume the guest, its clock included).
+fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    log: &Path,
+    timeout: Duration,
+    monitor: Option<&Path>,
+) -> Result<String, String> {
     let out = fs::File::create(log).map_err(|e| e.to_string())?;
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut qemu = Command::new("qemu-system-x86_64");
+    if let Some(path) = monitor {
+        let _ = fs::remove_file(path);
+        qemu.arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", path.display()));
+    }
+    let mut child = qemu
         .args([
             "-accel",
             "tcg,thread=multi",
@@ -562,8 +576,24 @@ ls /dev/ublkb* 2>/dev/null && fail "the demo left a device"
 echo "NETBLK-VM-RESULT: pass"
 "##;
 
-/// How long a vm-test or vm-demo guest may run.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// How a guest is booted.
+pub struct Guest<'a> {
+    pub extras: Extras<'a>,
+    /// How long it may run (vm-test and vm-demo: 10 minutes).
+    pub timeout: Duration,
+    /// A Unix socket for QEMU's human monitor (see `boot`).
+    pub monitor: Option<&'a Path>,
+}
+
+impl Default for Guest<'_> {
+    fn default() -> Self {
+        Guest {
+            extras: Extras::default(),
+            timeout: Duration::from_secs(600),
+            monitor: None,
+        }
+    }
+}
 
 /// The first line the guest's init prints.
 const INIT_MARKER: &str = "NETBLK-VM-INIT";
@@ -576,18 +606,30 @@ pub fn run_guest(
     bins: &Path,
     kernel: &Kernel,
     script: &str,
-    extras: &Extras,
-    timeout: Duration,
+    guest: &Guest,
 ) -> Result<String, String> {
     let (vmlinuz, kernel_root) = fetch_kernel(&cache_dir(), kernel)?;
     fs::create_dir_all(work).map_err(|e| e.to_string())?;
-    let initrd = make_initramfs(work, bins, &kernel_root, kernel.expect, script, extras)?;
+    let initrd = make_initramfs(
+        work,
+        bins,
+        &kernel_root,
+        kernel.expect,
+        script,
+        &guest.extras,
+    )?;
     // Under software emulation a guest kernel occasionally oopses while
     // booting (seen: int3 in sched_clock_cpu on 6.17), before any of our code
     // runs. That is the harness, not netblk: boot again, at most twice more.
     let mut attempt = 1;
     loop {
-        let log = boot(&vmlinuz, &initrd, &work.join("console.log"), timeout)?;
+        let log = boot(
+            &vmlinuz,
+            &initrd,
+            &work.join("console.log"),
+            guest.timeout,
+            guest.monitor,
+        )?;
         if log.contains(INIT_MARKER) || attempt == 3 {
             return Ok(log);
         }
@@ -612,14 +654,7 @@ pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
         kernel.version
     );
     let work = root.join("target/vm-demo").join(kernel.name);
-    let log = run_guest(
-        &work,
-        &bins,
-        kernel,
-        DEMO,
-        &Extras::default(),
-        GUEST_TIMEOUT,
-    )?;
+    let log = run_guest(&work, &bins, kernel, DEMO, &Guest::default())?;
     let shown = log.lines().skip_while(|l| !l.contains("== netblk demo"));
     for line in shown.filter(|l| !l.contains("reboot: Power down")) {
         println!("{line}");
@@ -712,8 +747,7 @@ pub fn vm_test(
             &bins,
             kernel,
             &script,
-            &Extras::default(),
-            GUEST_TIMEOUT,
+            &Guest::default(),
         )?;
         let verdict = if log.contains(PASS) { "pass" } else { "FAIL" };
         eprintln!(

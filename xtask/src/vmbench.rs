@@ -13,7 +13,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{Read as _, Seek as _, SeekFrom};
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,7 +172,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nbdkit", "nbdkit"),
 ];
 
-const USAGE: &str = "usage: cargo xtask vm-bench [--kernel 6.12|6.17|7.3] [--rounds N] [--runtime SECS] [--ramp SECS] [--quick] [--output FILE]";
+const USAGE: &str = "usage: cargo xtask vm-bench [--kernel 6.12|6.17|7.3] [--rounds N] [--runtime SECS] [--ramp SECS] [--quick] [--no-pause] [--output FILE]";
 
 /// The flags of `vm-bench`.
 #[derive(Debug, Default, PartialEq)]
@@ -181,6 +182,8 @@ pub struct BenchArgs {
     pub runtime: Option<f64>,
     pub ramp: Option<f64>,
     pub quick: bool,
+    /// Do not pause the guest while other host processes take CPU.
+    pub no_pause: bool,
     pub output: Option<PathBuf>,
 }
 
@@ -189,9 +192,16 @@ impl BenchArgs {
         let mut parsed = BenchArgs::default();
         let mut args = args.iter();
         while let Some(flag) = args.next() {
-            if flag == "--quick" {
-                parsed.quick = true;
-                continue;
+            match flag.as_str() {
+                "--quick" => {
+                    parsed.quick = true;
+                    continue;
+                }
+                "--no-pause" => {
+                    parsed.no_pause = true;
+                    continue;
+                }
+                _ => {}
             }
             let value = args
                 .next()
@@ -265,10 +275,11 @@ impl Plan {
 
     /// A generous bound on the guest's whole run: every fio run with 8 s of
     /// overhead (start, report, the slowest emulated moments), twice, plus
-    /// 10 minutes for boot and set-up.
+    /// 10 minutes for boot and set-up and the longest the guest may be
+    /// paused.
     fn timeout(&self) -> Duration {
         let per_run = self.runtime_ms + self.ramp_ms + 8_000;
-        Duration::from_millis(2 * self.runs() * per_run + 600_000)
+        Duration::from_millis(2 * self.runs() * per_run + 600_000) + PAUSE_BUDGET + LONGEST_PAUSE
     }
 }
 
@@ -710,10 +721,8 @@ pub struct Setting {
     pub kernel: String,
     pub plan: Plan,
     pub wall: Duration,
-    /// Host CPUs used by other processes than the guest, by run id.
-    pub host_loads: BTreeMap<u32, f64>,
-    /// The same over the whole measurement.
-    pub host_load: Option<f64>,
+    /// Other work on the host meanwhile.
+    pub host: HostWatch,
 }
 
 /// Other work on the host above this (in CPUs, averaged over a run) is
@@ -722,29 +731,25 @@ const BUSY_HOST: f64 = 0.5;
 
 /// What the report says about other work on the host while it measured.
 fn host_section(samples: &[Sample], setting: &Setting) -> String {
-    let mut out = String::from(
-        "## Other work on the host
-
-",
-    );
-    let Some(overall) = setting.host_load else {
-        out.push_str(
-            "Not measured (no /proc figures for the QEMU process).
-
-",
-        );
+    let mut out = String::from("## Other work on the host\n\n");
+    let host = &setting.host;
+    let Some(overall) = host.overall else {
+        out.push_str("Not measured (no /proc figures for the QEMU process).\n\n");
         return out;
     };
     let mut busy: Vec<(f64, &Sample)> = samples
         .iter()
-        .filter_map(|s| setting.host_loads.get(&s.id).map(|l| (*l, s)))
+        .filter_map(|s| host.loads.get(&s.id).map(|l| (*l, s)))
         .filter(|(l, _)| *l >= BUSY_HOST)
         .collect();
     busy.sort_by(|a, b| b.0.total_cmp(&a.0));
     let _ = writeln!(
         out,
         "The guest's vCPUs are host threads; other processes on the host used {overall:.2} host CPUs on \
-         average while the guest measured. {} of {} runs saw {BUSY_HOST} CPU or more of such load{}",
+         average while the guest measured. The guest was paused (its clock too) {} time(s), {:.0} s in all, \
+         while they used {PAUSE_ABOVE} CPU or more. {} of {} runs still saw {BUSY_HOST} CPU or more of such load{}",
+        host.pauses,
+        host.paused.as_secs_f64(),
         busy.len(),
         samples.len(),
         if busy.is_empty() {
@@ -935,40 +940,143 @@ fn others_load(before: (u64, u64, u32, u64), after: (u64, u64, u32, u64)) -> Opt
     Some(busy.saturating_sub(qemu) as f64 * f64::from(after.2) / total as f64)
 }
 
-/// Follows the guest's console log while it runs: prints each run as it is
-/// reported, and measures how busy the host was with other work meanwhile.
-/// Returns that load (host CPUs other processes used) by run id, and over
-/// the whole measurement.
-fn follow(log: &Path, total: u64, stop: &AtomicBool) -> (BTreeMap<u32, f64>, Option<f64>) {
-    let mut loads = BTreeMap::new();
-    let mut offset = 0u64;
-    let mut partial = String::new();
-    let mut seen = 0u64;
+/// What the watcher saw of the host while the guest measured.
+#[derive(Debug, Default)]
+pub struct HostWatch {
+    /// Host CPUs that other processes used, on average while the guest ran
+    /// (pauses left out), by run id.
+    pub loads: BTreeMap<u32, f64>,
+    /// The same over the whole measurement.
+    pub overall: Option<f64>,
+    /// How often, and how long in all, the guest was paused for other work.
+    pub pauses: u32,
+    pub paused: Duration,
+}
+
+/// The guest is paused when other processes used this many host CPUs over
+/// the last tick...
+const PAUSE_ABOVE: f64 = 0.5;
+/// ...and resumed once they used less than this for `QUIET_FOR`, or after
+/// `LONGEST_PAUSE`; pauses stop once they add up to `PAUSE_BUDGET`.
+const RESUME_BELOW: f64 = 0.3;
+const QUIET_FOR: Duration = Duration::from_secs(2);
+const LONGEST_PAUSE: Duration = Duration::from_secs(120);
+const PAUSE_BUDGET: Duration = Duration::from_secs(15 * 60);
+const TICK: Duration = Duration::from_millis(250);
+
+/// QEMU's human monitor, for `stop` and `cont`.
+struct Monitor(UnixStream);
+
+impl Monitor {
+    fn connect(path: &Path) -> Option<Monitor> {
+        let stream = UnixStream::connect(path).ok()?;
+        stream.set_nonblocking(true).ok()?;
+        let mut monitor = Monitor(stream);
+        monitor.drain();
+        Some(monitor)
+    }
+
+    /// Sends one command; its echo and prompt are read and dropped.
+    fn command(&mut self, command: &str) -> bool {
+        self.drain();
+        let sent = self.0.write_all(format!("{command}\n").as_bytes()).is_ok();
+        self.drain();
+        sent
+    }
+
+    fn drain(&mut self) {
+        let mut buf = [0u8; 4096];
+        while matches!(self.0.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// An average load over some time.
+#[derive(Default)]
+struct Average {
+    cpu_seconds: f64,
+    seconds: f64,
+}
+
+impl Average {
+    fn add(&mut self, load: f64, time: Duration) {
+        self.cpu_seconds += load * time.as_secs_f64();
+        self.seconds += time.as_secs_f64();
+    }
+
+    fn get(&self) -> Option<f64> {
+        (self.seconds > 0.0).then(|| self.cpu_seconds / self.seconds)
+    }
+}
+
+/// Follows the guest's console log while it runs and prints each run as it
+/// is reported; measures how much host CPU other processes take meanwhile
+/// and, with a `monitor`, pauses the guest (its clock too) while they take
+/// much, so they do not slow the emulated CPUs in the middle of a run.
+fn watch(log: &Path, monitor: Option<&Path>, total: u64, stop: &AtomicBool) -> HostWatch {
+    let mut seen = HostWatch::default();
+    let (mut offset, mut partial, mut runs) = (0u64, String::new(), 0u64);
     let started = Instant::now();
-    let mut qemu = None;
-    let mut last = None;
-    let mut first = None;
-    let mut latest = None;
+    let (mut qemu, mut control) = (None, None);
+    let mut last: Option<((u64, u64, u32, u64), Instant)> = None;
+    let (mut measuring, mut run, mut whole) = (false, Average::default(), Average::default());
+    let mut paused: Option<(Instant, Duration)> = None;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(TICK);
         if qemu.is_none() {
             qemu = our_qemu();
         }
-        let now = host_now(qemu);
-        if now.is_some() {
-            latest = now;
+        if let (None, Some(path)) = (&control, monitor) {
+            control = Monitor::connect(path);
+        }
+        let now = Instant::now();
+        let sample = host_now(qemu);
+        let load = last
+            .zip(sample)
+            .and_then(|((before, _), after)| others_load(before, after));
+        if let (Some(load), Some((_, at))) = (load, last) {
+            let tick = now - at;
+            match &mut paused {
+                None => {
+                    run.add(load, tick);
+                    if measuring {
+                        whole.add(load, tick);
+                    }
+                    if measuring
+                        && load >= PAUSE_ABOVE
+                        && seen.paused < PAUSE_BUDGET
+                        && control.as_mut().is_some_and(|c| c.command("stop"))
+                    {
+                        paused = Some((now, Duration::ZERO));
+                        seen.pauses += 1;
+                    }
+                }
+                Some((since, quiet)) => {
+                    *quiet = if load < RESUME_BELOW {
+                        *quiet + tick
+                    } else {
+                        Duration::ZERO
+                    };
+                    let long = now - *since;
+                    if (*quiet >= QUIET_FOR
+                        || long >= LONGEST_PAUSE
+                        || seen.paused + long >= PAUSE_BUDGET)
+                        && control.as_mut().is_some_and(|c| c.command("cont"))
+                    {
+                        seen.paused += long;
+                        eprintln!(
+                            "    (guest paused {long:.1?} while the host was busy with other work)"
+                        );
+                        paused = None;
+                    }
+                }
+            }
+        }
+        if sample.is_some() {
+            last = sample.map(|s| (s, now));
         }
         let Ok(mut file) = fs::File::open(log) else {
             continue;
         };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < offset {
-            // A new boot started the log again.
-            offset = 0;
-            partial.clear();
-            qemu = None;
-            (last, first) = (None, None);
-        }
         let mut fresh = Vec::new();
         if file.seek(SeekFrom::Start(offset)).is_err() || file.read_to_end(&mut fresh).is_err() {
             continue;
@@ -978,32 +1086,39 @@ fn follow(log: &Path, total: u64, stop: &AtomicBool) -> (BTreeMap<u32, f64>, Opt
         while let Some(end) = partial.find('\n') {
             let line: String = partial.drain(..=end).collect();
             if let Some(rest) = marked(&line, "NETBLK-BENCH-RUN ") {
-                seen += 1;
+                runs += 1;
                 let fields: Vec<&str> = rest.split_whitespace().collect();
-                let load = last.zip(now).and_then(|(a, b)| others_load(a, b));
+                let load = run.get();
                 if let (Some(id), Some(load)) = (fields.first().and_then(|f| f.parse().ok()), load)
                 {
-                    loads.insert(id, load);
+                    seen.loads.insert(id, load);
                 }
                 eprintln!(
-                    "    [{seen}/{total} {:.0?}] {}{}",
+                    "    [{runs}/{total} {:.0?}] {}{}",
                     started.elapsed(),
                     fields.get(1..5).unwrap_or_default().join(" "),
-                    load.map_or(String::new(), |l| format!("  (other host load {l:.1} CPU)"))
+                    load.filter(|l| *l >= 0.05)
+                        .map_or(String::new(), |l| format!("  (other host load {l:.1} CPU)"))
                 );
-                last = now;
+                run = Average::default();
             } else if line.contains("NETBLK-BENCH-PLAN") {
-                (last, first) = (now, now);
+                measuring = true;
+            } else if line.contains("NETBLK-BENCH-DONE") {
+                measuring = false;
             } else if line.starts_with("== ") || line.contains("NETBLK-BENCH-FAIL") {
                 eprintln!("    {}", line.trim_end());
                 if line.contains(": measuring") {
-                    last = now;
+                    run = Average::default();
                 }
             }
         }
     }
-    let overall = first.zip(latest).and_then(|(a, b)| others_load(a, b));
-    (loads, overall)
+    if let (Some((since, _)), Some(c)) = (paused, control.as_mut()) {
+        seen.paused += since.elapsed();
+        c.command("cont");
+    }
+    seen.overall = whole.get();
+    seen
 }
 
 /// Today's date and time (UTC), from `date`.
@@ -1050,20 +1165,32 @@ pub fn vm_bench(root: &Path, args: &BenchArgs, command: String) -> Result<(), St
         plan.rounds,
         plan.timeout()
     );
+    // The follower must not read an earlier run's log.
+    let console_path = work.join("console.log");
+    match fs::remove_file(&console_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {e}", console_path.display()));
+        }
+        _ => {}
+    }
     let started = Instant::now();
     let stop = AtomicBool::new(false);
-    let (log, (host_loads, host_load)) = std::thread::scope(|scope| {
-        let console = work.join("console.log");
-        let (stop, total) = (&stop, plan.runs());
-        let follower = scope.spawn(move || follow(&console, total, stop));
-        let log = vm::run_guest(&work, &bins, kernel, &script, &extras, plan.timeout());
+    let monitor = work.join("monitor.sock");
+    let guest = vm::Guest {
+        extras,
+        timeout: plan.timeout(),
+        monitor: (!args.no_pause).then_some(monitor.as_path()),
+    };
+    let (log, host) = std::thread::scope(|scope| {
+        let (console, stop, total) = (&console_path, &stop, plan.runs());
+        let watcher = scope.spawn(move || watch(console, guest.monitor, total, stop));
+        let log = vm::run_guest(&work, &bins, kernel, &script, &guest);
         stop.store(true, Ordering::Relaxed);
-        let loads = follower.join().unwrap_or_default();
-        log.map(|log| (log, loads))
+        let host = watcher.join().unwrap_or_default();
+        log.map(|log| (log, host))
     })?;
     let wall = started.elapsed();
     let console = parse_console(&log);
-    let console_path = work.join("console.log");
     if let Some(why) = &console.failure {
         return Err(format!(
             "the guest gave up: {why}; console log in {}",
@@ -1090,8 +1217,7 @@ pub fn vm_bench(root: &Path, args: &BenchArgs, command: String) -> Result<(), St
             kernel: kernel.version.to_string(),
             plan,
             wall,
-            host_loads,
-            host_load,
+            host,
         },
     );
     println!("{text}");
@@ -1211,6 +1337,7 @@ mod tests {
             "--quick",
             "--ramp",
             "0",
+            "--no-pause",
             "--output",
             "/tmp/b.md",
         ]))
@@ -1223,6 +1350,7 @@ mod tests {
                 runtime: Some(2.5),
                 ramp: Some(0.0),
                 quick: true,
+                no_pause: true,
                 output: Some("/tmp/b.md".into()),
             }
         );
@@ -1520,8 +1648,12 @@ mod tests {
                 kernel: "7.3.4+deb13-amd64".into(),
                 plan: BenchArgs::default().plan(),
                 wall: Duration::from_secs(1200),
-                host_loads: [(1, 0.1), (2, 1.5)].into_iter().collect(),
-                host_load: Some(0.25),
+                host: HostWatch {
+                    loads: [(1, 0.1), (2, 1.5)].into_iter().collect(),
+                    overall: Some(0.25),
+                    pauses: 3,
+                    paused: Duration::from_secs(42),
+                },
             },
         );
         assert!(text.contains("- command: `cargo xtask vm-bench`"));
@@ -1529,7 +1661,14 @@ mod tests {
         assert!(text.contains("2026-11-26"));
         assert!(text.contains("`netblk-1n1q-auto`: full zero copy"));
         assert!(text.contains("## Runs not counted"));
-        assert!(text.contains("1 of 9 runs saw 0.5 CPU or more"), "{text}");
+        assert!(
+            text.contains("paused (its clock too) 3 time(s), 42 s in all"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 of 9 runs still saw 0.5 CPU or more"),
+            "{text}"
+        );
         assert!(
             text.contains("- 1.5: store randread-4k-qd1 nbd-1conn round 1\n"),
             "{text}"
