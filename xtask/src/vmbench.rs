@@ -714,6 +714,34 @@ pub fn pass_table(samples: &[Sample], pass: &str) -> String {
     out
 }
 
+/// The headline: netblk's IOPS over NBD's, per workload and pass, one
+/// column per netblk target.
+pub fn summary_table(samples: &[Sample]) -> String {
+    let netblk: Vec<&Target> = TARGETS.iter().filter(|t| t.peer.is_some()).collect();
+    let mut out = String::from("| workload | servers |");
+    for t in &netblk {
+        let _ = write!(out, " {} ÷ {} |", t.id, t.peer.unwrap_or_default());
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"--:|".repeat(netblk.len()));
+    out.push('\n');
+    for workload in WORKLOADS {
+        for (pass, _) in PASSES {
+            let _ = write!(out, "| {} | {pass} |", workload.name);
+            for t in &netblk {
+                let peer = t.peer.unwrap_or_default();
+                let _ = write!(
+                    out,
+                    " {} |",
+                    ratio_cell(ratio(samples, pass, workload.name, t.id, peer))
+                );
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// What the report says about where and how it was measured.
 pub struct Setting {
     pub command: String,
@@ -782,14 +810,18 @@ pub fn report(console: &Console, setting: &Setting) -> String {
          Written by `cargo xtask vm-bench`; run it again rather than editing this file.\n\n\
          - command: `{}`\n- date: {}\n- kernel: {} (Debian), in QEMU under software emulation (TCG), 2 vCPUs, 2 GiB\n\
          - fio: `--direct=1 --ioengine=libaio --time_based --runtime={}ms --ramp_time={}ms`, one job, {} round(s)\n\
-         - the guest ran for {:.0} s\n",
+         - the guest ran for {:.0} s{}\n",
         setting.command,
         setting.date,
         setting.kernel,
         plan.runtime_ms,
         plan.ramp_ms,
         plan.rounds,
-        setting.wall.as_secs_f64()
+        setting.wall.as_secs_f64(),
+        setting.host.cpus.map_or(String::new(), |n| format!(
+            " (paused {:.0} s of it), on a host of {n} CPUs shared with other work",
+            setting.host.paused.as_secs_f64()
+        ))
     );
     out.push_str(
         "Every figure comes from one guest boot, targets measured one at a time with nothing\n\
@@ -805,12 +837,20 @@ pub fn report(console: &Console, setting: &Setting) -> String {
          - latency is fio's total latency (submission to completion);\n\
          - CPU s/GiB is all non-idle guest CPU time (fio, netblk, the servers, the kernel; from\n  \
            /proc/stat around the run, scaled to the measured part) per GiB moved;\n\
-         - one fio job submits from one CPU at a time, so it drives one blk-mq hardware queue at a\n  \
-           time: with 2 queues (or 6 NBD connections) the extra queues serve only when fio moves\n  \
-           to the other vCPU;\n\
+         - a device gets at most one blk-mq hardware queue per CPU (the mapping is listed with the\n  \
+           data paths): with 2 vCPUs, `nbd-client -C 6` makes 6 connections but 2 queues, and the\n  \
+           NBD client sends a queue's requests over the connection of the same number, so 2 of the\n  \
+           6 carry IO; netblk's 2 queues each reach all 3 nodes. One fio job submits from the CPU\n  \
+           it runs on, so mostly through one queue at a time;\n\
          - every device is 128 MiB; with stores, each is written whole once before the runs.\n\n",
     );
-    out.push_str("Targets:\n\n");
+    out.push_str(
+        "## Summary: netblk's IOPS over the NBD client's\n\n\
+         Median of the per-round ratios (smallest–largest); `store`: with stores, `null`: with\n\
+         discarding servers.\n\n",
+    );
+    out.push_str(&summary_table(&console.samples));
+    out.push_str("\nTargets:\n\n");
     for target in SHOWN {
         if let Some(t) = TARGETS.iter().find(|t| t.id == *target) {
             let _ = writeln!(out, "- `{}`: {}", t.id, t.what);
@@ -826,7 +866,7 @@ pub fn report(console: &Console, setting: &Setting) -> String {
             .map(|(_, t, path)| format!("`{t}`: {path}"))
             .collect();
         if !paths.is_empty() {
-            let _ = writeln!(out, "Data paths as set up: {}.\n", paths.join("; "));
+            let _ = writeln!(out, "As set up:\n\n- {}\n", paths.join("\n- "));
         }
         out.push_str(&pass_table(&console.samples, pass));
         out.push('\n');
@@ -951,6 +991,8 @@ pub struct HostWatch {
     /// How often, and how long in all, the guest was paused for other work.
     pub pauses: u32,
     pub paused: Duration,
+    /// The host's CPUs.
+    pub cpus: Option<u32>,
 }
 
 /// The guest is paused when other processes used this many host CPUs over
@@ -1071,8 +1113,9 @@ fn watch(log: &Path, monitor: Option<&Path>, total: u64, stop: &AtomicBool) -> H
                 }
             }
         }
-        if sample.is_some() {
-            last = sample.map(|s| (s, now));
+        if let Some(sample) = sample {
+            last = Some((sample, now));
+            seen.cpus = Some(sample.2);
         }
         let Ok(mut file) = fs::File::open(log) else {
             continue;
@@ -1653,13 +1696,20 @@ mod tests {
                     overall: Some(0.25),
                     pauses: 3,
                     paused: Duration::from_secs(42),
+                    cpus: Some(2),
                 },
             },
         );
         assert!(text.contains("- command: `cargo xtask vm-bench`"));
         assert!(text.contains("7.3.4+deb13-amd64"));
+        assert!(
+            text.contains("ran for 1200 s (paused 42 s of it), on a host of 2 CPUs"),
+            "{text}"
+        );
         assert!(text.contains("2026-11-26"));
-        assert!(text.contains("`netblk-1n1q-auto`: full zero copy"));
+        assert!(
+            text.contains("As set up:\n\n- `netblk-1n1q-auto`: full zero copy\n- `nbd-1conn`: ")
+        );
         assert!(text.contains("## Runs not counted"));
         assert!(
             text.contains("paused (its clock too) 3 time(s), 42 s in all"),
@@ -1674,6 +1724,15 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("| workload | target |").count(), PASSES.len());
+        let summary = text
+            .lines()
+            .find(|l| l.starts_with("| randread-4k-qd1 | store |"))
+            .expect("summary row");
+        assert_eq!(
+            summary,
+            "| randread-4k-qd1 | store | — | 1.00 (0.90–1.10) | — | — |"
+        );
+        assert!(text.contains("| workload | servers | netblk-1n1q-copy ÷ nbd-1conn |"));
     }
 
     #[test]

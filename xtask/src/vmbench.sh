@@ -24,6 +24,13 @@ fill() {
   fio --name=fill --filename="$1" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio >/tmp/fill.log 2>&1 || fail "filling $1"
 }
 
+# mq_map DEVICE: which CPUs submit to each of its blk-mq hardware queues.
+mq_map() {
+  m=""
+  for q in /sys/block/${1#/dev/}/mq/*; do m="$m ${q##*/}:$(cat $q/cpu_list 2>/dev/null)"; done
+  echo "hw queue:CPUs$m"
+}
+
 # map_netblk TARGET NODES QUEUES ZERO-COPY: a netblk device for TARGET.
 map_netblk() {
   netblk map --volume "$pass-$1" --size ${SIZE_MB}M --nodes "$2" --queues "$3" --zero-copy "$4" >/tmp/$1.out 2>/tmp/$1.log &
@@ -31,7 +38,9 @@ map_netblk() {
   d=$(wait_dev /tmp/$1.out)
   [ -n "$d" ] || fail "netblk map for $1"
   echo "$d" > /tmp/dev.$1
-  echo "NETBLK-BENCH-PATH $pass $1 $(grep -o 'data path: [a-z ]*' /tmp/$1.log | head -n1 | sed 's/data path: //')"
+  # "... data path: full zero copy device=/dev/ublkb0 ...": the words up to
+  # the first field's name.
+  echo "NETBLK-BENCH-PATH $pass $1 $(grep -o 'data path: [a-z ]*=' /tmp/$1.log | head -n1 | sed 's/data path: //; s/ [a-z_]*=$//') ($(mq_map $d))"
 }
 
 # connect_nbd TARGET DEVICE PORT CONNECTIONS: the kernel NBD client on
@@ -44,7 +53,7 @@ connect_nbd() {
   for i in $(seq 50); do [ "$(cat /sys/block/${2#/dev/}/size)" -gt 0 ] && break; sleep 0.1; done
   [ "$(cat /sys/block/${2#/dev/}/size)" -gt 0 ] || fail "nbd-client for $1"
   echo "$2" > /tmp/dev.$1
-  echo "NETBLK-BENCH-PATH $pass $1 kernel nbd, $4 connection(s), $nbd_server"
+  echo "NETBLK-BENCH-PATH $pass $1 kernel NBD client, $4 connection(s), $nbd_server ($(mq_map $2))"
 }
 
 setup_pass() {
@@ -84,7 +93,7 @@ setup_pass() {
   connect_nbd nbd-1conn /dev/nbd0 $nbd_port 1
   connect_nbd nbd-${CONNS}conn /dev/nbd1 $nbd_port $CONNS
   echo /dev/ram0 > /tmp/dev.brd
-  echo "NETBLK-BENCH-PATH $pass brd memory (brd.ko)"
+  echo "NETBLK-BENCH-PATH $pass brd RAM disk"
   if [ $pass = store ]; then
     # Both NBD devices share the export file: filling one fills both.
     for t in netblk-1n1q-copy netblk-1n1q-auto netblk-3n2q-copy netblk-3n2q-auto nbd-1conn; do fill "$(cat /tmp/dev.$t)"; done
