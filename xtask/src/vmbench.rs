@@ -648,8 +648,10 @@ pub fn ratio(
     spread(ratios)
 }
 
+/// A ratio's median and range, with a third decimal for small ones.
 fn ratio_cell(s: Option<Spread>) -> String {
     match s {
+        Some(s) if s.median < 0.1 => format!("{:.3} ({:.3}–{:.3})", s.median, s.min, s.max),
         Some(s) => format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max),
         None => "—".into(),
     }
@@ -1529,6 +1531,14 @@ mod tests {
         assert!(fio_metrics("{\"jobs\": [", "read", &run).is_err());
         let no_cpu = RunLine::default();
         assert!(fio_metrics(&json, "read", &no_cpu).is_err());
+    }
+
+    #[test]
+    fn small_ratios_keep_a_third_decimal() {
+        let cell = |median, min, max| ratio_cell(Some(Spread { median, min, max }));
+        assert_eq!(cell(0.0214, 0.0196, 0.025), "0.021 (0.020–0.025)");
+        assert_eq!(cell(0.5, 0.45, 0.551), "0.50 (0.45–0.55)");
+        assert_eq!(ratio_cell(None), "—");
     }
 
     #[test]

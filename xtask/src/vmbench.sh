@@ -117,6 +117,7 @@ id=0
 run_fio() {
   id=$((id + 1))
   dev=$(cat /tmp/dev.$1)
+  rm -f /tmp/fio.json
   read -r _ u n s i w q sq st _ < /proc/stat
   b0=$((u + n + s + q + sq + st)); t0=$((u + n + s + i + w + q + sq + st))
   fio --name=bench --filename="$dev" --direct=1 --ioengine=libaio --time_based \
