@@ -2,12 +2,16 @@
 //!
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings as
 //!   errors, and the whole test suite. This is the README's test command.
+//! - `vm-test`, `vm-demo` (vm.rs): netblk in QEMU guests of real kernels.
+//! - `vm-bench` (vmbench.rs): netblk against the kernel NBD client and brd,
+//!   measured with fio in one guest.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 mod vm;
+mod vmbench;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
@@ -21,6 +25,17 @@ tasks:
         --scenario runs only those (xtask/src/scenarios/NAME.sh, after
         common.sh, in their fixed order): refusals, blocksize, basic, fs,
         reliability, orphan, trust, recovery, observe
+  vm-bench [--kernel 6.12|6.17|7.3] [--rounds N] [--runtime SECS] [--ramp SECS] [--quick]
+           [--no-pause] [--output FILE]
+        fio in one 7.3 guest (by default) on netblk (1 node/1 queue and
+        3 nodes/2 queues, copy and zero-copy data paths), the kernel NBD
+        client (1 and 6 connections) and brd, with stores and with
+        discarding servers; rounds interleave the targets (default 3 rounds
+        of 3 s after 1 s ramp; --quick: 1 round of 1 s after 0.5 s);
+        the guest is paused while other host processes take CPU (not with
+        --no-pause); prints a markdown table and writes docs/benchmarks.md
+        (a quick run: target/vm-bench/benchmarks-quick.md). Needs the host
+        packages nbd-client, nbd-server and nbdkit
   ci [--vm]
         cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
         cargo test --workspace; with --vm, then vm-test on every kernel";
@@ -46,6 +61,10 @@ fn main() -> ExitCode {
                 a.version.as_deref(),
                 &a.scenarios,
             )
+        }),
+        Some("vm-bench") => vmbench::BenchArgs::parse(&args[1..]).and_then(|a| {
+            let command = format!("cargo xtask {}", args.join(" "));
+            vmbench::vm_bench(&workspace_root(), &a, command)
         }),
         Some("-h" | "--help") => {
             println!("{USAGE}");

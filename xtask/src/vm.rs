@@ -119,7 +119,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     }
 }
 
-fn need_tools() -> Result<(), String> {
+pub fn need_tools() -> Result<(), String> {
     let missing: Vec<&str> = [
         "qemu-system-x86_64",
         "busybox",
@@ -300,7 +300,7 @@ fn modules_with_deps(
 }
 
 /// Builds the guest's binaries: static, so they need no libraries.
-fn build_static(root: &Path) -> Result<PathBuf, String> {
+pub fn build_static(root: &Path) -> Result<PathBuf, String> {
     let target = "x86_64-unknown-linux-gnu";
     eprintln!("==> building static netblk binaries");
     run(
@@ -319,7 +319,30 @@ fn build_static(root: &Path) -> Result<PathBuf, String> {
             .current_dir(root),
         "static build",
     )?;
-    Ok(root.join("target").join(target).join("release"))
+    Ok(target_dir(root).join(target).join("release"))
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace
+/// root) if set, else `target/` in the workspace.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
+/// What a guest carries beyond what every guest has (netblk, the mock node,
+/// fio, e2fsprogs, `ublk_drv` and ext4).
+#[derive(Default)]
+pub struct Extras<'a> {
+    /// Host programs copied to the guest's /bin, with the libraries they load.
+    pub tools: &'a [&'a str],
+    /// Host files (plugins) copied to the same path in the guest, with the
+    /// libraries they load.
+    pub files: &'a [PathBuf],
+    /// Modules loaded at boot after the default ones: name and parameters
+    /// (its dependencies are loaded first, without parameters).
+    pub modules: &'a [(&'a str, String)],
 }
 
 fn make_initramfs(
@@ -328,6 +351,7 @@ fn make_initramfs(
     kernel_root: &Path,
     expect: &str,
     script: &str,
+    extras: &Extras,
 ) -> Result<PathBuf, String> {
     let stage = work.join("stage");
     let _ = fs::remove_dir_all(&stage);
@@ -350,8 +374,16 @@ fn make_initramfs(
         fs::copy(bins.join(bin), stage.join("bin").join(bin)).map_err(|e| format!("{bin}: {e}"))?;
     }
     // Test tools from the host, with the libraries they load.
-    for tool in ["fio", "mkfs.ext4", "e2fsck"] {
+    for tool in ["fio", "mkfs.ext4", "e2fsck"].iter().chain(extras.tools) {
         copy_with_libs(&which(tool)?, &stage)?;
+    }
+    for file in extras.files {
+        let dest = stage.join(file.strip_prefix("/").unwrap_or(file));
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        fs::copy(file, &dest).map_err(|e| format!("{}: {e}", file.display()))?;
+        copy_libs(file, &stage)?;
     }
     let mut modules = Vec::new();
     for name in ["ublk_drv", "ext4"] {
@@ -363,12 +395,20 @@ fn make_initramfs(
             eprintln!("    (no {name} module in this kernel)");
         }
     }
+    for (name, _) in extras.modules {
+        modules_with_deps(kernel_root, name, &mut modules)?;
+    }
     let mut insmods = String::new();
     for (name, bytes) in &modules {
         fs::write(stage.join(format!("lib/modules/{name}.ko")), bytes)
             .map_err(|e| e.to_string())?;
+        let params = extras
+            .modules
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, p)| p.as_str());
         insmods.push_str(&format!(
-            "insmod /lib/modules/{name}.ko || echo 'NETBLK-VM-FAIL: insmod {name}'\n"
+            "insmod /lib/modules/{name}.ko {params} || echo 'NETBLK-VM-FAIL: insmod {name}'\n"
         ));
     }
     let init = format!(
@@ -403,6 +443,12 @@ fn copy_with_libs(program: &Path, stage: &Path) -> Result<(), String> {
     let name = program.file_name().ok_or("program without a name")?;
     fs::copy(program, stage.join("bin").join(name))
         .map_err(|e| format!("{}: {e}", program.display()))?;
+    copy_libs(program, stage)
+}
+
+/// Copies every library `ldd` lists for `program` (or a shared object) to
+/// the same path in the guest.
+fn copy_libs(program: &Path, stage: &Path) -> Result<(), String> {
     let out = Command::new("ldd")
         .arg(program)
         .output()
@@ -431,7 +477,7 @@ fn copy_with_libs(program: &Path, stage: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn which(tool: &str) -> Result<PathBuf, String> {
+pub fn which(tool: &str) -> Result<PathBuf, String> {
     let out = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -445,9 +491,23 @@ fn which(tool: &str) -> Result<PathBuf, String> {
 }
 
 /// Boots the kernel with the initramfs; returns the serial console output.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<String, String> {
+/// With a `monitor` path, QEMU's human monitor listens on that Unix socket
+/// (`stop` and `cont` pause and resume the guest, its clock included).
+fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    log: &Path,
+    timeout: Duration,
+    monitor: Option<&Path>,
+) -> Result<String, String> {
     let out = fs::File::create(log).map_err(|e| e.to_string())?;
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut qemu = Command::new("qemu-system-x86_64");
+    if let Some(path) = monitor {
+        let _ = fs::remove_file(path);
+        qemu.arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", path.display()));
+    }
+    let mut child = qemu
         .args([
             "-accel",
             "tcg,thread=multi",
@@ -516,15 +576,48 @@ ls /dev/ublkb* 2>/dev/null && fail "the demo left a device"
 echo "NETBLK-VM-RESULT: pass"
 "##;
 
+/// How a guest is booted.
+pub struct Guest<'a> {
+    pub extras: Extras<'a>,
+    /// How long it may run (vm-test and vm-demo: 10 minutes).
+    pub timeout: Duration,
+    /// A Unix socket for QEMU's human monitor (see `boot`).
+    pub monitor: Option<&'a Path>,
+}
+
+impl Default for Guest<'_> {
+    fn default() -> Self {
+        Guest {
+            extras: Extras::default(),
+            timeout: Duration::from_secs(600),
+            monitor: None,
+        }
+    }
+}
+
 /// The first line the guest's init prints.
 const INIT_MARKER: &str = "NETBLK-VM-INIT";
 
-/// Fetches `kernel`, builds an initramfs running `script` in `work`, boots
-/// it, and returns the console output.
-fn run_guest(work: &Path, bins: &Path, kernel: &Kernel, script: &str) -> Result<String, String> {
+/// Fetches `kernel`, builds an initramfs running `script` (with `extras`) in
+/// `work`, boots it, and returns the console output; the guest must be done
+/// within `timeout`.
+pub fn run_guest(
+    work: &Path,
+    bins: &Path,
+    kernel: &Kernel,
+    script: &str,
+    guest: &Guest,
+) -> Result<String, String> {
     let (vmlinuz, kernel_root) = fetch_kernel(&cache_dir(), kernel)?;
     fs::create_dir_all(work).map_err(|e| e.to_string())?;
-    let initrd = make_initramfs(work, bins, &kernel_root, kernel.expect, script)?;
+    let initrd = make_initramfs(
+        work,
+        bins,
+        &kernel_root,
+        kernel.expect,
+        script,
+        &guest.extras,
+    )?;
     // Under software emulation a guest kernel occasionally oopses while
     // booting (seen: int3 in sched_clock_cpu on 6.17), before any of our code
     // runs. That is the harness, not netblk: boot again, at most twice more.
@@ -534,7 +627,8 @@ fn run_guest(work: &Path, bins: &Path, kernel: &Kernel, script: &str) -> Result<
             &vmlinuz,
             &initrd,
             &work.join("console.log"),
-            Duration::from_secs(600),
+            guest.timeout,
+            guest.monitor,
         )?;
         if log.contains(INIT_MARKER) || attempt == 3 {
             return Ok(log);
@@ -560,7 +654,7 @@ pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
         kernel.version
     );
     let work = root.join("target/vm-demo").join(kernel.name);
-    let log = run_guest(&work, &bins, kernel, DEMO)?;
+    let log = run_guest(&work, &bins, kernel, DEMO, &Guest::default())?;
     let shown = log.lines().skip_while(|l| !l.contains("== netblk demo"));
     for line in shown.filter(|l| !l.contains("reboot: Power down")) {
         println!("{line}");
@@ -577,7 +671,7 @@ pub fn vm_demo(root: &Path, only: Option<&str>) -> Result<(), String> {
 
 /// The kernel `name` at another Debian package version than the pinned one
 /// (for example `7.3.5+deb13-amd64`).
-fn with_version(name: &str, version: &str) -> Result<Kernel, String> {
+pub fn with_version(name: &str, version: &str) -> Result<Kernel, String> {
     let pinned = KERNELS
         .iter()
         .find(|k| k.name == name)
@@ -653,6 +747,7 @@ pub fn vm_test(
             &bins,
             kernel,
             &script,
+            &Guest::default(),
         )?;
         let verdict = if log.contains(PASS) { "pass" } else { "FAIL" };
         eprintln!(
