@@ -3,7 +3,7 @@
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings as
 //!   errors, and the whole test suite. This is the README's test command.
 //! - `vm-test`, `vm-demo` (vm.rs): netblk in QEMU guests of real kernels.
-//! - `vm-bench` (vmbench.rs): netblk against the kernel NBD client and brd,
+//! - `vm-bench` (vmbench/): netblk against the kernel NBD client and brd,
 //!   measured with fio in one guest.
 
 use std::path::{Path, PathBuf};
