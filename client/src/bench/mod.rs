@@ -197,16 +197,27 @@ pub struct Figures {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// Client CPU (user + system) per GiB moved; 0 where not measured.
-    pub cpu_s_per_gib: f64,
-    /// Client CPU over the run, percent of one core.
-    pub cpu_pct: f64,
+    /// Client CPU seconds (user + system) over the run; 0 where not measured.
+    pub cpu_s: f64,
     /// CPU of the mock nodes the benchmark started, percent of one core
     /// (0 with `--nodes`).
     pub node_cpu_pct: f64,
 }
 
 impl Figures {
+    /// Client CPU per GiB moved; 0 where not measured.
+    pub fn cpu_s_per_gib(&self) -> f64 {
+        let gib = self.bytes as f64 / (1u64 << 30) as f64;
+        if gib > 0.0 && self.cpu_s > 0.0 {
+            self.cpu_s / gib
+        } else {
+            0.0
+        }
+    }
+    /// Client CPU over the run, percent of one core.
+    pub fn cpu_pct(&self) -> f64 {
+        100.0 * self.cpu_s / self.seconds.max(1e-9)
+    }
     pub fn iops(&self) -> f64 {
         self.ops as f64 / self.seconds.max(1e-9)
     }
@@ -425,7 +436,6 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 fn figures(mut latencies: Vec<u32>, ops: u64, bytes: u64, seconds: f64, cpu: f64) -> Figures {
     latencies.sort_unstable();
-    let gib = bytes as f64 / (1u64 << 30) as f64;
     Figures {
         ops,
         bytes,
@@ -433,12 +443,7 @@ fn figures(mut latencies: Vec<u32>, ops: u64, bytes: u64, seconds: f64, cpu: f64
         p50_us: percentile(&latencies, 0.50),
         p99_us: percentile(&latencies, 0.99),
         p999_us: percentile(&latencies, 0.999),
-        cpu_s_per_gib: if gib > 0.0 && cpu > 0.0 {
-            cpu / gib
-        } else {
-            0.0
-        },
-        cpu_pct: 100.0 * cpu / seconds.max(1e-9),
+        cpu_s: cpu,
         node_cpu_pct: 0.0,
     }
 }
@@ -800,7 +805,7 @@ fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                     ratios.push(with.iops() / without.iops().max(1e-9));
                 }
                 ratios.sort_by(f64::total_cmp);
-                let per_request = f.cpu_s_per_gib * workload.block() as f64 / (1u64 << 30) as f64;
+                let per_request = f.cpu_s_per_gib() * workload.block() as f64 / (1u64 << 30) as f64;
                 overhead.push(Overhead {
                     workload: workload.name(),
                     mode: *mode,

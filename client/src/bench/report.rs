@@ -56,7 +56,7 @@ impl Report {
                     f.p50_us,
                     f.p99_us,
                     f.p999_us,
-                    f.cpu_s_per_gib,
+                    f.cpu_s_per_gib(),
                     p50,
                     ratio
                 ));
@@ -121,9 +121,9 @@ impl Report {
                 figure(b),
                 unit,
                 r.ratio,
-                f.cpu_pct,
+                f.cpu_pct(),
                 f.node_cpu_pct,
-                b.cpu_pct,
+                b.cpu_pct(),
                 b.node_cpu_pct
             ));
         }
@@ -141,8 +141,8 @@ impl Report {
                 f.p50_us,
                 f.p99_us,
                 f.p999_us,
-                f.cpu_s_per_gib,
-                f.cpu_pct,
+                f.cpu_s_per_gib(),
+                f.cpu_pct(),
                 f.node_cpu_pct,
                 f.ops,
                 f.seconds
