@@ -25,8 +25,8 @@ tasks:
         --scenario runs only those (xtask/src/scenarios/NAME.sh, after
         common.sh, in their fixed order): refusals, blocksize, basic, fs,
         reliability, orphan, trust, recovery, observe
-  vm-bench [--kernel 6.12|6.17|7.3] [--rounds N] [--runtime SECS] [--ramp SECS] [--quick]
-           [--no-pause] [--output FILE]
+  vm-bench [--kernel 6.12|6.17|7.3] [--sweep] [--rounds N] [--runtime SECS] [--ramp SECS]
+           [--quick] [--no-pause] [--output FILE]
         fio in one 7.3 guest (by default) on netblk (1 node/1 queue and
         3 nodes/2 queues, copy and zero-copy data paths), the kernel NBD
         client (1 and 6 connections) and brd, with stores and with
@@ -34,8 +34,11 @@ tasks:
         of 3 s after 1 s ramp; --quick: 1 round of 1 s after 0.5 s);
         the guest is paused while other host processes take CPU (not with
         --no-pause); prints a markdown table and writes docs/benchmarks.md
-        (a quick run: target/vm-bench/benchmarks-quick.md). Needs the host
-        packages nbd-client, nbd-server and nbdkit
+        (a quick run: target/vm-bench/benchmarks-quick.md). --sweep: netblk
+        alone over queues (1, 2) x nodes (1, 2, 4, 8) on both data paths,
+        with each party's CPU (default 2 rounds of 2 s after 1 s ramp;
+        docs/benchmarks-sweep.md). Needs the host packages nbd-client,
+        nbd-server and nbdkit
   ci [--vm]
         cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
         cargo test --workspace; with --vm, then vm-test on every kernel";

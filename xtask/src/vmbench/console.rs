@@ -17,6 +17,19 @@ pub struct Metrics {
     pub p99_us: f64,
     /// Non-idle guest CPU seconds (all CPUs, everything running) per GiB moved.
     pub cpu_s_per_gib: f64,
+    /// CPUs busy over the run: the whole guest, the target's netblk daemon
+    /// (0 for other targets), its busiest thread, the mock nodes, softirqs.
+    pub cpus: Cpus,
+}
+
+/// Shares of one CPU, over the whole run (ramp included).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Cpus {
+    pub guest: f64,
+    pub client: f64,
+    pub client_thread: f64,
+    pub nodes: f64,
+    pub softirq: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,10 +69,16 @@ pub(super) struct RunLine {
     pub(super) total: u64,
     pub(super) ncpu: u32,
     pub(super) bytes: usize,
+    /// Clock ticks (optional fields): the netblk daemon, its busiest
+    /// thread, the nodes, softirqs.
+    pub(super) client: u64,
+    pub(super) top: u64,
+    pub(super) nodes: u64,
+    pub(super) sirq: u64,
 }
 
 impl RunLine {
-    fn parse(fields: &[&str]) -> Result<RunLine, String> {
+    pub(super) fn parse(fields: &[&str]) -> Result<RunLine, String> {
         let [id, pass, target, workload, round, rest @ ..] = fields else {
             return Err("too few fields".into());
         };
@@ -83,6 +102,22 @@ impl RunLine {
                 "total" => run.total = value.parse().map_err(|_| bad())?,
                 "ncpu" => run.ncpu = value.parse().map_err(|_| bad())?,
                 "bytes" => run.bytes = value.parse().map_err(|_| bad())?,
+                "client" => {
+                    run.client = value.parse().map_err(|_| bad())?;
+                    continue;
+                }
+                "top" => {
+                    run.top = value.parse().map_err(|_| bad())?;
+                    continue;
+                }
+                "nodes" => {
+                    run.nodes = value.parse().map_err(|_| bad())?;
+                    continue;
+                }
+                "sirq" => {
+                    run.sirq = value.parse().map_err(|_| bad())?;
+                    continue;
+                }
                 _ => return Err(format!("unknown field '{key}'")),
             }
             seen += 1;
@@ -240,12 +275,22 @@ pub(super) fn fio_metrics(json: &str, side: &str, run: &RunLine) -> Result<Metri
     // busy over the whole run as the rate during the measured part.
     let busy_cpus = run.busy as f64 / run.total as f64 * f64::from(run.ncpu);
     let gib = io_bytes / f64::from(1u32 << 30);
+    // Ticks per CPU over the run.
+    let span = run.total as f64 / f64::from(run.ncpu);
+    let cpus = Cpus {
+        guest: busy_cpus,
+        client: run.client as f64 / span,
+        client_thread: run.top as f64 / span,
+        nodes: run.nodes as f64 / span,
+        softirq: run.sirq as f64 / span,
+    };
     Ok(Metrics {
         iops: number(figures.get("iops"), "iops")?,
         mib_s: number(figures.get("bw_bytes"), "bw_bytes")? / f64::from(1u32 << 20),
         p50_us: percentile("50.000000")? / 1000.0,
         p99_us: percentile("99.000000")? / 1000.0,
         cpu_s_per_gib: busy_cpus * runtime_ms / 1000.0 / gib,
+        cpus,
     })
 }
 

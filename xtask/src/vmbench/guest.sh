@@ -1,6 +1,7 @@
 # The guest side of `cargo xtask vm-bench` (after the settings the host
 # writes above this: RUNTIME_MS, RAMP_MS, ROUNDS, SIZE_MB, QUEUES, CONNS,
-# PASSES, TARGETS, WORKLOADS and workload_args).
+# PASSES, TARGETS, WORKLOADS, NODE_PROCS and workload_args; for a sweep
+# also sweep_maps).
 #
 # Per pass (store, null): start the servers, set every target up, then for
 # each workload and round run fio on each target, one at a time (the order
@@ -56,19 +57,24 @@ connect_nbd() {
   echo "NETBLK-BENCH-PATH $pass $1 kernel NBD client, $4 connection(s), $nbd_server ($(mq_map $2))"
 }
 
+# node_list N: the addresses of the pass's first N nodes, comma separated.
+node_list() { l=""; for p in $(seq $1); do l="$l${l:+,}127.0.0.1:$((port + p))"; done; echo "$l"; }
+
 setup_pass() {
   case $pass in
     store) store=memory; port=7100 ;;
     null) store=null; port=7200 ;;
+    sweep) store=null; port=7300 ;;
   esac
-  for p in 1 2 3 4; do
+  for p in $(seq $NODE_PROCS); do
     netblk-mock-node --listen 127.0.0.1:$((port + p)) --store $store >/tmp/node-${pass}$p.out 2>/tmp/node-${pass}$p.log &
     echo $! > /tmp/pid.node-${pass}$p
   done
-  for p in 1 2 3 4; do
+  for p in $(seq $NODE_PROCS); do
     wait_listening /tmp/node-${pass}$p.out
     grep -q listening /tmp/node-${pass}$p.out || fail "mock node $p ($store) did not start"
   done
+  if [ $pass = sweep ]; then sweep_maps; return; fi
   one=127.0.0.1:$((port + 1))
   three=127.0.0.1:$((port + 2)),127.0.0.1:$((port + 3)),127.0.0.1:$((port + 4))
   map_netblk netblk-1n1q-copy $one 1 off
@@ -101,35 +107,60 @@ setup_pass() {
 }
 
 teardown_pass() {
-  nbd-client -d /dev/nbd0 >/dev/null 2>&1
-  nbd-client -d /dev/nbd1 >/dev/null 2>&1
-  if [ $pass = store ]; then kill "$(cat /tmp/nbd-server.pid)" 2>/dev/null; else kill "$(cat /tmp/pid.nbdkit)"; wait "$(cat /tmp/pid.nbdkit)" 2>/dev/null; fi
-  for t in netblk-1n1q-copy netblk-1n1q-auto netblk-3n2q-copy netblk-3n2q-auto; do
+  if [ $pass != sweep ]; then
+    nbd-client -d /dev/nbd0 >/dev/null 2>&1
+    nbd-client -d /dev/nbd1 >/dev/null 2>&1
+  fi
+  if [ $pass = store ]; then kill "$(cat /tmp/nbd-server.pid)" 2>/dev/null; fi
+  if [ $pass = null ]; then kill "$(cat /tmp/pid.nbdkit)"; wait "$(cat /tmp/pid.nbdkit)" 2>/dev/null; fi
+  for t in $TARGETS; do
+    case $t in netblk-*) ;; *) continue ;; esac
     kill -INT "$(cat /tmp/pid.$t)"; wait "$(cat /tmp/pid.$t)" || fail "netblk daemon for $t exited with an error"
   done
-  for p in 1 2 3 4; do kill "$(cat /tmp/pid.node-${pass}$p)"; wait "$(cat /tmp/pid.node-${pass}$p)" 2>/dev/null; done
+  for p in $(seq $NODE_PROCS); do kill "$(cat /tmp/pid.node-${pass}$p)"; wait "$(cat /tmp/pid.node-${pass}$p)" 2>/dev/null; done
   rm -f /tmp/nbd/export.img
   ls /dev/ublkb* 2>/dev/null && fail "a netblk device was left behind"
 }
 
-# run_fio TARGET WORKLOAD ROUND: one measured fio run and its report lines.
+# thread_ticks PID...: "tid ticks" for every thread of those processes
+# (user and system clock ticks; the name in stat may hold spaces).
+thread_ticks() {
+  for p in "$@"; do
+    for t in /proc/$p/task/*; do
+      [ -r $t/stat ] && echo "${t##*/} $(sed 's/.*) //' $t/stat | awk '{print $12 + $13}')"
+    done
+  done
+}
+# tick_delta BEFORE AFTER: "sum busiest" of the threads' tick deltas.
+tick_delta() {
+  awk 'FILENAME == ARGV[1] {a[$1] = $2; next} {d = $2 - a[$1]; s += d; if (d > m) m = d} END {print s + 0, m + 0}' "$1" "$2"
+}
+
+# run_fio TARGET WORKLOAD ROUND: one measured fio run and its report lines,
+# with the CPU ticks of the whole guest, of the target's netblk daemon
+# (all threads, and its busiest thread), of the pass's nodes and of softirqs.
 id=0
 run_fio() {
   id=$((id + 1))
   dev=$(cat /tmp/dev.$1)
   rm -f /tmp/fio.json
+  client=""; [ -f /tmp/pid.$1 ] && client=$(cat /tmp/pid.$1)
+  nodes=$(cat /tmp/pid.node-${pass}* 2>/dev/null)
+  thread_ticks $client > /tmp/client.0; thread_ticks $nodes > /tmp/nodes.0
   read -r _ u n s i w q sq st _ < /proc/stat
-  b0=$((u + n + s + q + sq + st)); t0=$((u + n + s + i + w + q + sq + st))
+  b0=$((u + n + s + q + sq + st)); t0=$((u + n + s + i + w + q + sq + st)); sq0=$sq
   fio --name=bench --filename="$dev" --direct=1 --ioengine=libaio --time_based \
     --runtime=${RUNTIME_MS}ms --ramp_time=${RAMP_MS}ms --norandommap --randrepeat=0 \
     --lat_percentiles=1 $(workload_args $2) --output-format=json --output=/tmp/fio.json >/tmp/fio.log 2>&1
   rc=$?
   read -r _ u n s i w q sq st _ < /proc/stat
   b1=$((u + n + s + q + sq + st)); t1=$((u + n + s + i + w + q + sq + st))
+  thread_ticks $client > /tmp/client.1; thread_ticks $nodes > /tmp/nodes.1
+  set -- "$@" $(tick_delta /tmp/client.0 /tmp/client.1) $(tick_delta /tmp/nodes.0 /tmp/nodes.1)
   # One line of JSON (fio writes no string across lines), then base64 lines.
   sed 's/^[[:space:]]*//' /tmp/fio.json 2>/dev/null | tr -d '\n' > /tmp/fio.compact
   base64 /tmp/fio.compact | awk -v id=$id '{ print "NETBLK-BENCH-DATA " id " " NR " " $0 }'
-  echo "NETBLK-BENCH-RUN $id $pass $1 $2 $3 rc=$rc busy=$((b1 - b0)) total=$((t1 - t0)) ncpu=$NCPU bytes=$(wc -c < /tmp/fio.compact)"
+  echo "NETBLK-BENCH-RUN $id $pass $1 $2 $3 rc=$rc busy=$((b1 - b0)) total=$((t1 - t0)) ncpu=$NCPU bytes=$(wc -c < /tmp/fio.compact) client=$4 top=$5 nodes=$6 sirq=$((sq - sq0))"
   if [ $rc -ne 0 ]; then tail -n 5 /tmp/fio.log | sed 's/^/    fio: /'; fi
 }
 

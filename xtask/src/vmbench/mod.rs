@@ -21,6 +21,7 @@ use crate::vm;
 
 mod console;
 mod report;
+mod sweep;
 mod watch;
 
 use console::*;
@@ -175,7 +176,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nbdkit", "nbdkit"),
 ];
 
-const USAGE: &str = "usage: cargo xtask vm-bench [--kernel 6.12|6.17|7.3] [--rounds N] [--runtime SECS] [--ramp SECS] [--quick] [--no-pause] [--output FILE]";
+const USAGE: &str = "usage: cargo xtask vm-bench [--kernel 6.12|6.17|7.3] [--sweep] [--rounds N] [--runtime SECS] [--ramp SECS] [--quick] [--no-pause] [--output FILE]";
 
 /// The flags of `vm-bench`.
 #[derive(Debug, Default, PartialEq)]
@@ -185,6 +186,9 @@ pub struct BenchArgs {
     pub runtime: Option<f64>,
     pub ramp: Option<f64>,
     pub quick: bool,
+    /// netblk alone over queues x nodes (sweep.rs) instead of the NBD
+    /// comparison.
+    pub sweep: bool,
     /// Do not pause the guest while other host processes take CPU.
     pub no_pause: bool,
     pub output: Option<PathBuf>,
@@ -202,6 +206,10 @@ impl BenchArgs {
                 }
                 "--no-pause" => {
                     parsed.no_pause = true;
+                    continue;
+                }
+                "--sweep" => {
+                    parsed.sweep = true;
                     continue;
                 }
                 _ => {}
@@ -239,27 +247,34 @@ impl BenchArgs {
     }
 
     /// Rounds and times: given ones win; otherwise 3 rounds of 3 s after
-    /// 1 s of ramp, or with `--quick` 1 round of 1 s after 0.5 s.
+    /// 1 s of ramp (a sweep: 2 rounds of 2 s), or with `--quick` 1 round of
+    /// 1 s after 0.5 s.
     pub fn plan(&self) -> Plan {
-        let (rounds, runtime, ramp) = if self.quick {
-            (1, 1.0, 0.5)
-        } else {
-            (3, 3.0, 1.0)
+        let (rounds, runtime, ramp) = match (self.quick, self.sweep) {
+            (true, _) => (1, 1.0, 0.5),
+            (false, false) => (3, 3.0, 1.0),
+            (false, true) => (2, 2.0, 1.0),
         };
         Plan {
             rounds: self.rounds.unwrap_or(rounds),
             runtime_ms: (self.runtime.unwrap_or(runtime) * 1000.0).round() as u64,
             ramp_ms: (self.ramp.unwrap_or(ramp) * 1000.0).round() as u64,
+            sweep: self.sweep,
         }
     }
 
     /// Where the report goes: `--output`, else docs/benchmarks.md (a quick
     /// run, a smoke test, goes under target/ instead).
     pub fn output(&self, root: &Path) -> PathBuf {
+        let name = if self.sweep {
+            "benchmarks-sweep"
+        } else {
+            "benchmarks"
+        };
         match &self.output {
             Some(path) => path.clone(),
-            None if self.quick => vm::target_dir(root).join("vm-bench/benchmarks-quick.md"),
-            None => root.join("docs/benchmarks.md"),
+            None if self.quick => vm::target_dir(root).join(format!("vm-bench/{name}-quick.md")),
+            None => root.join(format!("docs/{name}.md")),
         }
     }
 }
@@ -269,11 +284,17 @@ pub struct Plan {
     pub rounds: u32,
     pub runtime_ms: u64,
     pub ramp_ms: u64,
+    pub sweep: bool,
 }
 
 impl Plan {
     pub fn runs(&self) -> u64 {
-        (PASSES.len() * WORKLOADS.len() * TARGETS.len()) as u64 * u64::from(self.rounds)
+        let per_round = if self.sweep {
+            sweep::CONFIGS.len() * sweep::WORKLOADS.len()
+        } else {
+            PASSES.len() * WORKLOADS.len() * TARGETS.len()
+        };
+        per_round as u64 * u64::from(self.rounds)
     }
 
     /// A generous bound on the guest's whole run: every fio run with 8 s of
@@ -298,13 +319,17 @@ pub fn guest_script(plan: &Plan) -> String {
         plan.rounds,
         NODES * QUEUES
     );
-    let _ = writeln!(
-        script,
-        "PASSES=\"{}\"\nTARGETS=\"{}\"\nWORKLOADS=\"{}\"",
-        names(&mut PASSES.iter().map(|(p, _)| *p)),
-        names(&mut TARGETS.iter().map(|t| t.id)),
-        names(&mut WORKLOADS.iter().map(|w| w.name)),
-    );
+    if plan.sweep {
+        script.push_str(&sweep::settings());
+    } else {
+        let _ = writeln!(
+            script,
+            "PASSES=\"{}\"\nTARGETS=\"{}\"\nWORKLOADS=\"{}\"\nNODE_PROCS=4",
+            names(&mut PASSES.iter().map(|(p, _)| *p)),
+            names(&mut TARGETS.iter().map(|t| t.id)),
+            names(&mut WORKLOADS.iter().map(|w| w.name)),
+        );
+    }
     script.push_str("workload_args() {\n  case $1 in\n");
     for w in WORKLOADS {
         let _ = writeln!(
@@ -439,7 +464,7 @@ pub fn vm_bench(root: &Path, args: &BenchArgs, command: String) -> Result<(), St
             console_path.display()
         ));
     }
-    let text = report(
+    let text = if plan.sweep { sweep::report } else { report }(
         &console,
         &Setting {
             command,
@@ -580,6 +605,7 @@ mod tests {
                 runtime: Some(2.5),
                 ramp: Some(0.0),
                 quick: true,
+                sweep: false,
                 no_pause: true,
                 output: Some("/tmp/b.md".into()),
             }
@@ -590,7 +616,8 @@ mod tests {
             Plan {
                 rounds: 5,
                 runtime_ms: 2500,
-                ramp_ms: 0
+                ramp_ms: 0,
+                sweep: false,
             }
         );
         for bad in [
@@ -616,7 +643,8 @@ mod tests {
             Plan {
                 rounds: 3,
                 runtime_ms: 3000,
-                ramp_ms: 1000
+                ramp_ms: 1000,
+                sweep: false,
             }
         );
         let root = Path::new("/src");

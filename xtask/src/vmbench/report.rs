@@ -221,13 +221,13 @@ pub(super) fn host_section(samples: &[Sample], setting: &Setting) -> String {
     out
 }
 
-/// The whole markdown report.
-pub fn report(console: &Console, setting: &Setting) -> String {
+/// A report's title and where and how it was measured.
+pub(super) fn heading(title: &str, setting: &Setting) -> String {
     let plan = &setting.plan;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Benchmarks: netblk, the kernel NBD client and brd\n\n\
+        "# {title}\n\n\
          Written by `cargo xtask vm-bench`; run it again rather than editing this file.\n\n\
          - command: `{}`\n- date: {}\n- kernel: {} (Debian), in QEMU under software emulation (TCG), 2 vCPUs, 2 GiB\n\
          - fio: `--direct=1 --ioengine=libaio --time_based --runtime={}ms --ramp_time={}ms`, one job, {} round(s)\n\
@@ -244,6 +244,12 @@ pub fn report(console: &Console, setting: &Setting) -> String {
             setting.host.paused.as_secs_f64()
         ))
     );
+    out
+}
+
+/// The whole markdown report.
+pub fn report(console: &Console, setting: &Setting) -> String {
+    let mut out = heading("Benchmarks: netblk, the kernel NBD client and brd", setting);
     out.push_str(
         "Every figure comes from one guest boot, targets measured one at a time with nothing\n\
          else doing IO; the servers run in the guest too, on loopback. Under software emulation\n\
