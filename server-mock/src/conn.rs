@@ -504,7 +504,7 @@ fn serve_data(
         delayed: AtomicUsize::new(0),
     });
     // Read data is staged here, reused from request to request.
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::default();
     let result = loop {
         let frame = reader.next_frame(|| conn.writer.flush());
         let (header, payload) = match frame {
@@ -550,7 +550,7 @@ fn take_request(
     conn: &Arc<Conn>,
     request: pb::Request,
     payload: &[u8],
-    scratch: &mut Vec<u8>,
+    scratch: &mut Scratch,
 ) -> Result<(), ConnError> {
     let node = &conn.node;
     let total = bump(&node.counters.requests, 1);
@@ -570,7 +570,7 @@ fn take_request(
         conn.end(false);
     } else if delay.is_zero() {
         let reply = execute(node, &conn.volume, &faults, &request, payload, scratch);
-        conn.writer.send(node, reply, scratch, false);
+        conn.writer.send(node, reply, scratch.payload(), false);
         conn.end(true);
     } else {
         conn.delayed.fetch_add(1, Ordering::AcqRel);
@@ -588,7 +588,7 @@ fn take_request(
 
 /// The delay thread: executes held requests as they fall due.
 pub fn run_delayed(node: &Node) {
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::default();
     while let Some(job) = node.delayed.pop_due(|| node.stopping()) {
         let conn = &job.conn;
         node.faults
@@ -605,7 +605,7 @@ pub fn run_delayed(node: &Node) {
                 &job.payload,
                 &mut scratch,
             );
-            conn.writer.send(node, reply, &scratch, true);
+            conn.writer.send(node, reply, scratch.payload(), true);
             conn.end(true);
         }
         conn.delayed.fetch_sub(1, Ordering::AcqRel);
@@ -628,13 +628,44 @@ fn in_range(volume: &Volume, offset: u64, len: u64) -> Result<(), (Status, Strin
 
 /// Executes one request and returns its reply; the reply's payload (a
 /// read's data) is left in `data`, which is empty otherwise.
+/// Read data staged for a reply, reused from request to request. Its buffer
+/// only grows and its bytes stay initialized, so a read does not zero-fill
+/// it again (a guest profile of 1 MiB reads from a memory store showed that
+/// fill at 9% of all samples, as much as the store's own copy).
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Scratch {
+    /// No payload.
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// A payload of `len` bytes, to be filled: its old contents are not
+    /// cleared, the store overwrites all of them.
+    fn take(&mut self, len: usize) -> &mut [u8] {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        self.len = len;
+        &mut self.buf[..len]
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 fn execute(
     node: &Node,
     volume: &Volume,
     faults: &pb::Faults,
     request: &pb::Request,
     payload: &[u8],
-    data: &mut Vec<u8>,
+    data: &mut Scratch,
 ) -> pb::Reply {
     data.clear();
     let mut reply = pb::Reply {
@@ -673,7 +704,7 @@ fn apply(
     request: &pb::Request,
     payload: &[u8],
     reply: &mut pb::Reply,
-    data: &mut Vec<u8>,
+    data: &mut Scratch,
 ) -> Result<(), (Status, String)> {
     let backend = &volume.backend;
     let Some(op) = &request.op else {
@@ -692,9 +723,8 @@ fn apply(
                 ));
             }
             in_range(volume, read.offset, u64::from(read.length))?;
-            data.resize(read.length as usize, 0);
             backend
-                .read(read.offset, data)
+                .read(read.offset, data.take(read.length as usize))
                 .map_err(|err| io_failure("read", err))?;
             bump(&node.counters.bytes_read, u64::from(read.length));
             Ok(())
@@ -778,4 +808,27 @@ fn serve_admin(
         };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scratch;
+
+    #[test]
+    fn scratch_is_sized_per_reply_and_never_filled_again() {
+        let mut scratch = Scratch::default();
+        assert!(scratch.payload().is_empty());
+        scratch.take(8).fill(7);
+        assert_eq!(scratch.payload(), &[7; 8]);
+        // A reply without data has no payload.
+        scratch.clear();
+        assert!(scratch.payload().is_empty());
+        // A shorter read gets exactly its length, and the bytes are the
+        // old ones (the store overwrites them): no zero-fill per request.
+        assert_eq!(scratch.take(4), &[7; 4]);
+        assert_eq!(scratch.payload().len(), 4);
+        // Growing adds initialized bytes.
+        assert_eq!(scratch.take(12).len(), 12);
+        assert_eq!(&scratch.payload()[8..], &[0; 4]);
+    }
 }
