@@ -418,7 +418,14 @@ fn params(size: u64, block_size: u32, max_io: u32) -> Params {
 }
 
 /// The buffer and send modes of a data path, and the device flags it needs.
-fn path_setup(path: DataPath, send: SendMode) -> Result<(BufferMode, SendMode, u64), MapError> {
+/// `user_copy`: the kernel has `UBLK_F_USER_COPY` (or, recovering, the
+/// device was made with it): zero-copy devices get it too, so small write
+/// payloads can be copied out and gathered with the heads.
+fn path_setup(
+    path: DataPath,
+    send: SendMode,
+    user_copy: bool,
+) -> Result<(BufferMode, SendMode, u64), MapError> {
     Ok(match path {
         DataPath::Copy => (BufferMode::User, send, 0),
         DataPath::PartialZeroCopy | DataPath::FullZeroCopy => {
@@ -426,10 +433,14 @@ fn path_setup(path: DataPath, send: SendMode) -> Result<(BufferMode, SendMode, u
             (
                 BufferMode::Kernel {
                     recv_fixed: path == DataPath::FullZeroCopy,
+                    user_copy,
                 },
-                // Request pages have no user address: only SEND_ZC can send them.
+                // Request pages have no user address: SEND_ZC sends them
+                // (or user copy brings small payloads out).
                 SendMode::ZeroCopy,
-                sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG,
+                sys::UBLK_F_SUPPORT_ZERO_COPY
+                    | sys::UBLK_F_AUTO_BUF_REG
+                    | if user_copy { sys::UBLK_F_USER_COPY } else { 0 },
             )
         }
     })
@@ -477,14 +488,8 @@ fn start_queues(
     let cdev = UblkQueue::open_cdev(dev_id).map_err(MapError::Queue)?;
     device.volume_ids = vopts.volume_ids.clone();
     for (q, ((streams, nodes), buffers)) in connected.into_iter().zip(buffers).enumerate() {
-        let mut queue = UblkQueue::new(
-            &cdev,
-            q as u16,
-            vopts.depth,
-            &buffers,
-            buffer_mode != BufferMode::User,
-        )
-        .map_err(MapError::Queue)?;
+        let mut queue = UblkQueue::new(&cdev, q as u16, vopts.depth, &buffers, buffer_mode)
+            .map_err(MapError::Queue)?;
         if options
             .fail_queue
             .is_some_and(|hook| usize::from(hook.queue) == q)
@@ -524,7 +529,8 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
     let recv_fixed = crate::uring::probe_recv_fixed();
     let path = choose_path(features, recv_fixed, options.zero_copy)?;
-    let (buffer_mode, send_mode, zc_flags) = path_setup(path, vopts.send_mode)?;
+    let (buffer_mode, send_mode, zc_flags) =
+        path_setup(path, vopts.send_mode, features & sys::UBLK_F_USER_COPY != 0)?;
     let buffers = tag_buffers(vopts)?;
     // Every node must answer before a device exists.
     let vopts = &mut vopts.clone();
@@ -888,7 +894,11 @@ pub fn recover(
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
     // The device's flags fix its data path: zero copy if it was made so.
     let path = choose_path(info.flags, crate::uring::probe_recv_fixed(), ZeroCopy::Auto)?;
-    let (buffer_mode, send_mode, _) = path_setup(path, vopts.send_mode)?;
+    let (buffer_mode, send_mode, _) = path_setup(
+        path,
+        vopts.send_mode,
+        info.flags & sys::UBLK_F_USER_COPY != 0,
+    )?;
     let mut steps = LiveRecovery {
         dev_id,
         ctrl: Some(ctrl),

@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +25,7 @@ use io_uring::{opcode, squeue, types};
 
 use super::sys::{self, IoCmd, IoDesc};
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
-use crate::uring::{Doorbell, Frontend, TagBuffers, frontend_user_data};
+use crate::uring::{BufferMode, Doorbell, Frontend, TagBuffers, frontend_user_data};
 
 /// The driver's request descriptors of one queue, mapped read-only.
 struct Descriptors {
@@ -132,6 +133,9 @@ pub struct UblkQueue {
     /// The device is going away: do not fetch again.
     aborting: bool,
     auto_buf_reg: bool,
+    /// The device has `UBLK_F_USER_COPY`: request data can be read and
+    /// written on the char device.
+    user_copy: bool,
     pub requests: u64,
     /// Why this queue gave up, if it did: the first ublk command that
     /// failed, or the test hook.
@@ -161,8 +165,16 @@ impl UblkQueue {
         queue: u16,
         depth: u16,
         buffers: &TagBuffers,
-        auto_buf_reg: bool,
+        mode: BufferMode,
     ) -> io::Result<UblkQueue> {
+        let auto_buf_reg = mode != BufferMode::User;
+        let user_copy = matches!(
+            mode,
+            BufferMode::Kernel {
+                user_copy: true,
+                ..
+            }
+        );
         let cdev = cdev.try_clone()?;
         let descriptors = Descriptors::map(&cdev, queue, depth)?;
         let buffer_addrs = (0..depth)
@@ -184,6 +196,7 @@ impl UblkQueue {
             outstanding: 0,
             aborting: false,
             auto_buf_reg,
+            user_copy,
             requests: 0,
             failure: None,
             given_up: false,
@@ -277,6 +290,21 @@ impl Frontend for UblkQueue {
 
     fn take_sqes(&mut self, out: &mut Vec<squeue::Entry>) {
         out.append(&mut self.sqes);
+    }
+
+    fn copy_out(&self, tag: Tag, offset: u32, dst: &mut [u8]) -> io::Result<()> {
+        if !self.user_copy {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let at = sys::user_copy_offset(self.queue, tag, offset);
+        let n = self.cdev.read_at(dst, at)?;
+        if n != dst.len() {
+            return Err(io::Error::other(format!(
+                "user copy of tag {tag} gave {n} of {} bytes",
+                dst.len()
+            )));
+        }
+        Ok(())
     }
 
     fn on_cqe(&mut self, detail: u64, result: i32, engine: &mut Engine, now: Instant) {

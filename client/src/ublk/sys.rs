@@ -38,6 +38,20 @@ pub const UBLK_U_IO_UNREGISTER_IO_BUF: u32 = iowr(0x24, IO);
 pub const UBLK_IO_RES_ABORT: i32 = -libc::ENODEV;
 
 pub const UBLKSRV_CMD_BUF_OFFSET: i64 = 0;
+/// User copy (`UBLK_F_USER_COPY`): a read or write on the char device at
+/// `UBLKSRV_IO_BUF_OFFSET + queue << UBLK_QID_OFF + tag << UBLK_TAG_OFF +
+/// byte` reaches that byte of the request's data.
+pub const UBLKSRV_IO_BUF_OFFSET: u64 = 0x8000_0000;
+pub const UBLK_TAG_OFF: u32 = 25;
+pub const UBLK_QID_OFF: u32 = UBLK_TAG_OFF + 16;
+
+/// Where user copy finds byte `byte` of request `tag` of queue `queue`.
+pub fn user_copy_offset(queue: u16, tag: u16, byte: u32) -> u64 {
+    UBLKSRV_IO_BUF_OFFSET
+        + (u64::from(queue) << UBLK_QID_OFF)
+        + (u64::from(tag) << UBLK_TAG_OFF)
+        + u64::from(byte)
+}
 pub const UBLK_MAX_QUEUE_DEPTH: u16 = 4096;
 pub const UBLK_MAX_NR_QUEUES: u16 = 4096;
 

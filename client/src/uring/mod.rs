@@ -75,8 +75,11 @@ pub enum BufferMode {
     /// the ring's (sparse) buffer table at index = tag (`UBLK_F_AUTO_BUF_REG`).
     /// Userspace cannot touch them: payloads go out with `SEND_ZC` and come
     /// in with a receive into the fixed buffer (`recv_fixed`, Linux 7.2+) or
-    /// `READ_FIXED` on the socket.
-    Kernel { recv_fixed: bool },
+    /// `READ_FIXED` on the socket. With `user_copy` (the device has
+    /// `UBLK_F_USER_COPY` too), write payloads below [`ZC_MIN`] are copied
+    /// out of the request with the frontend's [`Frontend::copy_out`] into the
+    /// tag's buffer instead, and join the batch's one `SENDMSG`.
+    Kernel { recv_fixed: bool, user_copy: bool },
 }
 
 /// Where a queue's block requests come from and where they complete: the
@@ -101,6 +104,11 @@ pub trait Frontend {
     fn take_sqes(&mut self, _out: &mut Vec<squeue::Entry>) {}
     /// The completion of one of the frontend's own operations.
     fn on_cqe(&mut self, _detail: u64, _result: i32, _engine: &mut Engine, _now: Instant) {}
+    /// Copies `dst.len()` bytes of the data of request `tag`, from byte
+    /// `offset`, into `dst` (kernel buffer mode with `user_copy`).
+    fn copy_out(&self, _tag: Tag, _offset: u32, _dst: &mut [u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// User data for a frontend's own operation; `detail` (40 bits) comes back

@@ -32,7 +32,7 @@ impl<F: Frontend> QueueDriver<F> {
         }
         let cid = conn_id(node, conn.generation);
         let kernel = match self.buffer_mode {
-            BufferMode::Kernel { recv_fixed } => Some(recv_fixed),
+            BufferMode::Kernel { recv_fixed, .. } => Some(recv_fixed),
             BufferMode::User => None,
         };
         let entry = match (conn.reader.mode(), kernel) {

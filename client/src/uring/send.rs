@@ -145,8 +145,9 @@ impl SendChain {
 /// kernel copies it).
 fn zero_copy(buffers: BufferMode, mode: SendMode, len: u32) -> bool {
     match buffers {
-        // The request's pages are not mapped here: only a fixed-buffer send reaches them.
-        BufferMode::Kernel { .. } => true,
+        // The request's pages are not mapped here: only a fixed-buffer send
+        // reaches them, unless the device lets us copy small payloads out.
+        BufferMode::Kernel { user_copy, .. } => !user_copy || len >= ZC_MIN,
         BufferMode::User => mode == SendMode::ZeroCopy && len >= ZC_MIN,
     }
 }
@@ -171,11 +172,13 @@ impl<F: Frontend> QueueDriver<F> {
             };
             parts.push(Part::Head(head_start..chain.heads.len()));
             head_start = chain.heads.len();
-            parts.push(if zero_copy(self.buffer_mode, self.mode, slice.len) {
-                Part::ZeroCopy(slice)
-            } else {
-                Part::Copy(slice)
-            });
+            parts.push(
+                if zero_copy(self.buffer_mode, self.mode, slice.len) || !self.copy_out(&slice) {
+                    Part::ZeroCopy(slice)
+                } else {
+                    Part::Copy(slice)
+                },
+            );
         }
         if head_start < chain.heads.len() {
             parts.push(Part::Head(head_start..chain.heads.len()));
@@ -206,6 +209,36 @@ impl<F: Frontend> QueueDriver<F> {
         // released (see `QueueDriver::push_chain`).
         unsafe { self.push_chain(&entries) }?;
         Ok(())
+    }
+
+    /// Makes a copied payload's bytes ready in its tag buffer: in kernel
+    /// buffer mode they are copied out of the request first. False if that
+    /// failed: the payload then goes zero-copy, and so do all later ones of
+    /// this queue (the device refused user copy; said once).
+    fn copy_out(&mut self, slice: &BufSlice) -> bool {
+        let BufferMode::Kernel { recv_fixed, .. } = self.buffer_mode else {
+            return true;
+        };
+        let at = self.buffers.slice_ptr(slice.tag, slice.offset, slice.len);
+        // SAFETY: the slice lies in the tag's buffer (`slice_ptr` checks its
+        // bounds), which this queue owns while the request is in flight;
+        // nothing else reads or writes it until the send that copies it
+        // completed.
+        let dst = unsafe { std::slice::from_raw_parts_mut(at, slice.len as usize) };
+        match self.frontend.copy_out(slice.tag, slice.offset, dst) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(
+                    "copying a small write payload out of the request failed ({err}); \
+                     this queue sends every payload zero-copy from now on"
+                );
+                self.buffer_mode = BufferMode::Kernel {
+                    recv_fixed,
+                    user_copy: false,
+                };
+                false
+            }
+        }
     }
 
     /// The chain's operations: a `SENDMSG` per group, a `SEND_ZC` per
@@ -386,9 +419,19 @@ mod tests {
     }
 
     #[test]
-    fn small_user_payloads_are_copied_kernel_ones_never() {
-        let kernel = BufferMode::Kernel { recv_fixed: false };
+    fn small_payloads_are_copied_where_they_can_be() {
+        let kernel = BufferMode::Kernel {
+            recv_fixed: false,
+            user_copy: false,
+        };
         assert!(zero_copy(kernel, SendMode::ZeroCopy, 512));
+        // With user copy, small kernel payloads are copied out and gathered.
+        let copyable = BufferMode::Kernel {
+            recv_fixed: true,
+            user_copy: true,
+        };
+        assert!(!zero_copy(copyable, SendMode::ZeroCopy, ZC_MIN - 512));
+        assert!(zero_copy(copyable, SendMode::ZeroCopy, ZC_MIN));
         assert!(!zero_copy(
             BufferMode::User,
             SendMode::ZeroCopy,

@@ -29,6 +29,13 @@ grep -qE '^netblk_request_duration_seconds_count\{.*op="write".*\} [1-9]' /tmp/m
 grep -qE '^netblk_node_piece_duration_seconds_count\{.*node="127.0.0.1:7402".*\} [1-9]' /tmp/metrics.txt || fail "no piece latencies for node 1"
 grep -qE '^netblk_node_connected\{.*node="127.0.0.1:7402".*\} 1' /tmp/metrics.txt || fail "metrics do not show node 1 connected"
 echo "ublk: status --json and /metrics under fio: data path $EXPECT, 3 nodes connected, latency histograms filled"
+# Small write payloads (below 16 KiB) are copied and gathered with the
+# heads on every data path (on zero-copy devices through user copy), large
+# ones go zero-copy.
+grep -qE '^netblk_payload_sent_bytes_total\{.*mode="copy".*\} [1-9]' /tmp/metrics.txt || { grep payload_sent /tmp/metrics.txt; fail "no small write payload was copied"; }
+grep -qE '^netblk_payload_sent_bytes_total\{.*mode="zerocopy".*\} [1-9]' /tmp/metrics.txt || { grep payload_sent /tmp/metrics.txt; fail "no large write payload went zero-copy"; }
+grep -q "sends every payload zero-copy" /tmp/seen.log && fail "user copy of small payloads was refused"
+echo "ublk: small write payloads copied and gathered, large ones zero-copy ($EXPECT)"
 sed 's/^/ublk: status: /' /tmp/status.txt
 grep -E '^netblk_(node_connected|node_piece_duration_seconds_count|requests_total|data_path_info)' /tmp/metrics.txt | sed 's/^/ublk: metrics: /'
 
