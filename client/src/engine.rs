@@ -185,6 +185,17 @@ struct Slot {
     started: Option<Instant>,
 }
 
+/// Read pieces of at least this many bytes count as big (see
+/// [`Engine::big_reads_in_flight`]): a driver that can receive payloads
+/// straight into request pages does so for these.
+pub const BIG_READ_MIN: u64 = 16 << 10;
+
+impl PieceRec {
+    fn big_read(&self) -> bool {
+        matches!(self.op, Op::Read) && self.len >= BIG_READ_MIN
+    }
+}
+
 #[derive(Debug)]
 struct NodeState {
     up: bool,
@@ -193,6 +204,8 @@ struct NodeState {
     /// Pieces waiting to be sent, oldest first.
     queue: VecDeque<u64>,
     in_flight: usize,
+    /// Big reads among them.
+    big_reads: usize,
     /// The node's incarnation of the volume, once known.
     incarnation: Option<u64>,
     /// Writes (discards, write-zeroes) the node acknowledged, counted...
@@ -257,6 +270,7 @@ impl Engine {
                 down_since: None,
                 queue: VecDeque::new(),
                 in_flight: 0,
+                big_reads: 0,
                 incarnation: None,
                 writes_acked: 0,
                 flushed_upto: 0,
@@ -462,6 +476,7 @@ impl Engine {
             rec.covers = state.writes_acked;
             rec.sent_at = Some(self.clock);
             state.in_flight += 1;
+            state.big_reads += usize::from(rec.big_read());
             if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
                 n.in_flight.set(state.in_flight as u64);
                 if matches!(rec.op, Op::Write { .. }) {
@@ -632,6 +647,7 @@ impl Engine {
         state.up = false;
         state.down_since.get_or_insert(now);
         state.in_flight = 0;
+        state.big_reads = 0;
         let mut resend: Vec<u64> = self
             .pieces
             .iter()
@@ -659,6 +675,7 @@ impl Engine {
             state.up = true;
             state.down_since = None;
             state.in_flight = 0;
+            state.big_reads = 0;
         }
     }
 
@@ -709,9 +726,10 @@ impl Engine {
                         abort.push(node);
                     }
                     Some((PieceState::Sent, node)) => {
-                        self.pieces.remove(&id);
+                        let big = self.pieces.remove(&id).is_some_and(|p| p.big_read());
                         let n = &mut self.nodes[node];
                         n.in_flight = n.in_flight.saturating_sub(1);
+                        n.big_reads = n.big_reads.saturating_sub(usize::from(big));
                         self.mirror_in_flight(node);
                         abort.push(node);
                     }
@@ -838,6 +856,12 @@ impl Engine {
         }
     }
 
+    /// Read pieces of [`BIG_READ_MIN`] bytes or more sent to `node` and not
+    /// answered yet: while there are none, no big payload can come.
+    pub fn big_reads_in_flight(&self, node: usize) -> usize {
+        self.nodes.get(node).map_or(0, |n| n.big_reads)
+    }
+
     /// The next finished request.
     pub fn poll_completion(&mut self) -> Option<Completion> {
         self.completions.pop_front()
@@ -849,6 +873,7 @@ impl Engine {
         };
         let node = &mut self.nodes[rec.node];
         node.in_flight = node.in_flight.saturating_sub(1);
+        node.big_reads = node.big_reads.saturating_sub(usize::from(rec.big_read()));
         self.mirror_in_flight(rec.node);
         let slot = &mut self.slots[usize::from(rec.tag)];
         if let Some(pos) = slot.pieces.iter().position(|p| *p == id) {
@@ -927,6 +952,49 @@ mod tests {
             id,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn big_reads_in_flight_are_counted_per_node() {
+        let mut e = Engine::new(
+            Layout::new(1 << 20, 65536, 2).expect("layout"),
+            EngineConfig {
+                depth: 8,
+                max_io: 65536,
+                max_in_flight_per_node: 8,
+                io_timeout: Duration::from_secs(1),
+                node_down_timeout: Duration::from_secs(10),
+            },
+        );
+        e.handle_connection_restored(0);
+        e.handle_connection_restored(1);
+        let now = Instant::now();
+        // Stripe units of 64 KiB: node 0, node 1, node 0.
+        submit(&mut e, now, 0, Op::Read, 0, 65536);
+        submit(&mut e, now, 1, Op::Read, 65536, 4096);
+        submit(&mut e, now, 2, Op::Write { fua: false }, 2 * 65536, 65536);
+        assert_eq!(e.big_reads_in_flight(0), 0, "nothing sent yet");
+        let big = e.poll_transmit(0).expect("big read");
+        e.poll_transmit(0).expect("write");
+        e.poll_transmit(1).expect("small read");
+        assert_eq!((e.big_reads_in_flight(0), e.big_reads_in_flight(1)), (1, 0));
+        match e.handle_reply(0, &ok(big.id), 65536) {
+            Ok(ReplySink::Buffer { id, .. }) => e.handle_payload(id, true),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.big_reads_in_flight(0), 0, "answered");
+        // Lost with the connection, counted again when sent again.
+        submit(&mut e, now, 3, Op::Read, 0, 32768);
+        e.poll_transmit(0).expect("big read");
+        assert_eq!(e.big_reads_in_flight(0), 1);
+        e.handle_connection_lost(now, 0);
+        assert_eq!(e.big_reads_in_flight(0), 0);
+        e.handle_connection_restored(0);
+        while e.poll_transmit(0).is_some() {}
+        assert_eq!(e.big_reads_in_flight(0), 1, "resent");
+        // Timed out: gone.
+        e.handle_timeout(now + Duration::from_secs(2));
+        assert_eq!(e.big_reads_in_flight(0), 0);
     }
 
     #[test]

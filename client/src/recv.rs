@@ -54,13 +54,14 @@ impl ReplyReader {
     /// bytes received from `node`. Payload bytes of a read are handed to
     /// `deliver(tag, offset, bytes)`. Returns how many bytes were consumed;
     /// the rest (an incomplete frame) must be offered again with more.
-    /// An error means the node broke the protocol: close the connection.
+    /// An error means the node broke the protocol, or `deliver` failed (the
+    /// payload is then not reported received): close the connection.
     pub fn feed(
         &mut self,
         node: usize,
         buf: &[u8],
         engine: &mut Engine,
-        mut deliver: impl FnMut(Tag, u32, &[u8]),
+        mut deliver: impl FnMut(Tag, u32, &[u8]) -> Result<(), String>,
     ) -> Result<usize, String> {
         let mut at = 0usize;
         loop {
@@ -122,7 +123,7 @@ impl ReplyReader {
                     left,
                 } => {
                     let take = avail.len().min(left as usize);
-                    deliver(tag, offset, &avail[..take]);
+                    deliver(tag, offset, &avail[..take])?;
                     at += take;
                     if take < left as usize {
                         self.mode = RecvMode::Payload {
@@ -277,6 +278,7 @@ mod tests {
                 let range = offset as usize..offset as usize + bytes.len();
                 assert!(range.end <= buf.len(), "payload outside its tag buffer");
                 buf[range].copy_from_slice(bytes);
+                Ok(())
             });
             match consumed {
                 Ok(n) => {

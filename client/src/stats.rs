@@ -96,6 +96,10 @@ pub struct QueueStats {
     pub zc_notifications: Counter,
     pub zc_bytes: Counter,
     pub copied_bytes: Counter,
+    /// Read payload bytes received straight into request buffers or pages,
+    /// and copied there from the connection buffer.
+    pub recv_direct_bytes: Counter,
+    pub recv_copied_bytes: Counter,
 }
 
 impl QueueStats {
@@ -108,6 +112,8 @@ impl QueueStats {
             zc_notifications: Counter::default(),
             zc_bytes: Counter::default(),
             copied_bytes: Counter::default(),
+            recv_direct_bytes: Counter::default(),
+            recv_copied_bytes: Counter::default(),
         }
     }
 

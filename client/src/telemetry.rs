@@ -314,4 +314,15 @@ fn publish(p: &mut Published, now: Instant) {
         ];
         metrics::counter!("netblk_payload_sent_bytes_total", &l).absolute(bytes);
     }
+    for (mode, bytes) in [
+        ("direct", s.sum(|q| q.recv_direct_bytes.get())),
+        ("copy", s.sum(|q| q.recv_copied_bytes.get())),
+    ] {
+        let l = [
+            labels[0].clone(),
+            labels[1].clone(),
+            ("mode", mode.to_string()),
+        ];
+        metrics::counter!("netblk_payload_received_bytes_total", &l).absolute(bytes);
+    }
 }

@@ -252,6 +252,18 @@ fn metrics_and_logs_tell_what_happened() {
         "large payloads zero-copy"
     );
     assert_eq!(payload(&after, "copy"), 20.0 * 4096.0);
+    // Read payloads are received into the connection buffer and copied
+    // into the request buffers (user buffer mode): the 12 reads of 64 KiB.
+    let received = |mode: &str| {
+        value(
+            &after,
+            "netblk_payload_received_bytes_total",
+            &[("volume", "observed"), ("mode", mode)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(received("copy"), 12.0 * 65536.0);
+    assert_eq!(received("direct"), 0.0);
 
     // Node 1 killed: disconnected (once the client notices), then back.
     let node1 = [("volume", "observed"), ("node", nodes[1].as_str())];

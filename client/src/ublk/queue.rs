@@ -292,6 +292,21 @@ impl Frontend for UblkQueue {
         out.append(&mut self.sqes);
     }
 
+    fn copy_in(&self, tag: Tag, offset: u32, src: &[u8]) -> io::Result<()> {
+        if !self.user_copy {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let at = sys::user_copy_offset(self.queue, tag, offset);
+        let n = self.cdev.write_at(src, at)?;
+        if n != src.len() {
+            return Err(io::Error::other(format!(
+                "user copy into tag {tag} took {n} of {} bytes",
+                src.len()
+            )));
+        }
+        Ok(())
+    }
+
     fn copy_out(&self, tag: Tag, offset: u32, dst: &mut [u8]) -> io::Result<()> {
         if !self.user_copy {
             return Err(io::ErrorKind::Unsupported.into());

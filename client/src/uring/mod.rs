@@ -78,7 +78,10 @@ pub enum BufferMode {
     /// `READ_FIXED` on the socket. With `user_copy` (the device has
     /// `UBLK_F_USER_COPY` too), write payloads below [`ZC_MIN`] are copied
     /// out of the request with the frontend's [`Frontend::copy_out`] into the
-    /// tag's buffer instead, and join the batch's one `SENDMSG`.
+    /// tag's buffer instead, and join the batch's one `SENDMSG`; and while no
+    /// big read is in flight on a connection, its replies are received in
+    /// bulk like in user buffer mode, their payloads copied in with
+    /// [`Frontend::copy_in`].
     Kernel { recv_fixed: bool, user_copy: bool },
 }
 
@@ -107,6 +110,11 @@ pub trait Frontend {
     /// Copies `dst.len()` bytes of the data of request `tag`, from byte
     /// `offset`, into `dst` (kernel buffer mode with `user_copy`).
     fn copy_out(&self, _tag: Tag, _offset: u32, _dst: &mut [u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Copies `src` into the data of request `tag` at byte `offset` (kernel
+    /// buffer mode with `user_copy`).
+    fn copy_in(&self, _tag: Tag, _offset: u32, _src: &[u8]) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
 }

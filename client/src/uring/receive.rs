@@ -1,7 +1,13 @@
 //! The receive side of a connection: one receive posted at a time, into the
 //! connection buffer, from which payloads are copied into request buffers;
 //! for request pages only the kernel can reach (kernel buffer mode), headers
-//! exactly into the connection buffer and payloads straight into the pages.
+//! exactly into the connection buffer and payloads straight into the pages,
+//! except while no big read is in flight on the connection and the device
+//! has user copy: then replies come in bulk as in user buffer mode and their
+//! payloads are copied into the pages with a write on the char device (a
+//! 7.3 guest, 4 KiB random reads at depth 32 over 3 nodes and 2 queues: the
+//! exact receives took 4.5 ring operations and 1.2 `io_uring_enter` per IO,
+//! against 1.7 and 0.16 on the copy path).
 //!
 //! Why copy in user buffer mode: one large receive takes many replies
 //! (`netblk bench` seqread-1m over 128 KiB stripe units, loopback: 0.87-0.91
@@ -26,15 +32,23 @@ pub(super) const RECV_BUF: usize = 1 << 20;
 impl<F: Frontend> QueueDriver<F> {
     /// Keeps one receive posted on `node`.
     pub(super) fn post_recv(&mut self, node: usize) -> io::Result<()> {
+        // Exact receives: headers into the connection buffer, payloads
+        // straight into the pages; or bulk into the connection buffer.
+        let (kernel, bulk) = match self.buffer_mode {
+            BufferMode::Kernel {
+                recv_fixed,
+                user_copy,
+            } => (
+                Some(recv_fixed),
+                user_copy && self.engine.big_reads_in_flight(node) == 0,
+            ),
+            BufferMode::User => (None, true),
+        };
         let conn = &mut self.conns[node];
         if conn.broken || conn.recv_posted {
             return Ok(());
         }
         let cid = conn_id(node, conn.generation);
-        let kernel = match self.buffer_mode {
-            BufferMode::Kernel { recv_fixed, .. } => Some(recv_fixed),
-            BufferMode::User => None,
-        };
         let entry = match (conn.reader.mode(), kernel) {
             (
                 RecvMode::Payload {
@@ -67,7 +81,7 @@ impl<F: Frontend> QueueDriver<F> {
                     conn.rend -= conn.rstart;
                     conn.rstart = 0;
                 }
-                let want = if kernel.is_some() {
+                let want = if !bulk {
                     // Exactly the rest of the preamble, or of the header: no
                     // payload byte may land here, it belongs in the pages.
                     let have = conn.rend - conn.rstart;
@@ -84,11 +98,7 @@ impl<F: Frontend> QueueDriver<F> {
                 };
                 let want = want.min(conn.rbuf.len() - conn.rend);
                 let free = &mut conn.rbuf[conn.rend..conn.rend + want];
-                let flags = if kernel.is_some() {
-                    libc::MSG_WAITALL
-                } else {
-                    0
-                };
+                let flags = if bulk { 0 } else { libc::MSG_WAITALL };
                 opcode::Recv::new(types::Fd(conn.fd), free.as_mut_ptr(), free.len() as u32)
                     .flags(flags)
                     .build()
@@ -127,6 +137,9 @@ impl<F: Frontend> QueueDriver<F> {
         if !self.recv_done(node, res, "connection closed by node mid-payload") {
             return;
         }
+        if let Some(f) = self.engine.figures() {
+            f.recv_direct_bytes.add(res as u64);
+        }
         self.conns[node]
             .reader
             .payload_received(&mut self.engine, res as u32);
@@ -135,21 +148,42 @@ impl<F: Frontend> QueueDriver<F> {
     /// Consumes whole frames and payload bytes from the receive buffer.
     fn parse(&mut self, node: usize) -> Result<(), String> {
         let conn = &mut self.conns[node];
-        let buffers = &self.buffers;
+        let (buffers, frontend) = (&self.buffers, &self.frontend);
+        let kernel = matches!(self.buffer_mode, BufferMode::Kernel { .. });
+        let mut copy_failed = false;
+        let figures = self.engine.figures().cloned();
         let consumed = conn.reader.feed(
             node,
             &conn.rbuf[conn.rstart..conn.rend],
             &mut self.engine,
             |tag, offset, bytes| {
+                if let Some(f) = &figures {
+                    f.recv_copied_bytes.add(bytes.len() as u64);
+                }
+                if kernel {
+                    return frontend.copy_in(tag, offset, bytes).map_err(|err| {
+                        copy_failed = true;
+                        format!("copying a read payload into the request failed: {err}")
+                    });
+                }
                 let at = buffers.slice_ptr(tag, offset, bytes.len() as u32);
                 // SAFETY: `at..at+len` is part of the slice the engine handed
                 // out for this payload, inside the tag's buffer, which the
                 // queue owns while the request is in flight; the source is the
                 // connection's receive buffer, which does not overlap it.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
+                Ok(())
             },
         );
         conn.rstart += consumed.as_ref().copied().unwrap_or(0);
+        if copy_failed && let BufferMode::Kernel { recv_fixed, .. } = self.buffer_mode {
+            // The connection breaks and the piece is read again, exactly.
+            tracing::warn!("user copy refused; this queue receives payloads into the pages only");
+            self.buffer_mode = BufferMode::Kernel {
+                recv_fixed,
+                user_copy: false,
+            };
+        }
         consumed.map(|_| ())
     }
 }

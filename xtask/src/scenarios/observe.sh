@@ -63,6 +63,18 @@ done
 [ -n "$UP" ] || fail "node 1 does not show as back after SIGCONT"
 echo "ublk: a stopped node shows as down in status and /metrics, and back after SIGCONT"
 wait $FIO
+# Read replies: copied from the connection buffer on the copy path; on
+# zero-copy devices big ones straight into the pages, small ones copied in
+# while no big read is in flight (4 KiB reads alone, after the mixed run, make sure of some).
+fio --name=small --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=16 --rw=randread \
+    --bs=4k --size=16M --runtime=2 --time_based >/dev/null 2>&1 || fail "fio 4 KiB reads"
+wget -q -O /tmp/metrics.txt http://127.0.0.1:9100/metrics || fail "GET /metrics"
+grep -qE '^netblk_payload_received_bytes_total\{.*mode="copy".*\} [1-9]' /tmp/metrics.txt || { grep payload_received /tmp/metrics.txt; fail "no read payload was copied in"; }
+case $EXPECT in
+  *"zero copy") grep -qE '^netblk_payload_received_bytes_total\{.*mode="direct".*\} [1-9]' /tmp/metrics.txt || { grep payload_received /tmp/metrics.txt; fail "no big read payload went straight into the pages"; } ;;
+esac
+grep -q "receives payloads into the pages only" /tmp/seen.log && fail "user copy of read payloads was refused"
+echo "ublk: read payloads copied in and (zero copy) received into the pages"
 
 # Node 2 (7403) restarts while fio runs: one lost and one reconnected event per
 # connection (2 queues), however many reconnect attempts failed between.
