@@ -187,6 +187,7 @@ impl<F: Frontend> QueueDriver<F> {
             BufferMode::Kernel { .. } => {
                 ring.submitter()
                     .register_buffers_sparse(buffers.depth().into())?;
+                buffers.small_pages();
             }
         }
         let first_session = reconnect.as_ref().map_or(1, |r| r.session);

@@ -30,6 +30,13 @@ fio --name=small --filename=/dev/ublkb0 --ioengine=libaio --direct=1 --iodepth=3
     --do_verify=1 --randrepeat=0 --output=/tmp/fio-small.log >/dev/null 2>&1 || fail "fio verify, 4 KiB"
 grep -q "err= 0" /tmp/fio-small.log || fail "fio reported errors (4 KiB)"
 echo "ublk: fio randwrite 4k depth 32 with crc32c verify: ok"
+# Zero copy stages only small payloads in the tag buffers (2 queues of 64
+# MiB): they must stay mostly unbacked, not fill with huge pages.
+case $EXPECT in *"zero copy")
+  RSS=$(awk '/^VmRSS/ {print $2}' /proc/$MAP/status)
+  [ "$RSS" -lt 65536 ] || fail "the zero-copy daemon holds $RSS KiB after 4 KiB IO"
+  echo "ublk: zero-copy daemon resident after 4 KiB IO: $RSS KiB" ;;
+esac
 
 # list shows the device; unmap removes it, once.
 netblk list >/tmp/list.out || fail "netblk list"

@@ -149,10 +149,19 @@ run_fio() {
   thread_ticks $client > /tmp/client.0; thread_ticks $nodes > /tmp/nodes.0
   read -r _ u n s i w q sq st _ < /proc/stat
   b0=$((u + n + s + q + sq + st)); t0=$((u + n + s + i + w + q + sq + st)); sq0=$sq
+  # A run that does not end within a minute of its time is a hang: say
+  # what the device and its daemon look like, then give up.
+  timeout $(( (RUNTIME_MS + RAMP_MS) / 1000 + 60 )) \
   fio --name=bench --filename="$dev" --direct=1 --ioengine=libaio --time_based \
     --runtime=${RUNTIME_MS}ms --ramp_time=${RAMP_MS}ms --norandommap --randrepeat=0 \
     --lat_percentiles=1 $(workload_args $2) --output-format=json --output=/tmp/fio.json >/tmp/fio.log 2>&1
   rc=$?
+  if [ $rc -eq 124 ]; then
+    echo "NETBLK-BENCH-HANG $1 $2 round $3: in flight (read write) $(cat /sys/block/${dev#/dev/}/inflight 2>/dev/null)"
+    netblk status 2>&1 | sed 's/^/    status: /'
+    dmesg | tail -n 20 | sed 's/^/    dmesg: /'
+    fail "fio on $1 ($2, round $3) did not finish"
+  fi
   read -r _ u n s i w q sq st _ < /proc/stat
   b1=$((u + n + s + q + sq + st)); t1=$((u + n + s + i + w + q + sq + st))
   thread_ticks $client > /tmp/client.1; thread_ticks $nodes > /tmp/nodes.1
