@@ -303,26 +303,33 @@ fn publish(p: &mut Published, now: Instant) {
     metrics::counter!("netblk_zerocopy_sends_total", &labels).absolute(s.sum(|q| q.zc_sends.get()));
     metrics::counter!("netblk_zerocopy_notifications_total", &labels)
         .absolute(s.sum(|q| q.zc_notifications.get()));
-    for (mode, bytes) in [
-        ("zerocopy", s.sum(|q| q.zc_bytes.get())),
-        ("copy", s.sum(|q| q.copied_bytes.get())),
+    for (name, mode, bytes) in [
+        (
+            "netblk_payload_sent_bytes_total",
+            "zerocopy",
+            s.sum(|q| q.zc_bytes.get()),
+        ),
+        (
+            "netblk_payload_sent_bytes_total",
+            "copy",
+            s.sum(|q| q.copied_bytes.get()),
+        ),
+        (
+            "netblk_payload_received_bytes_total",
+            "direct",
+            s.sum(|q| q.recv_direct_bytes.get()),
+        ),
+        (
+            "netblk_payload_received_bytes_total",
+            "copy",
+            s.sum(|q| q.recv_copied_bytes.get()),
+        ),
     ] {
         let l = [
             labels[0].clone(),
             labels[1].clone(),
             ("mode", mode.to_string()),
         ];
-        metrics::counter!("netblk_payload_sent_bytes_total", &l).absolute(bytes);
-    }
-    for (mode, bytes) in [
-        ("direct", s.sum(|q| q.recv_direct_bytes.get())),
-        ("copy", s.sum(|q| q.recv_copied_bytes.get())),
-    ] {
-        let l = [
-            labels[0].clone(),
-            labels[1].clone(),
-            ("mode", mode.to_string()),
-        ];
-        metrics::counter!("netblk_payload_received_bytes_total", &l).absolute(bytes);
+        metrics::counter!(name, &l).absolute(bytes);
     }
 }

@@ -775,7 +775,7 @@ pub fn vm_test(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn names(list: &[&str]) -> Vec<String> {
@@ -830,11 +830,10 @@ mod tests {
         assert!(scenario_script(&names(&["basic", ""])).is_err());
     }
 
-    #[test]
-    fn the_whole_script_is_valid_shell() {
-        let script = scenario_script(&[]).expect("all");
+    /// `sh -n` accepts `script`.
+    pub(crate) fn assert_valid_shell(script: &str) {
         let out = Command::new("sh")
-            .args(["-n", "-c", &script])
+            .args(["-n", "-c", script])
             .output()
             .expect("run sh -n");
         assert!(
@@ -842,5 +841,10 @@ mod tests {
             "sh -n: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn the_whole_script_is_valid_shell() {
+        assert_valid_shell(&scenario_script(&[]).expect("all"));
     }
 }

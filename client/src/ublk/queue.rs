@@ -266,6 +266,28 @@ impl UblkQueue {
     }
 }
 
+impl UblkQueue {
+    /// Where a read or write on the char device reaches byte `offset` of
+    /// `tag`'s data, if the device allows user copy.
+    fn user_copy_at(&self, tag: Tag, offset: u32) -> io::Result<u64> {
+        if !self.user_copy {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        Ok(sys::user_copy_offset(self.queue, tag, offset))
+    }
+}
+
+/// A user copy that moved fewer bytes than asked failed.
+fn whole(moved: usize, len: usize, tag: Tag) -> io::Result<()> {
+    if moved == len {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "user copy of tag {tag} moved {moved} of {len} bytes"
+        )))
+    }
+}
+
 impl Frontend for UblkQueue {
     fn poll(&mut self, _: &mut Engine, _: &TagBuffers, _: Instant) -> bool {
         if let Some(switch) = &self.fail_switch
@@ -293,33 +315,13 @@ impl Frontend for UblkQueue {
     }
 
     fn copy_in(&self, tag: Tag, offset: u32, src: &[u8]) -> io::Result<()> {
-        if !self.user_copy {
-            return Err(io::ErrorKind::Unsupported.into());
-        }
-        let at = sys::user_copy_offset(self.queue, tag, offset);
-        let n = self.cdev.write_at(src, at)?;
-        if n != src.len() {
-            return Err(io::Error::other(format!(
-                "user copy into tag {tag} took {n} of {} bytes",
-                src.len()
-            )));
-        }
-        Ok(())
+        let moved = self.cdev.write_at(src, self.user_copy_at(tag, offset)?)?;
+        whole(moved, src.len(), tag)
     }
 
     fn copy_out(&self, tag: Tag, offset: u32, dst: &mut [u8]) -> io::Result<()> {
-        if !self.user_copy {
-            return Err(io::ErrorKind::Unsupported.into());
-        }
-        let at = sys::user_copy_offset(self.queue, tag, offset);
-        let n = self.cdev.read_at(dst, at)?;
-        if n != dst.len() {
-            return Err(io::Error::other(format!(
-                "user copy of tag {tag} gave {n} of {} bytes",
-                dst.len()
-            )));
-        }
-        Ok(())
+        let moved = self.cdev.read_at(dst, self.user_copy_at(tag, offset)?)?;
+        whole(moved, dst.len(), tag)
     }
 
     fn on_cqe(&mut self, detail: u64, result: i32, engine: &mut Engine, now: Instant) {

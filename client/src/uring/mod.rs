@@ -119,6 +119,24 @@ pub trait Frontend {
     }
 }
 
+impl<F: Frontend> QueueDriver<F> {
+    /// The frontend refused a user copy (`what` failed): this queue uses
+    /// the request's pages directly from now on; said once.
+    pub(super) fn stop_user_copy(&mut self, what: &str) {
+        if let BufferMode::Kernel {
+            recv_fixed,
+            user_copy: true,
+        } = self.buffer_mode
+        {
+            tracing::warn!("{what}; this queue no longer copies small payloads");
+            self.buffer_mode = BufferMode::Kernel {
+                recv_fixed,
+                user_copy: false,
+            };
+        }
+    }
+}
+
 /// User data for a frontend's own operation; `detail` (40 bits) comes back
 /// in [`Frontend::on_cqe`].
 pub fn frontend_user_data(detail: u64) -> u64 {

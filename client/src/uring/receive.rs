@@ -150,20 +150,19 @@ impl<F: Frontend> QueueDriver<F> {
         let conn = &mut self.conns[node];
         let (buffers, frontend) = (&self.buffers, &self.frontend);
         let kernel = matches!(self.buffer_mode, BufferMode::Kernel { .. });
-        let mut copy_failed = false;
-        let figures = self.engine.figures().cloned();
+        let mut copy_failed = None;
+        let mut copied = 0u64;
         let consumed = conn.reader.feed(
             node,
             &conn.rbuf[conn.rstart..conn.rend],
             &mut self.engine,
             |tag, offset, bytes| {
-                if let Some(f) = &figures {
-                    f.recv_copied_bytes.add(bytes.len() as u64);
-                }
+                copied += bytes.len() as u64;
                 if kernel {
                     return frontend.copy_in(tag, offset, bytes).map_err(|err| {
-                        copy_failed = true;
-                        format!("copying a read payload into the request failed: {err}")
+                        let why = format!("copying a read payload into the request failed: {err}");
+                        copy_failed = Some(why.clone());
+                        why
                     });
                 }
                 let at = buffers.slice_ptr(tag, offset, bytes.len() as u32);
@@ -176,13 +175,12 @@ impl<F: Frontend> QueueDriver<F> {
             },
         );
         conn.rstart += consumed.as_ref().copied().unwrap_or(0);
-        if copy_failed && let BufferMode::Kernel { recv_fixed, .. } = self.buffer_mode {
+        if let Some(f) = self.engine.figures() {
+            f.recv_copied_bytes.add(copied);
+        }
+        if let Some(why) = copy_failed {
             // The connection breaks and the piece is read again, exactly.
-            tracing::warn!("user copy refused; this queue receives payloads into the pages only");
-            self.buffer_mode = BufferMode::Kernel {
-                recv_fixed,
-                user_copy: false,
-            };
+            self.stop_user_copy(&why);
         }
         consumed.map(|_| ())
     }

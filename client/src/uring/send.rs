@@ -214,11 +214,11 @@ impl<F: Frontend> QueueDriver<F> {
     /// Makes a copied payload's bytes ready in its tag buffer: in kernel
     /// buffer mode they are copied out of the request first. False if that
     /// failed: the payload then goes zero-copy, and so do all later ones of
-    /// this queue (the device refused user copy; said once).
+    /// this queue.
     fn copy_out(&mut self, slice: &BufSlice) -> bool {
-        let BufferMode::Kernel { recv_fixed, .. } = self.buffer_mode else {
+        if self.buffer_mode == BufferMode::User {
             return true;
-        };
+        }
         let at = self.buffers.slice_ptr(slice.tag, slice.offset, slice.len);
         // SAFETY: the slice lies in the tag's buffer (`slice_ptr` checks its
         // bounds), which this queue owns while the request is in flight;
@@ -228,14 +228,9 @@ impl<F: Frontend> QueueDriver<F> {
         match self.frontend.copy_out(slice.tag, slice.offset, dst) {
             Ok(()) => true,
             Err(err) => {
-                tracing::warn!(
-                    "copying a small write payload out of the request failed ({err}); \
-                     this queue sends every payload zero-copy from now on"
-                );
-                self.buffer_mode = BufferMode::Kernel {
-                    recv_fixed,
-                    user_copy: false,
-                };
+                self.stop_user_copy(&format!(
+                    "copying a write payload out of the request failed: {err}"
+                ));
                 false
             }
         }

@@ -687,15 +687,7 @@ mod tests {
         }
         assert!(script.contains("PASSES=\"store null\""));
         assert!(script.contains("RUNTIME_MS=3000\nRAMP_MS=1000\nROUNDS=3\n"));
-        let out = Command::new("sh")
-            .args(["-n", "-c", &script])
-            .output()
-            .expect("run sh -n");
-        assert!(
-            out.status.success(),
-            "sh -n: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vm::tests::assert_valid_shell(&script);
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub struct Setting {
 pub(super) const BUSY_HOST: f64 = 0.5;
 
 /// What the report says about other work on the host while it measured.
-pub(super) fn host_section(samples: &[Sample], setting: &Setting) -> String {
+fn host_section(samples: &[Sample], setting: &Setting) -> String {
     let mut out = String::from("## Other work on the host\n\n");
     let host = &setting.host;
     let Some(overall) = host.overall else {
@@ -298,7 +298,14 @@ pub fn report(console: &Console, setting: &Setting) -> String {
         out.push_str(&pass_table(&console.samples, pass));
         out.push('\n');
     }
-    out.push_str(&host_section(&console.samples, setting));
+    out.push_str(&closing_sections(console, setting));
+    out
+}
+
+/// The end of every report: other work on the host, and the runs that
+/// could not be counted.
+pub(super) fn closing_sections(console: &Console, setting: &Setting) -> String {
+    let mut out = host_section(&console.samples, setting);
     if !console.problems.is_empty() {
         out.push_str("## Runs not counted\n\n");
         for problem in &console.problems {

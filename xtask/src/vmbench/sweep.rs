@@ -163,14 +163,7 @@ pub fn report(console: &Console, setting: &Setting) -> String {
     if !paths.is_empty() {
         let _ = writeln!(out, "## As set up\n\n- {}\n", paths.join("\n- "));
     }
-    out.push_str(&host_section(&console.samples, setting));
-    if !console.problems.is_empty() {
-        out.push_str("## Runs not counted\n\n");
-        for problem in &console.problems {
-            let _ = writeln!(out, "- {problem}");
-        }
-        out.push('\n');
-    }
+    out.push_str(&closing_sections(console, setting));
     out
 }
 
@@ -206,15 +199,7 @@ mod tests {
         assert!(script.contains("PASSES=\"sweep\"\n"));
         assert!(script.contains("NODE_PROCS=8\n"));
         assert!(script.contains("RUNTIME_MS=2000\nRAMP_MS=1000\nROUNDS=2\n"));
-        let out = Command::new("sh")
-            .args(["-n", "-c", &script])
-            .output()
-            .expect("run sh -n");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vm::tests::assert_valid_shell(&script);
     }
 
     /// The CPU figures the guest measures around each run.
