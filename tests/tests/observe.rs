@@ -252,6 +252,37 @@ fn metrics_and_logs_tell_what_happened() {
         "large payloads zero-copy"
     );
     assert_eq!(payload(&after, "copy"), 20.0 * 4096.0);
+    // A 1 MiB write is 16 pieces of 64 KiB over the 3 nodes (6, 5 and 5),
+    // each node's queued at once: one chain per node. Where the kernel
+    // sends a vectored SENDMSG_ZC from a registered buffer, each chain is
+    // one zero-copy send; before 6.15, one SEND_ZC per piece.
+    let sends = |s: &[Sample]| {
+        value(s, "netblk_zerocopy_sends_total", &[("volume", "observed")]).unwrap_or(0.0)
+    };
+    let sends_before = sends(&after);
+    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096) as u8 ^ 0x5a).collect();
+    volume.write_at(&big, 2 << 20).expect("write");
+    let mut back = vec![0u8; big.len()];
+    volume.read_at(&mut back, 2 << 20).expect("read");
+    assert!(back == big, "the 1 MiB write reads back");
+    let after = until(addr, "every zero-copy notification back", |s| {
+        value(
+            s,
+            "netblk_zerocopy_notifications_total",
+            &[("volume", "observed")],
+        ) == Some(sends(s))
+    });
+    let chains = if netblk::uring::probe_sendmsg_zc_fixed() {
+        3.0
+    } else {
+        16.0
+    };
+    assert_eq!(
+        sends(&after) - sends_before,
+        chains,
+        "zero-copy sends of a 1 MiB write"
+    );
+    assert_eq!(payload(&after, "zerocopy"), 65536.0 + f64::from(1u32 << 20));
     // Read payloads are received into the connection buffer and copied
     // into the request buffers (user buffer mode): the 12 reads of 64 KiB.
     let received = |mode: &str| {
@@ -262,7 +293,7 @@ fn metrics_and_logs_tell_what_happened() {
         )
         .unwrap_or(0.0)
     };
-    assert_eq!(received("copy"), 12.0 * 65536.0);
+    assert_eq!(received("copy"), 12.0 * 65536.0 + f64::from(1u32 << 20));
     assert_eq!(received("direct"), 0.0);
 
     // Node 1 killed: disconnected (once the client notices), then back.

@@ -1,4 +1,5 @@
-//! Request buffers: one per tag, in one anonymous mapping made at start-up.
+//! Request buffers: one per tag, in one anonymous mapping made at start-up,
+//! followed by the queue's head slots.
 
 use std::io;
 use std::ptr::NonNull;
@@ -6,6 +7,11 @@ use std::ptr::NonNull;
 use crate::engine::Tag;
 
 /// One buffer per tag, in one anonymous mapping allocated at start-up.
+/// After the tag buffers, the same mapping holds [`HEAD_SLOTS`] head slots
+/// per connection (for up to [`HEAD_CONNS`] connections): a vectored
+/// zero-copy send from the registered mapping takes its frame heads from
+/// there (see `send`), since every byte of such a send must lie in one
+/// registered buffer. The head slots belong to the queue thread alone.
 ///
 /// Ownership protocol: a tag's buffer belongs either to the frontend (no IO
 /// in flight: it fills or drains it) or to the queue thread and the kernel
@@ -13,6 +19,7 @@ use crate::engine::Tag;
 /// is the token passed between them.
 pub struct TagBuffers {
     base: NonNull<u8>,
+    /// The whole mapping: tag buffers, then head slots.
     len: usize,
     tag_size: usize,
     depth: u16,
@@ -27,13 +34,25 @@ unsafe impl Send for TagBuffers {}
 // the unsafe accessors require the caller to own the tag.
 unsafe impl Sync for TagBuffers {}
 
+/// Bytes of one head slot: the heads of a whole send chain (at most
+/// `MAX_CHAIN` frames of a few dozen bytes each) fit with room to spare; a
+/// chain whose heads do not is sent without one.
+pub(super) const HEAD_SLOT: usize = 4096;
+/// Head slots per connection: a slot is held until its send's zero-copy
+/// notification, so this many vectored sends may await theirs at once.
+pub(super) const HEAD_SLOTS: usize = 4;
+/// Connections of a queue that have head slots (later ones send without).
+pub(super) const HEAD_CONNS: usize = 64;
+const HEAD_AREA: usize = HEAD_SLOT * HEAD_SLOTS * HEAD_CONNS;
+
 impl TagBuffers {
-    /// `depth` buffers of `tag_size` bytes each.
+    /// `depth` buffers of `tag_size` bytes each (and the head slots).
     pub fn new(depth: u16, tag_size: u32) -> io::Result<TagBuffers> {
         let tag_size = tag_size as usize;
         let len = usize::from(depth)
             .checked_mul(tag_size)
             .filter(|len| *len > 0)
+            .and_then(|len| len.checked_add(HEAD_AREA))
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad buffer geometry"))?;
         // SAFETY: an anonymous private mapping with no address hint touches no
         // existing memory; the result is checked before use.
@@ -108,6 +127,26 @@ impl TagBuffers {
         unsafe { std::slice::from_raw_parts_mut(self.tag_ptr(tag), self.tag_size) }
     }
 
+    /// Head slot `slot` of connection `conn`, if it has one.
+    pub(super) fn head_slot(&self, conn: usize, slot: usize) -> Option<*mut u8> {
+        if conn >= HEAD_CONNS || slot >= HEAD_SLOTS {
+            return None;
+        }
+        let at = self.len - HEAD_AREA + (conn * HEAD_SLOTS + slot) * HEAD_SLOT;
+        // SAFETY: conn and slot are in range, so the slot lies inside the
+        // head area at the end of the mapping.
+        Some(unsafe { self.base.as_ptr().add(at) })
+    }
+
+    /// The whole mapping, tag buffers and head slots, as one iovec: what a
+    /// vectored zero-copy send registers.
+    pub(super) fn whole(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.base.as_ptr().cast(),
+            iov_len: self.len,
+        }
+    }
+
     pub(super) fn iovecs(&self) -> Vec<libc::iovec> {
         (0..self.depth)
             .map(|tag| libc::iovec {
@@ -125,5 +164,33 @@ impl Drop for TagBuffers {
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_slots_follow_the_tag_buffers_and_do_not_overlap() {
+        let buffers = TagBuffers::new(4, 8192).expect("buffers");
+        let tags_end = buffers.tag_ptr(3) as usize + 8192;
+        let whole = buffers.whole();
+        let end = whole.iov_base as usize + whole.iov_len;
+        let mut slots = Vec::new();
+        for conn in 0..HEAD_CONNS {
+            for slot in 0..HEAD_SLOTS {
+                let at = buffers.head_slot(conn, slot).expect("slot") as usize;
+                assert!(
+                    at >= tags_end && at + HEAD_SLOT <= end,
+                    "inside the head area"
+                );
+                slots.push(at);
+            }
+        }
+        slots.sort_unstable();
+        assert!(slots.windows(2).all(|w| w[1] - w[0] >= HEAD_SLOT));
+        assert_eq!(buffers.head_slot(HEAD_CONNS, 0), None);
+        assert_eq!(buffers.head_slot(0, HEAD_SLOTS), None);
     }
 }

@@ -23,6 +23,8 @@ pub(super) struct Conn {
     pub(super) chain: super::send::SendChain,
     /// CQEs (other than notifications) the chain still owes.
     pub(super) chain_left: u32,
+    /// Heads of vectored sends awaiting their notification.
+    pub(super) head_slots: super::send::HeadSlots,
     pub(super) rbuf: Box<[u8]>,
     pub(super) rstart: usize,
     pub(super) rend: usize,

@@ -8,6 +8,7 @@ pub(super) const K_RECV_PAYLOAD: u64 = 4;
 pub(super) const K_WAKE: u64 = 5;
 pub(super) const K_CANCEL: u64 = 6;
 pub(super) const K_FRONTEND: u64 = 7;
+pub(super) const K_VEC: u64 = 8;
 
 /// The connection field of user data: node index (12 bits) and the
 /// connection's generation (4 bits), so that a completion from a connection

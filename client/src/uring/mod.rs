@@ -6,7 +6,9 @@
 //! fixed buffers, one per tag (buffer index = tag). What a connection has
 //! ready goes out as one linked chain (see `send`): heads and copied payloads
 //! gathered in a `SENDMSG`, large write payloads as `IORING_OP_SEND_ZC` from
-//! the fixed buffer; a buffer is handed back to the engine only once the
+//! the fixed buffer, or, where the kernel can (6.15+) and the payloads are
+//! in [`TagBuffers`], the whole chain as one vectored `SENDMSG_ZC` from the
+//! registered mapping; a buffer is handed back to the engine only once the
 //! kernel is done with it (for zero copy: at the notification).
 //! Read replies: the header is received into the connection's buffer, the
 //! payload straight into the request buffer at its offset.
@@ -33,14 +35,14 @@ use io_uring::{cqueue, opcode, squeue, types};
 
 pub use buffers::TagBuffers;
 pub use reconnect::Reconnect;
-pub use sys::{Doorbell, enable_zerocopy, probe, probe_recv_fixed};
+pub use sys::{Doorbell, enable_zerocopy, probe, probe_recv_fixed, probe_sendmsg_zc_fixed};
 
 use crate::engine::{Completion, Engine, Tag};
 use crate::recv::ReplyReader;
 use conn::Conn;
 use ids::{
-    K_CANCEL, K_DATA, K_FRONTEND, K_HEAD, K_RECV, K_RECV_PAYLOAD, K_WAKE, conn_id, split_user_data,
-    user_data,
+    K_CANCEL, K_DATA, K_FRONTEND, K_HEAD, K_RECV, K_RECV_PAYLOAD, K_VEC, K_WAKE, conn_id,
+    split_user_data, user_data,
 };
 use receive::RECV_BUF;
 use reconnect::{RECONNECT_MIN, Reconnected};
@@ -153,6 +155,10 @@ pub struct QueueDriver<F: Frontend> {
     frontend: F,
     mode: SendMode,
     buffer_mode: BufferMode,
+    /// Chains with a zero-copy payload go as one vectored `SENDMSG_ZC`
+    /// (see `send`): the whole buffer mapping is registered at index
+    /// `depth` for it.
+    vectored: bool,
     wake_buf: Box<u64>,
     wake_posted: bool,
     frontend_sqes: Vec<squeue::Entry>,
@@ -193,14 +199,27 @@ impl<F: Frontend> QueueDriver<F> {
         let depth = engine.config().depth;
         let (sq, cq) = ring::ring_sizes(depth, streams.len(), MAX_CHAIN_OPS);
         let ring = Ring::new(sq, cq)?;
+        let mut vectored = false;
         match buffer_mode {
             BufferMode::User => {
-                let iovecs = buffers.iovecs();
-                // SAFETY: the iovecs describe the buffer mapping, which `buffers`
-                // keeps alive for longer than the ring (the ring is dropped
-                // first, and the shutdown path waits for every operation
-                // before that).
-                unsafe { ring.submitter().register_buffers(&iovecs)? };
+                let mut iovecs = buffers.iovecs();
+                // One registered buffer may not exceed 1 GiB.
+                if mode == SendMode::ZeroCopy
+                    && buffers.whole().iov_len <= 1 << 30
+                    && sys::probe_sendmsg_zc_fixed()
+                {
+                    iovecs.push(buffers.whole());
+                    // SAFETY: as below.
+                    vectored = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
+                    iovecs.pop();
+                }
+                if !vectored {
+                    // SAFETY: the iovecs describe the buffer mapping, which
+                    // `buffers` keeps alive for longer than the ring (the ring
+                    // is dropped first, and the shutdown path waits for every
+                    // operation before that).
+                    unsafe { ring.submitter().register_buffers(&iovecs)? };
+                }
             }
             BufferMode::Kernel { .. } => {
                 ring.submitter()
@@ -221,6 +240,7 @@ impl<F: Frontend> QueueDriver<F> {
                 connecting: false,
                 chain: SendChain::default(),
                 chain_left: 0,
+                head_slots: Default::default(),
                 rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
                 rstart: 0,
                 rend: 0,
@@ -240,6 +260,7 @@ impl<F: Frontend> QueueDriver<F> {
             frontend,
             mode,
             buffer_mode,
+            vectored,
             wake_buf: Box::new(0),
             wake_posted: false,
             frontend_sqes: Vec::new(),
@@ -386,14 +407,18 @@ impl<F: Frontend> QueueDriver<F> {
                 .conns
                 .get(node)
                 .is_some_and(|c| conn_id(node, c.generation) == cid);
-            if matches!(kind, K_HEAD | K_DATA | K_RECV | K_RECV_PAYLOAD) && !current {
+            if matches!(kind, K_HEAD | K_DATA | K_VEC | K_RECV | K_RECV_PAYLOAD) && !current {
                 // From a connection already replaced: only a buffer it held
                 // matters now. (A connection is replaced only once it holds
                 // no operation, so this is a safety net; a `SENDMSG`'s
                 // copied payloads went with its chain.)
-                if kind == K_DATA && (cqueue::notif(flags) || !cqueue::more(flags)) {
+                let last = cqueue::notif(flags) || !cqueue::more(flags);
+                if kind == K_DATA && last {
                     self.engine
                         .handle_buffer_released(node, (detail >> 27) as Tag);
+                }
+                if kind == K_VEC && last && node < self.conns.len() {
+                    self.release_head_slot(node, detail as usize);
                 }
                 continue;
             }
@@ -407,6 +432,7 @@ impl<F: Frontend> QueueDriver<F> {
                     .on_cqe(detail, res, &mut self.engine, Instant::now()),
                 K_HEAD => self.on_msg_sent(node, detail, res),
                 K_DATA => self.on_data_sent(node, detail, res, flags),
+                K_VEC => self.on_vectored_sent(node, detail, res, flags),
                 K_RECV => self.on_recv(node, res),
                 K_RECV_PAYLOAD => self.on_recv_payload(node, res),
                 _ => {}
