@@ -4,8 +4,10 @@
 //! daemon. Part of the `netblk` binary, not of the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use netblk::config::VolumeFile;
 use netblk::state;
 use netblk::ublk::ctrl::{daemon_alive, process_start_time};
 use netblk::uring::SendMode;
@@ -20,69 +22,157 @@ pub struct MapArgs {
     /// anyway must match it).
     #[arg(long, value_name = "DEVICE")]
     pub recover: Option<String>,
+    /// A volume file (/etc/netblk/volumes/NAME.toml): its keys are this
+    /// command's options with `_` for `-` (nodes as an array of "IP:PORT"
+    /// strings, sizes as numbers or strings such as "10G"); the volume is
+    /// named after the file unless it has a `volume` key. Flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Volume name (the nodes store it under this name).
-    #[arg(long, required_unless_present = "recover")]
+    #[arg(long, required_unless_present_any = ["recover", "config"])]
     pub volume: Option<String>,
     /// Volume size (bytes; K, M, G, T suffixes): whole blocks, at most 1 EiB.
-    #[arg(long, value_parser = parse_size, required_unless_present = "recover")]
+    #[arg(long, value_parser = parse_size, required_unless_present_any = ["recover", "config"])]
     pub size: Option<u64>,
     /// The nodes, in stripe order (comma separated; 1 to 1024). The order is
     /// part of the volume: nodes refuse a different one.
     #[arg(
         long,
         value_delimiter = ',',
-        required_unless_present = "recover",
+        required_unless_present_any = ["recover", "config"],
         value_name = "ADDR,..."
     )]
     pub nodes: Vec<SocketAddr>,
-    /// Stripe unit (bytes; K, M suffixes): a power of two from 4K to 4M.
-    #[arg(long, default_value = "128K", value_parser = parse_stripe_unit)]
-    pub stripe_unit: u32,
-    /// Hardware queues (1 to 64), each a thread with its own connections.
-    #[arg(long, default_value_t = 1)]
-    pub queues: usize,
-    /// Requests in flight per queue (1 to 4096).
-    #[arg(long, default_value_t = 64)]
-    pub depth: u16,
-    /// Logical block size: 512 or 4096.
-    #[arg(long, default_value_t = 512)]
-    pub block_size: u32,
-    /// How payloads leave for the nodes in copy mode: zc (SEND_ZC) or copy.
-    #[arg(long, default_value = "zc", value_parser = ["zc", "copy"])]
-    pub send: String,
+    /// Stripe unit (bytes; K, M suffixes): a power of two from 4K to 4M
+    /// [default: 128K].
+    #[arg(long, value_parser = parse_stripe_unit, value_name = "SIZE")]
+    pub stripe_unit: Option<u32>,
+    /// Hardware queues (1 to 64), each a thread with its own connections
+    /// [default: 1].
+    #[arg(long)]
+    pub queues: Option<usize>,
+    /// Requests in flight per queue (1 to 4096) [default: 64].
+    #[arg(long)]
+    pub depth: Option<u16>,
+    /// Logical block size: 512 or 4096 [default: 512].
+    #[arg(long)]
+    pub block_size: Option<u32>,
+    /// How payloads leave for the nodes in copy mode: zc (SEND_ZC) or copy
+    /// [default: zc].
+    #[arg(long, value_parser = ["zc", "copy"])]
+    pub send: Option<String>,
     /// Zero copy between the block layer and the network: auto (the best the
-    /// kernel offers), on (fail where the kernel cannot), off (copy mode).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
-    pub zero_copy: String,
-    /// Seconds before a request fails with EIO (1 to 3600).
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    pub io_timeout: u64,
+    /// kernel offers), on (fail where the kernel cannot), off (copy mode)
+    /// [default: auto].
+    #[arg(long, value_parser = ["auto", "on", "off"])]
+    pub zero_copy: Option<String>,
+    /// Seconds before a request fails with EIO (1 to 3600) [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<u64>,
     /// Seconds a node may stay unreachable before IO to its stripes fails at
     /// once with EIO (instead of waiting for --io-timeout); IO works again as
-    /// soon as it is back (1 to 3600).
-    #[arg(long, default_value_t = 15, value_name = "SECS")]
-    pub node_down_timeout: u64,
+    /// soon as it is back (1 to 3600) [default: 15].
+    #[arg(long, value_name = "SECS")]
+    pub node_down_timeout: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+}
+
+/// What `map` runs with: each option from its flag, else the volume file,
+/// else its default. Volume, size and nodes have no default (with
+/// `--recover` they come from the device's record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub volume: Option<String>,
+    pub size: Option<u64>,
+    pub nodes: Vec<SocketAddr>,
+    pub stripe_unit: u32,
+    pub queues: usize,
+    pub depth: u16,
+    pub block_size: u32,
+    pub send: String,
+    pub zero_copy: String,
+    pub io_timeout: u64,
+    pub node_down_timeout: u64,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// The flags over `file` (if any) over the defaults.
+    pub fn resolve(args: &MapArgs, file: Option<VolumeFile>) -> Settings {
+        let f = file.unwrap_or_default();
+        let from_file = !f.volume.is_empty();
+        Settings {
+            volume: args
+                .volume
+                .clone()
+                .or_else(|| from_file.then(|| f.volume.clone())),
+            size: args.size.or(f.size),
+            nodes: if args.nodes.is_empty() {
+                f.nodes.unwrap_or_default()
+            } else {
+                args.nodes.clone()
+            },
+            stripe_unit: args.stripe_unit.or(f.stripe_unit).unwrap_or(128 << 10),
+            queues: args.queues.or(f.queues).unwrap_or(1),
+            depth: args.depth.or(f.depth).unwrap_or(64),
+            block_size: args.block_size.or(f.block_size).unwrap_or(512),
+            send: args.send.clone().or(f.send).unwrap_or_else(|| "zc".into()),
+            zero_copy: args
+                .zero_copy
+                .clone()
+                .or(f.zero_copy)
+                .unwrap_or_else(|| "auto".into()),
+            io_timeout: args.io_timeout.or(f.io_timeout).unwrap_or(30),
+            node_down_timeout: args.node_down_timeout.or(f.node_down_timeout).unwrap_or(15),
+            metrics_addr: args.metrics_addr.or(f.metrics_addr),
+        }
+    }
+
+    /// What a fresh map needs that has no default, named as the flag and
+    /// the volume-file key.
+    fn missing(&self) -> Option<&'static str> {
+        if self.volume.is_none() {
+            Some("--volume (key `volume`)")
+        } else if self.size.is_none() {
+            Some("--size (key `size`)")
+        } else if self.nodes.is_empty() {
+            Some("--nodes (key `nodes`)")
+        } else {
+            None
+        }
+    }
 }
 
 pub fn map(args: MapArgs) -> Result<(), Failure> {
     use netblk::frontend::VolumeOptions;
     use netblk::layout::VolumeSpec;
     use netblk::ublk::device::{self, MapOptions};
+    let file = args
+        .config
+        .as_deref()
+        .map(netblk::config::load)
+        .transpose()
+        .map_err(Failure::Usage)?;
+    let set = Settings::resolve(&args, file);
+    // Errors in values from a volume file say which file.
+    let bad = |why: String| match &args.config {
+        Some(path) => Failure::Usage(format!("{why} (options from {})", path.display())),
+        None => Failure::Usage(why),
+    };
     let options = MapOptions {
         volume: VolumeOptions {
-            queues: args.queues,
-            depth: args.depth,
+            queues: set.queues,
+            depth: set.depth,
             max_io: 1 << 20,
-            send_mode: send_mode(&args.send),
-            io_timeout: Duration::from_secs(args.io_timeout),
-            node_down_timeout: Duration::from_secs(args.node_down_timeout),
+            send_mode: send_mode(&set.send),
+            io_timeout: Duration::from_secs(set.io_timeout),
+            node_down_timeout: Duration::from_secs(set.node_down_timeout),
             ..VolumeOptions::default()
         },
-        block_size: args.block_size,
-        zero_copy: match args.zero_copy.as_str() {
+        block_size: set.block_size,
+        zero_copy: match set.zero_copy.as_str() {
             "on" => device::ZeroCopy::On,
             "off" => device::ZeroCopy::Off,
             _ => device::ZeroCopy::Auto,
@@ -91,23 +181,38 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
     };
     // Every number given is checked, also with --recover (which takes its
     // options from the record instead).
-    options.check().map_err(|e| Failure::Usage(e.to_string()))?;
+    options.check().map_err(|e| bad(e.to_string()))?;
     // The test hook is read once, here, for the map and for a recovery.
     let fail_queue = device::FailQueue::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
     if let Some(device) = &args.recover {
-        return recover(device, &args, fail_queue);
+        return recover(device, &set, fail_queue);
+    }
+    if let Some(what) = set.missing() {
+        return Err(bad(format!("no {what} given")));
     }
     let options = MapOptions {
         fail_queue,
         ..options
     };
     let spec = VolumeSpec {
-        name: args.volume.clone().unwrap_or_default(),
-        size: args.size.unwrap_or_default(),
-        stripe_unit: args.stripe_unit,
-        nodes: args.nodes.clone(),
+        name: set.volume.clone().unwrap_or_default(),
+        size: set.size.unwrap_or_default(),
+        stripe_unit: set.stripe_unit,
+        nodes: set.nodes.clone(),
     };
-    device::check(&spec, &options).map_err(|e| Failure::Usage(e.to_string()))?;
+    device::check(&spec, &options).map_err(|e| bad(e.to_string()))?;
+    // This volume's device may be waiting for a new daemon (the old one
+    // crashed, or was stopped while the device was in use): attach to it,
+    // so a restart never makes a second device under a mounted filesystem.
+    if let Some(id) = awaiting_recovery(&spec)? {
+        tracing::info!(
+            device = %format!("/dev/ublkb{id}"),
+            volume = %spec.name,
+            "volume '{}' is already /dev/ublkb{id}, which waits for a daemon: recovering it",
+            spec.name
+        );
+        return recover(&id.to_string(), &set, options.fail_queue);
+    }
     let signals = stop_signals()?;
     let device = device::map(&spec, &options).map_err(|e| e.to_string())?;
     tracing::info!(
@@ -120,7 +225,31 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
         spec.nodes.len(),
         device.path.name()
     );
-    serve(device, &spec, &options, 0, signals, args.metrics_addr, true).map_err(Failure::Run)
+    serve(device, &spec, &options, 0, signals, set.metrics_addr, true).map_err(Failure::Run)
+}
+
+/// The device of `spec`'s volume (same name, same nodes) whose daemon is
+/// gone while the kernel still has it, if any; a volume served by a live
+/// daemon is an error, and a record whose device is gone is dropped.
+fn awaiting_recovery(spec: &netblk::layout::VolumeSpec) -> Result<Option<u32>, Failure> {
+    let dir = state::state_dir();
+    let mut ctrl = netblk::ublk::ctrl::Control::open().ok();
+    for record in state::list(&dir).into_iter().flatten() {
+        if record.volume != spec.name || record.nodes != spec.nodes {
+            continue;
+        }
+        if daemon_alive(record.pid, record.pid_start) {
+            return Err(Failure::Run(format!(
+                "volume '{}' is already mapped as /dev/ublkb{} by daemon {}",
+                spec.name, record.id, record.pid
+            )));
+        }
+        if ctrl.as_mut().is_some_and(|c| c.info(record.id).is_ok()) {
+            return Ok(Some(record.id));
+        }
+        let _ = state::remove(&dir, record.id);
+    }
+    Ok(None)
 }
 
 /// Starts `/metrics` on `addr`, if given: the telemetry to report to.
@@ -156,7 +285,7 @@ pub fn stop_signals() -> Result<signal_hook::iterator::Signals, String> {
 /// the device, which `device::recover` waits on before any node is touched.
 fn recover(
     device: &str,
-    args: &MapArgs,
+    args: &Settings,
     fail_queue: Option<netblk::ublk::device::FailQueue>,
 ) -> Result<(), Failure> {
     use netblk::frontend::VolumeOptions;
@@ -323,6 +452,12 @@ pub fn serve(
             "cannot record the device: list, status, unmap and recovery will not see it"
         );
     }
+    // udev saw the device appear before its record existed: a change event
+    // now lets the rule name it /dev/netblk/VOLUME.
+    let uevent = format!("/sys/block/ublkb{}/uevent", device.dev_id);
+    if let Err(err) = std::fs::write(&uevent, "change") {
+        tracing::debug!(path = %uevent, error = %err, "no change event for udev");
+    }
     let socket = netblk::control::socket_path(&dir, device.dev_id);
     if let Err(err) = netblk::control::serve(&socket, source) {
         tracing::error!(socket = %socket.display(), error = %err, "no control socket: `netblk status` cannot ask this daemon");
@@ -340,7 +475,8 @@ pub fn serve(
         .map(|hook| (hook, Instant::now() + hook.after));
     loop {
         use netblk::ublk::device::{FAIL_QUEUE_ENV, Supervision, supervise};
-        let stop = signals.pending().next().is_some();
+        let signal = signals.pending().next();
+        let stop = signal.is_some();
         if let Some((hook, due)) = hook_due
             && Instant::now() >= due
         {
@@ -362,6 +498,21 @@ pub fn serve(
                 for end in &ended {
                     tracing::info!("{path}: {end}");
                 }
+                if ended.is_empty()
+                    && signal == Some(signal_hook::consts::SIGTERM)
+                    && netblk::ublk::device::block_in_use(&path)
+                {
+                    // A service manager stopping us (a restart, an upgrade)
+                    // must not pull the device from under a mounted
+                    // filesystem: the device waits, its IO held, for the
+                    // next `map` of this volume, which recovers it.
+                    tracing::warn!(
+                        device = %path,
+                        "{path} is in use (mounted, or held by another device): left for the next `netblk map` of volume '{}' to recover; unmount it before stopping to unmap it",
+                        spec.name
+                    );
+                    return Ok(());
+                }
                 break;
             }
             Supervision::Abandon(why) => {
@@ -379,4 +530,70 @@ pub fn serve(
     let _ = state::remove(&dir, id);
     let _ = std::fs::remove_file(&socket);
     stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        map: MapArgs,
+    }
+
+    fn args(flags: &[&str]) -> MapArgs {
+        let mut argv = vec!["map"];
+        argv.extend_from_slice(flags);
+        Cli::try_parse_from(argv).expect("flags").map
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_the_defaults() {
+        let file = netblk::config::parse(
+            "nodes = [\"10.0.0.1:7001\"]\nsize = \"1G\"\ndepth = 8\nqueues = 2\n",
+            "db",
+        )
+        .expect("file");
+        let set = Settings::resolve(&args(&["--config", "db.toml", "--depth", "16"]), Some(file));
+        assert_eq!(set.volume.as_deref(), Some("db"), "named after the file");
+        assert_eq!(set.size, Some(1 << 30));
+        assert_eq!(set.depth, 16, "the flag wins");
+        assert_eq!(set.queues, 2, "the file wins over the default");
+        assert_eq!(set.stripe_unit, 128 << 10, "the default");
+        assert_eq!(set.io_timeout, 30);
+        assert_eq!(set.zero_copy, "auto");
+        assert_eq!(set.missing(), None);
+    }
+
+    #[test]
+    fn without_a_file_the_defaults_are_the_documented_ones() {
+        let set = Settings::resolve(
+            &args(&["--volume", "v", "--size", "1G", "--nodes", "127.0.0.1:1"]),
+            None,
+        );
+        assert_eq!(
+            (
+                set.queues,
+                set.depth,
+                set.block_size,
+                set.io_timeout,
+                set.node_down_timeout
+            ),
+            (1, 64, 512, 30, 15)
+        );
+        assert_eq!((set.send.as_str(), set.zero_copy.as_str()), ("zc", "auto"));
+    }
+
+    #[test]
+    fn a_file_without_nodes_names_what_is_missing() {
+        let file = netblk::config::parse("size = \"1G\"\n", "db").expect("file");
+        let set = Settings::resolve(&args(&["--config", "db.toml"]), Some(file));
+        assert_eq!(set.missing(), Some("--nodes (key `nodes`)"));
+        assert!(
+            Cli::try_parse_from(["map"]).is_err(),
+            "without --config or --recover, --volume is required"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! - [`engine`]: the sans-IO request engine (no sockets, rings or clock).
 
 pub mod bench;
+pub mod config;
 pub mod control;
 pub mod engine;
 pub mod frontend;

@@ -58,11 +58,16 @@ enum Cmd {
         size: u64,
     },
     /// Stop and remove a device: the daemon finishes in-flight IO, then the
-    /// device goes away.
+    /// device goes away. A device in use (mounted, or held by another
+    /// device) is refused: unmount it first.
     Unmap {
         /// /dev/ublkbN or N.
         device: String,
     },
+    /// Print the volume name of a netblk device (ublkbN, /dev/ublkbN or N)
+    /// from its record: what the udev rule names /dev/netblk/VOLUME after.
+    /// Prints nothing and exits 1 for a device netblk has no record of.
+    UdevName { device: String },
     /// Show each device as its daemon sees it: volume, data path, state,
     /// and per node: connection (or down since when), session, pieces in
     /// flight, reconnects, p50/p99 latency over the last minute, last error.
@@ -178,6 +183,7 @@ fn main() -> ExitCode {
         Cmd::Map(args) => daemon::map(args),
         Cmd::Demo { size } => demo(size),
         Cmd::Unmap { device } => unmap(&device).map_err(Failure::Run),
+        Cmd::UdevName { device } => udev_name(&device).map_err(Failure::Run),
         Cmd::List => list().map_err(Failure::Run),
         Cmd::Status { device, json } => status(device.as_deref(), json).map_err(Failure::Run),
         Cmd::Features => features().map_err(Failure::Run),
@@ -356,6 +362,11 @@ fn unmap(device: &str) -> Result<(), String> {
                 "/dev/ublkb{id} is already gone (its stale record was removed)"
             ))
         }
+        (_, true) if netblk::ublk::device::block_in_use(&format!("/dev/ublkb{id}")) => {
+            Err(format!(
+                "/dev/ublkb{id} is in use (mounted, or held by another device): unmount it first"
+            ))
+        }
         (record, true) => {
             match record
                 .as_ref()
@@ -386,6 +397,14 @@ fn unmap(device: &str) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn udev_name(device: &str) -> Result<(), String> {
+    let id = state::parse_device(device)?;
+    let record = state::load(&state::state_dir(), id)?
+        .ok_or_else(|| format!("no record of /dev/ublkb{id}: not a netblk device"))?;
+    println!("{}", record.volume);
+    Ok(())
 }
 
 fn list() -> Result<(), String> {

@@ -518,6 +518,29 @@ fn start_queues(
     Ok(())
 }
 
+/// Whether the block device at `path` is claimed: mounted, or held by
+/// another device (dm, md, swap) or an exclusive opener. An exclusive open
+/// is refused with EBUSY exactly then.
+pub fn block_in_use(path: &str) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and flags; the descriptor returned is
+    // closed at once below.
+    let fd = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_RDONLY | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: fd was just opened here and nothing else holds it.
+        unsafe { libc::close(fd) };
+        return false;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY)
+}
+
 /// Connects, adds, configures and starts the device. Nothing is left behind
 /// on failure. The device survives its daemon (`UBLK_F_USER_RECOVERY`,
 /// with reissue where the kernel has it): see [`recover`].
