@@ -68,6 +68,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("orphan", include_str!("scenarios/orphan.sh")),
     ("trust", include_str!("scenarios/trust.sh")),
     ("recovery", include_str!("scenarios/recovery.sh")),
+    ("deploy", include_str!("scenarios/deploy.sh")),
     ("observe", include_str!("scenarios/observe.sh")),
 ];
 
