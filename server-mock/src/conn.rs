@@ -615,12 +615,13 @@ pub fn run_delayed(node: &Node) {
 /// Checks that `[offset, offset + len)` lies within the node's part of the volume.
 fn in_range(volume: &Volume, offset: u64, len: u64) -> Result<(), (Status, String)> {
     match offset.checked_add(len) {
-        Some(end) if end <= volume.capacity => Ok(()),
+        Some(end) if end <= volume.capacity() => Ok(()),
         _ => Err((
             Status::OutOfRange,
             format!(
                 "range {offset}+{len} is beyond this node's {} bytes of volume '{}'",
-                volume.capacity, volume.name
+                volume.capacity(),
+                volume.name
             ),
         )),
     }
@@ -753,6 +754,9 @@ fn apply(
             reply.nonce = ping.nonce;
             Ok(())
         }
+        Op::Resize(resize) => node
+            .resize(volume, resize.volume_size)
+            .map_err(|why| (Status::Invalid, why)),
     }
 }
 

@@ -71,11 +71,22 @@ impl Config {
 /// One volume as this node holds it.
 pub struct Volume {
     pub name: String,
-    pub meta: VolumeMeta,
+    /// What it was created with, or last resized to.
+    meta: Mutex<VolumeMeta>,
     pub lineage: store::Lineage,
     /// Bytes of the volume on this node; node offsets are below it.
-    pub capacity: u64,
+    capacity: AtomicU64,
     pub backend: Box<dyn Backend>,
+}
+
+impl Volume {
+    pub fn meta(&self) -> VolumeMeta {
+        *lock(&self.meta)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
 }
 
 /// Counters behind [`pb::Stats`].
@@ -109,7 +120,7 @@ impl Counters {
             Some(Op::Flush(_)) => 2,
             Some(Op::Discard(_)) => 3,
             Some(Op::WriteZeroes(_)) => 4,
-            Some(Op::Ping(_)) | None => 5,
+            Some(Op::Ping(_) | Op::Resize(_)) | None => 5,
         };
         let status = usize::try_from(reply.status).unwrap_or(0).min(STATUSES - 1);
         bump(&self.replies[op][status], 1);
@@ -173,9 +184,9 @@ impl Node {
                 );
                 let volume = Arc::new(Volume {
                     name: name.to_owned(),
-                    meta,
+                    meta: Mutex::new(meta),
                     lineage,
-                    capacity: meta.capacity(),
+                    capacity: AtomicU64::new(meta.capacity()),
                     backend,
                 });
                 volumes.insert(name.to_owned(), Arc::clone(&volume));
@@ -183,13 +194,40 @@ impl Node {
                 volume
             }
         };
-        if volume.meta != wanted {
+        let meta = volume.meta();
+        if meta != wanted {
             return Err(format!(
-                "volume '{name}' exists with {}; this client asked for {}: refusing, a different layout would scramble data",
-                volume.meta, wanted
+                "volume '{name}' exists with {meta}; this client asked for {wanted}: refusing, a different layout would scramble data"
             ));
         }
         Ok(volume)
+    }
+
+    /// Resizes `volume` to `size` bytes in all (its layout unchanged): the
+    /// store first, then what requests are checked against. Serialized with
+    /// handshakes, which compare against the size.
+    pub fn resize(&self, volume: &Volume, size: u64) -> Result<(), String> {
+        let _volumes = lock(&self.volumes);
+        let mut meta = lock(&volume.meta);
+        let old = *meta;
+        let new = VolumeMeta {
+            volume_size: size,
+            ..old
+        };
+        netblk_protocol::geometry::check_layout(size, &new.layout()).map_err(|why| {
+            format!(
+                "cannot resize volume '{}' to {size} bytes: {why}",
+                volume.name
+            )
+        })?;
+        volume
+            .backend
+            .resize(&old, &new)
+            .map_err(|err| format!("resizing volume '{}' failed: {err}", volume.name))?;
+        *meta = new;
+        volume.capacity.store(new.capacity(), Ordering::Release);
+        info!(volume = %volume.name, from = old.volume_size, to = size, "volume resized");
+        Ok(())
     }
 
     pub fn stats(&self) -> pb::Stats {

@@ -139,6 +139,17 @@ pub trait Backend: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Bytes actually held (sparse ranges cost nothing).
     fn stored_bytes(&self) -> u64;
+    /// The volume was resized from `old` to `new`: what lies beyond the
+    /// smaller of the two capacities reads back as zeroes from now on, and
+    /// a store that outlives the process keeps the new size.
+    fn resize(&self, old: &VolumeMeta, new: &VolumeMeta) -> io::Result<()> {
+        let (old, new) = (old.capacity(), new.capacity());
+        if new < old {
+            self.zero(new, old - new)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Which volume a client talks to, and which life of it.
@@ -341,6 +352,9 @@ impl Backend for MemoryBackend {
 /// (`NAME.meta`). Flush and FUA writes are `fdatasync`ed before the reply.
 struct DirBackend {
     file: File,
+    dir: PathBuf,
+    meta_path: PathBuf,
+    id: String,
 }
 
 impl DirBackend {
@@ -351,7 +365,7 @@ impl DirBackend {
     ) -> io::Result<(Self, VolumeMeta, Lineage)> {
         let data_path = dir.join(format!("{name}.vol"));
         let meta_path = dir.join(format!("{name}.meta"));
-        let (backend, meta, id) = match std::fs::read_to_string(&meta_path) {
+        let (file, meta, id) = match std::fs::read_to_string(&meta_path) {
             Ok(text) => {
                 let (meta, id) = VolumeMeta::parse(&text).map_err(|why| {
                     io::Error::new(
@@ -360,6 +374,12 @@ impl DirBackend {
                     )
                 })?;
                 let file = OpenOptions::new().read(true).write(true).open(&data_path)?;
+                if file.metadata()?.len() > meta.capacity() {
+                    // A resize stopped half way (see `resize`): the metadata
+                    // says what the client was told, or what it was not yet.
+                    file.set_len(meta.capacity())?;
+                    file.sync_all()?;
+                }
                 if file.metadata()?.len() != meta.capacity() {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -380,7 +400,7 @@ impl DirBackend {
                         id
                     }
                 };
-                (DirBackend { file }, meta, id)
+                (file, meta, id)
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 // Data file first, metadata last: a volume only exists once its
@@ -395,9 +415,15 @@ impl DirBackend {
                 file.sync_all()?;
                 let id = new_volume_id();
                 write_durably(dir, &meta_path, &wanted.to_text(&id))?;
-                (DirBackend { file }, wanted, id)
+                (file, wanted, id)
             }
             Err(err) => return Err(err),
+        };
+        let backend = DirBackend {
+            file,
+            dir: dir.to_path_buf(),
+            meta_path,
+            id: id.clone(),
         };
         let durable_incarnation = backend.take_over(dir, name)?;
         let lineage = Lineage {
@@ -497,6 +523,24 @@ impl Backend for DirBackend {
     fn stored_bytes(&self) -> u64 {
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     }
+
+    /// The data file's length and the metadata, in the order that lets a
+    /// crash half way be finished at the next open, which trims the file to
+    /// the metadata: growing, the file grows first (a crash then leaves the
+    /// old size, which the client was not told had changed); shrinking, the
+    /// metadata goes first (a crash then finishes the shrink).
+    fn resize(&self, old: &VolumeMeta, new: &VolumeMeta) -> io::Result<()> {
+        let meta = new.to_text(&self.id);
+        if new.capacity() >= old.capacity() {
+            self.file.set_len(new.capacity())?;
+            self.file.sync_all()?;
+            write_durably(&self.dir, &self.meta_path, &meta)
+        } else {
+            write_durably(&self.dir, &self.meta_path, &meta)?;
+            self.file.set_len(new.capacity())?;
+            self.file.sync_all()
+        }
+    }
 }
 
 /// Page size of the volatile write cache.
@@ -512,7 +556,7 @@ const CACHE_PAGE: u64 = 4096;
 pub struct VolatileCache {
     inner: Box<dyn Backend>,
     /// Bytes of the volume here: the last page may be short.
-    capacity: u64,
+    capacity: AtomicU64,
     pages: Mutex<HashMap<u64, Box<[u8]>>>,
 }
 
@@ -520,13 +564,17 @@ impl VolatileCache {
     pub fn new(inner: Box<dyn Backend>, capacity: u64) -> Self {
         VolatileCache {
             inner,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             pages: Mutex::new(HashMap::new()),
         }
     }
 
     fn page_len(&self, page: u64) -> usize {
-        (self.capacity.saturating_sub(page * CACHE_PAGE)).min(CACHE_PAGE) as usize
+        (self
+            .capacity
+            .load(Ordering::Relaxed)
+            .saturating_sub(page * CACHE_PAGE))
+        .min(CACHE_PAGE) as usize
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<[u8]>>> {
@@ -611,6 +659,24 @@ impl Backend for VolatileCache {
     fn stored_bytes(&self) -> u64 {
         self.inner.stored_bytes() + self.lock().len() as u64 * CACHE_PAGE
     }
+
+    /// Cached pages take the new page lengths: the last one may grow (with
+    /// zeroes) or shrink, and pages past the end go.
+    fn resize(&self, old: &VolumeMeta, new: &VolumeMeta) -> io::Result<()> {
+        let mut pages = self.lock();
+        self.capacity.store(new.capacity(), Ordering::Relaxed);
+        pages.retain(|page, _| self.page_len(*page) > 0);
+        for (page, data) in pages.iter_mut() {
+            let len = self.page_len(*page);
+            if data.len() != len {
+                let mut fitted = vec![0u8; len];
+                let keep = len.min(data.len());
+                fitted[..keep].copy_from_slice(&data[..keep]);
+                *data = fitted.into_boxed_slice();
+            }
+        }
+        self.inner.resize(old, new)
+    }
 }
 
 #[cfg(test)]
@@ -684,6 +750,30 @@ mod tests {
         let (_, _, other) =
             DirBackend::open_or_create(dir.path(), "w", meta(1 << 20)).expect("create w");
         assert_ne!(other.id, first.id);
+    }
+
+    #[test]
+    fn a_resize_cut_short_is_finished_by_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (backend, _, _) =
+            DirBackend::open_or_create(dir.path(), "v", meta(1 << 20)).expect("create");
+        backend.resize(&meta(1 << 20), &meta(4 << 20)).expect("grow");
+        drop(backend);
+        let (backend, got, _) =
+            DirBackend::open_or_create(dir.path(), "v", meta(4 << 20)).expect("reopen");
+        assert_eq!(got, meta(4 << 20), "a finished resize is kept");
+        // A grow that crashed after the file grew, before the metadata: the
+        // old size stands, the file is trimmed back to it.
+        backend.file.set_len(8 << 20).expect("grow the file only");
+        drop(backend);
+        let (backend, got, _) =
+            DirBackend::open_or_create(dir.path(), "v", meta(4 << 20)).expect("reopen");
+        assert_eq!(got, meta(4 << 20));
+        assert_eq!(backend.file.metadata().expect("len").len(), 4 << 20);
+        // A file shorter than its metadata is not something a resize leaves.
+        backend.file.set_len(1 << 20).expect("shrink the file only");
+        drop(backend);
+        assert!(DirBackend::open_or_create(dir.path(), "v", meta(4 << 20)).is_err());
     }
 
     #[test]

@@ -217,6 +217,96 @@ fn directory_store_is_durable_across_a_restart() {
     assert_eq!(client.read(200 * MIB, 4096), vec![0; 4096]);
 }
 
+fn resize_op(volume_size: u64) -> Op {
+    Op::Resize(pb::Resize { volume_size })
+}
+
+/// A volume grown online: new space is writable at once, the old data is
+/// where it was, handshakes must present the new size, and (in a directory
+/// store, and with a volatile cache in front) all of it survives a restart;
+/// a shrink frees what lies past the new end, and a size the layout cannot
+/// have is refused without a change.
+fn check_resize(store: &str, extra: &[&str]) {
+    let mut args = vec!["--store", store];
+    args.extend_from_slice(extra);
+    let hs = |size: u64| handshake("grown", size, 65536, 2, 1);
+    let mut node = MockNode::start(&args);
+    let mut client = NodeClient::open(node.addr, hs(64 * MIB));
+    // Node 1 of 2 holds half of the volume: 32 MiB, then 64 MiB.
+    let old = pattern(1, 65536);
+    client.write(32 * MIB - 65536, &old, false);
+    let beyond = client.status_of(write_op(32 * MIB, 4096, false), &pattern(2, 4096));
+    assert_eq!(beyond, Status::OutOfRange as i32, "not yet grown");
+    assert_eq!(
+        client.status_of(resize_op(1000), &[]),
+        Status::Invalid as i32,
+        "not whole sectors"
+    );
+    assert_eq!(client.status_of(resize_op(128 * MIB), &[]), OK);
+    let new = pattern(3, 65536);
+    client.write(64 * MIB - 65536, &new, false);
+    assert_eq!(
+        client.read(32 * MIB - 65536, 65536),
+        old,
+        "the old end kept its data"
+    );
+    assert_eq!(
+        client.read(32 * MIB, 4096),
+        vec![0; 4096],
+        "new space reads zeroes"
+    );
+    assert_eq!(client.status_of(Op::Flush(pb::Flush {}), &[]), OK);
+    let mut stale = NodeClient::connect(node.addr).expect("connect");
+    let reply = stale.handshake(hs(64 * MIB)).expect("reply");
+    assert_eq!(
+        reply.status,
+        Status::Refused as i32,
+        "the old size is refused"
+    );
+    drop(client);
+    let persistent = store.starts_with("dir:");
+    if persistent {
+        assert!(node.terminate().success());
+        node = MockNode::start(&args);
+    }
+    let mut client = NodeClient::open(node.addr, hs(128 * MIB));
+    if persistent {
+        assert_eq!(client.read(64 * MIB - 65536, 65536), new, "after a restart");
+    }
+    // Shrunk back: what was past the new end is gone when it grows again.
+    assert_eq!(client.status_of(resize_op(64 * MIB), &[]), OK);
+    assert_eq!(client.status_of(resize_op(128 * MIB), &[]), OK);
+    assert_eq!(client.read(64 * MIB - 65536, 65536), vec![0; 65536]);
+    assert_eq!(client.read(32 * MIB - 65536, 65536), old);
+}
+
+#[test]
+fn volumes_resize_online_in_memory() {
+    check_resize("memory", &[]);
+}
+
+#[test]
+fn volumes_resize_online_on_disk_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_resize(&format!("dir:{}", dir.path().display()), &[]);
+    let meta = std::fs::read_to_string(dir.path().join("grown.meta")).expect("meta");
+    assert!(
+        meta.contains(&format!("volume_size {}", 128 * MIB)),
+        "{meta}"
+    );
+    let vol = std::fs::metadata(dir.path().join("grown.vol")).expect("vol");
+    assert_eq!(vol.len(), 64 * MIB, "node 1 of 2 holds half");
+}
+
+#[test]
+fn volumes_resize_behind_a_volatile_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_resize(
+        &format!("dir:{}", dir.path().display()),
+        &["--volatile-cache"],
+    );
+}
+
 #[test]
 fn memory_store_is_sparse() {
     let node = MockNode::start(&[]);
