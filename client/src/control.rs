@@ -3,7 +3,8 @@
 //! A client writes one command line, the daemon answers one JSON line and
 //! closes. Commands: `status` (the device, its data path and state, and
 //! each node's connection, session, in-flight pieces, last error,
-//! reconnects and p50/p99 latency over the last minute).
+//! reconnects and p50/p99 latency over the last minute), and `resize BYTES
+//! [force]` (online resize, see `resize`; answers `from` and `to`).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -26,9 +27,17 @@ pub fn socket_path(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("ublk{id}.sock"))
 }
 
+/// What the daemon does for a `resize` command: resizes to the bytes given
+/// (shrinking only when forced) and returns the size before.
+pub type ResizeFn = Box<dyn Fn(u64, bool) -> Result<u64, String> + Send>;
+
+/// How long `netblk resize` waits for the daemon's answer: every node is
+/// connected and told, each within its connect timeout.
+pub const RESIZE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Serves the control socket of `source` at `path` from two threads (one
 /// answers, one samples latencies) for as long as the process lives.
-pub fn serve(path: &Path, source: Source) -> io::Result<()> {
+pub fn serve(path: &Path, source: Source, resize: Option<ResizeFn>) -> io::Result<()> {
     // A socket left by a daemon that died is ours to replace.
     match std::fs::remove_file(path) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
@@ -60,7 +69,7 @@ pub fn serve(path: &Path, source: Source) -> io::Result<()> {
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                if let Err(err) = answer(&stream, &source, &window) {
+                if let Err(err) = answer(&stream, &source, &window, resize.as_ref()) {
                     tracing::debug!(error = %err, "control request failed");
                 }
             }
@@ -68,11 +77,31 @@ pub fn serve(path: &Path, source: Source) -> io::Result<()> {
     Ok(())
 }
 
-fn answer(stream: &UnixStream, source: &Source, window: &Mutex<LatencyWindow>) -> io::Result<()> {
+fn answer(
+    stream: &UnixStream,
+    source: &Source,
+    window: &Mutex<LatencyWindow>,
+    resize: Option<&ResizeFn>,
+) -> io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(stream.take(MAX_LINE)).read_line(&mut line)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if let ["resize", args @ ..] = words.as_slice() {
+        let (size, rest) = args.split_first().map_or(("", &[][..]), |(s, r)| (*s, r));
+        let reply = match (size.parse::<u64>(), rest, resize) {
+            (_, _, None) => serde_json::json!({ "error": "this daemon cannot resize its device" }),
+            (Ok(to), [] | ["force"], Some(resize)) => match resize(to, rest == ["force"]) {
+                Ok(from) => serde_json::json!({ "from": from, "to": to }),
+                Err(why) => serde_json::json!({ "error": why }),
+            },
+            _ => serde_json::json!({ "error": "usage: resize BYTES [force]" }),
+        };
+        let mut out = stream;
+        writeln!(out, "{reply}")?;
+        return out.flush();
+    }
     let reply = match line.trim() {
         "status" => {
             let earlier = window
@@ -91,8 +120,13 @@ fn answer(stream: &UnixStream, source: &Source, window: &Mutex<LatencyWindow>) -
 
 /// Asks the daemon behind `path` for `command`; its JSON answer.
 pub fn ask(path: &Path, command: &str) -> io::Result<serde_json::Value> {
+    ask_within(path, command, IO_TIMEOUT)
+}
+
+/// As [`ask`], waiting at most `timeout` for the answer.
+pub fn ask_within(path: &Path, command: &str, timeout: Duration) -> io::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     writeln!(stream, "{command}")?;
     let mut line = String::new();
@@ -220,7 +254,15 @@ mod tests {
             data_path: "copy".into(),
             queues: vec![queue],
         };
-        serve(&path, source).expect("serve");
+        // A stand-in resize: from 100 bytes; a shrink below 100 wants force.
+        let resize: ResizeFn = Box::new(|to, force| {
+            if to < 100 && !force {
+                Err("refused without --force".into())
+            } else {
+                Ok(100)
+            }
+        });
+        serve(&path, source, Some(resize)).expect("serve");
         let mode = std::fs::metadata(&path)
             .expect("socket")
             .permissions()
@@ -242,6 +284,19 @@ mod tests {
         assert_eq!(nodes[1]["reconnects"], 1);
         assert_eq!(nodes[1]["last_error"], "connection reset");
         assert!(nodes[1]["down_for_s"].as_f64().is_some());
+        let grown = ask(&path, "resize 200").expect("resize");
+        assert_eq!(
+            (grown["from"].as_u64(), grown["to"].as_u64()),
+            (Some(100), Some(200))
+        );
+        let refused = ask(&path, "resize 50").expect("resize");
+        assert_eq!(refused["error"], "refused without --force");
+        let forced = ask(&path, "resize 50 force").expect("resize");
+        assert_eq!(forced["to"], 50);
+        for bad in ["resize", "resize lots", "resize 50 now"] {
+            let answer = ask(&path, bad).expect("answer");
+            assert_eq!(answer["error"], "usage: resize BYTES [force]", "{bad}");
+        }
         let bad = ask(&path, "launch").expect("answer");
         assert!(
             bad["error"]

@@ -204,13 +204,23 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
     // This volume's device may be waiting for a new daemon (the old one
     // crashed, or was stopped while the device was in use): attach to it,
     // so a restart never makes a second device under a mounted filesystem.
-    if let Some(id) = awaiting_recovery(&spec)? {
+    if let Some((id, size)) = awaiting_recovery(&spec)? {
         tracing::info!(
             device = %format!("/dev/ublkb{id}"),
             volume = %spec.name,
             "volume '{}' is already /dev/ublkb{id}, which waits for a daemon: recovering it",
             spec.name
         );
+        let mut set = set.clone();
+        if set.size != Some(size) {
+            // Resized since the file was written: the device knows better.
+            tracing::warn!(
+                "volume '{}' is {size} bytes now (resized?), not {}: update its size where it is configured",
+                spec.name,
+                spec.size
+            );
+            set.size = None;
+        }
         return recover(&id.to_string(), &set, options.fail_queue);
     }
     let signals = stop_signals()?;
@@ -231,7 +241,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
 /// The device of `spec`'s volume (same name, same nodes) whose daemon is
 /// gone while the kernel still has it, if any; a volume served by a live
 /// daemon is an error, and a record whose device is gone is dropped.
-fn awaiting_recovery(spec: &netblk::layout::VolumeSpec) -> Result<Option<u32>, Failure> {
+fn awaiting_recovery(spec: &netblk::layout::VolumeSpec) -> Result<Option<(u32, u64)>, Failure> {
     let dir = state::state_dir();
     let mut ctrl = netblk::ublk::ctrl::Control::open().ok();
     for record in state::list(&dir).into_iter().flatten() {
@@ -245,7 +255,7 @@ fn awaiting_recovery(spec: &netblk::layout::VolumeSpec) -> Result<Option<u32>, F
             )));
         }
         if ctrl.as_mut().is_some_and(|c| c.info(record.id).is_ok()) {
-            return Ok(Some(record.id));
+            return Ok(Some((record.id, record.size)));
         }
         let _ = state::remove(&dir, record.id);
     }
@@ -459,7 +469,28 @@ pub fn serve(
         tracing::debug!(path = %uevent, error = %err, "no change event for udev");
     }
     let socket = netblk::control::socket_path(&dir, device.dev_id);
-    if let Err(err) = netblk::control::serve(&socket, source) {
+    let resizer = netblk::resize::Resizer {
+        dev_id: device.dev_id,
+        spec: spec.clone(),
+        size: device.size.clone(),
+        client_id: vopts.client_id.clone(),
+        volume_ids: device.volume_ids.clone(),
+        timeouts: vopts.timeouts(),
+        block_size: options.block_size,
+    };
+    let resized_record = std::sync::Mutex::new(record.clone());
+    let record_dir = dir.clone();
+    let resize: netblk::control::ResizeFn = Box::new(move |to, force| {
+        let from = resizer.resize(to, force)?;
+        // The record follows, so `map --recover` and `list` see the new size.
+        let mut record = resized_record.lock().unwrap_or_else(|p| p.into_inner());
+        record.size = to;
+        if let Err(err) = state::save(&record_dir, &record) {
+            tracing::error!(error = %err, "resized, but the record keeps the old size");
+        }
+        Ok(from)
+    });
+    if let Err(err) = netblk::control::serve(&socket, source, Some(resize)) {
         tracing::error!(socket = %socket.display(), error = %err, "no control socket: `netblk status` cannot ask this daemon");
     }
     // The path, once the device, its record, its control socket and its

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use netblk_protocol::pb::{self, request::Op as WireOp};
 use netblk_protocol::{encode_head, errno_of_status};
 
-use crate::layout::Layout;
+use crate::layout::{Layout, LiveSize};
 use crate::stats::QueueStats;
 
 /// Index of a request buffer, as a ublk tag.
@@ -254,6 +254,9 @@ pub struct Engine {
     clock: Instant,
     /// Where the queue's figures go, if anyone reads them.
     figures: Option<Arc<QueueStats>>,
+    /// The volume's size now: requests must end within it (the layout's
+    /// size is where it started; see [`Engine::share_size`]).
+    size: LiveSize,
     next_id: u64,
     next_seq: u64,
     stats: EngineStats,
@@ -280,6 +283,7 @@ impl Engine {
             .collect();
         Engine {
             slots: (0..config.depth).map(|_| Slot::default()).collect(),
+            size: LiveSize::new(layout.size()),
             layout,
             config,
             pieces: HashMap::new(),
@@ -297,6 +301,12 @@ impl Engine {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Checks requests against `size` from now on: a handle the volume's
+    /// other queues and its resize share.
+    pub fn share_size(&mut self, size: LiveSize) {
+        self.size = size;
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -386,7 +396,7 @@ impl Engine {
         let in_range = request
             .offset
             .checked_add(request.len)
-            .is_some_and(|end| end <= self.layout.size());
+            .is_some_and(|end| end <= self.size.get());
         let too_big = request.op.has_data() && request.len > u64::from(self.config.max_io);
         if request.op != Op::Flush && (!in_range || too_big) {
             slot.errno = EINVAL;
@@ -952,6 +962,27 @@ mod tests {
             id,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn requests_are_checked_against_the_shared_size_after_a_resize() {
+        let mut e = engine(2);
+        let size = LiveSize::new(1 << 20);
+        e.share_size(size.clone());
+        let now = Instant::now();
+        submit(&mut e, now, 0, Op::Read, 1 << 20, 4096);
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 0,
+                result: Err(EINVAL)
+            }),
+            "past the end before the resize"
+        );
+        size.set(2 << 20);
+        submit(&mut e, now, 0, Op::Read, 1 << 20, 4096);
+        assert_eq!(e.poll_completion(), None, "in range once grown");
+        assert!(e.poll_transmit(0).is_some() || e.poll_transmit(1).is_some());
     }
 
     #[test]

@@ -622,6 +622,7 @@ pub fn reconnect_for(
     Reconnect {
         addrs: spec.nodes.clone(),
         layout: *layout,
+        size: crate::layout::LiveSize::new(layout.size()),
         client_id: queue_client_id(options, queue),
         session: options.session,
         volume: spec.name.clone(),

@@ -80,6 +80,26 @@ pub struct Layout {
     node_count: u32,
 }
 
+/// A mapped volume's size as it may change (online resize): one handle
+/// shared by every queue's engine (requests are checked against it) and
+/// reconnects (handshakes present it).
+#[derive(Debug, Clone)]
+pub struct LiveSize(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl LiveSize {
+    pub fn new(size: u64) -> LiveSize {
+        LiveSize(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(size)))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set(&self, size: u64) {
+        self.0.store(size, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// A part of a byte range that lives on one node, within one stripe unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
@@ -106,6 +126,12 @@ impl Layout {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The same striping over `size` bytes (a resize: the stripe unit and
+    /// the nodes stay, so every byte stays where it was).
+    pub fn with_size(&self, size: u64) -> Result<Layout, SpecError> {
+        Layout::new(size, self.stripe_unit, self.node_count)
     }
 
     pub fn stripe_unit(&self) -> u32 {

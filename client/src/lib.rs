@@ -12,6 +12,7 @@ pub mod layout;
 pub mod mock;
 pub mod net;
 pub mod recv;
+pub mod resize;
 pub mod rng;
 pub mod state;
 pub mod stats;

@@ -64,6 +64,21 @@ enum Cmd {
         /// /dev/ublkbN or N.
         device: String,
     },
+    /// Grow a mapped volume online (or shrink it, with --force): every node
+    /// is told the new size, then the device grows (Linux 6.16+, the ublk
+    /// driver's UPDATE_SIZE; older kernels: a clear error and nothing
+    /// changed). Grow a filesystem on it afterwards (`resize2fs`,
+    /// `xfs_growfs`); update `size` in its volume file too.
+    Resize {
+        /// /dev/ublkbN or N.
+        device: String,
+        /// The new size of the whole volume (bytes; K, M, G, T suffixes).
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Allow a smaller size: everything past it is lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the volume name of a netblk device (ublkbN, /dev/ublkbN or N)
     /// from its record: what the udev rule names /dev/netblk/VOLUME after.
     /// Prints nothing and exits 1 for a device netblk has no record of.
@@ -184,6 +199,11 @@ fn main() -> ExitCode {
         Cmd::Demo { size } => demo(size),
         Cmd::Unmap { device } => unmap(&device).map_err(Failure::Run),
         Cmd::UdevName { device } => udev_name(&device).map_err(Failure::Run),
+        Cmd::Resize {
+            device,
+            size,
+            force,
+        } => resize(&device, size, force).map_err(Failure::Run),
         Cmd::List => list().map_err(Failure::Run),
         Cmd::Status { device, json } => status(device.as_deref(), json).map_err(Failure::Run),
         Cmd::Features => features().map_err(Failure::Run),
@@ -397,6 +417,35 @@ fn unmap(device: &str) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn resize(device: &str, size: u64, force: bool) -> Result<(), String> {
+    let id = state::parse_device(device)?;
+    let dir = state::state_dir();
+    let record = state::load(&dir, id)?
+        .ok_or_else(|| format!("no netblk device {id} (`netblk list` shows the mapped ones)"))?;
+    if !daemon_alive(record.pid, record.pid_start) {
+        return Err(format!(
+            "/dev/ublkb{id} has no running daemon to resize it: `netblk map --recover /dev/ublkb{id}` first"
+        ));
+    }
+    let command = format!("resize {size}{}", if force { " force" } else { "" });
+    let socket = netblk::control::socket_path(&dir, id);
+    let answer = netblk::control::ask_within(&socket, &command, netblk::control::RESIZE_TIMEOUT)
+        .map_err(|e| format!("cannot ask the daemon of /dev/ublkb{id}: {e}"))?;
+    if let Some(why) = answer.get("error").and_then(|e| e.as_str()) {
+        return Err(why.to_string());
+    }
+    let from = answer
+        .get("from")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    if from == size {
+        println!("/dev/ublkb{id} is already {size} bytes");
+    } else {
+        println!("resized /dev/ublkb{id} from {from} to {size} bytes");
+    }
+    Ok(())
 }
 
 fn udev_name(device: &str) -> Result<(), String> {

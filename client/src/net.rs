@@ -110,22 +110,14 @@ pub fn connect(
         .write_all(&bytes)
         .map_err(|e| hs_err(e.to_string()))?;
 
-    let mut preamble = [0u8; PREAMBLE_LEN];
-    (&stream)
-        .read_exact(&mut preamble)
-        .map_err(|e| hs_err(format!("no reply: {e}")))?;
-    let preamble =
-        Preamble::parse(&preamble, &Limits::default()).map_err(|e| hs_err(e.to_string()))?;
-    let mut header = vec![0u8; preamble.header_len as usize];
-    (&stream)
-        .read_exact(&mut header)
-        .map_err(|e| hs_err(format!("reply cut short: {e}")))?;
-    let reply = match decode_header(&header, preamble.payload_len) {
-        Ok(pb::Header {
-            kind: Some(Kind::HandshakeReply(reply)),
-        }) => reply,
-        Ok(other) => return Err(hs_err(format!("expected a handshake reply, got {other:?}"))),
-        Err(e) => return Err(hs_err(e.to_string())),
+    let reply = match read_head(&stream).map_err(hs_err)? {
+        (
+            pb::Header {
+                kind: Some(Kind::HandshakeReply(reply)),
+            },
+            _,
+        ) => reply,
+        (other, _) => return Err(hs_err(format!("expected a handshake reply, got {other:?}"))),
     };
     if reply.status != pb::Status::Ok as i32 {
         return Err(ConnectError::Refused {
@@ -174,6 +166,43 @@ pub fn connect(
 /// A peer that vanished (no RST: a dead host, a cut link) is noticed within
 /// about the IO timeout even when no request is waiting on it.
 /// Whole seconds: what the kernel takes.
+/// Reads one frame's preamble and header (not its payload).
+fn read_head(stream: &TcpStream) -> Result<(pb::Header, u32), String> {
+    let mut preamble = [0u8; PREAMBLE_LEN];
+    (&*stream)
+        .read_exact(&mut preamble)
+        .map_err(|e| format!("no reply: {e}"))?;
+    let preamble = Preamble::parse(&preamble, &Limits::default()).map_err(|e| e.to_string())?;
+    let mut header = vec![0u8; preamble.header_len as usize];
+    (&*stream)
+        .read_exact(&mut header)
+        .map_err(|e| format!("reply cut short: {e}"))?;
+    let head = decode_header(&header, preamble.payload_len).map_err(|e| e.to_string())?;
+    Ok((head, preamble.payload_len))
+}
+
+/// Sends one request without payload on a connection that has handshaken
+/// and returns its reply (a reply with a payload is refused: only
+/// requests without data go through here).
+pub fn call(stream: &TcpStream, id: u64, op: pb::request::Op) -> Result<pb::Reply, String> {
+    let mut bytes = Vec::new();
+    encode_head(&pb::Header::request(id, op), 0, &mut bytes).map_err(|e| e.to_string())?;
+    (&*stream)
+        .write_all(&bytes)
+        .map_err(|e| format!("cannot send: {e}"))?;
+    match read_head(stream)? {
+        (
+            pb::Header {
+                kind: Some(Kind::Reply(reply)),
+            },
+            0,
+        ) if reply.id == id => Ok(reply),
+        (other, len) => Err(format!(
+            "expected the reply to request {id}, got {other:?} with {len} payload bytes"
+        )),
+    }
+}
+
 pub fn keepalive_for(io_timeout: Duration) -> (Duration, Duration, u32) {
     let secs = io_timeout.as_secs();
     let idle = Duration::from_secs((secs / 2).clamp(1, 15));

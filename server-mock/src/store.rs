@@ -757,7 +757,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (backend, _, _) =
             DirBackend::open_or_create(dir.path(), "v", meta(1 << 20)).expect("create");
-        backend.resize(&meta(1 << 20), &meta(4 << 20)).expect("grow");
+        backend
+            .resize(&meta(1 << 20), &meta(4 << 20))
+            .expect("grow");
         drop(backend);
         let (backend, got, _) =
             DirBackend::open_or_create(dir.path(), "v", meta(4 << 20)).expect("reopen");

@@ -69,6 +69,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("trust", include_str!("scenarios/trust.sh")),
     ("recovery", include_str!("scenarios/recovery.sh")),
     ("deploy", include_str!("scenarios/deploy.sh")),
+    ("resize", include_str!("scenarios/resize.sh")),
     ("observe", include_str!("scenarios/observe.sh")),
 ];
 
@@ -375,7 +376,10 @@ fn make_initramfs(
         fs::copy(bins.join(bin), stage.join("bin").join(bin)).map_err(|e| format!("{bin}: {e}"))?;
     }
     // Test tools from the host, with the libraries they load.
-    for tool in ["fio", "mkfs.ext4", "e2fsck"].iter().chain(extras.tools) {
+    for tool in ["fio", "mkfs.ext4", "e2fsck", "resize2fs"]
+        .iter()
+        .chain(extras.tools)
+    {
         copy_with_libs(&which(tool)?, &stage)?;
     }
     for file in extras.files {

@@ -283,6 +283,20 @@ impl Control {
             .map(drop)
     }
 
+    /// Gives a started device a new size, in 512-byte sectors (Linux 6.16+,
+    /// `UBLK_F_UPDATE_SIZE`); the block layer tells its users (a resize
+    /// uevent).
+    pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> Result<(), CtrlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            data: [sectors],
+            ..CtrlCmd::default()
+        };
+        self.run("UPDATE_SIZE", sys::UBLK_U_CMD_UPDATE_SIZE, cmd)
+            .map(drop)
+    }
+
     pub fn stop(&mut self, dev_id: u32) -> Result<(), CtrlError> {
         let cmd = CtrlCmd {
             dev_id,

@@ -15,7 +15,7 @@ use crate::frontend::{
     ConnectedQueue, OpenError, QueueThread, VolumeOptions, connect_queues, queue_engine,
     queue_span, reconnect_for, spawn_queue,
 };
-use crate::layout::{Layout, VolumeSpec};
+use crate::layout::{Layout, LiveSize, VolumeSpec};
 use crate::stats::QueueStats;
 use crate::uring::{BufferMode, QueueParts, SendMode, TagBuffers};
 
@@ -226,6 +226,8 @@ pub struct Device {
     pub volume_ids: Vec<String>,
     /// What each queue measured.
     pub figures: Vec<Arc<QueueStats>>,
+    /// The volume's size, shared by every queue (see [`Device::resize`]).
+    pub size: LiveSize,
     ctrl: Control,
     /// The running queue threads, by queue index.
     queues: Vec<(usize, QueueThread<UblkQueue>)>,
@@ -487,6 +489,7 @@ fn start_queues(
     let dev_id = device.dev_id;
     let cdev = UblkQueue::open_cdev(dev_id).map_err(MapError::Queue)?;
     device.volume_ids = vopts.volume_ids.clone();
+    device.size = LiveSize::new(layout.size());
     for (q, ((streams, nodes), buffers)) in connected.into_iter().zip(buffers).enumerate() {
         let mut queue = UblkQueue::new(&cdev, q as u16, vopts.depth, &buffers, buffer_mode)
             .map_err(MapError::Queue)?;
@@ -498,7 +501,10 @@ fn start_queues(
             queue.arm_fail_switch(Arc::clone(&switch));
             device.fail_switch = Some(switch);
         }
-        let (engine, figures) = queue_engine(layout, vopts, &nodes);
+        let (mut engine, figures) = queue_engine(layout, vopts, &nodes);
+        engine.share_size(device.size.clone());
+        let mut reconnect = reconnect_for(spec, layout, vopts, q);
+        reconnect.size = device.size.clone();
         device.figures.push(figures);
         let thread = spawn_queue(
             format!("ublk{dev_id}-q{q}"),
@@ -509,7 +515,7 @@ fn start_queues(
                 frontend: queue,
                 mode: send_mode,
                 buffer_mode,
-                reconnect: Some(reconnect_for(spec, layout, vopts, q)),
+                reconnect: Some(reconnect),
                 span: queue_span(&spec.name, &format!("/dev/ublkb{dev_id}"), q),
             },
         )?;
@@ -573,6 +579,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
         path,
         volume_ids: Vec::new(),
         figures: Vec::new(),
+        size: LiveSize::new(spec.size),
         ctrl,
         queues: Vec::new(),
         fail_switch: None,
@@ -861,6 +868,7 @@ impl RecoverySteps for LiveRecovery<'_> {
             path: self.path,
             volume_ids: Vec::new(),
             figures: Vec::new(),
+            size: LiveSize::new(self.spec.size),
             ctrl,
             queues: Vec::new(),
             fail_switch: None,

@@ -28,6 +28,8 @@ pub const UBLK_U_CMD_START_USER_RECOVERY: u32 = iowr(0x10, CTRL);
 pub const UBLK_U_CMD_END_USER_RECOVERY: u32 = iowr(0x11, CTRL);
 pub const UBLK_U_CMD_GET_DEV_INFO2: u32 = ior(0x12, CTRL);
 pub const UBLK_U_CMD_GET_FEATURES: u32 = ior(0x13, CTRL);
+/// Linux 6.16+ (`UBLK_F_UPDATE_SIZE`): data[0] is the new size in sectors.
+pub const UBLK_U_CMD_UPDATE_SIZE: u32 = iowr(0x15, CTRL);
 
 pub const UBLK_U_IO_FETCH_REQ: u32 = iowr(0x20, IO);
 pub const UBLK_U_IO_COMMIT_AND_FETCH_REQ: u32 = iowr(0x21, IO);
@@ -252,6 +254,7 @@ mod tests {
     fn command_numbers_match_the_kernel_encoding() {
         // Values as the 7.x header's _IOR/_IOWR macros compute them.
         assert_eq!(UBLK_U_CMD_GET_FEATURES, 0x8020_7513);
+        assert_eq!(UBLK_U_CMD_UPDATE_SIZE, 0xc020_7515);
         assert_eq!(UBLK_U_CMD_ADD_DEV, 0xc020_7504);
         assert_eq!(UBLK_U_CMD_GET_DEV_INFO2, 0x8020_7512);
         assert_eq!(UBLK_U_IO_FETCH_REQ, 0xc010_7520);

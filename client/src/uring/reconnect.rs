@@ -17,6 +17,9 @@ use crate::recv::ReplyReader;
 pub struct Reconnect {
     pub addrs: Vec<SocketAddr>,
     pub layout: Layout,
+    /// The volume's size now (a resize changes it): what a handshake
+    /// presents.
+    pub size: crate::layout::LiveSize,
     pub client_id: String,
     /// The session the first connections were made with.
     pub session: u64,
@@ -26,6 +29,16 @@ pub struct Reconnect {
     /// The volume identity each node held at the first connect: a node that
     /// comes back with another one lost the volume and is refused.
     pub volume_ids: Vec<String>,
+}
+
+impl Reconnect {
+    /// The layout a handshake presents now: the volume's current size (it
+    /// may have been resized since the map).
+    pub fn layout_now(&self) -> Layout {
+        self.layout
+            .with_size(self.size.get())
+            .unwrap_or(self.layout)
+    }
 }
 
 /// A reconnect attempt's outcome: node, session, the new connection.
@@ -139,8 +152,8 @@ impl<F: Frontend> QueueDriver<F> {
             }
             conn.connecting = true;
             let session = conn.session + 1;
-            let (addr, layout, timeouts) =
-                (reconnect.addrs[node], reconnect.layout, reconnect.timeouts);
+            let (addr, timeouts) = (reconnect.addrs[node], reconnect.timeouts);
+            let layout = reconnect.layout_now();
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
             let pinned = reconnect.volume_ids.get(node).cloned();
             let done = self.reconnected.0.clone();
@@ -162,5 +175,35 @@ impl<F: Frontend> QueueDriver<F> {
             }
         }
         down
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::LiveSize;
+
+    #[test]
+    fn a_reconnect_presents_the_size_after_a_resize() {
+        let layout = Layout::new(64 << 20, 65536, 2).expect("layout");
+        let reconnect = Reconnect {
+            addrs: Vec::new(),
+            layout,
+            size: LiveSize::new(layout.size()),
+            client_id: "c".into(),
+            session: 1,
+            volume: "v".into(),
+            timeouts: crate::net::Timeouts {
+                connect: Duration::from_secs(1),
+                io: Duration::from_secs(1),
+            },
+            volume_ids: Vec::new(),
+        };
+        assert_eq!(reconnect.layout_now(), layout);
+        reconnect.size.set(128 << 20);
+        let now = reconnect.layout_now();
+        assert_eq!(now.size(), 128 << 20);
+        assert_eq!(now.stripe_unit(), 65536, "the striping stays");
+        assert_eq!(now.node_count(), 2);
     }
 }
