@@ -91,7 +91,8 @@ impl Resizer {
 
     /// Tells every node the volume is now `to` bytes (each handshakes with
     /// `from`'s size); if one refuses, the ones already told are put back.
-    fn tell_nodes(&self, from: &Layout, to: u64) -> Result<(), String> {
+    /// The node part of [`Resizer::resize`], public for tests.
+    pub fn tell_nodes(&self, from: &Layout, to: u64) -> Result<(), String> {
         let nodes = &self.spec.nodes;
         for (node, addr) in nodes.iter().enumerate() {
             if let Err(why) = self.tell(node, *addr, from, to) {

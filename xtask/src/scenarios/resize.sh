@@ -44,11 +44,19 @@ else
 fi
 umount /mnt || fail "umount (resize)"
 e2fsck -fn "$DEV" >/tmp/rsfsck.log 2>&1 || fail "e2fsck -fn after the resize"
+if netblk features | grep -q UPDATE_SIZE; then
+  # Forced, a shrink goes through: the kernel first, then the nodes.
+  netblk resize "$DEV" 384M --force >/tmp/rsforce.out 2>&1 || { cat /tmp/rsforce.out; fail "a forced shrink"; }
+  [ "$(blockdev --getsize64 "$DEV")" = $((384 * MIB)) ] || fail "a forced shrink did not shrink the device"
+  grep -q "^size $((384 * MIB))$" "$REC" || fail "the record did not follow the shrink"
+  dd if="$DEV" of=/dev/null bs=1M count=16 skip=360 iflag=direct 2>/dev/null || fail "reading the shrunk device's end"
+  echo "ublk: a forced shrink to 384M: device, record and nodes follow"
+fi
 netblk unmap "$DEV" >/tmp/rsunmap.out 2>&1 || { cat /tmp/rsunmap.out; fail "unmap (resize)"; }
 wait $RS
 [ -e "$DEV" ] && fail "$DEV still there after unmap (resize)"
 # The nodes kept the size the device had: a new map with it is accepted.
-SIZE=256M; netblk features | grep -q UPDATE_SIZE && SIZE=512M
+SIZE=256M; netblk features | grep -q UPDATE_SIZE && SIZE=384M
 netblk map --volume rs --size $SIZE --nodes $NODES >/tmp/rs3.out 2>/tmp/rs3.log &
 RS=$!
 DEV=$(wait_dev /tmp/rs3.out)
