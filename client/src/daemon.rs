@@ -500,6 +500,10 @@ pub fn serve(
     }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let path = device.block_path();
+    // A systemd unit with Type=notify is started from here on.
+    if let Err(err) = netblk::notify::notify(&format!("READY=1\nSTATUS=serving {path}")) {
+        tracing::warn!(error = %err, "cannot tell the service manager the device is ready");
+    }
     // Test hook only (NETBLK_TEST_FAIL_QUEUE): when to make a queue fail.
     let mut hook_due = options
         .fail_queue
@@ -556,6 +560,7 @@ pub fn serve(
         }
     }
     tracing::info!(device = %path, "stopping");
+    let _ = netblk::notify::notify("STOPPING=1");
     let id = device.dev_id;
     let stopped = device.stop().map_err(|e| e.to_string());
     let _ = state::remove(&dir, id);

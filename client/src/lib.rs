@@ -11,6 +11,7 @@ pub mod frontend;
 pub mod layout;
 pub mod mock;
 pub mod net;
+pub mod notify;
 pub mod recv;
 pub mod resize;
 pub mod rng;

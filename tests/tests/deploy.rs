@@ -39,6 +39,7 @@ fn the_systemd_unit_verifies() {
     for line in [
         "ExecStart=/usr/local/bin/netblk map --config /etc/netblk/volumes/%i.toml",
         "Restart=on-failure",
+        "Type=notify",
         "Before=remote-fs-pre.target",
         "TimeoutStopSec=60s",
     ] {
