@@ -1,0 +1,36 @@
+//! The gRPC server on a unix socket (what kubelet and the sidecars dial:
+//! `unix:///csi/csi.sock`).
+
+use std::io;
+use std::path::Path;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::identity::Identity;
+use crate::pb::identity_server::IdentityServer;
+
+/// Binds `path` (a socket left by an earlier process is replaced): the
+/// listener [`serve`] takes. Must run inside a tokio runtime.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves the plugin's services on `listener` until the future is dropped
+/// or the listener fails.
+pub async fn serve(
+    listener: UnixListener,
+    identity: Identity,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .serve_with_incoming(UnixListenerStream::new(listener))
+        .await
+}
