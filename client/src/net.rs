@@ -102,6 +102,7 @@ pub fn connect(
             volume_size: layout.size(),
             layout: Some(layout.fingerprint(node)),
             session: who.session,
+            existing: false,
         })),
     };
     let mut bytes = Vec::new();

@@ -5,6 +5,7 @@ pub use crate::pb::Status;
 // Linux errno values (asm-generic/errno-base.h, errno.h). This crate does no
 // I/O and so does not link libc; a test checks these against libc.
 const EPERM: i32 = 1;
+const ENOENT: i32 = 2;
 const EIO: i32 = 5;
 const EAGAIN: i32 = 11;
 const EINVAL: i32 = 22;
@@ -28,6 +29,7 @@ pub fn errno_of_status(raw: i32) -> i32 {
         Ok(Status::Busy) => EAGAIN,
         Ok(Status::TimedOut) => ETIMEDOUT,
         Ok(Status::Refused) => EPERM,
+        Ok(Status::NotFound) => ENOENT,
     }
 }
 
@@ -42,6 +44,7 @@ pub fn status_of_errno(errno: i32) -> Status {
         EAGAIN => Status::Busy,
         ETIMEDOUT => Status::TimedOut,
         EPERM => Status::Refused,
+        ENOENT => Status::NotFound,
         _ => Status::IoError,
     }
 }

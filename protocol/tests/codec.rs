@@ -13,7 +13,7 @@ use netblk_protocol::{
 use proptest::prelude::*;
 
 fn status() -> impl Strategy<Value = i32> {
-    prop_oneof![0..=8i32, any::<i32>()]
+    prop_oneof![0..=9i32, any::<i32>()]
 }
 
 fn text() -> impl Strategy<Value = String> {
@@ -38,15 +38,19 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
         any::<u64>(),
         layout(),
         any::<u64>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(protocol_version, client_id, volume, volume_size, layout, session)| pb::Handshake {
-                protocol_version,
-                client_id,
-                volume,
-                volume_size,
-                layout,
-                session,
+            |(protocol_version, client_id, volume, volume_size, layout, session, existing)| {
+                pb::Handshake {
+                    protocol_version,
+                    client_id,
+                    volume,
+                    volume_size,
+                    layout,
+                    session,
+                    existing,
+                }
             },
         )
 }
@@ -54,12 +58,12 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
 fn handshake_reply() -> impl Strategy<Value = pb::HandshakeReply> {
     (
         (status(), text(), any::<u32>(), any::<u32>(), text()),
-        (text(), any::<u64>(), any::<u64>()),
+        (text(), any::<u64>(), any::<u64>(), any::<u64>()),
     )
         .prop_map(
             |(
                 (status, message, protocol_version, max_io_size, node_id),
-                (volume_id, incarnation, durable_incarnation),
+                (volume_id, incarnation, durable_incarnation, volume_size),
             )| pb::HandshakeReply {
                 status,
                 message,
@@ -69,6 +73,7 @@ fn handshake_reply() -> impl Strategy<Value = pb::HandshakeReply> {
                 volume_id,
                 incarnation,
                 durable_incarnation,
+                volume_size,
             },
         )
 }
@@ -761,6 +766,7 @@ fn errno_mapping_matches_libc() {
         (Status::Busy, libc::EAGAIN),
         (Status::TimedOut, libc::ETIMEDOUT),
         (Status::Refused, libc::EPERM),
+        (Status::NotFound, libc::ENOENT),
     ];
     for (status, errno) in pairs {
         assert_eq!(errno_of_status(status as i32), errno, "{status:?}");

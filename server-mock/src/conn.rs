@@ -406,40 +406,53 @@ fn check_volume_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A handshake that was accepted: the volume, and the connection's place
+/// among its client's sessions (when fencing).
+type Accepted = (Arc<Volume>, Option<Arc<Member>>);
+
 fn accept_handshake(
     node: &Node,
     stream: &TcpStream,
     handshake: &pb::Handshake,
-) -> Result<(Arc<Volume>, Option<Arc<Member>>), String> {
+) -> Result<Accepted, (Status, String)> {
+    let refused = |why: String| (Status::Refused, why);
     if handshake.protocol_version != u32::from(PROTOCOL_VERSION) {
-        return Err(format!(
+        return Err(refused(format!(
             "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
             handshake.protocol_version
-        ));
+        )));
     }
-    check_volume_name(&handshake.volume)?;
+    check_volume_name(&handshake.volume).map_err(refused)?;
     let layout = handshake
         .layout
-        .ok_or_else(|| "the handshake carries no layout".to_string())?;
-    netblk_protocol::geometry::check_layout(handshake.volume_size, &layout)?;
-    let volume = node.volume(
-        &handshake.volume,
-        VolumeMeta::from_handshake(handshake.volume_size, &layout),
-    )?;
+        .ok_or_else(|| refused("the handshake carries no layout".to_string()))?;
+    let volume = if handshake.existing {
+        node.existing_volume(&handshake.volume, &layout, handshake.volume_size)?
+    } else {
+        netblk_protocol::geometry::check_layout(handshake.volume_size, &layout).map_err(refused)?;
+        node.volume(
+            &handshake.volume,
+            VolumeMeta::from_handshake(handshake.volume_size, &layout),
+        )
+        .map_err(refused)?
+    };
     if !node.config.fencing || handshake.client_id.is_empty() {
         return Ok((volume, None));
     }
-    let member = node.sessions.admit(
-        &handshake.volume,
-        &handshake.client_id,
-        handshake.session,
-        stream,
-        node.config.drain_timeout,
-        || {
-            node.faults.wake();
-            node.delayed.wake();
-        },
-    )?;
+    let member = node
+        .sessions
+        .admit(
+            &handshake.volume,
+            &handshake.client_id,
+            handshake.session,
+            stream,
+            node.config.drain_timeout,
+            || {
+                node.faults.wake();
+                node.delayed.wake();
+            },
+        )
+        .map_err(refused)?;
     Ok((volume, Some(member)))
 }
 
@@ -452,9 +465,9 @@ fn serve_data(
 ) -> Result<(), ConnError> {
     let (volume, member) = match accept_handshake(node, stream, &handshake) {
         Ok(accepted) => accepted,
-        Err(why) => {
+        Err((status, why)) => {
             let reply = pb::HandshakeReply {
-                status: Status::Refused as i32,
+                status: status as i32,
                 message: why.clone(),
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 max_io_size: node.config.max_io_size,
@@ -486,6 +499,7 @@ fn serve_data(
         volume_id: volume.lineage.id.clone(),
         incarnation: volume.lineage.incarnation,
         durable_incarnation: volume.lineage.durable_incarnation,
+        volume_size: volume.meta().volume_size,
     };
     send_frame(
         stream,
@@ -708,6 +722,12 @@ fn apply(
     data: &mut Scratch,
 ) -> Result<(), (Status, String)> {
     let backend = &volume.backend;
+    if volume.deleted() {
+        return Err((
+            Status::NotFound,
+            format!("volume '{}' was deleted", volume.name),
+        ));
+    }
     let Some(op) = &request.op else {
         // The codec refuses requests without an operation; be safe anyway.
         return Err((Status::NotSupported, "no operation".into()));
@@ -757,6 +777,7 @@ fn apply(
         Op::Resize(resize) => node
             .resize(volume, resize.volume_size)
             .map_err(|why| (Status::Invalid, why)),
+        Op::Delete(_) => node.delete(volume).map_err(|why| (Status::IoError, why)),
     }
 }
 

@@ -76,6 +76,8 @@ pub struct Volume {
     pub lineage: store::Lineage,
     /// Bytes of the volume on this node; node offsets are below it.
     capacity: AtomicU64,
+    /// Deleted: requests on connections still open to it fail.
+    deleted: AtomicBool,
     pub backend: Box<dyn Backend>,
 }
 
@@ -86,6 +88,10 @@ impl Volume {
 
     pub fn capacity(&self) -> u64 {
         self.capacity.load(Ordering::Acquire)
+    }
+
+    pub fn deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
     }
 }
 
@@ -120,7 +126,7 @@ impl Counters {
             Some(Op::Flush(_)) => 2,
             Some(Op::Discard(_)) => 3,
             Some(Op::WriteZeroes(_)) => 4,
-            Some(Op::Ping(_) | Op::Resize(_)) | None => 5,
+            Some(Op::Ping(_) | Op::Resize(_) | Op::Delete(_)) | None => 5,
         };
         let status = usize::try_from(reply.status).unwrap_or(0).min(STATUSES - 1);
         bump(&self.replies[op][status], 1);
@@ -187,6 +193,7 @@ impl Node {
                     meta: Mutex::new(meta),
                     lineage,
                     capacity: AtomicU64::new(meta.capacity()),
+                    deleted: AtomicBool::new(false),
                     backend,
                 });
                 volumes.insert(name.to_owned(), Arc::clone(&volume));
@@ -201,6 +208,58 @@ impl Node {
             ));
         }
         Ok(volume)
+    }
+
+    /// The volume `name` if it exists (open, or held by the store), with
+    /// this node's `layout`; `size` 0 takes its size, another must match.
+    /// Never creates one.
+    pub fn existing_volume(
+        &self,
+        name: &str,
+        layout: &pb::Layout,
+        size: u64,
+    ) -> Result<Arc<Volume>, (pb::Status, String)> {
+        let open = lock(&self.volumes).get(name).map(|v| v.meta());
+        let meta = match open {
+            Some(meta) => meta,
+            None => match store::stored_meta(&self.config.store, name) {
+                Ok(Some(meta)) => meta,
+                Ok(None) => {
+                    return Err((
+                        pb::Status::NotFound,
+                        format!("no volume '{name}' on this node"),
+                    ));
+                }
+                Err(err) => {
+                    return Err((
+                        pb::Status::IoError,
+                        format!("cannot read volume '{name}': {err}"),
+                    ));
+                }
+            },
+        };
+        let size = if size == 0 { meta.volume_size } else { size };
+        self.volume(name, VolumeMeta::from_handshake(size, layout))
+            .map_err(|why| (pb::Status::Refused, why))
+    }
+
+    /// Deletes `volume` and its data; connections still open to it fail
+    /// from now on, and a later handshake that may create makes a new one.
+    pub fn delete(&self, volume: &Volume) -> Result<(), String> {
+        let mut volumes = lock(&self.volumes);
+        volume.deleted.store(true, Ordering::Release);
+        if volumes
+            .get(&volume.name)
+            .is_some_and(|v| std::ptr::eq(Arc::as_ptr(v), volume))
+        {
+            volumes.remove(&volume.name);
+        }
+        volume
+            .backend
+            .destroy()
+            .map_err(|err| format!("deleting volume '{}' failed: {err}", volume.name))?;
+        info!(volume = %volume.name, "volume deleted");
+        Ok(())
     }
 
     /// Resizes `volume` to `size` bytes in all (its layout unchanged): the

@@ -150,6 +150,33 @@ pub trait Backend: Send + Sync {
             Ok(())
         }
     }
+    /// The volume is deleted: a store that outlives the process forgets it
+    /// (memory goes with the last reference).
+    fn destroy(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the store holds of volume `name`, if it holds it beyond this
+/// process (the directory store's metadata); None for the others, whose
+/// volumes live only while the node runs.
+pub fn stored_meta(kind: &StoreKind, name: &str) -> io::Result<Option<VolumeMeta>> {
+    let StoreKind::Dir(dir) = kind else {
+        return Ok(None);
+    };
+    let path = dir.join(format!("{name}.meta"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => VolumeMeta::parse(&text)
+            .map(|(meta, _)| Some(meta))
+            .map_err(|why| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {why}", path.display()),
+                )
+            }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
 }
 
 /// Which volume a client talks to, and which life of it.
@@ -524,6 +551,19 @@ impl Backend for DirBackend {
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     }
 
+    /// Metadata first (without it the volume does not exist), then its
+    /// data and incarnation record.
+    fn destroy(&self) -> io::Result<()> {
+        let gone = |path: &Path| match std::fs::remove_file(path) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
+        };
+        gone(&self.meta_path)?;
+        File::open(&self.dir)?.sync_all()?;
+        gone(&self.meta_path.with_extension("vol"))?;
+        gone(&self.meta_path.with_extension("incarnation"))
+    }
+
     /// The data file's length and the metadata, in the order that lets a
     /// crash half way be finished at the next open, which trims the file to
     /// the metadata: growing, the file grows first (a crash then leaves the
@@ -676,6 +716,11 @@ impl Backend for VolatileCache {
             }
         }
         self.inner.resize(old, new)
+    }
+
+    fn destroy(&self) -> io::Result<()> {
+        self.lock().clear();
+        self.inner.destroy()
     }
 }
 

@@ -228,6 +228,7 @@ pub fn handshake(
             node_index,
         }),
         session: 1,
+        existing: false,
     }
 }
 

@@ -307,6 +307,75 @@ fn volumes_resize_behind_a_volatile_cache() {
     );
 }
 
+/// A handshake for an existing volume only: NOT_FOUND (nothing created)
+/// where there is none, the volume's size with size 0, a mismatch refused;
+/// then Delete: the volume's other connections fail, it is gone (from the
+/// directory store too), and a creating handshake makes a new one.
+fn check_existing_and_delete(store: &str) {
+    let node = MockNode::start(&["--store", store]);
+    let existing = |size: u64| pb::Handshake {
+        existing: true,
+        ..handshake("managed", size, 65536, 2, 0)
+    };
+    let mut probe = NodeClient::connect(node.addr).expect("connect");
+    let reply = probe.handshake(existing(0)).expect("reply");
+    assert_eq!(reply.status, Status::NotFound as i32, "{}", reply.message);
+    assert_eq!(node.admin().stats().volumes, 0, "nothing created");
+
+    let mut user = NodeClient::open(node.addr, handshake("managed", 64 * MIB, 65536, 2, 0));
+    user.write(0, &pattern(5, 4096), false);
+    assert_eq!(user.status_of(Op::Flush(pb::Flush {}), &[]), OK);
+    let mut manager = NodeClient::connect(node.addr).expect("connect");
+    let reply = manager.handshake(existing(0)).expect("reply");
+    assert_eq!(reply.status, OK, "{}", reply.message);
+    assert_eq!(reply.volume_size, 64 * MIB, "the reply states the size");
+    let first_id = reply.volume_id.clone();
+    let mut wrong = NodeClient::connect(node.addr).expect("connect");
+    let reply = wrong.handshake(existing(32 * MIB)).expect("reply");
+    assert_eq!(reply.status, Status::Refused as i32, "a size that does not match");
+
+    assert_eq!(manager.status_of(Op::Delete(pb::Delete {}), &[]), OK);
+    assert_eq!(
+        user.status_of(read_op(0, 4096), &[]),
+        Status::NotFound as i32,
+        "a connection to a deleted volume fails"
+    );
+    let mut after = NodeClient::connect(node.addr).expect("connect");
+    let reply = after.handshake(existing(0)).expect("reply");
+    assert_eq!(reply.status, Status::NotFound as i32, "deleted");
+    let mut fresh = NodeClient::connect(node.addr).expect("connect");
+    let reply = fresh
+        .handshake(handshake("managed", 64 * MIB, 65536, 2, 0))
+        .expect("reply");
+    assert_eq!(reply.status, OK);
+    assert_ne!(reply.volume_id, first_id, "a new volume, not the old one");
+    assert_eq!(fresh.read(0, 4096), vec![0; 4096], "with none of its data");
+}
+
+#[test]
+fn existing_only_handshakes_and_delete_in_memory() {
+    check_existing_and_delete("memory");
+}
+
+#[test]
+fn existing_only_handshakes_and_delete_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir:{}", dir.path().display());
+    check_existing_and_delete(&store);
+    // The volume was made anew by the last handshake; its files are the new
+    // one's. A node restarted on the store finds it as an existing volume.
+    let node = MockNode::start(&["--store", &store]);
+    let mut c = NodeClient::connect(node.addr).expect("connect");
+    let reply = c
+        .handshake(pb::Handshake {
+            existing: true,
+            ..handshake("managed", 0, 65536, 2, 0)
+        })
+        .expect("reply");
+    assert_eq!(reply.status, OK, "{}", reply.message);
+    assert_eq!(reply.volume_size, 64 * MIB);
+}
+
 #[test]
 fn memory_store_is_sparse() {
     let node = MockNode::start(&[]);

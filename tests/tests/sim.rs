@@ -548,7 +548,7 @@ impl Sim {
             | WireOp::WriteZeroes(pb::WriteZeroes { offset, length }) => {
                 store[offset as usize..][..length as usize].fill(0)
             }
-            WireOp::Flush(_) | WireOp::Ping(_) | WireOp::Resize(_) => {}
+            WireOp::Flush(_) | WireOp::Ping(_) | WireOp::Resize(_) | WireOp::Delete(_) => {}
         }
         let mut bytes = Vec::new();
         encode_frame(
