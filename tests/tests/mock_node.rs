@@ -332,7 +332,11 @@ fn check_existing_and_delete(store: &str) {
     let first_id = reply.volume_id.clone();
     let mut wrong = NodeClient::connect(node.addr).expect("connect");
     let reply = wrong.handshake(existing(32 * MIB)).expect("reply");
-    assert_eq!(reply.status, Status::Refused as i32, "a size that does not match");
+    assert_eq!(
+        reply.status,
+        Status::Refused as i32,
+        "a size that does not match"
+    );
 
     assert_eq!(manager.status_of(Op::Delete(pb::Delete {}), &[]), OK);
     assert_eq!(
