@@ -9,6 +9,7 @@ pub mod control;
 pub mod engine;
 pub mod frontend;
 pub mod layout;
+pub mod manage;
 pub mod mock;
 pub mod net;
 pub mod notify;

@@ -28,6 +28,12 @@ pub enum ConnectError {
         addr: SocketAddr,
         message: String,
     },
+    #[error("node {node} ({addr}) has no volume '{volume}'")]
+    NotFound {
+        node: usize,
+        addr: SocketAddr,
+        volume: String,
+    },
     #[error("node {node} ({addr}): handshake failed: {why}")]
     Handshake {
         node: usize,
@@ -57,6 +63,8 @@ pub struct NodeInfo {
     /// acknowledged writes it made durable (0: none).
     pub incarnation: u64,
     pub durable_incarnation: u64,
+    /// The volume's size (whole volume) as the node holds it.
+    pub volume_size: u64,
 }
 
 /// Who is connecting, to which volume.
@@ -80,7 +88,8 @@ pub struct Timeouts {
     pub io: Duration,
 }
 
-/// Connects to node `node` of `layout` and completes the handshake.
+/// Connects to node `node` of `layout` and completes the handshake (which
+/// creates the volume if the node has none).
 pub fn connect(
     addr: SocketAddr,
     node: usize,
@@ -88,6 +97,31 @@ pub fn connect(
     who: &Identity<'_>,
     timeouts: Timeouts,
 ) -> Result<(TcpStream, NodeInfo), ConnectError> {
+    connect_as(addr, node, layout, who, timeouts, Open::CreateOrOpen)
+}
+
+/// Whether a handshake may create the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// Create it if the node has none (what a mapped volume does).
+    CreateOrOpen,
+    /// Only a volume that exists ([`ConnectError::NotFound`] otherwise;
+    /// nothing is created), whatever its size (`NodeInfo::volume_size`
+    /// says it): `layout`'s size is not presented. For tools that manage
+    /// volumes.
+    Existing,
+}
+
+/// As [`connect`], opening the volume as `open` says.
+pub fn connect_as(
+    addr: SocketAddr,
+    node: usize,
+    layout: &Layout,
+    who: &Identity<'_>,
+    timeouts: Timeouts,
+    open: Open,
+) -> Result<(TcpStream, NodeInfo), ConnectError> {
+    let existing = open == Open::Existing;
     let timeout = timeouts.connect;
     let connect_err = |source| ConnectError::Connect { node, addr, source };
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
@@ -99,10 +133,10 @@ pub fn connect(
             protocol_version: u32::from(PROTOCOL_VERSION),
             client_id: who.client_id.to_owned(),
             volume: who.volume.to_owned(),
-            volume_size: layout.size(),
+            volume_size: if existing { 0 } else { layout.size() },
             layout: Some(layout.fingerprint(node)),
             session: who.session,
-            existing: false,
+            existing,
         })),
     };
     let mut bytes = Vec::new();
@@ -120,6 +154,13 @@ pub fn connect(
         ) => reply,
         (other, _) => return Err(hs_err(format!("expected a handshake reply, got {other:?}"))),
     };
+    if reply.status == pb::Status::NotFound as i32 {
+        return Err(ConnectError::NotFound {
+            node,
+            addr,
+            volume: who.volume.to_owned(),
+        });
+    }
     if reply.status != pb::Status::Ok as i32 {
         return Err(ConnectError::Refused {
             node,
@@ -159,14 +200,19 @@ pub fn connect(
             volume_id: reply.volume_id,
             incarnation: reply.incarnation,
             durable_incarnation: reply.durable_incarnation,
+            volume_size: reply.volume_size,
         },
     ))
 }
 
-/// Keepalive probing of an idle connection: (idle time, interval, probes).
-/// A peer that vanished (no RST: a dead host, a cut link) is noticed within
-/// about the IO timeout even when no request is waiting on it.
-/// Whole seconds: what the kernel takes.
+/// A session number for a short connection of a tool (resize, manage):
+/// sessions of one client id must not go back, and the clock does not.
+pub fn clock_session() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
 /// Reads one frame's preamble and header (not its payload).
 fn read_head(stream: &TcpStream) -> Result<(pb::Header, u32), String> {
     let mut preamble = [0u8; PREAMBLE_LEN];
@@ -183,9 +229,18 @@ fn read_head(stream: &TcpStream) -> Result<(pb::Header, u32), String> {
 }
 
 /// Sends one request without payload on a connection that has handshaken
-/// and returns its reply (a reply with a payload is refused: only
-/// requests without data go through here).
-pub fn call(stream: &TcpStream, id: u64, op: pb::request::Op) -> Result<pb::Reply, String> {
+/// and returns its reply, waiting at most `timeout` for each (a reply with
+/// a payload is refused: only requests without data go through here).
+pub fn call(
+    stream: &TcpStream,
+    id: u64,
+    op: pb::request::Op,
+    timeout: Duration,
+) -> Result<pb::Reply, String> {
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
     let mut bytes = Vec::new();
     encode_head(&pb::Header::request(id, op), 0, &mut bytes).map_err(|e| e.to_string())?;
     (&*stream)
@@ -204,6 +259,10 @@ pub fn call(stream: &TcpStream, id: u64, op: pb::request::Op) -> Result<pb::Repl
     }
 }
 
+/// Keepalive probing of an idle connection: (idle time, interval, probes).
+/// A peer that vanished (no RST: a dead host, a cut link) is noticed within
+/// about the IO timeout even when no request is waiting on it.
+/// Whole seconds: what the kernel takes.
 pub fn keepalive_for(io_timeout: Duration) -> (Duration, Duration, u32) {
     let secs = io_timeout.as_secs();
     let idle = Duration::from_secs((secs / 2).clamp(1, 15));

@@ -112,20 +112,16 @@ impl Resizer {
     /// resize, its answer.
     fn tell(&self, node: usize, addr: SocketAddr, layout: &Layout, to: u64) -> Result<(), String> {
         let client_id = format!("{}/resize", self.client_id);
-        // Sessions of one client id must grow: the clock does.
-        let session = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
         let who = Identity {
             client_id: &client_id,
             volume: &self.spec.name,
-            session,
+            session: net::clock_session(),
             volume_id: self.volume_ids.get(node).map(String::as_str),
         };
         let (stream, _) =
             net::connect(addr, node, layout, &who, self.timeouts).map_err(|e| e.to_string())?;
         let op = pb::request::Op::Resize(pb::Resize { volume_size: to });
-        let reply = net::call(&stream, 1, op)?;
+        let reply = net::call(&stream, 1, op, self.timeouts.io)?;
         if reply.status == pb::Status::Ok as i32 {
             Ok(())
         } else {

@@ -1,0 +1,123 @@
+//! A volume as a whole, for tools that manage volumes rather than serve IO
+//! (the CSI controller): look it up, create it, delete it, on every node of
+//! its layout, each over a short connection of its own.
+
+use std::net::SocketAddr;
+
+use netblk_protocol::pb;
+
+use crate::layout::Layout;
+use crate::net::{self, ConnectError, Identity, NodeInfo, Open, Timeouts};
+
+/// A volume by what names it on the nodes: its name, stripe unit and
+/// ordered nodes (its size is what the nodes say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRef {
+    pub name: String,
+    pub stripe_unit: u32,
+    pub nodes: Vec<SocketAddr>,
+}
+
+impl VolumeRef {
+    /// The layout over `size` bytes (a valid stand-in size where the
+    /// handshake presents none).
+    fn layout(&self, size: Option<u64>) -> Result<Layout, String> {
+        let n = u32::try_from(self.nodes.len()).map_err(|_| "too many nodes".to_string())?;
+        let size = size.unwrap_or(u64::from(self.stripe_unit) * u64::from(n));
+        Layout::new(size, self.stripe_unit, n).map_err(|e| e.to_string())
+    }
+
+    fn identity<'a>(&'a self, client_id: &'a str) -> Identity<'a> {
+        Identity {
+            client_id,
+            volume: &self.name,
+            session: net::clock_session(),
+            volume_id: None,
+        }
+    }
+
+    /// The volume's size if it exists: every node has it, at one size.
+    /// None if no node has it; an error if only some do, or they disagree.
+    pub fn lookup(&self, client_id: &str, timeouts: Timeouts) -> Result<Option<u64>, String> {
+        let layout = self.layout(None)?;
+        let who = self.identity(client_id);
+        let mut sizes = Vec::new();
+        let mut missing = Vec::new();
+        for (node, addr) in self.nodes.iter().enumerate() {
+            match net::connect_as(*addr, node, &layout, &who, timeouts, Open::Existing) {
+                Ok((_, info)) => sizes.push((node, info.volume_size)),
+                Err(ConnectError::NotFound { .. }) => missing.push(node),
+                Err(err) => return Err(err.to_string()),
+            }
+        }
+        match (sizes.first(), missing.is_empty()) {
+            (None, _) => Ok(None),
+            (Some(_), false) => Err(format!(
+                "volume '{}' is on nodes {:?} but not on nodes {missing:?}: partly created or deleted",
+                self.name,
+                sizes.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            )),
+            (Some((_, size)), true) if sizes.iter().all(|(_, s)| s == size) => Ok(Some(*size)),
+            (Some(_), true) => Err(format!(
+                "the nodes of volume '{}' disagree on its size: {sizes:?}",
+                self.name
+            )),
+        }
+    }
+
+    /// Creates the volume at `size` on every node (a node that has it at
+    /// that size already accepts; at another, refuses).
+    pub fn create(
+        &self,
+        size: u64,
+        client_id: &str,
+        timeouts: Timeouts,
+    ) -> Result<Vec<NodeInfo>, ConnectError> {
+        let layout = self
+            .layout(Some(size))
+            .map_err(|why| ConnectError::Handshake {
+                node: 0,
+                addr: self
+                    .nodes
+                    .first()
+                    .copied()
+                    .unwrap_or(([0, 0, 0, 0], 0).into()),
+                why,
+            })?;
+        let who = self.identity(client_id);
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(node, addr)| net::connect(*addr, node, &layout, &who, timeouts).map(|(_, i)| i))
+            .collect()
+    }
+
+    /// Deletes the volume, with its data, from every node that has it; a
+    /// node without it is done already, so deleting twice is no error.
+    pub fn delete(&self, client_id: &str, timeouts: Timeouts) -> Result<(), String> {
+        let layout = self.layout(None)?;
+        let who = self.identity(client_id);
+        for (node, addr) in self.nodes.iter().enumerate() {
+            let stream = match net::connect_as(*addr, node, &layout, &who, timeouts, Open::Existing)
+            {
+                Ok((stream, _)) => stream,
+                Err(ConnectError::NotFound { .. }) => continue,
+                Err(err) => return Err(err.to_string()),
+            };
+            let reply = net::call(
+                &stream,
+                1,
+                pb::request::Op::Delete(pb::Delete {}),
+                timeouts.io,
+            )
+            .map_err(|why| format!("node {node} ({addr}): {why}"))?;
+            if reply.status != pb::Status::Ok as i32 {
+                return Err(format!(
+                    "node {node} ({addr}) did not delete volume '{}': {}",
+                    self.name, reply.message
+                ));
+            }
+        }
+        Ok(())
+    }
+}
