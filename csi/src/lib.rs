@@ -4,9 +4,12 @@
 //!
 //! - [`identity`]: who the plugin is, what it offers, whether it is ready.
 //! - [`server`]: the gRPC server on a unix socket.
+//! - [`volume`]: volume ids, StorageClass parameters, capacities and
+//!   capabilities, as the services will use them.
 
 pub mod identity;
 pub mod server;
+pub mod volume;
 
 /// The generated `csi.v1` messages, clients and servers.
 pub mod pb {

@@ -1,0 +1,312 @@
+//! What the controller and node services agree on about a volume, as pure
+//! functions: the volume id (everything DeleteVolume and the node need,
+//! since CSI passes nothing else), StorageClass parameters, capacity
+//! rounding, and which capabilities netblk serves.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::pb;
+use crate::pb::volume_capability::access_mode::Mode;
+
+/// Sizes are whole MiB: a multiple of every block size and stripe unit
+/// up to 1 MiB.
+pub const SIZE_STEP: u64 = 1 << 20;
+/// The size of a volume asked for without a capacity.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+/// The stripe unit when the StorageClass names none.
+pub const DEFAULT_STRIPE_UNIT: u32 = 128 << 10;
+
+/// A volume as its id names it: `NAME/STRIPE_UNIT/NODE,NODE,...` (volume
+/// names cannot contain `/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeHandle {
+    pub name: String,
+    pub stripe_unit: u32,
+    pub nodes: Vec<SocketAddr>,
+}
+
+impl VolumeHandle {
+    pub fn id(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
+        format!("{}/{}/{}", self.name, self.stripe_unit, nodes.join(","))
+    }
+
+    /// Parses a volume id; the error says what is wrong (for
+    /// INVALID_ARGUMENT, or NOT_FOUND where the spec asks for it).
+    pub fn parse(id: &str) -> Result<VolumeHandle, String> {
+        let mut parts = id.splitn(3, '/');
+        let (Some(name), Some(unit), Some(nodes)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!("volume id '{id}' is not NAME/STRIPE_UNIT/NODES"));
+        };
+        if name.is_empty() {
+            return Err(format!("volume id '{id}' has no name"));
+        }
+        let stripe_unit = unit
+            .parse()
+            .map_err(|_| format!("volume id '{id}': bad stripe unit '{unit}'"))?;
+        let nodes = parse_nodes(nodes).map_err(|why| format!("volume id '{id}': {why}"))?;
+        Ok(VolumeHandle {
+            name: name.to_string(),
+            stripe_unit,
+            nodes,
+        })
+    }
+}
+
+fn parse_nodes(text: &str) -> Result<Vec<SocketAddr>, String> {
+    let nodes: Vec<SocketAddr> = text
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .map_err(|_| format!("'{n}' is not a node address IP:PORT"))
+        })
+        .collect::<Result<_, _>>()?;
+    if nodes.is_empty() {
+        return Err("no nodes".into());
+    }
+    Ok(nodes)
+}
+
+/// What a StorageClass says: `nodes` (required, `IP:PORT,...` in stripe
+/// order), `stripeUnit` (bytes, a power of two; default 128 KiB), `queues`
+/// (per mapped device, 1 to 64; default 1). Unknown keys are errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parameters {
+    pub nodes: Vec<SocketAddr>,
+    pub stripe_unit: u32,
+    pub queues: usize,
+}
+
+impl Parameters {
+    pub fn parse(params: &HashMap<String, String>) -> Result<Parameters, String> {
+        if let Some(key) = params
+            .keys()
+            .find(|k| !["nodes", "stripeUnit", "queues"].contains(&k.as_str()))
+        {
+            return Err(format!(
+                "unknown parameter '{key}' (netblk takes nodes, stripeUnit, queues)"
+            ));
+        }
+        let nodes = params
+            .get("nodes")
+            .ok_or_else(|| "parameter 'nodes' (IP:PORT,...) is required".to_string())
+            .and_then(|n| parse_nodes(n).map_err(|why| format!("parameter 'nodes': {why}")))?;
+        let stripe_unit = match params.get("stripeUnit") {
+            None => DEFAULT_STRIPE_UNIT,
+            Some(s) => s
+                .parse::<u32>()
+                .ok()
+                .filter(|u| u.is_power_of_two() && (4096..=(4 << 20)).contains(u))
+                .ok_or_else(|| {
+                    format!("parameter 'stripeUnit' {s} is not a power of two from 4096 to 4194304")
+                })?,
+        };
+        let queues = match params.get("queues") {
+            None => 1,
+            Some(q) => q
+                .parse::<usize>()
+                .ok()
+                .filter(|q| (1..=64).contains(q))
+                .ok_or_else(|| format!("parameter 'queues' {q} is not from 1 to 64"))?,
+        };
+        Ok(Parameters {
+            nodes,
+            stripe_unit,
+            queues,
+        })
+    }
+}
+
+/// The size to make for `range`: at least `required_bytes` (default 1 GiB),
+/// rounded up to whole MiB; an error (OUT_OF_RANGE) when that exceeds a
+/// `limit_bytes`, or either is negative.
+pub fn capacity(range: Option<&pb::CapacityRange>) -> Result<u64, String> {
+    let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    let (Ok(required), Ok(limit)) = (u64::try_from(required), u64::try_from(limit)) else {
+        return Err("capacity bytes must not be negative".into());
+    };
+    let wanted = if required == 0 {
+        if limit == 0 {
+            DEFAULT_SIZE
+        } else {
+            DEFAULT_SIZE.min(limit)
+        }
+    } else {
+        required
+    };
+    let size = wanted
+        .checked_next_multiple_of(SIZE_STEP)
+        .ok_or_else(|| format!("{wanted} bytes is too large"))?;
+    if limit != 0 && size > limit {
+        return Err(format!(
+            "{size} bytes (whole MiB) is above the limit of {limit} bytes"
+        ));
+    }
+    if size == 0 {
+        return Err("a limit below 1 MiB cannot be met".into());
+    }
+    Ok(size)
+}
+
+/// Whether netblk serves `capability`: a block device or a filesystem
+/// (ext4 or xfs, or unspecified), used from one node at a time (netblk
+/// has no cluster locking: a second writer would corrupt the volume).
+pub fn supported(capability: &pb::VolumeCapability) -> Result<(), String> {
+    use pb::volume_capability::AccessType;
+    match &capability.access_type {
+        Some(AccessType::Block(_)) => {}
+        Some(AccessType::Mount(mount)) => {
+            if !["", "ext4", "xfs"].contains(&mount.fs_type.as_str()) {
+                return Err(format!(
+                    "filesystem '{}' is not supported (ext4 or xfs)",
+                    mount.fs_type
+                ));
+            }
+        }
+        None => return Err("a volume capability needs block or mount access".into()),
+    }
+    let mode = capability
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode)
+        .and_then(|m| Mode::try_from(m).ok())
+        .unwrap_or(Mode::Unknown);
+    match mode {
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::SingleNodeMultiWriter => Ok(()),
+        Mode::Unknown => Err("a volume capability needs an access mode".into()),
+        other => Err(format!(
+            "access mode {} is not supported: a netblk volume is used from one node at a time",
+            other.as_str_name()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+
+    fn cap(access: AccessType, mode: Mode) -> pb::VolumeCapability {
+        pb::VolumeCapability {
+            access_type: Some(access),
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+        }
+    }
+
+    #[test]
+    fn a_volume_id_carries_name_stripe_unit_and_nodes() {
+        let handle = VolumeHandle {
+            name: "pvc-0a1b".into(),
+            stripe_unit: 65536,
+            nodes: vec![
+                "10.0.0.1:7001".parse().expect("addr"),
+                "[fd00::2]:7001".parse().expect("addr"),
+            ],
+        };
+        let id = handle.id();
+        assert_eq!(id, "pvc-0a1b/65536/10.0.0.1:7001,[fd00::2]:7001");
+        assert_eq!(VolumeHandle::parse(&id), Ok(handle));
+        for bad in [
+            "",
+            "pvc",
+            "pvc/x/10.0.0.1:1",
+            "/65536/10.0.0.1:1",
+            "pvc/65536/",
+            "pvc/65536/host",
+        ] {
+            assert!(VolumeHandle::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parameters_are_checked_and_defaulted() {
+        let params = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let p =
+            Parameters::parse(&params(&[("nodes", "10.0.0.1:7001, 10.0.0.2:7001")])).expect("ok");
+        assert_eq!(
+            (p.nodes.len(), p.stripe_unit, p.queues),
+            (2, DEFAULT_STRIPE_UNIT, 1)
+        );
+        let p = Parameters::parse(&params(&[
+            ("nodes", "10.0.0.1:7001"),
+            ("stripeUnit", "65536"),
+            ("queues", "4"),
+        ]))
+        .expect("ok");
+        assert_eq!((p.stripe_unit, p.queues), (65536, 4));
+        let err = |pairs: &[(&str, &str)]| Parameters::parse(&params(pairs)).expect_err("bad");
+        assert!(err(&[]).contains("'nodes'"));
+        assert!(err(&[("nodes", "10.0.0.1")]).contains("IP:PORT"));
+        assert!(err(&[("nodes", "10.0.0.1:1"), ("stripeUnit", "1000")]).contains("power of two"));
+        assert!(err(&[("nodes", "10.0.0.1:1"), ("queues", "0")]).contains("'queues'"));
+        assert!(
+            err(&[("nodes", "10.0.0.1:1"), ("replicas", "3")])
+                .contains("unknown parameter 'replicas'")
+        );
+    }
+
+    #[test]
+    fn capacity_rounds_up_to_whole_mib_within_the_limit() {
+        let range = |required, limit| pb::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        };
+        assert_eq!(capacity(None), Ok(DEFAULT_SIZE));
+        assert_eq!(capacity(Some(&range(1, 0))), Ok(SIZE_STEP));
+        assert_eq!(capacity(Some(&range(5 << 20, 0))), Ok(5 << 20));
+        assert_eq!(capacity(Some(&range((5 << 20) + 1, 0))), Ok(6 << 20));
+        assert_eq!(
+            capacity(Some(&range(0, 512 << 20))),
+            Ok(512 << 20),
+            "default capped by the limit"
+        );
+        assert!(capacity(Some(&range((5 << 20) + 1, 6 << 20))).is_ok());
+        assert!(
+            capacity(Some(&range((5 << 20) + 1, (5 << 20) + 2))).is_err(),
+            "rounding passes the limit"
+        );
+        assert!(capacity(Some(&range(-1, 0))).is_err());
+        assert!(
+            capacity(Some(&range(0, 4096))).is_err(),
+            "no whole MiB fits"
+        );
+    }
+
+    #[test]
+    fn one_node_at_a_time_block_or_ext4_or_xfs() {
+        let block = || AccessType::Block(BlockVolume {});
+        let mount = |fs: &str| {
+            AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                mount_flags: Vec::new(),
+                volume_mount_group: String::new(),
+            })
+        };
+        assert!(supported(&cap(block(), Mode::SingleNodeWriter)).is_ok());
+        assert!(supported(&cap(mount("ext4"), Mode::SingleNodeReaderOnly)).is_ok());
+        assert!(supported(&cap(mount(""), Mode::SingleNodeSingleWriter)).is_ok());
+        assert!(supported(&cap(mount("xfs"), Mode::SingleNodeMultiWriter)).is_ok());
+        assert!(supported(&cap(mount("btrfs"), Mode::SingleNodeWriter)).is_err());
+        assert!(supported(&cap(block(), Mode::MultiNodeMultiWriter)).is_err());
+        assert!(supported(&cap(block(), Mode::MultiNodeReaderOnly)).is_err());
+        assert!(supported(&cap(block(), Mode::Unknown)).is_err());
+        assert!(
+            supported(&pb::VolumeCapability {
+                access_type: None,
+                access_mode: None
+            })
+            .is_err()
+        );
+    }
+}
