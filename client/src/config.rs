@@ -84,15 +84,9 @@ pub fn parse(text: &str, stem: &str) -> Result<VolumeFile, String> {
         stripe_unit: get("stripe_unit")
             .map(|v| v.size().and_then(|s| v.fit(s)))
             .transpose()?,
-        queues: get("queues")
-            .map(|v| v.integer().and_then(|n| v.fit(n)))
-            .transpose()?,
-        depth: get("depth")
-            .map(|v| v.integer().and_then(|n| v.fit(n)))
-            .transpose()?,
-        block_size: get("block_size")
-            .map(|v| v.integer().and_then(|n| v.fit(n)))
-            .transpose()?,
+        queues: get("queues").map(|v| v.number()).transpose()?,
+        depth: get("depth").map(|v| v.number()).transpose()?,
+        block_size: get("block_size").map(|v| v.number()).transpose()?,
         send: get("send").map(|v| v.choice(&["zc", "copy"])).transpose()?,
         zero_copy: get("zero_copy")
             .map(|v| v.choice(&["auto", "on", "off"]))
@@ -136,6 +130,11 @@ impl Value<'_> {
     /// A number that must fit a narrower type.
     fn fit<T: TryFrom<u64>>(&self, n: u64) -> Result<T, String> {
         T::try_from(n).map_err(|_| format!("key `{}`: {n} is too large", self.key))
+    }
+
+    /// A whole number that fits `T`.
+    fn number<T: TryFrom<u64>>(&self) -> Result<T, String> {
+        self.integer().and_then(|n| self.fit(n))
     }
 
     /// Bytes: a whole number, or a string with a K, M, G or T suffix.

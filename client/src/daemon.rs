@@ -101,13 +101,10 @@ pub struct Settings {
 impl Settings {
     /// The flags over `file` (if any) over the defaults.
     pub fn resolve(args: &MapArgs, file: Option<VolumeFile>) -> Settings {
+        let volume_from_file = file.as_ref().map(|f| f.volume.clone());
         let f = file.unwrap_or_default();
-        let from_file = !f.volume.is_empty();
         Settings {
-            volume: args
-                .volume
-                .clone()
-                .or_else(|| from_file.then(|| f.volume.clone())),
+            volume: args.volume.clone().or(volume_from_file),
             size: args.size.or(f.size),
             nodes: if args.nodes.is_empty() {
                 f.nodes.unwrap_or_default()

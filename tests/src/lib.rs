@@ -300,6 +300,14 @@ impl NodeClient {
         client
     }
 
+    /// The reply to `hs` on a fresh connection to `addr` (accepted or not).
+    pub fn handshake_reply(addr: SocketAddr, hs: pb::Handshake) -> pb::HandshakeReply {
+        NodeClient::connect(addr)
+            .expect("connect")
+            .handshake(hs)
+            .expect("a handshake reply")
+    }
+
     pub fn handshake(&mut self, hs: pb::Handshake) -> Result<pb::HandshakeReply, ClientError> {
         self.framed.send(
             &pb::Header {

@@ -256,8 +256,7 @@ fn check_resize(store: &str, extra: &[&str]) {
         "new space reads zeroes"
     );
     assert_eq!(client.status_of(Op::Flush(pb::Flush {}), &[]), OK);
-    let mut stale = NodeClient::connect(node.addr).expect("connect");
-    let reply = stale.handshake(hs(64 * MIB)).expect("reply");
+    let reply = NodeClient::handshake_reply(node.addr, hs(64 * MIB));
     assert_eq!(
         reply.status,
         Status::Refused as i32,
@@ -317,8 +316,7 @@ fn check_existing_and_delete(store: &str) {
         existing: true,
         ..handshake("managed", size, 65536, 2, 0)
     };
-    let mut probe = NodeClient::connect(node.addr).expect("connect");
-    let reply = probe.handshake(existing(0)).expect("reply");
+    let reply = NodeClient::handshake_reply(node.addr, existing(0));
     assert_eq!(reply.status, Status::NotFound as i32, "{}", reply.message);
     assert_eq!(node.admin().stats().volumes, 0, "nothing created");
 
@@ -330,8 +328,7 @@ fn check_existing_and_delete(store: &str) {
     assert_eq!(reply.status, OK, "{}", reply.message);
     assert_eq!(reply.volume_size, 64 * MIB, "the reply states the size");
     let first_id = reply.volume_id.clone();
-    let mut wrong = NodeClient::connect(node.addr).expect("connect");
-    let reply = wrong.handshake(existing(32 * MIB)).expect("reply");
+    let reply = NodeClient::handshake_reply(node.addr, existing(32 * MIB));
     assert_eq!(
         reply.status,
         Status::Refused as i32,
@@ -344,8 +341,7 @@ fn check_existing_and_delete(store: &str) {
         Status::NotFound as i32,
         "a connection to a deleted volume fails"
     );
-    let mut after = NodeClient::connect(node.addr).expect("connect");
-    let reply = after.handshake(existing(0)).expect("reply");
+    let reply = NodeClient::handshake_reply(node.addr, existing(0));
     assert_eq!(reply.status, Status::NotFound as i32, "deleted");
     let mut fresh = NodeClient::connect(node.addr).expect("connect");
     let reply = fresh
@@ -369,13 +365,13 @@ fn existing_only_handshakes_and_delete_on_disk() {
     // The volume was made anew by the last handshake; its files are the new
     // one's. A node restarted on the store finds it as an existing volume.
     let node = MockNode::start(&["--store", &store]);
-    let mut c = NodeClient::connect(node.addr).expect("connect");
-    let reply = c
-        .handshake(pb::Handshake {
+    let reply = NodeClient::handshake_reply(
+        node.addr,
+        pb::Handshake {
             existing: true,
             ..handshake("managed", 0, 65536, 2, 0)
-        })
-        .expect("reply");
+        },
+    );
     assert_eq!(reply.status, OK, "{}", reply.message);
     assert_eq!(reply.volume_size, 64 * MIB);
 }

@@ -489,7 +489,6 @@ fn start_queues(
     let dev_id = device.dev_id;
     let cdev = UblkQueue::open_cdev(dev_id).map_err(MapError::Queue)?;
     device.volume_ids = vopts.volume_ids.clone();
-    device.size = LiveSize::new(layout.size());
     for (q, ((streams, nodes), buffers)) in connected.into_iter().zip(buffers).enumerate() {
         let mut queue = UblkQueue::new(&cdev, q as u16, vopts.depth, &buffers, buffer_mode)
             .map_err(MapError::Queue)?;
