@@ -92,6 +92,46 @@ impl VolumeRef {
             .collect()
     }
 
+    /// Grows the volume to at least `size` bytes on every node: a node
+    /// already that large is left alone, so growing again (or after a grow
+    /// cut short) converges. A host that has it mapped keeps working at its
+    /// old size (its reconnects present that size as a floor) until it
+    /// follows with its own resize. Returns the size every node now has.
+    pub fn grow(&self, size: u64, client_id: &str, timeouts: Timeouts) -> Result<u64, String> {
+        let layout = self.layout(None)?;
+        layout
+            .with_size(size)
+            .map_err(|e| format!("cannot grow volume '{}' to {size} bytes: {e}", self.name))?;
+        let who = self.identity(client_id);
+        let mut sizes = Vec::new();
+        for (node, addr) in self.nodes.iter().enumerate() {
+            let (stream, info) =
+                net::connect_as(*addr, node, &layout, &who, timeouts, Open::Existing)
+                    .map_err(|e| e.to_string())?;
+            if info.volume_size >= size {
+                sizes.push(info.volume_size);
+                continue;
+            }
+            let op = pb::request::Op::Resize(pb::Resize { volume_size: size });
+            let reply = net::call(&stream, 1, op, timeouts.io)
+                .map_err(|why| format!("node {node} ({addr}): {why}"))?;
+            if reply.status != pb::Status::Ok as i32 {
+                return Err(format!(
+                    "node {node} ({addr}) did not grow volume '{}' to {size} bytes: {}",
+                    self.name, reply.message
+                ));
+            }
+            sizes.push(size);
+        }
+        match sizes.iter().max() {
+            Some(max) if sizes.iter().all(|s| s == max) => Ok(*max),
+            _ => Err(format!(
+                "the nodes of volume '{}' disagree on its size after growing it: {sizes:?}",
+                self.name
+            )),
+        }
+    }
+
     /// Deletes the volume, with its data, from every node that has it; a
     /// node without it is done already, so deleting twice is no error.
     pub fn delete(&self, client_id: &str, timeouts: Timeouts) -> Result<(), String> {

@@ -137,6 +137,9 @@ pub fn connect_as(
             layout: Some(layout.fingerprint(node)),
             session: who.session,
             existing,
+            // A client that pinned the volume follows one it holds: a grow
+            // by a manager may have got to the nodes first.
+            at_least: who.volume_id.is_some() && !existing,
         })),
     };
     let mut bytes = Vec::new();

@@ -39,9 +39,19 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
         layout(),
         any::<u64>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(protocol_version, client_id, volume, volume_size, layout, session, existing)| {
+            |(
+                protocol_version,
+                client_id,
+                volume,
+                volume_size,
+                layout,
+                session,
+                existing,
+                at_least,
+            )| {
                 pb::Handshake {
                     protocol_version,
                     client_id,
@@ -50,6 +60,7 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
                     layout,
                     session,
                     existing,
+                    at_least,
                 }
             },
         )

@@ -433,6 +433,7 @@ fn accept_handshake(
         node.volume(
             &handshake.volume,
             VolumeMeta::from_handshake(handshake.volume_size, &layout),
+            handshake.at_least,
         )
         .map_err(refused)?
     };

@@ -167,8 +167,14 @@ impl Node {
     }
 
     /// The volume `name`, created on first use. Refuses (with a message for
-    /// the client) a size or layout different from what it was created with.
-    pub fn volume(&self, name: &str, wanted: VolumeMeta) -> Result<Arc<Volume>, String> {
+    /// the client) a size or layout different from what it was created with;
+    /// `at_least` accepts a volume grown past the wanted size.
+    pub fn volume(
+        &self,
+        name: &str,
+        wanted: VolumeMeta,
+        at_least: bool,
+    ) -> Result<Arc<Volume>, String> {
         let mut volumes = lock(&self.volumes);
         let volume = match volumes.get(name) {
             Some(volume) => Arc::clone(volume),
@@ -202,7 +208,11 @@ impl Node {
             }
         };
         let meta = volume.meta();
-        if meta != wanted {
+        let grown = VolumeMeta {
+            volume_size: wanted.volume_size.max(meta.volume_size),
+            ..wanted
+        };
+        if meta != wanted && !(at_least && meta == grown) {
             return Err(format!(
                 "volume '{name}' exists with {meta}; this client asked for {wanted}: refusing, a different layout would scramble data"
             ));
@@ -239,7 +249,7 @@ impl Node {
             },
         };
         let size = if size == 0 { meta.volume_size } else { size };
-        self.volume(name, VolumeMeta::from_handshake(size, layout))
+        self.volume(name, VolumeMeta::from_handshake(size, layout), false)
             .map_err(|why| (pb::Status::Refused, why))
     }
 

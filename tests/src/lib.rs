@@ -229,6 +229,7 @@ pub fn handshake(
         }),
         session: 1,
         existing: false,
+        at_least: false,
     }
 }
 
