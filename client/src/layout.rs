@@ -31,9 +31,8 @@ pub enum SpecError {
     NoNodes,
     #[error("node {0} is listed twice")]
     DuplicateNode(SocketAddr),
-    #[error(
-        "volume name '{0}' must be 1 to 128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
-    )]
+    /// Why the name is not a volume name.
+    #[error("{0}")]
     BadName(String),
     #[error("{0}")]
     Geometry(String),
@@ -42,16 +41,7 @@ pub enum SpecError {
 impl VolumeSpec {
     /// Checks the spec and returns its layout.
     pub fn layout(&self) -> Result<Layout, SpecError> {
-        let ok_name = !self.name.is_empty()
-            && self.name.len() <= 128
-            && !self.name.starts_with('.')
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !ok_name {
-            return Err(SpecError::BadName(self.name.clone()));
-        }
+        netblk_protocol::geometry::check_volume_name(&self.name).map_err(SpecError::BadName)?;
         if self.nodes.is_empty() {
             return Err(SpecError::NoNodes);
         }

@@ -7,8 +7,12 @@ use std::path::Path;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::controller::Controller;
 use crate::identity::Identity;
+use crate::node::Node;
+use crate::pb::controller_server::ControllerServer;
 use crate::pb::identity_server::IdentityServer;
+use crate::pb::node_server::NodeServer;
 
 /// Binds `path` (a socket left by an earlier process is replaced): the
 /// listener [`serve`] takes. Must run inside a tokio runtime.
@@ -23,14 +27,24 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Serves the plugin's services on `listener` until the future is dropped
-/// or the listener fails.
+/// The services one process serves: Identity always, Controller and Node
+/// as its role says (one process may serve both).
+pub struct Services {
+    pub identity: Identity,
+    pub controller: Option<Controller>,
+    pub node: Option<Node>,
+}
+
+/// Serves `services` on `listener` until the future is dropped or the
+/// listener fails.
 pub async fn serve(
     listener: UnixListener,
-    identity: Identity,
+    services: Services,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
+        .add_service(IdentityServer::new(services.identity))
+        .add_optional_service(services.controller.map(ControllerServer::new))
+        .add_optional_service(services.node.map(NodeServer::new))
         .serve_with_incoming(UnixListenerStream::new(listener))
         .await
 }

@@ -1,5 +1,6 @@
-//! Volume geometry both sides must agree on: the bounds of a layout and how
-//! many bytes of a striped volume one node holds.
+//! Volume geometry both sides must agree on: what a volume may be named,
+//! the bounds of a layout and how many bytes of a striped volume one node
+//! holds.
 
 use crate::pb;
 
@@ -13,6 +14,24 @@ pub const MAX_NODES: u32 = 1024;
 pub const SECTOR: u64 = 512;
 /// Largest volume, bytes (8 EiB would overflow offset arithmetic downstream).
 pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
+
+/// A volume name: 1 to 128 characters of `A-Z a-z 0-9 . _ -`, not starting
+/// with `.` (it names files in a node's store).
+pub fn check_volume_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "volume name '{name}' must be 1 to 128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+        ))
+    }
+}
 
 /// Checks that a volume size and layout make sense, saying what is wrong.
 pub fn check_layout(volume_size: u64, layout: &pb::Layout) -> Result<(), String> {

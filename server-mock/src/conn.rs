@@ -389,23 +389,6 @@ fn send_frame(stream: &TcpStream, header: pb::Header) -> Result<(), ConnError> {
     Ok(())
 }
 
-/// A volume name is also a file name in the directory store.
-fn check_volume_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "volume name '{name}' must be 1 to 128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
-        ))
-    }
-}
-
 /// A handshake that was accepted: the volume, and the connection's place
 /// among its client's sessions (when fencing).
 type Accepted = (Arc<Volume>, Option<Arc<Member>>);
@@ -422,7 +405,7 @@ fn accept_handshake(
             handshake.protocol_version
         )));
     }
-    check_volume_name(&handshake.volume).map_err(refused)?;
+    netblk_protocol::geometry::check_volume_name(&handshake.volume).map_err(refused)?;
     let layout = handshake
         .layout
         .ok_or_else(|| refused("the handshake carries no layout".to_string()))?;

@@ -5,6 +5,7 @@
 //! Everything here has a bounded wait: a test fails, it never hangs.
 
 pub mod cluster;
+pub mod csi;
 pub mod netns;
 
 use std::io::{self, BufRead, BufReader, Read, Write};

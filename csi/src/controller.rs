@@ -1,0 +1,268 @@
+//! The Controller service: volumes made, grown and deleted on the storage
+//! nodes (`netblk::manage`). Everything a volume is lives on its nodes and in
+//! its id, so the controller keeps no state and any replica can answer.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use netblk::manage::VolumeRef;
+use netblk::net::Timeouts;
+use tonic::{Request, Response, Status};
+
+use crate::busy::Busy;
+use crate::pb;
+use crate::pb::controller_service_capability::rpc::Type as Rpc;
+use crate::volume::{self, Parameters, VolumeHandle};
+
+/// How long the controller waits on a storage node.
+pub const NODE_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(5),
+    io: Duration::from_secs(20),
+};
+
+/// The Controller service.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    /// The client id the controller's connections present to the nodes.
+    pub client_id: String,
+    pub timeouts: Timeouts,
+    pub busy: Busy,
+}
+
+impl Controller {
+    pub fn new() -> Controller {
+        Controller {
+            client_id: format!("netblk-csi-controller-{}", std::process::id()),
+            timeouts: NODE_TIMEOUTS,
+            busy: Busy::default(),
+        }
+    }
+}
+
+impl Default for Controller {
+    fn default() -> Self {
+        Controller::new()
+    }
+}
+
+fn volume_ref(handle: &VolumeHandle) -> VolumeRef {
+    VolumeRef {
+        name: handle.name.clone(),
+        stripe_unit: handle.stripe_unit,
+        nodes: handle.nodes.clone(),
+    }
+}
+
+/// What a node needs to map the volume beyond its id.
+fn context(params: &Parameters) -> HashMap<String, String> {
+    HashMap::from([("queues".to_string(), params.queues.to_string())])
+}
+
+/// Runs blocking node IO off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("a worker failed: {e}")))?
+}
+
+fn unavailable(why: String) -> Status {
+    Status::unavailable(why)
+}
+
+fn check_capabilities(capabilities: &[pb::VolumeCapability]) -> Result<(), String> {
+    if capabilities.is_empty() {
+        return Err("volume_capabilities is empty".into());
+    }
+    capabilities.iter().try_for_each(volume::supported)
+}
+
+/// A volume id the request names, or INVALID_ARGUMENT when it is empty;
+/// NOT_FOUND when it is not one of ours.
+fn handle_of(id: &str) -> Result<VolumeHandle, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("volume_id is empty"));
+    }
+    VolumeHandle::parse(id).map_err(Status::not_found)
+}
+
+#[tonic::async_trait]
+impl pb::controller_server::Controller for Controller {
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name is empty"));
+        }
+        netblk_protocol::geometry::check_volume_name(&req.name)
+            .map_err(Status::invalid_argument)?;
+        check_capabilities(&req.volume_capabilities).map_err(Status::invalid_argument)?;
+        let params = Parameters::parse(&req.parameters).map_err(Status::invalid_argument)?;
+        let size = volume::capacity(req.capacity_range.as_ref()).map_err(Status::out_of_range)?;
+        let range = req.capacity_range.unwrap_or_default();
+        let handle = VolumeHandle {
+            name: req.name.clone(),
+            stripe_unit: params.stripe_unit,
+            nodes: params.nodes.clone(),
+        };
+        let claim = self.busy.claim(&req.name)?;
+        let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
+        let volume = volume_ref(&handle);
+        let capacity = blocking(move || {
+            let _claim = claim;
+            match volume.lookup(&client_id, timeouts) {
+                Ok(Some(have)) => {
+                    let fits = i64::try_from(have).is_ok_and(|h| {
+                        h >= range.required_bytes
+                            && (range.limit_bytes == 0 || h <= range.limit_bytes)
+                    });
+                    if fits {
+                        return Ok(have);
+                    }
+                    Err(Status::already_exists(format!(
+                        "volume '{}' exists with {have} bytes, outside the range asked for",
+                        volume.name
+                    )))
+                }
+                // Absent, or partly made by a call cut short: making it
+                // (again) converges; nodes that have it at another size refuse.
+                Ok(None) | Err(_) => volume
+                    .create(size, &client_id, timeouts)
+                    .map(|_| size)
+                    .map_err(|e| unavailable(e.to_string())),
+            }
+        })
+        .await?;
+        tracing::info!(volume = %handle.id(), bytes = capacity, "volume ready");
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(pb::Volume {
+                capacity_bytes: i64::try_from(capacity)
+                    .map_err(|_| Status::out_of_range("capacity too large"))?,
+                volume_id: handle.id(),
+                volume_context: context(&params),
+            }),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is empty"));
+        }
+        // An id that is not ours names no volume: deleting it is done.
+        let Ok(handle) = VolumeHandle::parse(&req.volume_id) else {
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+        };
+        let claim = self.busy.claim(&handle.name)?;
+        let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
+        let volume = volume_ref(&handle);
+        blocking(move || {
+            let _claim = claim;
+            volume.delete(&client_id, timeouts).map_err(unavailable)
+        })
+        .await?;
+        tracing::info!(volume = %req.volume_id, "volume deleted");
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let handle = handle_of(&req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is empty"));
+        }
+        let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
+        let volume = volume_ref(&handle);
+        let found =
+            blocking(move || volume.lookup(&client_id, timeouts).map_err(unavailable)).await?;
+        if found.is_none() {
+            return Err(Status::not_found(format!(
+                "no volume '{}' on its nodes",
+                handle.name
+            )));
+        }
+        let verdict = check_capabilities(&req.volume_capabilities).and_then(|()| {
+            if req.parameters.is_empty() {
+                return Ok(());
+            }
+            let params = Parameters::parse(&req.parameters)?;
+            if params.nodes != handle.nodes || params.stripe_unit != handle.stripe_unit {
+                return Err("the parameters name other nodes or another stripe unit".into());
+            }
+            Ok(())
+        });
+        Ok(Response::new(match verdict {
+            Ok(()) => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                }),
+                message: String::new(),
+            },
+            Err(why) => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: why,
+            },
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _request: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
+        let rpc = |t: Rpc| pb::ControllerServiceCapability {
+            r#type: Some(pb::controller_service_capability::Type::Rpc(
+                pb::controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        };
+        Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
+            capabilities: vec![rpc(Rpc::CreateDeleteVolume), rpc(Rpc::ExpandVolume)],
+        }))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<pb::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let handle = handle_of(&req.volume_id)?;
+        let Some(range) = req.capacity_range else {
+            return Err(Status::invalid_argument("capacity_range is missing"));
+        };
+        let size = volume::capacity(Some(&range)).map_err(Status::out_of_range)?;
+        if let Some(capability) = &req.volume_capability {
+            volume::supported(capability).map_err(Status::invalid_argument)?;
+        }
+        let claim = self.busy.claim(&handle.name)?;
+        let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
+        let volume = volume_ref(&handle);
+        let grown = blocking(move || {
+            let _claim = claim;
+            match volume.lookup(&client_id, timeouts).map_err(unavailable)? {
+                None => Err(Status::not_found(format!(
+                    "no volume '{}' on its nodes",
+                    volume.name
+                ))),
+                Some(_) => volume.grow(size, &client_id, timeouts).map_err(unavailable),
+            }
+        })
+        .await?;
+        tracing::info!(volume = %req.volume_id, bytes = grown, "volume grown on its nodes");
+        Ok(Response::new(pb::ControllerExpandVolumeResponse {
+            capacity_bytes: i64::try_from(grown)
+                .map_err(|_| Status::out_of_range("capacity too large"))?,
+            // A host that has it mapped grows its device (and filesystem).
+            node_expansion_required: true,
+        }))
+    }
+}

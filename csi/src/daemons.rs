@@ -1,0 +1,250 @@
+//! The `netblk map` daemons that serve this host's volumes. The plugin
+//! starts them detached (their own process group, output to a log file,
+//! readiness over a notify socket), so they keep serving when the plugin
+//! exits; their device records (`/run/netblk`) are how a plugin started
+//! later finds them again, and recovers the devices whose daemon is gone.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use netblk::state::{self, DeviceRecord};
+use netblk::ublk::ctrl::{Control, daemon_alive};
+use netblk::ublk::sys;
+
+use crate::volume::VolumeHandle;
+
+/// How long a daemon may take to serve its device: a recovery waits up to
+/// 90 s for the kernel to let go of the old daemon.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// Starts, finds, resizes and stops the map daemons.
+#[derive(Debug, Clone)]
+pub struct Daemons {
+    /// The `netblk` binary.
+    pub netblk: PathBuf,
+    /// Where each daemon's output goes (`NAME.log`).
+    pub log_dir: PathBuf,
+}
+
+/// A device of this host's, as its record and the kernel say.
+#[derive(Debug, Clone)]
+pub struct Mapped {
+    pub record: DeviceRecord,
+    /// Its daemon runs.
+    pub alive: bool,
+    /// The kernel's state of the device.
+    pub kernel_state: u16,
+}
+
+impl Mapped {
+    pub fn path(&self) -> String {
+        format!("/dev/ublkb{}", self.record.id)
+    }
+}
+
+static NEXT_SOCKET: AtomicU64 = AtomicU64::new(0);
+
+impl Daemons {
+    /// Every device with a record that the kernel still has.
+    pub fn mapped(&self) -> Vec<Mapped> {
+        let Ok(mut ctrl) = Control::open() else {
+            return Vec::new();
+        };
+        state::list(&state::state_dir())
+            .into_iter()
+            .flatten()
+            .filter_map(|record| {
+                let info = ctrl.info(record.id).ok()?;
+                let alive = daemon_alive(record.pid, record.pid_start);
+                Some(Mapped {
+                    record,
+                    alive,
+                    kernel_state: info.state,
+                })
+            })
+            .collect()
+    }
+
+    /// The device serving `handle`'s volume on this host, if any.
+    pub fn find(&self, handle: &VolumeHandle) -> Option<Mapped> {
+        self.mapped()
+            .into_iter()
+            .find(|m| m.record.volume == handle.name && m.record.nodes == handle.nodes)
+    }
+
+    /// Maps `handle`'s volume at `size` bytes with `queues` queues and
+    /// returns its device once it serves.
+    pub fn map(&self, handle: &VolumeHandle, size: u64, queues: usize) -> Result<Mapped, String> {
+        let nodes: Vec<String> = handle.nodes.iter().map(ToString::to_string).collect();
+        let args = [
+            "map".to_string(),
+            "--volume".into(),
+            handle.name.clone(),
+            "--size".into(),
+            size.to_string(),
+            "--stripe-unit".into(),
+            handle.stripe_unit.to_string(),
+            "--nodes".into(),
+            nodes.join(","),
+            "--queues".into(),
+            queues.to_string(),
+        ];
+        self.start(&handle.name, &args)?;
+        self.find(handle)
+            .ok_or_else(|| format!("volume '{}' served, but its record is missing", handle.name))
+    }
+
+    /// A new daemon for `mapped`, whose daemon is gone (ublk user recovery:
+    /// the device and its users never notice but for the pause).
+    pub fn recover(&self, mapped: &Mapped) -> Result<(), String> {
+        let args = ["map".to_string(), "--recover".into(), mapped.path()];
+        self.start(&mapped.record.volume, &args)
+    }
+
+    /// Recovers every device whose daemon is gone; returns what failed.
+    pub fn recover_all(&self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for mapped in self.mapped() {
+            if mapped.alive || mapped.kernel_state == sys::UBLK_S_DEV_DEAD {
+                continue;
+            }
+            tracing::info!(device = %mapped.path(), volume = %mapped.record.volume, "recovering a device whose daemon is gone");
+            if let Err(why) = self.recover(&mapped) {
+                tracing::error!(device = %mapped.path(), error = %why, "recovery failed");
+                failed.push(format!("{}: {why}", mapped.path()));
+            }
+        }
+        failed
+    }
+
+    /// Unmaps `mapped` (drained; refused while it is mounted or held).
+    pub fn unmap(&self, mapped: &Mapped) -> Result<(), String> {
+        self.run(&["unmap", &mapped.path()])
+    }
+
+    /// Resizes `mapped` to `size` bytes (its daemon grows the nodes, the
+    /// queues and the kernel's device).
+    pub fn resize(&self, mapped: &Mapped, size: u64) -> Result<(), String> {
+        self.run(&["resize", &mapped.path(), &size.to_string()])
+    }
+
+    /// Runs a `netblk` command to its end; its error output on failure.
+    fn run(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new(&self.netblk)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.netblk.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&out.stderr);
+        let text = if text.trim().is_empty() {
+            String::from_utf8_lossy(&out.stdout)
+        } else {
+            text
+        };
+        Err(format!(
+            "netblk {}: {}",
+            args.join(" "),
+            text.trim().lines().last().unwrap_or("failed")
+        ))
+    }
+
+    /// Starts a detached daemon `netblk ARGS` and waits for it to say
+    /// READY=1; if it exits first (or takes too long), the error carries
+    /// the end of its log.
+    fn start(&self, name: &str, args: &[String]) -> Result<(), String> {
+        fs::create_dir_all(&self.log_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.log_dir.display()))?;
+        let log_path = self.log_dir.join(format!("{name}.log"));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let err_log = log
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let socket_name = format!(
+            "netblk-csi-{}-{}",
+            std::process::id(),
+            NEXT_SOCKET.fetch_add(1, Ordering::Relaxed)
+        );
+        let ready = SocketAddr::from_abstract_name(socket_name.as_bytes())
+            .and_then(|addr| UnixDatagram::bind_addr(&addr))
+            .map_err(|e| format!("cannot make a notify socket: {e}"))?;
+        let mut child = Command::new(&self.netblk)
+            .args(args)
+            .env("NOTIFY_SOCKET", format!("@{socket_name}"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            // Its own process group: a signal to the plugin's group (a
+            // terminal's ^C, a supervisor stopping the plugin) is not its.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.netblk.display()))?;
+        let pid = child.id();
+        let log_tail = || tail(&log_path, start);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut buf = [0u8; 512];
+        ready
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(|e| e.to_string())?;
+        loop {
+            if let Ok(n) = ready.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+            {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "netblk {} exited ({status}): {}",
+                    args.join(" "),
+                    log_tail()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "netblk {} (pid {pid}) did not serve within {} s: {}",
+                    args.join(" "),
+                    READY_TIMEOUT.as_secs(),
+                    log_tail()
+                ));
+            }
+        }
+        tracing::info!(pid, command = %args.join(" "), log = %log_path.display(), "daemon serving");
+        // Reaped when it exits, so it never lingers as a zombie.
+        let _ = std::thread::Builder::new()
+            .name(format!("reap-{pid}"))
+            .spawn(move || child.wait());
+        Ok(())
+    }
+}
+
+/// The last lines a daemon wrote to `path` past `from`.
+fn tail(path: &Path, from: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let _ = file.seek(SeekFrom::Start(from));
+        let _ = file.take(64 << 10).read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let last = &lines[lines.len().saturating_sub(5)..];
+    if last.is_empty() {
+        "(no output)".into()
+    } else {
+        last.join(" | ")
+    }
+}
