@@ -1,7 +1,8 @@
 //! Project automation, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings as
-//!   errors, and the whole test suite. This is the README's test command.
+//!   errors, the Kubernetes manifests against their schemas (offline), and
+//!   the whole test suite. This is the README's test command.
 //! - `vm-test`, `vm-demo` (vm.rs): netblk in QEMU guests of real kernels.
 //! - `vm-bench` (vmbench/): netblk against the kernel NBD client and brd,
 //!   measured with fio in one guest.
@@ -40,8 +41,10 @@ tasks:
         docs/benchmarks-sweep.md). Needs the host packages nbd-client,
         nbd-server and nbdkit
   ci [--vm]
-        cargo fmt --check, cargo clippy -D warnings, cargo build --bins,
-        cargo test --workspace; with --vm, then vm-test on every kernel";
+        cargo fmt --check, cargo clippy -D warnings, the Kubernetes
+        manifests validated offline (deploy/kubernetes/validate.sh),
+        cargo build --bins, cargo test --workspace; with --vm, then
+        vm-test on every kernel";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -136,6 +139,8 @@ fn ci() -> Result<(), String> {
         "-D",
         "warnings",
     ])?;
+    // Against the Kubernetes API schemas, strictly (see the script).
+    script("deploy/kubernetes/validate.sh")?;
     // The tests start netblk-mock-node as a process: build every binary first.
     cargo(&["build", "--workspace", "--bins"])?;
     cargo(&["test", "--workspace"])?;
@@ -145,11 +150,25 @@ fn ci() -> Result<(), String> {
 /// Runs one cargo command with inherited output; an error names it.
 fn cargo(args: &[&str]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let shown = format!("cargo {}", args.join(" "));
+    let mut command = Command::new(&cargo);
+    command.args(args);
+    shown_run(&format!("cargo {}", args.join(" ")), &mut command)
+}
+
+/// Runs a bash script of the repository (`path` from the workspace root)
+/// with inherited output; an error names it.
+fn script(path: &str) -> Result<(), String> {
+    let mut command = Command::new("bash");
+    command.arg(workspace_root().join(path));
+    shown_run(path, &mut command)
+}
+
+/// Runs `command`, shown as `shown` before and after, with inherited
+/// output; an error names it.
+fn shown_run(shown: &str, command: &mut Command) -> Result<(), String> {
     eprintln!("==> {shown}");
     let start = Instant::now();
-    let status = Command::new(&cargo)
-        .args(args)
+    let status = command
         .status()
         .map_err(|err| format!("cannot run {shown}: {err}"))?;
     eprintln!("<== {shown}: {status} in {:.1?}", start.elapsed());
