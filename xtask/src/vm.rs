@@ -71,6 +71,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("deploy", include_str!("scenarios/deploy.sh")),
     ("resize", include_str!("scenarios/resize.sh")),
     ("observe", include_str!("scenarios/observe.sh")),
+    ("csi", include_str!("scenarios/csi.sh")),
 ];
 
 /// The line a guest prints when every scenario passed.
@@ -144,7 +145,7 @@ pub fn need_tools() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "missing host tools: {} (apt-get install qemu-system-x86 busybox-static cpio xz-utils fio e2fsprogs)",
+            "missing host tools: {} (apt-get install qemu-system-x86 busybox-static cpio xz-utils fio e2fsprogs xfsprogs)",
             missing.join(", ")
         ))
     }
@@ -316,6 +317,18 @@ pub fn build_static(root: &Path) -> Result<PathBuf, String> {
                 "netblk",
                 "-p",
                 "netblk-mock-node",
+                "-p",
+                "netblk-csi",
+                "--bin",
+                "netblk",
+                "--bin",
+                "netblk-mock-node",
+                "--bin",
+                "netblk-csi",
+                "-p",
+                "netblk-tests",
+                "--bin",
+                "netblk-csi-check",
             ])
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .current_dir(root),
@@ -371,14 +384,26 @@ fn make_initramfs(
     }
     let busybox = which("busybox")?;
     fs::copy(&busybox, stage.join("bin/busybox")).map_err(|e| format!("busybox: {e}"))?;
-    for bin in ["netblk", "netblk-mock-node"] {
+    for bin in [
+        "netblk",
+        "netblk-mock-node",
+        "netblk-csi",
+        "netblk-csi-check",
+    ] {
         // The demo finds the mock node beside netblk, as in an install.
         fs::copy(bins.join(bin), stage.join("bin").join(bin)).map_err(|e| format!("{bin}: {e}"))?;
     }
     // Test tools from the host, with the libraries they load.
-    for tool in ["fio", "mkfs.ext4", "e2fsck", "resize2fs"]
-        .iter()
-        .chain(extras.tools)
+    for tool in [
+        "fio",
+        "mkfs.ext4",
+        "e2fsck",
+        "resize2fs",
+        "mkfs.xfs",
+        "xfs_growfs",
+    ]
+    .iter()
+    .chain(extras.tools)
     {
         copy_with_libs(&which(tool)?, &stage)?;
     }
@@ -391,14 +416,15 @@ fn make_initramfs(
         copy_libs(file, &stage)?;
     }
     let mut modules = Vec::new();
-    for name in ["ublk_drv", "ext4"] {
-        modules_with_deps(kernel_root, name, &mut modules)?;
-    }
-    // ext4 asks the crypto API for crc32c; older kernels have it as a module.
+    // ext4 and xfs (libcrc32c, when it loads) ask the crypto API for
+    // crc32c; older kernels have it as a module, loaded first.
     for name in ["crc32c_generic", "crc32c_intel"] {
         if modules_with_deps(kernel_root, name, &mut modules).is_err() {
             eprintln!("    (no {name} module in this kernel)");
         }
+    }
+    for name in ["ublk_drv", "ext4", "xfs"] {
+        modules_with_deps(kernel_root, name, &mut modules)?;
     }
     for (name, _) in extras.modules {
         modules_with_deps(kernel_root, name, &mut modules)?;
@@ -761,10 +787,9 @@ pub fn vm_test(
             started.elapsed()
         );
         if verdict == "pass" {
-            for line in log
-                .lines()
-                .filter(|l| l.starts_with("ublk") || l.starts_with("io_uring"))
-            {
+            for line in log.lines().filter(|l| {
+                l.starts_with("ublk") || l.starts_with("io_uring") || l.starts_with("csi:")
+            }) {
                 eprintln!("    {line}");
             }
         } else {
