@@ -307,12 +307,20 @@ pub struct Delayed {
 }
 
 /// Serves one accepted connection until it ends, and logs why it ended.
-pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64) {
+/// Which listener a connection came in on: the data port takes only
+/// handshakes, the admin listener only admin requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Data,
+    Admin,
+}
+
+pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64, port: Port) {
     let peer = stream
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     debug!(%peer, id, "connection accepted");
-    let result = serve_stream(&node, &stream, id);
+    let result = serve_stream(&node, &stream, id, port);
     // Count and log first, close second: whoever sees the close also sees
     // the counters.
     match result {
@@ -335,7 +343,12 @@ pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64) {
     node.unregister(id);
 }
 
-fn serve_stream(node: &Arc<Node>, stream: &TcpStream, id: u64) -> Result<(), ConnError> {
+fn serve_stream(
+    node: &Arc<Node>,
+    stream: &TcpStream,
+    id: u64,
+    port: Port,
+) -> Result<(), ConnError> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(node.config.write_timeout))?;
     let timeout = node.config.handshake_timeout;
@@ -355,16 +368,21 @@ fn serve_stream(node: &Arc<Node>, stream: &TcpStream, id: u64) -> Result<(), Con
         Err(err) => return Err(err),
     };
     stream.set_read_timeout(None)?;
-    match first.kind {
-        Some(Kind::Handshake(handshake)) => serve_data(node, stream, id, &mut reader, handshake),
-        Some(Kind::Admin(admin)) if node.config.admin => {
-            serve_admin(node, stream, &mut reader, admin)
+    match (port, first.kind) {
+        (Port::Data, Some(Kind::Handshake(handshake))) => {
+            serve_data(node, stream, id, &mut reader, handshake)
         }
-        Some(Kind::Admin(_)) => Err(ConnError::Violation(
-            "admin requests are disabled on this node (--no-admin)".into(),
+        (Port::Admin, Some(Kind::Admin(admin))) => serve_admin(node, stream, &mut reader, admin),
+        (Port::Data, Some(Kind::Admin(_))) => Err(ConnError::Violation(
+            "admin requests are not accepted on the data port (only on the node's --admin-listen address)"
+                .into(),
         )),
-        other => Err(ConnError::Violation(format!(
-            "expected a handshake or an admin request first, got {}",
+        (Port::Data, other) => Err(ConnError::Violation(format!(
+            "expected a handshake first, got {}",
+            kind_name(other.as_ref())
+        ))),
+        (Port::Admin, other) => Err(ConnError::Violation(format!(
+            "the admin listener takes admin requests only, got {}",
             kind_name(other.as_ref())
         ))),
     }

@@ -20,8 +20,9 @@ use signal_hook::iterator::Signals;
 /// <ip:port>` on stdout once it accepts connections. SIGTERM or SIGINT: stop
 /// accepting, finish in-flight requests, flush the store, exit 0.
 ///
-/// Faults given here are in force from the start; the admin protocol (on the
-/// same port) reads and changes them while the node runs.
+/// Faults given here are in force from the start; the admin protocol (only
+/// on `--admin-listen`, off by default) reads and changes them while the
+/// node runs.
 #[derive(Parser, Debug)]
 #[command(name = "netblk-mock-node", version, max_term_width = 100)]
 struct Args {
@@ -64,9 +65,12 @@ struct Args {
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     handshake_timeout: u64,
 
-    /// Refuse admin connections (fault changes, statistics, crash requests).
-    #[arg(long)]
-    no_admin: bool,
+    /// Accept admin connections (fault changes, statistics, crash: test
+    /// tools) on a listener of their own at ADDR (port 0: any; printed as
+    /// `admin listening on <ip:port>`). Off unless given; the data port
+    /// never takes them.
+    #[arg(long, value_name = "IP:PORT")]
+    admin_listen: Option<SocketAddr>,
 
     /// Do not fence a client's older sessions when it reconnects. Unsafe:
     /// stale requests of a dead connection may then overwrite newer data.
@@ -236,7 +240,7 @@ fn main() -> ExitCode {
     config.node_id = args.node_id.unwrap_or_default();
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout);
-    config.admin = !args.no_admin;
+    config.admin_listen = args.admin_listen;
     config.fencing = !args.no_fencing;
     config.volatile_cache = args.volatile_cache;
     config.faults = faults;
@@ -279,8 +283,11 @@ fn serve(config: Config, metrics_addr: Option<SocketAddr>) -> std::io::Result<()
         })?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on {}", server.local_addr())?;
+    if let Some(admin) = server.admin_addr() {
+        writeln!(stdout, "admin listening on {admin}")?;
+    }
     stdout.flush()?;
     drop(stdout);
-    tracing::info!(addr = %server.local_addr(), "listening");
+    tracing::info!(addr = %server.local_addr(), admin = ?server.admin_addr(), "listening");
     server.run()
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use netblk_protocol::pb;
 use tracing::{error, info, warn};
 
-use crate::conn::{self, Delayed};
+use crate::conn::{self, Delayed, Port};
 use crate::delay::DelayQueue;
 use crate::faults::Knobs;
 use crate::fence::Sessions;
@@ -33,8 +33,10 @@ pub struct Config {
     /// Faults in force from the start.
     pub faults: pb::Faults,
     pub fault_seed: u64,
-    /// Accept admin connections (fault changes, statistics, crash).
-    pub admin: bool,
+    /// Where to accept admin connections (fault changes, statistics,
+    /// crash: test tools), on a listener of their own; None: nowhere. The
+    /// data port never takes them.
+    pub admin_listen: Option<SocketAddr>,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a new connection may take to send its first frame.
@@ -58,7 +60,7 @@ impl Config {
             node_id: String::new(),
             faults: pb::Faults::default(),
             fault_seed: 0,
-            admin: true,
+            admin_listen: None,
             drain_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
@@ -141,6 +143,8 @@ pub(crate) fn bump(counter: &AtomicU64, by: u64) -> u64 {
 pub struct Node {
     pub config: Config,
     pub local_addr: SocketAddr,
+    /// The admin listener's address, if there is one.
+    pub admin_addr: Option<SocketAddr>,
     pub limits: netblk_protocol::Limits,
     pub faults: Knobs,
     pub counters: Counters,
@@ -346,15 +350,16 @@ impl Node {
         for stream in lock(&self.open).values() {
             let _ = stream.shutdown(Shutdown::Read);
         }
-        // Wake the accept loop.
-        let mut addr = self.local_addr;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr {
-                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-            });
+        // Wake the accept loops.
+        for mut addr in std::iter::once(self.local_addr).chain(self.admin_addr) {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
         }
-        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
     }
 
     fn wait_connections_closed(&self, timeout: Duration) -> bool {
@@ -399,6 +404,7 @@ impl ShutdownHandle {
 /// A bound node, ready to [`Server::run`].
 pub struct Server {
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     node: Arc<Node>,
 }
 
@@ -416,6 +422,18 @@ impl Server {
             io::Error::new(err.kind(), format!("listen on {}: {err}", config.listen))
         })?;
         let local_addr = listener.local_addr()?;
+        let admin_listener = config
+            .admin_listen
+            .map(|addr| {
+                TcpListener::bind(addr).map_err(|err| {
+                    io::Error::new(err.kind(), format!("admin listen on {addr}: {err}"))
+                })
+            })
+            .transpose()?;
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         if config.node_id.is_empty() {
             config.node_id = format!("mock-{local_addr}");
         }
@@ -426,6 +444,7 @@ impl Server {
             faults: Knobs::new(config.faults, config.fault_seed),
             config,
             local_addr,
+            admin_addr,
             counters: Counters::default(),
             delayed: DelayQueue::new(),
             sessions: Sessions::default(),
@@ -436,12 +455,18 @@ impl Server {
         };
         Ok(Server {
             listener,
+            admin_listener,
             node: Arc::new(node),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.node.local_addr
+    }
+
+    /// Where admin connections are accepted, if anywhere.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.node.admin_addr
     }
 
     /// Serves the node's figures at `http://addr/metrics`; the address bound.
@@ -462,37 +487,13 @@ impl Server {
         let delay_thread = thread::Builder::new()
             .name("delayed".into())
             .spawn(move || conn::run_delayed(&delay_node))?;
-        for stream in self.listener.incoming() {
-            if node.stopping() {
-                break;
-            }
-            let stream = match stream {
-                Ok(stream) => stream,
-                Err(err) => {
-                    // Out of descriptors or memory: back off instead of spinning.
-                    warn!("accept failed: {err}");
-                    thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-            };
-            bump(&node.counters.connections_accepted, 1);
-            let id = match node.register(&stream) {
-                Ok(id) => id,
-                Err(err) => {
-                    warn!("cannot track new connection: {err}");
-                    continue;
-                }
-            };
-            let conn_node = Arc::clone(&node);
-            let spawned = thread::Builder::new()
-                .name(format!("conn-{id}"))
-                .spawn(move || conn::serve(conn_node, stream, id));
-            if let Err(err) = spawned {
-                warn!("cannot start a thread for a new connection: {err}");
-                node.unregister(id);
-            }
+        if let Some(admin) = self.admin_listener {
+            let admin_node = Arc::clone(&node);
+            thread::Builder::new()
+                .name("admin-accept".into())
+                .spawn(move || accept(&admin_node, admin, Port::Admin))?;
         }
-        drop(self.listener);
+        accept(&node, self.listener, Port::Data);
         if node.wait_connections_closed(node.config.drain_timeout) {
             node.delayed.wake();
             if delay_thread.join().is_err() {
@@ -502,6 +503,41 @@ impl Server {
         node.flush_all()?;
         info!("stopped cleanly");
         Ok(())
+    }
+}
+
+/// Takes connections on `listener` for `port` until the node stops, each
+/// on a thread of its own.
+fn accept(node: &Arc<Node>, listener: TcpListener, port: Port) {
+    for stream in listener.incoming() {
+        if node.stopping() {
+            break;
+        }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(err) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                warn!("accept failed: {err}");
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        bump(&node.counters.connections_accepted, 1);
+        let id = match node.register(&stream) {
+            Ok(id) => id,
+            Err(err) => {
+                warn!("cannot track new connection: {err}");
+                continue;
+            }
+        };
+        let conn_node = Arc::clone(node);
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || conn::serve(conn_node, stream, id, port));
+        if let Err(err) = spawned {
+            warn!("cannot start a thread for a new connection: {err}");
+            node.unregister(id);
+        }
     }
 }
 

@@ -21,7 +21,7 @@ fn help_explains_every_flag() {
         "--node-id",
         "--drain-timeout",
         "--handshake-timeout",
-        "--no-admin",
+        "--admin-listen",
         "--latency-us",
         "--jitter-us",
         "--error-probability",

@@ -43,10 +43,14 @@ pub fn mock_node_bin() -> PathBuf {
     bin
 }
 
-/// A `netblk-mock-node` child process listening on 127.0.0.1. Killed on drop.
+/// A `netblk-mock-node` child process listening on 127.0.0.1, with an
+/// admin listener on the same address's IP (unless `args` say
+/// `--no-admin-listener`). Killed on drop.
 pub struct MockNode {
     child: Child,
     pub addr: SocketAddr,
+    /// Where the node takes admin requests.
+    pub admin_addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
 }
 
@@ -72,9 +76,21 @@ impl MockNode {
     }
 
     fn spawn(mut command: Command, listen: &str, args: &[&str]) -> MockNode {
+        // `--no-admin-listener` is this helper's: a node without one.
+        let with_admin = !args.contains(&"--no-admin-listener");
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .filter(|a| *a != "--no-admin-listener")
+            .collect();
+        let ip = listen.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip);
+        let admin_listen = format!("{ip}:0");
+        if with_admin && !args.contains(&"--admin-listen") {
+            command.args(["--admin-listen", &admin_listen]);
+        }
         let mut child = command
             .args(["--listen", listen])
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -96,11 +112,15 @@ impl MockNode {
         thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let first = lines.next().and_then(Result::ok);
-            let _ = tx.send(first);
+            let admin = match first {
+                Some(_) if with_admin => lines.next().and_then(Result::ok),
+                _ => None,
+            };
+            let _ = tx.send(first.map(|f| (f, admin)));
             for _ in lines {}
         });
-        let line = match rx.recv_timeout(WAIT) {
-            Ok(Some(line)) => line,
+        let (line, admin) = match rx.recv_timeout(WAIT) {
+            Ok(Some(lines)) => lines,
             other => {
                 let _ = child.kill();
                 let status = child.wait();
@@ -114,7 +134,17 @@ impl MockNode {
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        MockNode { child, addr, log }
+        let admin_addr = admin.map(|line| {
+            line.strip_prefix("admin listening on ")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+        });
+        MockNode {
+            child,
+            addr,
+            admin_addr,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -169,7 +199,10 @@ impl MockNode {
     }
 
     pub fn admin(&self) -> AdminClient {
-        AdminClient::connect(self.addr).expect("admin connection")
+        let addr = self
+            .admin_addr
+            .expect("this node was started without an admin listener");
+        AdminClient::connect(addr).expect("admin connection")
     }
 
     pub fn client(&self) -> NodeClient {

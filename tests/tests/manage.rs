@@ -155,11 +155,8 @@ fn a_grow_on_the_nodes_leaves_a_mapped_volume_working_across_reconnects() {
         .expect("read after the reconnects");
     assert!(back == data);
     assert!(
-        cluster
-            .nodes
-            .iter()
-            .all(|n| n.admin().stats().connections_accepted >= 1),
-        "the volume reconnected to every restarted node"
+        cluster.nodes.iter().all(|n| n.admin().stats().requests > 0),
+        "the volume reconnected to every restarted node and did IO there"
     );
     assert_eq!(
         mapped.size(),

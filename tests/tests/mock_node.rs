@@ -1003,18 +1003,41 @@ fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
 }
 
 #[test]
-fn no_admin_flag_refuses_admin_connections() {
-    let node = MockNode::start(&["--no-admin"]);
+fn admin_requests_are_refused_on_the_data_port() {
+    let node = MockNode::start(&[]);
     let mut admin = netblk_tests::AdminClient::connect(node.addr).expect("connect");
     let refused = admin.try_set_faults(pb::Faults {
         stall: true,
         ..Default::default()
     });
     assert!(refused.is_err(), "admin connection closed: {refused:?}");
-    assert!(node.wait_for_log("admin requests are disabled"));
+    assert!(node.wait_for_log("admin requests are not accepted on the data port"));
     // Data connections still work, and nothing was stalled.
     let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
     assert_eq!(client.ping().expect("ping").status, OK);
+    // The admin listener takes admin requests only.
+    let admin_addr = node.admin_addr.expect("admin listener");
+    let mut wrong = NodeClient::connect(admin_addr).expect("connect");
+    assert!(
+        wrong.handshake(handshake("v", MIB, 65536, 1, 0)).is_err(),
+        "a handshake on the admin listener"
+    );
+    assert!(node.wait_for_log("the admin listener takes admin requests only"));
+    assert_eq!(node.admin().stats().volumes, 1, "the admin listener serves");
+}
+
+#[test]
+fn without_admin_listen_a_node_takes_no_admin_requests() {
+    let node = MockNode::start(&["--no-admin-listener"]);
+    assert_eq!(node.admin_addr, None);
+    let mut admin = netblk_tests::AdminClient::connect(node.addr).expect("connect");
+    let refused = admin.try_set_faults(pb::Faults {
+        crash_after: 1,
+        ..Default::default()
+    });
+    assert!(refused.is_err(), "{refused:?}");
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    assert_eq!(client.ping().expect("ping").status, OK, "no crash armed");
 }
 
 #[test]
