@@ -71,7 +71,15 @@ pub struct EngineConfig {
     /// A node down longer than this fails IO to its stripes at once with
     /// EIO instead of queueing it, until it is back.
     pub node_down_timeout: Duration,
+    /// Payloads carry a CRC-32C (data digests): writes get theirs from
+    /// the driver at transmit, read replies are checked by it on receipt;
+    /// a mismatch is retried [`DIGEST_RETRIES`] times, then EIO.
+    pub data_digest: bool,
 }
+
+/// How often a piece whose payload failed its digest is sent again before
+/// its request fails with EIO.
+pub const DIGEST_RETRIES: u8 = 3;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -81,6 +89,7 @@ impl Default for EngineConfig {
             max_in_flight_per_node: 1024,
             io_timeout: Duration::from_secs(30),
             node_down_timeout: Duration::from_secs(15),
+            data_digest: false,
         }
     }
 }
@@ -110,10 +119,26 @@ pub enum ReplySink {
     /// Nothing follows the header.
     Done,
     /// Receive the payload into this slice, then call [`Engine::handle_payload`].
-    Buffer { id: u64, slice: BufSlice },
+    Buffer {
+        id: u64,
+        slice: BufSlice,
+        /// With data digests: the payload's CRC-32C, to check on receipt.
+        crc32c: Option<u32>,
+    },
     /// A stale reply (its request timed out or was resent): read and drop
     /// its payload, if any.
     Discard,
+}
+
+/// How a read's payload announced by [`ReplySink::Buffer`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Received whole (and, with data digests, it matched).
+    Ok,
+    /// Its connection failed first.
+    Lost,
+    /// Received whole, but not what its crc32c says.
+    DigestMismatch,
 }
 
 /// A reply that breaks the protocol: the connection must be closed.
@@ -127,6 +152,8 @@ pub enum ReplyError {
     Duplicate { id: u64 },
     #[error("reply for request {id}, which was never sent")]
     NeverSent { id: u64 },
+    #[error("read reply {id} carries no crc32c, but data digests are on")]
+    MissingDigest { id: u64 },
 }
 
 /// Misuse of tags by a frontend: a bug, not an IO error.
@@ -165,6 +192,8 @@ struct PieceRec {
     /// its success makes durable.
     covers: u64,
     sent_at: Option<Instant>,
+    /// Times its payload failed a digest so far.
+    digest_retries: u8,
 }
 
 #[derive(Debug, Default)]
@@ -236,6 +265,10 @@ pub struct EngineStats {
     pub lost_incarnations: u64,
     /// Flushes failed because a node may have lost acknowledged writes.
     pub failed_flushes: u64,
+    /// Payloads that failed their digest (a write the node refused, a read
+    /// reply that did not match): each was sent again, or failed its
+    /// request after [`DIGEST_RETRIES`].
+    pub digest_errors: u64,
 }
 
 /// The request engine of one queue; see the module docs.
@@ -443,6 +476,7 @@ impl Engine {
                     state: PieceState::Queued,
                     covers: 0,
                     sent_at: None,
+                    digest_retries: 0,
                 },
             );
             self.nodes[node].queue.push_back(id);
@@ -458,17 +492,20 @@ impl Engine {
     /// in-flight bound allows.
     pub fn poll_transmit(&mut self, node: usize) -> Option<Transmit> {
         let mut head = Vec::with_capacity(64);
-        let (id, payload) = self.poll_transmit_into(node, &mut head)?;
+        // Tests: a write's digest, if asked for, is left at 0.
+        let (id, payload) = self.poll_transmit_into(node, &mut head, |_| 0)?;
         Some(Transmit { id, head, payload })
     }
 
     /// As [`Engine::poll_transmit`], but appends the head to `head` (so a
     /// driver batches the heads of many frames in one buffer, with no
-    /// allocation per frame). Returns the piece id and the payload.
+    /// allocation per frame). Returns the piece id and the payload. With
+    /// data digests, `digest(payload)` gives a write payload's CRC-32C.
     pub fn poll_transmit_into(
         &mut self,
         node: usize,
         head: &mut Vec<u8>,
+        mut digest: impl FnMut(BufSlice) -> u32,
     ) -> Option<(u64, Option<BufSlice>)> {
         let state = self.nodes.get_mut(node)?;
         if !state.up || state.in_flight >= self.config.max_in_flight_per_node {
@@ -495,6 +532,12 @@ impl Engine {
             }
             self.stats.pieces_sent += 1;
             let len = rec.len;
+            let payload = matches!(rec.op, Op::Write { .. }).then_some(BufSlice {
+                tag: rec.tag,
+                offset: rec.buf_offset as u32,
+                len: len as u32,
+            });
+            let crc32c = payload.filter(|_| self.config.data_digest).map(&mut digest);
             let op = match rec.op {
                 Op::Read => WireOp::Read(pb::Read {
                     offset: rec.node_offset,
@@ -504,6 +547,7 @@ impl Engine {
                     offset: rec.node_offset,
                     length: len as u32,
                     fua,
+                    crc32c,
                 }),
                 Op::Flush => WireOp::Flush(pb::Flush {}),
                 Op::Discard => WireOp::Discard(pb::Discard {
@@ -515,11 +559,6 @@ impl Engine {
                     length: len,
                 }),
             };
-            let payload = matches!(rec.op, Op::Write { .. }).then_some(BufSlice {
-                tag: rec.tag,
-                offset: rec.buf_offset as u32,
-                len: len as u32,
-            });
             // Our own headers are small and consistent: encoding cannot fail.
             let encoded = encode_head(
                 &pb::Header::request(id, op),
@@ -602,6 +641,18 @@ impl Engine {
                 got: payload_len,
             });
         }
+        if reply.status == pb::Status::DigestMismatch as i32
+            && self.config.data_digest
+            && matches!(rec.op, Op::Write { .. })
+        {
+            self.digest_failed(id);
+            return Ok(ReplySink::Done);
+        }
+        let crc32c = match (self.config.data_digest, expected, reply.crc32c) {
+            (true, 1.., None) => return Err(ReplyError::MissingDigest { id }),
+            (true, 1.., crc) => crc,
+            _ => None,
+        };
         if expected == 0 {
             let (op, covers) = (rec.op, rec.covers);
             let errno = if errno == 0 {
@@ -622,13 +673,59 @@ impl Engine {
             len: rec.len as u32,
         };
         self.slots[usize::from(rec.tag)].buf_nodes.push(node);
-        Ok(ReplySink::Buffer { id, slice })
+        Ok(ReplySink::Buffer { id, slice, crc32c })
+    }
+
+    /// Piece `id`'s payload failed its digest on the way (a write the node
+    /// refused, or a read reply that did not match): it goes out again, at
+    /// the front of its node's queue, or its request fails with EIO after
+    /// [`DIGEST_RETRIES`] retries.
+    fn digest_failed(&mut self, id: u64) {
+        self.stats.digest_errors += 1;
+        if let Some(f) = &self.figures {
+            f.digest_errors.add(1);
+        }
+        let Some(rec) = self.pieces.get_mut(&id) else {
+            return;
+        };
+        rec.digest_retries += 1;
+        if rec.digest_retries > DIGEST_RETRIES {
+            tracing::error!(
+                node = rec.node,
+                offset = rec.node_offset,
+                len = rec.len,
+                retries = DIGEST_RETRIES,
+                "payload failed its crc32c on every try: EIO"
+            );
+            self.finish_piece(id, EIO);
+            return;
+        }
+        tracing::warn!(
+            node = rec.node,
+            offset = rec.node_offset,
+            len = rec.len,
+            "payload failed its crc32c on the way: sending the request again"
+        );
+        rec.state = PieceState::Queued;
+        let (node, big) = (rec.node, rec.big_read());
+        let state = &mut self.nodes[node];
+        state.in_flight = state.in_flight.saturating_sub(1);
+        state.big_reads = state.big_reads.saturating_sub(usize::from(big));
+        state.queue.push_front(id);
+        self.stats.pieces_resent += 1;
+        self.mirror_in_flight(node);
     }
 
     /// The payload announced by [`ReplySink::Buffer`] for `id` was received
     /// (`ok`), or its connection failed before it was (`!ok`; report the loss
     /// with [`Engine::handle_connection_lost`] next).
     pub fn handle_payload(&mut self, id: u64, ok: bool) {
+        self.handle_payload_as(id, if ok { Payload::Ok } else { Payload::Lost });
+    }
+
+    /// As [`Engine::handle_payload`], with [`Payload::DigestMismatch`] for a
+    /// payload received whole that failed its crc32c: read again.
+    pub fn handle_payload_as(&mut self, id: u64, got: Payload) {
         let Some(rec) = self.pieces.get_mut(&id) else {
             debug_assert!(false, "payload for unknown piece {id}");
             return;
@@ -640,11 +737,13 @@ impl Engine {
         {
             slot.buf_nodes.swap_remove(i);
         }
-        if ok {
-            self.finish_piece(id, 0);
-        } else {
-            rec.state = PieceState::Sent;
-            self.try_complete(tag);
+        match got {
+            Payload::Ok => self.finish_piece(id, 0),
+            Payload::Lost => {
+                rec.state = PieceState::Sent;
+                self.try_complete(tag);
+            }
+            Payload::DigestMismatch => self.digest_failed(id),
         }
     }
 
@@ -936,6 +1035,7 @@ mod tests {
                 max_in_flight_per_node: 8,
                 io_timeout: Duration::from_secs(1),
                 node_down_timeout: Duration::from_secs(10),
+                data_digest: false,
             },
         );
         for n in 0..nodes as usize {
@@ -995,6 +1095,7 @@ mod tests {
                 max_in_flight_per_node: 8,
                 io_timeout: Duration::from_secs(1),
                 node_down_timeout: Duration::from_secs(10),
+                data_digest: false,
             },
         );
         e.handle_connection_restored(0);
@@ -1096,7 +1197,8 @@ mod tests {
                     tag: 0,
                     offset: 4096,
                     len: 4096
-                }
+                },
+                crc32c: None,
             }
         );
         assert_eq!(e.poll_completion(), None, "payload still being received");

@@ -50,6 +50,9 @@ pub struct VolumeOptions {
     /// kept across a daemon recovery. A node holding another identity lost
     /// the volume and is refused.
     pub volume_ids: Vec<String>,
+    /// A CRC-32C on every payload, checked by the receiver (the node for
+    /// writes, this client for reads); a mismatch is sent again, then EIO.
+    pub data_digest: bool,
 }
 
 impl Default for VolumeOptions {
@@ -65,6 +68,7 @@ impl Default for VolumeOptions {
             client_id: fresh_client_id(),
             session: 1,
             volume_ids: Vec::new(),
+            data_digest: false,
         }
     }
 }
@@ -175,6 +179,7 @@ pub fn connect_queue(
             volume: &spec.name,
             session: options.session,
             volume_id: options.volume_ids.get(node).map(String::as_str),
+            digest: options.data_digest,
         };
         let (stream, info) = net::connect(*addr, node, layout, &who, options.timeouts())?;
         streams.push(stream);
@@ -631,6 +636,7 @@ pub fn reconnect_for(
             io: options.io_timeout,
         },
         volume_ids: options.volume_ids.clone(),
+        digest: options.data_digest,
     }
 }
 
@@ -642,6 +648,7 @@ pub fn engine_config(options: &VolumeOptions) -> EngineConfig {
         max_in_flight_per_node: usize::from(options.depth) * 4,
         io_timeout: options.io_timeout,
         node_down_timeout: options.node_down_timeout,
+        data_digest: options.data_digest,
     }
 }
 

@@ -33,6 +33,7 @@ impl VolumeRef {
             volume: &self.name,
             session: net::clock_session(),
             volume_id: None,
+            digest: false,
         }
     }
 

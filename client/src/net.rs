@@ -76,6 +76,9 @@ pub struct Identity<'a> {
     /// The volume identity this node must hold (pinned at first connect):
     /// None to take whatever it has.
     pub volume_id: Option<&'a str>,
+    /// Ask for data digests (CRC-32C on every payload); a node that does
+    /// not agree is refused.
+    pub digest: bool,
 }
 
 /// How long a connection may take to come up, and how long a request may
@@ -140,6 +143,11 @@ pub fn connect_as(
             // A client that pinned the volume follows one it holds: a grow
             // by a manager may have got to the nodes first.
             at_least: who.volume_id.is_some() && !existing,
+            data_digest: if who.digest {
+                pb::DataDigest::Crc32c as i32
+            } else {
+                pb::DataDigest::None as i32
+            },
         })),
     };
     let mut bytes = Vec::new();
@@ -181,6 +189,11 @@ pub fn connect_as(
             pinned: pinned.to_owned(),
             got: reply.volume_id,
         });
+    }
+    if who.digest && reply.data_digest != pb::DataDigest::Crc32c as i32 {
+        return Err(hs_err(
+            "the node does not do data digests (crc32c): refusing to send unchecked data".into(),
+        ));
     }
     if reply.max_io_size < layout.stripe_unit() {
         return Err(hs_err(format!(

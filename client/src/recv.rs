@@ -9,22 +9,42 @@
 use netblk_protocol::pb::header::Kind;
 use netblk_protocol::{Limits, PREAMBLE_LEN, Preamble, decode_header};
 
-use crate::engine::{Engine, ReplySink, Tag};
+use crate::engine::{Engine, Payload, ReplySink, Tag};
 
 /// What the next bytes on the connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecvMode {
     /// A frame: preamble, header, maybe a payload.
     Frames,
-    /// A read's payload, going to `tag`'s buffer at `offset`.
+    /// A read's payload, going to `tag`'s buffer at `offset`; with data
+    /// digests, `digest` is the CRC-32C it must have and the one of the
+    /// bytes delivered so far.
     Payload {
         id: u64,
         tag: Tag,
         offset: u32,
         left: u32,
+        digest: Option<Digest>,
     },
     /// A payload nobody wants (its request timed out or was resent).
     Skip { left: u64 },
+}
+
+/// A payload's CRC-32C: what the reply says, and what came so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    pub want: u32,
+    pub got: u32,
+}
+
+impl Digest {
+    fn outcome(self) -> Payload {
+        if self.got == self.want {
+            Payload::Ok
+        } else {
+            Payload::DigestMismatch
+        }
+    }
 }
 
 /// One connection's reply parser.
@@ -99,11 +119,12 @@ impl ReplyReader {
                         ReplySink::Discard => RecvMode::Skip {
                             left: u64::from(preamble.payload_len),
                         },
-                        ReplySink::Buffer { id, slice } => RecvMode::Payload {
+                        ReplySink::Buffer { id, slice, crc32c } => RecvMode::Payload {
                             id,
                             tag: slice.tag,
                             offset: slice.offset,
                             left: slice.len,
+                            digest: crc32c.map(|want| Digest { want, got: 0 }),
                         },
                     };
                 }
@@ -121,9 +142,15 @@ impl ReplyReader {
                     tag,
                     offset,
                     left,
+                    digest,
                 } => {
                     let take = avail.len().min(left as usize);
-                    deliver(tag, offset, &avail[..take])?;
+                    let bytes = &avail[..take];
+                    deliver(tag, offset, bytes)?;
+                    let digest = digest.map(|d| Digest {
+                        got: crc32c::crc32c_append(d.got, bytes),
+                        ..d
+                    });
                     at += take;
                     if take < left as usize {
                         self.mode = RecvMode::Payload {
@@ -131,36 +158,50 @@ impl ReplyReader {
                             tag,
                             offset: offset + take as u32,
                             left: left - take as u32,
+                            digest,
                         };
                         return Ok(at);
                     }
                     self.mode = RecvMode::Frames;
-                    engine.handle_payload(id, true);
+                    engine.handle_payload_as(id, digest.map_or(Payload::Ok, Digest::outcome));
                 }
             }
         }
     }
 
     /// `got` payload bytes were received straight into the request buffer
-    /// (at the place [`RecvMode::Payload`] names).
-    pub fn payload_received(&mut self, engine: &mut Engine, got: u32) {
+    /// (at the place [`RecvMode::Payload`] names); with data digests,
+    /// `digest_of(tag, offset, len)` is their CRC-32C appended to a running
+    /// one (the bytes are where only the driver can reach them).
+    pub fn payload_received(
+        &mut self,
+        engine: &mut Engine,
+        got: u32,
+        digest_of: impl FnOnce(u32, Tag, u32, u32) -> u32,
+    ) {
         if let RecvMode::Payload {
             id,
             tag,
             offset,
             left,
+            digest,
         } = self.mode
         {
             let got = got.min(left);
+            let digest = digest.map(|d| Digest {
+                got: digest_of(d.got, tag, offset, got),
+                ..d
+            });
             if got == left {
                 self.mode = RecvMode::Frames;
-                engine.handle_payload(id, true);
+                engine.handle_payload_as(id, digest.map_or(Payload::Ok, Digest::outcome));
             } else {
                 self.mode = RecvMode::Payload {
                     id,
                     tag,
                     offset: offset + got,
                     left: left - got,
+                    digest,
                 };
             }
         }
@@ -199,6 +240,7 @@ mod tests {
                 max_in_flight_per_node: 64,
                 io_timeout: Duration::from_secs(30),
                 node_down_timeout: Duration::from_secs(30),
+                data_digest: false,
             },
         );
         e.handle_connection_restored(0);

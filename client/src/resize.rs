@@ -117,6 +117,7 @@ impl Resizer {
             volume: &self.spec.name,
             session: net::clock_session(),
             volume_id: self.volume_ids.get(node).map(String::as_str),
+            digest: false,
         };
         let (stream, _) =
             net::connect(addr, node, layout, &who, self.timeouts).map_err(|e| e.to_string())?;

@@ -100,6 +100,9 @@ pub struct QueueStats {
     /// and copied there from the connection buffer.
     pub recv_direct_bytes: Counter,
     pub recv_copied_bytes: Counter,
+    /// Payloads that failed their data digest on the way (each sent again,
+    /// or its request failed after the retries).
+    pub digest_errors: Counter,
 }
 
 impl QueueStats {
@@ -114,6 +117,7 @@ impl QueueStats {
             copied_bytes: Counter::default(),
             recv_direct_bytes: Counter::default(),
             recv_copied_bytes: Counter::default(),
+            digest_errors: Counter::default(),
         }
     }
 

@@ -301,6 +301,8 @@ fn publish(p: &mut Published, now: Instant) {
         }
     }
     metrics::counter!("netblk_zerocopy_sends_total", &labels).absolute(s.sum(|q| q.zc_sends.get()));
+    metrics::counter!("netblk_digest_errors_total", &labels)
+        .absolute(s.sum(|q| q.digest_errors.get()));
     metrics::counter!("netblk_zerocopy_notifications_total", &labels)
         .absolute(s.sum(|q| q.zc_notifications.get()));
     for (name, mode, bytes) in [

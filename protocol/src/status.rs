@@ -30,6 +30,8 @@ pub fn errno_of_status(raw: i32) -> i32 {
         Ok(Status::TimedOut) => ETIMEDOUT,
         Ok(Status::Refused) => EPERM,
         Ok(Status::NotFound) => ENOENT,
+        // Retried by the client; what is left after its retries is EIO.
+        Ok(Status::DigestMismatch) => EIO,
     }
 }
 

@@ -61,6 +61,8 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
                     session,
                     existing,
                     at_least,
+                    // The new fields ride on drawn values.
+                    data_digest: (session % 2) as i32,
                 }
             },
         )
@@ -85,6 +87,7 @@ fn handshake_reply() -> impl Strategy<Value = pb::HandshakeReply> {
                 incarnation,
                 durable_incarnation,
                 volume_size,
+                data_digest: (incarnation % 2) as i32,
             },
         )
 }
@@ -98,7 +101,8 @@ fn request() -> impl Strategy<Value = (pb::Request, u32)> {
             Op::Write(pb::Write {
                 offset,
                 length,
-                fua
+                fua,
+                crc32c: fua.then_some(offset as u32),
             }),
             length
         )),
@@ -120,6 +124,7 @@ fn reply() -> impl Strategy<Value = pb::Reply> {
             status,
             message,
             nonce,
+            crc32c: (nonce % 3 != 0).then_some(nonce as u32),
         }
     })
 }
@@ -158,12 +163,13 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
                 crash_after,
                 stall_open_only: stall,
                 corrupt_part,
+                corrupt_writes: corrupt_replies / 2,
             },
         )
 }
 
 fn stats() -> impl Strategy<Value = pb::Stats> {
-    proptest::collection::vec(any::<u64>(), 12).prop_map(|v| pb::Stats {
+    proptest::collection::vec(any::<u64>(), 14).prop_map(|v| pb::Stats {
         connections_accepted: v[0],
         connections_open: v[1],
         connections_refused: v[2],
@@ -176,6 +182,8 @@ fn stats() -> impl Strategy<Value = pb::Stats> {
         corrupted_replies: v[9],
         volumes: v[10],
         stored_bytes: v[11],
+        digest_errors: v[12],
+        corrupted_writes: v[13],
     })
 }
 
@@ -406,7 +414,8 @@ fn any_kind() -> impl Strategy<Value = Option<Kind>> {
             .prop_map(|(offset, length, fua)| Op::Write(pb::Write {
                 offset,
                 length,
-                fua
+                fua,
+                crc32c: None,
             })),
         Just(Op::Flush(pb::Flush {})),
         (any::<u64>(), any::<u64>())
@@ -658,6 +667,7 @@ fn partial_input_reports_what_is_missing() {
             offset: 4096,
             length: 100,
             fua: true,
+            crc32c: None,
         }),
     );
     let bytes = one_frame(&header, &[0xab; 100]);
@@ -740,6 +750,7 @@ fn typed_errors_for_bad_frames() {
             offset: 0,
             length: 8,
             fua: false,
+            crc32c: None,
         }),
     );
     assert_eq!(

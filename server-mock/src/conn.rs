@@ -272,6 +272,8 @@ struct Conn {
     member: Option<Arc<Member>>,
     volume: Arc<Volume>,
     writer: ReplyWriter,
+    /// Payloads carry a CRC-32C (data digests, asked for in the handshake).
+    digest: bool,
     /// Requests taken off the socket so far.
     requests: AtomicU64,
     /// Requests waiting in the delay queue.
@@ -465,6 +467,15 @@ fn serve_data(
     reader: &mut FrameReader,
     handshake: pb::Handshake,
 ) -> Result<(), ConnError> {
+    let digest = match pb::DataDigest::try_from(handshake.data_digest) {
+        Ok(d) => d == pb::DataDigest::Crc32c,
+        Err(_) => {
+            return Err(ConnError::Violation(format!(
+                "unknown data digest {} in the handshake",
+                handshake.data_digest
+            )));
+        }
+    };
     let (volume, member) = match accept_handshake(node, stream, &handshake) {
         Ok(accepted) => accepted,
         Err((status, why)) => {
@@ -502,6 +513,7 @@ fn serve_data(
         incarnation: volume.lineage.incarnation,
         durable_incarnation: volume.lineage.durable_incarnation,
         volume_size: volume.meta().volume_size,
+        data_digest: handshake.data_digest,
     };
     send_frame(
         stream,
@@ -516,6 +528,7 @@ fn serve_data(
         member,
         volume,
         writer: ReplyWriter::new(stream)?,
+        digest,
         requests: AtomicU64::new(0),
         delayed: AtomicUsize::new(0),
     });
@@ -578,6 +591,22 @@ fn take_request(
     if faults.drop_after > 0 && seen > faults.drop_after {
         return Err(ConnError::Dropped(faults.drop_after));
     }
+    // A write's payload corrupted on its way in (fault), before any check.
+    let corrupted;
+    let payload = match &request.op {
+        Some(Op::Write(_)) => match node.faults.take_corrupt_write(payload.len()) {
+            Some((at, mask)) => {
+                bump(&node.counters.corrupted_writes, 1);
+                debug!(at, mask, "corrupting a write payload (fault)");
+                let mut bytes = payload.to_vec();
+                bytes[at] ^= mask;
+                corrupted = bytes;
+                &corrupted[..]
+            }
+            None => payload,
+        },
+        _ => payload,
+    };
     conn.begin();
     node.faults
         .wait_while_stalled(conn.id, || node.stopping() || conn.fenced());
@@ -585,7 +614,7 @@ fn take_request(
     if conn.fenced() {
         conn.end(false);
     } else if delay.is_zero() {
-        let reply = execute(node, &conn.volume, &faults, &request, payload, scratch);
+        let reply = execute(node, conn, &faults, &request, payload, scratch);
         conn.writer.send(node, reply, scratch.payload(), false);
         conn.end(true);
     } else {
@@ -615,7 +644,7 @@ pub fn run_delayed(node: &Node) {
             let faults = node.faults.get();
             let reply = execute(
                 node,
-                &conn.volume,
+                conn,
                 &faults,
                 &job.request,
                 &job.payload,
@@ -678,7 +707,7 @@ impl Scratch {
 
 fn execute(
     node: &Node,
-    volume: &Volume,
+    conn: &Conn,
     faults: &pb::Faults,
     request: &pb::Request,
     payload: &[u8],
@@ -696,7 +725,7 @@ fn execute(
         node.counters.reply(request, &reply);
         return reply;
     }
-    if let Err((status, message)) = apply(node, volume, request, payload, &mut reply, data) {
+    if let Err((status, message)) = apply(node, conn, request, payload, &mut reply, data) {
         data.clear();
         reply.status = status as i32;
         reply.message = message;
@@ -717,12 +746,13 @@ fn io_failure(what: &str, err: io::Error) -> (Status, String) {
 
 fn apply(
     node: &Node,
-    volume: &Volume,
+    conn: &Conn,
     request: &pb::Request,
     payload: &[u8],
     reply: &mut pb::Reply,
     data: &mut Scratch,
 ) -> Result<(), (Status, String)> {
+    let volume = &*conn.volume;
     let backend = &volume.backend;
     if volume.deleted() {
         return Err((
@@ -750,9 +780,15 @@ fn apply(
                 .read(read.offset, data.take(read.length as usize))
                 .map_err(|err| io_failure("read", err))?;
             bump(&node.counters.bytes_read, u64::from(read.length));
+            if conn.digest {
+                reply.crc32c = Some(crc32c::crc32c(data.payload()));
+            }
             Ok(())
         }
         Op::Write(write) => {
+            if conn.digest {
+                check_digest(node, write, payload)?;
+            }
             in_range(volume, write.offset, payload.len() as u64)?;
             backend
                 .write(write.offset, payload, write.fua)
@@ -781,6 +817,31 @@ fn apply(
             .map_err(|why| (Status::Invalid, why)),
         Op::Delete(_) => node.delete(volume).map_err(|why| (Status::IoError, why)),
     }
+}
+
+/// A write's payload against its crc32c (data digests): a mismatch writes
+/// nothing and tells the client to send it again.
+fn check_digest(node: &Node, write: &pb::Write, payload: &[u8]) -> Result<(), (Status, String)> {
+    let Some(want) = write.crc32c else {
+        return Err((
+            Status::Invalid,
+            "data digests are on: a write without its crc32c".into(),
+        ));
+    };
+    let got = crc32c::crc32c(payload);
+    if got == want {
+        return Ok(());
+    }
+    bump(&node.counters.digest_errors, 1);
+    warn!(
+        offset = write.offset,
+        len = payload.len(),
+        "write payload does not match its crc32c: refused (sent again by the client)"
+    );
+    Err((
+        Status::DigestMismatch,
+        format!("payload crc32c {got:#010x}, the request says {want:#010x}: nothing written"),
+    ))
 }
 
 fn serve_admin(

@@ -205,6 +205,23 @@ impl Knobs {
     /// `payload_len` the length of the payload sent after it. With
     /// [`CorruptPart::Payload`], a frame without a payload is passed over
     /// and not counted.
+    /// Where to flip a byte of a write payload of `len` bytes as it
+    /// arrives, if `corrupt_writes` says so (one fewer left then): the
+    /// offset and the nonzero XOR mask, from the corruption stream.
+    pub fn take_corrupt_write(&self, len: usize) -> Option<(usize, u8)> {
+        if len == 0 {
+            return None;
+        }
+        let mut faults = self.lock();
+        if faults.corrupt_writes == 0 {
+            return None;
+        }
+        faults.corrupt_writes -= 1;
+        drop(faults);
+        let x = next_random(&self.corrupt_rng);
+        Some(((x % len as u64) as usize, ((x >> 32) % 255 + 1) as u8))
+    }
+
     pub fn take_corrupt(
         &self,
         head: &[u8],

@@ -148,9 +148,10 @@ struct Args {
     /// `preamble`, `header`: any byte of that part, whatever it does (a
     /// header flip may yield a valid reply with another id or status; a
     /// longer header length leaves the client waiting for bytes). `payload`:
-    /// any byte of a read's data, which no client can detect until data
-    /// digests exist (data goes wrong silently); replies without data are
-    /// passed over and not counted. Byte and mask come from --fault-seed.
+    /// any byte of a read's data, which a client detects only with data
+    /// digests (it reads again; without them data goes wrong silently);
+    /// replies without data are passed over and not counted. Byte and mask
+    /// come from --fault-seed.
     #[arg(
         long,
         default_value = "any",
@@ -159,6 +160,18 @@ struct Args {
         help_heading = "Fault injection"
     )]
     corrupt_part: CorruptPart,
+
+    /// Corrupt the payload of the next N writes as they arrive (one byte
+    /// XORed, before any check), as a bad NIC would: with data digests the
+    /// node refuses them and the client sends them again; without, the
+    /// store keeps the wrong bytes.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        help_heading = "Fault injection"
+    )]
+    corrupt_writes: u32,
 
     /// Exit at once (a crash: exit code 86, nothing flushed) when the node has
     /// received N requests in all (0 = never).
@@ -230,6 +243,7 @@ fn main() -> ExitCode {
         crash_after: args.crash_after,
         stall_open_only: false,
         corrupt_part: args.corrupt_part as i32,
+        corrupt_writes: args.corrupt_writes,
     };
     if let Err(why) = netblk_mock_node::faults::check(&faults) {
         eprintln!("netblk-mock-node: {why}");

@@ -109,6 +109,9 @@ pub struct Counters {
     pub injected_errors: AtomicU64,
     pub dropped_connections: AtomicU64,
     pub corrupted_replies: AtomicU64,
+    /// Writes refused because their payload and crc32c differ.
+    pub digest_errors: AtomicU64,
+    pub corrupted_writes: AtomicU64,
     /// Replies by operation ([`OPS`]) and status (its protobuf number).
     pub replies: [[AtomicU64; STATUSES]; OPS.len()],
 }
@@ -318,6 +321,8 @@ impl Node {
             injected_errors: get(&c.injected_errors),
             dropped_connections: get(&c.dropped_connections),
             corrupted_replies: get(&c.corrupted_replies),
+            digest_errors: get(&c.digest_errors),
+            corrupted_writes: get(&c.corrupted_writes),
             volumes: volumes.len() as u64,
             stored_bytes: volumes.values().map(|v| v.backend.stored_bytes()).sum(),
         }
@@ -575,9 +580,11 @@ fn collect_metrics(node: &Node) {
         ("error", stats.injected_errors),
         ("drop", stats.dropped_connections),
         ("corrupt", stats.corrupted_replies),
+        ("corrupt_write", stats.corrupted_writes),
     ] {
         metrics::counter!("netblk_mock_injected_faults_total", "fault" => fault).absolute(count);
     }
+    metrics::counter!("netblk_mock_digest_errors_total").absolute(stats.digest_errors);
     metrics::gauge!("netblk_mock_volumes").set(stats.volumes as f64);
     metrics::gauge!("netblk_mock_stored_bytes").set(stats.stored_bytes as f64);
 }

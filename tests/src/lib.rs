@@ -264,6 +264,7 @@ pub fn handshake(
         session: 1,
         existing: false,
         at_least: false,
+        data_digest: 0,
     }
 }
 
@@ -403,6 +404,7 @@ impl NodeClient {
                     offset,
                     length: u32::try_from(data.len()).expect("small write"),
                     fua,
+                    crc32c: None,
                 }),
                 data,
             )

@@ -169,6 +169,7 @@ fn connect_pinned(
         volume,
         session: 1,
         volume_id: Some(pinned),
+        digest: false,
     };
     let timeouts = Timeouts {
         connect: Duration::from_secs(5),

@@ -20,6 +20,7 @@ fn write_op(offset: u64, len: usize, fua: bool) -> Op {
         offset,
         length: len as u32,
         fua,
+        crc32c: None,
     })
 }
 

@@ -182,6 +182,7 @@ impl Sim {
                 max_in_flight_per_node: 16,
                 io_timeout: p.io_timeout,
                 node_down_timeout: Duration::from_secs(3600),
+                data_digest: false,
             },
         );
         let nodes = (0..p.nodes as usize)
@@ -581,7 +582,7 @@ impl Sim {
                 .handle_reply(node, &reply, payload.len() as u32)
                 .expect("valid reply")
             {
-                ReplySink::Buffer { id, slice } => {
+                ReplySink::Buffer { id, slice, .. } => {
                     self.buffers[usize::from(slice.tag)][slice.offset as usize..]
                         [..slice.len as usize]
                         .copy_from_slice(&payload);

@@ -69,6 +69,7 @@ pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
                 volume: &spec.name,
                 session: 1,
                 volume_id: None,
+                digest: false,
             };
             let timeouts = Timeouts {
                 connect: Duration::from_secs(10),
@@ -146,6 +147,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
                 offset,
                 length: load.piece,
                 fua: false,
+                crc32c: None,
             })
         } else {
             WireOp::Read(pb::Read {

@@ -115,6 +115,20 @@ impl TagBuffers {
         unsafe { self.tag_ptr(tag).add(offset as usize) }
     }
 
+    /// The CRC-32C of `len` bytes at `offset` in `tag`'s buffer (a write's
+    /// payload, for data digests).
+    ///
+    /// # Panics
+    /// If the range is not inside the buffer.
+    pub fn crc32c(&self, tag: Tag, offset: u32, len: u32) -> u32 {
+        let at = self.slice_ptr(tag, offset, len);
+        // SAFETY: the range is inside the mapping (slice_ptr checked it) and
+        // is only read here; the bytes of a write's payload are not written
+        // while the request is in flight (kernel sends only read them).
+        let bytes = unsafe { std::slice::from_raw_parts(at.cast_const(), len as usize) };
+        crc32c::crc32c(bytes)
+    }
+
     /// The whole of `tag`'s buffer.
     ///
     /// # Safety

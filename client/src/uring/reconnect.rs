@@ -29,6 +29,8 @@ pub struct Reconnect {
     /// The volume identity each node held at the first connect: a node that
     /// comes back with another one lost the volume and is refused.
     pub volume_ids: Vec<String>,
+    /// Data digests on every connection.
+    pub digest: bool,
 }
 
 impl Reconnect {
@@ -156,6 +158,7 @@ impl<F: Frontend> QueueDriver<F> {
             let layout = reconnect.layout_now();
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
             let pinned = reconnect.volume_ids.get(node).cloned();
+            let digest = reconnect.digest;
             let done = self.reconnected.0.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("reconnect-{node}"))
@@ -165,6 +168,7 @@ impl<F: Frontend> QueueDriver<F> {
                         volume: &volume,
                         session,
                         volume_id: pinned.as_deref(),
+                        digest,
                     };
                     let result = crate::net::connect(addr, node, &layout, &who, timeouts);
                     let _ = done.send((node, session, result));
@@ -198,6 +202,7 @@ mod tests {
                 io: Duration::from_secs(1),
             },
             volume_ids: Vec::new(),
+            digest: false,
         };
         assert_eq!(reconnect.layout_now(), layout);
         reconnect.size.set(128 << 20);

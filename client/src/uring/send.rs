@@ -251,8 +251,23 @@ impl<F: Frontend> QueueDriver<F> {
         chain.clear();
         let mut parts: Vec<Part> = Vec::with_capacity(2 * MAX_CHAIN);
         let mut head_start = 0;
+        // Data digests need the payload's bytes: only user buffers have them
+        // (the daemon picks the copy data path with digests; a 0 here would
+        // only make the node refuse the write).
+        let user_buffers = self.buffer_mode == BufferMode::User;
         for _ in 0..MAX_CHAIN {
-            let Some((_, payload)) = self.engine.poll_transmit_into(node, &mut chain.heads) else {
+            let buffers = &self.buffers;
+            let digest = |p: BufSlice| {
+                if user_buffers {
+                    buffers.crc32c(p.tag, p.offset, p.len)
+                } else {
+                    0
+                }
+            };
+            let Some((_, payload)) = self
+                .engine
+                .poll_transmit_into(node, &mut chain.heads, digest)
+            else {
                 break;
             };
             let Some(slice) = payload else {
