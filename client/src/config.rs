@@ -30,6 +30,8 @@ pub struct VolumeFile {
     pub io_timeout: Option<u64>,
     pub node_down_timeout: Option<u64>,
     pub metrics_addr: Option<SocketAddr>,
+    /// `crc32c` or `none`.
+    pub data_digest: Option<String>,
 }
 
 /// The keys a volume file may have, as the error for an unknown one lists
@@ -47,6 +49,7 @@ pub const KEYS: &[&str] = &[
     "io_timeout",
     "node_down_timeout",
     "metrics_addr",
+    "data_digest",
 ];
 
 /// Reads and checks the volume file at `path`; errors start with the path.
@@ -94,6 +97,9 @@ pub fn parse(text: &str, stem: &str) -> Result<VolumeFile, String> {
         io_timeout: get("io_timeout").map(|v| v.integer()).transpose()?,
         node_down_timeout: get("node_down_timeout").map(|v| v.integer()).transpose()?,
         metrics_addr: get("metrics_addr").map(|v| v.addr()).transpose()?,
+        data_digest: get("data_digest")
+            .map(|v| v.choice(&["crc32c", "none"]))
+            .transpose()?,
     })
 }
 
@@ -217,6 +223,7 @@ zero_copy = "off"
 io_timeout = 20
 node_down_timeout = 10
 metrics_addr = "127.0.0.1:9400"
+data_digest = "crc32c"
 "#;
 
     #[test]
@@ -233,6 +240,7 @@ metrics_addr = "127.0.0.1:9400"
         assert_eq!(f.zero_copy.as_deref(), Some("off"));
         assert_eq!(f.io_timeout, Some(20));
         assert_eq!(f.node_down_timeout, Some(10));
+        assert_eq!(f.data_digest.as_deref(), Some("crc32c"));
         assert_eq!(
             f.metrics_addr,
             Some("127.0.0.1:9400".parse().expect("addr"))

@@ -77,6 +77,11 @@ pub struct MapArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// A checksum on every payload, checked by the receiver (the node for
+    /// writes, netblk for reads; a mismatch is sent again, then EIO):
+    /// crc32c or none. Digests use the copy data path [default: none].
+    #[arg(long, value_parser = ["crc32c", "none"])]
+    pub data_digest: Option<String>,
 }
 
 /// What `map` runs with: each option from its flag, else the volume file,
@@ -96,6 +101,7 @@ pub struct Settings {
     pub io_timeout: u64,
     pub node_down_timeout: u64,
     pub metrics_addr: Option<SocketAddr>,
+    pub data_digest: bool,
 }
 
 impl Settings {
@@ -124,6 +130,7 @@ impl Settings {
             io_timeout: args.io_timeout.or(f.io_timeout).unwrap_or(30),
             node_down_timeout: args.node_down_timeout.or(f.node_down_timeout).unwrap_or(15),
             metrics_addr: args.metrics_addr.or(f.metrics_addr),
+            data_digest: args.data_digest.clone().or(f.data_digest).as_deref() == Some("crc32c"),
         }
     }
 
@@ -166,6 +173,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
             send_mode: send_mode(&set.send),
             io_timeout: Duration::from_secs(set.io_timeout),
             node_down_timeout: Duration::from_secs(set.node_down_timeout),
+            data_digest: set.data_digest,
             ..VolumeOptions::default()
         },
         block_size: set.block_size,
@@ -230,7 +238,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
         device.block_path(),
         spec.name,
         spec.nodes.len(),
-        device.path.name()
+        data_path(&device, &options)
     );
     serve(device, &spec, &options, 0, signals, set.metrics_addr, true).map_err(Failure::Run)
 }
@@ -257,6 +265,19 @@ fn awaiting_recovery(spec: &netblk::layout::VolumeSpec) -> Result<Option<(u32, u
         let _ = state::remove(&dir, record.id);
     }
     Ok(None)
+}
+
+/// The data path as the log, `list`, `status` and metrics name it: the
+/// kernel side, and the digests when they are on.
+fn data_path(
+    device: &netblk::ublk::device::Device,
+    options: &netblk::ublk::device::MapOptions,
+) -> String {
+    if options.volume.data_digest {
+        format!("{} + crc32c data digests", device.path.name())
+    } else {
+        device.path.name().to_string()
+    }
 }
 
 /// Starts `/metrics` on `addr`, if given: the telemetry to report to.
@@ -347,6 +368,7 @@ fn recover(
             client_id: record.client_id.clone(),
             session: u64::from(generation) << 32,
             volume_ids: record.volume_ids.clone(),
+            data_digest: record.data_digest,
             ..VolumeOptions::default()
         },
         block_size: record.block_size,
@@ -378,7 +400,7 @@ fn recover(
         device.block_path(),
         spec.name,
         spec.nodes.len(),
-        device.path.name()
+        data_path(&device, &options)
     );
     serve(
         device,
@@ -422,7 +444,7 @@ pub fn serve(
         volume: spec.name.clone(),
         device: device.block_path(),
         nodes: spec.nodes.clone(),
-        data_path: device.path.name().to_string(),
+        data_path: data_path(&device, options),
         queues: device.figures.clone(),
     };
     if let Some(telemetry) = start_metrics(metrics_addr)? {
@@ -438,7 +460,7 @@ pub fn serve(
         queues: vopts.queues,
         depth: vopts.depth,
         block_size: options.block_size,
-        data_path: device.path.name().to_string(),
+        data_path: data_path(&device, options),
         pid: std::process::id(),
         pid_start: process_start_time(std::process::id()).unwrap_or(0),
         client_id: vopts.client_id.clone(),
@@ -451,6 +473,7 @@ pub fn serve(
         }
         .to_string(),
         volume_ids: device.volume_ids.clone(),
+        data_digest: vopts.data_digest,
     };
     if let Err(err) = state::save(&dir, &record) {
         tracing::error!(

@@ -20,8 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::ublk::ctrl::effective_uid;
 
-/// The first line of a record: its magic and format version.
-const MAGIC: &str = "netblk-device 2";
+/// The first line of a record: its magic and format version. Version 3
+/// added `data_digest`; a version 2 record (written before) has none.
+const MAGIC: &str = "netblk-device 3";
+const MAGIC_V2: &str = "netblk-device 2";
 
 /// Largest record read, bytes. A record is a few hundred bytes; anything
 /// larger is not one of ours.
@@ -78,13 +80,16 @@ pub struct DeviceRecord {
     /// Each node's volume identity, pinned at the first connect (empty:
     /// the next connect pins them).
     pub volume_ids: Vec<String>,
+    /// CRC-32C data digests on every payload (a record without the line
+    /// has none).
+    pub data_digest: bool,
 }
 
 impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "netblk-device 2\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\n",
+            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\n",
             self.id,
             self.volume,
             self.size,
@@ -101,14 +106,16 @@ impl DeviceRecord {
             self.io_timeout_secs,
             self.node_down_timeout_secs,
             self.send,
-            self.volume_ids.join(",")
+            self.volume_ids.join(","),
+            if self.data_digest { "crc32c" } else { "none" }
         )
     }
 
     fn parse(text: &str) -> Result<DeviceRecord, String> {
         let mut lines = text.lines();
         let first = lines.next().unwrap_or_default();
-        if first != MAGIC {
+        let v2 = first == MAGIC_V2;
+        if first != MAGIC && !v2 {
             let shown: String = first.chars().take(40).collect();
             return Err(format!(
                 "not a netblk device record: it starts with {shown:?}, not {MAGIC:?}"
@@ -159,6 +166,13 @@ impl DeviceRecord {
             send: match get("send")? {
                 send @ ("zc" | "copy") => send.to_string(),
                 other => return Err(format!("bad 'send' value '{other}'")),
+            },
+            // Required from version 3 on, so a record cut short before it
+            // is an error, never a record without digests.
+            data_digest: match if v2 { Ok("none") } else { get("data_digest") }? {
+                "crc32c" => true,
+                "none" => false,
+                other => return Err(format!("bad 'data_digest' value '{other}'")),
             },
             volume_ids: match get("volume_ids")? {
                 "" => Vec::new(),
@@ -423,6 +437,7 @@ mod tests {
             node_down_timeout_secs: 15,
             send: "zc".into(),
             volume_ids: vec!["0a1b".into(), "2c3d".into()],
+            data_digest: true,
         }
     }
 
@@ -668,5 +683,24 @@ mod tests {
             let err = DeviceRecord::parse(&text).expect_err(bad);
             assert!(err.contains("volume_ids"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_data_digest_is_kept_and_an_older_record_has_none() {
+        let text = record().to_text();
+        assert!(text.contains("\ndata_digest crc32c\n"));
+        let older = text
+            .replace("data_digest crc32c\n", "")
+            .replace(MAGIC, MAGIC_V2);
+        assert_eq!(
+            DeviceRecord::parse(&older).map(|r| r.data_digest),
+            Ok(false)
+        );
+        let lost = text.replace("data_digest crc32c\n", "");
+        let err = DeviceRecord::parse(&lost).expect_err("version 3 without data_digest");
+        assert!(err.contains("data_digest"), "{err}");
+        let bad = text.replace("data_digest crc32c", "data_digest md5");
+        let err = DeviceRecord::parse(&bad).expect_err("md5");
+        assert!(err.contains("data_digest"), "{err}");
     }
 }

@@ -114,6 +114,7 @@ fn the_udev_helper_prints_the_volume_of_a_device() {
         node_down_timeout_secs: 15,
         send: "zc".into(),
         volume_ids: Vec::new(),
+        data_digest: false,
     };
     state::save(dir.path(), &record).expect("save");
     let run = |device: &str| {

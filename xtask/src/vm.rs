@@ -71,6 +71,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("deploy", include_str!("scenarios/deploy.sh")),
     ("resize", include_str!("scenarios/resize.sh")),
     ("observe", include_str!("scenarios/observe.sh")),
+    ("digest", include_str!("scenarios/digest.sh")),
     ("csi", include_str!("scenarios/csi.sh")),
 ];
 

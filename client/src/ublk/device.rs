@@ -72,6 +72,10 @@ pub enum MapError {
         "zero copy needs ublk with UBLK_F_AUTO_BUF_REG (Linux 6.16 or newer); this kernel has none: use --zero-copy auto or off"
     )]
     NoZeroCopy,
+    #[error(
+        "data digests need the copy data path (under zero copy the request's pages are not mapped in userspace, so no digest can be computed or checked): use --zero-copy auto or off with --data-digest"
+    )]
+    DigestNeedsCopy,
 }
 
 /// Whether to move data zero-copy.
@@ -138,6 +142,9 @@ impl MapOptions {
             return Err(MapError::BlockSize(self.block_size));
         }
         self.volume.check()?;
+        if self.volume.data_digest && self.zero_copy == ZeroCopy::On {
+            return Err(MapError::DigestNeedsCopy);
+        }
         if let Some(hook) = self.fail_queue
             && usize::from(hook.queue) >= self.volume.queues
         {
@@ -556,7 +563,13 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     let features = ctrl.features()?;
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
     let recv_fixed = crate::uring::probe_recv_fixed();
-    let path = choose_path(features, recv_fixed, options.zero_copy)?;
+    // Digests are computed and checked on our own buffers: the copy path.
+    let want = if vopts.data_digest {
+        ZeroCopy::Off
+    } else {
+        options.zero_copy
+    };
+    let path = choose_path(features, recv_fixed, want)?;
     let (buffer_mode, send_mode, zc_flags) =
         path_setup(path, vopts.send_mode, features & sys::UBLK_F_USER_COPY != 0)?;
     let buffers = tag_buffers(vopts)?;
@@ -924,6 +937,9 @@ pub fn recover(
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
     // The device's flags fix its data path: zero copy if it was made so.
     let path = choose_path(info.flags, crate::uring::probe_recv_fixed(), ZeroCopy::Auto)?;
+    if vopts.data_digest && path != DataPath::Copy {
+        return Err(MapError::DigestNeedsCopy);
+    }
     let (buffer_mode, send_mode, _) = path_setup(
         path,
         vopts.send_mode,
@@ -997,7 +1013,7 @@ mod tests {
             .is_ok()
         );
         let secs = Duration::from_secs;
-        let bad_options: [(Change, &str); 12] = [
+        let bad_options: [(Change, &str); 13] = [
             (
                 &|o| o.block_size = 1024,
                 "block size 1024 must be 512 or 4096",
@@ -1027,6 +1043,13 @@ mod tests {
             (
                 &|o| o.volume.node_down_timeout = Duration::MAX,
                 "node-down timeout",
+            ),
+            (
+                &|o| {
+                    o.volume.data_digest = true;
+                    o.zero_copy = ZeroCopy::On;
+                },
+                "data digests need the copy data path",
             ),
         ];
         for (change, says) in bad_options {
