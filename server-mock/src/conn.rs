@@ -317,10 +317,7 @@ pub enum Port {
     Admin,
 }
 
-pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64, port: Port) {
-    let peer = stream
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64, port: Port, peer: SocketAddr) {
     debug!(%peer, id, "connection accepted");
     let result = serve_stream(&node, &stream, id, port);
     // Count and log first, close second: whoever sees the close also sees

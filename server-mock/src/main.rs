@@ -72,6 +72,21 @@ struct Args {
     #[arg(long, value_name = "IP:PORT")]
     admin_listen: Option<SocketAddr>,
 
+    /// Mutual TLS (1.3) on the data port: this node's certificate chain
+    /// (PEM). With --tls-key and --tls-client-ca; a file changed on disk is
+    /// used from the next connection on.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// The CA clients' certificates must be signed by (PEM): a client
+    /// without one is refused before it can name a volume.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
+
     /// Do not fence a client's older sessions when it reconnects. Unsafe:
     /// stale requests of a dead connection may then overwrite newer data.
     /// Only for demonstrating that hazard.
@@ -255,6 +270,22 @@ fn main() -> ExitCode {
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout);
     config.admin_listen = args.admin_listen;
+    if let (Some(cert), Some(key), Some(client_ca)) =
+        (args.tls_cert, args.tls_key, args.tls_client_ca)
+    {
+        let files = netblk_tls::config::ServerFiles {
+            cert,
+            key,
+            client_ca,
+        };
+        match netblk_tls::config::Reloading::server(files) {
+            Ok(tls) => config.tls = Some(std::sync::Arc::new(tls)),
+            Err(why) => {
+                eprintln!("netblk-mock-node: TLS: {why}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     config.fencing = !args.no_fencing;
     config.volatile_cache = args.volatile_cache;
     config.faults = faults;

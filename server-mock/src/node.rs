@@ -17,6 +17,8 @@ use crate::delay::DelayQueue;
 use crate::faults::Knobs;
 use crate::fence::Sessions;
 use crate::store::{self, Backend, StoreKind, VolumeMeta};
+use netblk_tls::config::ServerFiles;
+use netblk_tls::rustls::ServerConfig;
 
 /// Exit code of the crash fault: the node exits at once, flushing nothing.
 pub const CRASH_EXIT_CODE: i32 = 86;
@@ -37,6 +39,9 @@ pub struct Config {
     /// crash: test tools), on a listener of their own; None: nowhere. The
     /// data port never takes them.
     pub admin_listen: Option<SocketAddr>,
+    /// Mutual TLS on the data port: every client must present a
+    /// certificate signed by the client CA before it can name a volume.
+    pub tls: Option<Arc<netblk_tls::config::Reloading<ServerFiles, ServerConfig>>>,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a new connection may take to send its first frame.
@@ -61,6 +66,7 @@ impl Config {
             faults: pb::Faults::default(),
             fault_seed: 0,
             admin_listen: None,
+            tls: None,
             drain_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
@@ -511,6 +517,39 @@ impl Server {
     }
 }
 
+/// The plaintext stream of a new connection: the connection itself, or,
+/// with TLS on the data port, the plaintext end of its relay once the
+/// client's certificate passed (None: refused, logged and counted; not a
+/// byte of a volume was touched).
+fn secure(node: &Node, stream: TcpStream, port: Port, peer: SocketAddr) -> Option<TcpStream> {
+    let Some(tls) = node.config.tls.as_ref().filter(|_| port == Port::Data) else {
+        return Some(stream);
+    };
+    let timeout = Some(node.config.handshake_timeout);
+    let shaken = stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|e| e.to_string())
+        .and_then(|()| netblk_tls::handshake::server(&stream, tls.get()));
+    let conn = match shaken {
+        Ok(conn) => conn,
+        Err(why) => {
+            bump(&node.counters.connections_refused, 1);
+            warn!(%peer, "TLS refused: {why}");
+            return None;
+        }
+    };
+    // The node's side always relays in userspace: rustls may already hold
+    // the client's first request, which the kernel's TLS would not see.
+    match netblk_tls::secure(stream, conn.into(), false) {
+        Ok((plain, _)) => Some(plain),
+        Err(err) => {
+            warn!(%peer, "cannot relay a TLS connection: {err}");
+            None
+        }
+    }
+}
+
 /// Takes connections on `listener` for `port` until the node stops, each
 /// on a thread of its own.
 fn accept(node: &Arc<Node>, listener: TcpListener, port: Port) {
@@ -528,20 +567,27 @@ fn accept(node: &Arc<Node>, listener: TcpListener, port: Port) {
             }
         };
         bump(&node.counters.connections_accepted, 1);
-        let id = match node.register(&stream) {
-            Ok(id) => id,
-            Err(err) => {
-                warn!("cannot track new connection: {err}");
-                continue;
-            }
-        };
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let conn_node = Arc::clone(node);
         let spawned = thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .spawn(move || conn::serve(conn_node, stream, id, port));
+            .name(format!("conn-{peer}"))
+            .spawn(move || {
+                let Some(stream) = secure(&conn_node, stream, port, peer) else {
+                    return;
+                };
+                let id = match conn_node.register(&stream) {
+                    Ok(id) => id,
+                    Err(err) => {
+                        warn!("cannot track new connection: {err}");
+                        return;
+                    }
+                };
+                conn::serve(conn_node, stream, id, port, peer);
+            });
         if let Err(err) = spawned {
             warn!("cannot start a thread for a new connection: {err}");
-            node.unregister(id);
         }
     }
 }

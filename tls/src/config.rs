@@ -168,6 +168,14 @@ pub struct Reloading<F, C> {
     current: Mutex<(Vec<Option<SystemTime>>, Arc<C>)>,
 }
 
+impl<F, C> std::fmt::Debug for Reloading<F, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("files", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<F, C> Reloading<F, C> {
     fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
         paths

@@ -128,7 +128,10 @@ fn bad_certificates_are_refused_on_both_sides() {
     let n = n.expect_err("node refuses a stranger");
     assert!(n.contains("UnknownIssuer") || n.contains("unknown"), "{n}");
     let c = c.expect_err("the client learns it was refused");
-    assert!(c.contains("alert"), "the node's alert reaches the client: {c}");
+    assert!(
+        c.contains("alert"),
+        "the node's alert reaches the client: {c}"
+    );
 
     // An expired client certificate from the right CA is refused too:
     // make the CA's own set again with an expired client.
