@@ -5,7 +5,7 @@
 //! wrong kind are errors that name the key.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use netblk_protocol::units::parse_size;
 
@@ -32,6 +32,11 @@ pub struct VolumeFile {
     pub metrics_addr: Option<SocketAddr>,
     /// `crc32c` or `none`.
     pub data_digest: Option<String>,
+    /// Mutual TLS: the nodes' CA, this client's certificate and key.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_danger_skip_server_name: Option<bool>,
 }
 
 /// The keys a volume file may have, as the error for an unknown one lists
@@ -50,6 +55,10 @@ pub const KEYS: &[&str] = &[
     "node_down_timeout",
     "metrics_addr",
     "data_digest",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_danger_skip_server_name",
 ];
 
 /// Reads and checks the volume file at `path`; errors start with the path.
@@ -99,6 +108,18 @@ pub fn parse(text: &str, stem: &str) -> Result<VolumeFile, String> {
         metrics_addr: get("metrics_addr").map(|v| v.addr()).transpose()?,
         data_digest: get("data_digest")
             .map(|v| v.choice(&["crc32c", "none"]))
+            .transpose()?,
+        tls_ca: get("tls_ca")
+            .map(|v| v.string().map(PathBuf::from))
+            .transpose()?,
+        tls_cert: get("tls_cert")
+            .map(|v| v.string().map(PathBuf::from))
+            .transpose()?,
+        tls_key: get("tls_key")
+            .map(|v| v.string().map(PathBuf::from))
+            .transpose()?,
+        tls_danger_skip_server_name: get("tls_danger_skip_server_name")
+            .map(|v| v.boolean())
             .transpose()?,
     })
 }
@@ -166,6 +187,10 @@ impl Value<'_> {
         }
     }
 
+    fn boolean(&self) -> Result<bool, String> {
+        self.v.as_bool().ok_or_else(|| self.wrong("true or false"))
+    }
+
     fn addr(&self) -> Result<SocketAddr, String> {
         let s = self.string()?;
         s.parse()
@@ -224,6 +249,10 @@ io_timeout = 20
 node_down_timeout = 10
 metrics_addr = "127.0.0.1:9400"
 data_digest = "crc32c"
+tls_ca = "/etc/netblk/tls/ca.pem"
+tls_cert = "/etc/netblk/tls/client.pem"
+tls_key = "/etc/netblk/tls/client.key"
+tls_danger_skip_server_name = false
 "#;
 
     #[test]
@@ -241,6 +270,11 @@ data_digest = "crc32c"
         assert_eq!(f.io_timeout, Some(20));
         assert_eq!(f.node_down_timeout, Some(10));
         assert_eq!(f.data_digest.as_deref(), Some("crc32c"));
+        assert_eq!(
+            f.tls_cert.as_deref(),
+            Some(Path::new("/etc/netblk/tls/client.pem"))
+        );
+        assert_eq!(f.tls_danger_skip_server_name, Some(false));
         assert_eq!(
             f.metrics_addr,
             Some("127.0.0.1:9400".parse().expect("addr"))

@@ -82,6 +82,23 @@ pub struct MapArgs {
     /// crc32c or none. Digests use the copy data path [default: none].
     #[arg(long, value_parser = ["crc32c", "none"])]
     pub data_digest: Option<String>,
+    /// Mutual TLS (1.3) to every node: the CA the nodes' certificates must
+    /// be signed by (PEM). With --tls-cert and --tls-key. Each node's
+    /// certificate must name its IP address. The copy data path goes with
+    /// it; the kernel's TLS carries the data where it has it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate chain (PEM), which the nodes check.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept a node certificate that does not name the node's address
+    /// (still checked against --tls-ca). Dangerous: anyone with a
+    /// certificate from that CA can pose as any node.
+    #[arg(long)]
+    pub tls_danger_skip_server_name: bool,
 }
 
 /// What `map` runs with: each option from its flag, else the volume file,
@@ -102,6 +119,7 @@ pub struct Settings {
     pub node_down_timeout: u64,
     pub metrics_addr: Option<SocketAddr>,
     pub data_digest: bool,
+    pub tls: Option<netblk_tls::config::ClientFiles>,
 }
 
 impl Settings {
@@ -131,7 +149,39 @@ impl Settings {
             node_down_timeout: args.node_down_timeout.or(f.node_down_timeout).unwrap_or(15),
             metrics_addr: args.metrics_addr.or(f.metrics_addr),
             data_digest: args.data_digest.clone().or(f.data_digest).as_deref() == Some("crc32c"),
+            tls: tls_files(
+                args.tls_ca.clone().or(f.tls_ca),
+                args.tls_cert.clone().or(f.tls_cert),
+                args.tls_key.clone().or(f.tls_key),
+                args.tls_danger_skip_server_name || f.tls_danger_skip_server_name == Some(true),
+            ),
         }
+    }
+
+    /// TLS given only in part is an error naming what is missing.
+    fn check_tls(args: &MapArgs, file: Option<&VolumeFile>) -> Result<(), String> {
+        let given = [
+            (
+                "--tls-ca (key `tls_ca`)",
+                args.tls_ca.is_some() || file.is_some_and(|f| f.tls_ca.is_some()),
+            ),
+            (
+                "--tls-cert (key `tls_cert`)",
+                args.tls_cert.is_some() || file.is_some_and(|f| f.tls_cert.is_some()),
+            ),
+            (
+                "--tls-key (key `tls_key`)",
+                args.tls_key.is_some() || file.is_some_and(|f| f.tls_key.is_some()),
+            ),
+        ];
+        if given.iter().any(|(_, g)| *g)
+            && let Some((what, _)) = given.iter().find(|(_, g)| !*g)
+        {
+            return Err(format!(
+                "TLS needs its CA, certificate and key: no {what} given"
+            ));
+        }
+        Ok(())
     }
 
     /// What a fresh map needs that has no default, named as the flag and
@@ -159,7 +209,9 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
         .map(netblk::config::load)
         .transpose()
         .map_err(Failure::Usage)?;
+    Settings::check_tls(&args, file.as_ref()).map_err(Failure::Usage)?;
     let set = Settings::resolve(&args, file);
+    let tls = client_tls(set.tls.clone()).map_err(Failure::Usage)?;
     // Errors in values from a volume file say which file.
     let bad = |why: String| match &args.config {
         Some(path) => Failure::Usage(format!("{why} (options from {})", path.display())),
@@ -174,6 +226,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
             io_timeout: Duration::from_secs(set.io_timeout),
             node_down_timeout: Duration::from_secs(set.node_down_timeout),
             data_digest: set.data_digest,
+            tls,
             ..VolumeOptions::default()
         },
         block_size: set.block_size,
@@ -267,17 +320,56 @@ fn awaiting_recovery(spec: &netblk::layout::VolumeSpec) -> Result<Option<(u32, u
     Ok(None)
 }
 
+/// The TLS files given (all three, or none).
+fn tls_files(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    danger_skip_server_name: bool,
+) -> Option<netblk_tls::config::ClientFiles> {
+    Some(netblk_tls::config::ClientFiles {
+        ca: ca?,
+        cert: cert?,
+        key: key?,
+        danger_skip_server_name,
+    })
+}
+
+/// The client's TLS configuration from `files` (checked now: unusable
+/// files are an error before anything is mapped).
+fn client_tls(
+    files: Option<netblk_tls::config::ClientFiles>,
+) -> Result<Option<std::sync::Arc<netblk::net::ClientTls>>, String> {
+    files
+        .map(|files| {
+            if files.danger_skip_server_name {
+                tracing::warn!("TLS: node names are not checked (--tls-danger-skip-server-name)");
+            }
+            netblk_tls::config::Reloading::client(files)
+                .map(std::sync::Arc::new)
+                .map_err(|why| format!("TLS: {why}"))
+        })
+        .transpose()
+}
+
 /// The data path as the log, `list`, `status` and metrics name it: the
 /// kernel side, and the digests when they are on.
 fn data_path(
     device: &netblk::ublk::device::Device,
     options: &netblk::ublk::device::MapOptions,
 ) -> String {
-    if options.volume.data_digest {
-        format!("{} + crc32c data digests", device.path.name())
-    } else {
-        device.path.name().to_string()
+    let mut parts = vec![device.path.name()];
+    if options.volume.tls.is_some() {
+        parts.push(if netblk_tls::ktls::available() {
+            netblk_tls::Transport::Kernel.name()
+        } else {
+            netblk_tls::Transport::User.name()
+        });
     }
+    if options.volume.data_digest {
+        parts.push("crc32c data digests");
+    }
+    parts.join(" + ")
 }
 
 /// Starts `/metrics` on `addr`, if given: the telemetry to report to.
@@ -369,6 +461,7 @@ fn recover(
             session: u64::from(generation) << 32,
             volume_ids: record.volume_ids.clone(),
             data_digest: record.data_digest,
+            tls: client_tls(record.tls.clone())?,
             ..VolumeOptions::default()
         },
         block_size: record.block_size,
@@ -440,6 +533,7 @@ pub fn serve(
     print_path: bool,
 ) -> Result<(), String> {
     let dir = state::state_dir();
+    let tls_record = options.volume.tls.as_ref().map(|t| t.files().clone());
     let source = netblk::telemetry::Source {
         volume: spec.name.clone(),
         device: device.block_path(),
@@ -474,6 +568,7 @@ pub fn serve(
         .to_string(),
         volume_ids: device.volume_ids.clone(),
         data_digest: vopts.data_digest,
+        tls: tls_record.clone(),
     };
     if let Err(err) = state::save(&dir, &record) {
         tracing::error!(
@@ -497,6 +592,7 @@ pub fn serve(
         volume_ids: device.volume_ids.clone(),
         timeouts: vopts.timeouts(),
         block_size: options.block_size,
+        tls: vopts.tls.clone(),
     };
     let resized_record = std::sync::Mutex::new(record.clone());
     let record_dir = dir.clone();

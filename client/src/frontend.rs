@@ -53,6 +53,10 @@ pub struct VolumeOptions {
     /// A CRC-32C on every payload, checked by the receiver (the node for
     /// writes, this client for reads); a mismatch is sent again, then EIO.
     pub data_digest: bool,
+    /// Mutual TLS to every node (None: plaintext). The copy data path and
+    /// copy sends go with it (the kernel's TLS takes neither zero-copy
+    /// sends nor fixed-buffer receives).
+    pub tls: Option<Arc<net::ClientTls>>,
 }
 
 impl Default for VolumeOptions {
@@ -69,6 +73,7 @@ impl Default for VolumeOptions {
             session: 1,
             volume_ids: Vec::new(),
             data_digest: false,
+            tls: None,
         }
     }
 }
@@ -114,6 +119,16 @@ impl VolumeOptions {
     }
 
     /// Checks every number against its bounds, saying which is wrong.
+    /// How payloads leave: as `send_mode` says, but copied into the socket
+    /// with TLS (a kernel TLS socket takes no zero-copy sends).
+    pub fn sends(&self) -> SendMode {
+        if self.tls.is_some() {
+            SendMode::Copy
+        } else {
+            self.send_mode
+        }
+    }
+
     pub fn check(&self) -> Result<(), OpenError> {
         if self.queues == 0 || self.queues > 64 {
             return Err(OpenError::Options(format!(
@@ -180,6 +195,7 @@ pub fn connect_queue(
             session: options.session,
             volume_id: options.volume_ids.get(node).map(String::as_str),
             digest: options.data_digest,
+            tls: options.tls.as_deref(),
         };
         let (stream, info) = net::connect(*addr, node, layout, &who, options.timeouts())?;
         streams.push(stream);
@@ -402,7 +418,7 @@ impl Volume {
     pub fn open(spec: &VolumeSpec, options: &VolumeOptions) -> Result<Volume, OpenError> {
         let layout = spec.layout()?;
         options.check()?;
-        crate::uring::probe(options.send_mode).map_err(OpenError::Uring)?;
+        crate::uring::probe(options.sends()).map_err(OpenError::Uring)?;
         let mut queues: Vec<Queue> = Vec::with_capacity(options.queues);
         let mut nodes = Vec::new();
         let mut options = options.clone();
@@ -439,7 +455,7 @@ impl Volume {
                     streams,
                     buffers,
                     frontend,
-                    mode: options.send_mode,
+                    mode: options.sends(),
                     buffer_mode: BufferMode::User,
                     reconnect: Some(reconnect_for(spec, &layout, options, q)),
                     span: queue_span(&spec.name, "", q),
@@ -464,7 +480,7 @@ impl Volume {
             next_queue: AtomicUsize::new(0),
             max_io: options.max_io,
             nodes,
-            send_mode: options.send_mode,
+            send_mode: options.sends(),
         })
     }
 
@@ -637,6 +653,7 @@ pub fn reconnect_for(
         },
         volume_ids: options.volume_ids.clone(),
         digest: options.data_digest,
+        tls: options.tls.clone(),
     }
 }
 

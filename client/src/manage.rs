@@ -11,11 +11,13 @@ use crate::net::{self, ConnectError, Identity, NodeInfo, Open, Timeouts};
 
 /// A volume by what names it on the nodes: its name, stripe unit and
 /// ordered nodes (its size is what the nodes say).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct VolumeRef {
     pub name: String,
     pub stripe_unit: u32,
     pub nodes: Vec<SocketAddr>,
+    /// Mutual TLS to the nodes (None: plaintext).
+    pub tls: Option<std::sync::Arc<crate::net::ClientTls>>,
 }
 
 impl VolumeRef {
@@ -34,6 +36,7 @@ impl VolumeRef {
             session: net::clock_session(),
             volume_id: None,
             digest: false,
+            tls: self.tls.as_deref(),
         }
     }
 

@@ -40,6 +40,12 @@ pub enum ConnectError {
         addr: SocketAddr,
         why: String,
     },
+    #[error("node {node} ({addr}): {why}")]
+    Tls {
+        node: usize,
+        addr: SocketAddr,
+        why: String,
+    },
     #[error(
         "node {node} ({addr}) lost volume '{volume}': it now holds volume identity {got}, not {pinned} (made anew, empty): refusing it, its stripes fail with EIO"
     )]
@@ -65,7 +71,18 @@ pub struct NodeInfo {
     pub durable_incarnation: u64,
     /// The volume's size (whole volume) as the node holds it.
     pub volume_size: u64,
+    /// How the connection's records are encrypted, if at all.
+    pub transport: Transport,
 }
+
+pub use netblk_tls::Transport;
+
+/// A client's TLS files, read again when they change (a rotated
+/// certificate is used from the next connection on).
+pub type ClientTls = netblk_tls::config::Reloading<
+    netblk_tls::config::ClientFiles,
+    netblk_tls::rustls::ClientConfig,
+>;
 
 /// Who is connecting, to which volume.
 #[derive(Debug, Clone)]
@@ -79,6 +96,8 @@ pub struct Identity<'a> {
     /// Ask for data digests (CRC-32C on every payload); a node that does
     /// not agree is refused.
     pub digest: bool,
+    /// Mutual TLS before the netblk handshake (None: plaintext).
+    pub tls: Option<&'a ClientTls>,
 }
 
 /// How long a connection may take to come up, and how long a request may
@@ -130,6 +149,19 @@ pub fn connect_as(
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
     configure(&stream, timeouts).map_err(connect_err)?;
     let hs_err = |why: String| ConnectError::Handshake { node, addr, why };
+    let tls_err = |why: String| ConnectError::Tls { node, addr, why };
+    // TLS first: not a byte of the netblk handshake goes out in the clear.
+    let mut tls = match who.tls {
+        Some(config) => Some(
+            netblk_tls::handshake::client(
+                &stream,
+                config.get(),
+                netblk_tls::config::server_name(addr),
+            )
+            .map_err(tls_err)?,
+        ),
+        None => None,
+    };
 
     let handshake = pb::Header {
         kind: Some(Kind::Handshake(pb::Handshake {
@@ -152,11 +184,29 @@ pub fn connect_as(
     };
     let mut bytes = Vec::new();
     encode_head(&handshake, 0, &mut bytes).map_err(|e| hs_err(e.to_string()))?;
-    (&stream)
-        .write_all(&bytes)
-        .map_err(|e| hs_err(e.to_string()))?;
-
-    let reply = match read_head(&stream).map_err(hs_err)? {
+    // The handshake goes through rustls in this thread: a node that turned
+    // our certificate away says so here (TLS 1.3 tells a client only once
+    // it reads), before any data path is set up.
+    let exchanged = match &mut tls {
+        Some(conn) => {
+            let mut sock = &stream;
+            let mut io = netblk_tls::rustls::Stream::new(conn, &mut sock);
+            io.write_all(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|()| read_head(&mut io))
+                .map_err(|why| tls_err(format!("the node did not accept this client over TLS: {why}")))
+        }
+        None => (&stream)
+            .write_all(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|()| read_head(&stream))
+            .map_err(|why| {
+                hs_err(format!(
+                    "{why} (a node with TLS closes a plaintext client: give the TLS CA, certificate and key)"
+                ))
+            }),
+    };
+    let reply = match exchanged? {
         (
             pb::Header {
                 kind: Some(Kind::HandshakeReply(reply)),
@@ -202,6 +252,13 @@ pub fn connect_as(
             layout.stripe_unit()
         )));
     }
+    // With TLS, the data path runs on the kernel's TLS where it has it
+    // (the socket itself), else through a userspace relay.
+    let (stream, transport) = match tls {
+        Some(conn) => netblk_tls::secure(stream, conn.into(), true)
+            .map_err(|e| tls_err(format!("cannot set up the TLS data path: {e}")))?,
+        None => (stream, Transport::Plain),
+    };
     // From here on the ring does all IO; it waits without socket timeouts
     // (request deadlines bound it instead).
     stream
@@ -217,6 +274,7 @@ pub fn connect_as(
             incarnation: reply.incarnation,
             durable_incarnation: reply.durable_incarnation,
             volume_size: reply.volume_size,
+            transport,
         },
     ))
 }
@@ -230,14 +288,14 @@ pub fn clock_session() -> u64 {
 }
 
 /// Reads one frame's preamble and header (not its payload).
-fn read_head(stream: &TcpStream) -> Result<(pb::Header, u32), String> {
+fn read_head(mut stream: impl Read) -> Result<(pb::Header, u32), String> {
     let mut preamble = [0u8; PREAMBLE_LEN];
-    (&*stream)
+    stream
         .read_exact(&mut preamble)
         .map_err(|e| format!("no reply: {e}"))?;
     let preamble = Preamble::parse(&preamble, &Limits::default()).map_err(|e| e.to_string())?;
     let mut header = vec![0u8; preamble.header_len as usize];
-    (&*stream)
+    stream
         .read_exact(&mut header)
         .map_err(|e| format!("reply cut short: {e}"))?;
     let head = decode_header(&header, preamble.payload_len).map_err(|e| e.to_string())?;

@@ -27,6 +27,8 @@ pub struct Resizer {
     pub volume_ids: Vec<String>,
     pub timeouts: Timeouts,
     pub block_size: u32,
+    /// Mutual TLS to the nodes, as the device's own connections.
+    pub tls: Option<std::sync::Arc<crate::net::ClientTls>>,
 }
 
 impl Resizer {
@@ -118,6 +120,7 @@ impl Resizer {
             session: net::clock_session(),
             volume_id: self.volume_ids.get(node).map(String::as_str),
             digest: false,
+            tls: self.tls.as_deref(),
         };
         let (stream, _) =
             net::connect(addr, node, layout, &who, self.timeouts).map_err(|e| e.to_string())?;

@@ -83,13 +83,15 @@ pub struct DeviceRecord {
     /// CRC-32C data digests on every payload (a record without the line
     /// has none).
     pub data_digest: bool,
+    /// Mutual TLS to the nodes: the files the daemon was given.
+    pub tls: Option<netblk_tls::config::ClientFiles>,
 }
 
 impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\n",
+            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\ntls_ca {}\ntls_cert {}\ntls_key {}\ntls_danger_skip_server_name {}\n",
             self.id,
             self.volume,
             self.size,
@@ -107,7 +109,17 @@ impl DeviceRecord {
             self.node_down_timeout_secs,
             self.send,
             self.volume_ids.join(","),
-            if self.data_digest { "crc32c" } else { "none" }
+            if self.data_digest { "crc32c" } else { "none" },
+            self.tls
+                .as_ref()
+                .map_or(String::new(), |t| t.ca.display().to_string()),
+            self.tls
+                .as_ref()
+                .map_or(String::new(), |t| t.cert.display().to_string()),
+            self.tls
+                .as_ref()
+                .map_or(String::new(), |t| t.key.display().to_string()),
+            u8::from(self.tls.as_ref().is_some_and(|t| t.danger_skip_server_name)),
         )
     }
 
@@ -173,6 +185,36 @@ impl DeviceRecord {
                 "crc32c" => true,
                 "none" => false,
                 other => return Err(format!("bad 'data_digest' value '{other}'")),
+            },
+            tls: if v2 {
+                None
+            } else {
+                let path = |key: &str| {
+                    get(key).map(|v| (!v.is_empty()).then(|| std::path::PathBuf::from(v)))
+                };
+                match (path("tls_ca")?, path("tls_cert")?, path("tls_key")?) {
+                    (Some(ca), Some(cert), Some(key)) => Some(netblk_tls::config::ClientFiles {
+                        ca,
+                        cert,
+                        key,
+                        danger_skip_server_name: match get("tls_danger_skip_server_name")? {
+                            "0" => false,
+                            "1" => true,
+                            other => {
+                                return Err(format!(
+                                    "bad 'tls_danger_skip_server_name' value '{other}'"
+                                ));
+                            }
+                        },
+                    }),
+                    (None, None, None) => None,
+                    _ => {
+                        return Err(
+                            "'tls_ca', 'tls_cert' and 'tls_key' must be all set or all empty"
+                                .into(),
+                        );
+                    }
+                }
             },
             volume_ids: match get("volume_ids")? {
                 "" => Vec::new(),
@@ -438,6 +480,12 @@ mod tests {
             send: "zc".into(),
             volume_ids: vec!["0a1b".into(), "2c3d".into()],
             data_digest: true,
+            tls: Some(netblk_tls::config::ClientFiles {
+                ca: "/etc/netblk/tls/ca.pem".into(),
+                cert: "/etc/netblk/tls/client.pem".into(),
+                key: "/etc/netblk/tls/client.key".into(),
+                danger_skip_server_name: false,
+            }),
         }
     }
 

@@ -50,6 +50,7 @@ fn volume_ref(handle: &VolumeHandle) -> VolumeRef {
         name: handle.name.clone(),
         stripe_unit: handle.stripe_unit,
         nodes: handle.nodes.clone(),
+        tls: None,
     }
 }
 

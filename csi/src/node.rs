@@ -88,6 +88,7 @@ impl Node {
             name: handle.name.clone(),
             stripe_unit: handle.stripe_unit,
             nodes: handle.nodes.clone(),
+            tls: None,
         };
         let size = volume
             .lookup(&format!("netblk-csi-node-{}", self.node_id), self.timeouts)

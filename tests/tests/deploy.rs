@@ -115,6 +115,7 @@ fn the_udev_helper_prints_the_volume_of_a_device() {
         send: "zc".into(),
         volume_ids: Vec::new(),
         data_digest: false,
+        tls: None,
     };
     state::save(dir.path(), &record).expect("save");
     let run = |device: &str| {

@@ -170,6 +170,7 @@ fn connect_pinned(
         session: 1,
         volume_id: Some(pinned),
         digest: false,
+        tls: None,
     };
     let timeouts = Timeouts {
         connect: Duration::from_secs(5),

@@ -27,6 +27,7 @@ fn a_volume_is_looked_up_created_and_deleted_on_every_node() {
         name: "pvc-1234".into(),
         stripe_unit: 64 << 10,
         nodes: cluster.addrs(),
+        tls: None,
     };
     let id = "manage-test";
     assert_eq!(
@@ -98,6 +99,7 @@ fn a_grow_on_the_nodes_leaves_a_mapped_volume_working_across_reconnects() {
         name: "pvc-grow".into(),
         stripe_unit: 64 << 10,
         nodes: cluster.addrs(),
+        tls: None,
     };
     let id = "manage-grow";
     let spec = VolumeSpec {

@@ -40,6 +40,7 @@ fn every_node_takes_the_new_size_or_none_keeps_it() {
             io: Duration::from_secs(5),
         },
         block_size: 512,
+        tls: None,
     };
     let layout = |size| Layout::new(size, 64 << 10, 3).expect("layout");
     resizer

@@ -200,6 +200,11 @@ impl<F, C> Reloading<F, C> {
         })
     }
 
+    /// The files it is built from.
+    pub fn files(&self) -> &F {
+        &self.files
+    }
+
     /// The configuration for a new handshake: rebuilt if a file changed
     /// since; if the new files are unusable, the last good one is kept
     /// (and the error logged).

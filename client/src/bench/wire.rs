@@ -70,6 +70,7 @@ pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
                 session: 1,
                 volume_id: None,
                 digest: false,
+                tls: None,
             };
             let timeouts = Timeouts {
                 connect: Duration::from_secs(10),

@@ -76,6 +76,10 @@ pub enum MapError {
         "data digests need the copy data path (under zero copy the request's pages are not mapped in userspace, so no digest can be computed or checked): use --zero-copy auto or off with --data-digest"
     )]
     DigestNeedsCopy,
+    #[error(
+        "TLS needs the copy data path (the kernel's TLS takes neither zero-copy sends nor fixed-buffer receives): use --zero-copy auto or off with TLS"
+    )]
+    TlsNeedsCopy,
 }
 
 /// Whether to move data zero-copy.
@@ -144,6 +148,9 @@ impl MapOptions {
         self.volume.check()?;
         if self.volume.data_digest && self.zero_copy == ZeroCopy::On {
             return Err(MapError::DigestNeedsCopy);
+        }
+        if self.volume.tls.is_some() && self.zero_copy == ZeroCopy::On {
+            return Err(MapError::TlsNeedsCopy);
         }
         if let Some(hook) = self.fail_queue
             && usize::from(hook.queue) >= self.volume.queues
@@ -564,14 +571,14 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
     crate::uring::probe(SendMode::Copy).map_err(OpenError::Uring)?;
     let recv_fixed = crate::uring::probe_recv_fixed();
     // Digests are computed and checked on our own buffers: the copy path.
-    let want = if vopts.data_digest {
+    let want = if vopts.data_digest || vopts.tls.is_some() {
         ZeroCopy::Off
     } else {
         options.zero_copy
     };
     let path = choose_path(features, recv_fixed, want)?;
     let (buffer_mode, send_mode, zc_flags) =
-        path_setup(path, vopts.send_mode, features & sys::UBLK_F_USER_COPY != 0)?;
+        path_setup(path, vopts.sends(), features & sys::UBLK_F_USER_COPY != 0)?;
     let buffers = tag_buffers(vopts)?;
     // Every node must answer before a device exists.
     let vopts = &mut vopts.clone();
@@ -940,11 +947,11 @@ pub fn recover(
     if vopts.data_digest && path != DataPath::Copy {
         return Err(MapError::DigestNeedsCopy);
     }
-    let (buffer_mode, send_mode, _) = path_setup(
-        path,
-        vopts.send_mode,
-        info.flags & sys::UBLK_F_USER_COPY != 0,
-    )?;
+    if vopts.tls.is_some() && path != DataPath::Copy {
+        return Err(MapError::TlsNeedsCopy);
+    }
+    let (buffer_mode, send_mode, _) =
+        path_setup(path, vopts.sends(), info.flags & sys::UBLK_F_USER_COPY != 0)?;
     let mut steps = LiveRecovery {
         dev_id,
         ctrl: Some(ctrl),

@@ -31,6 +31,8 @@ pub struct Reconnect {
     pub volume_ids: Vec<String>,
     /// Data digests on every connection.
     pub digest: bool,
+    /// Mutual TLS on every connection.
+    pub tls: Option<std::sync::Arc<crate::net::ClientTls>>,
 }
 
 impl Reconnect {
@@ -159,6 +161,7 @@ impl<F: Frontend> QueueDriver<F> {
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
             let pinned = reconnect.volume_ids.get(node).cloned();
             let digest = reconnect.digest;
+            let tls = reconnect.tls.clone();
             let done = self.reconnected.0.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("reconnect-{node}"))
@@ -169,6 +172,7 @@ impl<F: Frontend> QueueDriver<F> {
                         session,
                         volume_id: pinned.as_deref(),
                         digest,
+                        tls: tls.as_deref(),
                     };
                     let result = crate::net::connect(addr, node, &layout, &who, timeouts);
                     let _ = done.send((node, session, result));
@@ -203,6 +207,7 @@ mod tests {
             },
             volume_ids: Vec::new(),
             digest: false,
+            tls: None,
         };
         assert_eq!(reconnect.layout_now(), layout);
         reconnect.size.set(128 << 20);
