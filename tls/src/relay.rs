@@ -150,11 +150,14 @@ fn pump(
                             let _ = tls.write_tls(&mut &*outer);
                             return Err(io::Error::new(io::ErrorKind::InvalidData, err));
                         }
+                        // rustls holds little decrypted data: take it out
+                        // before reading more.
+                        pending_plaintext(&mut tls, &mut to_inner)?;
                     }
                     Err(e) if would_block(&e) => break,
                     Err(e) => return Err(e),
                 }
-                if tls.wants_read() && to_inner.len() >= HOLD {
+                if to_inner.len() >= HOLD {
                     break;
                 }
             }
