@@ -72,6 +72,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("resize", include_str!("scenarios/resize.sh")),
     ("observe", include_str!("scenarios/observe.sh")),
     ("digest", include_str!("scenarios/digest.sh")),
+    ("tls", include_str!("scenarios/tls.sh")),
     ("csi", include_str!("scenarios/csi.sh")),
 ];
 
@@ -408,6 +409,11 @@ fn make_initramfs(
     {
         copy_with_libs(&which(tool)?, &stage)?;
     }
+    // Throwaway certificates for the TLS scenario: a CA, a node certificate
+    // for 127.0.0.1 and a client certificate, in /etc/netblk/tls.
+    let tls_dir = stage.join("etc/netblk/tls");
+    fs::create_dir_all(&tls_dir).map_err(|e| e.to_string())?;
+    netblk_tls::testpki::standard(&tls_dir).map_err(|e| format!("test certificates: {e}"))?;
     for file in extras.files {
         let dest = stage.join(file.strip_prefix("/").unwrap_or(file));
         if let Some(dir) = dest.parent() {
@@ -418,8 +424,19 @@ fn make_initramfs(
     }
     let mut modules = Vec::new();
     // ext4 and xfs (libcrc32c, when it loads) ask the crypto API for
-    // crc32c; older kernels have it as a module, loaded first.
-    for name in ["crc32c_generic", "crc32c_intel"] {
+    // crc32c; older kernels have it as a module, loaded first. The kernel's
+    // TLS asks it for gcm(aes) (and chacha20poly1305): their templates and
+    // implementations are modules too where the kernel has them so.
+    for name in [
+        "crc32c_generic",
+        "crc32c_intel",
+        "gcm",
+        "ghash_generic",
+        "ghash_clmulni_intel",
+        "aesni_intel",
+        "chacha20poly1305",
+        "tls",
+    ] {
         if modules_with_deps(kernel_root, name, &mut modules).is_err() {
             eprintln!("    (no {name} module in this kernel)");
         }

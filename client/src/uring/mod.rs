@@ -159,6 +159,10 @@ pub struct QueueDriver<F: Frontend> {
     /// (see `send`): the whole buffer mapping is registered at index
     /// `depth` for it.
     vectored: bool,
+    /// Sends ask io_uring to send all (`MSG_WAITALL`); not on TLS
+    /// connections, whose kernel TLS refuses the flag: a short send is
+    /// continued by the driver instead (see `send`).
+    send_waitall: bool,
     wake_buf: Box<u64>,
     wake_posted: bool,
     frontend_sqes: Vec<squeue::Entry>,
@@ -261,6 +265,7 @@ impl<F: Frontend> QueueDriver<F> {
             mode,
             buffer_mode,
             vectored,
+            send_waitall: reconnect.as_ref().is_none_or(|r| r.tls.is_none()),
             wake_buf: Box::new(0),
             wake_posted: false,
             frontend_sqes: Vec::new(),

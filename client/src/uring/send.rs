@@ -168,6 +168,32 @@ impl SendChain {
 
     /// Bytes the `SENDMSG` `group` must send, and the tags whose payloads
     /// it copied (their buffers are free once it completed).
+    /// Group `group`'s message without its first `sent` bytes (the kernel
+    /// took only those): its iovecs and byte count move past them.
+    fn advance(&mut self, group: usize, sent: usize) {
+        let Some(g) = self.groups.get_mut(group) else {
+            return;
+        };
+        let mut left = sent.min(g.bytes);
+        g.bytes -= left;
+        while left > 0 && g.iovs.start < g.iovs.end {
+            let iov = &mut self.iovs[g.iovs.start];
+            if left >= iov.iov_len {
+                left -= iov.iov_len;
+                g.iovs.start += 1;
+            } else {
+                // SAFETY: `left` < iov_len: still inside the same buffer.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(left) }.cast();
+                iov.iov_len -= left;
+                left = 0;
+            }
+        }
+        if let Some(msg) = self.msgs.get_mut(group) {
+            msg.msg_iov = self.iovs[g.iovs.clone()].as_ptr().cast_mut();
+            msg.msg_iovlen = g.iovs.len();
+        }
+    }
+
     pub(super) fn group(&self, group: usize) -> Option<(usize, &[Tag])> {
         let g = self.groups.get(group)?;
         Some((g.bytes, &self.copied[g.copied.clone()]))
@@ -385,7 +411,12 @@ impl<F: Frontend> QueueDriver<F> {
         for (i, step) in steps.iter().enumerate() {
             // MSG_MORE: more of this chain follows; let TCP fill segments
             // across the operations.
-            let flags = libc::MSG_WAITALL | if i + 1 == count { 0 } else { libc::MSG_MORE };
+            let waitall = if self.send_waitall {
+                libc::MSG_WAITALL
+            } else {
+                0
+            };
+            let flags = waitall | if i + 1 == count { 0 } else { libc::MSG_MORE };
             entries.push(match *step {
                 // Every byte lies in the whole mapping, registered after
                 // the tags' buffers.
@@ -430,6 +461,31 @@ impl<F: Frontend> QueueDriver<F> {
 
     /// A `SENDMSG` of the chain completed: the payloads it copied are free.
     pub(super) fn on_msg_sent(&mut self, node: usize, group: u64, res: i32) {
+        let conn = &mut self.conns[node];
+        let wanted = conn
+            .chain
+            .group(group as usize)
+            .map_or(0, |(bytes, _)| bytes);
+        // Without MSG_WAITALL (TLS) the kernel may take part of a message:
+        // the rest goes out next, as long as nothing in the chain follows
+        // it (a TLS chain is one message).
+        if !self.send_waitall && res > 0 && (res as usize) < wanted && conn.chain_left == 1 {
+            conn.chain.advance(group as usize, res as usize);
+            let entry = opcode::SendMsg::new(
+                types::Fd(conn.fd),
+                &raw const conn.chain.msgs[group as usize],
+            )
+            .build()
+            .user_data(user_data(K_HEAD, conn_id(node, conn.generation), group));
+            // SAFETY: the message and its iovecs live in `conn.chain`
+            // until this send completes (the chain is not replaced while
+            // it has an operation left), as for the chain's first send.
+            match unsafe { self.push_chain(&[entry]) } {
+                Ok(()) => return,
+                // Counted as a failed send below: the connection breaks.
+                Err(err) => tracing::warn!(node, error = %err, "cannot continue a short send"),
+            }
+        }
         let conn = &mut self.conns[node];
         conn.ops = conn.ops.saturating_sub(1);
         conn.chain_left = conn.chain_left.saturating_sub(1);
