@@ -167,6 +167,15 @@ struct BenchArgs {
     /// the client and of the mock nodes.
     #[arg(long)]
     sweep: bool,
+    /// Measure what protection costs instead: each workload with CRC-32C
+    /// data digests, and over mutual TLS with --tls-dir, against plaintext
+    /// (the same operation over the same connections), in rotating rounds.
+    #[arg(long)]
+    security: bool,
+    /// With --security: a directory with ca.pem, node.pem, node.key,
+    /// client.pem and client.key (`cargo xtask test-certs DIR` makes one).
+    #[arg(long, value_name = "DIR", requires = "security")]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 fn parse_stripe_unit(text: &str) -> Result<u32, String> {
@@ -241,6 +250,8 @@ fn run_bench(args: BenchArgs) -> Result<(), Failure> {
         node_store: args.node_store,
         telemetry: None,
         metrics_overhead: args.metrics_overhead,
+        security: args.security,
+        tls_dir: args.tls_dir.clone(),
         workloads: if args.workloads.is_empty() {
             bench::Workload::ALL.to_vec()
         } else {
@@ -543,7 +554,7 @@ fn demo(size: u64) -> Result<(), Failure> {
         };
     }
     let bin = netblk::mock::mock_node_bin(None).map_err(|e| e.to_string())?;
-    let (_nodes, addrs) = netblk::mock::start_mock_nodes(usize::from(NODES), &bin, "memory")
+    let (_nodes, addrs) = netblk::mock::start_mock_nodes(usize::from(NODES), &bin, "memory", &[])
         .map_err(|e| e.to_string())?;
     spec.nodes = addrs;
     let signals = signal_hook::iterator::Signals::new([

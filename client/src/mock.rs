@@ -46,12 +46,14 @@ pub fn start_mock_nodes(
     count: usize,
     bin: &PathBuf,
     store: &str,
+    extra: &[&str],
 ) -> io::Result<(MockNodes, Vec<SocketAddr>)> {
     let mut nodes = MockNodes(Vec::new());
     let mut addrs = Vec::new();
     for _ in 0..count {
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--store", store])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -40,6 +40,10 @@ tasks:
         with each party's CPU (default 2 rounds of 2 s after 1 s ramp;
         docs/benchmarks-sweep.md). Needs the host packages nbd-client,
         nbd-server and nbdkit
+  test-certs DIR
+        a throwaway CA and certificates in DIR for trying TLS (ca.pem,
+        node.pem/.key for 127.0.0.1, client.pem/.key): for tests and
+        `netblk bench --security --tls-dir DIR`, never for production
   ci [--vm]
         cargo fmt --check, cargo clippy -D warnings, the Kubernetes
         manifests validated offline (deploy/kubernetes/validate.sh),
@@ -72,6 +76,13 @@ fn main() -> ExitCode {
             let command = format!("cargo xtask {}", args.join(" "));
             vmbench::vm_bench(&workspace_root(), &a, command)
         }),
+        Some("test-certs") if args.len() == 2 => {
+            let dir = std::path::Path::new(&args[1]);
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))
+                .and_then(|()| netblk_tls::testpki::standard(dir))
+                .map(|_| eprintln!("test certificates in {}", dir.display()))
+        }
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())

@@ -12,6 +12,7 @@
 //! raise.
 
 mod report;
+pub mod security;
 pub mod wire;
 
 use std::io;
@@ -57,6 +58,12 @@ pub struct BenchOptions {
     /// Run everything for each of [`SWEEP`]'s queues and nodes instead
     /// (with `nodes`, the first that many of them).
     pub sweep: bool,
+    /// Measure what data digests (and, with TLS files, TLS) cost instead:
+    /// netblk with each against netblk in plaintext ([`security`]).
+    pub security: bool,
+    /// A directory with `ca.pem`, `node.pem`/`.key` and `client.pem`/`.key`
+    /// (as `cargo xtask test-certs` makes): TLS is measured too.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// The (queues, nodes) a sweep measures.
@@ -89,6 +96,8 @@ impl Default for BenchOptions {
             workloads: Workload::ALL.to_vec(),
             rounds: 3,
             sweep: false,
+            security: false,
+            tls_dir: None,
         }
     }
 }
@@ -255,6 +264,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// What recording figures costs, where measured.
     pub overhead: Vec<Overhead>,
+    /// What digests and TLS cost, with `--security`.
+    pub security: Vec<security::SecurityRow>,
 }
 
 /// IOPS of a 4 KiB workload with figures recorded, as a ratio of IOPS
@@ -385,7 +396,7 @@ fn measure_wire(
 }
 
 /// Runs `measure`, and adds the CPU the mock nodes used meanwhile.
-fn with_node_cpu(
+pub(crate) fn with_node_cpu(
     pids: &[u32],
     measure: impl FnOnce() -> io::Result<Figures>,
 ) -> io::Result<Figures> {
@@ -560,14 +571,22 @@ impl Frontend for Generator {
     }
 }
 
+/// What protects a run's connections: data digests, TLS (none by default).
+#[derive(Debug, Clone, Default)]
+pub struct Protect {
+    pub digest: bool,
+    pub tls: Option<Arc<crate::net::ClientTls>>,
+}
+
 /// Runs one workload on fresh connections, one generator per queue.
-fn measure_workload(
+pub(crate) fn measure_workload(
     spec: &VolumeSpec,
     options: &BenchOptions,
     mode: SendMode,
     workload: Workload,
     record: bool,
     report: Option<&Telemetry>,
+    protect: &Protect,
 ) -> io::Result<Figures> {
     let layout = spec.layout().map_err(|e| io::Error::other(e.to_string()))?;
     let queues = options.queues.max(1);
@@ -577,8 +596,11 @@ fn measure_workload(
         depth,
         max_io: 1 << 20,
         send_mode: mode,
+        data_digest: protect.digest,
+        tls: protect.tls.clone(),
         ..VolumeOptions::default()
     };
+    let mode = volume_options.sends();
     let err = |e: crate::frontend::OpenError| io::Error::other(e.to_string());
     let mut threads = Vec::new();
     let mut all_figures = Vec::new();
@@ -610,7 +632,10 @@ fn measure_workload(
                     frontend: generator,
                     mode,
                     buffer_mode: BufferMode::User,
-                    reconnect: None,
+                    reconnect: protect
+                        .tls
+                        .as_ref()
+                        .map(|_| crate::frontend::reconnect_for(spec, &layout, &volume_options, q)),
                     span: queue_span(&spec.name, "", q),
                 },
             )
@@ -676,6 +701,9 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     options
         .check()
         .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
+    if options.security {
+        return security::run(options, progress);
+    }
     if !options.sweep {
         return run_one(options, progress);
     }
@@ -722,7 +750,7 @@ fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
             bin.display(),
             options.node_store
         ));
-        start_mock_nodes(options.node_count, &bin, &options.node_store)?
+        start_mock_nodes(options.node_count, &bin, &options.node_store, &[])?
     } else {
         (MockNodes::none(), options.nodes.clone())
     };
@@ -768,7 +796,15 @@ fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                     progress(&format!("netblk {mode}: {of}"));
                     let report = options.telemetry.as_deref();
                     with_node_cpu(&node_pids, || {
-                        measure_workload(&spec, options, *mode, workload, true, report)
+                        measure_workload(
+                            &spec,
+                            options,
+                            *mode,
+                            workload,
+                            true,
+                            report,
+                            &Protect::default(),
+                        )
                     })
                 };
                 let (f, b) = if round % 2 == 0 {
@@ -793,8 +829,17 @@ fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
                 for pair in 0..OVERHEAD_PAIRS {
                     // Which goes first alternates, so that warming up (or
                     // the machine's drift) favours neither.
-                    let run =
-                        |record| measure_workload(&spec, options, *mode, workload, record, None);
+                    let run = |record| {
+                        measure_workload(
+                            &spec,
+                            options,
+                            *mode,
+                            workload,
+                            record,
+                            None,
+                            &Protect::default(),
+                        )
+                    };
                     let (with, without) = if pair % 2 == 0 {
                         let without = run(false)?;
                         (run(true)?, without)
@@ -836,6 +881,7 @@ fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         options: options.clone(),
         rows,
         overhead,
+        security: Vec::new(),
     })
 }
 

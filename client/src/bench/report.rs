@@ -6,6 +6,9 @@ use super::{Figures, Report};
 impl Report {
     /// A table for people.
     pub fn to_text(&self) -> String {
+        if self.options.security {
+            return self.security_text();
+        }
         if self.options.sweep {
             return self.sweep_text();
         }
@@ -77,6 +80,56 @@ impl Report {
                 o.cpu_ns_per_request
             ));
         }
+        out
+    }
+
+    /// What digests and TLS cost: each against plaintext.
+    fn security_text(&self) -> String {
+        let mut out = format!(
+            "netblk bench --security: {} nodes, {} queue(s), depth {}, {:.1} s per run, {} round(s) per workload (the median round shown), copy sends\n\n",
+            self.nodes,
+            self.options.queues,
+            self.options.depth,
+            self.options.duration.as_secs_f64(),
+            self.options.rounds
+        );
+        out.push_str(&format!(
+            "{:<14} {:<22} {:>10} {:>9} {:>9} {:>10}  {}\n",
+            "workload", "protection", "IOPS", "MiB/s", "p50 us", "CPU s/GiB", "ratio"
+        ));
+        for r in &self.security {
+            let ratio = |(mid, lo, hi): (f64, f64, f64)| {
+                if r.rounds > 1 {
+                    format!("{mid:.2} ({lo:.2}-{hi:.2})")
+                } else {
+                    format!("{mid:.2}")
+                }
+            };
+            let mut lines = vec![
+                ("plaintext".to_string(), &r.plain, String::new()),
+                (
+                    "crc32c digests".to_string(),
+                    &r.digest,
+                    ratio(r.digest_ratio),
+                ),
+            ];
+            if let Some((f, q)) = &r.tls {
+                lines.push((format!("TLS ({})", r.transport), f, ratio(*q)));
+            }
+            for (who, f, ratio) in lines {
+                out.push_str(&format!(
+                    "{:<14} {:<22} {:>10.0} {:>9.1} {:>9.0} {:>10.2}  {}\n",
+                    r.workload,
+                    who,
+                    f.iops(),
+                    f.mib_s(),
+                    f.p50_us,
+                    f.cpu_s_per_gib(),
+                    ratio
+                ));
+            }
+        }
+        out.push_str("ratio: IOPS (MiB/s for 1 MiB) with the protection / in plaintext in the same round, median (lowest-highest) over the rounds\n");
         out
     }
 
