@@ -571,6 +571,43 @@ impl<F: Frontend> QueueDriver<F> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_short_send_continues_from_the_byte_where_the_kernel_stopped() {
+        let data: Vec<u8> = (0..=255).collect();
+        let mut chain = SendChain::default();
+        chain.heads.extend_from_slice(&data[..10]);
+        let payload = data[10..].as_ptr();
+        let parts = vec![Part::Head(0..10), Part::Copy(slice(3, 246))];
+        let steps = chain.plan(parts, |_| payload);
+        assert_eq!(steps, vec![Step::Msg(0)], "one message");
+        let sendable = |c: &SendChain| -> Vec<u8> {
+            let msg = &c.msgs[0];
+            (0..msg.msg_iovlen)
+                .flat_map(|i| {
+                    // SAFETY: the iovecs point into `chain.heads` and
+                    // `data`, alive for the test.
+                    let iov = unsafe { &*msg.msg_iov.add(i) };
+                    // SAFETY: as above, `iov_len` bytes at `iov_base`.
+                    unsafe { std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len) }
+                        .to_vec()
+                })
+                .collect()
+        };
+        assert_eq!(sendable(&chain), data);
+        chain.advance(0, 4);
+        assert_eq!(sendable(&chain), data[4..], "inside the head");
+        chain.advance(0, 6);
+        assert_eq!(sendable(&chain), data[10..], "exactly past the head");
+        chain.advance(0, 100);
+        assert_eq!(sendable(&chain), data[110..], "inside the payload");
+        assert_eq!(chain.group(0).map(|(bytes, _)| bytes), Some(146));
+        assert_eq!(
+            chain.group(0).map(|(_, tags)| tags.to_vec()),
+            Some(vec![3]),
+            "the payload's tag is still held"
+        );
+    }
+
     fn slice(tag: Tag, len: u32) -> BufSlice {
         BufSlice {
             tag,
