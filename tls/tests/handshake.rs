@@ -222,10 +222,26 @@ fn bad_certificates_are_refused_on_both_sides() {
         rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             .with_root_certificates(roots)
             .with_no_client_auth();
-    let (_, n) = shake(server, Arc::new(anonymous));
+    let (_, n) = shake(Arc::clone(&server), Arc::new(anonymous));
     let n = n.expect_err("node refuses a client without a certificate");
     assert!(
         n.contains("NoCertificatesPresented") || n.contains("certificate"),
         "{n}"
     );
+
+    // A client that speaks TLS 1.2 only.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&s.client.ca)
+        .expect("ca")
+        .flatten()
+    {
+        roots.add(cert).expect("add");
+    }
+    let old = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (c, n) = shake(server, Arc::new(old));
+    let n = n.expect_err("node refuses TLS 1.2");
+    assert!(n.contains("Tls12NotOfferedOrEnabled"), "{n}");
+    assert!(c.is_err());
 }
