@@ -344,6 +344,20 @@ impl Workload {
         Workload::RandRead4k,
     ];
 
+    /// The figure its ratios compare: MiB/s for 1 MiB requests, else IOPS.
+    pub fn figure(self) -> fn(&Figures) -> f64 {
+        if self.block() >= 1 << 20 {
+            Figures::mib_s
+        } else {
+            Figures::iops
+        }
+    }
+
+    /// How progress names round `round` (from 0) of `rounds`.
+    pub fn round_label(self, round: usize, rounds: usize) -> String {
+        format!("{} (round {}/{rounds})", self.name(), round + 1)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Workload::RandRead4k => "randread-4k",
@@ -770,22 +784,13 @@ fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     for mode in &options.modes {
         crate::uring::probe(*mode)?;
         for &workload in &options.workloads {
-            let ratio_of: fn(&Figures) -> f64 = if workload.block() >= 1 << 20 {
-                Figures::mib_s
-            } else {
-                Figures::iops
-            };
+            let ratio_of = workload.figure();
             // Rounds of pairs, the baseline first in even rounds and netblk
             // first in odd ones, so that warming up and the machine's drift
             // favour neither; the median pair is reported.
             let mut pairs: Vec<(f64, Figures, Figures)> = Vec::with_capacity(options.rounds);
             for round in 0..options.rounds {
-                let of = format!(
-                    "{} (round {}/{})",
-                    workload.name(),
-                    round + 1,
-                    options.rounds
-                );
+                let of = workload.round_label(round, options.rounds);
                 let baseline = |progress: &mut dyn FnMut(&str)| {
                     progress(&format!(
                         "baseline: {of} over {connections} connections, {mode}"

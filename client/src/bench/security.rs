@@ -101,19 +101,10 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     // plaintext does too, or its ratio would measure zero copy as well.
     let mode = SendMode::Copy;
     for &workload in &options.workloads {
-        let figure: fn(&Figures) -> f64 = if workload.block() >= 1 << 20 {
-            Figures::mib_s
-        } else {
-            Figures::iops
-        };
+        let figure = workload.figure();
         let mut runs: Vec<(Figures, Figures, Option<Figures>)> = Vec::new();
         for round in 0..options.rounds {
-            let of = format!(
-                "{} (round {}/{})",
-                workload.name(),
-                round + 1,
-                options.rounds
-            );
+            let of = workload.round_label(round, options.rounds);
             let mut plain = None;
             let mut digest = None;
             let mut secured = None;
