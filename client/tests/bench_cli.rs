@@ -48,6 +48,63 @@ fn bench_runs_every_workload_and_prints_json() {
 }
 
 #[test]
+fn bench_security_measures_digests_against_plaintext() {
+    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .args([
+            "bench",
+            "--security",
+            "--duration",
+            "0.3",
+            "--rounds",
+            "1",
+            "--node-count",
+            "2",
+            "--size",
+            "64M",
+            "--workloads",
+            "randwrite-4k,seqread-1m",
+            "--json",
+        ])
+        .output()
+        .expect("run netblk bench --security");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "netblk bench --security failed:\n{stderr}"
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    for workload in ["randwrite-4k", "seqread-1m"] {
+        let key = format!("\"workload\":\"{workload}\",\"mode\":\"copy\",\"rounds\":1");
+        assert!(json.contains(&key), "{key} missing from {json}");
+    }
+    assert_eq!(
+        json.matches("\"vs_plaintext\":{\"ratio\":").count(),
+        2,
+        "{json}"
+    );
+    assert_eq!(
+        json.matches("\"tls\":null").count(),
+        2,
+        "no TLS without --tls-dir: {json}"
+    );
+    assert!(
+        !json.contains("\"ops\":0,"),
+        "every run did some IO: {json}"
+    );
+    // Its own nodes only, and --tls-dir only with --security.
+    for args in [
+        &["bench", "--security", "--nodes", "127.0.0.1:1"][..],
+        &["bench", "--tls-dir", "/tmp"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?}");
+    }
+}
+
+#[test]
 fn bench_rejects_bad_arguments_clearly() {
     for args in [
         &["bench", "--duration", "-1"][..],

@@ -83,16 +83,48 @@ pub fn install(stream: &TcpStream, secrets: ExtractedSecrets) -> io::Result<()> 
     setsockopt(fd, SOL_TLS, TLS_RX, &crypto_info(*rx_seq, rx)?)
 }
 
-/// Whether this kernel takes `TCP_ULP "tls"` (tried once, on a loopback
-/// connection of its own; the module loads on first use where it can).
+/// Whether this kernel takes `TCP_ULP "tls"` and AES-GCM keys on it (tried
+/// once, on a loopback connection of its own, with throwaway keys for each
+/// AES-GCM size a handshake may pick; the modules load on first use where
+/// they can). A kernel with the `tls` module but without the ciphers is
+/// not available: a handshake's secrets, once taken out of rustls, could
+/// not go back to a relay.
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         let probe = || -> io::Result<()> {
+            use rustls::crypto::cipher::{AeadKey, Iv};
             let listener = TcpListener::bind(("127.0.0.1", 0))?;
-            let client = TcpStream::connect(listener.local_addr()?)?;
-            let _server = listener.accept()?;
-            setsockopt(client.as_raw_fd(), libc::IPPROTO_TCP, TCP_ULP, b"tls")
+            for key_len in [16, 32] {
+                let client = TcpStream::connect(listener.local_addr()?)?;
+                let _server = listener.accept()?;
+                setsockopt(client.as_raw_fd(), libc::IPPROTO_TCP, TCP_ULP, b"tls")?;
+                let key = AeadKey::from([0u8; 32]);
+                let secrets = if key_len == 16 {
+                    // A 16-byte key: the layout of AES-128-GCM, built by hand
+                    // (rustls makes no short AeadKey outside itself).
+                    let mut info = crypto_info(
+                        0,
+                        &ConnectionTrafficSecrets::Aes256Gcm {
+                            key,
+                            iv: Iv::from([0; 12]),
+                        },
+                    )?;
+                    info[2..4].copy_from_slice(&TLS_CIPHER_AES_GCM_128.to_ne_bytes());
+                    info.drain(12..28);
+                    info
+                } else {
+                    crypto_info(
+                        0,
+                        &ConnectionTrafficSecrets::Aes256Gcm {
+                            key,
+                            iv: Iv::from([0; 12]),
+                        },
+                    )?
+                };
+                setsockopt(client.as_raw_fd(), SOL_TLS, TLS_TX, &secrets)?;
+            }
+            Ok(())
         };
         match probe() {
             Ok(()) => true,

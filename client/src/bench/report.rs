@@ -231,15 +231,43 @@ impl Report {
                 )
             })
             .collect();
+        let ratio = |(mid, lo, hi): (f64, f64, f64)| {
+            format!("{{\"ratio\":{mid:.3},\"ratio_min\":{lo:.3},\"ratio_max\":{hi:.3}}}")
+        };
+        let security: Vec<String> = self
+            .security
+            .iter()
+            .map(|r| {
+                let tls = r.tls.as_ref().map_or("null".to_string(), |(f, q)| {
+                    format!(
+                        "{{\"transport\":\"{}\",\"figures\":{},\"vs_plaintext\":{}}}",
+                        r.transport,
+                        fig(f),
+                        ratio(*q)
+                    )
+                });
+                format!(
+                    "{{\"workload\":\"{}\",\"mode\":\"{}\",\"rounds\":{},\"plaintext\":{},\"digest\":{{\"figures\":{},\"vs_plaintext\":{}}},\"tls\":{}}}",
+                    r.workload,
+                    r.mode,
+                    r.rounds,
+                    fig(&r.plain),
+                    fig(&r.digest),
+                    ratio(r.digest_ratio),
+                    tls
+                )
+            })
+            .collect();
         format!(
-            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"results\":[{}],\"metrics_overhead\":[{}]}}",
+            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"results\":[{}],\"metrics_overhead\":[{}],\"security\":[{}]}}",
             self.nodes,
             self.options.queues,
             self.connections,
             self.options.depth,
             self.options.duration.as_secs_f64(),
             rows.join(","),
-            overhead.join(",")
+            overhead.join(","),
+            security.join(",")
         )
     }
 }
