@@ -170,15 +170,11 @@ impl ReplyReader {
     }
 
     /// `got` payload bytes were received straight into the request buffer
-    /// (at the place [`RecvMode::Payload`] names); with data digests,
-    /// `digest_of(tag, offset, len)` is their CRC-32C appended to a running
-    /// one (the bytes are where only the driver can reach them).
-    pub fn payload_received(
-        &mut self,
-        engine: &mut Engine,
-        got: u32,
-        digest_of: impl FnOnce(u32, Tag, u32, u32) -> u32,
-    ) {
+    /// (at the place [`RecvMode::Payload`] names). Only kernel buffer mode
+    /// does this, and data digests use user buffers: were it reached with
+    /// a digest, the bytes not seen here count as a mismatch (read again),
+    /// never as checked.
+    pub fn payload_received(&mut self, engine: &mut Engine, got: u32) {
         if let RecvMode::Payload {
             id,
             tag,
@@ -188,10 +184,6 @@ impl ReplyReader {
         } = self.mode
         {
             let got = got.min(left);
-            let digest = digest.map(|d| Digest {
-                got: digest_of(d.got, tag, offset, got),
-                ..d
-            });
             if got == left {
                 self.mode = RecvMode::Frames;
                 engine.handle_payload_as(id, digest.map_or(Payload::Ok, Digest::outcome));

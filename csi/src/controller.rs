@@ -5,14 +5,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use netblk::manage::VolumeRef;
 use netblk::net::Timeouts;
 use tonic::{Request, Response, Status};
 
 use crate::busy::Busy;
 use crate::pb;
 use crate::pb::controller_service_capability::rpc::Type as Rpc;
-use crate::volume::{self, Parameters, VolumeHandle};
+use crate::volume::{self, Parameters, VolumeHandle, handle_of};
 
 /// How long the controller waits on a storage node.
 pub const NODE_TIMEOUTS: Timeouts = Timeouts {
@@ -45,15 +44,6 @@ impl Default for Controller {
     }
 }
 
-fn volume_ref(handle: &VolumeHandle) -> VolumeRef {
-    VolumeRef {
-        name: handle.name.clone(),
-        stripe_unit: handle.stripe_unit,
-        nodes: handle.nodes.clone(),
-        tls: None,
-    }
-}
-
 /// What a node needs to map the volume beyond its id.
 fn context(params: &Parameters) -> HashMap<String, String> {
     HashMap::from([("queues".to_string(), params.queues.to_string())])
@@ -68,24 +58,11 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Status::internal(format!("a worker failed: {e}")))?
 }
 
-fn unavailable(why: String) -> Status {
-    Status::unavailable(why)
-}
-
 fn check_capabilities(capabilities: &[pb::VolumeCapability]) -> Result<(), String> {
     if capabilities.is_empty() {
         return Err("volume_capabilities is empty".into());
     }
     capabilities.iter().try_for_each(volume::supported)
-}
-
-/// A volume id the request names, or INVALID_ARGUMENT when it is empty;
-/// NOT_FOUND when it is not one of ours.
-fn handle_of(id: &str) -> Result<VolumeHandle, Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument("volume_id is empty"));
-    }
-    VolumeHandle::parse(id).map_err(Status::not_found)
 }
 
 #[tonic::async_trait]
@@ -111,7 +88,7 @@ impl pb::controller_server::Controller for Controller {
         };
         let claim = self.busy.claim(&req.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = volume_ref(&handle);
+        let volume = handle.volume_ref();
         let capacity = blocking(move || {
             let _claim = claim;
             match volume.lookup(&client_id, timeouts) {
@@ -133,7 +110,7 @@ impl pb::controller_server::Controller for Controller {
                 Ok(None) | Err(_) => volume
                     .create(size, &client_id, timeouts)
                     .map(|_| size)
-                    .map_err(|e| unavailable(e.to_string())),
+                    .map_err(|e| Status::unavailable(e.to_string())),
             }
         })
         .await?;
@@ -162,10 +139,12 @@ impl pb::controller_server::Controller for Controller {
         };
         let claim = self.busy.claim(&handle.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = volume_ref(&handle);
+        let volume = handle.volume_ref();
         blocking(move || {
             let _claim = claim;
-            volume.delete(&client_id, timeouts).map_err(unavailable)
+            volume
+                .delete(&client_id, timeouts)
+                .map_err(Status::unavailable)
         })
         .await?;
         tracing::info!(volume = %req.volume_id, "volume deleted");
@@ -182,9 +161,13 @@ impl pb::controller_server::Controller for Controller {
             return Err(Status::invalid_argument("volume_capabilities is empty"));
         }
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = volume_ref(&handle);
-        let found =
-            blocking(move || volume.lookup(&client_id, timeouts).map_err(unavailable)).await?;
+        let volume = handle.volume_ref();
+        let found = blocking(move || {
+            volume
+                .lookup(&client_id, timeouts)
+                .map_err(Status::unavailable)
+        })
+        .await?;
         if found.is_none() {
             return Err(Status::not_found(format!(
                 "no volume '{}' on its nodes",
@@ -246,15 +229,20 @@ impl pb::controller_server::Controller for Controller {
         }
         let claim = self.busy.claim(&handle.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = volume_ref(&handle);
+        let volume = handle.volume_ref();
         let grown = blocking(move || {
             let _claim = claim;
-            match volume.lookup(&client_id, timeouts).map_err(unavailable)? {
+            match volume
+                .lookup(&client_id, timeouts)
+                .map_err(Status::unavailable)?
+            {
                 None => Err(Status::not_found(format!(
                     "no volume '{}' on its nodes",
                     volume.name
                 ))),
-                Some(_) => volume.grow(size, &client_id, timeouts).map_err(unavailable),
+                Some(_) => volume
+                    .grow(size, &client_id, timeouts)
+                    .map_err(Status::unavailable),
             }
         })
         .await?;

@@ -16,7 +16,7 @@ use crate::pb;
 use crate::pb::node_service_capability::rpc::Type as Rpc;
 use crate::pb::volume_capability::AccessType;
 use crate::pb::volume_capability::access_mode::Mode;
-use crate::volume::{self, VolumeHandle};
+use crate::volume::{self, VolumeHandle, handle_of};
 
 /// The Node service.
 #[derive(Debug, Clone)]
@@ -63,34 +63,18 @@ fn need(field: &str, value: &str) -> Result<(), Status> {
     }
 }
 
-/// The handle of a volume id: INVALID_ARGUMENT if empty, NOT_FOUND if it
-/// is not one of ours.
-fn handle_of(id: &str) -> Result<VolumeHandle, Status> {
-    need("volume_id", id)?;
-    VolumeHandle::parse(id).map_err(Status::not_found)
-}
-
-fn internal(why: String) -> Status {
-    Status::internal(why)
-}
-
 impl Node {
     /// The device serving `handle` on this host: mapped now if it is not
     /// (at the size its nodes hold), recovered if its daemon is gone.
     fn ensure_mapped(&self, handle: &VolumeHandle, queues: usize) -> Result<Mapped, Status> {
         if let Some(mapped) = self.daemons.find(handle) {
             if !mapped.alive {
-                self.daemons.recover(&mapped).map_err(internal)?;
+                self.daemons.recover(&mapped).map_err(Status::internal)?;
             }
             return Ok(mapped);
         }
-        let volume = netblk::manage::VolumeRef {
-            name: handle.name.clone(),
-            stripe_unit: handle.stripe_unit,
-            nodes: handle.nodes.clone(),
-            tls: None,
-        };
-        let size = volume
+        let size = handle
+            .volume_ref()
             .lookup(&format!("netblk-csi-node-{}", self.node_id), self.timeouts)
             .map_err(Status::unavailable)?
             .ok_or_else(|| {
@@ -105,16 +89,8 @@ impl Node {
         let handle = handle_of(&req.volume_id)?;
         need("staging_target_path", &req.staging_target_path)?;
         let (access, readonly) = access_of(req.volume_capability.as_ref())?;
-        let queues = match req.volume_context.get("queues") {
-            None => 1,
-            Some(q) => q
-                .parse::<usize>()
-                .ok()
-                .filter(|q| (1..=64).contains(q))
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!("volume context queues '{q}' is not 1 to 64"))
-                })?,
-        };
+        let queues = volume::queues(req.volume_context.get("queues"), "volume context 'queues'")
+            .map_err(Status::invalid_argument)?;
         let _claim = self.busy.claim(&handle.name)?;
         let mapped = self.ensure_mapped(&handle, queues)?;
         let dev = mapped.path();
@@ -123,7 +99,7 @@ impl Node {
         };
         let staging = Path::new(&req.staging_target_path);
         std::fs::create_dir_all(staging)
-            .map_err(|e| internal(format!("cannot create {}: {e}", staging.display())))?;
+            .map_err(|e| Status::internal(format!("cannot create {}: {e}", staging.display())))?;
         if let Some(mount) = host::mounted_at(staging) {
             let ours = host::dev_number(&dev).is_ok_and(|n| n == mount.dev);
             if ours {
@@ -135,7 +111,8 @@ impl Node {
                 mount.source
             )));
         }
-        let content = host::probe(&dev).map_err(|e| internal(format!("reading {dev}: {e}")))?;
+        let content =
+            host::probe(&dev).map_err(|e| Status::internal(format!("reading {dev}: {e}")))?;
         match content {
             Content::Blank if readonly => {
                 return Err(Status::failed_precondition(format!(
@@ -144,7 +121,7 @@ impl Node {
             }
             Content::Blank => {
                 tracing::info!(device = %dev, fs = %fs_type, "formatting a blank volume");
-                host::mkfs(&fs_type, &dev).map_err(internal)?;
+                host::mkfs(&fs_type, &dev).map_err(Status::internal)?;
             }
             found if found.fs_name() == fs_type => {}
             found => {
@@ -158,7 +135,7 @@ impl Node {
         if readonly {
             flags.push("ro".into());
         }
-        host::mount_fs(&dev, staging, &fs_type, &flags).map_err(internal)?;
+        host::mount_fs(&dev, staging, &fs_type, &flags).map_err(Status::internal)?;
         tracing::info!(device = %dev, staging = %staging.display(), fs = %fs_type, "staged");
         Ok(())
     }
@@ -171,7 +148,7 @@ impl Node {
         };
         let _claim = self.busy.claim(&handle.name)?;
         let staging = Path::new(&req.staging_target_path);
-        host::unmount(staging).map_err(internal)?;
+        host::unmount(staging).map_err(Status::internal)?;
         let Some(mapped) = self.daemons.find(&handle) else {
             return Ok(());
         };
@@ -183,9 +160,9 @@ impl Node {
             )));
         }
         if !mapped.alive {
-            self.daemons.recover(&mapped).map_err(internal)?;
+            self.daemons.recover(&mapped).map_err(Status::internal)?;
         }
-        self.daemons.unmap(&mapped).map_err(internal)?;
+        self.daemons.unmap(&mapped).map_err(Status::internal)?;
         tracing::info!(device = %dev, volume = %handle.name, "unstaged and unmapped");
         Ok(())
     }
@@ -233,7 +210,7 @@ impl Node {
         }
         let made = if source.starts_with("/dev") {
             if let Some(dir) = target.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| internal(e.to_string()))?;
+                std::fs::create_dir_all(dir).map_err(|e| Status::internal(e.to_string()))?;
             }
             std::fs::OpenOptions::new()
                 .create(true)
@@ -244,8 +221,8 @@ impl Node {
         } else {
             std::fs::create_dir_all(&target)
         };
-        made.map_err(|e| internal(format!("cannot create {}: {e}", target.display())))?;
-        host::bind(&source, &target, readonly).map_err(internal)?;
+        made.map_err(|e| Status::internal(format!("cannot create {}: {e}", target.display())))?;
+        host::bind(&source, &target, readonly).map_err(Status::internal)?;
         tracing::info!(volume = %handle.name, target = %target.display(), readonly, "published");
         Ok(())
     }
@@ -254,14 +231,14 @@ impl Node {
         need("volume_id", &req.volume_id)?;
         need("target_path", &req.target_path)?;
         let target = Path::new(&req.target_path);
-        host::unmount(target).map_err(internal)?;
+        host::unmount(target).map_err(Status::internal)?;
         // The target itself: kubelet expects it gone.
         let removed = match std::fs::metadata(target) {
             Ok(m) if m.is_dir() => std::fs::remove_dir(target),
             Ok(_) => std::fs::remove_file(target),
             Err(_) => Ok(()),
         };
-        removed.map_err(|e| internal(format!("cannot remove {}: {e}", target.display())))
+        removed.map_err(|e| Status::internal(format!("cannot remove {}: {e}", target.display())))
     }
 
     fn stats(
@@ -279,7 +256,7 @@ impl Node {
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let usage = if meta.is_dir() {
             let [bytes, inodes] = host::usage(path)
-                .map_err(|e| internal(format!("statvfs {}: {e}", path.display())))?;
+                .map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
             let usage = |(total, available, used): (u64, u64, u64),
                          unit: pb::volume_usage::Unit| {
                 pb::VolumeUsage {
@@ -295,7 +272,7 @@ impl Node {
             ]
         } else {
             let total = host::device_size(path)
-                .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
             vec![pb::VolumeUsage {
                 available: 0,
                 total: as_i64(total),
@@ -345,8 +322,8 @@ impl Node {
             Some(range) => volume::capacity(Some(range)).map_err(Status::out_of_range)?,
             None => mapped.record.size,
         };
-        let size =
-            host::device_size(Path::new(&dev)).map_err(|e| internal(format!("{dev}: {e}")))?;
+        let size = host::device_size(Path::new(&dev))
+            .map_err(|e| Status::internal(format!("{dev}: {e}")))?;
         if wanted > size {
             self.daemons
                 .resize(&mapped, wanted)
@@ -355,11 +332,12 @@ impl Node {
         // The filesystem mounted at the path (or the staging path) grows.
         let mount = host::mounted_at(&path).filter(|m| m.fs_type != "devtmpfs");
         if let Some(mount) = mount {
-            let content = host::probe(&dev).map_err(|e| internal(format!("reading {dev}: {e}")))?;
-            host::grow_fs(content, &dev, &mount.point).map_err(internal)?;
+            let content =
+                host::probe(&dev).map_err(|e| Status::internal(format!("reading {dev}: {e}")))?;
+            host::grow_fs(content, &dev, &mount.point).map_err(Status::internal)?;
         }
-        let now =
-            host::device_size(Path::new(&dev)).map_err(|e| internal(format!("{dev}: {e}")))?;
+        let now = host::device_size(Path::new(&dev))
+            .map_err(|e| Status::internal(format!("{dev}: {e}")))?;
         tracing::info!(device = %dev, bytes = now, "expanded");
         Ok(now)
     }

@@ -55,6 +55,40 @@ impl VolumeHandle {
     }
 }
 
+impl VolumeHandle {
+    /// The volume as `netblk::manage` names it on its nodes.
+    pub fn volume_ref(&self) -> netblk::manage::VolumeRef {
+        netblk::manage::VolumeRef {
+            name: self.name.clone(),
+            stripe_unit: self.stripe_unit,
+            nodes: self.nodes.clone(),
+            tls: None,
+        }
+    }
+}
+
+/// The handle of a request's volume id: INVALID_ARGUMENT if it is empty,
+/// NOT_FOUND if it is not one of ours.
+pub fn handle_of(id: &str) -> Result<VolumeHandle, tonic::Status> {
+    if id.is_empty() {
+        return Err(tonic::Status::invalid_argument("volume_id is empty"));
+    }
+    VolumeHandle::parse(id).map_err(tonic::Status::not_found)
+}
+
+/// Queues per mapped device, from `text` (`what` names where it came
+/// from): 1 to 64, 1 when absent.
+pub fn queues(text: Option<&String>, what: &str) -> Result<usize, String> {
+    match text {
+        None => Ok(1),
+        Some(q) => q
+            .parse::<usize>()
+            .ok()
+            .filter(|q| (1..=64).contains(q))
+            .ok_or_else(|| format!("{what} {q} is not from 1 to 64")),
+    }
+}
+
 fn parse_nodes(text: &str) -> Result<Vec<SocketAddr>, String> {
     let nodes: Vec<SocketAddr> = text
         .split(',')
@@ -104,14 +138,7 @@ impl Parameters {
                     format!("parameter 'stripeUnit' {s} is not a power of two from 4096 to 4194304")
                 })?,
         };
-        let queues = match params.get("queues") {
-            None => 1,
-            Some(q) => q
-                .parse::<usize>()
-                .ok()
-                .filter(|q| (1..=64).contains(q))
-                .ok_or_else(|| format!("parameter 'queues' {q} is not from 1 to 64"))?,
-        };
+        let queues = queues(params.get("queues"), "parameter 'queues'")?;
         Ok(Parameters {
             nodes,
             stripe_unit,

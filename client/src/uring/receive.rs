@@ -140,15 +140,9 @@ impl<F: Frontend> QueueDriver<F> {
         if let Some(f) = self.engine.figures() {
             f.recv_direct_bytes.add(res as u64);
         }
-        // Straight into request pages: only kernel buffer mode does this,
-        // and data digests use user buffers; were it reached with a digest,
-        // the unseen bytes would count as a mismatch (read again), never
-        // as checked.
-        self.conns[node].reader.payload_received(
-            &mut self.engine,
-            res as u32,
-            |running, _, _, _| running,
-        );
+        self.conns[node]
+            .reader
+            .payload_received(&mut self.engine, res as u32);
     }
 
     /// Consumes whole frames and payload bytes from the receive buffer.
