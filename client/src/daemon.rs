@@ -460,6 +460,7 @@ fn recover(
             client_id: record.client_id.clone(),
             session: u64::from(generation) << 32,
             volume_ids: record.volume_ids.clone(),
+            durability: record.durability.clone(),
             data_digest: record.data_digest,
             tls: client_tls(record.tls.clone())?,
             ..VolumeOptions::default()
@@ -569,7 +570,10 @@ pub fn serve(
         volume_ids: device.volume_ids.clone(),
         data_digest: vopts.data_digest,
         tls: tls_record.clone(),
+        durability: device.wide.ledger.persisted(true),
     };
+    let ledger = std::sync::Arc::clone(&device.wide.ledger);
+    let mut recorded_version = ledger.version();
     if let Err(err) = state::save(&dir, &record) {
         tracing::error!(
             dir = %dir.display(),
@@ -594,7 +598,8 @@ pub fn serve(
         block_size: options.block_size,
         tls: vopts.tls.clone(),
     };
-    let resized_record = std::sync::Mutex::new(record.clone());
+    let record = std::sync::Arc::new(std::sync::Mutex::new(record));
+    let resized_record = std::sync::Arc::clone(&record);
     let record_dir = dir.clone();
     let resize: netblk::control::ResizeFn = Box::new(move |to, force| {
         let from = resizer.resize(to, force)?;
@@ -642,6 +647,17 @@ pub fn serve(
         if !ended.is_empty() && !stop {
             std::thread::sleep(QUEUE_END_GRACE);
             ended.extend(device.ended_queues());
+        }
+        // What the nodes' durability looks like now goes into the record,
+        // so a recovery after this daemon compares against it.
+        let version = ledger.version();
+        if version != recorded_version {
+            recorded_version = version;
+            let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
+            record.durability = ledger.persisted(true);
+            if let Err(err) = state::save(&dir, &record) {
+                tracing::error!(error = %err, "the record keeps the nodes' earlier durability");
+            }
         }
         match supervise(stop, &ended) {
             Supervision::Serve => std::thread::sleep(SUPERVISE_POLL),

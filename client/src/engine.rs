@@ -19,6 +19,7 @@ use netblk_protocol::pb::{self, request::Op as WireOp};
 use netblk_protocol::{encode_head, errno_of_status};
 
 use crate::layout::{Layout, LiveSize};
+use crate::ledger::{Acked, Ledger};
 use crate::stats::QueueStats;
 
 /// Index of a request buffer, as a ublk tag.
@@ -177,6 +178,10 @@ enum PieceState {
     Queued,
     Sent,
     Receiving,
+    /// Its request timed out while its payload was arriving: the piece is
+    /// done with, only the buffer it is received into stays held until the
+    /// payload ends or its connection is torn down. Never sent again.
+    Abandoned,
 }
 
 #[derive(Debug)]
@@ -188,8 +193,8 @@ struct PieceRec {
     buf_offset: u64,
     len: u64,
     state: PieceState,
-    /// For a flush: the node's acknowledged writes when it was sent, which
-    /// its success makes durable.
+    /// For a flush: the node's acknowledged writes (device-wide, see
+    /// [`Ledger::covers`]) when it was sent, which its success makes durable.
     covers: u64,
     sent_at: Option<Instant>,
     /// Times its payload failed a digest so far.
@@ -235,16 +240,9 @@ struct NodeState {
     in_flight: usize,
     /// Big reads among them.
     big_reads: usize,
-    /// The node's incarnation of the volume, once known.
+    /// The node's incarnation of the volume on this queue's connection,
+    /// once known: what the ledger attributes its acknowledgements to.
     incarnation: Option<u64>,
-    /// Writes (discards, write-zeroes) the node acknowledged, counted...
-    writes_acked: u64,
-    /// ...and how many of them a completed flush covers.
-    flushed_upto: u64,
-    /// The node came back as a new incarnation while it held acknowledged,
-    /// unflushed writes: they may be gone. The next flush fails with EIO
-    /// (and FUA writes until then).
-    lost_writes: bool,
     /// The node no longer holds the pinned volume (it was lost and made
     /// anew): IO to its stripes fails at once.
     refused: bool,
@@ -290,6 +288,9 @@ pub struct Engine {
     /// The volume's size now: requests must end within it (the layout's
     /// size is where it started; see [`Engine::share_size`]).
     size: LiveSize,
+    /// What the nodes acknowledged and flushed, device-wide (see
+    /// [`Engine::share_ledger`]).
+    ledger: Arc<Ledger>,
     next_id: u64,
     next_seq: u64,
     stats: EngineStats,
@@ -308,15 +309,13 @@ impl Engine {
                 in_flight: 0,
                 big_reads: 0,
                 incarnation: None,
-                writes_acked: 0,
-                flushed_upto: 0,
-                lost_writes: false,
                 refused: false,
             })
             .collect();
         Engine {
             slots: (0..config.depth).map(|_| Slot::default()).collect(),
             size: LiveSize::new(layout.size()),
+            ledger: Arc::new(Ledger::new(layout.node_count())),
             layout,
             config,
             pieces: HashMap::new(),
@@ -340,6 +339,13 @@ impl Engine {
     /// other queues and its resize share.
     pub fn share_size(&mut self, size: LiveSize) {
         self.size = size;
+    }
+
+    /// Keeps durability in `ledger` from now on: the device's one ledger,
+    /// shared by its queues (an engine alone has its own). Call before the
+    /// first request.
+    pub fn share_ledger(&mut self, ledger: Arc<Ledger>) {
+        self.ledger = ledger;
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -520,7 +526,9 @@ impl Engine {
                 continue;
             }
             rec.state = PieceState::Sent;
-            rec.covers = state.writes_acked;
+            if rec.op == Op::Flush {
+                rec.covers = self.ledger.covers(node);
+            }
             rec.sent_at = Some(self.clock);
             state.in_flight += 1;
             state.big_reads += usize::from(rec.big_read());
@@ -618,7 +626,9 @@ impl Engine {
                 self.stats.stale_replies += 1;
                 return Ok(ReplySink::Discard);
             }
-            PieceState::Receiving => return Err(ReplyError::Duplicate { id }),
+            PieceState::Receiving | PieceState::Abandoned => {
+                return Err(ReplyError::Duplicate { id });
+            }
         }
         if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
             let f = self.figures.as_ref().map_or(0, |f| f.ns(self.clock));
@@ -730,12 +740,21 @@ impl Engine {
             debug_assert!(false, "payload for unknown piece {id}");
             return;
         };
-        debug_assert_eq!(rec.state, PieceState::Receiving);
+        debug_assert!(matches!(
+            rec.state,
+            PieceState::Receiving | PieceState::Abandoned
+        ));
         let tag = rec.tag;
         if let Some(slot) = self.slots.get_mut(usize::from(tag))
             && let Some(i) = slot.buf_nodes.iter().position(|n| *n == rec.node)
         {
             slot.buf_nodes.swap_remove(i);
+        }
+        if rec.state == PieceState::Abandoned {
+            // Its request timed out: the buffer is free, the piece is done.
+            self.pieces.remove(&id);
+            self.try_complete(tag);
+            return;
         }
         match got {
             Payload::Ok => self.finish_piece(id, 0),
@@ -757,6 +776,10 @@ impl Engine {
         state.down_since.get_or_insert(now);
         state.in_flight = 0;
         state.big_reads = 0;
+        // Abandoned pieces had their payload reported lost already; a piece
+        // whose request timed out never goes out again.
+        self.pieces
+            .retain(|_, p| !(p.node == node && p.state == PieceState::Abandoned));
         let mut resend: Vec<u64> = self
             .pieces
             .iter()
@@ -827,14 +850,21 @@ impl Engine {
             self.stats.timeouts += 1;
             let ids = std::mem::take(&mut slot.pieces);
             let mut abort: Vec<usize> = slot.buf_nodes.clone();
-            let mut keep = Vec::new();
             for id in ids {
-                match self.pieces.get(&id).map(|p| (p.state, p.node)) {
-                    Some((PieceState::Receiving, node)) => {
-                        keep.push(id);
+                match self.pieces.get_mut(&id).map(|p| (p.state, p.node, p)) {
+                    Some((PieceState::Receiving, node, rec)) => {
+                        // Finished with the request: only the buffer its
+                        // payload is received into stays held, until the
+                        // abort below ends the receive.
+                        rec.state = PieceState::Abandoned;
+                        let big = rec.big_read();
+                        let n = &mut self.nodes[node];
+                        n.in_flight = n.in_flight.saturating_sub(1);
+                        n.big_reads = n.big_reads.saturating_sub(usize::from(big));
+                        self.mirror_in_flight(node);
                         abort.push(node);
                     }
-                    Some((PieceState::Sent, node)) => {
+                    Some((PieceState::Sent, node, _)) => {
                         let big = self.pieces.remove(&id).is_some_and(|p| p.big_read());
                         let n = &mut self.nodes[node];
                         n.in_flight = n.in_flight.saturating_sub(1);
@@ -842,13 +872,12 @@ impl Engine {
                         self.mirror_in_flight(node);
                         abort.push(node);
                     }
-                    Some((PieceState::Queued, _)) => {
+                    Some((PieceState::Queued, ..)) => {
                         self.pieces.remove(&id);
                     }
-                    None => {}
+                    Some((PieceState::Abandoned, ..)) | None => {}
                 }
             }
-            self.slots[usize::from(tag)].pieces = keep;
             for node in abort {
                 if !self.aborts.contains(&node) {
                     self.aborts.push_back(node);
@@ -909,25 +938,18 @@ impl Engine {
 
     /// What `node`'s (re)connection said of the volume: its incarnation, and
     /// an earlier one whose acknowledged writes it made durable (0: none).
-    /// A new incarnation while writes it acknowledged are not known to be
-    /// flushed means they may be lost: the next flush fails with EIO.
+    /// A new incarnation while writes it acknowledged (on any queue of the
+    /// device: see [`Ledger`]) are not known to be flushed means they may be
+    /// lost: the next flush fails with EIO.
     pub fn handle_incarnation(&mut self, node: usize, incarnation: u64, durable_incarnation: u64) {
         let Some(n) = self.nodes.get_mut(node) else {
             return;
         };
         n.refused = false;
-        if let Some(old) = n.incarnation
-            && old != incarnation
-        {
-            if n.writes_acked > n.flushed_upto && durable_incarnation != old {
-                n.lost_writes = true;
-                self.stats.lost_incarnations += 1;
-            } else if !n.lost_writes {
-                // Everything the old incarnation acknowledged is durable.
-                n.flushed_upto = n.writes_acked;
-            }
-        }
         n.incarnation = Some(incarnation);
+        if self.ledger.observe(node, incarnation, durable_incarnation) {
+            self.stats.lost_incarnations += 1;
+        }
     }
 
     /// `node` answers, but no longer holds this volume (or holds another one
@@ -939,30 +961,15 @@ impl Engine {
         }
     }
 
-    /// Durability bookkeeping of a successful answer from `node`; the errno
-    /// the piece ends with.
+    /// Durability bookkeeping of a successful answer from `node` (in the
+    /// device's ledger); the errno the piece ends with.
     fn acknowledged(&mut self, node: usize, op: Op, covers: u64) -> i32 {
-        let n = &mut self.nodes[node];
-        match op {
-            Op::Read => 0,
-            Op::Write { fua: false } | Op::Discard | Op::WriteZeroes => {
-                n.writes_acked += 1;
-                0
-            }
-            Op::Write { fua: true } if n.lost_writes => EIO,
-            Op::Write { fua: true } => 0,
-            Op::Flush if n.lost_writes => {
-                // Reported once: from here on the node's state is known again.
-                n.lost_writes = false;
-                n.flushed_upto = n.writes_acked;
-                self.stats.failed_flushes += 1;
-                EIO
-            }
-            Op::Flush => {
-                n.flushed_upto = n.flushed_upto.max(covers);
-                0
-            }
+        let incarnation = self.nodes[node].incarnation;
+        let acked = self.ledger.acked(node, incarnation, op, covers);
+        if acked == Acked::FlushFailed {
+            self.stats.failed_flushes += 1;
         }
+        acked.errno()
     }
 
     /// Read pieces of [`BIG_READ_MIN`] bytes or more sent to `node` and not
@@ -1416,6 +1423,85 @@ mod tests {
             e.handle_reply(n, &ok(*id), 0).expect("reply");
         }
         assert_eq!(e.poll_completion().map(|c| c.result), Some(Ok(0)));
+    }
+
+    /// Issue 21, point 1: the acknowledged writes, what flushes cover and
+    /// the lost mark belong to the device, not to the queue that saw them.
+    #[test]
+    fn a_flush_through_another_queue_fails_over_writes_the_node_lost() {
+        let ledger = Arc::new(Ledger::new(1));
+        let (mut q0, mut q1) = (engine(1), engine(1));
+        q0.share_ledger(Arc::clone(&ledger));
+        q1.share_ledger(Arc::clone(&ledger));
+        let now = Instant::now();
+        q0.handle_incarnation(0, 7, 0);
+        q1.handle_incarnation(0, 7, 0);
+        write_acked(&mut q0, now, 0, 0, false);
+        // The node restarts (a volatile cache: not vouched for); queue 1
+        // reconnects first and flushes.
+        q1.handle_connection_lost(now, 0);
+        q1.handle_incarnation(0, 8, 0);
+        q1.handle_connection_restored(0);
+        let ids = flush(&mut q1, now, 0);
+        q1.handle_reply(0, &ok(ids[0]), 0).expect("reply");
+        assert_eq!(
+            q1.poll_completion().map(|c| c.result),
+            Some(Err(EIO)),
+            "queue 0's acknowledged write is gone"
+        );
+        // Queue 0 comes back too: reported once for the device, so its
+        // FUA writes and flushes, which queue 1's flush covered, succeed.
+        q0.handle_connection_lost(now, 0);
+        q0.handle_incarnation(0, 8, 0);
+        q0.handle_connection_restored(0);
+        write_acked(&mut q0, now, 1, 0, true);
+        let ids = flush(&mut q0, now, 2);
+        q0.handle_reply(0, &ok(ids[0]), 0).expect("reply");
+        assert_eq!(q0.poll_completion().map(|c| c.result), Some(Ok(0)));
+        assert_eq!(
+            q0.stats().lost_incarnations + q1.stats().lost_incarnations,
+            1
+        );
+    }
+
+    /// Issue 21, point 3: a read whose payload was arriving at its deadline
+    /// is finished with its request; the connection's reset must not put
+    /// it back, so a node that then stalls cannot hold it forever.
+    #[test]
+    fn a_read_that_timed_out_mid_payload_is_never_sent_again() {
+        let mut e = engine(1);
+        let t0 = Instant::now();
+        submit(&mut e, t0, 0, Op::Read, 0, 4096);
+        let t = e.poll_transmit(0).expect("read piece");
+        let sink = e.handle_reply(0, &ok(t.id), 4096).expect("reply");
+        assert!(matches!(sink, ReplySink::Buffer { .. }));
+        e.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(e.poll_abort(), Some(0), "the receive holds the buffer");
+        assert_eq!(e.poll_completion(), None, "the buffer is still in use");
+        // The abort ends the receive, then the connection is reported lost.
+        e.handle_payload(t.id, false);
+        e.handle_connection_lost(t0 + Duration::from_secs(1), 0);
+        assert_eq!(
+            e.poll_completion(),
+            Some(Completion {
+                tag: 0,
+                result: Err(EIO)
+            })
+        );
+        e.handle_connection_restored(0);
+        assert!(e.poll_transmit(0).is_none(), "nothing goes out again");
+        assert!(e.is_idle());
+        assert_eq!(e.poll_timeout(), None);
+        // Also when the payload completes after the deadline.
+        submit(&mut e, t0, 1, Op::Read, 0, 4096);
+        let t = e.poll_transmit(0).expect("read piece");
+        e.handle_reply(0, &ok(t.id), 4096).expect("reply");
+        e.handle_timeout(t0 + Duration::from_secs(1));
+        e.handle_payload(t.id, true);
+        assert_eq!(e.poll_completion().map(|c| c.result), Some(Err(EIO)));
+        e.handle_connection_lost(t0 + Duration::from_secs(1), 0);
+        e.handle_connection_restored(0);
+        assert!(e.poll_transmit(0).is_none());
     }
 
     #[test]

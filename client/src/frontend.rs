@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, Op, Tag};
+use crate::epochs::Epochs;
 use crate::layout::{Layout, SpecError, VolumeSpec};
+use crate::ledger::{Ledger, NodeDurability};
 use crate::net::{self, ConnectError, Identity, NodeInfo};
 use crate::stats::QueueStats;
 use crate::uring::{
@@ -38,13 +40,19 @@ pub struct VolumeOptions {
     /// A node down longer than this fails IO to its stripes at once (EIO).
     pub node_down_timeout: Duration,
     pub connect_timeout: Duration,
-    /// Who this client is to the nodes (each queue adds `/qN`): nodes fence
-    /// an older session of the same id when a newer one connects. Kept across
-    /// a daemon recovery.
+    /// Who this client is to the nodes, one id for all the device's queues:
+    /// nodes fence the connections of an older epoch of the same id when a
+    /// newer one connects. Kept across a daemon recovery.
     pub client_id: String,
-    /// The first handshake session; each reconnect counts up from it. A
-    /// recovered daemon starts above every session of the one before it.
+    /// The first fencing epoch of every node (the handshake's session); it
+    /// moves on whenever a connection to the node ends (see
+    /// [`crate::epochs`]). A recovered daemon starts above every epoch of
+    /// the one before it.
     pub session: u64,
+    /// What the device record kept of each node's durability (a daemon
+    /// that recovers the device; empty: mapped afresh). Seeds the device's
+    /// [`Ledger`].
+    pub durability: Vec<NodeDurability>,
     /// The volume identity each node must hold, in node order: pinned at
     /// the first connect (empty: take what the nodes have, then pin it) and
     /// kept across a daemon recovery. A node holding another identity lost
@@ -71,6 +79,7 @@ impl Default for VolumeOptions {
             connect_timeout: Duration::from_secs(10),
             client_id: fresh_client_id(),
             session: 1,
+            durability: Vec::new(),
             volume_ids: Vec::new(),
             data_digest: false,
             tls: None,
@@ -178,19 +187,19 @@ pub enum OpenError {
     Uring(io::Error),
 }
 
-/// Connects one queue's sockets: one per node, handshaken, in node order.
+/// Connects one queue's sockets: one per node, handshaken, in node order,
+/// at the first epoch.
 pub fn connect_queue(
     spec: &VolumeSpec,
     layout: &Layout,
     options: &VolumeOptions,
-    queue: usize,
 ) -> Result<(Vec<TcpStream>, Vec<NodeInfo>), OpenError> {
-    let client_id = queue_client_id(options, queue);
+    let client_id = &options.client_id;
     let mut streams = Vec::with_capacity(spec.nodes.len());
     let mut infos = Vec::with_capacity(spec.nodes.len());
     for (node, addr) in spec.nodes.iter().enumerate() {
         let who = Identity {
-            client_id: &client_id,
+            client_id,
             volume: &spec.name,
             session: options.session,
             volume_id: options.volume_ids.get(node).map(String::as_str),
@@ -216,8 +225,8 @@ pub fn connect_queues(
     options: &mut VolumeOptions,
 ) -> Result<Vec<ConnectedQueue>, OpenError> {
     let mut queues = Vec::with_capacity(options.queues);
-    for q in 0..options.queues {
-        let (streams, infos) = connect_queue(spec, layout, options, q)?;
+    for _ in 0..options.queues {
+        let (streams, infos) = connect_queue(spec, layout, options)?;
         if options.volume_ids.is_empty() {
             options.volume_ids = infos.iter().map(|i| i.volume_id.clone()).collect();
         }
@@ -241,14 +250,39 @@ pub fn connect_queues(
     Ok(queues)
 }
 
-/// A queue's engine, told what each node's handshake said of its
-/// incarnation of the volume, and the figures it records.
+/// What a device's queues share: the durability ledger and the nodes'
+/// fencing epochs. Made once per device, before its first queue.
+#[derive(Debug, Clone)]
+pub struct DeviceWide {
+    pub ledger: Arc<Ledger>,
+    pub epochs: Arc<Epochs>,
+}
+
+impl DeviceWide {
+    /// For a device over `nodes` nodes mapped (or recovered) with `options`.
+    pub fn new(nodes: usize, options: &VolumeOptions) -> DeviceWide {
+        DeviceWide {
+            ledger: Arc::new(if options.durability.is_empty() {
+                Ledger::new(nodes)
+            } else {
+                Ledger::recovered(nodes, &options.durability)
+            }),
+            epochs: Arc::new(Epochs::new(nodes, options.session)),
+        }
+    }
+}
+
+/// A queue's engine, keeping durability in the device's ledger, told what
+/// each node's handshake said of its incarnation of the volume, and the
+/// figures it records.
 pub fn queue_engine(
     layout: &Layout,
     options: &VolumeOptions,
     nodes: &[NodeInfo],
+    wide: &DeviceWide,
 ) -> (Engine, Arc<QueueStats>) {
     let mut engine = Engine::new(*layout, engine_config(options));
+    engine.share_ledger(Arc::clone(&wide.ledger));
     for (node, info) in nodes.iter().enumerate() {
         engine.handle_incarnation(node, info.incarnation, info.durable_incarnation);
     }
@@ -261,12 +295,6 @@ pub fn queue_engine(
 /// device (empty in-process) and the queue.
 pub fn queue_span(volume: &str, device: &str, queue: usize) -> tracing::Span {
     tracing::info_span!("queue", volume, device, queue)
-}
-
-/// The client id one queue's connections use: one live connection per node
-/// and id, so each queue has its own.
-pub fn queue_client_id(options: &VolumeOptions, queue: usize) -> String {
-    format!("{}/q{queue}", options.client_id)
 }
 
 /// A running queue thread; joining it gives back its frontend (unless the
@@ -423,11 +451,12 @@ impl Volume {
         let mut nodes = Vec::new();
         let mut options = options.clone();
         let options = &mut options;
+        let wide = DeviceWide::new(spec.nodes.len(), options);
         for (q, (streams, infos)) in connect_queues(spec, &layout, options)?
             .into_iter()
             .enumerate()
         {
-            let (engine, figures) = queue_engine(&layout, options, &infos);
+            let (engine, figures) = queue_engine(&layout, options, &infos, &wide);
             nodes = infos;
             let buffers =
                 Arc::new(TagBuffers::new(options.depth, options.max_io).map_err(OpenError::Uring)?);
@@ -457,7 +486,7 @@ impl Volume {
                     frontend,
                     mode: options.sends(),
                     buffer_mode: BufferMode::User,
-                    reconnect: Some(reconnect_for(spec, &layout, options, q)),
+                    reconnect: Some(reconnect_for(spec, &layout, options, &wide)),
                     span: queue_span(&spec.name, "", q),
                 },
             )?;
@@ -638,14 +667,14 @@ pub fn reconnect_for(
     spec: &VolumeSpec,
     layout: &Layout,
     options: &VolumeOptions,
-    queue: usize,
+    wide: &DeviceWide,
 ) -> Reconnect {
     Reconnect {
         addrs: spec.nodes.clone(),
         layout: *layout,
         size: crate::layout::LiveSize::new(layout.size()),
-        client_id: queue_client_id(options, queue),
-        session: options.session,
+        client_id: options.client_id.clone(),
+        epochs: Arc::clone(&wide.epochs),
         volume: spec.name.clone(),
         timeouts: net::Timeouts {
             connect: options.connect_timeout.min(Duration::from_secs(5)),

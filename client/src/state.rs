@@ -18,11 +18,14 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::ledger::NodeDurability;
 use crate::ublk::ctrl::effective_uid;
 
 /// The first line of a record: its magic and format version. Version 3
-/// added `data_digest`; a version 2 record (written before) has none.
-const MAGIC: &str = "netblk-device 3";
+/// added `data_digest` (a version 2 record has none); version 4 the nodes'
+/// `durability` (a version 2 or 3 record knows none).
+const MAGIC: &str = "netblk-device 4";
+const MAGIC_V3: &str = "netblk-device 3";
 const MAGIC_V2: &str = "netblk-device 2";
 
 /// Largest record read, bytes. A record is a few hundred bytes; anything
@@ -85,13 +88,60 @@ pub struct DeviceRecord {
     pub data_digest: bool,
     /// Mutual TLS to the nodes: the files the daemon was given.
     pub tls: Option<netblk_tls::config::ClientFiles>,
+    /// Per node, in node order: the last incarnation seen, whether
+    /// acknowledged writes not covered by a flush may exist, and whether
+    /// the next flush must fail (empty: not known, an older record).
+    pub durability: Vec<NodeDurability>,
+}
+
+/// `durability` as a record line: `INCARNATION:DIRTY:LOST` per node, the
+/// incarnation in hex, the flags 0 or 1.
+fn durability_text(nodes: &[NodeDurability]) -> String {
+    let one = |d: &NodeDurability| {
+        format!(
+            "{:x}:{}:{}",
+            d.incarnation,
+            u8::from(d.dirty),
+            u8::from(d.lost)
+        )
+    };
+    nodes.iter().map(one).collect::<Vec<_>>().join(",")
+}
+
+fn parse_durability(text: &str, nodes: usize) -> Result<Vec<NodeDurability>, String> {
+    let bad = || format!("bad 'durability' value '{text}'");
+    let flag = |f: &str| match f {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(bad()),
+    };
+    let parsed = text
+        .split(',')
+        .map(|node| {
+            let mut parts = node.split(':');
+            let (Some(inc), Some(dirty), Some(lost), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad());
+            };
+            Ok(NodeDurability {
+                incarnation: u64::from_str_radix(inc, 16).map_err(|_| bad())?,
+                dirty: flag(dirty)?,
+                lost: flag(lost)?,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.len() != nodes {
+        return Err(bad());
+    }
+    Ok(parsed)
 }
 
 impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\ntls_ca {}\ntls_cert {}\ntls_key {}\ntls_danger_skip_server_name {}\n",
+            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\ntls_ca {}\ntls_cert {}\ntls_key {}\ntls_danger_skip_server_name {}\ndurability {}\n",
             self.id,
             self.volume,
             self.size,
@@ -120,6 +170,7 @@ impl DeviceRecord {
                 .as_ref()
                 .map_or(String::new(), |t| t.key.display().to_string()),
             u8::from(self.tls.as_ref().is_some_and(|t| t.danger_skip_server_name)),
+            durability_text(&self.durability),
         )
     }
 
@@ -127,7 +178,8 @@ impl DeviceRecord {
         let mut lines = text.lines();
         let first = lines.next().unwrap_or_default();
         let v2 = first == MAGIC_V2;
-        if first != MAGIC && !v2 {
+        let v3 = first == MAGIC_V3;
+        if first != MAGIC && !v2 && !v3 {
             let shown: String = first.chars().take(40).collect();
             return Err(format!(
                 "not a netblk device record: it starts with {shown:?}, not {MAGIC:?}"
@@ -215,6 +267,12 @@ impl DeviceRecord {
                         );
                     }
                 }
+            },
+            // Required from version 4 on, like `data_digest` from 3.
+            durability: if v2 || v3 {
+                Vec::new()
+            } else {
+                parse_durability(get("durability")?, nodes_len)?
             },
             volume_ids: match get("volume_ids")? {
                 "" => Vec::new(),
@@ -479,6 +537,18 @@ mod tests {
             node_down_timeout_secs: 15,
             send: "zc".into(),
             volume_ids: vec!["0a1b".into(), "2c3d".into()],
+            durability: vec![
+                NodeDurability {
+                    incarnation: 0x7f00_0000_0000_0001,
+                    dirty: true,
+                    lost: false,
+                },
+                NodeDurability {
+                    incarnation: 9,
+                    dirty: false,
+                    lost: true,
+                },
+            ],
             data_digest: true,
             tls: Some(netblk_tls::config::ClientFiles {
                 ca: "/etc/netblk/tls/ca.pem".into(),
@@ -714,6 +784,39 @@ mod tests {
         assert_eq!(parse_device("ublkb12"), Ok(12));
         assert_eq!(parse_device("5"), Ok(5));
         assert!(parse_device("/dev/sda").is_err());
+    }
+
+    #[test]
+    fn durability_is_kept_and_checked_and_an_older_record_knows_none() {
+        let text = record().to_text();
+        assert!(
+            text.contains("\ndurability 7f00000000000001:1:0,9:0:1\n"),
+            "{text}"
+        );
+        assert_eq!(DeviceRecord::parse(&text), Ok(record()));
+        for bad in [
+            "durability 7f00000000000001:1:0",
+            "durability 7f00000000000001:1:0,9:0:2",
+            "durability 7f00000000000001:1,9:0:1",
+            "durability zz:1:0,9:0:1",
+            "durability ",
+        ] {
+            let text = text.replace("durability 7f00000000000001:1:0,9:0:1", bad);
+            let err = DeviceRecord::parse(&text).expect_err(bad);
+            assert!(err.contains("durability"), "{err}");
+        }
+        let v3 = text
+            .replace("durability 7f00000000000001:1:0,9:0:1\n", "")
+            .replace(MAGIC, MAGIC_V3);
+        assert_eq!(
+            DeviceRecord::parse(&v3).map(|r| r.durability),
+            Ok(Vec::new())
+        );
+        let missing = text.replace("durability 7f00000000000001:1:0,9:0:1\n", "");
+        assert!(
+            DeviceRecord::parse(&missing).is_err(),
+            "required from version 4"
+        );
     }
 
     #[test]

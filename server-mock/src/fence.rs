@@ -1,17 +1,20 @@
-//! Session fencing: a client's newer session is accepted only once nothing
-//! from its older sessions can still be applied.
+//! Session fencing: a client's newer session (its fencing epoch) is
+//! accepted only once nothing from its older sessions can still be applied.
 //!
-//! A client (one stream of one client process: its `client_id`) has at most
-//! one live connection per node. When it reconnects, requests it sent on the
-//! dead connection may still sit in this node (read but not yet executed: in
-//! the delay queue, held by a stall, or mid-execution). The client resends
-//! them on the new connection, and may then write the same range again; if
+//! A client (one client process serving one device: its `client_id`) may
+//! hold several connections to this node at once, one per queue, all at the
+//! same session. When one of them ends, the client moves to a higher
+//! session, and requests it sent on the older connections may still sit in
+//! this node (read but not yet executed: in the delay queue, held by a
+//! stall, or mid-execution). The client resends them on a new connection,
+//! and may then write the same range again through any of its queues; if
 //! the stale copy were applied after that, it would overwrite newer data.
 //! So a handshake with session `S` for `(volume, client_id)` first fences
-//! every older connection of that client: requests not yet executed are
-//! discarded (never applied, never answered), and the handshake waits until
-//! the ones executing right now are done. A handshake with a session below
-//! the newest one seen is refused as stale.
+//! every connection of that client with a session below `S`: requests not
+//! yet executed are discarded (never applied, never answered), and the
+//! handshake waits until the ones executing right now are done.
+//! Connections of the same session are admitted side by side. A handshake
+//! with a session below the newest one seen is refused as stale.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
@@ -117,7 +120,10 @@ impl Sessions {
             client
                 .members
                 .retain(|m| !(m.is_fenced() && m.busy.load(Ordering::SeqCst) == 0));
-            let older = std::mem::take(&mut client.members);
+            let (older, same): (Vec<_>, Vec<_>) = std::mem::take(&mut client.members)
+                .into_iter()
+                .partition(|m| m.session < session);
+            client.members = same;
             client.members.push(Arc::clone(&member));
             older
         };

@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use io_uring::{opcode, squeue};
 use netblk::engine::{BlockRequest, Completion, Engine, MAX_DEPTH, Op, Tag};
-use netblk::frontend::{VolumeOptions, connect_queue, engine_config, reconnect_for, spawn_queue};
+use netblk::frontend::{
+    DeviceWide, VolumeOptions, connect_queue, engine_config, reconnect_for, spawn_queue,
+};
 use netblk::layout::VolumeSpec;
 use netblk::uring::{BufferMode, Frontend, QueueParts, SendMode, TagBuffers, frontend_user_data};
 use netblk_tests::MockNode;
@@ -162,7 +164,7 @@ fn run(nodes: usize, depth: u16, io_size: u64, stripe_unit: u32, mode: SendMode)
         send_mode: mode,
         ..VolumeOptions::default()
     };
-    let (streams, _) = connect_queue(&spec, &layout, &options, 0).expect("connect");
+    let (streams, _) = connect_queue(&spec, &layout, &options).expect("connect");
     let buffers = std::sync::Arc::new(TagBuffers::new(depth, io_size as u32).expect("buffers"));
     let frontend = AllAtOnce {
         depth,
@@ -184,7 +186,12 @@ fn run(nodes: usize, depth: u16, io_size: u64, stripe_unit: u32, mode: SendMode)
             frontend,
             mode,
             buffer_mode: BufferMode::User,
-            reconnect: Some(reconnect_for(&spec, &layout, &options, 0)),
+            reconnect: Some(reconnect_for(
+                &spec,
+                &layout,
+                &options,
+                &DeviceWide::new(spec.nodes.len(), &options),
+            )),
             span: tracing::Span::none(),
         },
     )

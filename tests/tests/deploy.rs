@@ -116,6 +116,7 @@ fn the_udev_helper_prints_the_volume_of_a_device() {
         volume_ids: Vec::new(),
         data_digest: false,
         tls: None,
+        durability: vec![Default::default()],
     };
     state::save(dir.path(), &record).expect("save");
     let run = |device: &str| {

@@ -72,6 +72,39 @@ fn a_node_that_crashed_with_unflushed_writes_fails_the_next_flush() {
     assert!(back.iter().all(|b| *b == 0x31));
 }
 
+/// Issue 21, point 1: durability belongs to the device, not to a queue. A
+/// write acknowledged through queue 0, then the node restarts without its
+/// cache: a flush through queue 1 must fail, and once it has, queue 0's FUA
+/// writes and flushes (which that failure covered) succeed.
+#[test]
+fn a_flush_through_another_queue_fails_over_writes_the_node_lost() {
+    let args = ["--volatile-cache"];
+    let mut cluster = Cluster::start_with(1, &args);
+    let opts = VolumeOptions {
+        queues: 2,
+        ..options()
+    };
+    let volume = Volume::open(&cluster.spec("queues", 16 * MIB), &opts).expect("open");
+    // Requests go to the queues in turn: this write through queue 0...
+    volume
+        .write_at(&vec![0x5a; UNIT as usize], 0)
+        .expect("write");
+    crash_and_restart(&mut cluster, 0, &args);
+    // ...this flush through queue 1.
+    let err = volume
+        .flush()
+        .expect_err("the node lost a write queue 0 acknowledged");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // Queue 0, then queue 1: reported once for the device.
+    volume
+        .write_at_fua(&vec![0x6b; UNIT as usize], UNIT)
+        .expect("FUA after the loss was reported");
+    volume.flush().expect("flush after the loss was reported");
+    let mut back = vec![0u8; UNIT as usize];
+    volume.read_at(&mut back, 0).expect("read");
+    assert!(back.iter().all(|b| *b == 0), "the lost write is gone");
+}
+
 #[test]
 fn a_fua_write_in_the_window_fails_too() {
     let args = ["--volatile-cache"];

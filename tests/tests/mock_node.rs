@@ -1115,7 +1115,7 @@ fn without_fencing_the_stale_write_overtakes_the_newer_one() {
 }
 
 #[test]
-fn a_stale_session_is_refused_and_an_equal_one_takes_over() {
+fn a_stale_session_is_refused_an_equal_one_joins_and_a_newer_one_fences_all() {
     let node = MockNode::start(&[]);
     let hs = handshake("sessions", MIB, 65536, 1, 0);
     let newer = pb::Handshake {
@@ -1135,13 +1135,25 @@ fn a_stale_session_is_refused_and_an_equal_one_takes_over() {
     assert!(reply.message.contains("stale"), "{}", reply.message);
     // The refused session did not disturb the live one.
     assert_eq!(live.read(0, 4096), vec![1; 4096]);
-    // A retry of the same session (the client never saw the first reply)
-    // takes over: the earlier connection is closed.
-    let mut again = NodeClient::open(node.addr, newer);
+    // Another connection of the same session (another queue of the same
+    // device) is admitted beside it: both serve.
+    let mut again = NodeClient::open(node.addr, newer.clone());
     assert_eq!(again.read(0, 4096), vec![1; 4096]);
-    assert!(live.is_closed_by_node());
+    assert_eq!(live.read(0, 4096), vec![1; 4096]);
     // Another client's sessions are its own.
     let mut other = NodeClient::open(node.addr, handshake("sessions", MIB, 65536, 1, 0));
     assert_eq!(other.read(0, 4096), vec![1; 4096]);
     assert_eq!(again.read(0, 4096), vec![1; 4096]);
+    // A newer session fences every connection of the older one.
+    let mut next = NodeClient::open(
+        node.addr,
+        pb::Handshake {
+            session: 6,
+            ..newer
+        },
+    );
+    assert!(live.is_closed_by_node());
+    assert!(again.is_closed_by_node());
+    assert_eq!(next.read(0, 4096), vec![1; 4096]);
+    assert_eq!(other.read(0, 4096), vec![1; 4096]);
 }

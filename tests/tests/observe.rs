@@ -349,7 +349,7 @@ fn metrics_and_logs_tell_what_happened() {
         "failed attempts are not logged one by one: {retries:?}"
     );
     for e in &back {
-        assert!(e["session"].as_u64().is_some_and(|s| s >= 2), "{e}");
+        assert!(e["epoch"].as_u64().is_some_and(|s| s >= 2), "{e}");
         assert!(e["down_ms"].as_u64().is_some_and(|ms| ms >= 2000), "{e}");
         assert_eq!(e["span"]["volume"], "observed", "{e}");
     }

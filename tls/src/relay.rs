@@ -42,13 +42,44 @@ pub fn relay(outer: TcpStream, tls: Connection, pending: Vec<u8>) -> io::Result<
     std::thread::Builder::new()
         .name("tls-relay".into())
         .spawn(move || {
-            if let Err(err) = pump(&outer, tls, &theirs, pending) {
-                tracing::debug!(error = %err, "TLS relay ended");
+            match pump(&outer, tls, &theirs, pending) {
+                Ok(()) => {
+                    let _ = outer.shutdown(Shutdown::Both);
+                    let _ = theirs.shutdown(Shutdown::Both);
+                }
+                Err(err) => {
+                    // A side failed or was reset (the client tearing a
+                    // connection down at a deadline): reset the other at
+                    // once too. A graceful close would still send what is
+                    // queued, stale requests included.
+                    tracing::debug!(error = %err, "TLS relay ended");
+                    reset(&outer);
+                    reset(&theirs);
+                }
             }
-            let _ = outer.shutdown(Shutdown::Both);
-            let _ = theirs.shutdown(Shutdown::Both);
         })?;
     Ok(ours)
+}
+
+/// Closes `socket` with a reset when its last descriptor goes (linger 0),
+/// and wakes whatever waits on it.
+fn reset(socket: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a linger struct that lives across the call, its size passed
+    // with it; the descriptor belongs to `socket`, open for the call.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    let _ = socket.shutdown(Shutdown::Read);
 }
 
 fn would_block(err: &io::Error) -> bool {

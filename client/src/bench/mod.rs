@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{BlockRequest, Completion, Engine, Op, Tag};
-use crate::frontend::{VolumeOptions, connect_queue, queue_engine, queue_span, spawn_queue};
+use crate::frontend::{
+    DeviceWide, VolumeOptions, connect_queue, queue_engine, queue_span, spawn_queue,
+};
 use crate::layout::{DEFAULT_STRIPE_UNIT, Layout, VolumeSpec};
 use crate::mock::{MockNodes, mock_node_bin, start_mock_nodes};
 use crate::rng::Rng;
@@ -619,9 +621,10 @@ pub(crate) fn measure_workload(
     let mut threads = Vec::new();
     let mut all_figures = Vec::new();
     let cpu0 = cpu_seconds();
+    let wide = DeviceWide::new(spec.nodes.len(), &volume_options);
     for q in 0..queues {
-        let (streams, nodes) = connect_queue(spec, &layout, &volume_options, q).map_err(err)?;
-        let (mut engine, figures) = queue_engine(&layout, &volume_options, &nodes);
+        let (streams, nodes) = connect_queue(spec, &layout, &volume_options).map_err(err)?;
+        let (mut engine, figures) = queue_engine(&layout, &volume_options, &nodes, &wide);
         if record {
             all_figures.push(figures);
         } else {
@@ -646,10 +649,9 @@ pub(crate) fn measure_workload(
                     frontend: generator,
                     mode,
                     buffer_mode: BufferMode::User,
-                    reconnect: protect
-                        .tls
-                        .as_ref()
-                        .map(|_| crate::frontend::reconnect_for(spec, &layout, &volume_options, q)),
+                    reconnect: protect.tls.as_ref().map(|_| {
+                        crate::frontend::reconnect_for(spec, &layout, &volume_options, &wide)
+                    }),
                     span: queue_span(&spec.name, "", q),
                 },
             )

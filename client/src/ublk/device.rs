@@ -12,8 +12,8 @@ use super::ctrl::{Control, CtrlError};
 use super::queue::{FailSwitch, UblkQueue};
 use super::sys::{self, DevInfo, ParamBasic, ParamDiscard, Params};
 use crate::frontend::{
-    ConnectedQueue, OpenError, QueueThread, VolumeOptions, connect_queues, queue_engine,
-    queue_span, reconnect_for, spawn_queue,
+    ConnectedQueue, DeviceWide, OpenError, QueueThread, VolumeOptions, connect_queues,
+    queue_engine, queue_span, reconnect_for, spawn_queue,
 };
 use crate::layout::{Layout, LiveSize, VolumeSpec};
 use crate::stats::QueueStats;
@@ -242,6 +242,8 @@ pub struct Device {
     pub figures: Vec<Arc<QueueStats>>,
     /// The volume's size, shared by every queue (see [`Device::resize`]).
     pub size: LiveSize,
+    /// The durability ledger and fencing epochs its queues share.
+    pub wide: DeviceWide,
     ctrl: Control,
     /// The running queue threads, by queue index.
     queues: Vec<(usize, QueueThread<UblkQueue>)>,
@@ -514,9 +516,9 @@ fn start_queues(
             queue.arm_fail_switch(Arc::clone(&switch));
             device.fail_switch = Some(switch);
         }
-        let (mut engine, figures) = queue_engine(layout, vopts, &nodes);
+        let (mut engine, figures) = queue_engine(layout, vopts, &nodes, &device.wide);
         engine.share_size(device.size.clone());
-        let mut reconnect = reconnect_for(spec, layout, vopts, q);
+        let mut reconnect = reconnect_for(spec, layout, vopts, &device.wide);
         reconnect.size = device.size.clone();
         device.figures.push(figures);
         let thread = spawn_queue(
@@ -599,6 +601,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
         volume_ids: Vec::new(),
         figures: Vec::new(),
         size: LiveSize::new(spec.size),
+        wide: DeviceWide::new(spec.nodes.len(), vopts),
         ctrl,
         queues: Vec::new(),
         fail_switch: None,
@@ -888,6 +891,7 @@ impl RecoverySteps for LiveRecovery<'_> {
             volume_ids: Vec::new(),
             figures: Vec::new(),
             size: LiveSize::new(self.spec.size),
+            wide: DeviceWide::new(self.spec.nodes.len(), &self.vopts),
             ctrl,
             queues: Vec::new(),
             fail_switch: None,

@@ -9,10 +9,14 @@ use super::{Frontend, QueueDriver};
 use crate::recv::ReplyReader;
 
 pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+    /// None once a broken connection's operations are all back: it was
+    /// closed then (a reset: see `sys::abort`).
+    pub(super) stream: Option<TcpStream>,
     pub(super) fd: RawFd,
-    /// Handshake session of this connection; grows with each reconnect.
-    pub(super) session: u64,
+    /// The fencing epoch this connection was admitted at (the handshake's
+    /// session): it may carry requests only while it is the node's current
+    /// one (see `crate::epochs`).
+    pub(super) epoch: u64,
     /// Bumped when the connection is replaced (see `conn_id`).
     pub(super) generation: u8,
     /// While lost: when the next reconnect may start, and the wait after it.
@@ -65,7 +69,7 @@ impl<F: Frontend> QueueDriver<F> {
             };
             let now = Instant::now();
             if conn.outage.is_none() {
-                tracing::warn!(node, session = conn.session, reason = %format!("{why}{detail}"), "connection lost");
+                tracing::warn!(node, epoch = conn.epoch, reason = %format!("{why}{detail}"), "connection lost");
                 conn.outage = Some(Outage {
                     since: now,
                     attempts: 0,
@@ -76,11 +80,30 @@ impl<F: Frontend> QueueDriver<F> {
             }
             // Makes the operations still in the kernel finish, and the
             // kernel let go of every buffer the connection holds.
-            super::sys::abort(&conn.stream);
+            if let Some(stream) = &conn.stream {
+                super::sys::abort(stream);
+            }
+            // Before any request it held can complete: no queue sends to
+            // the node again until a connection at the next epoch, which
+            // the node fences this one for, is admitted.
+            if let Some(r) = &self.reconnect {
+                r.epochs.ended(node, conn.epoch);
+            }
             if let Some(f) = self.engine.figures() {
                 f.node_down(node, now, &format!("{why}{detail}"));
             }
         }
+    }
+
+    /// True if `node`'s connection is up but at an epoch older than the
+    /// node's current one: it must not carry requests any more.
+    pub(super) fn fenced_off(&self, node: usize) -> bool {
+        let conn = &self.conns[node];
+        !conn.broken
+            && self
+                .reconnect
+                .as_ref()
+                .is_some_and(|r| !r.epochs.may_send(node, conn.epoch))
     }
 
     /// Once every operation of a broken connection is back, tells the engine.
@@ -90,6 +113,10 @@ impl<F: Frontend> QueueDriver<F> {
             return;
         }
         conn.lost_reported = true;
+        // Closed now, not when a new connection replaces it: with linger 0
+        // that resets what `abort` could not (kernel TLS), and nothing
+        // queued on it goes out any more.
+        conn.stream = None;
         conn.reader.reset(&mut self.engine);
         self.engine.handle_connection_lost(Instant::now(), node);
     }

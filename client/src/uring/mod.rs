@@ -231,13 +231,13 @@ impl<F: Frontend> QueueDriver<F> {
                 buffers.small_pages();
             }
         }
-        let first_session = reconnect.as_ref().map_or(1, |r| r.session);
         let conns = streams
             .into_iter()
-            .map(|stream| Conn {
+            .enumerate()
+            .map(|(node, stream)| Conn {
                 fd: stream.as_raw_fd(),
-                stream,
-                session: first_session,
+                stream: Some(stream),
+                epoch: reconnect.as_ref().map_or(1, |r| r.epochs.current(node)),
                 generation: 0,
                 next_attempt: Instant::now(),
                 backoff: RECONNECT_MIN,
@@ -299,7 +299,7 @@ impl<F: Frontend> QueueDriver<F> {
         for node in 0..self.conns.len() {
             self.engine.handle_connection_restored(node);
             if let Some(f) = self.engine.figures() {
-                f.node_up(node, self.conns[node].session, false);
+                f.node_up(node, self.conns[node].epoch, false);
             }
         }
         loop {
@@ -450,7 +450,9 @@ impl<F: Frontend> QueueDriver<F> {
     fn shutdown(&mut self) -> io::Result<()> {
         for conn in &mut self.conns {
             conn.broken = true;
-            let _ = conn.stream.shutdown(Shutdown::Both);
+            if let Some(stream) = &conn.stream {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
         }
         if self.wake_posted {
             let cancel = opcode::AsyncCancel::new(user_data(K_WAKE, 0, 0))

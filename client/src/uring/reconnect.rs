@@ -20,9 +20,11 @@ pub struct Reconnect {
     /// The volume's size now (a resize changes it): what a handshake
     /// presents.
     pub size: crate::layout::LiveSize,
+    /// The device's client id (one for all its queues).
     pub client_id: String,
-    /// The session the first connections were made with.
-    pub session: u64,
+    /// Each node's fencing epoch, shared by the device's queues: what a
+    /// handshake presents as its session.
+    pub epochs: std::sync::Arc<crate::epochs::Epochs>,
     pub volume: String,
     /// For one connect + handshake, and the IO timeout.
     pub timeouts: crate::net::Timeouts,
@@ -45,7 +47,7 @@ impl Reconnect {
     }
 }
 
-/// A reconnect attempt's outcome: node, session, the new connection.
+/// A reconnect attempt's outcome: node, epoch, the new connection.
 pub(super) type Reconnected = (usize, u64, Result<(TcpStream, NodeInfo), ConnectError>);
 
 pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(50);
@@ -57,10 +59,17 @@ impl<F: Frontend> QueueDriver<F> {
         let Some(reconnect) = &self.reconnect else {
             return false;
         };
-        while let Ok((node, session, result)) = self.reconnected.1.try_recv() {
+        while let Ok((node, epoch, result)) = self.reconnected.1.try_recv() {
             let conn = &mut self.conns[node];
             conn.connecting = false;
             match result {
+                Ok(_) if !reconnect.epochs.may_send(node, epoch) => {
+                    // A connection at this epoch ended while this one was
+                    // being made: it may not carry requests; connect again
+                    // at once, at the epoch now current.
+                    tracing::debug!(node, epoch, "reconnected at an epoch already over");
+                    conn.next_attempt = now;
+                }
                 Ok((stream, info)) => {
                     let down_ms = conn.outage.take().map_or(0, |o| {
                         now.saturating_duration_since(o.since).as_millis() as u64
@@ -68,14 +77,14 @@ impl<F: Frontend> QueueDriver<F> {
                     tracing::info!(
                         node,
                         addr = %reconnect.addrs[node],
-                        session,
+                        epoch,
                         incarnation = info.incarnation,
                         down_ms,
                         "reconnected"
                     );
                     conn.fd = stream.as_raw_fd();
-                    conn.stream = stream;
-                    conn.session = session;
+                    conn.stream = Some(stream);
+                    conn.epoch = epoch;
                     conn.generation = conn.generation.wrapping_add(1);
                     conn.ops = 0;
                     conn.chain.clear();
@@ -94,7 +103,7 @@ impl<F: Frontend> QueueDriver<F> {
                     );
                     self.engine.handle_connection_restored(node);
                     if let Some(f) = self.engine.figures() {
-                        f.node_up(node, session, true);
+                        f.node_up(node, epoch, true);
                     }
                 }
                 Err(why @ ConnectError::VolumeLost { .. }) => {
@@ -155,7 +164,7 @@ impl<F: Frontend> QueueDriver<F> {
                 continue;
             }
             conn.connecting = true;
-            let session = conn.session + 1;
+            let epoch = reconnect.epochs.current(node);
             let (addr, timeouts) = (reconnect.addrs[node], reconnect.timeouts);
             let layout = reconnect.layout_now();
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
@@ -169,13 +178,13 @@ impl<F: Frontend> QueueDriver<F> {
                     let who = crate::net::Identity {
                         client_id: &client_id,
                         volume: &volume,
-                        session,
+                        session: epoch,
                         volume_id: pinned.as_deref(),
                         digest,
                         tls: tls.as_deref(),
                     };
                     let result = crate::net::connect(addr, node, &layout, &who, timeouts);
-                    let _ = done.send((node, session, result));
+                    let _ = done.send((node, epoch, result));
                 });
             if spawned.is_err() {
                 conn.connecting = false;
@@ -199,7 +208,7 @@ mod tests {
             layout,
             size: LiveSize::new(layout.size()),
             client_id: "c".into(),
-            session: 1,
+            epochs: std::sync::Arc::new(crate::epochs::Epochs::new(2, 1)),
             volume: "v".into(),
             timeouts: crate::net::Timeouts {
                 connect: Duration::from_secs(1),

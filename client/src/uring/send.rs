@@ -269,6 +269,13 @@ fn zero_copy(buffers: BufferMode, mode: SendMode, len: u32) -> bool {
 impl<F: Frontend> QueueDriver<F> {
     /// Starts a send chain on `node` if none is in flight.
     pub(super) fn post_sends(&mut self, node: usize) -> io::Result<()> {
+        if self.fenced_off(node) {
+            // Another queue's connection to the node ended since this one
+            // was admitted: the node's epoch moved on, and nothing goes out
+            // on an older one (see `crate::epochs`).
+            self.break_conn(node, "the node's fencing epoch moved on", 0);
+            return Ok(());
+        }
         let conn = &mut self.conns[node];
         if conn.broken || conn.chain_left > 0 {
             return Ok(());

@@ -186,8 +186,12 @@ pub(super) const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
 /// down (operations waiting on it finish) and resets it (`connect` with
 /// `AF_UNSPEC`: the kernel sends a RST and frees its send queue, so every
 /// zero-copy notification comes back even when the peer stopped reading or
-/// vanished). The descriptor stays open; the ring may still hold it.
+/// vanished). The descriptor stays open; the ring may still hold it. A
+/// kernel TLS socket refuses the reset (newer kernels): it gets linger 0
+/// here like every socket, and the driver closes it as soon as the ring
+/// holds none of its operations, which resets it then.
 pub fn abort(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
     let _ = socket.shutdown(std::net::Shutdown::Both);
     // SAFETY: a zeroed sockaddr with family AF_UNSPEC, its size passed with
     // it; the descriptor belongs to `socket`, open for the whole call.
@@ -201,8 +205,9 @@ pub fn abort(socket: &TcpStream) {
         )
     };
     if rc != 0 {
-        // Not expected on TCP; the linger-0 close when the stream is
-        // dropped resets it then.
-        let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "no reset by AF_UNSPEC (kernel TLS?): reset at close"
+        );
     }
 }
