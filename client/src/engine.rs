@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netblk_protocol::pb::{self, request::Op as WireOp};
-use netblk_protocol::{encode_head, errno_of_status};
+use netblk_protocol::{encode_head_as, errno_of_status};
 
 use crate::layout::{Layout, LiveSize};
 use crate::ledger::{Acked, Ledger};
@@ -568,9 +568,10 @@ impl Engine {
                 }),
             };
             // Our own headers are small and consistent: encoding cannot fail.
-            let encoded = encode_head(
+            let encoded = encode_head_as(
                 &pb::Header::request(id, op),
                 payload.map_or(0, |p| p.len as usize),
+                self.config.data_digest,
                 head,
             );
             debug_assert!(encoded.is_ok(), "{encoded:?}");

@@ -298,7 +298,7 @@ fn read_head(mut stream: impl Read) -> Result<(pb::Header, u32), String> {
     stream
         .read_exact(&mut header)
         .map_err(|e| format!("reply cut short: {e}"))?;
-    let head = decode_header(&header, preamble.payload_len).map_err(|e| e.to_string())?;
+    let head = decode_header(&preamble, &header).map_err(|e| e.to_string())?;
     Ok((head, preamble.payload_len))
 }
 

@@ -97,6 +97,8 @@ impl ReplyReader {
                         preamble,
                         &Limits {
                             max_payload_len: u32::MAX,
+                            // Data digests bring header digests with them.
+                            header_digest: engine.config().data_digest,
                         },
                     )
                     .map_err(|e| e.to_string())?;
@@ -104,8 +106,7 @@ impl ReplyReader {
                     let Some(header) = avail.get(PREAMBLE_LEN..need) else {
                         return Ok(at);
                     };
-                    let header =
-                        decode_header(header, preamble.payload_len).map_err(|e| e.to_string())?;
+                    let header = decode_header(&preamble, header).map_err(|e| e.to_string())?;
                     at += need;
                     let Some(Kind::Reply(reply)) = header.kind else {
                         return Err("the node sent something other than a reply".into());

@@ -11,6 +11,15 @@
 //! All integers are big-endian. Every length is checked against [`Limits`]
 //! before the caller allocates anything for it, and no input makes the
 //! decoder panic.
+//!
+//! Header digests: a frame whose preamble has [`FLAG_HEADER_DIGEST`] ends
+//! its header with a CRC-32C (4 bytes, big-endian, counted in the header
+//! length) over the preamble and the protobuf bytes before it. Connections
+//! that negotiated data digests carry one on every frame after the
+//! handshake, in both directions ([`Limits::header_digest`] makes a frame
+//! without one an error): the header says which request, where and how
+//! long, and holds the payload's CRC, so one flipped bit anywhere in a
+//! frame is caught, never taken for another request's answer.
 
 use prost::Message;
 
@@ -29,18 +38,26 @@ pub const PREAMBLE_LEN: usize = 16;
 pub const MAX_HEADER_LEN: u32 = 4096;
 /// Default largest payload (one IO), in bytes.
 pub const DEFAULT_MAX_PAYLOAD_LEN: u32 = 4 << 20;
+/// Preamble flag: the header ends with its CRC-32C (see the module docs).
+pub const FLAG_HEADER_DIGEST: u16 = 1;
+/// Bytes of a header digest.
+pub const HEADER_DIGEST_LEN: u32 = 4;
 
-/// Bounds a decoder enforces before allocating.
+/// Bounds a decoder enforces before allocating, and what it requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes (the max IO size).
     pub max_payload_len: u32,
+    /// Every frame must carry a header digest (the connection negotiated
+    /// data digests).
+    pub header_digest: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_payload_len: DEFAULT_MAX_PAYLOAD_LEN,
+            header_digest: false,
         }
     }
 }
@@ -69,13 +86,22 @@ pub enum FrameError {
     UnexpectedPayload { what: &'static str, len: u32 },
     #[error("write of {declared} bytes arrived with a payload of {actual} bytes")]
     WriteLengthMismatch { declared: u32, actual: u32 },
+    #[error("frame without a header digest on a connection that requires one")]
+    MissingHeaderDigest,
+    #[error(
+        "header digest {got:#010x} does not match the frame's {computed:#010x}: corrupted on the way"
+    )]
+    HeaderDigest { got: u32, computed: u32 },
 }
 
 /// The fixed-size start of every frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preamble {
+    /// Header bytes, its digest included.
     pub header_len: u32,
     pub payload_len: u32,
+    /// The header ends with its CRC-32C ([`FLAG_HEADER_DIGEST`]).
+    pub header_digest: bool,
 }
 
 impl Preamble {
@@ -108,15 +134,25 @@ impl Preamble {
             return Err(FrameError::UnsupportedVersion(version));
         }
         let flags = u16::from_be_bytes([f0, f1]);
-        if flags != 0 {
+        if flags & !FLAG_HEADER_DIGEST != 0 {
             return Err(FrameError::ReservedFlags(flags));
         }
+        let header_digest = flags & FLAG_HEADER_DIGEST != 0;
+        if limits.header_digest && !header_digest {
+            return Err(FrameError::MissingHeaderDigest);
+        }
         let header_len = u32::from_be_bytes([h0, h1, h2, h3]);
-        if header_len > MAX_HEADER_LEN {
+        let max = MAX_HEADER_LEN + if header_digest { HEADER_DIGEST_LEN } else { 0 };
+        if header_len > max {
             return Err(FrameError::HeaderTooLong {
                 len: header_len,
-                max: MAX_HEADER_LEN,
+                max,
             });
+        }
+        if header_digest && header_len < HEADER_DIGEST_LEN {
+            return Err(FrameError::Protobuf(format!(
+                "a header of {header_len} bytes cannot hold its digest"
+            )));
         }
         let payload_len = u32::from_be_bytes([p0, p1, p2, p3]);
         if payload_len > limits.max_payload_len {
@@ -128,6 +164,7 @@ impl Preamble {
         Ok(Preamble {
             header_len,
             payload_len,
+            header_digest,
         })
     }
 
@@ -136,6 +173,9 @@ impl Preamble {
         let mut out = [0u8; PREAMBLE_LEN];
         out[0..4].copy_from_slice(&MAGIC);
         out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        if self.header_digest {
+            out[6..8].copy_from_slice(&FLAG_HEADER_DIGEST.to_be_bytes());
+        }
         out[8..12].copy_from_slice(&self.header_len.to_be_bytes());
         out[12..16].copy_from_slice(&self.payload_len.to_be_bytes());
         out
@@ -182,7 +222,7 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Decoded<'a>, F
     }
     let (header_bytes, rest) = rest.split_at(preamble.header_len as usize);
     let payload = &rest[..preamble.payload_len as usize];
-    let header = decode_header(header_bytes, preamble.payload_len)?;
+    let header = decode_header(&preamble, header_bytes)?;
     Ok(Decoded::Frame(Frame {
         header,
         payload,
@@ -190,14 +230,33 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Decoded<'a>, F
     }))
 }
 
-/// Decodes and checks a header whose preamble announced `payload_len`.
+/// Decodes and checks the `preamble.header_len` header bytes that follow
+/// `preamble` (checking their digest, if it has one).
 ///
 /// For callers that read the preamble, the header and the payload separately
 /// (for example straight into a request buffer).
-pub fn decode_header(bytes: &[u8], payload_len: u32) -> Result<pb::Header, FrameError> {
+pub fn decode_header(preamble: &Preamble, bytes: &[u8]) -> Result<pb::Header, FrameError> {
+    let bytes = if preamble.header_digest {
+        let (proto, digest) = bytes
+            .split_last_chunk::<4>()
+            .ok_or(FrameError::MissingHeaderDigest)?;
+        let got = u32::from_be_bytes(*digest);
+        let computed = header_crc(preamble, proto);
+        if got != computed {
+            return Err(FrameError::HeaderDigest { got, computed });
+        }
+        proto
+    } else {
+        bytes
+    };
     let header = pb::Header::decode(bytes).map_err(|err| FrameError::Protobuf(err.to_string()))?;
-    check_payload(&header, payload_len)?;
+    check_payload(&header, preamble.payload_len)?;
     Ok(header)
+}
+
+/// The header digest: CRC-32C over the preamble and the protobuf bytes.
+fn header_crc(preamble: &Preamble, proto: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&preamble.to_bytes()), proto)
 }
 
 /// Which headers may carry a payload, and how much.
@@ -242,6 +301,16 @@ pub fn encode_head(
     payload_len: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
+    encode_head_as(header, payload_len, false, out)
+}
+
+/// As [`encode_head`], with a header digest when `digest` is set.
+pub fn encode_head_as(
+    header: &pb::Header,
+    payload_len: usize,
+    digest: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let header_len = header.encoded_len();
     let header_len = u32::try_from(header_len)
         .ok()
@@ -255,18 +324,23 @@ pub fn encode_head(
         max: u32::MAX,
     })?;
     check_payload(header, payload_len)?;
-    out.reserve(PREAMBLE_LEN + header_len as usize);
-    out.extend_from_slice(
-        &Preamble {
-            header_len,
-            payload_len,
-        }
-        .to_bytes(),
-    );
+    let preamble = Preamble {
+        header_len: header_len + if digest { HEADER_DIGEST_LEN } else { 0 },
+        payload_len,
+        header_digest: digest,
+    };
+    out.reserve(PREAMBLE_LEN + preamble.header_len as usize);
+    out.extend_from_slice(&preamble.to_bytes());
+    let start = out.len();
     // Encoding into a Vec cannot run out of room: reserve() made space above.
     header
         .encode(out)
-        .map_err(|err| FrameError::Protobuf(err.to_string()))
+        .map_err(|err| FrameError::Protobuf(err.to_string()))?;
+    if digest {
+        let crc = header_crc(&preamble, &out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+    Ok(())
 }
 
 /// Appends a whole frame (preamble, header, payload) to `out`.
@@ -275,7 +349,17 @@ pub fn encode_frame(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    encode_head(header, payload.len(), out)?;
+    encode_frame_as(header, payload, false, out)
+}
+
+/// As [`encode_frame`], with a header digest when `digest` is set.
+pub fn encode_frame_as(
+    header: &pb::Header,
+    payload: &[u8],
+    digest: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    encode_head_as(header, payload.len(), digest, out)?;
     out.extend_from_slice(payload);
     Ok(())
 }

@@ -7,8 +7,8 @@
 
 use netblk_protocol::pb::{self, admin::Cmd, header::Kind, request::Op};
 use netblk_protocol::{
-    Decoded, FrameError, Limits, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, decode_frame,
-    decode_header, encode_frame, encode_head,
+    DEFAULT_MAX_PAYLOAD_LEN, Decoded, FrameError, Limits, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble,
+    decode_frame, decode_header, encode_frame, encode_frame_as, encode_head,
 };
 use proptest::prelude::*;
 
@@ -288,7 +288,7 @@ proptest! {
         let preamble = Preamble::parse(preamble_bytes, &Limits::default()).expect("parses");
         prop_assert_eq!(preamble.payload_len as usize, payload.len());
         prop_assert_eq!(preamble.header_len as usize, head.len() - PREAMBLE_LEN);
-        let decoded = decode_header(&head[PREAMBLE_LEN..], preamble.payload_len).expect("decodes");
+        let decoded = decode_header(&preamble, &head[PREAMBLE_LEN..]).expect("decodes");
         prop_assert_eq!(decoded, header);
     }
 
@@ -296,7 +296,7 @@ proptest! {
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..20_000),
                                 chunks in proptest::collection::vec(1usize..300, 1..8),
                                 max_payload in 0u32..100_000) {
-        let _ = decode_stream(&bytes, &chunks, &Limits { max_payload_len: max_payload });
+        let _ = decode_stream(&bytes, &chunks, &Limits { max_payload_len: max_payload, header_digest: false });
     }
 
     #[test]
@@ -304,7 +304,7 @@ proptest! {
         header_len in 0u32..=MAX_HEADER_LEN,
         body in proptest::collection::vec(any::<u8>(), 0..5000),
     ) {
-        let mut stream = Preamble { header_len, payload_len: 0 }.to_bytes().to_vec();
+        let mut stream = Preamble { header_len, payload_len: 0, header_digest: false }.to_bytes().to_vec();
         stream.extend_from_slice(&body);
         let _ = decode_stream(&stream, &[7, 300, 4096], &Limits::default());
     }
@@ -335,12 +335,23 @@ fn is_header_error(err: &FrameError) -> bool {
         FrameError::UnknownMessage
         | FrameError::UnknownOp { .. }
         | FrameError::UnexpectedPayload { .. }
-        | FrameError::WriteLengthMismatch { .. } => true,
+        | FrameError::WriteLengthMismatch { .. }
+        | FrameError::HeaderDigest { .. } => true,
         FrameError::BadMagic(_)
         | FrameError::UnsupportedVersion(_)
         | FrameError::ReservedFlags(_)
         | FrameError::HeaderTooLong { .. }
-        | FrameError::PayloadTooLong { .. } => false,
+        | FrameError::PayloadTooLong { .. }
+        | FrameError::MissingHeaderDigest => false,
+    }
+}
+
+/// The preamble of a frame without a header digest.
+fn plain(header_len: u32, payload_len: u32) -> Preamble {
+    Preamble {
+        header_len,
+        payload_len,
+        header_digest: false,
     }
 }
 
@@ -349,6 +360,7 @@ fn framed(header: &[u8], payload: &[u8]) -> Vec<u8> {
     let mut out = Preamble {
         header_len: header.len() as u32,
         payload_len: payload.len() as u32,
+        header_digest: false,
     }
     .to_bytes()
     .to_vec();
@@ -381,7 +393,10 @@ fn check_one_frame(
         );
     }
     let payload_len = (bytes.len() - PREAMBLE_LEN - header_len) as u32;
-    let alone = decode_header(&bytes[PREAMBLE_LEN..PREAMBLE_LEN + header_len], payload_len);
+    let alone = decode_header(
+        &plain(header_len as u32, payload_len),
+        &bytes[PREAMBLE_LEN..PREAMBLE_LEN + header_len],
+    );
     match decode_frame(bytes, limits) {
         Ok(Decoded::Frame(frame)) => {
             prop_assert_eq!(frame.len, bytes.len());
@@ -526,7 +541,7 @@ proptest! {
         payload in proptest::collection::vec(any::<u8>(), 0..3000),
         max_payload in 3000u32..100_000,
     ) {
-        let limits = Limits { max_payload_len: max_payload };
+        let limits = Limits { max_payload_len: max_payload, header_digest: false };
         let bytes = framed(&header, &payload);
         check_one_frame(&bytes, header.len(), &limits)?;
         let _ = decode_stream(&bytes, &[1, 17, 300], &limits);
@@ -565,7 +580,7 @@ proptest! {
             Ok(()) => prop_assert_eq!(decoded, Some(header)),
             Err(want) => {
                 prop_assert_eq!(decoded, None);
-                prop_assert_eq!(decode_header(&bytes, payload_len), Err(want));
+                prop_assert_eq!(decode_header(&plain(bytes.len() as u32, payload_len), &bytes), Err(want));
             }
         }
     }
@@ -630,12 +645,14 @@ fn one_frame(header: &pb::Header, payload: &[u8]) -> Vec<u8> {
 fn lengths_are_checked_before_the_body_arrives() {
     let limits = Limits {
         max_payload_len: 1024,
+        header_digest: false,
     };
     // Only the preamble is there: an oversized payload is refused at once,
     // before anybody reserves room for it.
     let preamble = Preamble {
         header_len: 10,
         payload_len: 1025,
+        header_digest: false,
     }
     .to_bytes();
     assert_eq!(
@@ -648,6 +665,7 @@ fn lengths_are_checked_before_the_body_arrives() {
     let preamble = Preamble {
         header_len: MAX_HEADER_LEN + 1,
         payload_len: 0,
+        header_digest: false,
     }
     .to_bytes();
     assert_eq!(
@@ -712,16 +730,17 @@ fn typed_errors_for_bad_frames() {
     );
 
     let mut bad = good.clone();
-    bad[7] = 1;
+    bad[7] = 2;
     assert_eq!(
         decode_frame(&bad, &limits),
-        Err(FrameError::ReservedFlags(1))
+        Err(FrameError::ReservedFlags(2))
     );
 
     // A header with nothing we know in it (an empty protobuf message).
     let empty = Preamble {
         header_len: 0,
         payload_len: 0,
+        header_digest: false,
     }
     .to_bytes();
     assert_eq!(
@@ -765,6 +784,7 @@ fn typed_errors_for_bad_frames() {
     let mut garbage = Preamble {
         header_len: 4,
         payload_len: 0,
+        header_digest: false,
     }
     .to_bytes()
     .to_vec();
@@ -798,4 +818,69 @@ fn errno_mapping_matches_libc() {
     assert_eq!(errno_of_status(1000), libc::EIO);
     assert_eq!(errno_of_status(-1), libc::EIO);
     assert_eq!(status_of_errno(libc::EBADF), Status::IoError);
+}
+
+// ---- header digests (issue 21, point 5) ----
+
+fn digested_write(id: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
+    let header = pb::Header::request(
+        id,
+        pb::request::Op::Write(pb::Write {
+            offset,
+            length: payload.len() as u32,
+            fua: false,
+            crc32c: Some(0x1234_5678),
+        }),
+    );
+    let mut bytes = Vec::new();
+    encode_frame_as(&header, payload, true, &mut bytes).expect("encodes");
+    bytes
+}
+
+const DIGESTS: Limits = Limits {
+    max_payload_len: DEFAULT_MAX_PAYLOAD_LEN,
+    header_digest: true,
+};
+
+#[test]
+fn a_digested_frame_round_trips_and_an_undigested_one_is_refused_where_required() {
+    let bytes = digested_write(7, 4096, &[9; 512]);
+    let Ok(Decoded::Frame(frame)) = decode_frame(&bytes, &DIGESTS) else {
+        panic!("a digested frame decodes");
+    };
+    assert_eq!(frame.len, bytes.len());
+    assert_eq!(frame.payload, &[9; 512][..]);
+    // Readers that do not require digests check one that is there.
+    assert!(matches!(
+        decode_frame(&bytes, &Limits::default()),
+        Ok(Decoded::Frame(_))
+    ));
+    let mut plain_frame = Vec::new();
+    encode_frame(&frame.header, frame.payload, &mut plain_frame).expect("encodes");
+    assert_eq!(
+        decode_frame(&plain_frame, &DIGESTS),
+        Err(FrameError::MissingHeaderDigest)
+    );
+}
+
+/// With a header digest, no single flipped bit of the preamble or header
+/// yields a frame: not another request id, offset or status.
+#[test]
+fn every_flipped_bit_of_a_digested_head_is_caught() {
+    let bytes = digested_write(0x0102_0304, 65536, &[5; 64]);
+    let head_len = bytes.len() - 64;
+    for at in 0..head_len {
+        for bit in 0..8 {
+            let mut bad = bytes.clone();
+            bad[at] ^= 1 << bit;
+            for limits in [DIGESTS, Limits::default()] {
+                match decode_frame(&bad, &limits) {
+                    Ok(Decoded::Frame(f)) => {
+                        panic!("byte {at} bit {bit} decoded as {:?}", f.header)
+                    }
+                    Ok(Decoded::NeedMore(_)) | Err(_) => {}
+                }
+            }
+        }
+    }
 }

@@ -14,7 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use netblk_protocol::pb::{self, Status, admin::Cmd, header::Kind, request::Op};
-use netblk_protocol::{Decoded, FrameError, PROTOCOL_VERSION, decode_frame, encode_head};
+use netblk_protocol::{
+    Decoded, FrameError, PROTOCOL_VERSION, decode_frame, encode_head, encode_head_as,
+};
 use tracing::{debug, info, warn};
 
 use crate::faults;
@@ -162,6 +164,8 @@ fn recv_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 struct ReplyWriter {
     out: Mutex<Out>,
     raw: TcpStream,
+    /// Replies carry a header digest (the connection has data digests).
+    digest: bool,
 }
 
 struct Out {
@@ -201,8 +205,9 @@ impl Out {
 }
 
 impl ReplyWriter {
-    fn new(stream: &TcpStream) -> io::Result<Self> {
+    fn new(stream: &TcpStream, digest: bool) -> io::Result<Self> {
         Ok(ReplyWriter {
+            digest,
             out: Mutex::new(Out {
                 stream: stream.try_clone()?,
                 pending: Vec::with_capacity(REPLY_BATCH),
@@ -213,7 +218,12 @@ impl ReplyWriter {
 
     fn send(&self, node: &Node, reply: pb::Reply, payload: &[u8], flush: bool) {
         let mut head = Vec::with_capacity(64);
-        if let Err(err) = encode_head(&pb::Header::reply(reply), payload.len(), &mut head) {
+        if let Err(err) = encode_head_as(
+            &pb::Header::reply(reply),
+            payload.len(),
+            self.digest,
+            &mut head,
+        ) {
             warn!("cannot encode a reply: {err}");
             let _ = self.raw.shutdown(Shutdown::Both);
             return;
@@ -519,12 +529,14 @@ fn serve_data(
         },
     )?;
 
+    // From here on every frame carries a header digest, both ways.
+    reader.limits.header_digest = digest;
     let conn = Arc::new(Conn {
         node: Arc::clone(node),
         id,
         member,
         volume,
-        writer: ReplyWriter::new(stream)?,
+        writer: ReplyWriter::new(stream, digest)?,
         digest,
         requests: AtomicU64::new(0),
         delayed: AtomicUsize::new(0),

@@ -79,7 +79,7 @@ fn rejected_alone(head: &[u8], limits: &Limits) -> bool {
         return false;
     };
     !matches!(
-        decode_header(header, preamble.payload_len),
+        decode_header(&preamble, header),
         Ok(pb::Header {
             kind: Some(Kind::Reply(_))
         })

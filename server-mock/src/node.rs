@@ -451,6 +451,8 @@ impl Server {
         let node = Node {
             limits: netblk_protocol::Limits {
                 max_payload_len: config.max_io_size,
+                // Until a handshake asks for digests.
+                header_digest: false,
             },
             faults: Knobs::new(config.faults, config.fault_seed),
             config,

@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use netblk_protocol::pb::{self, admin::Cmd, header::Kind, request::Op};
-use netblk_protocol::{FrameError, Limits, PREAMBLE_LEN, Preamble, decode_header, encode_frame};
+use netblk_protocol::{FrameError, Limits, PREAMBLE_LEN, Preamble, decode_header, encode_frame_as};
 
 /// How long a helper waits for a reply or an event before it gives up.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -276,6 +276,8 @@ static NEXT_CLIENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// Reads and writes whole frames on a blocking socket with a read timeout.
 struct Framed {
     stream: TcpStream,
+    /// Frames carry header digests (the handshake agreed on data digests).
+    digest: bool,
 }
 
 impl Framed {
@@ -284,12 +286,15 @@ impl Framed {
         stream.set_read_timeout(Some(WAIT))?;
         stream.set_write_timeout(Some(WAIT))?;
         stream.set_nodelay(true)?;
-        Ok(Framed { stream })
+        Ok(Framed {
+            stream,
+            digest: false,
+        })
     }
 
     fn send(&mut self, header: &pb::Header, payload: &[u8]) -> Result<(), ClientError> {
         let mut bytes = Vec::with_capacity(64 + payload.len());
-        encode_frame(header, payload, &mut bytes)?;
+        encode_frame_as(header, payload, self.digest, &mut bytes)?;
         self.stream.write_all(&bytes)?;
         Ok(())
     }
@@ -302,10 +307,14 @@ impl Framed {
             }
             other => other?,
         }
-        let preamble = Preamble::parse(&preamble, &Limits::default())?;
+        let limits = Limits {
+            header_digest: self.digest,
+            ..Limits::default()
+        };
+        let preamble = Preamble::parse(&preamble, &limits)?;
         let mut header = vec![0u8; preamble.header_len as usize];
         self.stream.read_exact(&mut header)?;
-        let header = decode_header(&header, preamble.payload_len)?;
+        let header = decode_header(&preamble, &header)?;
         let mut payload = vec![0u8; preamble.payload_len as usize];
         self.stream.read_exact(&mut payload)?;
         Ok((header, payload))
@@ -360,7 +369,12 @@ impl NodeClient {
                     kind: Some(Kind::HandshakeReply(reply)),
                 },
                 _,
-            ) => Ok(reply),
+            ) => {
+                // Data digests bring header digests on every later frame.
+                self.framed.digest = reply.status == pb::Status::Ok as i32
+                    && reply.data_digest == pb::DataDigest::Crc32c as i32;
+                Ok(reply)
+            }
             (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -124,6 +124,56 @@ fn with_digests_corruption_on_the_wire_never_reaches_the_store_or_the_reader() {
     );
 }
 
+/// Issue 21, point 5: with data digests, every frame's header carries its
+/// own CRC-32C. A flipped byte anywhere in a reply's header (its request
+/// id, status, length, the payload's crc) is caught and the connection
+/// replaced, never taken for another request's answer or a success.
+#[test]
+fn with_digests_a_corrupted_reply_header_is_caught_never_accepted() {
+    let faults = [
+        "--corrupt-replies",
+        "12",
+        "--corrupt-part",
+        "header",
+        "--fault-seed",
+        "21",
+    ];
+    let cluster = Cluster::start_with(2, &faults);
+    let size = 8 * MIB;
+    let volume = Volume::open(&spec(&cluster, "headers", size), &options(true)).expect("open");
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng::new(8);
+    for round in 0..60u64 {
+        let len = (rng.below(8) as usize + 1) * (16 << 10);
+        let offset = rng.below((size - len as u64) / 4096) * 4096;
+        let data = pattern(100 + round, len);
+        volume.write_at(&data, offset).expect("write");
+        model[offset as usize..offset as usize + len].copy_from_slice(&data);
+        let mut back = vec![0u8; len];
+        volume.read_at(&mut back, offset).expect("read");
+        assert!(back == data, "round {round}: read back differs");
+    }
+    let mut all = vec![0u8; size as usize];
+    volume.read_at(&mut all, 0).expect("read all");
+    assert!(all == model, "the volume differs from the model");
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.admin().stats().corrupted_replies,
+            12,
+            "every header fault was used"
+        );
+    }
+    let resent: u64 = volume
+        .figures()
+        .iter()
+        .flat_map(|f| f.nodes.iter().map(|n| n.resent.get()))
+        .sum();
+    assert!(
+        resent > 0,
+        "the corrupted replies' requests were sent again"
+    );
+}
+
 #[test]
 fn a_payload_corrupted_on_every_try_fails_with_eio_after_the_retries() {
     let cluster = Cluster::start_with(1, &["--corrupt-writes", "100"]);

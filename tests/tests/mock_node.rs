@@ -868,6 +868,7 @@ fn preamble(header_len: u32, payload_len: u32) -> Vec<u8> {
     Preamble {
         header_len,
         payload_len,
+        header_digest: false,
     }
     .to_bytes()
     .to_vec()
