@@ -651,15 +651,16 @@ pub fn serve(
                 }
                 if ended.is_empty()
                     && signal == Some(signal_hook::consts::SIGTERM)
-                    && netblk::ublk::device::block_in_use(&path)
+                    && let Some(why) = netblk::ublk::device::block_in_use(&path)
                 {
                     // A service manager stopping us (a restart, an upgrade)
                     // must not pull the device from under a mounted
-                    // filesystem: the device waits, its IO held, for the
-                    // next `map` of this volume, which recovers it.
+                    // filesystem or a process that has it open: the device
+                    // waits, its IO held, for the next `map` of this
+                    // volume, which recovers it.
                     tracing::warn!(
                         device = %path,
-                        "{path} is in use (mounted, or held by another device): left for the next `netblk map` of volume '{}' to recover; unmount it before stopping to unmap it",
+                        "{path} is in use ({why}): left for the next `netblk map` of volume '{}' to recover; unmount or close it before stopping to unmap it",
                         spec.name
                     );
                     return Ok(());

@@ -13,6 +13,7 @@ pub mod manage;
 pub mod mock;
 pub mod net;
 pub mod notify;
+pub mod openers;
 pub mod recv;
 pub mod resize;
 pub mod rng;
