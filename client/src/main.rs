@@ -575,7 +575,7 @@ fn demo(size: u64) -> Result<(), Failure> {
     );
     println!("try:  mkfs.ext4 {path} && mkdir -p /mnt/netblk && mount {path} /mnt/netblk");
     println!("then: umount /mnt/netblk, and Ctrl-C here to unmap and stop the nodes");
-    let served = daemon::serve(device, &spec, &options, 0, signals, None, false);
+    let served = daemon::serve(device, &spec, &options, 0, signals, None, false, None);
     if served.is_ok() {
         println!("netblk demo: unmapped {path}; stopping the nodes");
     }
