@@ -293,7 +293,17 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
         spec.nodes.len(),
         data_path(&device, &options)
     );
-    serve(device, &spec, &options, 0, signals, set.metrics_addr, true).map_err(Failure::Run)
+    serve(
+        device,
+        &spec,
+        &options,
+        0,
+        signals,
+        set.metrics_addr,
+        true,
+        None,
+    )
+    .map_err(Failure::Run)
 }
 
 /// The device of `spec`'s volume (same name, same nodes) whose daemon is
@@ -413,12 +423,22 @@ fn recover(
     use netblk::ublk::device::{self, MapOptions};
     let id = state::parse_device(device)?;
     let dir = state::state_dir();
-    let record = state::load(&dir, id)?.ok_or_else(|| {
-        format!(
-            "no record of /dev/ublkb{id} in {} (was it mapped by netblk on this host?)",
-            dir.display()
-        )
+    let load = || {
+        state::load(&dir, id)?.ok_or_else(|| {
+            format!(
+                "no record of /dev/ublkb{id} in {} (was it mapped by netblk on this host?)",
+                dir.display()
+            )
+        })
+    };
+    // One recovery of a device at a time: the lock beside its record is
+    // held until the new daemon has written its own record (in `serve`).
+    load()?;
+    let lock = netblk::record_lock::lock(&dir, id, RECORD_LOCK_WAIT, || {
+        tracing::info!("another netblk is recovering /dev/ublkb{id}: waiting for it");
     })?;
+    // Read again under the lock: the recovery waited for may have served it.
+    let record = load()?;
     if daemon_alive(record.pid, record.pid_start) {
         return Err(Failure::Run(format!(
             "/dev/ublkb{id} is served by daemon {} which is still running: nothing to recover",
@@ -504,9 +524,14 @@ fn recover(
         signals,
         args.metrics_addr,
         true,
+        Some(lock),
     )
     .map_err(Failure::Run)
 }
+
+/// How long a recovery waits for another one of the same device (which
+/// may itself wait 90 s for the kernel, then connect to every node).
+const RECORD_LOCK_WAIT: Duration = Duration::from_secs(180);
 
 /// How often the serving daemon looks at its signals and queue threads.
 const SUPERVISE_POLL: Duration = Duration::from_millis(100);
@@ -523,7 +548,9 @@ const QUEUE_END_GRACE: Duration = Duration::from_millis(300);
 /// by itself meanwhile, returns an error naming it and why, leaving the
 /// device and its record as they are: once this process is gone the kernel
 /// quiesces the device, `list` shows it as needing recovery, and
-/// `map --recover` takes over.
+/// `map --recover` takes over. A recovery's `record_lock` is let go once
+/// the new record is written.
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     mut device: netblk::ublk::device::Device,
     spec: &netblk::layout::VolumeSpec,
@@ -532,6 +559,7 @@ pub fn serve(
     mut signals: signal_hook::iterator::Signals,
     metrics_addr: Option<SocketAddr>,
     print_path: bool,
+    record_lock: Option<netblk::record_lock::RecordLock>,
 ) -> Result<(), String> {
     let dir = state::state_dir();
     let tls_record = options.volume.tls.as_ref().map(|t| t.files().clone());
@@ -581,6 +609,7 @@ pub fn serve(
             "cannot record the device: list, status, unmap and recovery will not see it"
         );
     }
+    drop(record_lock);
     // udev saw the device appear before its record existed: a change event
     // now lets the rule name it /dev/netblk/VOLUME.
     let uevent = format!("/sys/block/ublkb{}/uevent", device.dev_id);
@@ -667,15 +696,16 @@ pub fn serve(
                 }
                 if ended.is_empty()
                     && signal == Some(signal_hook::consts::SIGTERM)
-                    && netblk::ublk::device::block_in_use(&path)
+                    && let Some(why) = netblk::ublk::device::block_in_use(&path)
                 {
                     // A service manager stopping us (a restart, an upgrade)
                     // must not pull the device from under a mounted
-                    // filesystem: the device waits, its IO held, for the
-                    // next `map` of this volume, which recovers it.
+                    // filesystem or a process that has it open: the device
+                    // waits, its IO held, for the next `map` of this
+                    // volume, which recovers it.
                     tracing::warn!(
                         device = %path,
-                        "{path} is in use (mounted, or held by another device): left for the next `netblk map` of volume '{}' to recover; unmount it before stopping to unmap it",
+                        "{path} is in use ({why}): left for the next `netblk map` of volume '{}' to recover; unmount or close it before stopping to unmap it",
                         spec.name
                     );
                     return Ok(());

@@ -15,6 +15,8 @@ pub mod manage;
 pub mod mock;
 pub mod net;
 pub mod notify;
+pub mod openers;
+pub mod record_lock;
 pub mod recv;
 pub mod resize;
 pub mod rng;

@@ -383,22 +383,23 @@ fn unmap(device: &str) -> Result<(), String> {
     let record = state::load(&dir, id)?;
     let mut ctrl = Control::open().map_err(|e| e.to_string())?;
     let exists = ctrl.info(id).is_ok();
-    match (record, exists) {
-        (None, false) => Err(format!(
+    let in_use = exists
+        .then(|| netblk::ublk::device::block_in_use(&format!("/dev/ublkb{id}")))
+        .flatten();
+    match (record, exists, in_use) {
+        (None, false, _) => Err(format!(
             "no netblk device {id} (`netblk list` shows the mapped ones)"
         )),
-        (Some(_), false) => {
+        (Some(_), false, _) => {
             let _ = state::remove(&dir, id);
             Err(format!(
                 "/dev/ublkb{id} is already gone (its stale record was removed)"
             ))
         }
-        (_, true) if netblk::ublk::device::block_in_use(&format!("/dev/ublkb{id}")) => {
-            Err(format!(
-                "/dev/ublkb{id} is in use (mounted, or held by another device): unmount it first"
-            ))
-        }
-        (record, true) => {
+        (_, true, Some(why)) => Err(format!(
+            "/dev/ublkb{id} is in use ({why}): unmount or close it first"
+        )),
+        (record, true, None) => {
             match record
                 .as_ref()
                 .filter(|r| daemon_alive(r.pid, r.pid_start))
@@ -574,7 +575,7 @@ fn demo(size: u64) -> Result<(), Failure> {
     );
     println!("try:  mkfs.ext4 {path} && mkdir -p /mnt/netblk && mount {path} /mnt/netblk");
     println!("then: umount /mnt/netblk, and Ctrl-C here to unmap and stop the nodes");
-    let served = daemon::serve(device, &spec, &options, 0, signals, None, false);
+    let served = daemon::serve(device, &spec, &options, 0, signals, None, false, None);
     if served.is_ok() {
         println!("netblk demo: unmapped {path}; stopping the nodes");
     }

@@ -2,7 +2,8 @@
 //! (the CSI controller): look it up, create it, delete it, on every node of
 //! its layout, each over a short connection of its own.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use netblk_protocol::pb;
 
@@ -112,20 +113,18 @@ impl VolumeRef {
             let (stream, info) =
                 net::connect_as(*addr, node, &layout, &who, timeouts, Open::Existing)
                     .map_err(|e| e.to_string())?;
-            if info.volume_size >= size {
-                sizes.push(info.volume_size);
-                continue;
-            }
-            let op = pb::request::Op::Resize(pb::Resize { volume_size: size });
-            let reply = net::call(&stream, 1, op, timeouts.io)
-                .map_err(|why| format!("node {node} ({addr}): {why}"))?;
-            if reply.status != pb::Status::Ok as i32 {
-                return Err(format!(
-                    "node {node} ({addr}) did not grow volume '{}' to {size} bytes: {}",
-                    self.name, reply.message
-                ));
-            }
-            sizes.push(size);
+            let changed =
+                resize_node(&stream, &info, size, Change::Grow, timeouts.io).map_err(|why| {
+                    format!(
+                        "node {node} ({addr}) did not grow volume '{}' to {size} bytes: {why}",
+                        self.name
+                    )
+                })?;
+            sizes.push(if changed.is_some() {
+                size
+            } else {
+                info.volume_size
+            });
         }
         match sizes.iter().max() {
             Some(max) if sizes.iter().all(|s| s == max) => Ok(*max),
@@ -164,4 +163,41 @@ impl VolumeRef {
         }
         Ok(())
     }
+}
+
+/// How one node's volume is moved to a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// To at least the size: a node already that large (a manager grew it
+    /// further) is left alone, for shrinking it would throw that away.
+    Grow,
+    /// To exactly the size (a forced shrink, or putting a node back).
+    Exact,
+}
+
+/// One node's part of a resize, over a connection whose handshake said
+/// `info`: its volume set to `size` bytes as `change` says. Returns the
+/// size the node had if it was changed (None: left as it was). The one
+/// place both the CSI controller's grow and a mapped device's resize
+/// decide whether a node is resized.
+pub fn resize_node(
+    stream: &TcpStream,
+    info: &NodeInfo,
+    size: u64,
+    change: Change,
+    io: Duration,
+) -> Result<Option<u64>, String> {
+    let left = match change {
+        Change::Grow => info.volume_size >= size,
+        Change::Exact => info.volume_size == size,
+    };
+    if left {
+        return Ok(None);
+    }
+    let op = pb::request::Op::Resize(pb::Resize { volume_size: size });
+    let reply = net::call(stream, 1, op, io)?;
+    if reply.status != pb::Status::Ok as i32 {
+        return Err(reply.message);
+    }
+    Ok(Some(info.volume_size))
 }

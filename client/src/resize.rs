@@ -4,14 +4,14 @@
 //! a request reach bytes some part does not hold yet. Growing: nodes, then
 //! the queues, then the kernel; shrinking (only when forced): the kernel,
 //! then the queues, then the nodes. A node that cannot follow undoes the
-//! whole resize.
+//! whole resize, putting every node back to the size it had before (never
+//! below: a manager may have grown the nodes before the device followed).
 
 use std::net::SocketAddr;
 
-use netblk_protocol::pb;
-
 use crate::layout::{Layout, LiveSize, VolumeSpec};
-use crate::net::{self, Identity, Timeouts};
+use crate::manage::{Change, resize_node};
+use crate::net::{self, Identity, Open, Timeouts};
 use crate::ublk::ctrl::Control;
 use crate::ublk::sys;
 
@@ -66,53 +66,96 @@ impl Resizer {
                 "this kernel's ublk driver cannot resize a device (no UBLK_F_UPDATE_SIZE, Linux 6.16+): {dev} and its nodes were not changed"
             ));
         }
-        let kernel = |ctrl: &mut Control, size: u64| {
+        self.change(new, |size| {
             ctrl.update_size(self.dev_id, size / 512)
                 .map_err(|e| e.to_string())
-        };
-        if new > old {
-            self.tell_nodes(&from, new)?;
-            self.size.set(new);
-            if let Err(why) = kernel(&mut ctrl, new) {
-                self.size.set(old);
-                let undone = self.tell_nodes(&from.with_size(new).unwrap_or(from), old);
-                return Err(undo_report(&dev, &why, undone));
-            }
-        } else {
-            kernel(&mut ctrl, new)?;
-            self.size.set(new);
-            if let Err(why) = self.tell_nodes(&from, new) {
-                self.size.set(old);
-                let undone = kernel(&mut ctrl, old);
-                return Err(undo_report(&dev, &why, undone));
-            }
-        }
+        })?;
         tracing::info!(device = %dev, from = old, to = new, "resized");
         Ok(old)
     }
 
-    /// Tells every node the volume is now `to` bytes (each handshakes with
-    /// `from`'s size); if one refuses, the ones already told are put back.
-    /// The node part of [`Resizer::resize`], public for tests.
-    pub fn tell_nodes(&self, from: &Layout, to: u64) -> Result<(), String> {
-        let nodes = &self.spec.nodes;
-        for (node, addr) in nodes.iter().enumerate() {
-            if let Err(why) = self.tell(node, *addr, from, to) {
-                let moved = from.with_size(to).unwrap_or(*from);
-                for (back, back_addr) in nodes.iter().enumerate().take(node) {
-                    if let Err(e) = self.tell(back, *back_addr, &moved, from.size()) {
-                        tracing::error!(node = back, error = %e, "could not put a node back to the old size");
-                    }
-                }
-                return Err(format!("node {node} ({addr}) did not resize: {why}"));
+    /// Moves the nodes, the queues' size and the kernel (`kernel` sets the
+    /// device's size) from the current size to `new`, in the order its
+    /// direction needs, and undoes what was done when a step fails. `new`
+    /// is checked by [`Resizer::resize`]; public for tests (a host without
+    /// ublk has no device to resize).
+    pub fn change(
+        &self,
+        new: u64,
+        mut kernel: impl FnMut(u64) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let old = self.size.get();
+        let dev = format!("/dev/ublkb{}", self.dev_id);
+        let from = Layout::new(old, self.spec.stripe_unit, self.spec.nodes.len() as u32)
+            .map_err(|e| format!("{dev}: its current layout is unusable: {e}"))?;
+        if new > old {
+            let before = self.tell_nodes(&from, new, Change::Grow)?;
+            self.size.set(new);
+            if let Err(why) = kernel(new) {
+                self.size.set(old);
+                let undone = self.put_back(&from, &before);
+                return Err(undo_report(&dev, &why, undone));
+            }
+        } else if new < old {
+            kernel(new)?;
+            self.size.set(new);
+            if let Err(why) = self.tell_nodes(&from, new, Change::Exact) {
+                self.size.set(old);
+                let undone = kernel(old);
+                return Err(undo_report(&dev, &why, undone));
             }
         }
         Ok(())
     }
 
-    /// One node: a connection of its own (not one of the queues'), the
-    /// resize, its answer.
-    fn tell(&self, node: usize, addr: SocketAddr, layout: &Layout, to: u64) -> Result<(), String> {
+    /// Tells every node the volume is now `to` bytes (a grow leaves a node
+    /// already that large alone); if one refuses, the ones changed are put
+    /// back. Returns, per node, the size it had if it was changed.
+    fn tell_nodes(&self, at: &Layout, to: u64, change: Change) -> Result<Vec<Option<u64>>, String> {
+        let mut before = Vec::with_capacity(self.spec.nodes.len());
+        for (node, addr) in self.spec.nodes.iter().enumerate() {
+            match self.tell(node, *addr, at, to, change) {
+                Ok(was) => before.push(was),
+                Err(why) => {
+                    // Logged there; the refusal is what the caller hears.
+                    let _ = self.put_back(at, &before);
+                    return Err(format!("node {node} ({addr}) did not resize: {why}"));
+                }
+            }
+        }
+        Ok(before)
+    }
+
+    /// Puts every node [`Resizer::tell_nodes`] changed back to the size it
+    /// had before this resize, never below it (a manager may have grown it
+    /// before the device followed).
+    fn put_back(&self, at: &Layout, before: &[Option<u64>]) -> Result<(), String> {
+        let mut failed = Vec::new();
+        for (node, (addr, was)) in self.spec.nodes.iter().zip(before).enumerate() {
+            let Some(was) = *was else { continue };
+            if let Err(e) = self.tell(node, *addr, at, was, Change::Exact) {
+                tracing::error!(node, size = was, error = %e, "could not put a node back to its size before the resize");
+                failed.push(format!("node {node} ({addr}): {e}"));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    /// One node: a connection of its own (not one of the queues'; an
+    /// existing-only handshake, pinned to the volume identity), its size
+    /// changed as `change` says. Returns its size before if it changed.
+    fn tell(
+        &self,
+        node: usize,
+        addr: SocketAddr,
+        layout: &Layout,
+        to: u64,
+        change: Change,
+    ) -> Result<Option<u64>, String> {
         let client_id = format!("{}/resize", self.client_id);
         let who = Identity {
             client_id: &client_id,
@@ -122,15 +165,10 @@ impl Resizer {
             digest: false,
             tls: self.tls.as_deref(),
         };
-        let (stream, _) =
-            net::connect(addr, node, layout, &who, self.timeouts).map_err(|e| e.to_string())?;
-        let op = pb::request::Op::Resize(pb::Resize { volume_size: to });
-        let reply = net::call(&stream, 1, op, self.timeouts.io)?;
-        if reply.status == pb::Status::Ok as i32 {
-            Ok(())
-        } else {
-            Err(reply.message)
-        }
+        let (stream, info) =
+            net::connect_as(addr, node, layout, &who, self.timeouts, Open::Existing)
+                .map_err(|e| e.to_string())?;
+        resize_node(&stream, &info, to, change, self.timeouts.io)
     }
 }
 

@@ -1,6 +1,8 @@
 //! The Controller service: volumes made, grown and deleted on the storage
 //! nodes (`netblk::manage`). Everything a volume is lives on its nodes and in
 //! its id, so the controller keeps no state and any replica can answer.
+//! Every call checks all its arguments (INVALID_ARGUMENT) before it looks
+//! anything up (its volume id with [`handle_of`]: NOT_FOUND if not ours).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -156,10 +158,10 @@ impl pb::controller_server::Controller for Controller {
         request: Request<pb::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
-        let handle = handle_of(&req.volume_id)?;
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume_capabilities is empty"));
         }
+        let handle = handle_of(&req.volume_id)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
         let volume = handle.volume_ref();
         let found = blocking(move || {
@@ -219,7 +221,6 @@ impl pb::controller_server::Controller for Controller {
         request: Request<pb::ControllerExpandVolumeRequest>,
     ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
-        let handle = handle_of(&req.volume_id)?;
         let Some(range) = req.capacity_range else {
             return Err(Status::invalid_argument("capacity_range is missing"));
         };
@@ -227,6 +228,7 @@ impl pb::controller_server::Controller for Controller {
         if let Some(capability) = &req.volume_capability {
             volume::supported(capability).map_err(Status::invalid_argument)?;
         }
+        let handle = handle_of(&req.volume_id)?;
         let claim = self.busy.claim(&handle.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
         let volume = handle.volume_ref();

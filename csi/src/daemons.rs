@@ -18,6 +18,7 @@ use netblk::state::{self, DeviceRecord};
 use netblk::ublk::ctrl::{Control, daemon_alive};
 use netblk::ublk::sys;
 
+use crate::busy::Busy;
 use crate::volume::VolumeHandle;
 
 /// How long a daemon may take to serve its device: a recovery waits up to
@@ -109,19 +110,14 @@ impl Daemons {
     }
 
     /// Recovers every device whose daemon is gone; returns what failed.
-    pub fn recover_all(&self) -> Vec<String> {
-        let mut failed = Vec::new();
-        for mapped in self.mapped() {
-            if mapped.alive || mapped.kernel_state == sys::UBLK_S_DEV_DEAD {
-                continue;
-            }
-            tracing::info!(device = %mapped.path(), volume = %mapped.record.volume, "recovering a device whose daemon is gone");
-            if let Err(why) = self.recover(&mapped) {
-                tracing::error!(device = %mapped.path(), error = %why, "recovery failed");
-                failed.push(format!("{}: {why}", mapped.path()));
-            }
-        }
-        failed
+    /// Each under its volume's claim in `busy` (see [`recover_each`]).
+    pub fn recover_all(&self, busy: &Busy) -> Vec<String> {
+        recover_each(
+            busy,
+            RECOVERY_CLAIM_WAIT,
+            || self.mapped(),
+            |m| self.recover(m),
+        )
     }
 
     /// Unmaps `mapped` (drained; refused while it is mounted or held).
@@ -233,6 +229,75 @@ impl Daemons {
     }
 }
 
+/// How long start-up recovery waits for an operation on a volume (which
+/// may itself be a recovery, up to [`READY_TIMEOUT`]).
+pub const RECOVERY_CLAIM_WAIT: Duration = Duration::from_secs(180);
+
+/// A device as start-up recovery sees it.
+pub trait Recoverable {
+    fn id(&self) -> u32;
+    fn volume(&self) -> &str;
+    /// Its daemon is gone, and the kernel still lets it be recovered.
+    fn needs_recovery(&self) -> bool;
+}
+
+impl Recoverable for Mapped {
+    fn id(&self) -> u32 {
+        self.record.id
+    }
+
+    fn volume(&self) -> &str {
+        &self.record.volume
+    }
+
+    fn needs_recovery(&self) -> bool {
+        !self.alive && self.kernel_state != sys::UBLK_S_DEV_DEAD
+    }
+}
+
+/// Start-up recovery: `recover` for every device of `list` that needs it,
+/// each under its volume's claim in `busy` (the one NodeStage takes, and
+/// recovers under too: waited for up to `wait`), and only if it still
+/// needs it once claimed (looked at again then). Returns what failed.
+pub fn recover_each<D: Recoverable>(
+    busy: &Busy,
+    wait: Duration,
+    list: impl Fn() -> Vec<D>,
+    recover: impl Fn(&D) -> Result<(), String>,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for device in list() {
+        if !device.needs_recovery() {
+            continue;
+        }
+        let path = format!("/dev/ublkb{}", device.id());
+        let claim = match busy.wait_claim(device.volume(), wait) {
+            Ok(claim) => claim,
+            Err(status) => {
+                tracing::error!(device = %path, error = %status.message(), "not recovered");
+                failed.push(format!("{path}: {}", status.message()));
+                continue;
+            }
+        };
+        // Looked at again under the claim: a NodeStage may have recovered
+        // it (or unstaged it) while this waited.
+        let Some(device) = list().into_iter().find(|d| d.id() == device.id()) else {
+            continue;
+        };
+        if !device.needs_recovery() {
+            tracing::info!(device = %path, "served again meanwhile: nothing to recover");
+            continue;
+        }
+        tracing::info!(device = %path, volume = %device.volume(), "recovering a device whose daemon is gone");
+        if let Err(why) = recover(&device) {
+            tracing::error!(device = %path, error = %why, "recovery failed");
+            failed.push(format!("{path}: {why}"));
+        }
+        drop(claim);
+    }
+    failed
+}
+
 /// The last lines a daemon wrote to `path` past `from`.
 fn tail(path: &Path, from: u64) -> String {
     let mut text = String::new();
@@ -246,5 +311,79 @@ fn tail(path: &Path, from: u64) -> String {
         "(no output)".into()
     } else {
         last.join(" | ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    /// A device: id, volume, whether its daemon runs.
+    #[derive(Debug, Clone)]
+    struct Device(u32, &'static str, bool);
+
+    impl Recoverable for Device {
+        fn id(&self) -> u32 {
+            self.0
+        }
+        fn volume(&self) -> &str {
+            self.1
+        }
+        fn needs_recovery(&self) -> bool {
+            !self.2
+        }
+    }
+
+    /// A NodeStage holds volume `a`'s claim and recovers its device while
+    /// start-up recovery runs: start-up recovery waits for it, then finds
+    /// the device served and leaves it; a NodeStage arriving while start-up
+    /// recovery works on a volume is told to come back (ABORTED).
+    #[test]
+    fn start_up_recovery_and_node_stage_never_recover_one_device_together() {
+        let busy = Busy::default();
+        let host = Arc::new(Mutex::new(vec![
+            Device(0, "a", false),
+            Device(1, "b", false),
+        ]));
+        let recoveries = Arc::new(Mutex::new(Vec::new()));
+        let stage = busy.claim("a").expect("NodeStage claims a");
+        let staging = {
+            let host = Arc::clone(&host);
+            let recoveries = Arc::clone(&recoveries);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                recoveries
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(0);
+                host.lock().unwrap_or_else(PoisonError::into_inner)[0].2 = true;
+                drop(stage);
+            })
+        };
+        let failed = recover_each(
+            &busy,
+            Duration::from_secs(10),
+            || host.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            |d: &Device| {
+                // Meanwhile a NodeStage of the same volume is turned away.
+                let code = busy.claim(d.volume()).map(drop).map_err(|s| s.code());
+                assert_eq!(code, Err(tonic::Code::Aborted), "volume {}", d.volume());
+                recoveries
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(d.id());
+                host.lock().unwrap_or_else(PoisonError::into_inner)[d.id() as usize].2 = true;
+                Ok(())
+            },
+        );
+        staging.join().expect("NodeStage");
+        assert!(failed.is_empty(), "{failed:?}");
+        let mut done = recoveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        done.sort_unstable();
+        assert_eq!(done, [0, 1], "each device recovered once");
     }
 }

@@ -101,7 +101,7 @@ fn main() -> ExitCode {
             // Probe says not ready until the devices of an earlier run are
             // served again; their IO waits in the kernel meanwhile.
             tokio::task::spawn_blocking(move || {
-                let failed = node.daemons.recover_all();
+                let failed = node.daemons.recover_all(&node.busy);
                 if failed.is_empty() {
                     tracing::info!("every device of this host is served");
                 } else {

@@ -1,7 +1,9 @@
 //! The Node service: a volume mapped once per host (`netblk map`, run
 //! detached by [`Daemons`]), formatted and mounted at the staging path
 //! (Mount) or left as the device (Block), bind-mounted into each pod's
-//! target; grown online; every call idempotent.
+//! target; grown online; every call idempotent. Every call checks all its
+//! arguments (INVALID_ARGUMENT) before it looks anything up (its volume id
+//! with [`handle_of`], which answers NOT_FOUND for an id not ours).
 
 use std::path::{Path, PathBuf};
 
@@ -86,11 +88,11 @@ impl Node {
     }
 
     fn stage(&self, req: pb::NodeStageVolumeRequest) -> Result<(), Status> {
-        let handle = handle_of(&req.volume_id)?;
         need("staging_target_path", &req.staging_target_path)?;
         let (access, readonly) = access_of(req.volume_capability.as_ref())?;
         let queues = volume::queues(req.volume_context.get("queues"), "volume context 'queues'")
             .map_err(Status::invalid_argument)?;
+        let handle = handle_of(&req.volume_id)?;
         let _claim = self.busy.claim(&handle.name)?;
         let mapped = self.ensure_mapped(&handle, queues)?;
         let dev = mapped.path();
@@ -168,11 +170,11 @@ impl Node {
     }
 
     fn publish(&self, req: pb::NodePublishVolumeRequest) -> Result<(), Status> {
-        let handle = handle_of(&req.volume_id)?;
         need("staging_target_path", &req.staging_target_path)?;
         need("target_path", &req.target_path)?;
         let (access, readonly) = access_of(req.volume_capability.as_ref())?;
         let readonly = readonly || req.readonly;
+        let handle = handle_of(&req.volume_id)?;
         let _claim = self.busy.claim(&handle.name)?;
         let mapped = self.daemons.find(&handle).ok_or_else(|| {
             Status::failed_precondition(format!("volume '{}' is not staged here", handle.name))
@@ -245,8 +247,8 @@ impl Node {
         &self,
         req: pb::NodeGetVolumeStatsRequest,
     ) -> Result<pb::NodeGetVolumeStatsResponse, Status> {
-        let handle = handle_of(&req.volume_id)?;
         need("volume_path", &req.volume_path)?;
+        let handle = handle_of(&req.volume_id)?;
         let path = Path::new(&req.volume_path);
         let meta = std::fs::metadata(path)
             .map_err(|e| Status::not_found(format!("{}: {e}", path.display())))?;
@@ -301,8 +303,15 @@ impl Node {
     }
 
     fn expand(&self, req: pb::NodeExpandVolumeRequest) -> Result<u64, Status> {
-        let handle = handle_of(&req.volume_id)?;
         need("volume_path", &req.volume_path)?;
+        if let Some(capability) = &req.volume_capability {
+            volume::supported(capability).map_err(Status::invalid_argument)?;
+        }
+        let asked = match &req.capacity_range {
+            Some(range) => Some(volume::capacity(Some(range)).map_err(Status::out_of_range)?),
+            None => None,
+        };
+        let handle = handle_of(&req.volume_id)?;
         let path = PathBuf::from(&req.volume_path);
         if !path.exists() {
             return Err(Status::not_found(format!(
@@ -310,18 +319,12 @@ impl Node {
                 path.display()
             )));
         }
-        if let Some(capability) = &req.volume_capability {
-            volume::supported(capability).map_err(Status::invalid_argument)?;
-        }
         let _claim = self.busy.claim(&handle.name)?;
         let mapped = self.daemons.find(&handle).ok_or_else(|| {
             Status::not_found(format!("volume '{}' is not mapped here", handle.name))
         })?;
         let dev = mapped.path();
-        let wanted = match &req.capacity_range {
-            Some(range) => volume::capacity(Some(range)).map_err(Status::out_of_range)?,
-            None => mapped.record.size,
-        };
+        let wanted = asked.unwrap_or(mapped.record.size);
         let size = host::device_size(Path::new(&dev))
             .map_err(|e| Status::internal(format!("{dev}: {e}")))?;
         if wanted > size {

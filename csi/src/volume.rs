@@ -68,7 +68,9 @@ impl VolumeHandle {
 }
 
 /// The handle of a request's volume id: INVALID_ARGUMENT if it is empty,
-/// NOT_FOUND if it is not one of ours.
+/// NOT_FOUND if it is not one of ours. A lookup: called only once every
+/// other argument of the request was checked (a request missing one is
+/// INVALID_ARGUMENT, whatever its id).
 pub fn handle_of(id: &str) -> Result<VolumeHandle, tonic::Status> {
     if id.is_empty() {
         return Err(tonic::Status::invalid_argument("volume_id is empty"));

@@ -28,16 +28,26 @@ pub fn mock_node_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("NETBLK_MOCK_NODE") {
         return PathBuf::from(path);
     }
+    built_bin("netblk-mock-node", "netblk-mock-node")
+}
+
+/// The `netblk` binary cargo built beside this test binary.
+pub fn netblk_bin() -> PathBuf {
+    built_bin("netblk", "netblk")
+}
+
+/// Binary `name` of package `package` in `target/<profile>/`.
+fn built_bin(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test binary> -> target/<profile>/netblk-mock-node
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("netblk-mock-node");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build it with `cargo build -p netblk-mock-node` (cargo test --workspace does)",
+        "{} is missing: build it with `cargo build -p {package}` (cargo test --workspace does)",
         bin.display()
     );
     bin

@@ -466,3 +466,99 @@ fn the_node_service_checks_its_arguments_before_touching_the_host() {
     assert_eq!(code(expand(id, "/nonexistent/path")), Code::NotFound);
     assert_eq!(code(expand("garbage", "/tmp")), Code::NotFound);
 }
+
+/// Arguments are checked before the volume id is looked at: a request that
+/// lacks a required field is INVALID_ARGUMENT even with an id that names no
+/// volume of ours (what csi-sanity sends), never NOT_FOUND.
+#[test]
+fn missing_arguments_are_invalid_whatever_the_volume_id() {
+    let node_plugin = node_plugin();
+    let csi = node_plugin.client();
+    let node = || csi.node.clone();
+    let id = "not-ours";
+    let invalid = |what: &str, result: Result<(), tonic::Status>| {
+        assert_eq!(
+            result.map_err(|s| s.code()),
+            Err(Code::InvalidArgument),
+            "{what}"
+        );
+    };
+    invalid(
+        "NodeStageVolume without a staging path",
+        csi.call(node().node_stage_volume(pb::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            volume_capability: Some(block()),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+    invalid(
+        "NodeStageVolume without a capability",
+        csi.call(node().node_stage_volume(pb::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: "/tmp/s".into(),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+    invalid(
+        "NodePublishVolume without a target path",
+        csi.call(node().node_publish_volume(pb::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: "/tmp/s".into(),
+            volume_capability: Some(block()),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+    invalid(
+        "NodePublishVolume without a capability",
+        csi.call(node().node_publish_volume(pb::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: "/tmp/s".into(),
+            target_path: "/tmp/t".into(),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+    invalid(
+        "NodeGetVolumeStats without a volume path",
+        csi.call(node().node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+    invalid(
+        "NodeExpandVolume without a volume path",
+        csi.call(node().node_expand_volume(pb::NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+
+    let controller_plugin = controller_plugin(Arc::new(AtomicBool::new(true)));
+    let csi = controller_plugin.client();
+    let controller = || csi.controller.clone();
+    invalid(
+        "ValidateVolumeCapabilities without capabilities",
+        csi.call(controller().validate_volume_capabilities(
+            pb::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            },
+        ))
+        .map(drop),
+    );
+    invalid(
+        "ControllerExpandVolume without a capacity range",
+        csi.call(
+            controller().controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            }),
+        )
+        .map(drop),
+    );
+}

@@ -6,28 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use netblk::state::{self, DeviceRecord};
+use netblk_tests::netblk_bin;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate is in the workspace")
         .to_path_buf()
-}
-
-/// The `netblk` binary cargo built beside this test binary.
-fn netblk_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("netblk");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo test --workspace builds it",
-        bin.display()
-    );
-    bin
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! The node part of an online resize (`netblk::resize::Resizer`) against
 //! mock nodes: every node takes the new size (handshakes must then present
-//! it), and when one cannot follow, the others are put back.
+//! it), and when one cannot follow (or the kernel refuses), the others are
+//! put back to the size each had before, never below it.
 
 use std::time::Duration;
 
-use netblk::layout::{Layout, LiveSize};
+use netblk::layout::LiveSize;
+use netblk::manage::VolumeRef;
 use netblk::net::Timeouts;
 use netblk::resize::Resizer;
-use netblk_protocol::pb::Status;
+use netblk_protocol::pb::{self, Status};
 use netblk_tests::cluster::Cluster;
 use netblk_tests::{NodeClient, handshake};
 
@@ -19,33 +21,62 @@ fn accepts(cluster: &Cluster, i: usize, size: u64) -> bool {
     NodeClient::handshake_reply(cluster.nodes[i].addr, hs).status == Status::Ok as i32
 }
 
+const TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(2),
+    io: Duration::from_secs(5),
+};
+
+/// The volume created at `size` on every node, and a resizer of a device
+/// mapped at that size (pinned to the nodes' volume identities).
+fn mapped(cluster: &Cluster, size: u64) -> Resizer {
+    let volume_ids = (0..3)
+        .map(|i| {
+            let hs = handshake("grow", size, 64 << 10, 3, i as u32);
+            let reply = NodeClient::handshake_reply(cluster.nodes[i].addr, hs);
+            assert_eq!(
+                reply.status,
+                Status::Ok as i32,
+                "node {i} creates the volume"
+            );
+            reply.volume_id
+        })
+        .collect();
+    Resizer {
+        dev_id: 0,
+        spec: cluster.spec("grow", size),
+        size: LiveSize::new(size),
+        client_id: format!("resize-test-{}", std::process::id()),
+        volume_ids,
+        timeouts: TIMEOUTS,
+        block_size: 512,
+        tls: None,
+    }
+}
+
+/// Node `i` set to `size` by someone else (a manager's grow cut short).
+fn resize_one(cluster: &Cluster, i: usize, size: u64) {
+    let hs = pb::Handshake {
+        existing: true,
+        volume_size: 0,
+        ..handshake("grow", 0, 64 << 10, 3, i as u32)
+    };
+    let mut client = NodeClient::open(cluster.nodes[i].addr, hs);
+    let op = pb::request::Op::Resize(pb::Resize { volume_size: size });
+    assert_eq!(
+        client.status_of(op, &[]),
+        Status::Ok as i32,
+        "node {i} resized"
+    );
+}
+
 #[test]
 fn every_node_takes_the_new_size_or_none_keeps_it() {
     let mut cluster = Cluster::start(3);
-    let spec = cluster.spec("grow", 48 * MIB);
-    for i in 0..3 {
-        assert!(
-            accepts(&cluster, i, 48 * MIB),
-            "node {i} creates the volume"
-        );
-    }
-    let resizer = Resizer {
-        dev_id: 0,
-        spec: spec.clone(),
-        size: LiveSize::new(48 * MIB),
-        client_id: format!("resize-test-{}", std::process::id()),
-        volume_ids: Vec::new(),
-        timeouts: Timeouts {
-            connect: Duration::from_secs(2),
-            io: Duration::from_secs(5),
-        },
-        block_size: 512,
-        tls: None,
-    };
-    let layout = |size| Layout::new(size, 64 << 10, 3).expect("layout");
+    let resizer = mapped(&cluster, 48 * MIB);
     resizer
-        .tell_nodes(&layout(48 * MIB), 96 * MIB)
+        .change(96 * MIB, |_| Ok(()))
         .expect("grow on every node");
+    assert_eq!(resizer.size.get(), 96 * MIB);
     for i in 0..3 {
         assert!(accepts(&cluster, i, 96 * MIB), "node {i} at the new size");
         assert!(
@@ -57,11 +88,63 @@ fn every_node_takes_the_new_size_or_none_keeps_it() {
     cluster.nodes[2].signal(libc::SIGKILL);
     cluster.nodes[2].wait_exit(Duration::from_secs(5));
     let err = resizer
-        .tell_nodes(&layout(96 * MIB), 144 * MIB)
+        .change(144 * MIB, |_| Ok(()))
         .expect_err("a node is down");
-    assert!(err.starts_with("node 2 ("), "{err}");
+    assert!(err.contains("node 2 ("), "{err}");
+    assert_eq!(resizer.size.get(), 96 * MIB, "the queues keep the old size");
     for i in 0..2 {
         assert!(accepts(&cluster, i, 96 * MIB), "node {i} put back");
         assert!(!accepts(&cluster, i, 144 * MIB), "node {i} not left grown");
+    }
+}
+
+#[test]
+fn undoing_a_grow_puts_each_node_back_to_its_own_size() {
+    // A manager's grow (ControllerExpandVolume) got node 0 to 96 MiB, then
+    // stopped; the device, at 48 MiB, grows to 144 MiB and node 2 is down.
+    let mut cluster = Cluster::start(3);
+    let resizer = mapped(&cluster, 48 * MIB);
+    resize_one(&cluster, 0, 96 * MIB);
+    cluster.nodes[2].signal(libc::SIGKILL);
+    cluster.nodes[2].wait_exit(Duration::from_secs(5));
+    let err = resizer
+        .change(144 * MIB, |_| Ok(()))
+        .expect_err("a node is down");
+    assert!(err.contains("node 2 ("), "{err}");
+    assert!(
+        accepts(&cluster, 0, 96 * MIB),
+        "node 0 back at 96 MiB, not below"
+    );
+    assert!(accepts(&cluster, 1, 48 * MIB), "node 1 back at 48 MiB");
+}
+
+#[test]
+fn a_kernel_refusal_never_shrinks_nodes_a_manager_grew() {
+    // ControllerExpandVolume grew every node to 96 MiB; the device follows
+    // (48 -> 96 MiB), and the kernel refuses the new size.
+    let cluster = Cluster::start(3);
+    let resizer = mapped(&cluster, 48 * MIB);
+    let volume = VolumeRef {
+        name: "grow".into(),
+        stripe_unit: 64 << 10,
+        nodes: cluster.addrs(),
+        tls: None,
+    };
+    assert_eq!(
+        volume.grow(96 * MIB, "resize-test-manager", TIMEOUTS),
+        Ok(96 * MIB)
+    );
+    let mut asked = Vec::new();
+    let err = resizer
+        .change(96 * MIB, |size| {
+            asked.push(size);
+            Err("refused".into())
+        })
+        .expect_err("the kernel refused");
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(asked, [96 * MIB]);
+    assert_eq!(resizer.size.get(), 48 * MIB, "the queues keep the old size");
+    for i in 0..3 {
+        assert!(accepts(&cluster, i, 96 * MIB), "node {i} still at 96 MiB");
     }
 }

@@ -159,13 +159,28 @@ impl ServerCertVerifier for DangerAnyName {
 }
 
 /// A configuration built from files, built again when one of them
-/// changes (its modification time), so that rotated certificates are used
-/// from the next handshake on without a restart.
+/// changes (its modification time, length or inode), so that rotated
+/// certificates are used from the next handshake on without a restart.
 pub struct Reloading<F, C> {
     files: F,
     paths: Vec<PathBuf>,
     build: fn(&F) -> Result<Arc<C>, String>,
-    current: Mutex<(Vec<Option<SystemTime>>, Arc<C>)>,
+    current: Mutex<Current<C>>,
+}
+
+/// What a file looked like when it was read: its modification time,
+/// length and inode (`None`: it could not be looked at).
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+struct Current<C> {
+    /// The files the configuration was built from. Only a build that
+    /// succeeded records them: after a failure (a file caught half
+    /// written during a rotation) every use tries again.
+    built_from: Vec<Stamp>,
+    config: Arc<C>,
+    /// The files last found unusable, so that the error is logged once
+    /// per change, not at every retry.
+    failed: Option<Vec<Stamp>>,
 }
 
 impl<F, C> std::fmt::Debug for Reloading<F, C> {
@@ -177,10 +192,14 @@ impl<F, C> std::fmt::Debug for Reloading<F, C> {
 }
 
 impl<F, C> Reloading<F, C> {
-    fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
+        use std::os::unix::fs::MetadataExt;
         paths
             .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .map(|p| {
+                let meta = std::fs::metadata(p).ok()?;
+                Some((meta.modified().ok()?, meta.len(), meta.ino()))
+            })
             .collect()
     }
 
@@ -190,13 +209,17 @@ impl<F, C> Reloading<F, C> {
         paths: Vec<PathBuf>,
         build: fn(&F) -> Result<Arc<C>, String>,
     ) -> Result<Self, String> {
-        let stamps = Self::stamps(&paths);
+        let built_from = Self::stamps(&paths);
         let config = build(&files)?;
         Ok(Reloading {
             files,
             paths,
             build,
-            current: Mutex::new((stamps, config)),
+            current: Mutex::new(Current {
+                built_from,
+                config,
+                failed: None,
+            }),
         })
     }
 
@@ -206,24 +229,33 @@ impl<F, C> Reloading<F, C> {
     }
 
     /// The configuration for a new handshake: rebuilt if a file changed
-    /// since; if the new files are unusable, the last good one is kept
-    /// (and the error logged).
+    /// since the last build that succeeded; if the files are unusable now,
+    /// the last good configuration is used (the error logged once) and the
+    /// next call tries again.
     pub fn get(&self) -> Arc<C> {
+        // Looked at before the build: a file changed during it is seen
+        // as changed at the next call.
         let stamps = Self::stamps(&self.paths);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if stamps != current.0 {
+        if stamps != current.built_from {
             match (self.build)(&self.files) {
                 Ok(config) => {
                     tracing::info!(files = ?self.paths, "TLS files changed: new handshakes use them");
-                    *current = (stamps, config);
+                    *current = Current {
+                        built_from: stamps,
+                        config,
+                        failed: None,
+                    };
                 }
                 Err(why) => {
-                    tracing::error!(error = %why, "TLS files changed but cannot be used: keeping the ones loaded before");
-                    current.0 = stamps;
+                    if current.failed.as_ref() != Some(&stamps) {
+                        tracing::error!(error = %why, "TLS files changed but cannot be used (yet): keeping the ones loaded before, trying again at the next handshake");
+                        current.failed = Some(stamps);
+                    }
                 }
             }
         }
-        Arc::clone(&current.1)
+        Arc::clone(&current.config)
     }
 }
 
@@ -242,5 +274,55 @@ impl Reloading<ClientFiles, ClientConfig> {
     pub fn client(files: ClientFiles) -> Result<Self, String> {
         let paths = vec![files.ca.clone(), files.cert.clone(), files.key.clone()];
         Reloading::new(files, paths, client_config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::io::Write;
+
+    /// A stand-in for a PEM file: usable once it ends with `END`.
+    fn build(path: &PathBuf) -> Result<Arc<String>, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        if text.ends_with("END") {
+            Ok(Arc::new(text))
+        } else {
+            Err(format!("{}: half written", path.display()))
+        }
+    }
+
+    /// Overwrites `path` in place (same inode) and gives it `mtime`.
+    fn write(path: &Path, text: &str, mtime: SystemTime) {
+        let mut file = File::options()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file.set_modified(mtime).unwrap();
+    }
+
+    #[test]
+    fn a_half_written_file_is_read_again_at_the_next_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cert.pem");
+        std::fs::write(&path, "one END").unwrap();
+        let reloading = Reloading::new(path.clone(), vec![path.clone()], build).unwrap();
+        assert_eq!(*reloading.get(), "one END");
+
+        // Rotation caught half way: the old configuration serves...
+        let rotated = SystemTime::now() + std::time::Duration::from_secs(5);
+        write(&path, "two ...", rotated);
+        assert_eq!(*reloading.get(), "one END");
+        // ...and the finished file (same inode, length and modification
+        // time: the writer finished within the clock's granularity) is
+        // picked up at the next use, not at the next change.
+        write(&path, "two END", rotated);
+        assert_eq!(*reloading.get(), "two END");
+        // Unchanged from then on: the same configuration, not rebuilt.
+        let first = reloading.get();
+        assert!(Arc::ptr_eq(&first, &reloading.get()));
     }
 }

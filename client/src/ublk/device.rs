@@ -539,13 +539,13 @@ fn start_queues(
     Ok(())
 }
 
-/// Whether the block device at `path` is claimed: mounted, or held by
-/// another device (dm, md, swap) or an exclusive opener. An exclusive open
-/// is refused with EBUSY exactly then.
-pub fn block_in_use(path: &str) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path) else {
-        return false;
-    };
+/// Whether the block device at `path` is in use, and by what: claimed
+/// (mounted, or held by another device (dm, md, swap) or an exclusive
+/// opener: an exclusive open is refused with EBUSY exactly then), or open
+/// by any process at all (a database on the raw device opens it without
+/// `O_EXCL`), as `fuser` finds it. None: free to stop.
+pub fn block_in_use(path: &str) -> Option<String> {
+    let c_path = std::ffi::CString::new(path).ok()?;
     // SAFETY: a NUL-terminated path and flags; the descriptor returned is
     // closed at once below.
     let fd = unsafe {
@@ -557,9 +557,24 @@ pub fn block_in_use(path: &str) -> bool {
     if fd >= 0 {
         // SAFETY: fd was just opened here and nothing else holds it.
         unsafe { libc::close(fd) };
-        return false;
+    } else if io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY) {
+        return Some("mounted, or held by another device or an exclusive opener".into());
     }
-    io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY)
+    match crate::openers::openers(std::path::Path::new(path)) {
+        Ok(found) if found.is_empty() => None,
+        Ok(found) => Some(format!(
+            "open by {}",
+            found
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        // Gone (no such device): nothing holds it.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        // Not knowing is not knowing it is free.
+        Err(e) => Some(format!("cannot tell who holds it open: {e}")),
+    }
 }
 
 /// Connects, adds, configures and starts the device. Nothing is left behind
@@ -1416,5 +1431,30 @@ mod tests {
             choose_path(0x1fe, true, ZeroCopy::On),
             Err(MapError::NoZeroCopy)
         ));
+    }
+}
+
+#[cfg(test)]
+mod in_use_tests {
+    use super::*;
+
+    /// A raw-device database opens without `O_EXCL`: no claim, but in use
+    /// all the same. (A regular file stands in for the device here: the
+    /// exclusive open it is also tried with succeeds on it.)
+    #[test]
+    fn a_device_a_process_holds_open_is_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk");
+        std::fs::write(&path, b"data").expect("write");
+        let path = path.to_str().expect("utf-8 path");
+        assert_eq!(block_in_use(path), None, "nobody holds it");
+        let held = std::fs::File::open(path).expect("open");
+        let why = block_in_use(path).expect("held open by this process");
+        assert!(
+            why.contains(&format!("pid {} (", std::process::id())),
+            "{why}"
+        );
+        drop(held);
+        assert_eq!(block_in_use(path), None, "closed again");
     }
 }

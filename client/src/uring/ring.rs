@@ -10,6 +10,14 @@
 //! back (`EBUSY`: its overflow list is not yet flushed into the ring), and a
 //! ring that ever dropped one (`EBADR`, or the overflow counter of a kernel
 //! without `IORING_FEAT_NODROP`) fails the queue rather than hang a request.
+//!
+//! The kernel may take fewer entries than were queued. At a chain's end
+//! that is harmless (the rest goes with the next submit); in a chain's
+//! middle (it ran out of memory for requests there) it has already started
+//! the first part as a chain of its own, and the rest would run as
+//! another, so the queue fails instead. `EAGAIN` (no memory for requests,
+//! nothing taken) is tried again after a pause that doubles, for a bounded
+//! time, never in a busy loop.
 
 use std::collections::VecDeque;
 use std::io;
@@ -44,10 +52,23 @@ pub(super) fn ring_sizes(depth: u16, nodes: usize, chain: usize) -> (u32, u32) {
 /// A completion as the driver handles it: user data, result, flags.
 pub(super) type Cqe = (u64, i32, u32);
 
+/// The pause after the first `EAGAIN`; each next one doubles it, up to
+/// `PAUSE_MAX`, and after `EAGAIN_MAX` in a row the queue fails (about
+/// 6 s of a kernel that cannot take a single request).
+const PAUSE_MIN: Duration = Duration::from_millis(1);
+const PAUSE_MAX: Duration = Duration::from_millis(64);
+const EAGAIN_MAX: u32 = 100;
+
 pub(super) struct Ring {
     ring: IoUring,
     /// Completions taken off the ring while submitting, not yet handled.
     backlog: VecDeque<Cqe>,
+    /// The lengths of the chains queued and not yet taken by the kernel,
+    /// oldest first (the first one may have lost its taken part already:
+    /// never, since a chain taken in part fails the ring).
+    chains: VecDeque<usize>,
+    /// `EAGAIN`s in a row.
+    pushed_back: u32,
 }
 
 impl Ring {
@@ -76,6 +97,8 @@ impl Ring {
         Ok(Ring {
             ring,
             backlog: VecDeque::new(),
+            chains: VecDeque::new(),
+            pushed_back: 0,
         })
     }
 
@@ -109,22 +132,74 @@ impl Ring {
         // their completions; there is room for all of them (checked above),
         // so the chain goes into the queue whole.
         unsafe { sq.push_multiple(entries) }
-            .map_err(|_| io::Error::other("submission queue full after making room"))
+            .map_err(|_| io::Error::other("submission queue full after making room"))?;
+        drop(sq);
+        if !entries.is_empty() {
+            self.chains.push_back(entries.len());
+        }
+        Ok(())
     }
 
     /// Submits what is queued. A kernel that pushes back because completions
     /// are waiting (`EBUSY`) gets them taken into the backlog first.
     pub(super) fn submit(&mut self) -> io::Result<()> {
+        self.submit_by(IoUring::submit)
+    }
+
+    /// [`Ring::submit`] with `enter` as the `io_uring_enter` that submits
+    /// (a stand-in in tests: the kernel's refusals are hard to provoke).
+    fn submit_by(
+        &mut self,
+        mut enter: impl FnMut(&IoUring) -> io::Result<usize>,
+    ) -> io::Result<()> {
         loop {
-            match self.ring.submit() {
-                Ok(_) => return Ok(()),
+            match enter(&self.ring) {
+                Ok(taken) => return self.taken(taken),
                 Err(err) => match err.raw_os_error() {
-                    Some(libc::EINTR | libc::EAGAIN) => {}
+                    Some(libc::EINTR) => {}
+                    Some(libc::EAGAIN) => self.pause()?,
                     Some(libc::EBUSY) => self.drain()?,
                     _ => return Err(self.explain(err)),
                 },
             }
         }
+    }
+
+    /// The kernel took the `taken` oldest queued entries: whole chains, or
+    /// the queue cannot go on (the rest of a chain would run on its own).
+    fn taken(&mut self, mut taken: usize) -> io::Result<()> {
+        self.pushed_back = 0;
+        while taken > 0 {
+            let Some(&len) = self.chains.front() else {
+                return Ok(());
+            };
+            if taken < len {
+                return Err(io::Error::other(format!(
+                    "io_uring took {taken} of a linked chain's {len} entries (out of memory for requests?): the rest would run as a chain of its own, so the queue cannot go on"
+                )));
+            }
+            taken -= len;
+            self.chains.pop_front();
+        }
+        Ok(())
+    }
+
+    /// After an `EAGAIN` (nothing taken: no memory for requests): waiting
+    /// completions moved out, then a pause that doubles with every `EAGAIN`
+    /// in a row; too many in a row fail the queue.
+    fn pause(&mut self) -> io::Result<()> {
+        self.pushed_back += 1;
+        if self.pushed_back > EAGAIN_MAX {
+            return Err(io::Error::other(format!(
+                "io_uring refused every submission (EAGAIN: no memory for requests) {EAGAIN_MAX} times in a row"
+            )));
+        }
+        self.drain()?;
+        let pause = PAUSE_MIN
+            .saturating_mul(1 << (self.pushed_back - 1).min(6))
+            .min(PAUSE_MAX);
+        std::thread::sleep(pause);
+        Ok(())
     }
 
     /// Submits, then waits for at least one completion or `timeout`.
@@ -141,9 +216,13 @@ impl Ring {
             None => self.ring.submit_and_wait(1),
         };
         match result {
-            Ok(_) => Ok(()),
+            // What was taken is counted even when the wait was cut short.
+            Ok(taken) => self.taken(taken),
             Err(err) => match err.raw_os_error() {
-                Some(libc::ETIME | libc::EINTR | libc::EAGAIN) => Ok(()),
+                // Nothing was taken (else its count would be the answer).
+                Some(libc::ETIME | libc::EINTR) => Ok(()),
+                // The caller's loop comes back: after a pause, not at once.
+                Some(libc::EAGAIN) => self.pause(),
                 // Completions are waiting in the kernel's overflow list:
                 // reaping makes room for them.
                 Some(libc::EBUSY) => self.drain(),
@@ -275,5 +354,43 @@ mod tests {
         let mut ids: Vec<u64> = seen.iter().map(|c| c.0).collect();
         ids.sort_unstable();
         assert_eq!(ids, (0..total).collect::<Vec<_>>());
+    }
+
+    /// The kernel took part of a chain (it ran out of memory for requests
+    /// in its middle): the rest must not go out as a chain of its own.
+    #[test]
+    fn a_chain_the_kernel_took_in_part_fails_the_ring() {
+        let mut ring = Ring::new(8, 16).expect("ring");
+        let nop = |ud: u64| opcode::Nop::new().build().user_data(ud);
+        let chain = [
+            nop(1).flags(squeue::Flags::IO_LINK),
+            nop(2).flags(squeue::Flags::IO_LINK),
+            nop(3),
+        ];
+        // SAFETY: NOPs point at nothing.
+        unsafe { ring.push_chain(&[nop(0)]) }.expect("push");
+        // SAFETY: as above.
+        unsafe { ring.push_chain(&chain) }.expect("push chain");
+        let err = ring.submit_by(|_| Ok(3)).expect_err("a split chain");
+        assert!(err.to_string().contains("linked chain"), "{err}");
+    }
+
+    /// `EAGAIN` (no memory for requests): tried again after a pause that
+    /// grows, not at once in a loop.
+    #[test]
+    fn eagain_is_tried_again_after_a_pause() {
+        let mut ring = Ring::new(8, 16).expect("ring");
+        let start = std::time::Instant::now();
+        let mut calls = 0u32;
+        ring.submit_by(|_| {
+            calls += 1;
+            if start.elapsed() < Duration::from_millis(30) {
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            } else {
+                Ok(0)
+            }
+        })
+        .expect("submitted once the kernel took it");
+        assert!(calls <= 8, "{calls} calls in 30 ms: a busy loop");
     }
 }

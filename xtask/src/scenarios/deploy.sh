@@ -1,8 +1,9 @@
 # Host deployment, as the systemd unit runs it: a volume file mapped with
 # `map --config`; a daemon that dies is replaced by the next `map --config`
 # of the volume (the same device, data intact: what Restart=on-failure
-# does); SIGTERM while the device is mounted (a `systemctl restart`) leaves
-# it for that next map, and unmap refuses it; the udev helper names it.
+# does); SIGTERM while the device is mounted (a `systemctl restart`) or
+# held open by a process (no O_EXCL) leaves it for that next map, and unmap
+# refuses it; the udev helper names it.
 VOLS=/tmp/volumes
 mkdir -p $VOLS
 NODE_LIST=$(echo "$NODES" | sed 's/[^,]*/"&"/g')
@@ -56,8 +57,24 @@ D3=$!
 (cd /mnt && md5sum before > /tmp/depsum && dd if=/dev/urandom of=after bs=1M count=8 2>/dev/null && sync) || fail "the filesystem after the restart"
 umount /mnt || fail "umount"
 e2fsck -fn "$DEV" >/tmp/depfsck.log 2>&1 || fail "e2fsck -fn after the restart"
+echo "ublk: SIGTERM with the device mounted leaves it (unmap refuses it), map --config recovers it, ext4 clean"
+# Open without O_EXCL (a database on the raw device): in use as well.
+sleep 600 <"$DEV" &
+HOLD=$!
+sleep 0.2
+kill -TERM $D3; wait $D3; RC=$?
+[ $RC -eq 0 ] || fail "SIGTERM of a daemon whose device is open: exit $RC"
+grep -q "is in use (open by pid $HOLD (sleep))" /tmp/dep3.log || fail "the daemon did not name the process holding the device open"
+[ -b "$DEV" ] || fail "SIGTERM took a device a process holds open away"
+netblk unmap "$DEV" >/tmp/depunmap2.out 2>&1 && fail "unmap of a device held open succeeded"
+grep -q "open by pid $HOLD" /tmp/depunmap2.out || fail "unmap of a device held open does not name the process"
+netblk map --config $VOLS/dep.toml >/tmp/dep4.out 2>/tmp/dep4.log &
+D4=$!
+[ "$(wait_dev /tmp/dep4.out)" = "$DEV" ] || fail "map --config after a stop of a device held open did not recover it"
+kill $HOLD; wait $HOLD 2>/dev/null
+echo "ublk: SIGTERM with the device held open without O_EXCL leaves it (unmap names the process), map --config recovers it"
 # Not in use any more: SIGTERM drains and unmaps, and the record goes.
-kill -TERM $D3; wait $D3 || fail "SIGTERM of an unused device's daemon"
+kill -TERM $D4; wait $D4 || fail "SIGTERM of an unused device's daemon"
 [ -e "$DEV" ] && fail "$DEV still there after SIGTERM with nothing mounted"
 netblk list | grep -q " dep " && fail "the record of volume dep is left after the unmap"
-echo "ublk: SIGTERM with the device mounted leaves it (unmap refuses it), map --config recovers it, ext4 clean; unmounted, SIGTERM unmaps"
+echo "ublk: closed and unmounted, SIGTERM unmaps"
