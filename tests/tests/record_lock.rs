@@ -34,6 +34,7 @@ fn record() -> DeviceRecord {
         volume_ids: Vec::new(),
         data_digest: false,
         tls: None,
+        durability: vec![Default::default()],
     }
 }
 
