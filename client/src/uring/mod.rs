@@ -231,7 +231,7 @@ impl<F: Frontend> QueueDriver<F> {
                 buffers.small_pages();
             }
         }
-        let conns = streams
+        let conns: Vec<Conn> = streams
             .into_iter()
             .enumerate()
             .map(|(node, stream)| Conn {
@@ -256,6 +256,15 @@ impl<F: Frontend> QueueDriver<F> {
                 outage: None,
             })
             .collect();
+        // Every connection is up from here: said before the queue is
+        // reported ready, so figures read after that see them up.
+        let mut engine = engine;
+        for (node, conn) in conns.iter().enumerate() {
+            engine.handle_connection_restored(node);
+            if let Some(f) = engine.figures() {
+                f.node_up(node, conn.epoch, false);
+            }
+        }
         Ok(QueueDriver {
             ring,
             engine,
@@ -296,12 +305,6 @@ impl<F: Frontend> QueueDriver<F> {
     }
 
     fn serve(&mut self) -> io::Result<()> {
-        for node in 0..self.conns.len() {
-            self.engine.handle_connection_restored(node);
-            if let Some(f) = self.engine.figures() {
-                f.node_up(node, self.conns[node].epoch, false);
-            }
-        }
         loop {
             let now = Instant::now();
             self.engine.handle_timeout(now);
