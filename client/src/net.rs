@@ -144,6 +144,11 @@ pub fn connect_as(
     open: Open,
 ) -> Result<(TcpStream, NodeInfo), ConnectError> {
     let existing = open == Open::Existing;
+    // A client that pinned the volume follows one it holds: it never
+    // creates one (a node that lost the volume must not make an empty one
+    // under its name, which would then look like the volume to others), and
+    // a grow by a manager may have got to the nodes first.
+    let pinned = who.volume_id.is_some();
     let timeout = timeouts.connect;
     let connect_err = |source| ConnectError::Connect { node, addr, source };
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
@@ -171,10 +176,8 @@ pub fn connect_as(
             volume_size: if existing { 0 } else { layout.size() },
             layout: Some(layout.fingerprint(node)),
             session: who.session,
-            existing,
-            // A client that pinned the volume follows one it holds: a grow
-            // by a manager may have got to the nodes first.
-            at_least: who.volume_id.is_some() && !existing,
+            existing: existing || pinned,
+            at_least: pinned && !existing,
             data_digest: if who.digest {
                 pb::DataDigest::Crc32c as i32
             } else {

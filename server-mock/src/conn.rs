@@ -437,7 +437,12 @@ fn accept_handshake(
         .layout
         .ok_or_else(|| refused("the handshake carries no layout".to_string()))?;
     let volume = if handshake.existing {
-        node.existing_volume(&handshake.volume, &layout, handshake.volume_size)?
+        node.existing_volume(
+            &handshake.volume,
+            &layout,
+            handshake.volume_size,
+            handshake.at_least,
+        )?
     } else {
         netblk_protocol::geometry::check_layout(handshake.volume_size, &layout).map_err(refused)?;
         node.volume(

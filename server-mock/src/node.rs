@@ -234,13 +234,14 @@ impl Node {
     }
 
     /// The volume `name` if it exists (open, or held by the store), with
-    /// this node's `layout`; `size` 0 takes its size, another must match.
-    /// Never creates one.
+    /// this node's `layout`; `size` 0 takes its size, another must match
+    /// (or, `at_least`, be no larger). Never creates one.
     pub fn existing_volume(
         &self,
         name: &str,
         layout: &pb::Layout,
         size: u64,
+        at_least: bool,
     ) -> Result<Arc<Volume>, (pb::Status, String)> {
         let open = lock(&self.volumes).get(name).map(|v| v.meta());
         let meta = match open {
@@ -262,7 +263,7 @@ impl Node {
             },
         };
         let size = if size == 0 { meta.volume_size } else { size };
-        self.volume(name, VolumeMeta::from_handshake(size, layout), false)
+        self.volume(name, VolumeMeta::from_handshake(size, layout), at_least)
             .map_err(|why| (pb::Status::Refused, why))
     }
 

@@ -176,9 +176,46 @@ fn a_node_that_lost_the_volume_is_refused_and_named() {
     assert!(fast.elapsed() < Duration::from_millis(500), "fails at once");
     // Node 0's stripes still work.
     volume.read_at(&mut back, 0).expect("node 0");
-    // The error a connection gets names the node and both identities.
+    // Issue 21, point 4: the client's reconnects never made an empty volume
+    // under its name (that would pass for the volume with every other
+    // client and tool): a pinned handshake opens an existing volume only.
+    assert_eq!(
+        nodes[1].admin().stats().volumes,
+        0,
+        "a reconnect created a volume"
+    );
+    let lookup = netblk::manage::VolumeRef {
+        name: "gone".into(),
+        stripe_unit: UNIT as u32,
+        nodes: spec.nodes.clone(),
+        tls: None,
+    }
+    .lookup("probe-lookup", timeouts());
+    assert!(lookup.is_err(), "the volume is incomplete: {lookup:?}");
+    // The error a pinned connection gets names the node and the volume.
     let layout = spec.layout().expect("layout");
     let pinned = volume.nodes()[1].volume_id.clone();
+    let err = connect_pinned(nodes[1].addr, &layout, "gone", &pinned).expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, ConnectError::NotFound { node: 1, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains(&addr) && text.contains("no volume 'gone'"),
+        "{text}"
+    );
+    // A volume made anew under the name by someone else is refused by its
+    // identity, naming both.
+    let who = Identity {
+        client_id: "someone-else",
+        volume: "gone",
+        session: 1,
+        volume_id: None,
+        digest: false,
+        tls: None,
+    };
+    net::connect(nodes[1].addr, 1, &layout, &who, timeouts()).expect("made anew");
     let err = connect_pinned(nodes[1].addr, &layout, "gone", &pinned).expect_err("refused");
     let text = err.to_string();
     assert!(
@@ -189,6 +226,13 @@ fn a_node_that_lost_the_volume_is_refused_and_named() {
         text.contains(&addr) && text.contains(&pinned) && text.contains("lost volume 'gone'"),
         "{text}"
     );
+}
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        connect: Duration::from_secs(5),
+        io: Duration::from_secs(5),
+    }
 }
 
 fn connect_pinned(
@@ -205,9 +249,5 @@ fn connect_pinned(
         digest: false,
         tls: None,
     };
-    let timeouts = Timeouts {
-        connect: Duration::from_secs(5),
-        io: Duration::from_secs(5),
-    };
-    net::connect(addr, 1, layout, &who, timeouts).map(|_| ())
+    net::connect(addr, 1, layout, &who, timeouts()).map(|_| ())
 }

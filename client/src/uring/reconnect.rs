@@ -106,7 +106,7 @@ impl<F: Frontend> QueueDriver<F> {
                         f.node_up(node, epoch, true);
                     }
                 }
-                Err(why @ ConnectError::VolumeLost { .. }) => {
+                Err(why @ (ConnectError::VolumeLost { .. } | ConnectError::NotFound { .. })) => {
                     // Answering, but not with our data: no point waiting for
                     // the node-down timeout. Tried again, slowly, in case the
                     // volume is put back.
