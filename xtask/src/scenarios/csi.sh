@@ -61,7 +61,7 @@ CSI=$!
 netblk-csi-check $CSI_SOCK wait-ready >/tmp/csiready.log 2>&1 || { cat /tmp/csiready.log; fail "the CSI plugin with TLS did not get ready"; }
 netblk-csi-check $CSI_SOCK lifecycle $CTNODES >/tmp/csitls.out 2>&1 || { cat /tmp/csitls.out; fail "CSI lifecycle with TLS"; }
 grep -q "kernel TLS\|userspace TLS" /run/netblk/csi/pvc-life-*.log || fail "the CSI-mapped volumes do not say they run on TLS"
-echo "csi (TLS): the plugin with --tls-ca/--tls-cert/--tls-key: the whole lifecycle on TLS nodes; a plaintext plugin refused"
+echo "csi: TLS: the plugin with --tls-ca/--tls-cert/--tls-key: the whole lifecycle on TLS nodes; a plaintext plugin refused"
 kill $CSI; wait $CSI 2>/dev/null
 kill $CTN1 $CTN2 $CTN3 2>/dev/null
 ls /dev/ublkb* 2>/dev/null && fail "the CSI scenario with TLS left a device behind"
