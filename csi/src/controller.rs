@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::busy::Busy;
 use crate::pb;
 use crate::pb::controller_service_capability::rpc::Type as Rpc;
-use crate::volume::{self, Parameters, VolumeHandle, handle_of};
+use crate::volume::{self, Parameters, Tls, VolumeHandle, handle_of};
 
 /// How long the controller waits on a storage node.
 pub const NODE_TIMEOUTS: Timeouts = Timeouts {
@@ -28,6 +28,8 @@ pub struct Controller {
     pub client_id: String,
     pub timeouts: Timeouts,
     pub busy: Busy,
+    /// Mutual TLS to the storage nodes (None: plaintext).
+    pub tls: Option<Tls>,
 }
 
 impl Controller {
@@ -36,6 +38,7 @@ impl Controller {
             client_id: format!("netblk-csi-controller-{}", std::process::id()),
             timeouts: NODE_TIMEOUTS,
             busy: Busy::default(),
+            tls: None,
         }
     }
 }
@@ -90,7 +93,7 @@ impl pb::controller_server::Controller for Controller {
         };
         let claim = self.busy.claim(&req.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref();
+        let volume = handle.volume_ref(self.tls.as_ref());
         let capacity = blocking(move || {
             let _claim = claim;
             match volume.lookup(&client_id, timeouts) {
@@ -141,7 +144,7 @@ impl pb::controller_server::Controller for Controller {
         };
         let claim = self.busy.claim(&handle.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref();
+        let volume = handle.volume_ref(self.tls.as_ref());
         blocking(move || {
             let _claim = claim;
             volume
@@ -163,7 +166,7 @@ impl pb::controller_server::Controller for Controller {
         }
         let handle = handle_of(&req.volume_id)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref();
+        let volume = handle.volume_ref(self.tls.as_ref());
         let found = blocking(move || {
             volume
                 .lookup(&client_id, timeouts)
@@ -231,7 +234,7 @@ impl pb::controller_server::Controller for Controller {
         let handle = handle_of(&req.volume_id)?;
         let claim = self.busy.claim(&handle.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref();
+        let volume = handle.volume_ref(self.tls.as_ref());
         let grown = blocking(move || {
             let _claim = claim;
             match volume

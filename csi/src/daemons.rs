@@ -32,6 +32,10 @@ pub struct Daemons {
     pub netblk: PathBuf,
     /// Where each daemon's output goes (`NAME.log`).
     pub log_dir: PathBuf,
+    /// Mutual TLS to the storage nodes: its files are passed to every
+    /// `netblk map` (`--tls-ca/--tls-cert/--tls-key`, kept in the device
+    /// record for recoveries), and used for lookups (None: plaintext).
+    pub tls: Option<crate::volume::Tls>,
 }
 
 /// A device of this host's, as its record and the kernel say.
@@ -84,7 +88,7 @@ impl Daemons {
     /// returns its device once it serves.
     pub fn map(&self, handle: &VolumeHandle, size: u64, queues: usize) -> Result<Mapped, String> {
         let nodes: Vec<String> = handle.nodes.iter().map(ToString::to_string).collect();
-        let args = [
+        let mut args = vec![
             "map".to_string(),
             "--volume".into(),
             handle.name.clone(),
@@ -97,6 +101,17 @@ impl Daemons {
             "--queues".into(),
             queues.to_string(),
         ];
+        if let Some(tls) = &self.tls {
+            let files = tls.files();
+            for (flag, path) in [
+                ("--tls-ca", &files.ca),
+                ("--tls-cert", &files.cert),
+                ("--tls-key", &files.key),
+            ] {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+        }
         self.start(&handle.name, &args)?;
         self.find(handle)
             .ok_or_else(|| format!("volume '{}' served, but its record is missing", handle.name))

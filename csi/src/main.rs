@@ -41,6 +41,19 @@ struct Cli {
     /// Where each map daemon's output goes (NAME.log).
     #[arg(long, default_value = "/run/netblk/csi", value_name = "DIR")]
     log_dir: PathBuf,
+    /// Mutual TLS to the storage nodes: the CA the nodes' certificates
+    /// must be signed by (PEM; a mounted Secret's file). With --tls-cert
+    /// and --tls-key. The controller uses them for its own connections,
+    /// the node passes them to every `netblk map`.
+    #[arg(long, value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
+    /// This plugin's client certificate (PEM), signed by the CA the nodes
+    /// trust.
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
     /// Log lines as text or one JSON object a line; levels from RUST_LOG.
     #[arg(long, default_value = "text", value_parser = parse_log_format)]
     log_format: LogFormat,
@@ -75,12 +88,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match netblk_csi::volume::tls(cli.tls_ca, cli.tls_cert, cli.tls_key) {
+        Ok(tls) => tls,
+        Err(why) => {
+            eprintln!("netblk-csi: {why}");
+            return ExitCode::from(2);
+        }
+    };
     let ready = Arc::new(AtomicBool::new(!cli.node));
     let node = cli.node.then(|| Node {
         node_id: cli.node_id.clone().unwrap_or_else(hostname),
         daemons: Daemons {
             netblk: cli.netblk.clone(),
             log_dir: cli.log_dir.clone(),
+            tls: tls.clone(),
         },
         timeouts: netblk_csi::controller::NODE_TIMEOUTS,
         busy: Default::default(),
@@ -90,7 +111,10 @@ fn main() -> ExitCode {
             ready: Arc::clone(&ready),
             controller: cli.controller,
         },
-        controller: cli.controller.then(Controller::new),
+        controller: cli.controller.then(|| Controller {
+            tls: tls.clone(),
+            ..Controller::new()
+        }),
         node: node.clone(),
     };
     let result = runtime.block_on(async {

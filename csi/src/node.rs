@@ -76,7 +76,7 @@ impl Node {
             return Ok(mapped);
         }
         let size = handle
-            .volume_ref()
+            .volume_ref(self.daemons.tls.as_ref())
             .lookup(&format!("netblk-csi-node-{}", self.node_id), self.timeouts)
             .map_err(Status::unavailable)?
             .ok_or_else(|| {

@@ -56,14 +56,43 @@ impl VolumeHandle {
 }
 
 impl VolumeHandle {
-    /// The volume as `netblk::manage` names it on its nodes.
-    pub fn volume_ref(&self) -> netblk::manage::VolumeRef {
+    /// The volume as `netblk::manage` names it on its nodes, reached with
+    /// the plugin's TLS (if it was given any).
+    pub fn volume_ref(&self, tls: Option<&Tls>) -> netblk::manage::VolumeRef {
         netblk::manage::VolumeRef {
             name: self.name.clone(),
             stripe_unit: self.stripe_unit,
             nodes: self.nodes.clone(),
-            tls: None,
+            tls: tls.cloned(),
         }
+    }
+}
+
+/// Mutual TLS to the storage nodes: the plugin's CA, certificate and key
+/// (`--tls-ca`, `--tls-cert`, `--tls-key`: files of a mounted Secret),
+/// read again when they change.
+pub type Tls = std::sync::Arc<netblk::net::ClientTls>;
+
+/// The plugin's TLS from its three files (all or none): checked now, so
+/// that unusable files stop the plugin at start.
+pub fn tls(
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+) -> Result<Option<Tls>, String> {
+    match (ca, cert, key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => {
+            netblk_tls::config::Reloading::client(netblk_tls::config::ClientFiles {
+                ca,
+                cert,
+                key,
+                danger_skip_server_name: false,
+            })
+            .map(|t| Some(std::sync::Arc::new(t)))
+            .map_err(|why| format!("TLS: {why}"))
+        }
+        _ => Err("--tls-ca, --tls-cert and --tls-key go together".into()),
     }
 }
 

@@ -44,6 +44,7 @@ fn node_plugin() -> Plugin {
             daemons: Daemons {
                 netblk: PathBuf::from("/nonexistent/netblk"),
                 log_dir: std::env::temp_dir().join("netblk-csi-test-logs"),
+                tls: None,
             },
             timeouts: netblk_csi::controller::NODE_TIMEOUTS,
             busy: Default::default(),
@@ -561,4 +562,135 @@ fn missing_arguments_are_invalid_whatever_the_volume_id() {
         )
         .map(drop),
     );
+}
+
+/// CSI with mutual TLS: a controller given the CA, certificate and key
+/// provisions, expands and deletes volumes on TLS nodes (one without them
+/// is refused by the nodes); a node plugin given them looks the volume up
+/// over TLS and passes the files to `netblk map`.
+#[test]
+fn with_tls_files_the_plugins_reach_tls_nodes() {
+    let pki_dir = tempfile::tempdir().expect("pki dir");
+    let (ca, node_leaf, client) = netblk_tls::testpki::standard(pki_dir.path()).expect("pki");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let (cert, key, client_ca) = (path(&node_leaf.cert), path(&node_leaf.key), path(&ca));
+    let cluster = Cluster::start_with(
+        3,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &client_ca,
+        ],
+    );
+    let tls = netblk_csi::volume::tls(
+        Some(ca.clone()),
+        Some(client.cert.clone()),
+        Some(client.key.clone()),
+    )
+    .expect("TLS files");
+
+    let plaintext = controller_plugin(Arc::new(AtomicBool::new(true)));
+    let csi = plaintext.client();
+    let refused = csi.call(csi.controller.clone().create_volume(create_request(
+        &cluster,
+        "pvc-tls",
+        16 * MIB,
+    )));
+    assert_eq!(
+        code(refused),
+        Code::Unavailable,
+        "TLS nodes refuse plaintext"
+    );
+
+    let plugin = Plugin::start(Services {
+        identity: Identity {
+            ready: Arc::new(AtomicBool::new(true)),
+            controller: true,
+        },
+        controller: Some(Controller {
+            tls: tls.clone(),
+            ..Controller::new()
+        }),
+        node: None,
+    });
+    let csi = plugin.client();
+    let controller = || csi.controller.clone();
+    let volume = csi
+        .call(controller().create_volume(create_request(&cluster, "pvc-tls", 16 * MIB)))
+        .expect("create over TLS")
+        .volume
+        .expect("volume");
+    assert_eq!(volume.capacity_bytes, 16 * MIB);
+    let grown = csi
+        .call(
+            controller().controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 32 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }),
+        )
+        .expect("expand over TLS");
+    assert_eq!(grown.capacity_bytes, 32 * MIB);
+
+    // The node plugin: the lookup goes over TLS, then `netblk map` is run
+    // with the files (a stand-in that writes down its arguments).
+    let bin_dir = tempfile::tempdir().expect("bin dir");
+    let fake = bin_dir.path().join("netblk");
+    let args_file = bin_dir.path().join("args");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$@\" > {}\nexit 1\n", args_file.display()),
+    )
+    .expect("fake netblk");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let node_plugin = Plugin::start(Services {
+        identity: Identity {
+            ready: Arc::new(AtomicBool::new(true)),
+            controller: false,
+        },
+        controller: None,
+        node: Some(Node {
+            node_id: "host-a".into(),
+            daemons: Daemons {
+                netblk: fake,
+                log_dir: bin_dir.path().join("logs"),
+                tls: tls.clone(),
+            },
+            timeouts: netblk_csi::controller::NODE_TIMEOUTS,
+            busy: Default::default(),
+        }),
+    });
+    let node_csi = node_plugin.client();
+    let staged = node_csi.call(node_csi.node.clone().node_stage_volume(
+        pb::NodeStageVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            staging_target_path: bin_dir.path().join("staging").display().to_string(),
+            volume_capability: Some(block()),
+            ..Default::default()
+        },
+    ));
+    let status = staged.expect_err("the stand-in netblk fails");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let args = std::fs::read_to_string(&args_file).expect("netblk map was run");
+    for want in [
+        format!("--tls-ca {}", ca.display()),
+        format!("--tls-cert {}", client.cert.display()),
+        format!("--tls-key {}", client.key.display()),
+        "--size 33554432".to_string(),
+    ] {
+        assert!(args.contains(&want), "{want} in: {args}");
+    }
+
+    csi.call(controller().delete_volume(pb::DeleteVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        secrets: HashMap::new(),
+    }))
+    .expect("delete over TLS");
 }

@@ -3,7 +3,8 @@
 # whole lifecycle for block, ext4 and xfs (every call twice, bad arguments
 # refused with the spec's codes); then the plugin and its map daemons
 # killed -9 (a DaemonSet pod replaced) while fio writes to a staged volume:
-# the restarted plugin recovers the device and fio verifies clean.
+# the restarted plugin recovers the device and fio verifies clean; then the
+# lifecycle once more on TLS nodes, the plugin given the TLS files.
 CSI_SOCK=/run/csi/csi.sock
 start_csi() {
   netblk-csi --socket $CSI_SOCK --controller --node --node-id vm >>/tmp/csi.out 2>>/tmp/csi.log &
@@ -37,6 +38,31 @@ netblk-csi-check $CSI_SOCK unpublish "$ID" $K/pod || fail "CSI unpublish (kill)"
 netblk-csi-check $CSI_SOCK unstage "$ID" $K/staging || fail "CSI unstage (kill)"
 netblk-csi-check $CSI_SOCK delete "$ID" || fail "CSI delete (kill)"
 echo "csi: plugin and map daemons killed -9 during fio on a staged ext4 volume; the restarted plugin recovered the device, fio crc32c verify clean"
-kill $CSI; wait $CSI 2>/dev/null
 ls /dev/ublkb* 2>/dev/null && fail "the CSI scenario left a device behind"
+
+# Once more with TLS: nodes that take only clients with a certificate from
+# the test CA; the plugin given the CA, certificate and key (what the
+# manifests mount from a Secret) runs the whole lifecycle on them.
+T=/etc/netblk/tls
+csi_tls_node() {
+  netblk-mock-node --listen 127.0.0.1:$1 --store memory --tls-cert $T/node.pem --tls-key $T/node.key \
+      --tls-client-ca $T/ca.pem >/tmp/csitls$1.out 2>/tmp/csitls$1.log &
+}
+csi_tls_node 7811; CTN1=$!
+csi_tls_node 7812; CTN2=$!
+csi_tls_node 7813; CTN3=$!
+wait_listening /tmp/csitls7811.out /tmp/csitls7812.out /tmp/csitls7813.out
+CTNODES=127.0.0.1:7811,127.0.0.1:7812,127.0.0.1:7813
+netblk-csi-check $CSI_SOCK create pvc-plain 64 $CTNODES >/tmp/csiplain.out 2>&1 && fail "a plaintext CSI create on TLS nodes succeeded"
+kill $CSI; wait $CSI 2>/dev/null
+netblk-csi --socket $CSI_SOCK --controller --node --node-id vm \
+    --tls-ca $T/ca.pem --tls-cert $T/client.pem --tls-key $T/client.key >>/tmp/csi.out 2>>/tmp/csi.log &
+CSI=$!
+netblk-csi-check $CSI_SOCK wait-ready >/tmp/csiready.log 2>&1 || { cat /tmp/csiready.log; fail "the CSI plugin with TLS did not get ready"; }
+netblk-csi-check $CSI_SOCK lifecycle $CTNODES >/tmp/csitls.out 2>&1 || { cat /tmp/csitls.out; fail "CSI lifecycle with TLS"; }
+grep -q "kernel TLS\|userspace TLS" /run/netblk/csi/pvc-life-*.log || fail "the CSI-mapped volumes do not say they run on TLS"
+echo "csi: TLS: the plugin with --tls-ca/--tls-cert/--tls-key: the whole lifecycle on TLS nodes; a plaintext plugin refused"
+kill $CSI; wait $CSI 2>/dev/null
+kill $CTN1 $CTN2 $CTN3 2>/dev/null
+ls /dev/ublkb* 2>/dev/null && fail "the CSI scenario with TLS left a device behind"
 true
