@@ -88,4 +88,46 @@ grep -qi "input/output error" /tmp/fsync.err || { cat /tmp/fsync.err; fail "the 
 dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/dev/null || fail "the next fdatasync (reported once)"
 kill -TERM $MAP; wait $MAP || fail "the volatile-cache map exited with an error"
 echo "ublk: a volatile-cache node killed between write and flush: fdatasync EIO (once); without a crash: ok"
+
+# 4. Durability is the device's, not a queue's (issue 21): two queues; a
+#    write through queue 0 (CPU 0), the node loses its cache, a flush
+#    through queue 1 (CPU 1) fails with EIO, once.
+PIN0=; PIN1=
+if command -v taskset >/dev/null 2>&1; then PIN0="taskset -c 0"; PIN1="taskset -c 1"; fi
+netblk map --volume cache2 --size 128M --queues 2 --nodes 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 >/tmp/cache2.out 2>/tmp/cache2.log &
+MAP=$!
+DEV=$(wait_dev /tmp/cache2.out)
+[ -b "$DEV" ] || fail "no device for the two-queue volatile-cache volume"
+$PIN0 dd if=/dev/urandom of="$DEV" bs=1M count=32 oflag=direct 2>/dev/null || fail "write through queue 0"
+kill -KILL $pid_vnode7302
+restart_dir_node vnode --volatile-cache 7302
+$PIN1 dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/tmp/fsync2.err && fail "a flush through queue 1 succeeded over writes queue 0 had acknowledged and the node lost"
+grep -qi "input/output error" /tmp/fsync2.err || { cat /tmp/fsync2.err; fail "the lost flush through queue 1 is not EIO"; }
+$PIN0 dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/dev/null || fail "queue 0's next flush (reported once for the device)"
+kill -TERM $MAP; wait $MAP || fail "the two-queue volatile-cache map exited with an error"
+echo "ublk: two queues, a write through one, the node loses its cache, a flush through the other: EIO (once for the device)${PIN0:+ (queues pinned by CPU)}"
+
+# 5. ...and it survives the daemon (issue 21): acknowledged writes, the
+#    daemon killed, the node loses its cache while no daemon serves; the
+#    recovered daemon's first flush fails (the record kept the node's
+#    incarnation), once.
+netblk map --volume cache3 --size 128M --queues 2 --nodes 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 >/tmp/cache3.out 2>/tmp/cache3.log &
+MAP=$!
+DEV=$(wait_dev /tmp/cache3.out)
+[ -b "$DEV" ] || fail "no device for the recovered volatile-cache volume"
+dd if=/dev/urandom of="$DEV" bs=1M count=32 oflag=direct 2>/dev/null || fail "write before the daemon dies"
+grep -q "^durability .*:1:" /run/netblk/ublk${DEV#/dev/ublkb} || { cat /run/netblk/ublk${DEV#/dev/ublkb}; fail "the record does not keep the nodes' durability"; }
+kill -KILL $MAP; wait $MAP 2>/dev/null
+kill -KILL $pid_vnode7302
+restart_dir_node vnode --volatile-cache 7302
+netblk map --recover "$DEV" >/tmp/cache3rec.out 2>/tmp/cache3rec.log &
+MAP=$!
+wait_dev /tmp/cache3rec.out >/dev/null
+grep -q "recovered $DEV" /tmp/cache3rec.log || { cat /tmp/cache3rec.log; fail "the volatile-cache device was not recovered"; }
+dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/tmp/fsync3.err && fail "the recovered daemon's flush succeeded over writes the node lost while no daemon served"
+grep -qi "input/output error" /tmp/fsync3.err || { cat /tmp/fsync3.err; fail "the lost flush after the recovery is not EIO"; }
+dd if=/dev/zero of="$DEV" bs=4k count=0 conv=notrunc,fsync 2>/dev/null || fail "the next flush after the recovery (reported once)"
+netblk unmap "$DEV" >/tmp/cache3unmap.out 2>&1 || { cat /tmp/cache3unmap.out; fail "unmap of the recovered volatile-cache device"; }
+wait $MAP || fail "the recovered volatile-cache daemon exited with an error"
+echo "ublk: the node lost its cache while no daemon served: the recovered daemon's first flush EIO (the record's incarnations), once"
 ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
