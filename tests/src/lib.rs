@@ -31,6 +31,33 @@ pub fn mock_node_bin() -> PathBuf {
     built_bin("netblk-mock-node", "netblk-mock-node")
 }
 
+/// A device record of `/dev/ublkb7` (volume `pgdata` on one node) for
+/// tests of what reads records: `pid` names its daemon.
+pub fn sample_record(pid: u32) -> netblk::state::DeviceRecord {
+    netblk::state::DeviceRecord {
+        id: 7,
+        volume: "pgdata".into(),
+        size: 1 << 30,
+        stripe_unit: 128 << 10,
+        nodes: vec![SocketAddr::from(([127, 0, 0, 1], 7001))],
+        queues: 1,
+        depth: 64,
+        block_size: 512,
+        data_path: "copy".into(),
+        pid,
+        pid_start: 1,
+        client_id: "host-a".into(),
+        generation: 0,
+        io_timeout_secs: 30,
+        node_down_timeout_secs: 15,
+        send: "copy".into(),
+        volume_ids: Vec::new(),
+        data_digest: false,
+        tls: None,
+        durability: vec![Default::default()],
+    }
+}
+
 /// The `netblk` binary cargo built beside this test binary.
 pub fn netblk_bin() -> PathBuf {
     built_bin("netblk", "netblk")

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use netblk::state::{self, DeviceRecord};
+use netblk::state;
 use netblk_tests::netblk_bin;
 
 fn repo() -> PathBuf {
@@ -81,28 +81,7 @@ fn the_udev_helper_prints_the_volume_of_a_device() {
     assert!(rule.contains("PROGRAM=\"/usr/local/bin/netblk udev-name %k\""));
     assert!(rule.contains("SYMLINK+=\"netblk/%c\""));
     let dir = tempfile::tempdir().expect("dir");
-    let record = DeviceRecord {
-        id: 7,
-        volume: "pgdata".into(),
-        size: 1 << 30,
-        stripe_unit: 128 << 10,
-        nodes: vec!["127.0.0.1:7001".parse().expect("addr")],
-        queues: 1,
-        depth: 64,
-        block_size: 512,
-        data_path: "copy".into(),
-        pid: 1,
-        pid_start: 1,
-        client_id: "host-a".into(),
-        generation: 0,
-        io_timeout_secs: 30,
-        node_down_timeout_secs: 15,
-        send: "zc".into(),
-        volume_ids: Vec::new(),
-        data_digest: false,
-        tls: None,
-        durability: vec![Default::default()],
-    };
+    let record = netblk_tests::sample_record(1);
     state::save(dir.path(), &record).expect("save");
     let run = |device: &str| {
         Command::new(netblk_bin())

@@ -7,35 +7,14 @@ use std::time::{Duration, Instant};
 
 use netblk::record_lock;
 use netblk::state::{self, DeviceRecord};
-use netblk_tests::netblk_bin;
+use netblk_tests::{netblk_bin, sample_record};
 
 /// A record of device 7 whose daemon is gone.
 fn record() -> DeviceRecord {
     let mut gone = Command::new("true").spawn().expect("true");
     let pid = gone.id();
     gone.wait().expect("wait");
-    DeviceRecord {
-        id: 7,
-        volume: "pgdata".into(),
-        size: 1 << 30,
-        stripe_unit: 128 << 10,
-        nodes: vec!["127.0.0.1:7001".parse().expect("addr")],
-        queues: 1,
-        depth: 64,
-        block_size: 512,
-        data_path: "copy".into(),
-        pid,
-        pid_start: 1,
-        client_id: "host-a".into(),
-        generation: 0,
-        io_timeout_secs: 30,
-        node_down_timeout_secs: 15,
-        send: "copy".into(),
-        volume_ids: Vec::new(),
-        data_digest: false,
-        tls: None,
-        durability: vec![Default::default()],
-    }
+    sample_record(pid)
 }
 
 #[test]
