@@ -284,10 +284,17 @@ pub fn connect_as(
 
 /// A session number for a short connection of a tool (resize, manage):
 /// sessions of one client id must not go back, and the clock does not.
+/// Milliseconds, so that the step from a tool's last use stays within
+/// what a node allows (2^40, 34 years: the mock node's
+/// `fence::MAX_SESSION_STEP`), above 2^62, so that they stay above the
+/// nanosecond sessions earlier versions sent (a node running across the
+/// upgrade would take them for stale).
 pub fn clock_session() -> u64 {
-    std::time::SystemTime::now()
+    const ABOVE_NANOSECONDS: u64 = 1 << 62;
+    let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 2));
+    ABOVE_NANOSECONDS | millis
 }
 
 /// Reads one frame's preamble and header (not its payload).

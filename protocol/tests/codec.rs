@@ -169,7 +169,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
 }
 
 fn stats() -> impl Strategy<Value = pb::Stats> {
-    proptest::collection::vec(any::<u64>(), 14).prop_map(|v| pb::Stats {
+    proptest::collection::vec(any::<u64>(), 15).prop_map(|v| pb::Stats {
         connections_accepted: v[0],
         connections_open: v[1],
         connections_refused: v[2],
@@ -184,6 +184,7 @@ fn stats() -> impl Strategy<Value = pb::Stats> {
         stored_bytes: v[11],
         digest_errors: v[12],
         corrupted_writes: v[13],
+        policy_refusals: v[14],
     })
 }
 

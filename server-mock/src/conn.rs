@@ -20,8 +20,10 @@ use netblk_protocol::{
 use tracing::{debug, info, warn};
 
 use crate::faults;
-use crate::fence::Member;
+use crate::fence::{ClientOf, Member};
 use crate::node::{Node, Volume, bump};
+use crate::peer::Peer;
+use crate::policy;
 use crate::store::VolumeMeta;
 
 /// Why a connection ended.
@@ -280,6 +282,8 @@ struct Conn {
     /// Its place in session fencing (none for anonymous clients, or with
     /// fencing off).
     member: Option<Arc<Member>>,
+    /// Who the client is (the policy's subject).
+    peer: Peer,
     volume: Arc<Volume>,
     writer: ReplyWriter,
     /// Payloads carry a CRC-32C (data digests, asked for in the handshake).
@@ -327,9 +331,16 @@ pub enum Port {
     Admin,
 }
 
-pub fn serve(node: Arc<Node>, stream: TcpStream, id: u64, port: Port, peer: SocketAddr) {
-    debug!(%peer, id, "connection accepted");
-    let result = serve_stream(&node, &stream, id, port);
+pub fn serve(
+    node: Arc<Node>,
+    stream: TcpStream,
+    id: u64,
+    port: Port,
+    peer: SocketAddr,
+    client: Peer,
+) {
+    debug!(%peer, id, %client, "connection accepted");
+    let result = serve_stream(&node, &stream, id, port, client);
     // Count and log first, close second: whoever sees the close also sees
     // the counters.
     match result {
@@ -357,6 +368,7 @@ fn serve_stream(
     stream: &TcpStream,
     id: u64,
     port: Port,
+    client: Peer,
 ) -> Result<(), ConnError> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(node.config.write_timeout))?;
@@ -379,7 +391,7 @@ fn serve_stream(
     stream.set_read_timeout(None)?;
     match (port, first.kind) {
         (Port::Data, Some(Kind::Handshake(handshake))) => {
-            serve_data(node, stream, id, &mut reader, handshake)
+            serve_data(node, stream, id, &mut reader, handshake, client)
         }
         (Port::Admin, Some(Kind::Admin(admin))) => serve_admin(node, stream, &mut reader, admin),
         (Port::Data, Some(Kind::Admin(_))) => Err(ConnError::Violation(
@@ -424,6 +436,7 @@ fn accept_handshake(
     node: &Node,
     stream: &TcpStream,
     handshake: &pb::Handshake,
+    peer: &Peer,
 ) -> Result<Accepted, (Status, String)> {
     let refused = |why: String| (Status::Refused, why);
     if handshake.protocol_version != u32::from(PROTOCOL_VERSION) {
@@ -433,6 +446,10 @@ fn accept_handshake(
         )));
     }
     netblk_protocol::geometry::check_volume_name(&handshake.volume).map_err(refused)?;
+    // Before the volume is looked at: a client the policy keeps out learns
+    // nothing of it and creates nothing.
+    node.authorize(peer, &handshake.volume, policy::Op::Open)
+        .map_err(refused)?;
     let layout = handshake
         .layout
         .ok_or_else(|| refused("the handshake carries no layout".to_string()))?;
@@ -458,8 +475,11 @@ fn accept_handshake(
     let member = node
         .sessions
         .admit(
-            &handshake.volume,
-            &handshake.client_id,
+            ClientOf {
+                volume: &handshake.volume,
+                peer,
+                client_id: &handshake.client_id,
+            },
             handshake.session,
             stream,
             node.config.drain_timeout,
@@ -478,6 +498,7 @@ fn serve_data(
     id: u64,
     reader: &mut FrameReader,
     handshake: pb::Handshake,
+    peer: Peer,
 ) -> Result<(), ConnError> {
     let digest = match pb::DataDigest::try_from(handshake.data_digest) {
         Ok(d) => d == pb::DataDigest::Crc32c,
@@ -488,7 +509,7 @@ fn serve_data(
             )));
         }
     };
-    let (volume, member) = match accept_handshake(node, stream, &handshake) {
+    let (volume, member) = match accept_handshake(node, stream, &handshake, &peer) {
         Ok(accepted) => accepted,
         Err((status, why)) => {
             let reply = pb::HandshakeReply {
@@ -510,6 +531,7 @@ fn serve_data(
         }
     };
     debug!(
+        identity = %peer,
         client = handshake.client_id,
         volume = volume.name,
         session = handshake.session,
@@ -540,6 +562,7 @@ fn serve_data(
         node: Arc::clone(node),
         id,
         member,
+        peer,
         volume,
         writer: ReplyWriter::new(stream, digest)?,
         digest,
@@ -573,8 +596,14 @@ fn serve_data(
     conn.writer.flush();
     drain(&conn);
     if let Some(member) = &conn.member {
-        node.sessions
-            .leave(&handshake.volume, &handshake.client_id, member);
+        node.sessions.leave(
+            ClientOf {
+                volume: &handshake.volume,
+                peer: &conn.peer,
+                client_id: &handshake.client_id,
+            },
+            member,
+        );
     }
     result
 }
@@ -826,10 +855,17 @@ fn apply(
             reply.nonce = ping.nonce;
             Ok(())
         }
-        Op::Resize(resize) => node
-            .resize(volume, resize.volume_size)
-            .map_err(|why| (Status::Invalid, why)),
-        Op::Delete(_) => node.delete(volume).map_err(|why| (Status::IoError, why)),
+        Op::Resize(resize) => {
+            node.authorize(&conn.peer, &volume.name, policy::Op::Resize)
+                .map_err(|why| (Status::Refused, why))?;
+            node.resize(volume, resize.volume_size)
+                .map_err(|why| (Status::Invalid, why))
+        }
+        Op::Delete(_) => {
+            node.authorize(&conn.peer, &volume.name, policy::Op::Delete)
+                .map_err(|why| (Status::Refused, why))?;
+            node.delete(volume).map_err(|why| (Status::IoError, why))
+        }
     }
 }
 

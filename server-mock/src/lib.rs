@@ -6,12 +6,15 @@
 //! - `store`: sparse memory and directory stores.
 //! - `faults`: latency, errors, dropped connections, stalls, corrupted
 //!   replies and crashes, changed at run time over the admin protocol.
+//! - `policy`: which clients may open, resize and delete which volumes.
 
 mod conn;
 mod delay;
 pub mod faults;
 mod fence;
 mod node;
+mod peer;
+pub mod policy;
 pub mod store;
 
 pub use node::{CRASH_EXIT_CODE, Config, Server, ShutdownHandle};

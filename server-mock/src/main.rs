@@ -87,6 +87,15 @@ struct Args {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_client_ca: Option<std::path::PathBuf>,
 
+    /// Which clients may open, resize and delete which volumes: one rule a
+    /// line, `IDENTITY VOLUMES OPERATIONS` (`*` in a pattern: any run of
+    /// characters; `-` as the identity: plaintext clients; operations
+    /// `open,resize,delete` or `all`). A client's identity is what its
+    /// certificate names. Read again when the file changes. Without it,
+    /// every client may do everything.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<std::path::PathBuf>,
+
     /// Do not fence a client's older sessions when it reconnects. Unsafe:
     /// stale requests of a dead connection may then overwrite newer data.
     /// Only for demonstrating that hazard.
@@ -282,6 +291,21 @@ fn main() -> ExitCode {
             Ok(tls) => config.tls = Some(std::sync::Arc::new(tls)),
             Err(why) => {
                 eprintln!("netblk-mock-node: TLS: {why}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(path) = args.policy {
+        let paths = vec![path.clone()];
+        match netblk_tls::config::Reloading::new(
+            "policy",
+            path,
+            paths,
+            netblk_mock_node::policy::Policy::load,
+        ) {
+            Ok(policy) => config.policy = Some(std::sync::Arc::new(policy)),
+            Err(why) => {
+                eprintln!("netblk-mock-node: policy: {why}");
                 return ExitCode::from(2);
             }
         }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -16,6 +17,8 @@ use crate::conn::{self, Delayed, Port};
 use crate::delay::DelayQueue;
 use crate::faults::Knobs;
 use crate::fence::Sessions;
+use crate::peer::Peer;
+use crate::policy::{self, Policy};
 use crate::store::{self, Backend, StoreKind, VolumeMeta};
 use netblk_tls::config::ServerFiles;
 use netblk_tls::rustls::ServerConfig;
@@ -42,6 +45,9 @@ pub struct Config {
     /// Mutual TLS on the data port: every client must present a
     /// certificate signed by the client CA before it can name a volume.
     pub tls: Option<Arc<netblk_tls::config::Reloading<ServerFiles, ServerConfig>>>,
+    /// Which clients may open, resize and delete which volumes (read
+    /// again when the file changes); None: every client may do everything.
+    pub policy: Option<Arc<netblk_tls::config::Reloading<PathBuf, Policy>>>,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// How long a new connection may take to send its first frame.
@@ -67,6 +73,7 @@ impl Config {
             fault_seed: 0,
             admin_listen: None,
             tls: None,
+            policy: None,
             drain_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
@@ -118,6 +125,8 @@ pub struct Counters {
     /// Writes refused because their payload and crc32c differ.
     pub digest_errors: AtomicU64,
     pub corrupted_writes: AtomicU64,
+    /// Operations the policy refused.
+    pub policy_refusals: AtomicU64,
     /// Replies by operation ([`OPS`]) and status (its protobuf number).
     pub replies: [[AtomicU64; STATUSES]; OPS.len()],
 }
@@ -267,6 +276,23 @@ impl Node {
             .map_err(|why| (pb::Status::Refused, why))
     }
 
+    /// Whether the policy lets `peer` do `op` to `volume` (everything
+    /// without a policy). A refusal is logged and counted, and its
+    /// message names the client and the operation.
+    pub fn authorize(&self, peer: &Peer, volume: &str, op: policy::Op) -> Result<(), String> {
+        let Some(policy) = &self.config.policy else {
+            return Ok(());
+        };
+        if policy.get().allows(peer, volume, op) {
+            return Ok(());
+        }
+        bump(&self.counters.policy_refusals, 1);
+        warn!(identity = %peer, volume, %op, "refused by the policy");
+        Err(format!(
+            "the node's policy does not let {peer} {op} volume '{volume}'"
+        ))
+    }
+
     /// Deletes `volume` and its data; connections still open to it fail
     /// from now on, and a later handshake that may create makes a new one.
     pub fn delete(&self, volume: &Volume) -> Result<(), String> {
@@ -330,6 +356,7 @@ impl Node {
             corrupted_replies: get(&c.corrupted_replies),
             digest_errors: get(&c.digest_errors),
             corrupted_writes: get(&c.corrupted_writes),
+            policy_refusals: get(&c.policy_refusals),
             volumes: volumes.len() as u64,
             stored_bytes: volumes.values().map(|v| v.backend.stored_bytes()).sum(),
         }
@@ -520,22 +547,29 @@ impl Server {
     }
 }
 
-/// The plaintext stream of a new connection: the connection itself, or,
-/// with TLS on the data port, the plaintext end of its relay once the
-/// client's certificate passed (None: refused, logged and counted; not a
-/// byte of a volume was touched).
-fn secure(node: &Node, stream: TcpStream, port: Port, peer: SocketAddr) -> Option<TcpStream> {
+/// The plaintext stream of a new connection and who its client is: the
+/// connection itself and an anonymous client, or, with TLS on the data
+/// port, the plaintext end of its relay and the identity its certificate
+/// names, once the certificate passed (None: refused, logged and counted;
+/// not a byte of a volume was touched).
+fn secure(
+    node: &Node,
+    stream: TcpStream,
+    port: Port,
+    peer: SocketAddr,
+) -> Option<(TcpStream, Peer)> {
     let Some(tls) = node.config.tls.as_ref().filter(|_| port == Port::Data) else {
-        return Some(stream);
+        return Some((stream, Peer::Anonymous));
     };
     let timeout = Some(node.config.handshake_timeout);
     let shaken = stream
         .set_read_timeout(timeout)
         .and_then(|()| stream.set_write_timeout(timeout))
         .map_err(|e| e.to_string())
-        .and_then(|()| netblk_tls::handshake::server(&stream, tls.get()));
-    let conn = match shaken {
-        Ok(conn) => conn,
+        .and_then(|()| netblk_tls::handshake::server(&stream, tls.get()))
+        .and_then(|conn| netblk_tls::identity::of_peer(&conn).map(|id| (conn, id)));
+    let (conn, identity) = match shaken {
+        Ok(shaken) => shaken,
         Err(why) => {
             bump(&node.counters.connections_refused, 1);
             warn!(%peer, "TLS refused: {why}");
@@ -545,7 +579,7 @@ fn secure(node: &Node, stream: TcpStream, port: Port, peer: SocketAddr) -> Optio
     // The node's side always relays in userspace: rustls may already hold
     // the client's first request, which the kernel's TLS would not see.
     match netblk_tls::secure(stream, conn.into(), false) {
-        Ok((plain, _)) => Some(plain),
+        Ok((plain, _)) => Some((plain, Peer::Certified(identity))),
         Err(err) => {
             warn!(%peer, "cannot relay a TLS connection: {err}");
             None
@@ -577,7 +611,7 @@ fn accept(node: &Arc<Node>, listener: TcpListener, port: Port) {
         let spawned = thread::Builder::new()
             .name(format!("conn-{peer}"))
             .spawn(move || {
-                let Some(stream) = secure(&conn_node, stream, port, peer) else {
+                let Some((stream, client)) = secure(&conn_node, stream, port, peer) else {
                     return;
                 };
                 let id = match conn_node.register(&stream) {
@@ -587,7 +621,7 @@ fn accept(node: &Arc<Node>, listener: TcpListener, port: Port) {
                         return;
                     }
                 };
-                conn::serve(conn_node, stream, id, port, peer);
+                conn::serve(conn_node, stream, id, port, peer, client);
             });
         if let Err(err) = spawned {
             warn!("cannot start a thread for a new connection: {err}");
@@ -625,6 +659,7 @@ fn collect_metrics(node: &Node) {
     metrics::counter!("netblk_mock_handshakes_refused_total").absolute(stats.connections_refused);
     metrics::counter!("netblk_mock_fenced_sessions_total").absolute(node.sessions.fenced());
     metrics::counter!("netblk_mock_protocol_errors_total").absolute(stats.protocol_errors);
+    metrics::counter!("netblk_mock_policy_refusals_total").absolute(stats.policy_refusals);
     for (fault, count) in [
         ("error", stats.injected_errors),
         ("drop", stats.dropped_connections),

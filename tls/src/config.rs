@@ -162,6 +162,8 @@ impl ServerCertVerifier for DangerAnyName {
 /// changes (its modification time, length or inode), so that rotated
 /// certificates are used from the next handshake on without a restart.
 pub struct Reloading<F, C> {
+    /// What the files are, for the log ("TLS files", "policy").
+    what: &'static str,
     files: F,
     paths: Vec<PathBuf>,
     build: fn(&F) -> Result<Arc<C>, String>,
@@ -205,6 +207,7 @@ impl<F, C> Reloading<F, C> {
 
     /// Builds the configuration once now: bad files are an error at start.
     pub fn new(
+        what: &'static str,
         files: F,
         paths: Vec<PathBuf>,
         build: fn(&F) -> Result<Arc<C>, String>,
@@ -212,6 +215,7 @@ impl<F, C> Reloading<F, C> {
         let built_from = Self::stamps(&paths);
         let config = build(&files)?;
         Ok(Reloading {
+            what,
             files,
             paths,
             build,
@@ -240,7 +244,7 @@ impl<F, C> Reloading<F, C> {
         if stamps != current.built_from {
             match (self.build)(&self.files) {
                 Ok(config) => {
-                    tracing::info!(files = ?self.paths, "TLS files changed: new handshakes use them");
+                    tracing::info!(files = ?self.paths, "{} changed: new handshakes use what it says now", self.what);
                     *current = Current {
                         built_from: stamps,
                         config,
@@ -249,7 +253,7 @@ impl<F, C> Reloading<F, C> {
                 }
                 Err(why) => {
                     if current.failed.as_ref() != Some(&stamps) {
-                        tracing::error!(error = %why, "TLS files changed but cannot be used (yet): keeping the ones loaded before, trying again at the next handshake");
+                        tracing::error!(error = %why, "{} changed but cannot be used (yet): keeping what was loaded before, trying again at the next handshake", self.what);
                         current.failed = Some(stamps);
                     }
                 }
@@ -266,14 +270,14 @@ impl Reloading<ServerFiles, ServerConfig> {
             files.key.clone(),
             files.client_ca.clone(),
         ];
-        Reloading::new(files, paths, server_config)
+        Reloading::new("TLS files", files, paths, server_config)
     }
 }
 
 impl Reloading<ClientFiles, ClientConfig> {
     pub fn client(files: ClientFiles) -> Result<Self, String> {
         let paths = vec![files.ca.clone(), files.cert.clone(), files.key.clone()];
-        Reloading::new(files, paths, client_config)
+        Reloading::new("TLS files", files, paths, client_config)
     }
 }
 
@@ -309,7 +313,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cert.pem");
         std::fs::write(&path, "one END").unwrap();
-        let reloading = Reloading::new(path.clone(), vec![path.clone()], build).unwrap();
+        let reloading =
+            Reloading::new("test file", path.clone(), vec![path.clone()], build).unwrap();
         assert_eq!(*reloading.get(), "one END");
 
         // Rotation caught half way: the old configuration serves...

@@ -4,11 +4,13 @@
 //!
 //! - [`config`]: configurations from PEM files, reloaded when they change.
 //! - [`handshake`]: the blocking handshakes of each side.
+//! - [`identity`]: who a peer's certificate names.
 //! - [`ktls`]: the kernel's TLS taking a socket over, and whether it can.
 //! - [`relay`]: userspace TLS behind a loopback pair, where it cannot.
 
 pub mod config;
 pub mod handshake;
+pub mod identity;
 pub mod ktls;
 pub mod relay;
 #[cfg(feature = "testpki")]
