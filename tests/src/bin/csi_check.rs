@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! netblk-csi-check SOCKET lifecycle NODES      the whole lifecycle, block, ext4 and xfs
+//! netblk-csi-check SOCKET formatting NODES     which volumes NodeStage formats (plaintext nodes)
 //! netblk-csi-check SOCKET wait-ready           until Probe says ready (180 s at most)
 //! netblk-csi-check SOCKET create NAME MIB NODES    prints the volume id and context (KEY=VALUE;...)
 //! netblk-csi-check SOCKET stage ID STAGING block|ext4|xfs [CONTEXT]
@@ -699,9 +700,9 @@ fn run(args: &[String]) -> Checked {
             for kind in ["block", "ext4", "xfs"] {
                 lifecycle(&driver, nodes, kind, &root)?;
             }
-            bad_arguments(&driver, nodes, &root)?;
-            formatting(&driver, nodes, &root)
+            bad_arguments(&driver, nodes, &root)
         }
+        "formatting" => formatting(&driver, arg(2)?, Path::new("/var/lib/kubelet/csi-check")),
         "wait-ready" => wait_ready(&driver.csi),
         "create" => {
             let mib = arg(3)?.parse().map_err(|_| "MIB is a number".to_string())?;

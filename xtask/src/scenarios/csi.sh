@@ -17,6 +17,8 @@ netblk features | grep -q UPDATE_SIZE || export NETBLK_ONLINE_RESIZE=0
 start_csi
 netblk-csi-check $CSI_SOCK lifecycle $NODES >/tmp/csilife.out 2>&1 || { cat /tmp/csilife.out; fail "CSI lifecycle"; }
 cat /tmp/csilife.out
+netblk-csi-check $CSI_SOCK formatting $NODES >/tmp/csiformat.out 2>&1 || { cat /tmp/csiformat.out; fail "CSI formatting"; }
+cat /tmp/csiformat.out
 
 K=/var/lib/kubelet/kill
 CREATED=$(netblk-csi-check $CSI_SOCK create pvc-kill 320 $NODES) || fail "CSI create (kill)"
