@@ -976,7 +976,7 @@ pub(crate) mod tests {
         let extra = script.find("/bin/sh -c true").expect("command");
         let verdict = script.rfind(PASS).expect("verdict");
         assert!(csi < extra && extra < verdict, "{script}");
-        assert!(script.trim_end().ends_with(PASS));
+        assert!(script.trim_end().ends_with(&format!("echo \"{PASS}\"")));
         assert_valid_shell(&script);
         assert!(Manual::parse(env(&[("NETBLK_VM_EXTRA_BINS", "relative")])).is_err());
         assert!(Manual::parse(env(&[("NETBLK_VM_TIMEOUT", "0")])).is_err());
