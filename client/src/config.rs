@@ -37,6 +37,9 @@ pub struct VolumeFile {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_danger_skip_server_name: Option<bool>,
+    /// The volume identity each node must hold, in node order (checked
+    /// with the nodes by `netblk map`).
+    pub volume_ids: Option<Vec<String>>,
 }
 
 /// The keys a volume file may have, as the error for an unknown one lists
@@ -59,6 +62,7 @@ pub const KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "tls_danger_skip_server_name",
+    "volume_ids",
 ];
 
 /// Reads and checks the volume file at `path`; errors start with the path.
@@ -121,6 +125,7 @@ pub fn parse(text: &str, stem: &str) -> Result<VolumeFile, String> {
         tls_danger_skip_server_name: get("tls_danger_skip_server_name")
             .map(|v| v.boolean())
             .transpose()?,
+        volume_ids: get("volume_ids").map(|v| v.strings()).transpose()?,
     })
 }
 
@@ -197,6 +202,26 @@ impl Value<'_> {
             .map_err(|_| format!("key `{}`: '{s}' is not an address IP:PORT", self.key))
     }
 
+    fn strings(&self) -> Result<Vec<String>, String> {
+        let list = self
+            .v
+            .as_array()
+            .ok_or_else(|| self.wrong("an array of strings"))?;
+        list.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.as_str().map(str::to_string).ok_or_else(|| {
+                    format!(
+                        "key `{}`: entry {} ({}) is not a string",
+                        self.key,
+                        i + 1,
+                        show(s)
+                    )
+                })
+            })
+            .collect()
+    }
+
     fn nodes(&self) -> Result<Vec<SocketAddr>, String> {
         let list = self
             .v
@@ -253,6 +278,7 @@ tls_ca = "/etc/netblk/tls/ca.pem"
 tls_cert = "/etc/netblk/tls/client.pem"
 tls_key = "/etc/netblk/tls/client.key"
 tls_danger_skip_server_name = false
+volume_ids = ["0a", "0b", "0c"]
 "#;
 
     #[test]
@@ -275,6 +301,10 @@ tls_danger_skip_server_name = false
             Some(Path::new("/etc/netblk/tls/client.pem"))
         );
         assert_eq!(f.tls_danger_skip_server_name, Some(false));
+        assert_eq!(
+            f.volume_ids,
+            Some(vec!["0a".to_string(), "0b".into(), "0c".into()])
+        );
         assert_eq!(
             f.metrics_addr,
             Some("127.0.0.1:9400".parse().expect("addr"))
@@ -305,6 +335,8 @@ tls_danger_skip_server_name = false
         assert!(err("zero_copy = 1").contains("key `zero_copy`: expected a string"));
         assert!(err("metrics_addr = \"here\"").contains("key `metrics_addr`"));
         assert!(err("size = ").starts_with("not valid TOML"));
+        assert!(err("volume_ids = \"0a\"").contains("key `volume_ids`: expected an array"));
+        assert!(err("volume_ids = [1]").contains("key `volume_ids`: entry 1"));
     }
 
     #[test]

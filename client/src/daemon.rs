@@ -99,6 +99,14 @@ pub struct MapArgs {
     /// certificate from that CA can pose as any node.
     #[arg(long)]
     pub tls_danger_skip_server_name: bool,
+    /// The volume identity each node must already hold, in node order (hex,
+    /// as the nodes state them in their handshake; comma separated): the
+    /// map then creates nothing and refuses a node that holds another
+    /// volume under the name, or none (it lost the volume). Without it the
+    /// identities are taken from the nodes and pinned at the first connect
+    /// (and a node without the volume creates it).
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub volume_ids: Vec<String>,
 }
 
 /// What `map` runs with: each option from its flag, else the volume file,
@@ -120,6 +128,8 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     pub data_digest: bool,
     pub tls: Option<netblk_tls::config::ClientFiles>,
+    /// Pinned volume identities, one per node (empty: pinned at connect).
+    pub volume_ids: Vec<String>,
 }
 
 impl Settings {
@@ -155,6 +165,11 @@ impl Settings {
                 args.tls_key.clone().or(f.tls_key),
                 args.tls_danger_skip_server_name || f.tls_danger_skip_server_name == Some(true),
             ),
+            volume_ids: if args.volume_ids.is_empty() {
+                f.volume_ids.unwrap_or_default()
+            } else {
+                args.volume_ids.clone()
+            },
         }
     }
 
@@ -227,6 +242,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
             node_down_timeout: Duration::from_secs(set.node_down_timeout),
             data_digest: set.data_digest,
             tls,
+            volume_ids: set.volume_ids.clone(),
             ..VolumeOptions::default()
         },
         block_size: set.block_size,
@@ -458,6 +474,9 @@ fn recover(
     }
     if !args.nodes.is_empty() && args.nodes != record.nodes {
         return Err(differs("nodes"));
+    }
+    if !args.volume_ids.is_empty() && args.volume_ids != record.volume_ids {
+        return Err(differs("volume-ids"));
     }
     let generation = record
         .generation

@@ -109,6 +109,36 @@ pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// `now + timeout`, which must not overflow).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Most hex digits a pinned volume identity may have.
+pub const VOLUME_ID_MAX_DIGITS: usize = 128;
+
+/// Checks volume identities pinned by the caller (`netblk map
+/// --volume-ids`, a volume file's `volume_ids`, a CSI volume context):
+/// none (taken from the nodes at the first connect), or one per node of a
+/// volume over `nodes` nodes, in node order, each 1 to
+/// [`VOLUME_ID_MAX_DIGITS`] hex digits as the nodes state them. The one
+/// place that rule lives.
+pub fn check_volume_ids(ids: &[String], nodes: usize) -> Result<(), String> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    if ids.len() != nodes {
+        return Err(format!(
+            "{} volume identities given for {nodes} node(s): give one per node, in node order",
+            ids.len()
+        ));
+    }
+    for (node, id) in ids.iter().enumerate() {
+        let hex = id.bytes().all(|b| b.is_ascii_hexdigit());
+        if id.is_empty() || id.len() > VOLUME_ID_MAX_DIGITS || !hex {
+            return Err(format!(
+                "volume identity of node {node} '{id}' is not 1 to {VOLUME_ID_MAX_DIGITS} hex digits"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A duration in seconds, whole where it is whole.
 fn seconds(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
@@ -713,5 +743,29 @@ impl Drop for Volume {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_volume_ids;
+
+    #[test]
+    fn pinned_volume_identities_are_one_hex_string_per_node() {
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(check_volume_ids(&[], 3), Ok(()), "none: pinned at connect");
+        assert_eq!(check_volume_ids(&ids(&["0a1b", "FF00"]), 2), Ok(()));
+        let err = check_volume_ids(&ids(&["0a1b"]), 2).expect_err("count");
+        assert!(
+            err.contains("1 volume identities given for 2 node(s)"),
+            "{err}"
+        );
+        let err = check_volume_ids(&ids(&["0a1b", "xyz"]), 2).expect_err("hex");
+        assert!(err.contains("node 1 'xyz'"), "{err}");
+        assert!(check_volume_ids(&ids(&["", "00"]), 2).is_err(), "empty");
+        assert!(
+            check_volume_ids(&ids(&[&"0".repeat(129)]), 1).is_err(),
+            "long"
+        );
     }
 }

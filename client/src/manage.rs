@@ -44,17 +44,27 @@ impl VolumeRef {
     /// The volume's size if it exists: every node has it, at one size.
     /// None if no node has it; an error if only some do, or they disagree.
     pub fn lookup(&self, client_id: &str, timeouts: Timeouts) -> Result<Option<u64>, String> {
+        Ok(self.find(client_id, timeouts)?.map(|found| found.size))
+    }
+
+    /// As [`VolumeRef::lookup`], with the volume identity each node states.
+    pub fn find(&self, client_id: &str, timeouts: Timeouts) -> Result<Option<Found>, String> {
         let layout = self.layout(None)?;
         let who = self.identity(client_id);
         let mut sizes = Vec::new();
+        let mut volume_ids = Vec::new();
         let mut missing = Vec::new();
         for (node, addr) in self.nodes.iter().enumerate() {
             match net::connect_as(*addr, node, &layout, &who, timeouts, Open::Existing) {
-                Ok((_, info)) => sizes.push((node, info.volume_size)),
+                Ok((_, info)) => {
+                    sizes.push((node, info.volume_size));
+                    volume_ids.push(info.volume_id);
+                }
                 Err(ConnectError::NotFound { .. }) => missing.push(node),
                 Err(err) => return Err(err.to_string()),
             }
         }
+        let found = |size: u64| Found { size, volume_ids };
         match (sizes.first(), missing.is_empty()) {
             (None, _) => Ok(None),
             (Some(_), false) => Err(format!(
@@ -62,7 +72,9 @@ impl VolumeRef {
                 self.name,
                 sizes.iter().map(|(n, _)| n).collect::<Vec<_>>()
             )),
-            (Some((_, size)), true) if sizes.iter().all(|(_, s)| s == size) => Ok(Some(*size)),
+            (Some((_, size)), true) if sizes.iter().all(|(_, s)| s == size) => {
+                Ok(Some(found(*size)))
+            }
             (Some(_), true) => Err(format!(
                 "the nodes of volume '{}' disagree on its size: {sizes:?}",
                 self.name
@@ -163,6 +175,16 @@ impl VolumeRef {
         }
         Ok(())
     }
+}
+
+/// A volume that every node of its layout has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Its size, the same on every node.
+    pub size: u64,
+    /// Each node's identity of it, in node order (fixed when the node
+    /// created it: another one later means the node lost it).
+    pub volume_ids: Vec<String>,
 }
 
 /// How one node's volume is moved to a size.

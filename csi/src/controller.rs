@@ -4,7 +4,6 @@
 //! Every call checks all its arguments (INVALID_ARGUMENT) before it looks
 //! anything up (its volume id with [`handle_of`]: NOT_FOUND if not ours).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use netblk::net::Timeouts;
@@ -13,7 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::busy::Busy;
 use crate::pb;
 use crate::pb::controller_service_capability::rpc::Type as Rpc;
-use crate::volume::{self, Parameters, Tls, VolumeHandle, handle_of};
+use crate::volume::{self, Context, Parameters, Tls, VolumeHandle, handle_of};
 
 /// How long the controller waits on a storage node.
 pub const NODE_TIMEOUTS: Timeouts = Timeouts {
@@ -47,11 +46,6 @@ impl Default for Controller {
     fn default() -> Self {
         Controller::new()
     }
-}
-
-/// What a node needs to map the volume beyond its id.
-fn context(params: &Parameters) -> HashMap<String, String> {
-    HashMap::from([("queues".to_string(), params.queues.to_string())])
 }
 
 /// Runs blocking node IO off the async runtime.
@@ -94,16 +88,19 @@ impl pb::controller_server::Controller for Controller {
         let claim = self.busy.claim(&req.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
         let volume = handle.volume_ref(self.tls.as_ref());
-        let capacity = blocking(move || {
+        // The nodes' volume identities go into the context: the node
+        // plugin maps with them pinned (see `Context`).
+        let (capacity, volume_ids) = blocking(move || {
             let _claim = claim;
-            match volume.lookup(&client_id, timeouts) {
-                Ok(Some(have)) => {
+            match volume.find(&client_id, timeouts) {
+                Ok(Some(found)) => {
+                    let have = found.size;
                     let fits = i64::try_from(have).is_ok_and(|h| {
                         h >= range.required_bytes
                             && (range.limit_bytes == 0 || h <= range.limit_bytes)
                     });
                     if fits {
-                        return Ok(have);
+                        return Ok((have, found.volume_ids));
                     }
                     Err(Status::already_exists(format!(
                         "volume '{}' exists with {have} bytes, outside the range asked for",
@@ -114,7 +111,7 @@ impl pb::controller_server::Controller for Controller {
                 // (again) converges; nodes that have it at another size refuse.
                 Ok(None) | Err(_) => volume
                     .create(size, &client_id, timeouts)
-                    .map(|_| size)
+                    .map(|infos| (size, infos.into_iter().map(|i| i.volume_id).collect()))
                     .map_err(|e| Status::unavailable(e.to_string())),
             }
         })
@@ -125,7 +122,12 @@ impl pb::controller_server::Controller for Controller {
                 capacity_bytes: i64::try_from(capacity)
                     .map_err(|_| Status::out_of_range("capacity too large"))?,
                 volume_id: handle.id(),
-                volume_context: context(&params),
+                volume_context: Context::created(
+                    params.queues,
+                    volume_ids,
+                    &req.volume_capabilities,
+                )
+                .to_map(),
             }),
         }))
     }

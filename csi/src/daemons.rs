@@ -19,7 +19,7 @@ use netblk::ublk::ctrl::{Control, daemon_alive};
 use netblk::ublk::sys;
 
 use crate::busy::Busy;
-use crate::volume::VolumeHandle;
+use crate::volume::{Context, VolumeHandle};
 
 /// How long a daemon may take to serve its device: a recovery waits up to
 /// 90 s for the kernel to let go of the old daemon.
@@ -84,9 +84,15 @@ impl Daemons {
             .find(|m| m.record.volume == handle.name && m.record.nodes == handle.nodes)
     }
 
-    /// Maps `handle`'s volume at `size` bytes with `queues` queues and
-    /// returns its device once it serves.
-    pub fn map(&self, handle: &VolumeHandle, size: u64, queues: usize) -> Result<Mapped, String> {
+    /// Maps `handle`'s volume at `size` bytes as its `context` says (queues,
+    /// and the nodes' volume identities pinned if it has them) and returns
+    /// its device once it serves.
+    pub fn map(
+        &self,
+        handle: &VolumeHandle,
+        size: u64,
+        context: &Context,
+    ) -> Result<Mapped, String> {
         let nodes: Vec<String> = handle.nodes.iter().map(ToString::to_string).collect();
         let mut args = vec![
             "map".to_string(),
@@ -99,8 +105,12 @@ impl Daemons {
             "--nodes".into(),
             nodes.join(","),
             "--queues".into(),
-            queues.to_string(),
+            context.queues.to_string(),
         ];
+        if let Some(ids) = &context.volume_ids {
+            args.push("--volume-ids".into());
+            args.push(ids.join(","));
+        }
         if let Some(tls) = &self.tls {
             let files = tls.files();
             for (flag, path) in [

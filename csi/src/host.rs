@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 /// What a device holds, by the signatures netblk formats with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Content {
-    /// The first 64 KiB are zero: never formatted (a new netblk volume).
+    /// Every byte of [`blank_regions`] is zero: no signature that blkid
+    /// or wipefs would find (a new netblk volume, or one never given any).
     Blank,
     Ext4,
     Xfs,
@@ -32,8 +33,35 @@ impl Content {
     }
 }
 
-/// Reads what `head` (the first 64 KiB of a device) says it holds.
-pub fn content_of(head: &[u8]) -> Content {
+/// How much of each end of a device the blank test reads.
+pub const BLANK_SPAN: u64 = 1 << 20;
+/// btrfs's first mirror superblock (its primary is at 64 KiB).
+const BTRFS_MIRROR: (u64, u64) = (64 << 20, 4096);
+
+/// Where a device of `size` bytes is read to tell it blank, as (offset,
+/// length), in order, within the device: the first and the last MiB, where
+/// blkid and wipefs find the signatures of filesystems, partition tables,
+/// RAID and volume managers (btrfs's superblock at 64 KiB, ZFS's labels at
+/// both ends, GPT's backup header and md's 0.90/1.0 superblocks at the
+/// end), and btrfs's first mirror superblock at 64 MiB. The first 64 KiB
+/// alone miss most of them.
+pub fn blank_regions(size: u64) -> Vec<(u64, u64)> {
+    let head = (0, size.min(BLANK_SPAN));
+    let mut regions = vec![head];
+    let (mirror, len) = BTRFS_MIRROR;
+    if mirror + len <= size.saturating_sub(BLANK_SPAN) {
+        regions.push(BTRFS_MIRROR);
+    }
+    let tail = size.saturating_sub(BLANK_SPAN).max(head.1);
+    if tail < size {
+        regions.push((tail, size - tail));
+    }
+    regions
+}
+
+/// Reads what `head` (the start of a device, 64 KiB or more) says it
+/// holds; `rest_zero`: the device's other [`blank_regions`] are zero.
+pub fn content_of(head: &[u8], rest_zero: bool) -> Content {
     // ext2/3/4: the superblock at 1024, its magic 0xEF53 at offset 56.
     if head.get(1080..1082) == Some(&[0x53, 0xef]) {
         return Content::Ext4;
@@ -41,18 +69,33 @@ pub fn content_of(head: &[u8]) -> Content {
     if head.get(0..4) == Some(b"XFSB") {
         return Content::Xfs;
     }
-    if head.iter().all(|&b| b == 0) {
+    if rest_zero && head.iter().all(|&b| b == 0) {
         return Content::Blank;
     }
     Content::Other
 }
 
-/// What the device at `dev` holds.
+/// What the device (or image file) at `dev` holds.
 pub fn probe(dev: &str) -> io::Result<Content> {
-    let mut head = vec![0u8; 64 << 10];
     let mut file = File::open(dev)?;
-    file.read_exact(&mut head)?;
-    Ok(content_of(&head))
+    let size = match file.metadata()? {
+        m if m.file_type().is_block_device() => device_size(Path::new(dev))?,
+        m => m.len(),
+    };
+    let mut regions = blank_regions(size).into_iter();
+    let mut head = Vec::new();
+    if let Some((_, len)) = regions.next() {
+        (&mut file).take(len).read_to_end(&mut head)?;
+    }
+    let mut rest_zero = true;
+    let mut buf = Vec::new();
+    for (offset, len) in regions {
+        file.seek(SeekFrom::Start(offset))?;
+        buf.clear();
+        (&mut file).take(len).read_to_end(&mut buf)?;
+        rest_zero &= buf.iter().all(|&b| b == 0);
+    }
+    Ok(content_of(&head, rest_zero))
 }
 
 /// Runs `program ARGS` to its end; the error carries its output.
@@ -341,17 +384,62 @@ mod tests {
     #[test]
     fn content_is_told_by_signature() {
         let mut head = vec![0u8; 64 << 10];
-        assert_eq!(content_of(&head), Content::Blank);
+        assert_eq!(content_of(&head, true), Content::Blank);
+        assert_eq!(content_of(&head, false), Content::Other, "data further on");
         head[1080] = 0x53;
         head[1081] = 0xef;
-        assert_eq!(content_of(&head), Content::Ext4);
+        assert_eq!(content_of(&head, true), Content::Ext4);
         let mut head = vec![0u8; 64 << 10];
         head[..4].copy_from_slice(b"XFSB");
-        assert_eq!(content_of(&head), Content::Xfs);
+        assert_eq!(content_of(&head, true), Content::Xfs);
         let mut head = vec![0u8; 64 << 10];
         head[510] = 0x55;
         head[511] = 0xaa;
-        assert_eq!(content_of(&head), Content::Other, "a partition table");
+        assert_eq!(content_of(&head, true), Content::Other, "a partition table");
+    }
+
+    #[test]
+    fn the_blank_test_reads_both_ends_and_the_btrfs_mirror() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(
+            blank_regions(1 << 30),
+            [(0, MIB), (64 * MIB, 4096), ((1 << 30) - MIB, MIB)]
+        );
+        assert_eq!(blank_regions(3 * MIB), [(0, MIB), (2 * MIB, MIB)]);
+        assert_eq!(blank_regions(MIB + 4096), [(0, MIB), (MIB, 4096)]);
+        assert_eq!(blank_regions(64 << 10), [(0, 64 << 10)]);
+    }
+
+    /// A signature anywhere the blank test reads makes a device not blank:
+    /// btrfs at 64 KiB (past what the test used to read), a GPT backup
+    /// header in the last sector, btrfs's mirror at 64 MiB.
+    #[test]
+    fn a_signature_past_64_kib_is_not_blank() {
+        let dir = tempfile::tempdir().expect("dir");
+        let image = dir.path().join("disk.img");
+        let size: u64 = 128 << 20;
+        for (at, what) in [
+            (None, "nothing"),
+            (Some(0x1_0040), "btrfs magic"),
+            (Some(size - 512), "GPT backup header"),
+            (Some((64 << 20) + 0x40), "btrfs mirror"),
+        ] {
+            let file = File::create(&image).expect("image");
+            file.set_len(size).expect("size");
+            if let Some(at) = at {
+                std::os::unix::fs::FileExt::write_all_at(&file, b"_BHRfS_M", at).expect("write");
+            }
+            let want = if at.is_none() {
+                Content::Blank
+            } else {
+                Content::Other
+            };
+            assert_eq!(
+                probe(&image.to_string_lossy()).expect("probe"),
+                want,
+                "{what}"
+            );
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::pb;
 use crate::pb::node_service_capability::rpc::Type as Rpc;
 use crate::pb::volume_capability::AccessType;
 use crate::pb::volume_capability::access_mode::Mode;
-use crate::volume::{self, VolumeHandle, handle_of};
+use crate::volume::{self, Context, VolumeHandle, handle_of};
 
 /// The Node service.
 #[derive(Debug, Clone)]
@@ -68,8 +68,19 @@ fn need(field: &str, value: &str) -> Result<(), Status> {
 impl Node {
     /// The device serving `handle` on this host: mapped now if it is not
     /// (at the size its nodes hold), recovered if its daemon is gone.
-    fn ensure_mapped(&self, handle: &VolumeHandle, queues: usize) -> Result<Mapped, Status> {
+    fn ensure_mapped(&self, handle: &VolumeHandle, context: &Context) -> Result<Mapped, Status> {
         if let Some(mapped) = self.daemons.find(handle) {
+            if let Some(ids) = &context.volume_ids
+                && !mapped.record.volume_ids.is_empty()
+                && mapped.record.volume_ids != *ids
+            {
+                return Err(Status::failed_precondition(format!(
+                    "{} serves volume '{}' with volume identities {:?}, not the {ids:?} it was created with: a node lost it; unmap it",
+                    mapped.path(),
+                    handle.name,
+                    mapped.record.volume_ids
+                )));
+            }
             if !mapped.alive {
                 self.daemons.recover(&mapped).map_err(Status::internal)?;
             }
@@ -82,19 +93,27 @@ impl Node {
             .ok_or_else(|| {
                 Status::not_found(format!("no volume '{}' on its nodes", handle.name))
             })?;
+        if context.volume_ids.is_none() {
+            tracing::info!(
+                volume = %handle.name,
+                "the volume context pins no volume identities (made by an older controller): mapping with the identities the nodes hold now; it will not be formatted"
+            );
+        }
         self.daemons
-            .map(handle, size, queues)
+            .map(handle, size, context)
             .map_err(Status::internal)
     }
 
     fn stage(&self, req: pb::NodeStageVolumeRequest) -> Result<(), Status> {
         need("staging_target_path", &req.staging_target_path)?;
         let (access, readonly) = access_of(req.volume_capability.as_ref())?;
-        let queues = volume::queues(req.volume_context.get("queues"), "volume context 'queues'")
-            .map_err(Status::invalid_argument)?;
+        let context = Context::parse(&req.volume_context).map_err(Status::invalid_argument)?;
         let handle = handle_of(&req.volume_id)?;
+        context
+            .fits(handle.nodes.len())
+            .map_err(Status::invalid_argument)?;
         let _claim = self.busy.claim(&handle.name)?;
-        let mapped = self.ensure_mapped(&handle, queues)?;
+        let mapped = self.ensure_mapped(&handle, &context)?;
         let dev = mapped.path();
         let Access::Mount { fs_type, flags } = access else {
             return Ok(());
@@ -122,6 +141,12 @@ impl Node {
                 )));
             }
             Content::Blank => {
+                // Formatted only if it never had a filesystem (`Context`).
+                context.may_format().map_err(|why| {
+                    Status::failed_precondition(format!(
+                        "{dev} is blank, but {why}: not formatting it (make the filesystem by hand if it holds nothing)"
+                    ))
+                })?;
                 tracing::info!(device = %dev, fs = %fs_type, "formatting a blank volume");
                 host::mkfs(&fs_type, &dev).map_err(Status::internal)?;
             }

@@ -120,6 +120,137 @@ pub fn queues(text: Option<&String>, what: &str) -> Result<usize, String> {
     }
 }
 
+/// The volume context: what the controller says of a volume at
+/// CreateVolume, which Kubernetes keeps with it (the PersistentVolume) and
+/// hands to every NodeStage.
+///
+/// Whether NodeStage may format a volume is decided from it. A volume may
+/// be formatted only if it was never given a filesystem, and the node
+/// cannot tell that from zeroes alone: a node that lost the volume and
+/// made an empty one in its place reads back zeroes where the data was,
+/// and a raw block volume may be zero wherever a signature would sit. So:
+/// - `volumeIds` pins, for every node, the volume identity the node stated
+///   when the controller created (or found) the volume. The node plugin
+///   maps with them (`netblk map --volume-ids`), so every byte it reads
+///   was written to that very volume since its creation: a node that lost
+///   it is refused, never read as zeroes.
+/// - `createdFor` is `filesystem` when every capability CreateVolume was
+///   asked for was a mount: the volume is never used as a raw device, so
+///   whatever was written to it was written by a filesystem, which starts
+///   with `mkfs` writing its signatures where [`crate::host::probe`] reads.
+///
+/// Hence a blank device (no signature in its first and last MiB) with both
+/// keys was never formatted: none of its stages got past `mkfs`, and none
+/// of its data is lost. Only then does NodeStage format it. A context
+/// without them (a volume made by an older controller, or created for
+/// block access) is mapped and mounted as before, but never formatted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// Queues per mapped device.
+    pub queues: usize,
+    /// Each node's volume identity at creation, in node order (None: an
+    /// older controller made the volume).
+    pub volume_ids: Option<Vec<String>>,
+    /// Created for filesystems only (never a raw device).
+    pub filesystem_only: bool,
+}
+
+/// The context keys.
+const QUEUES: &str = "queues";
+const VOLUME_IDS: &str = "volumeIds";
+const CREATED_FOR: &str = "createdFor";
+
+impl Context {
+    /// The context of a volume the controller created with `queues` and
+    /// `capabilities`, whose nodes state `volume_ids`.
+    pub fn created(
+        queues: usize,
+        volume_ids: Vec<String>,
+        capabilities: &[pb::VolumeCapability],
+    ) -> Context {
+        use pb::volume_capability::AccessType;
+        Context {
+            queues,
+            volume_ids: Some(volume_ids),
+            filesystem_only: capabilities
+                .iter()
+                .all(|c| matches!(c.access_type, Some(AccessType::Mount(_)))),
+        }
+    }
+
+    pub fn to_map(&self) -> HashMap<String, String> {
+        let mut map = HashMap::from([(QUEUES.to_string(), self.queues.to_string())]);
+        if let Some(ids) = &self.volume_ids {
+            map.insert(VOLUME_IDS.into(), ids.join(","));
+            let created_for = if self.filesystem_only {
+                "filesystem"
+            } else {
+                "block"
+            };
+            map.insert(CREATED_FOR.into(), created_for.into());
+        }
+        map
+    }
+
+    /// A NodeStage request's context; the error names the key
+    /// (INVALID_ARGUMENT). Other keys are left alone. Whether it fits the
+    /// volume's nodes is [`Context::fits`].
+    pub fn parse(map: &HashMap<String, String>) -> Result<Context, String> {
+        let queues = queues(map.get(QUEUES), "volume context 'queues'")?;
+        let volume_ids = match map.get(VOLUME_IDS) {
+            None => None,
+            Some(text) => {
+                let ids: Vec<String> = text.split(',').map(str::to_string).collect();
+                Context::check_ids(&ids, ids.len())?;
+                Some(ids)
+            }
+        };
+        let filesystem_only = match map.get(CREATED_FOR).map(String::as_str) {
+            None | Some("block") => false,
+            Some("filesystem") => true,
+            Some(other) => {
+                return Err(format!(
+                    "volume context '{CREATED_FOR}' is '{other}', not filesystem or block"
+                ));
+            }
+        };
+        Ok(Context {
+            queues,
+            volume_ids,
+            filesystem_only,
+        })
+    }
+
+    /// Whether the context fits a volume over `nodes` nodes (one identity
+    /// per node, if it has them).
+    pub fn fits(&self, nodes: usize) -> Result<(), String> {
+        match &self.volume_ids {
+            Some(ids) => Context::check_ids(ids, nodes),
+            None => Ok(()),
+        }
+    }
+
+    fn check_ids(ids: &[String], nodes: usize) -> Result<(), String> {
+        netblk::frontend::check_volume_ids(ids, nodes)
+            .map_err(|why| format!("volume context '{VOLUME_IDS}': {why}"))
+    }
+
+    /// Whether a blank device of this volume may be formatted (see the
+    /// type's documentation); the error says why not.
+    pub fn may_format(&self) -> Result<(), String> {
+        if self.volume_ids.is_none() {
+            return Err("its volume context pins no volume identities (made by an older netblk-csi controller): it may be a volume whose node lost its data".into());
+        }
+        if !self.filesystem_only {
+            return Err(
+                "it was created for block access: zeroes where a signature would be may be data"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 fn parse_nodes(text: &str) -> Result<Vec<SocketAddr>, String> {
     let nodes: Vec<SocketAddr> = text
         .split(',')
@@ -280,6 +411,49 @@ mod tests {
         ] {
             assert!(VolumeHandle::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_context_pins_identities_and_allows_formatting_only_a_filesystem_volume() {
+        let ids = vec!["0a".to_string(), "0b".into()];
+        let mount = cap(
+            AccessType::Mount(MountVolume {
+                fs_type: "ext4".into(),
+                mount_flags: Vec::new(),
+                volume_mount_group: String::new(),
+            }),
+            Mode::SingleNodeWriter,
+        );
+        let block = cap(AccessType::Block(BlockVolume {}), Mode::SingleNodeWriter);
+        let made = Context::created(2, ids.clone(), std::slice::from_ref(&mount));
+        let map = made.to_map();
+        assert_eq!(map.get("volumeIds").map(String::as_str), Some("0a,0b"));
+        let back = Context::parse(&map).expect("parses");
+        assert_eq!(back, made);
+        assert_eq!(back.fits(2), Ok(()));
+        assert_eq!(back.may_format(), Ok(()));
+        let raw = Context::created(1, ids.clone(), &[mount, block]);
+        let back = Context::parse(&raw.to_map()).expect("parses");
+        assert!(
+            back.may_format()
+                .expect_err("block")
+                .contains("block access")
+        );
+        // An older controller's context: mapped as before, never formatted.
+        let old = HashMap::from([("queues".to_string(), "2".to_string())]);
+        let back = Context::parse(&old).expect("parses");
+        assert_eq!(back.volume_ids, None);
+        assert_eq!(back.fits(5), Ok(()));
+        assert!(back.may_format().expect_err("old").contains("older"));
+        // Identities are checked against the volume's nodes.
+        let err = made.fits(3).expect_err("count");
+        assert!(err.contains("'volumeIds'"), "{err}");
+        let mut bad = made.to_map();
+        bad.insert("volumeIds".into(), "0a,zz".into());
+        assert!(Context::parse(&bad).is_err());
+        bad.insert("volumeIds".into(), "0a,0b".into());
+        bad.insert("createdFor".into(), "tape".into());
+        assert!(Context::parse(&bad).is_err());
     }
 
     #[test]

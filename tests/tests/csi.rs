@@ -178,6 +178,27 @@ fn the_controller_creates_validates_expands_and_deletes_on_the_nodes() {
         Some("2")
     );
     assert!(volume.volume_id.starts_with("pvc-host/65536/"));
+    // The nodes' volume identities are pinned in the context, in node
+    // order, and the volume is marked as made for a filesystem.
+    let found = netblk::manage::VolumeRef {
+        name: "pvc-host".into(),
+        stripe_unit: 65536,
+        nodes: cluster.addrs(),
+        tls: None,
+    }
+    .find("csi-test", netblk_csi::controller::NODE_TIMEOUTS)
+    .expect("find")
+    .expect("on the nodes");
+    assert_eq!(
+        volume.volume_context.get("volumeIds"),
+        Some(&found.volume_ids.join(",")),
+        "{:?}",
+        volume.volume_context
+    );
+    assert_eq!(
+        volume.volume_context.get("createdFor").map(String::as_str),
+        Some("filesystem")
+    );
     let again = csi
         .call(controller().create_volume(req.clone()))
         .expect("create again")
@@ -383,9 +404,19 @@ fn the_node_service_checks_its_arguments_before_touching_the_host() {
         .volume_context
         .insert("queues".into(), "0".into());
     assert_eq!(
-        code(csi.call(node().node_stage_volume(bad_queues))),
+        code(csi.call(node().node_stage_volume(bad_queues.clone()))),
         Code::InvalidArgument
     );
+    // Pinned identities that do not fit the volume's two nodes.
+    for ids in ["0a1b", "0a1b,zz", "0a1b,,", ""] {
+        let mut bad_ids = bad_queues.clone();
+        bad_ids.volume_context = HashMap::from([("volumeIds".to_string(), ids.to_string())]);
+        let status = csi
+            .call(node().node_stage_volume(bad_ids))
+            .expect_err("bad volumeIds");
+        assert_eq!(status.code(), Code::InvalidArgument, "{ids}: {status:?}");
+        assert!(status.message().contains("volumeIds"), "{status:?}");
+    }
 
     let publish = |id: &str, staging: &str, target: &str, cap: Option<pb::VolumeCapability>| {
         csi.call(node().node_publish_volume(pb::NodePublishVolumeRequest {
@@ -693,4 +724,43 @@ fn with_tls_files_the_plugins_reach_tls_nodes() {
         secrets: HashMap::new(),
     }))
     .expect("delete over TLS");
+}
+
+/// `netblk map --volume-ids` (and a volume file's `volume_ids`) takes one
+/// hex identity per node, checked before anything is touched.
+#[test]
+fn map_checks_the_pinned_volume_identities_it_is_given() {
+    let dir = tempfile::tempdir().expect("dir");
+    let map = |extra: &[&str]| {
+        let out = std::process::Command::new(netblk_tests::netblk_bin())
+            .args(["map", "--volume", "v", "--size", "64M"])
+            .args(["--nodes", "127.0.0.1:1,127.0.0.1:2"])
+            .args(extra)
+            .env("NETBLK_STATE_DIR", dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("netblk map");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = map(&["--volume-ids", "0a1b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("1 volume identities given for 2 node(s)"),
+        "{err}"
+    );
+    let (code, err) = map(&["--volume-ids", "0a1b,nothex"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("volume identity of node 1 'nothex'"), "{err}");
+    let file = dir.path().join("v.toml");
+    std::fs::write(&file, "volume_ids = [\"0a\", \"0b\", \"0c\"]\n").expect("write");
+    let (code, err) = map(&["--config", &file.to_string_lossy()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("3 volume identities given for 2 node(s)"),
+        "{err}"
+    );
+    assert!(err.contains("v.toml"), "names the file: {err}");
 }

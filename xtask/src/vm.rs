@@ -113,6 +113,72 @@ pub fn scenario_script(only: &[String]) -> Result<String, String> {
     Ok(script)
 }
 
+/// What a manual run adds to `vm-test`, from the environment (for tools
+/// that are not part of the project, such as the CSI sanity suite; see
+/// README, Test):
+/// - `NETBLK_VM_EXTRA_BINS`: host programs (static binaries best),
+///   `:`-separated absolute paths, copied to the guest's /bin;
+/// - `NETBLK_VM_EXTRA_CMD`: a shell command the guest runs after the
+///   chosen scenarios (their nodes and plugins still up), before the
+///   verdict; the run fails if it fails;
+/// - `NETBLK_VM_TIMEOUT`: seconds the guest may run (default 600).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Manual {
+    pub bins: Vec<PathBuf>,
+    pub command: Option<String>,
+    pub timeout: Option<Duration>,
+}
+
+impl Manual {
+    pub fn from_env() -> Result<Manual, String> {
+        Manual::parse(|name| std::env::var(name).ok())
+    }
+
+    fn parse(var: impl Fn(&str) -> Option<String>) -> Result<Manual, String> {
+        let bins = var("NETBLK_VM_EXTRA_BINS")
+            .unwrap_or_default()
+            .split(':')
+            .filter(|f| !f.is_empty())
+            .map(|f| {
+                let path = PathBuf::from(f);
+                if path.is_absolute() && path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(format!(
+                        "NETBLK_VM_EXTRA_BINS: '{f}' is not an absolute path of a file"
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let timeout = var("NETBLK_VM_TIMEOUT")
+            .map(|t| {
+                t.parse::<u64>()
+                    .ok()
+                    .filter(|s| (1..=86_400).contains(s))
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| format!("NETBLK_VM_TIMEOUT: '{t}' is not 1 to 86400 seconds"))
+            })
+            .transpose()?;
+        Ok(Manual {
+            bins,
+            command: var("NETBLK_VM_EXTRA_CMD").filter(|c| !c.trim().is_empty()),
+            timeout,
+        })
+    }
+
+    /// `script` with the command run before its verdict line.
+    pub fn script(&self, script: String) -> String {
+        let Some(command) = &self.command else {
+            return script;
+        };
+        let verdict = format!("\necho \"{PASS}\"\n");
+        let body = script.strip_suffix(&verdict).unwrap_or(&script);
+        format!(
+            "{body}\n# ---- NETBLK_VM_EXTRA_CMD\necho \"== extra command\"\n( {command}\n) || fail \"NETBLK_VM_EXTRA_CMD failed\"{verdict}"
+        )
+    }
+}
+
 fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     let status = cmd
         .status()
@@ -360,6 +426,9 @@ pub struct Extras<'a> {
     /// Modules loaded at boot after the default ones: name and parameters
     /// (its dependencies are loaded first, without parameters).
     pub modules: &'a [(&'a str, String)],
+    /// Host programs given by path, copied to the guest's /bin (with the
+    /// libraries they load).
+    pub bins: &'a [PathBuf],
 }
 
 fn make_initramfs(
@@ -408,6 +477,9 @@ fn make_initramfs(
     .chain(extras.tools)
     {
         copy_with_libs(&which(tool)?, &stage)?;
+    }
+    for bin in extras.bins {
+        copy_with_libs(bin, &stage)?;
     }
     // Throwaway certificates for the TLS scenario: a CA, a node certificate
     // for 127.0.0.1 and a client certificate, in /etc/netblk/tls.
@@ -760,7 +832,8 @@ pub fn vm_test(
     version: Option<&str>,
     scenarios: &[String],
 ) -> Result<(), String> {
-    let script = scenario_script(scenarios)?;
+    let manual = Manual::from_env()?;
+    let script = manual.script(scenario_script(scenarios)?);
     need_tools()?;
     let overridden;
     let kernels: Vec<&Kernel> = match (only, version) {
@@ -796,7 +869,14 @@ pub fn vm_test(
             &bins,
             kernel,
             &script,
-            &Guest::default(),
+            &Guest {
+                extras: Extras {
+                    bins: &manual.bins,
+                    ..Extras::default()
+                },
+                timeout: manual.timeout.unwrap_or(Guest::default().timeout),
+                ..Guest::default()
+            },
         )?;
         let verdict = if log.contains(PASS) { "pass" } else { "FAIL" };
         eprintln!(
@@ -867,6 +947,39 @@ pub(crate) mod tests {
                 .unwrap_or_else(|| panic!("{name} missing or out of order"));
             at += found;
         }
+    }
+
+    #[test]
+    fn a_manual_command_runs_after_the_scenarios_before_the_verdict() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let none = Manual::parse(env(&[])).expect("nothing set");
+        assert_eq!(none, Manual::default());
+        let plain = scenario_script(&names(&["csi"])).expect("csi");
+        assert_eq!(none.script(plain.clone()), plain);
+        let manual = Manual::parse(env(&[
+            ("NETBLK_VM_EXTRA_BINS", "/bin/sh"),
+            ("NETBLK_VM_EXTRA_CMD", "/bin/sh -c true"),
+            ("NETBLK_VM_TIMEOUT", "1800"),
+        ]))
+        .expect("parses");
+        assert_eq!(manual.bins, [PathBuf::from("/bin/sh")]);
+        assert_eq!(manual.timeout, Some(Duration::from_secs(1800)));
+        let script = manual.script(plain);
+        let csi = script.find("== scenario csi").expect("csi");
+        let extra = script.find("/bin/sh -c true").expect("command");
+        let verdict = script.rfind(PASS).expect("verdict");
+        assert!(csi < extra && extra < verdict, "{script}");
+        assert!(script.trim_end().ends_with(&format!("echo \"{PASS}\"")));
+        assert_valid_shell(&script);
+        assert!(Manual::parse(env(&[("NETBLK_VM_EXTRA_BINS", "relative")])).is_err());
+        assert!(Manual::parse(env(&[("NETBLK_VM_TIMEOUT", "0")])).is_err());
     }
 
     #[test]

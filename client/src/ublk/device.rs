@@ -221,6 +221,8 @@ impl FailQueue {
 pub fn check(spec: &VolumeSpec, options: &MapOptions) -> Result<Layout, MapError> {
     let layout = spec.layout().map_err(OpenError::from)?;
     options.check()?;
+    crate::frontend::check_volume_ids(&options.volume.volume_ids, spec.nodes.len())
+        .map_err(OpenError::Options)?;
     if !spec.size.is_multiple_of(u64::from(options.block_size)) {
         return Err(MapError::Unaligned {
             size: spec.size,

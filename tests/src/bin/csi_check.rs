@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! netblk-csi-check SOCKET lifecycle NODES      the whole lifecycle, block, ext4 and xfs
+//! netblk-csi-check SOCKET formatting NODES     which volumes NodeStage formats (plaintext nodes)
 //! netblk-csi-check SOCKET wait-ready           until Probe says ready (180 s at most)
-//! netblk-csi-check SOCKET create NAME MIB NODES    prints the volume id
-//! netblk-csi-check SOCKET stage ID STAGING block|ext4|xfs
+//! netblk-csi-check SOCKET create NAME MIB NODES    prints the volume id and context (KEY=VALUE;...)
+//! netblk-csi-check SOCKET stage ID STAGING block|ext4|xfs [CONTEXT]
 //! netblk-csi-check SOCKET publish ID STAGING TARGET block|ext4|xfs
 //! netblk-csi-check SOCKET unpublish ID TARGET
 //! netblk-csi-check SOCKET unstage ID STAGING
@@ -81,13 +82,18 @@ struct Driver {
 
 impl Driver {
     fn create(&self, name: &str, mib: u64, nodes: &str) -> Checked<pb::Volume> {
+        self.create_as(name, mib, nodes, "ext4")
+    }
+
+    /// Creates a volume for `kind` access.
+    fn create_as(&self, name: &str, mib: u64, nodes: &str, kind: &str) -> Checked<pb::Volume> {
         let req = pb::CreateVolumeRequest {
             name: name.into(),
             capacity_range: Some(pb::CapacityRange {
                 required_bytes: (mib * MIB) as i64,
                 limit_bytes: 0,
             }),
-            volume_capabilities: vec![capability("ext4", Mode::SingleNodeWriter)?],
+            volume_capabilities: vec![capability(kind, Mode::SingleNodeWriter)?],
             parameters: HashMap::from([
                 ("nodes".to_string(), nodes.to_string()),
                 ("stripeUnit".to_string(), "65536".to_string()),
@@ -553,6 +559,97 @@ fn bad_arguments(driver: &Driver, nodes: &str, root: &Path) -> Checked {
     Ok(())
 }
 
+/// What a stage is refused with (FAILED_PRECONDITION), and that it leaves
+/// no device mapped once unstaged.
+fn stage_refused(driver: &Driver, volume: &pb::Volume, staging: &Path, why: &str) -> Checked {
+    let c = &driver.csi;
+    let req = pb::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(capability("ext4", Mode::SingleNodeWriter)?),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    };
+    let got = c.call(c.node.clone().node_stage_volume(req));
+    let message = match got {
+        Err(status)
+            if status.code() == Code::FailedPrecondition || status.code() == Code::Internal =>
+        {
+            status.message().to_string()
+        }
+        other => return Err(format!("stage ({why}): expected a refusal, got {other:?}")),
+    };
+    check(
+        message.contains(why),
+        format!("stage refused without '{why}': {message}"),
+    )?;
+    driver.unstage(&volume.volume_id, staging)?;
+    let name = volume.volume_id.split('/').next().unwrap_or_default();
+    check(
+        mapped_device(name).is_none(),
+        format!("{name}: still mapped after a refused stage and unstage"),
+    )
+}
+
+/// Node `node` of `nodes` loses volume `name` and makes an empty one in
+/// its place (a node whose disk was replaced, under an older netblk).
+fn lose_volume(nodes: &str, node: usize, name: &str, bytes: u64) -> Checked {
+    use netblk::net::{self, Identity, Open};
+    let addrs: Vec<std::net::SocketAddr> = nodes
+        .split(',')
+        .map(|n| n.parse().map_err(|_| format!("bad node '{n}'")))
+        .collect::<Result<_, _>>()?;
+    let addr = *addrs.get(node).ok_or("no such node")?;
+    let layout =
+        netblk::layout::Layout::new(bytes, 65536, addrs.len() as u32).map_err(|e| e.to_string())?;
+    let who = Identity {
+        client_id: "csi-check-loser",
+        volume: name,
+        session: net::clock_session(),
+        volume_id: None,
+        digest: false,
+        tls: None,
+    };
+    let timeouts = netblk_csi::controller::NODE_TIMEOUTS;
+    let (stream, _) = net::connect_as(addr, node, &layout, &who, timeouts, Open::Existing)
+        .map_err(|e| e.to_string())?;
+    let op = netblk_protocol::pb::request::Op::Delete(netblk_protocol::pb::Delete {});
+    let reply = net::call(&stream, 1, op, timeouts.io)?;
+    check(
+        reply.status == netblk_protocol::pb::Status::Ok as i32,
+        format!("delete: {}", reply.message),
+    )?;
+    drop(stream);
+    net::connect(addr, node, &layout, &who, timeouts)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Only a volume the controller made for a filesystem and that never had
+/// one is formatted: not one whose context pins no identities (an older
+/// controller's), not one made for block access, and a node that lost
+/// the volume is refused (named) instead of being read as zeroes.
+fn formatting(driver: &Driver, nodes: &str, root: &Path) -> Checked {
+    let staging = root.join("staging/pvc-format");
+    let mut old = driver.create("pvc-old", 16, nodes)?;
+    old.volume_context = HashMap::from([("queues".to_string(), "2".to_string())]);
+    stage_refused(driver, &old, &staging, "older netblk-csi controller")?;
+    driver.delete(&old.volume_id)?;
+    let raw = driver.create_as("pvc-raw", 16, nodes, "block")?;
+    stage_refused(driver, &raw, &staging, "created for block access")?;
+    driver.delete(&raw.volume_id)?;
+    let lost = driver.create("pvc-lost", 16, nodes)?;
+    driver.stage(&lost, &staging, "ext4")?;
+    driver.unstage(&lost.volume_id, &staging)?;
+    lose_volume(nodes, 0, "pvc-lost", 16 * MIB)?;
+    stage_refused(driver, &lost, &staging, "node 0")?;
+    driver.delete(&lost.volume_id)?;
+    println!(
+        "csi: formatting: an older controller's volume and a block volume are not formatted; a node that lost the volume (made anew, empty) is refused at NodeStage, named"
+    );
+    Ok(())
+}
+
 fn wait_ready(csi: &Csi) -> Checked {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -605,14 +702,31 @@ fn run(args: &[String]) -> Checked {
             }
             bad_arguments(&driver, nodes, &root)
         }
+        "formatting" => formatting(&driver, arg(2)?, Path::new("/var/lib/kubelet/csi-check")),
         "wait-ready" => wait_ready(&driver.csi),
         "create" => {
             let mib = arg(3)?.parse().map_err(|_| "MIB is a number".to_string())?;
             let volume = driver.create(arg(2)?, mib, arg(4)?)?;
-            println!("{}", volume.volume_id);
+            let mut context: Vec<String> = volume
+                .volume_context
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            context.sort();
+            println!("{} {}", volume.volume_id, context.join(";"));
             Ok(())
         }
-        "stage" => driver.stage(&volume_of(arg(2)?), &path(3)?, arg(4)?),
+        "stage" => {
+            let mut volume = volume_of(arg(2)?);
+            if let Ok(context) = arg(5) {
+                volume.volume_context = context
+                    .split(';')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            }
+            driver.stage(&volume, &path(3)?, arg(4)?)
+        }
         "publish" => driver.publish(&volume_of(arg(2)?), &path(3)?, &path(4)?, arg(5)?, false),
         "unpublish" => driver.unpublish(arg(2)?, &path(3)?),
         "unstage" => driver.unstage(arg(2)?, &path(3)?),

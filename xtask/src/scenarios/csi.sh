@@ -1,7 +1,9 @@
 # The CSI driver, as kubelet and the sidecars drive it: netblk-csi serving
 # Controller and Node on a unix socket, netblk-csi-check calling it. The
 # whole lifecycle for block, ext4 and xfs (every call twice, bad arguments
-# refused with the spec's codes); then the plugin and its map daemons
+# refused with the spec's codes; formatted only when the controller made it
+# for a filesystem and its nodes still hold the identities it was made
+# with); then the plugin and its map daemons
 # killed -9 (a DaemonSet pod replaced) while fio writes to a staged volume:
 # the restarted plugin recovers the device and fio verifies clean; then the
 # lifecycle once more on TLS nodes, the plugin given the TLS files.
@@ -15,10 +17,13 @@ netblk features | grep -q UPDATE_SIZE || export NETBLK_ONLINE_RESIZE=0
 start_csi
 netblk-csi-check $CSI_SOCK lifecycle $NODES >/tmp/csilife.out 2>&1 || { cat /tmp/csilife.out; fail "CSI lifecycle"; }
 cat /tmp/csilife.out
+netblk-csi-check $CSI_SOCK formatting $NODES >/tmp/csiformat.out 2>&1 || { cat /tmp/csiformat.out; fail "CSI formatting"; }
+cat /tmp/csiformat.out
 
 K=/var/lib/kubelet/kill
-ID=$(netblk-csi-check $CSI_SOCK create pvc-kill 320 $NODES) || fail "CSI create (kill)"
-netblk-csi-check $CSI_SOCK stage "$ID" $K/staging ext4 || fail "CSI stage (kill)"
+CREATED=$(netblk-csi-check $CSI_SOCK create pvc-kill 320 $NODES) || fail "CSI create (kill)"
+ID=${CREATED%% *}; CTX=${CREATED#* }
+netblk-csi-check $CSI_SOCK stage "$ID" $K/staging ext4 "$CTX" || fail "CSI stage (kill)"
 netblk-csi-check $CSI_SOCK publish "$ID" $K/staging $K/pod ext4 || fail "CSI publish (kill)"
 fio --name=csikill --filename=$K/pod/fio --ioengine=libaio --direct=1 --iodepth=16 \
     --rw=randwrite --bsrange=4k-64k --size=64M --verify=crc32c --verify_fatal=1 \

@@ -410,6 +410,7 @@ pub fn vm_bench(root: &Path, args: &BenchArgs, command: String) -> Result<(), St
         tools: &tools,
         files: &files,
         modules: &modules,
+        ..vm::Extras::default()
     };
     eprintln!(
         "==> vm-bench on {}: {} fio runs of {} ms after {} ms ramp ({} round(s)); guest timeout {:.0?}",
