@@ -1,0 +1,489 @@
+//! The sans-IO request engine of one queue.
+//!
+//! It owns no socket, ring or clock. Inputs are `handle_*` calls: a block
+//! request arrived, a transmit's buffer was released (send done, or its
+//! zero-copy notification came), a reply header or payload arrived, a
+//! connection was lost or restored, time passed. Outputs are `poll_*` calls:
+//! frames to send per node, requests to complete, the next deadline.
+//!
+//! A block request is split into pieces by the [`Layout`]; each piece is one
+//! wire request to one node. The request completes when every piece has been
+//! answered **and** no send or receive still uses its buffer; its result is
+//! the byte count or the first error as an errno.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+mod api;
+mod deadlines;
+mod replies;
+#[cfg(test)]
+mod tests;
+mod transmit;
+
+pub use api::*;
+
+use crate::layout::{Layout, LiveSize};
+use crate::ledger::{Acked, Ledger};
+use crate::stats::QueueStats;
+
+const EIO: i32 = 5;
+const EINVAL: i32 = 22;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceState {
+    Queued,
+    Sent,
+    Receiving,
+    /// Its request timed out while its payload was arriving: the piece is
+    /// done with, only the buffer it is received into stays held until the
+    /// payload ends or its connection is torn down. Never sent again.
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct PieceRec {
+    tag: Tag,
+    node: usize,
+    op: Op,
+    node_offset: u64,
+    buf_offset: u64,
+    len: u64,
+    state: PieceState,
+    /// For a flush: the node's acknowledged writes (device-wide, see
+    /// [`Ledger::covers`]) when it was sent, which its success makes durable.
+    covers: u64,
+    sent_at: Option<Instant>,
+    /// Times its payload failed a digest so far.
+    digest_retries: u8,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    active: bool,
+    /// Distinguishes this use of the tag from earlier ones.
+    seq: u64,
+    len: u64,
+    /// Pieces not yet answered.
+    pieces: Vec<u64>,
+    /// The node of every send and receive still using the buffer (one
+    /// entry each).
+    buf_nodes: Vec<usize>,
+    errno: i32,
+    timed_out: bool,
+    /// What it is and when it arrived (for the latency figures).
+    op: Option<Op>,
+    started: Option<Instant>,
+}
+
+/// Read pieces of at least this many bytes count as big (see
+/// [`Engine::big_reads_in_flight`]): a driver that can receive payloads
+/// straight into request pages does so for these.
+pub const BIG_READ_MIN: u64 = 16 << 10;
+
+impl PieceRec {
+    fn big_read(&self) -> bool {
+        matches!(self.op, Op::Read) && self.len >= BIG_READ_MIN
+    }
+}
+
+#[derive(Debug)]
+struct NodeState {
+    up: bool,
+    /// Since when the connection is lost (None while up).
+    down_since: Option<Instant>,
+    /// Pieces waiting to be sent, oldest first.
+    queue: VecDeque<u64>,
+    in_flight: usize,
+    /// Big reads among them.
+    big_reads: usize,
+    /// The node's incarnation of the volume on this queue's connection,
+    /// once known: what the ledger attributes its acknowledgements to.
+    incarnation: Option<u64>,
+    /// The node no longer holds the pinned volume (it was lost and made
+    /// anew): IO to its stripes fails at once.
+    refused: bool,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub requests: u64,
+    pub pieces_sent: u64,
+    pub pieces_resent: u64,
+    pub timeouts: u64,
+    pub stale_replies: u64,
+    /// Connections torn down because a request timed out on them.
+    pub aborts: u64,
+    /// Nodes that came back as a new incarnation with acknowledged writes
+    /// not known to be durable.
+    pub lost_incarnations: u64,
+    /// Flushes failed because a node may have lost acknowledged writes.
+    pub failed_flushes: u64,
+    /// Payloads that failed their digest (a write the node refused, a read
+    /// reply that did not match): each was sent again, or failed its
+    /// request after [`DIGEST_RETRIES`].
+    pub digest_errors: u64,
+}
+
+/// The request engine of one queue; see the module docs.
+pub struct Engine {
+    layout: Layout,
+    config: EngineConfig,
+    slots: Vec<Slot>,
+    pieces: HashMap<u64, PieceRec>,
+    nodes: Vec<NodeState>,
+    completions: VecDeque<Completion>,
+    /// (deadline, tag, seq) in submission order, so deadlines only grow.
+    deadlines: VecDeque<(Instant, Tag, u64)>,
+    /// Nodes whose connection must be torn down (see [`Engine::poll_abort`]).
+    aborts: VecDeque<usize>,
+    /// The latest time handed in (for latencies).
+    clock: Instant,
+    /// Where the queue's figures go, if anyone reads them.
+    figures: Option<Arc<QueueStats>>,
+    /// The volume's size now: requests must end within it (the layout's
+    /// size is where it started; see [`Engine::share_size`]).
+    size: LiveSize,
+    /// What the nodes acknowledged and flushed, device-wide (see
+    /// [`Engine::share_ledger`]).
+    ledger: Arc<Ledger>,
+    next_id: u64,
+    next_seq: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// An engine for `layout`; every node starts disconnected.
+    pub fn new(layout: Layout, mut config: EngineConfig) -> Engine {
+        config.depth = config.depth.clamp(1, MAX_DEPTH);
+        config.max_in_flight_per_node = config.max_in_flight_per_node.max(1);
+        let nodes = (0..layout.node_count())
+            .map(|_| NodeState {
+                up: false,
+                down_since: None,
+                queue: VecDeque::new(),
+                in_flight: 0,
+                big_reads: 0,
+                incarnation: None,
+                refused: false,
+            })
+            .collect();
+        Engine {
+            slots: (0..config.depth).map(|_| Slot::default()).collect(),
+            size: LiveSize::new(layout.size()),
+            ledger: Arc::new(Ledger::new(layout.node_count())),
+            layout,
+            config,
+            pieces: HashMap::new(),
+            nodes,
+            completions: VecDeque::new(),
+            deadlines: VecDeque::new(),
+            aborts: VecDeque::new(),
+            clock: Instant::now(),
+            figures: None,
+            next_id: 1,
+            next_seq: 1,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Checks requests against `size` from now on: a handle the volume's
+    /// other queues and its resize share.
+    pub fn share_size(&mut self, size: LiveSize) {
+        self.size = size;
+    }
+
+    /// Keeps durability in `ledger` from now on: the device's one ledger,
+    /// shared by its queues (an engine alone has its own). Call before the
+    /// first request.
+    pub fn share_ledger(&mut self, ledger: Arc<Ledger>) {
+        self.ledger = ledger;
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Records the queue's figures (requests, latencies, per node) in
+    /// `figures` from now on.
+    pub fn set_figures(&mut self, figures: Arc<QueueStats>) {
+        self.figures = Some(figures);
+    }
+
+    /// Stops recording figures (to measure what recording costs).
+    pub fn drop_figures(&mut self) {
+        self.figures = None;
+    }
+
+    pub fn figures(&self) -> Option<&Arc<QueueStats>> {
+        self.figures.as_ref()
+    }
+
+    /// The time now, for latencies: the driver hands it in when it wakes,
+    /// before it hands in what woke it.
+    pub fn set_clock(&mut self, now: Instant) {
+        self.clock = now;
+    }
+
+    /// True if no request is active.
+    pub fn is_idle(&self) -> bool {
+        self.slots.iter().all(|s| !s.active)
+    }
+
+    /// Tags with a request in flight.
+    pub fn active_tags(&self) -> Vec<Tag> {
+        (0..self.config.depth)
+            .filter(|t| self.slots[usize::from(*t)].active)
+            .collect()
+    }
+
+    /// A new block request on a free tag. Invalid requests (out of range,
+    /// too large) complete at once with EINVAL.
+    pub fn handle_request(&mut self, now: Instant, request: BlockRequest) -> Result<(), TagError> {
+        let tag = request.tag;
+        let depth = self.config.depth;
+        let slot = self
+            .slots
+            .get_mut(usize::from(tag))
+            .ok_or(TagError::OutOfRange { tag, depth })?;
+        if slot.active {
+            return Err(TagError::Busy(tag));
+        }
+        self.stats.requests += 1;
+        self.clock = now;
+        if let Some(f) = &self.figures {
+            f.request_started(
+                request.op,
+                if request.op == Op::Flush {
+                    0
+                } else {
+                    request.len
+                },
+            );
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        *slot = Slot {
+            active: true,
+            seq,
+            len: if request.op == Op::Flush {
+                0
+            } else {
+                request.len
+            },
+            pieces: std::mem::take(&mut slot.pieces),
+            buf_nodes: std::mem::take(&mut slot.buf_nodes),
+            op: Some(request.op),
+            started: Some(now),
+            ..Slot::default()
+        };
+        slot.pieces.clear();
+        slot.buf_nodes.clear();
+
+        let in_range = request
+            .offset
+            .checked_add(request.len)
+            .is_some_and(|end| end <= self.size.get());
+        let too_big = request.op.has_data() && request.len > u64::from(self.config.max_io);
+        if request.op != Op::Flush && (!in_range || too_big) {
+            slot.errno = EINVAL;
+            self.try_complete(tag);
+            return Ok(());
+        }
+
+        let mut new_pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
+        match request.op {
+            Op::Read | Op::Write { .. } => new_pieces.extend(
+                self.layout
+                    .pieces(request.offset, request.len)
+                    .map(|p| (p.node, p.node_offset, p.buf_offset, p.len)),
+            ),
+            Op::Discard | Op::WriteZeroes => new_pieces.extend(
+                self.layout
+                    .node_extents(request.offset, request.len)
+                    .into_iter()
+                    .map(|(node, node_offset, len)| (node, node_offset, 0, len)),
+            ),
+            Op::Flush => new_pieces.extend((0..self.layout.node_count()).map(|n| (n, 0, 0, 0))),
+        }
+        if new_pieces
+            .iter()
+            .any(|(node, ..)| self.node_given_up(*node, now))
+        {
+            let slot = &mut self.slots[usize::from(tag)];
+            slot.errno = EIO;
+            self.try_complete(tag);
+            return Ok(());
+        }
+        for (node, node_offset, buf_offset, len) in new_pieces {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.pieces.insert(
+                id,
+                PieceRec {
+                    tag,
+                    node,
+                    op: request.op,
+                    node_offset,
+                    buf_offset,
+                    len,
+                    state: PieceState::Queued,
+                    covers: 0,
+                    sent_at: None,
+                    digest_retries: 0,
+                },
+            );
+            self.nodes[node].queue.push_back(id);
+            self.slots[usize::from(tag)].pieces.push(id);
+        }
+        self.deadlines
+            .push_back((now + self.config.io_timeout, tag, seq));
+        self.try_complete(tag);
+        Ok(())
+    }
+
+    /// `node`'s connection is gone. Pieces sent on it and not answered will
+    /// be sent again, first, once it is restored.
+    pub fn handle_connection_lost(&mut self, now: Instant, node: usize) {
+        let Some(state) = self.nodes.get_mut(node) else {
+            return;
+        };
+        state.up = false;
+        state.down_since.get_or_insert(now);
+        state.in_flight = 0;
+        state.big_reads = 0;
+        // Abandoned pieces had their payload reported lost already; a piece
+        // whose request timed out never goes out again.
+        self.pieces
+            .retain(|_, p| !(p.node == node && p.state == PieceState::Abandoned));
+        let mut resend: Vec<u64> = self
+            .pieces
+            .iter()
+            .filter(|(_, p)| p.node == node && p.state != PieceState::Queued)
+            .map(|(id, _)| *id)
+            .collect();
+        resend.sort_unstable();
+        for id in resend.iter().rev() {
+            if let Some(rec) = self.pieces.get_mut(id) {
+                debug_assert_ne!(rec.state, PieceState::Receiving, "payload not reported");
+                rec.state = PieceState::Queued;
+            }
+            state.queue.push_front(*id);
+        }
+        self.stats.pieces_resent += resend.len() as u64;
+        if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
+            n.resent.add(resend.len() as u64);
+            n.in_flight.set(0);
+        }
+    }
+
+    /// `node`'s connection is up (again): its queued pieces may go out.
+    pub fn handle_connection_restored(&mut self, node: usize) {
+        if let Some(state) = self.nodes.get_mut(node) {
+            state.up = true;
+            state.down_since = None;
+            state.in_flight = 0;
+            state.big_reads = 0;
+        }
+    }
+    /// What `node`'s (re)connection said of the volume: its incarnation, and
+    /// an earlier one whose acknowledged writes it made durable (0: none).
+    /// A new incarnation while writes it acknowledged (on any queue of the
+    /// device: see [`Ledger`]) are not known to be flushed means they may be
+    /// lost: the next flush fails with EIO.
+    pub fn handle_incarnation(&mut self, node: usize, incarnation: u64, durable_incarnation: u64) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        n.refused = false;
+        n.incarnation = Some(incarnation);
+        if self.ledger.observe(node, incarnation, durable_incarnation) {
+            self.stats.lost_incarnations += 1;
+        }
+    }
+
+    /// `node` answers, but no longer holds this volume (or holds another one
+    /// under its name): IO to its stripes fails at once with EIO, queued
+    /// pieces included, until [`Engine::handle_incarnation`] says it is back.
+    pub fn handle_node_refused(&mut self, node: usize) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.refused = true;
+        }
+    }
+
+    /// Durability bookkeeping of a successful answer from `node` (in the
+    /// device's ledger); the errno the piece ends with.
+    fn acknowledged(&mut self, node: usize, op: Op, covers: u64) -> i32 {
+        let incarnation = self.nodes[node].incarnation;
+        let acked = self.ledger.acked(node, incarnation, op, covers);
+        if acked == Acked::FlushFailed {
+            self.stats.failed_flushes += 1;
+        }
+        acked.errno()
+    }
+
+    /// Read pieces of [`BIG_READ_MIN`] bytes or more sent to `node` and not
+    /// answered yet: while there are none, no big payload can come.
+    pub fn big_reads_in_flight(&self, node: usize) -> usize {
+        self.nodes.get(node).map_or(0, |n| n.big_reads)
+    }
+
+    /// The next finished request.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.completions.pop_front()
+    }
+
+    fn finish_piece(&mut self, id: u64, errno: i32) {
+        let Some(rec) = self.pieces.remove(&id) else {
+            return;
+        };
+        let node = &mut self.nodes[rec.node];
+        node.in_flight = node.in_flight.saturating_sub(1);
+        node.big_reads = node.big_reads.saturating_sub(usize::from(rec.big_read()));
+        self.mirror_in_flight(rec.node);
+        let slot = &mut self.slots[usize::from(rec.tag)];
+        if let Some(pos) = slot.pieces.iter().position(|p| *p == id) {
+            slot.pieces.swap_remove(pos);
+        }
+        if errno != 0 && slot.errno == 0 {
+            slot.errno = errno;
+        }
+        self.try_complete(rec.tag);
+    }
+
+    fn mirror_in_flight(&self, node: usize) {
+        if let (Some(f), Some(n)) = (&self.figures, self.nodes.get(node))
+            && let Some(fig) = f.nodes.get(node)
+        {
+            fig.in_flight.set(n.in_flight as u64);
+        }
+    }
+
+    fn try_complete(&mut self, tag: Tag) {
+        let slot = &mut self.slots[usize::from(tag)];
+        if !slot.active || !slot.pieces.is_empty() || !slot.buf_nodes.is_empty() {
+            return;
+        }
+        slot.active = false;
+        let result = if slot.errno != 0 {
+            Err(slot.errno)
+        } else {
+            Ok(slot.len)
+        };
+        if let (Some(f), Some(op), Some(started)) = (&self.figures, slot.op, slot.started) {
+            let latency = self.clock.saturating_duration_since(started).as_nanos() as u64;
+            f.request_done(op, latency, slot.errno);
+        }
+        self.completions.push_back(Completion { tag, result });
+    }
+}
