@@ -226,10 +226,100 @@ impl Iterator for Pieces {
     }
 }
 
+/// Most copies of a column (`--replicas`).
+pub const MAX_REPLICAS: u32 = 5;
+
+/// How a node list of `C × R` addresses forms `C` stripe columns of `R`
+/// replicas each (see docs/replication.md): address `i` is column `i % C`,
+/// replica row `i / C`, so the first `C` addresses are the unreplicated
+/// layout and each further row of `C` adds one copy of every column.
+/// (The striping itself, [`Layout`], is over the `C` columns.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    columns: u32,
+    replicas: u32,
+}
+
+impl Replication {
+    /// `nodes` addresses holding `replicas` copies of every column.
+    pub fn new(nodes: usize, replicas: u32) -> Result<Replication, SpecError> {
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(SpecError::Geometry(format!(
+                "replicas must be from 1 to {MAX_REPLICAS}, not {replicas}"
+            )));
+        }
+        let nodes =
+            u32::try_from(nodes).map_err(|_| SpecError::Geometry("too many nodes".into()))?;
+        if nodes == 0 {
+            return Err(SpecError::NoNodes);
+        }
+        if nodes % replicas != 0 {
+            return Err(SpecError::Geometry(format!(
+                "{nodes} nodes cannot hold {replicas} replicas of every column: list a multiple of {replicas} (columns × replicas)"
+            )));
+        }
+        Ok(Replication {
+            columns: nodes / replicas,
+            replicas,
+        })
+    }
+
+    pub fn columns(&self) -> u32 {
+        self.columns
+    }
+
+    pub fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
+    /// The column node `node` holds a copy of.
+    pub fn column_of(&self, node: usize) -> usize {
+        node % self.columns as usize
+    }
+
+    /// Which copy of its column node `node` holds (its row in the list).
+    pub fn row_of(&self, node: usize) -> usize {
+        node / self.columns as usize
+    }
+
+    /// The nodes holding `column`, by row.
+    pub fn members(&self, column: usize) -> impl Iterator<Item = usize> + use<> {
+        let columns = self.columns as usize;
+        (0..self.replicas as usize).map(move |row| row * columns + column)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_node_list_forms_columns_of_replicas_row_by_row() {
+        let r = Replication::new(6, 2).expect("3 columns x 2");
+        assert_eq!((r.columns(), r.replicas()), (3, 2));
+        // The first row is the unreplicated layout; the second its copies.
+        assert_eq!(r.members(0).collect::<Vec<_>>(), vec![0, 3]);
+        assert_eq!(r.members(2).collect::<Vec<_>>(), vec![2, 5]);
+        for node in 0..6 {
+            assert!(r.members(r.column_of(node)).any(|n| n == node));
+            assert_eq!(r.members(r.column_of(node)).nth(r.row_of(node)), Some(node));
+        }
+        let one = Replication::new(4, 1).expect("R = 1");
+        assert_eq!(one.columns(), 4);
+        assert_eq!(one.members(3).collect::<Vec<_>>(), vec![3]);
+        for (nodes, replicas, why) in [
+            (5, 2, "multiple of 2"),
+            (6, 0, "from 1 to 5"),
+            (12, 6, "from 1 to 5"),
+        ] {
+            let err = Replication::new(nodes, replicas)
+                .expect_err(why)
+                .to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        assert_eq!(Replication::new(0, 1), Err(SpecError::NoNodes));
+    }
 
     fn any_layout() -> impl Strategy<Value = Layout> {
         (12u32..=22, 1u32..=9, 1u64..=4096).prop_map(|(shift, nodes, sectors)| {
