@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use netblk_protocol::pb::{self, header::Kind};
 use netblk_protocol::{
-    Limits, PREAMBLE_LEN, PROTOCOL_VERSION, Preamble, decode_header, encode_head,
+    Limits, PREAMBLE_LEN, PROTOCOL_REVISION, PROTOCOL_VERSION, Preamble, decode_header, encode_head,
 };
 use socket2::{SockRef, TcpKeepalive};
 
@@ -171,6 +171,7 @@ pub fn connect_as(
     let handshake = pb::Header {
         kind: Some(Kind::Handshake(pb::Handshake {
             protocol_version: u32::from(PROTOCOL_VERSION),
+            revision: PROTOCOL_REVISION,
             client_id: who.client_id.to_owned(),
             volume: who.volume.to_owned(),
             volume_size: if existing { 0 } else { layout.size() },
@@ -218,6 +219,23 @@ pub fn connect_as(
         ) => reply,
         (other, _) => return Err(hs_err(format!("expected a handshake reply, got {other:?}"))),
     };
+    if reply.revision != PROTOCOL_REVISION {
+        // An older node cannot be trusted to fence the way this client
+        // relies on (one epoch per device), nor to send header digests.
+        return Err(ConnectError::Refused {
+            node,
+            addr,
+            message: format!(
+                "the node speaks protocol revision {} (0: from before revisions); this client needs revision {PROTOCOL_REVISION}: upgrade the node{}",
+                reply.revision,
+                if reply.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (it said: {})", reply.message)
+                }
+            ),
+        });
+    }
     if reply.status == pb::Status::NotFound as i32 {
         return Err(ConnectError::NotFound {
             node,

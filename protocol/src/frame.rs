@@ -32,6 +32,10 @@ pub const MAGIC: [u8; 4] = *b"NBLK";
 /// The protocol version this crate speaks, carried in every preamble and in
 /// the handshake.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol revision this crate speaks, stated in every handshake and
+/// its reply (see the schema's `Handshake.revision`): peers of another
+/// revision refuse each other by name instead of misreading each other.
+pub const PROTOCOL_REVISION: u32 = 2;
 /// Size of the fixed preamble in bytes.
 pub const PREAMBLE_LEN: usize = 16;
 /// Largest protobuf header accepted, in bytes.

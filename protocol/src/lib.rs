@@ -20,7 +20,7 @@ pub mod pb {
 
 pub use frame::{
     DEFAULT_MAX_PAYLOAD_LEN, Decoded, FLAG_HEADER_DIGEST, Frame, FrameError, HEADER_DIGEST_LEN,
-    Limits, MAGIC, MAX_HEADER_LEN, PREAMBLE_LEN, PROTOCOL_VERSION, Preamble, decode_frame,
-    decode_header, encode_frame, encode_frame_as, encode_head, encode_head_as,
+    Limits, MAGIC, MAX_HEADER_LEN, PREAMBLE_LEN, PROTOCOL_REVISION, PROTOCOL_VERSION, Preamble,
+    decode_frame, decode_header, encode_frame, encode_frame_as, encode_head, encode_head_as,
 };
 pub use status::{Status, errno_of_status, status_of_errno};

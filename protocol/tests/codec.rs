@@ -63,6 +63,7 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
                     at_least,
                     // The new fields ride on drawn values.
                     data_digest: (session % 2) as i32,
+                    revision: protocol_version.rotate_left(7),
                 }
             },
         )
@@ -88,6 +89,7 @@ fn handshake_reply() -> impl Strategy<Value = pb::HandshakeReply> {
                 durable_incarnation,
                 volume_size,
                 data_digest: (incarnation % 2) as i32,
+                revision: max_io_size.rotate_left(3),
             },
         )
 }

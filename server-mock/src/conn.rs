@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use netblk_protocol::pb::{self, Status, admin::Cmd, header::Kind, request::Op};
 use netblk_protocol::{
-    Decoded, FrameError, PROTOCOL_VERSION, decode_frame, encode_head, encode_head_as,
+    Decoded, FrameError, PROTOCOL_REVISION, PROTOCOL_VERSION, decode_frame, encode_head,
+    encode_head_as,
 };
 use tracing::{debug, info, warn};
 
@@ -445,6 +446,12 @@ fn accept_handshake(
             handshake.protocol_version
         )));
     }
+    if handshake.revision != PROTOCOL_REVISION {
+        return Err(refused(format!(
+            "the client speaks protocol revision {} (0: from before revisions); this node speaks revision {PROTOCOL_REVISION}: upgrade the client",
+            handshake.revision
+        )));
+    }
     netblk_protocol::geometry::check_volume_name(&handshake.volume).map_err(refused)?;
     // Before the volume is looked at: a client the policy keeps out learns
     // nothing of it and creates nothing.
@@ -516,6 +523,7 @@ fn serve_data(
                 status: status as i32,
                 message: why.clone(),
                 protocol_version: u32::from(PROTOCOL_VERSION),
+                revision: PROTOCOL_REVISION,
                 max_io_size: node.config.max_io_size,
                 node_id: node.config.node_id.clone(),
                 ..Default::default()
@@ -548,6 +556,7 @@ fn serve_data(
         durable_incarnation: volume.lineage.durable_incarnation,
         volume_size: volume.meta().volume_size,
         data_digest: handshake.data_digest,
+        revision: PROTOCOL_REVISION,
     };
     send_frame(
         stream,

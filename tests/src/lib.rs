@@ -289,6 +289,7 @@ pub fn handshake(
 ) -> pb::Handshake {
     pb::Handshake {
         protocol_version: u32::from(netblk_protocol::PROTOCOL_VERSION),
+        revision: netblk_protocol::PROTOCOL_REVISION,
         client_id: format!(
             "netblk-tests-{}-{}",
             std::process::id(),

@@ -161,6 +161,11 @@ fn handshake_refuses_a_different_fingerprint_or_size() {
     let mut no_layout = good.clone();
     no_layout.layout = None;
     refusals.push(("no layout", no_layout, "no layout"));
+    for revision in [0, netblk_protocol::PROTOCOL_REVISION + 1] {
+        let mut other = good.clone();
+        other.revision = revision;
+        refusals.push(("revision", other, "upgrade the client"));
+    }
 
     for (what, hs, why) in &refusals {
         let mut client = NodeClient::connect(node.addr).expect("connect");
@@ -1157,4 +1162,61 @@ fn a_stale_session_is_refused_an_equal_one_joins_and_a_newer_one_fences_all() {
     assert!(again.is_closed_by_node());
     assert_eq!(next.read(0, 4096), vec![1; 4096]);
     assert_eq!(other.read(0, 4096), vec![1; 4096]);
+}
+
+/// A node of another protocol revision (here: one from before revisions,
+/// which answers without the field) is refused by the client with an error
+/// that says so, before anything is sent on the connection.
+#[test]
+fn a_node_of_another_revision_is_refused_by_the_client() {
+    use netblk_protocol::{Decoded, Limits, decode_frame, encode_frame};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let old_node = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = std::io::Read::read(&mut stream, &mut chunk).expect("read");
+            assert!(n > 0, "the client closed before its handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Ok(Decoded::Frame(_)) = decode_frame(&buf, &Limits::default()) {
+                break;
+            }
+        }
+        let reply = pb::Header {
+            kind: Some(pb::header::Kind::HandshakeReply(pb::HandshakeReply {
+                status: Status::Ok as i32,
+                protocol_version: 1,
+                max_io_size: 1 << 20,
+                volume_id: "0a".into(),
+                incarnation: 1,
+                volume_size: MIB,
+                ..Default::default()
+            })),
+        };
+        let mut bytes = Vec::new();
+        encode_frame(&reply, &[], &mut bytes).expect("encode");
+        std::io::Write::write_all(&mut stream, &bytes).expect("reply");
+    });
+    let layout = netblk::layout::Layout::new(MIB, 65536, 1).expect("layout");
+    let who = netblk::net::Identity {
+        client_id: "new-client",
+        volume: "v",
+        session: 1,
+        volume_id: None,
+        digest: false,
+        tls: None,
+    };
+    let timeouts = netblk::net::Timeouts {
+        connect: Duration::from_secs(5),
+        io: Duration::from_secs(5),
+    };
+    let err = netblk::net::connect(addr, 0, &layout, &who, timeouts).expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("protocol revision 0") && text.contains("upgrade the node"),
+        "{text}"
+    );
+    old_node.join().expect("old node");
 }
