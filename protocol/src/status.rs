@@ -13,6 +13,7 @@ const ENOSPC: i32 = 28;
 const ERANGE: i32 = 34;
 const EOPNOTSUPP: i32 = 95;
 const ETIMEDOUT: i32 = 110;
+const ESTALE: i32 = 116;
 
 /// The errno a status means (positive), or 0 for [`Status::Ok`].
 ///
@@ -32,6 +33,7 @@ pub fn errno_of_status(raw: i32) -> i32 {
         Ok(Status::NotFound) => ENOENT,
         // Retried by the client; what is left after its retries is EIO.
         Ok(Status::DigestMismatch) => EIO,
+        Ok(Status::Conflict) => ESTALE,
     }
 }
 
@@ -47,6 +49,7 @@ pub fn status_of_errno(errno: i32) -> Status {
         ETIMEDOUT => Status::TimedOut,
         EPERM => Status::Refused,
         ENOENT => Status::NotFound,
+        ESTALE => Status::Conflict,
         _ => Status::IoError,
     }
 }

@@ -127,6 +127,14 @@ fn reply() -> impl Strategy<Value = pb::Reply> {
             message,
             nonce,
             crc32c: (nonce % 3 != 0).then_some(nonce as u32),
+            // The record rides on drawn values.
+            record: (nonce % 5 == 0).then(|| pb::MembershipRecord {
+                generation: nonce,
+                owner_epoch: id,
+                owner: format!("owner-{id}"),
+                clean: nonce % 2 == 0,
+                iss: vec![(nonce % 4) as u32; (id % 4) as usize],
+            }),
         }
     })
 }
@@ -812,6 +820,7 @@ fn errno_mapping_matches_libc() {
         (Status::TimedOut, libc::ETIMEDOUT),
         (Status::Refused, libc::EPERM),
         (Status::NotFound, libc::ENOENT),
+        (Status::Conflict, libc::ESTALE),
     ];
     for (status, errno) in pairs {
         assert_eq!(errno_of_status(status as i32), errno, "{status:?}");

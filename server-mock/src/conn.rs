@@ -875,6 +875,28 @@ fn apply(
                 .map_err(|why| (Status::Refused, why))?;
             node.delete(volume).map_err(|why| (Status::IoError, why))
         }
+        Op::GetRecord(_) => {
+            reply.record = Some(volume.record());
+            Ok(())
+        }
+        Op::PutRecord(put) => {
+            let record = put.record.clone().unwrap_or_default();
+            match volume.put_record(put.expected_generation, record) {
+                Ok(()) => Ok(()),
+                Err(crate::node::RecordError::Conflict(stored)) => {
+                    let why = format!(
+                        "membership record generation {} is stored, not {}",
+                        stored.generation, put.expected_generation
+                    );
+                    reply.record = Some(stored);
+                    Err((Status::Conflict, why))
+                }
+                Err(crate::node::RecordError::Store(why)) => Err((
+                    Status::IoError,
+                    format!("cannot store the membership record: {why}"),
+                )),
+            }
+        }
     }
 }
 

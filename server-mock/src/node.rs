@@ -93,12 +93,45 @@ pub struct Volume {
     capacity: AtomicU64,
     /// Deleted: requests on connections still open to it fail.
     deleted: AtomicBool,
+    /// The membership record (replicated volumes; generation 0: none).
+    record: Mutex<pb::MembershipRecord>,
     pub backend: Box<dyn Backend>,
 }
 
 impl Volume {
     pub fn meta(&self) -> VolumeMeta {
         *lock(&self.meta)
+    }
+
+    /// The membership record stored (generation 0: none).
+    pub fn record(&self) -> pb::MembershipRecord {
+        lock(&self.record).clone()
+    }
+
+    /// Compare-and-set of the membership record: stored (durably, before
+    /// it is the record served) only if the stored generation is
+    /// `expected` and `record`'s is above it; otherwise the stored record
+    /// comes back.
+    pub fn put_record(
+        &self,
+        expected: u64,
+        record: pb::MembershipRecord,
+    ) -> Result<(), RecordError> {
+        let mut stored = lock(&self.record);
+        if stored.generation != expected || record.generation <= expected {
+            return Err(RecordError::Conflict(stored.clone()));
+        }
+        self.backend
+            .store_record(&prost::Message::encode_to_vec(&record))
+            .map_err(|err| RecordError::Store(err.to_string()))?;
+        info!(
+            volume = %self.name,
+            generation = record.generation,
+            owner_epoch = record.owner_epoch,
+            "membership record stored"
+        );
+        *stored = record;
+        Ok(())
     }
 
     pub fn capacity(&self) -> u64 {
@@ -146,7 +179,10 @@ impl Counters {
             Some(Op::Flush(_)) => 2,
             Some(Op::Discard(_)) => 3,
             Some(Op::WriteZeroes(_)) => 4,
-            Some(Op::Ping(_) | Op::Resize(_) | Op::Delete(_)) | None => 5,
+            Some(
+                Op::Ping(_) | Op::Resize(_) | Op::Delete(_) | Op::GetRecord(_) | Op::PutRecord(_),
+            )
+            | None => 5,
         };
         let status = usize::try_from(reply.status).unwrap_or(0).min(STATUSES - 1);
         bump(&self.replies[op][status], 1);
@@ -172,6 +208,30 @@ pub struct Node {
     open: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
     stopping: AtomicBool,
+}
+
+/// Why a membership record was not stored.
+#[derive(Debug)]
+pub enum RecordError {
+    /// The compare-and-set lost: the record stored now.
+    Conflict(pb::MembershipRecord),
+    /// The store could not keep it.
+    Store(String),
+}
+
+/// The membership record a store kept for a volume (none: generation 0).
+fn load_record(backend: &dyn Backend) -> io::Result<pb::MembershipRecord> {
+    match backend.load_record()? {
+        None => Ok(pb::MembershipRecord::default()),
+        Some(bytes) => {
+            <pb::MembershipRecord as prost::Message>::decode(bytes.as_slice()).map_err(|err| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("membership record: {err}"),
+                )
+            })
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,12 +276,15 @@ impl Node {
                     durable_incarnation = lineage.durable_incarnation,
                     "volume incarnation"
                 );
+                let record = load_record(&*backend)
+                    .map_err(|err| format!("cannot open volume '{name}': {err}"))?;
                 let volume = Arc::new(Volume {
                     name: name.to_owned(),
                     meta: Mutex::new(meta),
                     lineage,
                     capacity: AtomicU64::new(meta.capacity()),
                     deleted: AtomicBool::new(false),
+                    record: Mutex::new(record),
                     backend,
                 });
                 volumes.insert(name.to_owned(), Arc::clone(&volume));

@@ -155,6 +155,16 @@ pub trait Backend: Send + Sync {
     fn destroy(&self) -> io::Result<()> {
         Ok(())
     }
+    /// The membership record a store that outlives the process kept (its
+    /// encoded bytes); None where there is none or the store keeps none.
+    fn load_record(&self) -> io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Keeps the membership record durably where the store outlives the
+    /// process (written whole or not at all).
+    fn store_record(&self, _bytes: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What the store holds of volume `name`, if it holds it beyond this
@@ -248,7 +258,7 @@ fn boot_id() -> String {
 
 /// Writes `text` to `path` atomically and durably (temp file, fsync, rename,
 /// fsync of the directory).
-fn write_durably(dir: &Path, path: &Path, text: &str) -> io::Result<()> {
+fn write_durably(dir: &Path, path: &Path, text: impl AsRef<[u8]>) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     std::fs::write(&tmp, text)?;
@@ -423,7 +433,7 @@ impl DirBackend {
                     None => {
                         // A volume from before ids: it gets one now, for good.
                         let id = new_volume_id();
-                        write_durably(dir, &meta_path, &meta.to_text(&id))?;
+                        write_durably(dir, &meta_path, meta.to_text(&id))?;
                         id
                     }
                 };
@@ -441,7 +451,7 @@ impl DirBackend {
                 file.set_len(wanted.capacity())?;
                 file.sync_all()?;
                 let id = new_volume_id();
-                write_durably(dir, &meta_path, &wanted.to_text(&id))?;
+                write_durably(dir, &meta_path, wanted.to_text(&id))?;
                 (file, wanted, id)
             }
             Err(err) => return Err(err),
@@ -486,7 +496,7 @@ impl DirBackend {
 
     fn record_incarnation(&self, dir: &Path, name: &str, incarnation: u64) -> io::Result<()> {
         let path = dir.join(format!("{name}.incarnation"));
-        write_durably(dir, &path, &format!("{} {incarnation}\n", boot_id()))
+        write_durably(dir, &path, format!("{} {incarnation}\n", boot_id()))
     }
 
     fn write_zeroes_slowly(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -561,7 +571,20 @@ impl Backend for DirBackend {
         gone(&self.meta_path)?;
         File::open(&self.dir)?.sync_all()?;
         gone(&self.meta_path.with_extension("vol"))?;
+        gone(&self.meta_path.with_extension("record"))?;
         gone(&self.meta_path.with_extension("incarnation"))
+    }
+
+    fn load_record(&self) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.meta_path.with_extension("record")) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn store_record(&self, bytes: &[u8]) -> io::Result<()> {
+        write_durably(&self.dir, &self.meta_path.with_extension("record"), bytes)
     }
 
     /// The data file's length and the metadata, in the order that lets a
@@ -721,6 +744,15 @@ impl Backend for VolatileCache {
     fn destroy(&self) -> io::Result<()> {
         self.lock().clear();
         self.inner.destroy()
+    }
+
+    // The record is metadata, never held in the volatile cache.
+    fn load_record(&self) -> io::Result<Option<Vec<u8>>> {
+        self.inner.load_record()
+    }
+
+    fn store_record(&self, bytes: &[u8]) -> io::Result<()> {
+        self.inner.store_record(bytes)
     }
 }
 

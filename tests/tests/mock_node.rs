@@ -1220,3 +1220,73 @@ fn a_node_of_another_revision_is_refused_by_the_client() {
     );
     old_node.join().expect("old node");
 }
+
+/// The membership record of a replicated volume (docs/replication.md):
+/// compare-and-set on its generation, the stored record returned when a set
+/// loses, kept across a node restart by the directory store, gone with the
+/// volume.
+#[test]
+fn the_membership_record_is_a_durable_compare_and_set() {
+    use netblk_tests::cluster::Cluster;
+    let mut cluster = Cluster::start(1);
+    let addr = cluster.nodes[0].addr;
+    let hs = handshake("recorded", MIB, 65536, 1, 0);
+    let record = |generation: u64, owner: &str| pb::MembershipRecord {
+        generation,
+        owner_epoch: generation,
+        owner: owner.into(),
+        clean: false,
+        iss: vec![0b11],
+    };
+    let put = |client: &mut NodeClient, expected: u64, r: pb::MembershipRecord| {
+        client
+            .call(
+                Op::PutRecord(pb::PutRecord {
+                    expected_generation: expected,
+                    record: Some(r),
+                }),
+                &[],
+            )
+            .expect("put")
+            .0
+    };
+    let get = |client: &mut NodeClient| {
+        let (reply, _) = client
+            .call(Op::GetRecord(pb::GetRecord {}), &[])
+            .expect("get");
+        assert_eq!(reply.status, OK);
+        reply.record.unwrap_or_default()
+    };
+    let mut client = NodeClient::open(addr, hs.clone());
+    assert_eq!(get(&mut client).generation, 0, "none stored yet");
+    assert_eq!(put(&mut client, 0, record(1, "a")).status, OK);
+    // A set that expects another generation loses and sees the stored one.
+    let lost = put(&mut client, 0, record(1, "b"));
+    assert_eq!(lost.status, Status::Conflict as i32);
+    assert_eq!(lost.record, Some(record(1, "a")));
+    // A record must move forward.
+    assert_eq!(
+        put(&mut client, 1, record(1, "c")).status,
+        Status::Conflict as i32
+    );
+    assert_eq!(put(&mut client, 1, record(2, "c")).status, OK);
+    drop(client);
+    // Kept across a restart of the node on its store.
+    cluster.nodes[0].signal(libc::SIGKILL);
+    assert!(cluster.nodes[0].wait_exit(Duration::from_secs(5)).is_some());
+    cluster.restart(0, &[]);
+    let mut client = NodeClient::open(addr, hs.clone());
+    assert_eq!(get(&mut client), record(2, "c"));
+    // Gone with the volume.
+    assert_eq!(
+        client
+            .call(Op::Delete(pb::Delete {}), &[])
+            .expect("delete")
+            .0
+            .status,
+        OK
+    );
+    drop(client);
+    let mut client = NodeClient::open(addr, hs);
+    assert_eq!(get(&mut client).generation, 0, "a new volume has none");
+}

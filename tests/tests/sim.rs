@@ -763,7 +763,12 @@ impl Sim {
             | WireOp::WriteZeroes(pb::WriteZeroes { offset, length }) => {
                 store[offset as usize..][..length as usize].fill(0)
             }
-            WireOp::Flush(_) | WireOp::Ping(_) | WireOp::Resize(_) | WireOp::Delete(_) => {}
+            WireOp::Flush(_)
+            | WireOp::Ping(_)
+            | WireOp::Resize(_)
+            | WireOp::Delete(_)
+            | WireOp::GetRecord(_)
+            | WireOp::PutRecord(_) => {}
         }
         if !self.live(at) {
             // Executed late for a connection that is gone: no one hears of it.
