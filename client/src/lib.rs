@@ -18,6 +18,7 @@ pub mod notify;
 pub mod openers;
 pub mod record_lock;
 pub mod recv;
+pub mod replicas;
 pub mod resize;
 pub mod rng;
 pub mod state;
