@@ -29,6 +29,8 @@ pub struct VolumeFile {
     pub zero_copy: Option<String>,
     pub io_timeout: Option<u64>,
     pub node_down_timeout: Option<u64>,
+    pub replicas: Option<u32>,
+    pub replica_timeout: Option<u64>,
     pub metrics_addr: Option<SocketAddr>,
     /// `crc32c` or `none`.
     pub data_digest: Option<String>,
@@ -56,6 +58,8 @@ pub const KEYS: &[&str] = &[
     "zero_copy",
     "io_timeout",
     "node_down_timeout",
+    "replicas",
+    "replica_timeout",
     "metrics_addr",
     "data_digest",
     "tls_ca",
@@ -109,6 +113,8 @@ pub fn parse(text: &str, stem: &str) -> Result<VolumeFile, String> {
             .transpose()?,
         io_timeout: get("io_timeout").map(|v| v.integer()).transpose()?,
         node_down_timeout: get("node_down_timeout").map(|v| v.integer()).transpose()?,
+        replicas: get("replicas").map(|v| v.number()).transpose()?,
+        replica_timeout: get("replica_timeout").map(|v| v.integer()).transpose()?,
         metrics_addr: get("metrics_addr").map(|v| v.addr()).transpose()?,
         data_digest: get("data_digest")
             .map(|v| v.choice(&["crc32c", "none"]))
@@ -272,6 +278,8 @@ send = "copy"
 zero_copy = "off"
 io_timeout = 20
 node_down_timeout = 10
+replicas = 2
+replica_timeout = 3
 metrics_addr = "127.0.0.1:9400"
 data_digest = "crc32c"
 tls_ca = "/etc/netblk/tls/ca.pem"
@@ -295,6 +303,7 @@ volume_ids = ["0a", "0b", "0c"]
         assert_eq!(f.zero_copy.as_deref(), Some("off"));
         assert_eq!(f.io_timeout, Some(20));
         assert_eq!(f.node_down_timeout, Some(10));
+        assert_eq!((f.replicas, f.replica_timeout), (Some(2), Some(3)));
         assert_eq!(f.data_digest.as_deref(), Some("crc32c"));
         assert_eq!(
             f.tls_cert.as_deref(),

@@ -74,6 +74,27 @@ pub struct MapArgs {
     /// soon as it is back (1 to 3600) [default: 15].
     #[arg(long, value_name = "SECS")]
     pub node_down_timeout: Option<u64>,
+    /// Copies of every stripe column (1 to 5): --nodes then lists columns
+    /// × replicas addresses, row by row (address i holds column i %
+    /// columns) [default: 1].
+    #[arg(long, value_name = "R")]
+    pub replicas: Option<u32>,
+    /// Seconds a replica may stay unreachable, or owe an answer, before it
+    /// leaves its column's in-sync set (while another member is left); below
+    /// --io-timeout [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub replica_timeout: Option<u64>,
+    /// Attach a replicated volume even though members of its newest
+    /// membership record's in-sync sets do not answer. Dangerous: a newer
+    /// record (and writes acknowledged under it) may be on them, and reads
+    /// may return older data.
+    #[arg(long)]
+    pub force_degraded: bool,
+    /// Take a replicated volume over from the owner that holds it (a host
+    /// that died, a pod that moved): its connections are fenced, nothing
+    /// it sends lands any more.
+    #[arg(long)]
+    pub takeover: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -125,6 +146,10 @@ pub struct Settings {
     pub zero_copy: String,
     pub io_timeout: u64,
     pub node_down_timeout: u64,
+    pub replicas: u32,
+    pub replica_timeout: u64,
+    pub force_degraded: bool,
+    pub takeover: bool,
     pub metrics_addr: Option<SocketAddr>,
     pub data_digest: bool,
     pub tls: Option<netblk_tls::config::ClientFiles>,
@@ -157,6 +182,10 @@ impl Settings {
                 .unwrap_or_else(|| "auto".into()),
             io_timeout: args.io_timeout.or(f.io_timeout).unwrap_or(30),
             node_down_timeout: args.node_down_timeout.or(f.node_down_timeout).unwrap_or(15),
+            replicas: args.replicas.or(f.replicas).unwrap_or(1),
+            replica_timeout: args.replica_timeout.or(f.replica_timeout).unwrap_or(5),
+            force_degraded: args.force_degraded,
+            takeover: args.takeover,
             metrics_addr: args.metrics_addr.or(f.metrics_addr),
             data_digest: args.data_digest.clone().or(f.data_digest).as_deref() == Some("crc32c"),
             tls: tls_files(
@@ -240,6 +269,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
             send_mode: send_mode(&set.send),
             io_timeout: Duration::from_secs(set.io_timeout),
             node_down_timeout: Duration::from_secs(set.node_down_timeout),
+            replica_timeout: Duration::from_secs(set.replica_timeout),
             data_digest: set.data_digest,
             tls,
             volume_ids: set.volume_ids.clone(),
@@ -273,6 +303,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
         size: set.size.unwrap_or_default(),
         stripe_unit: set.stripe_unit,
         nodes: set.nodes.clone(),
+        replicas: set.replicas,
     };
     device::check(&spec, &options).map_err(|e| bad(e.to_string()))?;
     // This volume's device may be waiting for a new daemon (the old one
@@ -487,6 +518,7 @@ fn recover(
         size: record.size,
         stripe_unit: record.stripe_unit,
         nodes: record.nodes.clone(),
+        replicas: record.replicas,
     };
     let options = MapOptions {
         volume: VolumeOptions {
@@ -496,6 +528,7 @@ fn recover(
             send_mode: send_mode(&record.send),
             io_timeout: Duration::from_secs(record.io_timeout_secs),
             node_down_timeout: Duration::from_secs(record.node_down_timeout_secs),
+            replica_timeout: Duration::from_secs(record.replica_timeout_secs),
             client_id: record.client_id.clone(),
             session: u64::from(generation) << 32,
             volume_ids: record.volume_ids.clone(),
@@ -609,6 +642,8 @@ pub fn serve(
         generation,
         io_timeout_secs: vopts.io_timeout.as_secs(),
         node_down_timeout_secs: vopts.node_down_timeout.as_secs(),
+        replicas: spec.replicas,
+        replica_timeout_secs: vopts.replica_timeout.as_secs(),
         send: match vopts.send_mode {
             SendMode::Copy => "copy",
             SendMode::ZeroCopy => "zc",

@@ -20,7 +20,9 @@ use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, O
 use crate::epochs::Epochs;
 use crate::layout::{Layout, SpecError, VolumeSpec};
 use crate::ledger::{Ledger, NodeDurability};
+use crate::membership::Membership;
 use crate::net::{self, ConnectError, Identity, NodeInfo};
+use crate::records;
 use crate::stats::QueueStats;
 use crate::uring::{
     BufferMode, Doorbell, Frontend, QueueDriver, QueueParts, Reconnect, SendMode, TagBuffers,
@@ -39,6 +41,17 @@ pub struct VolumeOptions {
     pub io_timeout: Duration,
     /// A node down longer than this fails IO to its stripes at once (EIO).
     pub node_down_timeout: Duration,
+    /// Replicated volumes: a member disconnected or owing an answer this
+    /// long leaves its column's in-sync set (see `EngineConfig`).
+    pub replica_timeout: Duration,
+    /// Replicated volumes: the membership this device attached with (see
+    /// [`attach_replicas`]); None: not attached yet (or one replica).
+    pub membership: Option<Arc<Membership>>,
+    /// Replicated volumes: attach even without every member of the newest
+    /// record's in-sync sets (see `records::AttachOptions`).
+    pub force_degraded: bool,
+    /// Replicated volumes: fence an owner that still looks alive.
+    pub takeover: bool,
     pub connect_timeout: Duration,
     /// Who this client is to the nodes, one id for all the device's queues:
     /// nodes fence the connections of an older epoch of the same id when a
@@ -76,6 +89,10 @@ impl Default for VolumeOptions {
             send_mode: SendMode::ZeroCopy,
             io_timeout: Duration::from_secs(30),
             node_down_timeout: Duration::from_secs(15),
+            replica_timeout: Duration::from_secs(5),
+            membership: None,
+            force_degraded: false,
+            takeover: false,
             connect_timeout: Duration::from_secs(10),
             client_id: fresh_client_id(),
             session: 1,
@@ -149,6 +166,11 @@ fn seconds(d: Duration) -> String {
 }
 
 impl VolumeOptions {
+    /// The owner epoch handshakes present (0: no membership record).
+    pub fn owner_epoch(&self) -> u64 {
+        self.membership.as_ref().map_or(0, |m| m.view().owner_epoch)
+    }
+
     /// The timeouts of a connection of this volume.
     pub fn timeouts(&self) -> net::Timeouts {
         net::Timeouts {
@@ -200,8 +222,72 @@ impl VolumeOptions {
                 )));
             }
         }
+        if self.replica_timeout < MIN_REPLICA_TIMEOUT || self.replica_timeout > MAX_TIMEOUT {
+            return Err(OpenError::Options(format!(
+                "replica timeout {} s must be from {} to {} seconds",
+                seconds(self.replica_timeout),
+                seconds(MIN_REPLICA_TIMEOUT),
+                seconds(MAX_TIMEOUT)
+            )));
+        }
         Ok(())
     }
+
+    /// Who attaches a replicated volume, as its record names the owner.
+    pub fn owner(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}/{}", host.trim(), self.client_id)
+    }
+}
+
+/// Shortest `replica_timeout`.
+pub const MIN_REPLICA_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Makes this device the owner of a replicated volume (see
+/// [`records::attach`]) unless `options` carry a membership already, and
+/// starts the thread that takes failed members out. Nothing to do with one
+/// replica.
+pub fn attach_replicas(
+    spec: &VolumeSpec,
+    layout: &Layout,
+    options: &mut VolumeOptions,
+) -> Result<(), OpenError> {
+    if layout.replicas() == 1 || options.membership.is_some() {
+        return Ok(());
+    }
+    if options.replica_timeout >= options.io_timeout {
+        return Err(OpenError::Options(format!(
+            "replica timeout {} s must be below the io timeout {} s: a failing replica must leave before requests fail",
+            seconds(options.replica_timeout),
+            seconds(options.io_timeout)
+        )));
+    }
+    let store = || records::NetRecords {
+        addrs: spec.nodes.clone(),
+        layout: *layout,
+        volume: spec.name.clone(),
+        volume_ids: options.volume_ids.clone(),
+        client_id: format!("{}-records", options.client_id),
+        tls: options.tls.clone(),
+        timeouts: net::Timeouts {
+            connect: options
+                .connect_timeout
+                .min(options.replica_timeout.max(Duration::from_secs(1))),
+            io: options.replica_timeout.max(Duration::from_secs(1)),
+        },
+    };
+    let attach = records::AttachOptions {
+        owner: options.owner(),
+        force_degraded: options.force_degraded,
+        takeover: options.takeover,
+        wait: options.connect_timeout,
+    };
+    let (membership, known) =
+        records::attach(&store(), layout, &attach).map_err(OpenError::Attach)?;
+    records::spawn_manager(Box::new(store()), *layout, &membership, known)
+        .map_err(OpenError::Uring)?;
+    options.membership = Some(membership);
+    Ok(())
 }
 
 /// Why a volume could not be attached.
@@ -215,20 +301,42 @@ pub enum OpenError {
     Node(#[from] ConnectError),
     #[error("io_uring: {0}")]
     Uring(io::Error),
+    #[error("{0}")]
+    Attach(String),
 }
 
 /// Connects one queue's sockets: one per node, handshaken, in node order,
-/// at the first epoch.
+/// at the first epoch. A replica out of its column's in-sync set gets none
+/// (nothing goes to it) and a stand-in for what it would have said.
 pub fn connect_queue(
     spec: &VolumeSpec,
     layout: &Layout,
     options: &VolumeOptions,
-) -> Result<(Vec<TcpStream>, Vec<NodeInfo>), OpenError> {
+) -> Result<(Vec<Option<TcpStream>>, Vec<NodeInfo>), OpenError> {
     let client_id = &options.client_id;
     let mut streams = Vec::with_capacity(spec.nodes.len());
     let mut infos = Vec::with_capacity(spec.nodes.len());
+    let view = options.membership.as_ref().map(|m| m.view());
+    let replication = layout.replication();
     for (node, addr) in spec.nodes.iter().enumerate() {
+        if view
+            .as_ref()
+            .is_some_and(|v| !v.in_sync(replication.column_of(node), replication.row_of(node)))
+        {
+            streams.push(None);
+            infos.push(NodeInfo {
+                node_id: String::new(),
+                max_io_size: 0,
+                volume_id: options.volume_ids.get(node).cloned().unwrap_or_default(),
+                incarnation: 0,
+                durable_incarnation: 0,
+                volume_size: layout.size(),
+                transport: net::Transport::Plain,
+            });
+            continue;
+        }
         let who = Identity {
+            owner_epoch: options.owner_epoch(),
             client_id,
             volume: &spec.name,
             session: options.session,
@@ -237,14 +345,15 @@ pub fn connect_queue(
             tls: options.tls.as_deref(),
         };
         let (stream, info) = net::connect(*addr, node, layout, &who, options.timeouts())?;
-        streams.push(stream);
+        streams.push(Some(stream));
         infos.push(info);
     }
     Ok((streams, infos))
 }
 
-/// One queue's connections, in node order, and what each node said.
-pub type ConnectedQueue = (Vec<TcpStream>, Vec<NodeInfo>);
+/// One queue's connections, in node order (None: a replica out of sync),
+/// and what each node said.
+pub type ConnectedQueue = (Vec<Option<TcpStream>>, Vec<NodeInfo>);
 
 /// Connects every queue, in order. Unless `options` pin the nodes' volume
 /// identities already, the first queue's connections pin them, and every
@@ -286,12 +395,18 @@ pub fn connect_queues(
 pub struct DeviceWide {
     pub ledger: Arc<Ledger>,
     pub epochs: Arc<Epochs>,
+    pub membership: Arc<Membership>,
 }
 
 impl DeviceWide {
-    /// For a device over `nodes` nodes mapped (or recovered) with `options`.
-    pub fn new(nodes: usize, options: &VolumeOptions) -> DeviceWide {
+    /// For a device with `layout` mapped (or recovered) with `options`.
+    pub fn new(layout: &Layout, options: &VolumeOptions) -> DeviceWide {
+        let nodes = layout.node_count();
         DeviceWide {
+            membership: options
+                .membership
+                .clone()
+                .unwrap_or_else(|| Membership::all_in_sync(*layout.replication())),
             ledger: Arc::new(if options.durability.is_empty() {
                 Ledger::new(nodes)
             } else {
@@ -313,6 +428,7 @@ pub fn queue_engine(
 ) -> (Engine, Arc<QueueStats>) {
     let mut engine = Engine::new(*layout, engine_config(options));
     engine.share_ledger(Arc::clone(&wide.ledger));
+    engine.share_membership(Arc::clone(&wide.membership));
     for (node, info) in nodes.iter().enumerate() {
         engine.handle_incarnation(node, info.incarnation, info.durable_incarnation);
     }
@@ -481,7 +597,8 @@ impl Volume {
         let mut nodes = Vec::new();
         let mut options = options.clone();
         let options = &mut options;
-        let wide = DeviceWide::new(spec.nodes.len(), options);
+        attach_replicas(spec, &layout, options)?;
+        let wide = DeviceWide::new(&layout, options);
         for (q, (streams, infos)) in connect_queues(spec, &layout, options)?
             .into_iter()
             .enumerate()
@@ -713,6 +830,7 @@ pub fn reconnect_for(
         volume_ids: options.volume_ids.clone(),
         digest: options.data_digest,
         tls: options.tls.clone(),
+        owner_epoch: options.owner_epoch(),
     }
 }
 
@@ -724,6 +842,7 @@ pub fn engine_config(options: &VolumeOptions) -> EngineConfig {
         max_in_flight_per_node: usize::from(options.depth) * 4,
         io_timeout: options.io_timeout,
         node_down_timeout: options.node_down_timeout,
+        replica_timeout: options.replica_timeout,
         data_digest: options.data_digest,
     }
 }

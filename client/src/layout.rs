@@ -1,8 +1,11 @@
-//! Volume geometry: which node holds which byte of a striped volume.
+//! Volume geometry: which nodes hold which byte of a striped, replicated
+//! volume.
 //!
-//! RAID-0: stripe unit `k` of the volume (bytes `[k*su, (k+1)*su)`) lives on
-//! node `k % n` at node offset `(k / n) * su`. So the stripe units one node
-//! holds are contiguous on that node, in volume order.
+//! Striping (RAID-0 over `C` columns): stripe unit `k` of the volume (bytes
+//! `[k*su, (k+1)*su)`) lives in column `k % C` at offset `(k / C) * su`, so
+//! the stripe units of one column are contiguous on its nodes, in volume
+//! order. Replication: every column lives on `R` nodes at the same offsets;
+//! node `i` of the list holds column `i % C` (see [`Replication`]).
 
 use std::net::SocketAddr;
 
@@ -20,8 +23,11 @@ pub struct VolumeSpec {
     pub size: u64,
     /// Bytes, a power of two from 4 KiB to 4 MiB.
     pub stripe_unit: u32,
-    /// The nodes, in stripe order. The order is part of the volume's identity.
+    /// The nodes: `replicas` rows of the stripe columns (see
+    /// [`Replication`]). The order is part of the volume's identity.
     pub nodes: Vec<SocketAddr>,
+    /// Copies of every column, 1 to [`MAX_REPLICAS`].
+    pub replicas: u32,
 }
 
 /// What is wrong with a [`VolumeSpec`].
@@ -29,7 +35,7 @@ pub struct VolumeSpec {
 pub enum SpecError {
     #[error("a volume needs at least one node")]
     NoNodes,
-    #[error("node {0} is listed twice")]
+    #[error("node {0} is listed twice (two replicas of a column, or two columns, on one node)")]
     DuplicateNode(SocketAddr),
     /// Why the name is not a volume name.
     #[error("{0}")]
@@ -50,24 +56,22 @@ impl VolumeSpec {
                 return Err(SpecError::DuplicateNode(*node));
             }
         }
-        let node_count = u32::try_from(self.nodes.len())
-            .map_err(|_| SpecError::Geometry("too many nodes".into()))?;
-        let layout = Layout {
-            size: self.size,
-            stripe_unit: self.stripe_unit,
-            node_count,
-        };
-        geometry::check_layout(self.size, &layout.fingerprint(0)).map_err(SpecError::Geometry)?;
-        Ok(layout)
+        Layout::replicated(self.size, self.stripe_unit, self.nodes.len(), self.replicas)
+    }
+
+    /// The number of stripe columns.
+    pub fn columns(&self) -> usize {
+        self.nodes.len() / self.replicas.max(1) as usize
     }
 }
 
-/// The geometry of a striped volume.
+/// The geometry of a striped, replicated volume: the striping over its
+/// columns (RAID-0) and the copies of every column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     size: u64,
     stripe_unit: u32,
-    node_count: u32,
+    replication: Replication,
 }
 
 /// A mapped volume's size as it may change (online resize): one handle
@@ -90,11 +94,12 @@ impl LiveSize {
     }
 }
 
-/// A part of a byte range that lives on one node, within one stripe unit.
+/// A part of a byte range that lives in one column, within one stripe unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
-    pub node: usize,
-    /// Byte offset on the node.
+    /// The stripe column (the node itself with one replica).
+    pub column: usize,
+    /// Byte offset on the column's nodes.
     pub node_offset: u64,
     /// Byte offset into the request (its buffer, for data).
     pub buf_offset: u64,
@@ -102,12 +107,24 @@ pub struct Piece {
 }
 
 impl Layout {
-    /// A layout for tests and tools that already checked their numbers.
+    /// An unreplicated layout over `node_count` nodes, for tests and tools
+    /// that already checked their numbers.
     pub fn new(size: u64, stripe_unit: u32, node_count: u32) -> Result<Layout, SpecError> {
+        Layout::replicated(size, stripe_unit, node_count as usize, 1)
+    }
+
+    /// A layout over `nodes` nodes holding `replicas` copies of every
+    /// column (see [`Replication`]).
+    pub fn replicated(
+        size: u64,
+        stripe_unit: u32,
+        nodes: usize,
+        replicas: u32,
+    ) -> Result<Layout, SpecError> {
         let layout = Layout {
             size,
             stripe_unit,
-            node_count,
+            replication: Replication::new(nodes, replicas)?,
         };
         geometry::check_layout(size, &layout.fingerprint(0)).map_err(SpecError::Geometry)?;
         debug_assert!((MIN_STRIPE_UNIT..=MAX_STRIPE_UNIT).contains(&stripe_unit));
@@ -121,35 +138,56 @@ impl Layout {
     /// The same striping over `size` bytes (a resize: the stripe unit and
     /// the nodes stay, so every byte stays where it was).
     pub fn with_size(&self, size: u64) -> Result<Layout, SpecError> {
-        Layout::new(size, self.stripe_unit, self.node_count)
+        Layout::replicated(
+            size,
+            self.stripe_unit,
+            self.node_count(),
+            self.replication.replicas,
+        )
     }
 
     pub fn stripe_unit(&self) -> u32 {
         self.stripe_unit
     }
 
+    /// Every node of the volume: columns × replicas.
     pub fn node_count(&self) -> usize {
-        self.node_count as usize
+        (self.replication.columns * self.replication.replicas) as usize
+    }
+
+    /// The stripe columns.
+    pub fn columns(&self) -> usize {
+        self.replication.columns as usize
+    }
+
+    pub fn replicas(&self) -> u32 {
+        self.replication.replicas
+    }
+
+    pub fn replication(&self) -> &Replication {
+        &self.replication
     }
 
     /// The layout fingerprint sent to node `node` in its handshake.
     pub fn fingerprint(&self, node: usize) -> pb::Layout {
         pb::Layout {
             stripe_unit: self.stripe_unit,
-            node_count: self.node_count,
-            node_index: node as u32,
+            node_count: self.replication.columns,
+            node_index: self.replication.column_of(node) as u32,
+            replicas: self.replication.replicas,
+            replica_index: self.replication.row_of(node) as u32,
         }
     }
 
-    /// Bytes node `node` holds.
+    /// Bytes node `node` holds (its column's bytes).
     pub fn node_capacity(&self, node: usize) -> u64 {
         geometry::node_capacity(self.size, &self.fingerprint(node))
     }
 
-    /// Where volume byte `offset` lives: (node, node offset).
+    /// Where volume byte `offset` lives: (column, offset on its nodes).
     pub fn locate(&self, offset: u64) -> (usize, u64) {
         let su = u64::from(self.stripe_unit);
-        let n = u64::from(self.node_count);
+        let n = u64::from(self.replication.columns);
         let unit = offset / su;
         ((unit % n) as usize, (unit / n) * su + offset % su)
     }
@@ -165,26 +203,26 @@ impl Layout {
         }
     }
 
-    /// The range `[offset, offset + len)` as one contiguous extent per node
-    /// that holds part of it: `(node, node offset, length)`, in node order.
-    /// Used for operations without data (discard, write-zeroes), where the
-    /// request buffer does not matter.
-    pub fn node_extents(&self, offset: u64, len: u64) -> Vec<(usize, u64, u64)> {
-        let n = self.node_count();
+    /// The range `[offset, offset + len)` as one contiguous extent per
+    /// column that holds part of it: `(column, offset, length)`, in column
+    /// order. Used for operations without data (discard, write-zeroes),
+    /// where the request buffer does not matter.
+    pub fn column_extents(&self, offset: u64, len: u64) -> Vec<(usize, u64, u64)> {
+        let n = self.columns();
         let mut extents: Vec<Option<(u64, u64)>> = vec![None; n];
         // Only the first and last row can be partial: the first n pieces and
         // the last n pieces give every node's start and end.
         let su = u64::from(self.stripe_unit);
         let first_units = self.pieces(offset, len.min(n as u64 * su + su));
         for piece in first_units {
-            let e = &mut extents[piece.node];
+            let e = &mut extents[piece.column];
             if e.is_none() {
                 *e = Some((piece.node_offset, piece.node_offset + piece.len));
             }
         }
         let tail_len = len.min(n as u64 * su + su);
         for piece in self.pieces(offset + len - tail_len, tail_len) {
-            if let Some((_, end)) = &mut extents[piece.node] {
+            if let Some((_, end)) = &mut extents[piece.column] {
                 *end = (*end).max(piece.node_offset + piece.len);
             }
         }
@@ -214,9 +252,9 @@ impl Iterator for Pieces {
         let pos = self.offset + self.done;
         let su = u64::from(self.layout.stripe_unit);
         let len = (su - pos % su).min(self.len - self.done);
-        let (node, node_offset) = self.layout.locate(pos);
+        let (column, node_offset) = self.layout.locate(pos);
         let piece = Piece {
-            node,
+            column,
             node_offset,
             buf_offset: self.done,
             len,
@@ -226,8 +264,7 @@ impl Iterator for Pieces {
     }
 }
 
-/// Most copies of a column (`--replicas`).
-pub const MAX_REPLICAS: u32 = 5;
+pub use geometry::MAX_REPLICAS;
 
 /// How a node list of `C × R` addresses forms `C` stripe columns of `R`
 /// replicas each (see docs/replication.md): address `i` is column `i % C`,
@@ -322,12 +359,15 @@ mod tests {
     }
 
     fn any_layout() -> impl Strategy<Value = Layout> {
-        (12u32..=22, 1u32..=9, 1u64..=4096).prop_map(|(shift, nodes, sectors)| {
-            let su = 1u32 << shift;
-            // Sizes from a few sectors to many rows.
-            let size = sectors * 512 * u64::from(nodes) * 37;
-            Layout::new(size, su, nodes).expect("valid layout")
-        })
+        (12u32..=22, 1u32..=9, 1u32..=3, 1u64..=4096).prop_map(
+            |(shift, columns, replicas, sectors)| {
+                let su = 1u32 << shift;
+                // Sizes from a few sectors to many rows.
+                let size = sectors * 512 * u64::from(columns) * 37;
+                let nodes = (columns * replicas) as usize;
+                Layout::replicated(size, su, nodes, replicas).expect("valid layout")
+            },
+        )
     }
 
     fn layout_and_range() -> impl Strategy<Value = (Layout, u64, u64)> {
@@ -355,8 +395,8 @@ mod tests {
                 prop_assert!(piece.len > 0);
                 let start = offset + piece.buf_offset;
                 prop_assert_eq!(start / su, (start + piece.len - 1) / su, "within one stripe unit");
-                prop_assert!(piece.node < layout.node_count());
-                prop_assert!(piece.node_offset + piece.len <= layout.node_capacity(piece.node));
+                prop_assert!(piece.column < layout.columns());
+                prop_assert!(piece.node_offset + piece.len <= layout.node_capacity(piece.column));
                 expected_buf += piece.len;
             }
             prop_assert_eq!(expected_buf, len, "covers the whole range");
@@ -374,8 +414,8 @@ mod tests {
             let via_range = layout
                 .pieces(offset, len)
                 .find(|p| offset + p.buf_offset <= byte && byte < offset + p.buf_offset + p.len)
-                .map(|p| (p.node, p.node_offset + (byte - offset - p.buf_offset)));
-            let single = layout.pieces(byte, 1).next().map(|p| (p.node, p.node_offset));
+                .map(|p| (p.column, p.node_offset + (byte - offset - p.buf_offset)));
+            let single = layout.pieces(byte, 1).next().map(|p| (p.column, p.node_offset));
             prop_assert_eq!(via_range, single);
             prop_assert_eq!(single, Some(layout.locate(byte)));
         }
@@ -385,7 +425,7 @@ mod tests {
             // Walk the whole volume by stripe units: node offsets of one node
             // are dense from 0 to its capacity, never reused.
             let su = u64::from(layout.stripe_unit());
-            let mut next = vec![0u64; layout.node_count()];
+            let mut next = vec![0u64; layout.columns()];
             let mut pos = 0;
             while pos < layout.size() {
                 let (node, node_offset) = layout.locate(pos);
@@ -400,21 +440,21 @@ mod tests {
         }
 
         #[test]
-        fn node_extents_are_the_union_of_the_pieces((layout, offset, len) in layout_and_range()) {
-            let mut union: Vec<Option<(u64, u64)>> = vec![None; layout.node_count()];
-            let mut total = vec![0u64; layout.node_count()];
+        fn column_extents_are_the_union_of_the_pieces((layout, offset, len) in layout_and_range()) {
+            let mut union: Vec<Option<(u64, u64)>> = vec![None; layout.columns()];
+            let mut total = vec![0u64; layout.columns()];
             for p in layout.pieces(offset, len) {
-                let e = union[p.node].get_or_insert((p.node_offset, p.node_offset));
+                let e = union[p.column].get_or_insert((p.node_offset, p.node_offset));
                 prop_assert_eq!(e.1, p.node_offset, "a node's pieces are contiguous on it");
                 e.1 = p.node_offset + p.len;
-                total[p.node] += p.len;
+                total[p.column] += p.len;
             }
             let expected: Vec<(usize, u64, u64)> = union
                 .into_iter()
                 .enumerate()
                 .filter_map(|(n, e)| e.map(|(s, end)| (n, s, end - s)))
                 .collect();
-            prop_assert_eq!(layout.node_extents(offset, len), expected);
+            prop_assert_eq!(layout.column_extents(offset, len), expected);
         }
     }
 
@@ -426,6 +466,7 @@ mod tests {
             size: 1 << 30,
             stripe_unit: DEFAULT_STRIPE_UNIT,
             nodes: vec![node(1), node(2)],
+            replicas: 1,
         };
         assert!(spec.layout().is_ok());
         let bad = |f: &dyn Fn(&mut VolumeSpec)| {
@@ -447,6 +488,35 @@ mod tests {
             SpecError::Geometry(_)
         ));
         assert!(matches!(bad(&|s| s.size = 1000), SpecError::Geometry(_)));
+        // Replicas: a whole number of rows, every copy on its own node.
+        let replicated = VolumeSpec {
+            nodes: vec![node(1), node(2), node(3), node(4)],
+            replicas: 2,
+            ..spec.clone()
+        };
+        let layout = replicated.layout().expect("2 columns x 2");
+        assert_eq!((layout.columns(), layout.node_count()), (2, 4));
+        let fp = layout.fingerprint(3);
+        assert_eq!(
+            (fp.node_count, fp.node_index, fp.replicas, fp.replica_index),
+            (2, 1, 2, 1)
+        );
+        assert_eq!(layout.node_capacity(3), layout.node_capacity(1));
+        let with = |f: &dyn Fn(&mut VolumeSpec)| {
+            let mut s = replicated.clone();
+            f(&mut s);
+            s.layout()
+        };
+        assert!(matches!(with(&|s| {
+            s.nodes.pop();
+        }), Err(SpecError::Geometry(m)) if m.contains("multiple of 2")));
+        assert!(
+            matches!(with(&|s| s.replicas = 6), Err(SpecError::Geometry(m)) if m.contains("from 1 to 5"))
+        );
+        assert_eq!(
+            with(&|s| s.nodes[2] = node(1)),
+            Err(SpecError::DuplicateNode(node(1)))
+        );
     }
 
     #[test]
@@ -457,19 +527,19 @@ mod tests {
             pieces,
             vec![
                 Piece {
-                    node: 1,
+                    column: 1,
                     node_offset: 100,
                     buf_offset: 0,
                     len: 3996
                 },
                 Piece {
-                    node: 2,
+                    column: 2,
                     node_offset: 0,
                     buf_offset: 3996,
                     len: 4096
                 },
                 Piece {
-                    node: 0,
+                    column: 0,
                     node_offset: 4096,
                     buf_offset: 8092,
                     len: 100

@@ -56,6 +56,10 @@ enum Cmd {
         /// Volume size: whole 512-byte blocks, at most 1 EiB.
         #[arg(long, default_value = "1G", value_parser = parse_size)]
         size: u64,
+        /// Copies of every stripe column (1 to 5): the demo starts 3 ×
+        /// replicas mock nodes.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
     },
     /// Stop and remove a device: the daemon finishes in-flight IO, then the
     /// device goes away. A device in use (mounted, or held by another
@@ -117,6 +121,10 @@ struct BenchArgs {
     /// How many mock nodes to start (1 to 64).
     #[arg(long, default_value_t = 4, value_name = "N")]
     node_count: usize,
+    /// Copies of every stripe column (1 to 5): the nodes form node count /
+    /// replicas columns.
+    #[arg(long, default_value_t = 1, value_name = "R")]
+    replicas: u32,
     /// The netblk-mock-node binary [default: beside this program].
     #[arg(long, value_name = "PATH")]
     mock_node: Option<PathBuf>,
@@ -205,7 +213,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
         Cmd::Map(args) => daemon::map(args),
-        Cmd::Demo { size } => demo(size),
+        Cmd::Demo { size, replicas } => demo(size, replicas),
         Cmd::Unmap { device } => unmap(&device).map_err(Failure::Run),
         Cmd::UdevName { device } => udev_name(&device).map_err(Failure::Run),
         Cmd::Resize {
@@ -240,6 +248,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Failure> {
     let options = BenchOptions {
         nodes: args.nodes,
         node_count: args.node_count,
+        replicas: args.replicas,
         mock_node_bin: args.mock_node,
         queues: args.queues,
         depth: args.depth,
@@ -511,20 +520,22 @@ fn list() -> Result<(), String> {
     Ok(())
 }
 
-fn demo(size: u64) -> Result<(), Failure> {
+fn demo(size: u64, replicas: u32) -> Result<(), Failure> {
     use netblk::frontend::VolumeOptions;
     use netblk::layout::VolumeSpec;
     use netblk::ublk::ctrl::CtrlError;
     use netblk::ublk::device::{self, MapOptions, ZeroCopy};
-    const NODES: u16 = 3;
+    const COLUMNS: u16 = 3;
+    let nodes = COLUMNS.saturating_mul(u16::try_from(replicas).unwrap_or(u16::MAX));
     // Checked with stand-in addresses before any node starts.
     let mut spec = VolumeSpec {
         name: "demo".into(),
         size,
         stripe_unit: 128 << 10,
-        nodes: (1..=NODES)
+        nodes: (1..=nodes)
             .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
             .collect(),
+        replicas,
     };
     let options = MapOptions {
         volume: VolumeOptions {
@@ -555,7 +566,7 @@ fn demo(size: u64) -> Result<(), Failure> {
         };
     }
     let bin = netblk::mock::mock_node_bin(None).map_err(|e| e.to_string())?;
-    let (_nodes, addrs) = netblk::mock::start_mock_nodes(usize::from(NODES), &bin, "memory", &[])
+    let (_nodes, addrs) = netblk::mock::start_mock_nodes(usize::from(nodes), &bin, "memory", &[])
         .map_err(|e| e.to_string())?;
     spec.nodes = addrs;
     let signals = signal_hook::iterator::Signals::new([
@@ -568,7 +579,7 @@ fn demo(size: u64) -> Result<(), Failure> {
     let nodes: Vec<String> = spec.nodes.iter().map(ToString::to_string).collect();
     println!("{path}");
     println!(
-        "netblk demo: {path} is a {} volume striped over 3 mock nodes ({}), data path: {}",
+        "netblk demo: {path} is a {} volume striped over {COLUMNS} columns × {replicas} replica(s) on mock nodes ({}), data path: {}",
         netblk_size(size),
         nodes.join(", "),
         device.path.name()

@@ -32,6 +32,7 @@ impl VolumeRef {
 
     fn identity<'a>(&'a self, client_id: &'a str) -> Identity<'a> {
         Identity {
+            owner_epoch: 0,
             client_id,
             volume: &self.name,
             session: net::clock_session(),

@@ -98,6 +98,9 @@ pub struct Identity<'a> {
     pub digest: bool,
     /// Mutual TLS before the netblk handshake (None: plaintext).
     pub tls: Option<&'a ClientTls>,
+    /// A replicated volume's owner epoch this client attached with (0: not
+    /// an owner): a node refuses it once a newer owner took over.
+    pub owner_epoch: u64,
 }
 
 /// How long a connection may take to come up, and how long a request may
@@ -177,6 +180,7 @@ pub fn connect_as(
             volume_size: if existing { 0 } else { layout.size() },
             layout: Some(layout.fingerprint(node)),
             session: who.session,
+            owner_epoch: who.owner_epoch,
             existing: existing || pinned,
             at_least: pinned && !existing,
             data_digest: if who.digest {

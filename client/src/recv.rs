@@ -233,6 +233,7 @@ mod tests {
                 max_in_flight_per_node: 64,
                 io_timeout: Duration::from_secs(30),
                 node_down_timeout: Duration::from_secs(30),
+                replica_timeout: Duration::from_secs(5),
                 data_digest: false,
             },
         );

@@ -158,6 +158,7 @@ impl Resizer {
     ) -> Result<Option<u64>, String> {
         let client_id = format!("{}/resize", self.client_id);
         let who = Identity {
+            owner_epoch: 0,
             client_id: &client_id,
             volume: &self.spec.name,
             session: net::clock_session(),

@@ -24,7 +24,8 @@ use crate::ublk::ctrl::effective_uid;
 /// The first line of a record: its magic and format version. Version 3
 /// added `data_digest` (a version 2 record has none); version 4 the nodes'
 /// `durability` (a version 2 or 3 record knows none).
-const MAGIC: &str = "netblk-device 4";
+const MAGIC: &str = "netblk-device 5";
+const MAGIC_V4: &str = "netblk-device 4";
 const MAGIC_V3: &str = "netblk-device 3";
 const MAGIC_V2: &str = "netblk-device 2";
 
@@ -78,6 +79,9 @@ pub struct DeviceRecord {
     pub generation: u32,
     pub io_timeout_secs: u64,
     pub node_down_timeout_secs: u64,
+    /// Copies of every stripe column (records before version 5: 1).
+    pub replicas: u32,
+    pub replica_timeout_secs: u64,
     /// `zc` or `copy`.
     pub send: String,
     /// Each node's volume identity, pinned at the first connect (empty:
@@ -141,7 +145,7 @@ impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\ntls_ca {}\ntls_cert {}\ntls_key {}\ntls_danger_skip_server_name {}\ndurability {}\n",
+            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\ntls_ca {}\ntls_cert {}\ntls_key {}\ntls_danger_skip_server_name {}\ndurability {}\nreplicas {}\nreplica_timeout {}\n",
             self.id,
             self.volume,
             self.size,
@@ -158,7 +162,12 @@ impl DeviceRecord {
             self.io_timeout_secs,
             self.node_down_timeout_secs,
             self.send,
-            self.volume_ids.join(","),
+            // A replica out of sync may never have been reached: "-".
+            self.volume_ids
+                .iter()
+                .map(|id| if id.is_empty() { "-" } else { id.as_str() })
+                .collect::<Vec<_>>()
+                .join(","),
             if self.data_digest { "crc32c" } else { "none" },
             self.tls
                 .as_ref()
@@ -171,6 +180,8 @@ impl DeviceRecord {
                 .map_or(String::new(), |t| t.key.display().to_string()),
             u8::from(self.tls.as_ref().is_some_and(|t| t.danger_skip_server_name)),
             durability_text(&self.durability),
+            self.replicas,
+            self.replica_timeout_secs,
         )
     }
 
@@ -179,7 +190,8 @@ impl DeviceRecord {
         let first = lines.next().unwrap_or_default();
         let v2 = first == MAGIC_V2;
         let v3 = first == MAGIC_V3;
-        if first != MAGIC && !v2 && !v3 {
+        let v4 = first == MAGIC_V4;
+        if first != MAGIC && !v2 && !v3 && !v4 {
             let shown: String = first.chars().take(40).collect();
             return Err(format!(
                 "not a netblk device record: it starts with {shown:?}, not {MAGIC:?}"
@@ -227,6 +239,17 @@ impl DeviceRecord {
             generation: num("generation", get("generation")?)?,
             io_timeout_secs: num("io_timeout", get("io_timeout")?)?,
             node_down_timeout_secs: num("node_down_timeout", get("node_down_timeout")?)?,
+            // Required from version 5 on.
+            replicas: if v2 || v3 || v4 {
+                1
+            } else {
+                num("replicas", get("replicas")?)?
+            },
+            replica_timeout_secs: if v2 || v3 || v4 {
+                5
+            } else {
+                num("replica_timeout", get("replica_timeout")?)?
+            },
             send: match get("send")? {
                 send @ ("zc" | "copy") => send.to_string(),
                 other => return Err(format!("bad 'send' value '{other}'")),
@@ -277,11 +300,18 @@ impl DeviceRecord {
             volume_ids: match get("volume_ids")? {
                 "" => Vec::new(),
                 ids => {
-                    let ids: Vec<String> = ids.split(',').map(str::to_string).collect();
+                    let given: Vec<&str> = ids.split(',').collect();
+                    let unknown = given.iter().filter(|id| **id == "-").count();
+                    let ids: Vec<String> = given
+                        .iter()
+                        .map(|id| if *id == "-" { "" } else { id }.to_string())
+                        .collect();
                     if ids.len() != nodes_len
-                        || ids
-                            .iter()
-                            .any(|id| id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()))
+                        || unknown == ids.len()
+                        || given.iter().any(|id| {
+                            id.is_empty()
+                                || *id != "-" && !id.chars().all(|c| c.is_ascii_hexdigit())
+                        })
                     {
                         return Err(format!("bad 'volume_ids' value '{}'", ids.join(",")));
                     }
@@ -535,6 +565,8 @@ mod tests {
             generation: 3,
             io_timeout_secs: 30,
             node_down_timeout_secs: 15,
+            replicas: 1,
+            replica_timeout_secs: 5,
             send: "zc".into(),
             volume_ids: vec!["0a1b".into(), "2c3d".into()],
             durability: vec![
@@ -829,7 +861,19 @@ mod tests {
             DeviceRecord::parse(&unpinned).map(|r| r.volume_ids),
             Ok(Vec::new())
         );
-        for bad in ["volume_ids 0a1b", "volume_ids 0a1b,zz", "volume_ids 0a1b,"] {
+        // A replica never reached (out of sync since before the map).
+        let one_unknown = DeviceRecord {
+            volume_ids: vec!["0a1b".into(), String::new()],
+            ..record()
+        };
+        assert!(one_unknown.to_text().contains("volume_ids 0a1b,-\n"));
+        assert_eq!(DeviceRecord::parse(&one_unknown.to_text()), Ok(one_unknown));
+        for bad in [
+            "volume_ids 0a1b",
+            "volume_ids 0a1b,zz",
+            "volume_ids 0a1b,",
+            "volume_ids -,-",
+        ] {
             let text = text.replace("volume_ids 0a1b,2c3d", bad);
             let err = DeviceRecord::parse(&text).expect_err(bad);
             assert!(err.contains("volume_ids"), "{err}");

@@ -35,7 +35,7 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// The protocol revision this crate speaks, stated in every handshake and
 /// its reply (see the schema's `Handshake.revision`): peers of another
 /// revision refuse each other by name instead of misreading each other.
-pub const PROTOCOL_REVISION: u32 = 2;
+pub const PROTOCOL_REVISION: u32 = 3;
 /// Size of the fixed preamble in bytes.
 pub const PREAMBLE_LEN: usize = 16;
 /// Largest protobuf header accepted, in bytes.

@@ -10,6 +10,8 @@ pub const MIN_STRIPE_UNIT: u32 = 4 << 10;
 pub const MAX_STRIPE_UNIT: u32 = 4 << 20;
 /// Most nodes a volume may be striped over.
 pub const MAX_NODES: u32 = 1024;
+/// Most copies of a column (`--replicas`).
+pub const MAX_REPLICAS: u32 = 5;
 /// Volume sizes are whole 512-byte sectors.
 pub const SECTOR: u64 = 512;
 /// Largest volume, bytes (8 EiB would overflow offset arithmetic downstream).
@@ -58,6 +60,18 @@ pub fn check_layout(volume_size: u64, layout: &pb::Layout) -> Result<(), String>
             layout.node_index, layout.node_count
         ));
     }
+    if !(1..=MAX_REPLICAS).contains(&layout.replicas) {
+        return Err(format!(
+            "replicas {} must be from 1 to {MAX_REPLICAS} (0: a client from before replication)",
+            layout.replicas
+        ));
+    }
+    if layout.replica_index >= layout.replicas {
+        return Err(format!(
+            "replica index {} must be below the replica count {}",
+            layout.replica_index, layout.replicas
+        ));
+    }
     Ok(())
 }
 
@@ -86,6 +100,8 @@ mod tests {
             stripe_unit,
             node_count,
             node_index,
+            replicas: 1,
+            replica_index: 0,
         }
     }
 
@@ -122,5 +138,19 @@ mod tests {
         assert!(check_layout(1 << 20, &layout(8 << 20, 3, 2)).is_err());
         assert!(check_layout(1 << 20, &layout(65536, 0, 0)).is_err());
         assert!(check_layout(1 << 20, &layout(65536, 3, 3)).is_err());
+        let replicated = |replicas, replica_index| pb::Layout {
+            replicas,
+            replica_index,
+            ..layout(65536, 3, 2)
+        };
+        assert!(check_layout(1 << 20, &replicated(3, 2)).is_ok());
+        for (r, i, why) in [
+            (0, 0, "before replication"),
+            (6, 0, "from 1 to 5"),
+            (2, 2, "below the replica count"),
+        ] {
+            let err = check_layout(1 << 20, &replicated(r, i)).expect_err(why);
+            assert!(err.contains(why), "{err}");
+        }
     }
 }

@@ -26,6 +26,8 @@ fn layout() -> impl Strategy<Value = Option<pb::Layout>> {
             stripe_unit,
             node_count,
             node_index,
+            replicas: node_index % 7,
+            replica_index: node_count % 5,
         },
     ))
 }
@@ -64,6 +66,7 @@ fn handshake() -> impl Strategy<Value = pb::Handshake> {
                     // The new fields ride on drawn values.
                     data_digest: (session % 2) as i32,
                     revision: protocol_version.rotate_left(7),
+                    owner_epoch: session.rotate_left(3),
                 }
             },
         )
@@ -135,6 +138,7 @@ fn reply() -> impl Strategy<Value = pb::Reply> {
                 clean: nonce % 2 == 0,
                 iss: vec![(nonce % 4) as u32; (id % 4) as usize],
             }),
+            owner_connected: nonce % 7 == 0,
         }
     })
 }

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::faults;
 use crate::fence::{ClientOf, Member};
-use crate::node::{Node, Volume, bump};
+use crate::node::{Node, OwnerSeat, Volume, bump};
 use crate::peer::Peer;
 use crate::policy;
 use crate::store::VolumeMeta;
@@ -293,6 +293,10 @@ struct Conn {
     requests: AtomicU64,
     /// Requests waiting in the delay queue.
     delayed: AtomicUsize,
+    /// The owner epoch the client attached with (0: none): its writes are
+    /// refused once a newer owner's record is stored.
+    owner_epoch: u64,
+    _seat: Option<OwnerSeat>,
 }
 
 impl Conn {
@@ -429,9 +433,10 @@ fn send_frame(stream: &TcpStream, header: pb::Header) -> Result<(), ConnError> {
     Ok(())
 }
 
-/// A handshake that was accepted: the volume, and the connection's place
-/// among its client's sessions (when fencing).
-type Accepted = (Arc<Volume>, Option<Arc<Member>>);
+/// A handshake that was accepted: the volume, the connection's place
+/// among its client's sessions (when fencing), and among the volume's
+/// owners (when it presented an owner epoch).
+type Accepted = (Arc<Volume>, Option<Arc<Member>>, Option<OwnerSeat>);
 
 fn accept_handshake(
     node: &Node,
@@ -476,8 +481,12 @@ fn accept_handshake(
         )
         .map_err(refused)?
     };
+    let seat = match handshake.owner_epoch {
+        0 => None,
+        epoch => Some(volume.seat(epoch).map_err(refused)?),
+    };
     if !node.config.fencing || handshake.client_id.is_empty() {
-        return Ok((volume, None));
+        return Ok((volume, None, seat));
     }
     let member = node
         .sessions
@@ -496,7 +505,7 @@ fn accept_handshake(
             },
         )
         .map_err(refused)?;
-    Ok((volume, Some(member)))
+    Ok((volume, Some(member), seat))
 }
 
 fn serve_data(
@@ -516,7 +525,7 @@ fn serve_data(
             )));
         }
     };
-    let (volume, member) = match accept_handshake(node, stream, &handshake, &peer) {
+    let (volume, member, seat) = match accept_handshake(node, stream, &handshake, &peer) {
         Ok(accepted) => accepted,
         Err((status, why)) => {
             let reply = pb::HandshakeReply {
@@ -577,6 +586,8 @@ fn serve_data(
         digest,
         requests: AtomicU64::new(0),
         delayed: AtomicUsize::new(0),
+        owner_epoch: handshake.owner_epoch,
+        _seat: seat,
     });
     // Read data is staged here, reused from request to request.
     let mut scratch = Scratch::default();
@@ -842,6 +853,9 @@ fn apply(
                 check_digest(node, write, payload)?;
             }
             in_range(volume, write.offset, payload.len() as u64)?;
+            let _owner = volume
+                .admit_write(conn.owner_epoch)
+                .map_err(|why| (Status::Refused, why))?;
             backend
                 .write(write.offset, payload, write.fua)
                 .map_err(|err| io_failure("write", err))?;
@@ -855,6 +869,9 @@ fn apply(
         Op::Discard(pb::Discard { offset, length })
         | Op::WriteZeroes(pb::WriteZeroes { offset, length }) => {
             in_range(volume, *offset, *length)?;
+            let _owner = volume
+                .admit_write(conn.owner_epoch)
+                .map_err(|why| (Status::Refused, why))?;
             backend
                 .zero(*offset, *length)
                 .map_err(|err| io_failure("discard", err))?;
@@ -877,6 +894,7 @@ fn apply(
         }
         Op::GetRecord(_) => {
             reply.record = Some(volume.record());
+            reply.owner_connected = volume.owner_connected();
             Ok(())
         }
         Op::PutRecord(put) => {

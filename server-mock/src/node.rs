@@ -6,7 +6,7 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -95,7 +95,32 @@ pub struct Volume {
     deleted: AtomicBool,
     /// The membership record (replicated volumes; generation 0: none).
     record: Mutex<pb::MembershipRecord>,
+    /// The stored record's owner epoch: writes hold it shared while they
+    /// check their connection's epoch and apply; a record that raises it
+    /// takes it exclusively, so no older owner's write lands after it.
+    owner_gate: RwLock<u64>,
+    /// Open data connections per owner epoch (see [`OwnerSeat`]).
+    owners: Mutex<HashMap<u64, usize>>,
     pub backend: Box<dyn Backend>,
+}
+
+/// A data connection's place among a volume's owners: counted while it is
+/// open, so that `GetRecord` can say whether the record's owner is alive.
+pub struct OwnerSeat {
+    volume: Arc<Volume>,
+    epoch: u64,
+}
+
+impl Drop for OwnerSeat {
+    fn drop(&mut self) {
+        let mut owners = lock(&self.volume.owners);
+        if let Some(n) = owners.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                owners.remove(&self.epoch);
+            }
+        }
+    }
 }
 
 impl Volume {
@@ -108,10 +133,49 @@ impl Volume {
         lock(&self.record).clone()
     }
 
+    /// Whether data connections at the stored record's owner epoch are
+    /// open (its owner looks alive).
+    pub fn owner_connected(&self) -> bool {
+        let epoch = lock(&self.record).owner_epoch;
+        epoch > 0 && lock(&self.owners).get(&epoch).is_some_and(|n| *n > 0)
+    }
+
+    /// Counts a data connection at owner epoch `epoch` (nonzero) until the
+    /// seat is dropped; refused if a newer owner took over.
+    pub fn seat(self: &Arc<Self>, epoch: u64) -> Result<OwnerSeat, String> {
+        let record = lock(&self.record);
+        if epoch < record.owner_epoch {
+            return Err(format!(
+                "volume '{}' has a newer owner ({}, owner epoch {}) than this client (owner epoch {epoch}): it was fenced",
+                self.name, record.owner, record.owner_epoch
+            ));
+        }
+        *lock(&self.owners).entry(epoch).or_default() += 1;
+        Ok(OwnerSeat {
+            volume: Arc::clone(self),
+            epoch,
+        })
+    }
+
+    /// Lets a write of a connection at owner epoch `epoch` (0: none) apply
+    /// while the guard is held; refused once a record of a newer owner is
+    /// stored.
+    pub fn admit_write(&self, epoch: u64) -> Result<RwLockReadGuard<'_, u64>, String> {
+        let gate = self.owner_gate.read().unwrap_or_else(|e| e.into_inner());
+        if epoch < *gate {
+            return Err(format!(
+                "fenced: a newer owner (owner epoch {}) holds volume '{}', this connection has {epoch}",
+                *gate, self.name
+            ));
+        }
+        Ok(gate)
+    }
+
     /// Compare-and-set of the membership record: stored (durably, before
     /// it is the record served) only if the stored generation is
     /// `expected` and `record`'s is above it; otherwise the stored record
-    /// comes back.
+    /// comes back. A record that raises the owner epoch waits for the
+    /// writes of older owners executing now, and refuses later ones.
     pub fn put_record(
         &self,
         expected: u64,
@@ -121,9 +185,12 @@ impl Volume {
         if stored.generation != expected || record.generation <= expected {
             return Err(RecordError::Conflict(stored.clone()));
         }
+        let mut gate = self.owner_gate.write().unwrap_or_else(|e| e.into_inner());
         self.backend
             .store_record(&prost::Message::encode_to_vec(&record))
             .map_err(|err| RecordError::Store(err.to_string()))?;
+        *gate = (*gate).max(record.owner_epoch);
+        drop(gate);
         info!(
             volume = %self.name,
             generation = record.generation,
@@ -284,6 +351,8 @@ impl Node {
                     lineage,
                     capacity: AtomicU64::new(meta.capacity()),
                     deleted: AtomicBool::new(false),
+                    owner_gate: RwLock::new(record.owner_epoch),
+                    owners: Mutex::new(HashMap::new()),
                     record: Mutex::new(record),
                     backend,
                 });

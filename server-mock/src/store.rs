@@ -47,6 +47,9 @@ pub struct VolumeMeta {
     pub stripe_unit: u32,
     pub node_count: u32,
     pub node_index: u32,
+    /// Copies of every column, and which one this node holds.
+    pub replicas: u32,
+    pub replica_index: u32,
 }
 
 impl VolumeMeta {
@@ -56,6 +59,8 @@ impl VolumeMeta {
             stripe_unit: layout.stripe_unit,
             node_count: layout.node_count,
             node_index: layout.node_index,
+            replicas: layout.replicas,
+            replica_index: layout.replica_index,
         }
     }
 
@@ -64,6 +69,8 @@ impl VolumeMeta {
             stripe_unit: self.stripe_unit,
             node_count: self.node_count,
             node_index: self.node_index,
+            replicas: self.replicas,
+            replica_index: self.replica_index,
         }
     }
 
@@ -74,8 +81,13 @@ impl VolumeMeta {
 
     fn to_text(self, id: &str) -> String {
         format!(
-            "netblk-volume 1\nvolume_size {}\nstripe_unit {}\nnode_count {}\nnode_index {}\nid {id}\n",
-            self.volume_size, self.stripe_unit, self.node_count, self.node_index
+            "netblk-volume 1\nvolume_size {}\nstripe_unit {}\nnode_count {}\nnode_index {}\nreplicas {}\nreplica_index {}\nid {id}\n",
+            self.volume_size,
+            self.stripe_unit,
+            self.node_count,
+            self.node_index,
+            self.replicas,
+            self.replica_index
         )
     }
 
@@ -113,6 +125,17 @@ impl VolumeMeta {
             stripe_unit: small("stripe_unit")?,
             node_count: small("node_count")?,
             node_index: small("node_index")?,
+            // Files from before replication: one copy.
+            replicas: if fields.contains_key("replicas") {
+                small("replicas")?
+            } else {
+                1
+            },
+            replica_index: if fields.contains_key("replica_index") {
+                small("replica_index")?
+            } else {
+                0
+            },
         };
         Ok((meta, id))
     }
@@ -122,8 +145,13 @@ impl std::fmt::Display for VolumeMeta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "size {} bytes, stripe unit {}, node {} of {}",
-            self.volume_size, self.stripe_unit, self.node_index, self.node_count
+            "size {} bytes, stripe unit {}, column {} of {}, replica {} of {}",
+            self.volume_size,
+            self.stripe_unit,
+            self.node_index,
+            self.node_count,
+            self.replica_index,
+            self.replicas
         )
     }
 }
@@ -766,6 +794,8 @@ mod tests {
             stripe_unit: 65536,
             node_count: 1,
             node_index: 0,
+            replicas: 1,
+            replica_index: 0,
         }
     }
 

@@ -52,6 +52,7 @@ impl Cluster {
     /// A volume over every node, with a 64 KiB stripe unit.
     pub fn spec(&self, name: &str, size: u64) -> VolumeSpec {
         VolumeSpec {
+            replicas: 1,
             name: name.into(),
             size,
             stripe_unit: 64 << 10,

@@ -50,6 +50,8 @@ pub fn sample_record(pid: u32) -> netblk::state::DeviceRecord {
         generation: 0,
         io_timeout_secs: 30,
         node_down_timeout_secs: 15,
+        replicas: 1,
+        replica_timeout_secs: 5,
         send: "copy".into(),
         volume_ids: Vec::new(),
         data_digest: false,
@@ -301,11 +303,14 @@ pub fn handshake(
             stripe_unit,
             node_count,
             node_index,
+            replicas: 1,
+            replica_index: 0,
         }),
         session: 1,
         existing: false,
         at_least: false,
         data_digest: 0,
+        owner_epoch: 0,
     }
 }
 

@@ -137,6 +137,7 @@ fn works_again(volume: &Volume, queues: usize, within: Duration) {
 
 fn spec(name: &str, nodes: Vec<SocketAddr>) -> VolumeSpec {
     VolumeSpec {
+        replicas: 1,
         name: name.into(),
         size: 256 * MIB,
         stripe_unit: 128 << 10,

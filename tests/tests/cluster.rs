@@ -89,6 +89,7 @@ fn run_case(nodes: usize, queues: usize, stripe_unit: u32, mode: SendMode, seed:
     let name = format!("vol-{nodes}-{queues}-{mode}");
     let size = 64 * MIB;
     let spec = VolumeSpec {
+        replicas: 1,
         name: name.clone(),
         size,
         stripe_unit,
@@ -118,12 +119,12 @@ fn run_case(nodes: usize, queues: usize, stripe_unit: u32, mode: SendMode, seed:
         assert_eq!(file.len() as u64, layout.node_capacity(i), "node {i} size");
     }
     for p in layout.pieces(0, size) {
-        let held = &files[p.node][p.node_offset as usize..][..p.len as usize];
+        let held = &files[p.column][p.node_offset as usize..][..p.len as usize];
         let want = &model[p.buf_offset as usize..][..p.len as usize];
         assert!(
             held == want,
             "node {} at {} does not hold its stripe",
-            p.node,
+            p.column,
             p.node_offset
         );
     }
@@ -163,6 +164,7 @@ fn one_node_four_queues_copy() {
 fn a_refused_handshake_names_the_node() {
     let cluster = Cluster::start(2);
     let mut spec = VolumeSpec {
+        replicas: 1,
         name: "refuse".into(),
         size: 16 * MIB,
         stripe_unit: 65536,
@@ -194,6 +196,7 @@ fn an_unreachable_node_is_a_clear_error() {
         .local_addr()
         .expect("addr");
     let spec = VolumeSpec {
+        replicas: 1,
         name: "unreachable".into(),
         size: 16 * MIB,
         stripe_unit: 65536,

@@ -152,6 +152,7 @@ fn run(nodes: usize, depth: u16, io_size: u64, stripe_unit: u32, mode: SendMode)
         .collect();
     let skew = 512;
     let spec = VolumeSpec {
+        replicas: 1,
         name: format!("deep-{}-{depth}-{io_size}", nodes.len()),
         size: (u64::from(depth) + 1) * io_size,
         stripe_unit,
@@ -190,7 +191,7 @@ fn run(nodes: usize, depth: u16, io_size: u64, stripe_unit: u32, mode: SendMode)
                 &spec,
                 &layout,
                 &options,
-                &DeviceWide::new(spec.nodes.len(), &options),
+                &DeviceWide::new(&layout, &options),
             )),
             span: tracing::Span::none(),
         },

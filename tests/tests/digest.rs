@@ -23,6 +23,7 @@ fn options(digest: bool) -> VolumeOptions {
 
 fn spec(cluster: &Cluster, name: &str, size: u64) -> VolumeSpec {
     VolumeSpec {
+        replicas: 1,
         name: name.into(),
         size,
         stripe_unit: 64 << 10,
@@ -98,11 +99,11 @@ fn with_digests_corruption_on_the_wire_never_reaches_the_store_or_the_reader() {
     let layout = spec.layout().expect("layout");
     let files: Vec<Vec<u8>> = (0..3).map(|i| cluster.node_file(i, "checked")).collect();
     for p in layout.pieces(0, size) {
-        let held = &files[p.node][p.node_offset as usize..][..p.len as usize];
+        let held = &files[p.column][p.node_offset as usize..][..p.len as usize];
         assert!(
             held == &model[p.buf_offset as usize..][..p.len as usize],
             "node {} holds a corrupted stripe at {}",
-            p.node,
+            p.column,
             p.node_offset
         );
     }

@@ -148,6 +148,7 @@ fn a_node_that_lost_the_volume_is_refused_and_named() {
         .map(|_| MockNode::start(&["--store", "memory"]))
         .collect();
     let spec = VolumeSpec {
+        replicas: 1,
         name: "gone".into(),
         size: 16 * MIB,
         stripe_unit: UNIT as u32,
@@ -208,6 +209,7 @@ fn a_node_that_lost_the_volume_is_refused_and_named() {
     // A volume made anew under the name by someone else is refused by its
     // identity, naming both.
     let who = Identity {
+        owner_epoch: 0,
         client_id: "someone-else",
         volume: "gone",
         session: 1,
@@ -242,6 +244,7 @@ fn connect_pinned(
     pinned: &str,
 ) -> Result<(), ConnectError> {
     let who = Identity {
+        owner_epoch: 0,
         client_id: "probe",
         volume,
         session: 1,

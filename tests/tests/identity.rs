@@ -96,6 +96,7 @@ fn another_certificate_with_the_victims_client_id_cannot_lock_it_out() {
     let pki = pki();
     let node = tls_node(&pki, &[]);
     let spec = VolumeSpec {
+        replicas: 1,
         name: "victim".into(),
         size: 8 * MIB,
         stripe_unit: 64 << 10,
@@ -120,6 +121,7 @@ fn another_certificate_with_the_victims_client_id_cannot_lock_it_out() {
     let layout = Layout::new(spec.size, spec.stripe_unit, 1).expect("layout");
     let hostile_tls = tls(&pki, &pki.hostile);
     let who = Identity {
+        owner_epoch: 0,
         client_id: "victim-device",
         volume: "victim",
         session: u64::MAX,

@@ -103,6 +103,7 @@ fn a_grow_on_the_nodes_leaves_a_mapped_volume_working_across_reconnects() {
     };
     let id = "manage-grow";
     let spec = VolumeSpec {
+        replicas: 1,
         name: volume.name.clone(),
         size: 48 * MIB,
         stripe_unit: volume.stripe_unit,

@@ -1201,6 +1201,7 @@ fn a_node_of_another_revision_is_refused_by_the_client() {
     });
     let layout = netblk::layout::Layout::new(MIB, 65536, 1).expect("layout");
     let who = netblk::net::Identity {
+        owner_epoch: 0,
         client_id: "new-client",
         volume: "v",
         session: 1,

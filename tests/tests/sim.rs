@@ -245,6 +245,7 @@ impl Sim {
                         max_in_flight_per_node: 16,
                         io_timeout: p.io_timeout,
                         node_down_timeout: Duration::from_secs(3600),
+                        replica_timeout: Duration::from_secs(5),
                         data_digest: false,
                     },
                 );
@@ -635,12 +636,12 @@ impl Sim {
                             .past
                             .iter()
                             .filter(|(_, c)| {
-                                c.queue == queue && c.node == p.node && !c.up && !c.fenced
+                                c.queue == queue && c.node == p.column && !c.up && !c.fenced
                             })
                             .map(|(cid, _)| *cid)
                             .collect();
                         self.uncertain.push(Uncertain {
-                            node: p.node,
+                            node: p.column,
                             offset: p.node_offset,
                             len: p.len,
                             holders,
@@ -670,7 +671,7 @@ impl Sim {
                 }
                 if writes {
                     for p in self.layout.pieces(r.offset, r.len) {
-                        self.forget_uncertain(p.node, p.node_offset, p.len);
+                        self.forget_uncertain(p.column, p.node_offset, p.len);
                     }
                 }
             }
@@ -680,7 +681,7 @@ impl Sim {
     /// Copies what `node` holds for a range of its store back into the model.
     fn resync(&mut self, node: usize, node_offset: u64, len: u64) {
         for p in self.layout.pieces(0, self.p.size) {
-            if p.node != node {
+            if p.column != node {
                 continue;
             }
             let (start, end) = (
@@ -927,12 +928,12 @@ impl Sim {
     /// Every node holds exactly its stripes of the model.
     fn check_nodes(&self) {
         for p in self.layout.pieces(0, self.p.size) {
-            let held = &self.nodes[p.node].store[p.node_offset as usize..][..p.len as usize];
+            let held = &self.nodes[p.column].store[p.node_offset as usize..][..p.len as usize];
             let want = &self.model[p.buf_offset as usize..][..p.len as usize];
             assert!(
                 held == want,
                 "node {} at {} differs from the model",
-                p.node,
+                p.column,
                 p.node_offset
             );
         }

@@ -79,6 +79,7 @@ fn timeouts() -> Timeouts {
 fn connect(node: &MockNode, tls: Option<&ClientTls>) -> Result<net::NodeInfo, ConnectError> {
     let layout = Layout::new(MIB, 65536, 1).expect("layout");
     let who = Identity {
+        owner_epoch: 0,
         client_id: "tls-test",
         volume: "t",
         session: 1,
@@ -103,6 +104,7 @@ fn a_striped_volume_over_mutual_tls_reads_what_it_wrote() {
     let pki = pki();
     let nodes: Vec<MockNode> = (0..3).map(|_| tls_node(&pki, &pki.ca)).collect();
     let spec = VolumeSpec {
+        replicas: 1,
         name: "secret".into(),
         size: 32 * MIB,
         stripe_unit: 64 << 10,
@@ -236,6 +238,7 @@ fn rotated_certificates_are_used_at_the_next_reconnect() {
         key: client_key.clone(),
     };
     let spec = VolumeSpec {
+        replicas: 1,
         name: "rotating".into(),
         size: 8 * MIB,
         stripe_unit: 64 << 10,

@@ -38,6 +38,9 @@ pub struct BenchOptions {
     pub nodes: Vec<SocketAddr>,
     /// How many mock nodes to start when `nodes` is empty.
     pub node_count: usize,
+    /// Copies of every stripe column: the nodes form `nodes / replicas`
+    /// columns (see `layout::Replication`).
+    pub replicas: u32,
     pub mock_node_bin: Option<PathBuf>,
     pub queues: usize,
     pub depth: u16,
@@ -85,6 +88,7 @@ impl Default for BenchOptions {
         BenchOptions {
             nodes: Vec::new(),
             node_count: 4,
+            replicas: 1,
             mock_node_bin: None,
             queues: 1,
             depth: 32,
@@ -173,7 +177,12 @@ impl BenchOptions {
         if self.nodes.is_empty() {
             let node_count =
                 u32::try_from(self.node_count).map_err(|_| "too many nodes".to_string())?;
-            Layout::new(self.volume_size, self.stripe_unit, node_count)
+            Layout::replicated(
+                self.volume_size,
+                self.stripe_unit,
+                node_count as usize,
+                self.replicas,
+            )
         } else {
             self.spec(self.nodes.clone()).layout()
         }
@@ -195,6 +204,7 @@ impl BenchOptions {
             size: self.volume_size,
             stripe_unit: self.stripe_unit,
             nodes,
+            replicas: self.replicas,
         }
     }
 }
@@ -621,7 +631,7 @@ pub(crate) fn measure_workload(
     let mut threads = Vec::new();
     let mut all_figures = Vec::new();
     let cpu0 = cpu_seconds();
-    let wide = DeviceWide::new(spec.nodes.len(), &volume_options);
+    let wide = DeviceWide::new(&layout, &volume_options);
     for q in 0..queues {
         let (streams, nodes) = connect_queue(spec, &layout, &volume_options).map_err(err)?;
         let (mut engine, figures) = queue_engine(&layout, &volume_options, &nodes, &wide);

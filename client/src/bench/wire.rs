@@ -65,6 +65,7 @@ pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
         for (node, addr) in spec.nodes.iter().enumerate() {
             let client_id = format!("netblk-baseline-{}-q{q}", std::process::id());
             let who = Identity {
+                owner_epoch: 0,
                 client_id: &client_id,
                 volume: &spec.name,
                 session: 1,

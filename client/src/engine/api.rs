@@ -50,6 +50,10 @@ pub struct EngineConfig {
     /// A node down longer than this fails IO to its stripes at once with
     /// EIO instead of queueing it, until it is back.
     pub node_down_timeout: Duration,
+    /// Replicated volumes: a member disconnected this long, or owing a
+    /// piece this long, has failed and leaves its column's in-sync set
+    /// (while another member is left). Below `io_timeout`.
+    pub replica_timeout: Duration,
     /// Payloads carry a CRC-32C (data digests): writes get theirs from
     /// the driver at transmit, read replies are checked by it on receipt;
     /// a mismatch is retried [`DIGEST_RETRIES`] times, then EIO.
@@ -68,6 +72,7 @@ impl Default for EngineConfig {
             max_in_flight_per_node: 1024,
             io_timeout: Duration::from_secs(30),
             node_down_timeout: Duration::from_secs(15),
+            replica_timeout: Duration::from_secs(5),
             data_digest: false,
         }
     }

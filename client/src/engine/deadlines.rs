@@ -15,6 +15,8 @@ impl Engine {
     /// comes. The request completes once no IO uses its buffer.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = now;
+        self.refresh_view(now);
+        self.replica_deadlines_passed(now);
         for node in 0..self.nodes.len() {
             if self.node_given_up(node, now) && !self.nodes[node].queue.is_empty() {
                 let queued: Vec<u64> = self.nodes[node].queue.drain(..).collect();
@@ -75,8 +77,7 @@ impl Engine {
             }
             for node in abort {
                 if !self.aborts.contains(&node) {
-                    self.aborts.push_back(node);
-                    self.stats.aborts += 1;
+                    self.abort(node);
                     if let Some(n) = self.figures.as_ref().and_then(|f| f.nodes.get(node)) {
                         n.timeouts.add(1);
                     }
@@ -114,20 +115,22 @@ impl Engine {
             .filter(|n| !n.queue.is_empty())
             .filter_map(|n| n.down_since.map(|t| t + limit))
             .min();
-        match (next, node_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [next, node_deadline, self.members_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// True if `node` has been down for longer than the node-down timeout,
     /// or no longer holds the volume.
     pub fn node_given_up(&self, node: usize, now: Instant) -> bool {
         self.nodes.get(node).is_some_and(|n| {
-            n.refused
-                || n.down_since.is_some_and(|since| {
-                    now.saturating_duration_since(since) >= self.config.node_down_timeout
-                })
+            // A failed replica's pieces are held until it is out.
+            !n.failing
+                && (n.refused
+                    || n.down_since.is_some_and(|since| {
+                        now.saturating_duration_since(since) >= self.config.node_down_timeout
+                    }))
         })
     }
 }

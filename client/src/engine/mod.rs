@@ -10,6 +10,13 @@
 //! wire request to one node. The request completes when every piece has been
 //! answered **and** no send or receive still uses its buffer; its result is
 //! the byte count or the first error as an errno.
+//!
+//! Replicated volumes (see `members`): a write, discard or flush of a column
+//! becomes one piece per member of its in-sync set, all from the same slice
+//! of the request buffer; a read goes to one member and moves to another
+//! when that one fails. A member that fails is reported to the device's
+//! [`Membership`] and its pieces are held until the record without it is
+//! durable, then completed without it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,6 +24,9 @@ use std::time::Instant;
 
 mod api;
 mod deadlines;
+mod members;
+#[cfg(test)]
+mod replica_tests;
 mod replies;
 #[cfg(test)]
 mod tests;
@@ -26,6 +36,7 @@ pub use api::*;
 
 use crate::layout::{Layout, LiveSize};
 use crate::ledger::{Acked, Ledger};
+use crate::membership::{Membership, View};
 use crate::stats::QueueStats;
 
 const EIO: i32 = 5;
@@ -46,6 +57,11 @@ enum PieceState {
 struct PieceRec {
     tag: Tag,
     node: usize,
+    /// The stripe column it belongs to.
+    column: usize,
+    /// Reads: the replica rows tried so far (a read moves to another
+    /// member when one fails).
+    tried: u32,
     op: Op,
     node_offset: u64,
     buf_offset: u64,
@@ -104,6 +120,9 @@ struct NodeState {
     /// The node no longer holds the pinned volume (it was lost and made
     /// anew): IO to its stripes fails at once.
     refused: bool,
+    /// A replica that failed and waits to leave its column's in-sync set:
+    /// nothing more is sent to it; the pieces it owes are held.
+    failing: bool,
 }
 
 /// Counters for metrics and tests.
@@ -125,6 +144,12 @@ pub struct EngineStats {
     /// reply that did not match): each was sent again, or failed its
     /// request after [`DIGEST_RETRIES`].
     pub digest_errors: u64,
+    /// Replicas this queue found failed (reported to the membership).
+    pub member_failures: u64,
+    /// Reads moved to another replica.
+    pub reads_moved: u64,
+    /// Pieces completed without a replica that left the in-sync set.
+    pub pieces_skipped: u64,
 }
 
 /// The request engine of one queue; see the module docs.
@@ -137,6 +162,13 @@ pub struct Engine {
     completions: VecDeque<Completion>,
     /// (deadline, tag, seq) in submission order, so deadlines only grow.
     deadlines: VecDeque<(Instant, Tag, u64)>,
+    /// The same at the replica timeout (replicated volumes only): a member
+    /// that still owes a piece then has failed.
+    replica_deadlines: VecDeque<(Instant, Tag, u64)>,
+    /// The device's membership, and the view of it this engine works with.
+    membership: Arc<Membership>,
+    view: Arc<View>,
+    view_version: u64,
     /// Nodes whose connection must be torn down (see [`Engine::poll_abort`]).
     aborts: VecDeque<usize>,
     /// The latest time handed in (for latencies).
@@ -168,9 +200,15 @@ impl Engine {
                 big_reads: 0,
                 incarnation: None,
                 refused: false,
+                failing: false,
             })
             .collect();
+        let membership = Membership::all_in_sync(*layout.replication());
         Engine {
+            view: membership.view(),
+            view_version: membership.version(),
+            membership,
+            replica_deadlines: VecDeque::new(),
             slots: (0..config.depth).map(|_| Slot::default()).collect(),
             size: LiveSize::new(layout.size()),
             ledger: Arc::new(Ledger::new(layout.node_count())),
@@ -204,6 +242,14 @@ impl Engine {
     /// first request.
     pub fn share_ledger(&mut self, ledger: Arc<Ledger>) {
         self.ledger = ledger;
+    }
+
+    /// Follows `membership` (the device's, shared by its queues) from now
+    /// on. Call before the first request.
+    pub fn share_membership(&mut self, membership: Arc<Membership>) {
+        self.view = membership.view();
+        self.view_version = membership.version();
+        self.membership = membership;
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -301,38 +347,41 @@ impl Engine {
             return Ok(());
         }
 
+        // (column, offset on its nodes, buffer offset, length)
         let mut new_pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
         match request.op {
             Op::Read | Op::Write { .. } => new_pieces.extend(
                 self.layout
                     .pieces(request.offset, request.len)
-                    .map(|p| (p.node, p.node_offset, p.buf_offset, p.len)),
+                    .map(|p| (p.column, p.node_offset, p.buf_offset, p.len)),
             ),
             Op::Discard | Op::WriteZeroes => new_pieces.extend(
                 self.layout
-                    .node_extents(request.offset, request.len)
+                    .column_extents(request.offset, request.len)
                     .into_iter()
-                    .map(|(node, node_offset, len)| (node, node_offset, 0, len)),
+                    .map(|(column, offset, len)| (column, offset, 0, len)),
             ),
-            Op::Flush => new_pieces.extend((0..self.layout.node_count()).map(|n| (n, 0, 0, 0))),
+            Op::Flush => new_pieces.extend((0..self.layout.columns()).map(|c| (c, 0, 0, 0))),
         }
-        if new_pieces
-            .iter()
-            .any(|(node, ..)| self.node_given_up(*node, now))
-        {
+        self.refresh_view(now);
+        let Some(targets) = self.targets(request.op, &new_pieces, now) else {
             let slot = &mut self.slots[usize::from(tag)];
             slot.errno = EIO;
             self.try_complete(tag);
             return Ok(());
-        }
-        for (node, node_offset, buf_offset, len) in new_pieces {
-            let id = self.next_id;
-            self.next_id += 1;
-            self.pieces.insert(
-                id,
+        };
+        for ((column, node_offset, buf_offset, len), node) in targets {
+            let tried = if request.op == Op::Read {
+                1 << self.layout.replication().row_of(node)
+            } else {
+                0
+            };
+            self.add_piece(
                 PieceRec {
                     tag,
                     node,
+                    column,
+                    tried,
                     op: request.op,
                     node_offset,
                     buf_offset,
@@ -342,14 +391,33 @@ impl Engine {
                     sent_at: None,
                     digest_retries: 0,
                 },
+                false,
             );
-            self.nodes[node].queue.push_back(id);
-            self.slots[usize::from(tag)].pieces.push(id);
         }
         self.deadlines
             .push_back((now + self.config.io_timeout, tag, seq));
+        if self.layout.replicas() > 1 {
+            self.replica_deadlines
+                .push_back((now + self.config.replica_timeout, tag, seq));
+        }
         self.try_complete(tag);
         Ok(())
+    }
+
+    /// Enters `rec` as a new piece of its request, queued on its node (at
+    /// the front with `first`).
+    fn add_piece(&mut self, rec: PieceRec, first: bool) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (node, tag) = (rec.node, rec.tag);
+        self.pieces.insert(id, rec);
+        if first {
+            self.nodes[node].queue.push_front(id);
+        } else {
+            self.nodes[node].queue.push_back(id);
+        }
+        self.slots[usize::from(tag)].pieces.push(id);
+        id
     }
 
     /// `node`'s connection is gone. Pieces sent on it and not answered will
@@ -373,11 +441,16 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         resend.sort_unstable();
-        for id in resend.iter().rev() {
+        for id in &resend {
             if let Some(rec) = self.pieces.get_mut(id) {
                 debug_assert_ne!(rec.state, PieceState::Receiving, "payload not reported");
                 rec.state = PieceState::Queued;
             }
+        }
+        // Reads it owed go to another replica at once, where there is one.
+        resend.retain(|id| !self.move_read(*id, now));
+        let state = &mut self.nodes[node];
+        for id in resend.iter().rev() {
             state.queue.push_front(*id);
         }
         self.stats.pieces_resent += resend.len() as u64;
@@ -409,6 +482,10 @@ impl Engine {
         n.incarnation = Some(incarnation);
         if self.ledger.observe(node, incarnation, durable_incarnation) {
             self.stats.lost_incarnations += 1;
+            // A replica that may have lost acknowledged writes is not in
+            // sync: it leaves while another member vouches for them.
+            let now = self.clock;
+            self.fail_member(node, "restarted and may have lost acknowledged writes", now);
         }
     }
 
@@ -416,6 +493,10 @@ impl Engine {
     /// under its name): IO to its stripes fails at once with EIO, queued
     /// pieces included, until [`Engine::handle_incarnation`] says it is back.
     pub fn handle_node_refused(&mut self, node: usize) {
+        let now = self.clock;
+        if self.fail_member(node, "no longer holds the volume", now) {
+            return;
+        }
         if let Some(n) = self.nodes.get_mut(node) {
             n.refused = true;
         }
@@ -447,10 +528,12 @@ impl Engine {
         let Some(rec) = self.pieces.remove(&id) else {
             return;
         };
-        let node = &mut self.nodes[rec.node];
-        node.in_flight = node.in_flight.saturating_sub(1);
-        node.big_reads = node.big_reads.saturating_sub(usize::from(rec.big_read()));
-        self.mirror_in_flight(rec.node);
+        if matches!(rec.state, PieceState::Sent | PieceState::Receiving) {
+            let node = &mut self.nodes[rec.node];
+            node.in_flight = node.in_flight.saturating_sub(1);
+            node.big_reads = node.big_reads.saturating_sub(usize::from(rec.big_read()));
+            self.mirror_in_flight(rec.node);
+        }
         let slot = &mut self.slots[usize::from(rec.tag)];
         if let Some(pos) = slot.pieces.iter().position(|p| *p == id) {
             slot.pieces.swap_remove(pos);

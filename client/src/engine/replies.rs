@@ -97,7 +97,7 @@ impl Engine {
             } else {
                 errno
             };
-            self.finish_piece(id, errno);
+            self.answered(id, node, op, errno, &reply.message);
             return Ok(ReplySink::Done);
         }
         rec.state = PieceState::Receiving;
@@ -111,6 +111,27 @@ impl Engine {
         };
         self.slots[usize::from(rec.tag)].buf_nodes.push(node);
         Ok(ReplySink::Buffer { id, slice, crc32c })
+    }
+
+    /// Piece `id` was answered (`errno`, 0 for success). On a replicated
+    /// volume an error moves a read to another member, and fails the
+    /// member of anything else (the piece is held until it is out).
+    fn answered(&mut self, id: u64, node: usize, op: Op, errno: i32, message: &str) {
+        if errno != 0 {
+            let now = self.clock;
+            if op == Op::Read {
+                if self.move_read(id, now) {
+                    return;
+                }
+            } else {
+                let reason = format!("answered errno {errno}: {message}");
+                if self.fail_member(node, &reason, now) {
+                    self.hold(id);
+                    return;
+                }
+            }
+        }
+        self.finish_piece(id, errno);
     }
 
     /// Piece `id`'s payload failed its digest on the way (a write the node
@@ -132,9 +153,13 @@ impl Engine {
                 offset = rec.node_offset,
                 len = rec.len,
                 retries = DIGEST_RETRIES,
-                "payload failed its crc32c on every try: EIO"
+                "payload failed its crc32c on every try"
             );
-            self.finish_piece(id, EIO);
+            if rec.state == PieceState::Receiving {
+                rec.state = PieceState::Sent;
+            }
+            let (node, op) = (rec.node, rec.op);
+            self.answered(id, node, op, EIO, "payload failed its crc32c on every try");
             return;
         }
         tracing::warn!(

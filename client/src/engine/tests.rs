@@ -11,6 +11,7 @@ fn engine(nodes: u32) -> Engine {
             max_in_flight_per_node: 8,
             io_timeout: Duration::from_secs(1),
             node_down_timeout: Duration::from_secs(10),
+            replica_timeout: Duration::from_secs(5),
             data_digest: false,
         },
     );
@@ -71,6 +72,7 @@ fn big_reads_in_flight_are_counted_per_node() {
             max_in_flight_per_node: 8,
             io_timeout: Duration::from_secs(1),
             node_down_timeout: Duration::from_secs(10),
+            replica_timeout: Duration::from_secs(5),
             data_digest: false,
         },
     );

@@ -28,7 +28,15 @@ impl Engine {
         mut digest: impl FnMut(BufSlice) -> u32,
     ) -> Option<(u64, Option<BufSlice>)> {
         let state = self.nodes.get_mut(node)?;
-        if !state.up || state.in_flight >= self.config.max_in_flight_per_node {
+        if !state.up || state.failing || state.in_flight >= self.config.max_in_flight_per_node {
+            return None;
+        }
+        let replication = self.layout.replication();
+        if !self
+            .view
+            .in_sync(replication.column_of(node), replication.row_of(node))
+            || self.view.fenced
+        {
             return None;
         }
         while let Some(id) = state.queue.pop_front() {

@@ -175,7 +175,9 @@ pub struct QueueDriver<F: Frontend> {
 /// moves, and how it reconnects (`None`: a lost node stays lost).
 pub struct QueueParts<F> {
     pub engine: Engine,
-    pub streams: Vec<TcpStream>,
+    /// One per node; None for a node not connected (a replica out of
+    /// sync): it starts lost.
+    pub streams: Vec<Option<TcpStream>>,
     pub buffers: Arc<TagBuffers>,
     pub frontend: F,
     pub mode: SendMode,
@@ -235,8 +237,10 @@ impl<F: Frontend> QueueDriver<F> {
             .into_iter()
             .enumerate()
             .map(|(node, stream)| Conn {
-                fd: stream.as_raw_fd(),
-                stream: Some(stream),
+                fd: stream.as_ref().map_or(-1, |s| s.as_raw_fd()),
+                broken: stream.is_none(),
+                lost_reported: stream.is_none(),
+                stream,
                 epoch: reconnect.as_ref().map_or(1, |r| r.epochs.current(node)),
                 generation: 0,
                 next_attempt: Instant::now(),
@@ -251,8 +255,6 @@ impl<F: Frontend> QueueDriver<F> {
                 reader: ReplyReader::new(),
                 recv_posted: false,
                 ops: 0,
-                broken: false,
-                lost_reported: false,
                 outage: None,
             })
             .collect();
@@ -260,6 +262,10 @@ impl<F: Frontend> QueueDriver<F> {
         // reported ready, so figures read after that see them up.
         let mut engine = engine;
         for (node, conn) in conns.iter().enumerate() {
+            if conn.stream.is_none() {
+                engine.handle_connection_lost(Instant::now(), node);
+                continue;
+            }
             engine.handle_connection_restored(node);
             if let Some(f) = engine.figures() {
                 f.node_up(node, conn.epoch, false);

@@ -35,6 +35,8 @@ pub struct Reconnect {
     pub digest: bool,
     /// Mutual TLS on every connection.
     pub tls: Option<std::sync::Arc<crate::net::ClientTls>>,
+    /// The owner epoch handshakes present (replicated volumes; 0: none).
+    pub owner_epoch: u64,
 }
 
 impl Reconnect {
@@ -141,7 +143,8 @@ impl<F: Frontend> QueueDriver<F> {
         }
         let mut down = false;
         for (node, conn) in self.conns.iter_mut().enumerate() {
-            if !conn.lost_reported {
+            // A replica out of sync gets nothing: no point reconnecting.
+            if !conn.lost_reported || self.engine.is_out(node) {
                 continue;
             }
             down = true;
@@ -171,11 +174,13 @@ impl<F: Frontend> QueueDriver<F> {
             let pinned = reconnect.volume_ids.get(node).cloned();
             let digest = reconnect.digest;
             let tls = reconnect.tls.clone();
+            let owner_epoch = reconnect.owner_epoch;
             let done = self.reconnected.0.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("reconnect-{node}"))
                 .spawn(move || {
                     let who = crate::net::Identity {
+                        owner_epoch,
                         client_id: &client_id,
                         volume: &volume,
                         session: epoch,
@@ -217,6 +222,7 @@ mod tests {
             volume_ids: Vec::new(),
             digest: false,
             tls: None,
+            owner_epoch: 0,
         };
         assert_eq!(reconnect.layout_now(), layout);
         reconnect.size.set(128 << 20);

@@ -603,6 +603,7 @@ fn lose_volume(nodes: &str, node: usize, name: &str, bytes: u64) -> Checked {
     let layout =
         netblk::layout::Layout::new(bytes, 65536, addrs.len() as u32).map_err(|e| e.to_string())?;
     let who = Identity {
+        owner_epoch: 0,
         client_id: "csi-check-loser",
         volume: name,
         session: net::clock_session(),

@@ -373,6 +373,8 @@ fn connect_all(
     layout: &Layout,
     vopts: &mut VolumeOptions,
 ) -> Result<Vec<ConnectedQueue>, MapError> {
+    // A replicated volume's owner first: the queues present its epoch.
+    crate::frontend::attach_replicas(spec, layout, vopts)?;
     Ok(connect_queues(spec, layout, vopts)?)
 }
 
@@ -518,7 +520,7 @@ pub fn map(spec: &VolumeSpec, options: &MapOptions) -> Result<Device, MapError> 
         volume_ids: Vec::new(),
         figures: Vec::new(),
         size: LiveSize::new(spec.size),
-        wide: DeviceWide::new(spec.nodes.len(), vopts),
+        wide: DeviceWide::new(&layout, vopts),
         ctrl,
         queues: Vec::new(),
         fail_switch: None,

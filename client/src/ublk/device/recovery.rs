@@ -270,7 +270,7 @@ impl RecoverySteps for LiveRecovery<'_> {
             volume_ids: Vec::new(),
             figures: Vec::new(),
             size: LiveSize::new(self.spec.size),
-            wide: DeviceWide::new(self.spec.nodes.len(), &self.vopts),
+            wide: DeviceWide::new(&self.layout, &self.vopts),
             ctrl,
             queues: Vec::new(),
             fail_switch: None,

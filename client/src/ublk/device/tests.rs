@@ -8,6 +8,7 @@ fn spec(size: u64, stripe_unit: u32, nodes: u16) -> VolumeSpec {
         nodes: (1..=nodes)
             .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
             .collect(),
+        replicas: 1,
     }
 }
 

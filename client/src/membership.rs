@@ -1,0 +1,223 @@
+//! A replicated device's membership as its queues see it: the current
+//! record's in-sync sets (an immutable [`View`] swapped on every change),
+//! and the members the queues found failed, waiting for the manager
+//! (`replicas::manager`) to make their removal durable.
+//!
+//! The data path reads the view through [`Membership::version`] (one atomic
+//! load) and takes a new snapshot only when it moved. A queue that finds a
+//! member failed reports it ([`Membership::report`]) and holds the pieces
+//! that member still owes; once the manager stored the shrunk record on
+//! every remaining member of the column it publishes the new view, and the
+//! queues complete those pieces without the member.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use netblk_protocol::pb::MembershipRecord;
+
+use crate::layout::Replication;
+
+/// The membership the data path works with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub generation: u64,
+    pub owner_epoch: u64,
+    /// Per column: bitmask of the replica rows in sync.
+    pub iss: Vec<u32>,
+    /// Another owner took the volume over: every request fails with EIO.
+    pub fenced: bool,
+}
+
+impl View {
+    /// Every member of every column in sync (a volume's first record, and
+    /// any unreplicated volume).
+    pub fn all_in_sync(replication: &Replication) -> View {
+        View {
+            generation: 0,
+            owner_epoch: 0,
+            iss: vec![(1u32 << replication.replicas()) - 1; replication.columns() as usize],
+            fenced: false,
+        }
+    }
+
+    pub fn of_record(record: &MembershipRecord) -> View {
+        View {
+            generation: record.generation,
+            owner_epoch: record.owner_epoch,
+            iss: record.iss.clone(),
+            fenced: false,
+        }
+    }
+
+    /// True if replica row `row` of `column` is in sync.
+    pub fn in_sync(&self, column: usize, row: usize) -> bool {
+        self.iss.get(column).is_some_and(|m| m & (1 << row) != 0)
+    }
+
+    /// Members of `column` in sync.
+    pub fn in_sync_count(&self, column: usize) -> u32 {
+        self.iss.get(column).map_or(0, |m| m.count_ones())
+    }
+}
+
+/// Why a member failed (for the log and `status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: String,
+    pub since: Instant,
+}
+
+/// A member out of its column's in-sync set (for `status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Departure {
+    pub node: usize,
+    pub reason: String,
+    /// Seconds since the Unix epoch when the record that removed it was
+    /// stored.
+    pub at_unix: u64,
+    pub generation: u64,
+}
+
+/// The device-wide membership; see the module docs.
+pub struct Membership {
+    replication: Replication,
+    version: AtomicU64,
+    view: Mutex<Arc<View>>,
+    /// Members reported failed and still in the view's in-sync sets.
+    failed: Mutex<BTreeMap<usize, Failure>>,
+    /// Members removed by this daemon, newest last.
+    departures: Mutex<Vec<Departure>>,
+    /// Rung on every report (the manager waits on it).
+    bell: crossbeam_channel::Sender<()>,
+    rung: crossbeam_channel::Receiver<()>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("view", &*self.view())
+            .field("failed", &self.failed())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Membership {
+    pub fn new(replication: Replication, view: View) -> Arc<Membership> {
+        let (bell, rung) = crossbeam_channel::bounded(1);
+        Arc::new(Membership {
+            replication,
+            version: AtomicU64::new(1),
+            view: Mutex::new(Arc::new(view)),
+            failed: Mutex::new(BTreeMap::new()),
+            departures: Mutex::new(Vec::new()),
+            bell,
+            rung,
+        })
+    }
+
+    /// An unreplicated (or not yet attached) device's: everyone in sync.
+    pub fn all_in_sync(replication: Replication) -> Arc<Membership> {
+        Membership::new(replication, View::all_in_sync(&replication))
+    }
+
+    pub fn replication(&self) -> &Replication {
+        &self.replication
+    }
+
+    /// Moves on every time the view changes or a member is reported.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        Arc::clone(&lock(&self.view))
+    }
+
+    /// A queue found `node` failed (idempotent: the first reason stays).
+    pub fn report(&self, node: usize, reason: &str, now: Instant) {
+        let mut failed = lock(&self.failed);
+        if failed.contains_key(&node) {
+            return;
+        }
+        tracing::warn!(
+            node,
+            reason,
+            "replica failed: taking it out of the in-sync set"
+        );
+        failed.insert(
+            node,
+            Failure {
+                reason: reason.to_owned(),
+                since: now,
+            },
+        );
+        drop(failed);
+        // The other queues stop sending to it at their next look.
+        self.version.fetch_add(1, Ordering::AcqRel);
+        // A full bell is already rung.
+        let _ = self.bell.try_send(());
+    }
+
+    /// True if `node` was reported failed and is still waiting to leave.
+    pub fn is_failed(&self, node: usize) -> bool {
+        lock(&self.failed).contains_key(&node)
+    }
+
+    /// The members reported failed and not out yet.
+    pub fn failed(&self) -> BTreeMap<usize, Failure> {
+        lock(&self.failed).clone()
+    }
+
+    /// Waits up to `timeout` for a report (the manager's loop).
+    pub fn wait_report(&self, timeout: std::time::Duration) {
+        let _ = self.rung.recv_timeout(timeout);
+    }
+
+    /// The record stored durably says `view` now: the queues pick it up.
+    /// Members no longer in sync stop being failures and become departures
+    /// (with `reason`s from their reports).
+    pub fn publish(&self, view: View) {
+        let mut failed = lock(&self.failed);
+        let mut departures = lock(&self.departures);
+        let at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        failed.retain(|node, failure| {
+            let (column, row) = (
+                self.replication.column_of(*node),
+                self.replication.row_of(*node),
+            );
+            if view.in_sync(column, row) {
+                return true;
+            }
+            departures.push(Departure {
+                node: *node,
+                reason: failure.reason.clone(),
+                at_unix,
+                generation: view.generation,
+            });
+            false
+        });
+        *lock(&self.view) = Arc::new(view);
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Another owner took over: every request fails from now on.
+    pub fn fence(&self) {
+        let mut view = (*self.view()).clone();
+        view.fenced = true;
+        *lock(&self.view) = Arc::new(view);
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Members this daemon took out, oldest first.
+    pub fn departures(&self) -> Vec<Departure> {
+        lock(&self.departures).clone()
+    }
+}
