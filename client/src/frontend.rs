@@ -282,11 +282,9 @@ pub fn attach_replicas(
         takeover: options.takeover,
         wait: options.connect_timeout,
     };
-    let (membership, known) =
-        records::attach(&store(), layout, &attach).map_err(OpenError::Attach)?;
-    records::spawn_manager(Box::new(store()), *layout, &membership, known)
-        .map_err(OpenError::Uring)?;
-    options.membership = Some(membership);
+    let attached = records::attach(&store(), layout, &attach).map_err(OpenError::Attach)?;
+    records::spawn_manager(Box::new(store()), *layout, &attached).map_err(OpenError::Uring)?;
+    options.membership = Some(attached.membership);
     Ok(())
 }
 

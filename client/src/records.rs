@@ -125,6 +125,14 @@ pub struct AttachOptions {
     pub wait: Duration,
 }
 
+/// What an attach made: the device's membership, the record it stored,
+/// and the generation each node holds.
+pub struct Attached {
+    pub membership: Arc<Membership>,
+    pub record: MembershipRecord,
+    pub known: Vec<u64>,
+}
+
 /// Every node's answer, asked in parallel.
 fn read_all(
     store: &dyn RecordStore,
@@ -178,7 +186,7 @@ pub fn attach(
     store: &dyn RecordStore,
     layout: &Layout,
     options: &AttachOptions,
-) -> Result<(Arc<Membership>, Vec<u64>), String> {
+) -> Result<Attached, String> {
     let replication = *layout.replication();
     let deadline = Instant::now() + options.wait;
     let (current, answers) = loop {
@@ -296,95 +304,139 @@ pub fn attach(
         iss = ?next.iss,
         "attached the replicated volume"
     );
-    Ok((Membership::new(replication, View::of_record(&next)), known))
+    Ok(Attached {
+        membership: Membership::new(replication, View::of_record(&next)),
+        record: next,
+        known,
+    })
 }
 
-/// The thread that takes failed members out: for each member the queues
-/// reported, the record without it is stored on every in-sync member of
-/// every column (all remaining members of its column must take it), then
-/// published to the queues. A node holding a newer owner's record fences
-/// the device. Ends when the membership is dropped.
-pub fn spawn_manager(
+/// Takes failed members out: for each member the queues reported, the
+/// record without it is stored on every in-sync member of every column
+/// (all remaining members of its column must take it), then published to
+/// the queues. A node holding a newer owner's record fences the device.
+/// [`spawn_manager`] runs it on a thread; tests step it themselves.
+pub struct Manager {
     store: Box<dyn RecordStore>,
     layout: Layout,
-    membership: &Arc<Membership>,
+    record: MembershipRecord,
+    /// The generation each node holds, as far as this manager knows.
     known: Vec<u64>,
-) -> std::io::Result<()> {
-    let weak = Arc::downgrade(membership);
-    let view = membership.view();
-    let record = MembershipRecord {
-        generation: view.generation,
-        owner_epoch: view.owner_epoch,
-        owner: String::new(),
-        clean: false,
-        iss: view.iss.clone(),
-    };
-    std::thread::Builder::new()
-        .name("netblk-members".into())
-        .spawn(move || manage(&*store, &layout, &weak, record, known))
-        .map(|_| ())
+    /// A change tried and perhaps stored on some nodes already: it is
+    /// tried again as it is (never another record of the same generation),
+    /// with the columns it changes and who leaves why.
+    pending: Option<(MembershipRecord, Vec<usize>, Vec<(usize, String)>)>,
+    /// A planted bug for the simulator to find (never set outside tests):
+    /// the queues hear of a shrink before it is stored.
+    #[doc(hidden)]
+    pub plant_publish_before_store: bool,
 }
 
-fn manage(
-    store: &dyn RecordStore,
-    layout: &Layout,
-    membership: &Weak<Membership>,
-    mut record: MembershipRecord,
-    mut known: Vec<u64>,
-) {
-    loop {
-        let Some(m) = membership.upgrade() else {
-            return;
-        };
-        if m.view().fenced {
-            return;
+impl Manager {
+    /// A manager for the device an attach made.
+    pub fn new(store: Box<dyn RecordStore>, layout: Layout, attached: &Attached) -> Manager {
+        Manager {
+            store,
+            layout,
+            record: attached.record.clone(),
+            known: attached.known.clone(),
+            pending: None,
+            plant_publish_before_store: false,
         }
-        for (node, failure) in m.failed() {
-            let Some(next) = replicas::shrink(&record, layout.replication(), node) else {
-                continue;
-            };
-            let next = MembershipRecord {
-                owner: record.owner.clone(),
-                ..next
-            };
-            match store_shrink(store, layout, &mut known, &next, node) {
-                Ok(()) => {
+    }
+
+    /// The record this device serves from.
+    pub fn record(&self) -> &MembershipRecord {
+        &self.record
+    }
+
+    /// Handles every reported failure once. False once the device is
+    /// fenced (nothing more to do).
+    pub fn step(&mut self, m: &Membership) -> bool {
+        if m.view().fenced {
+            return false;
+        }
+        let (next, changed, leaving) = match self.pending.take() {
+            Some(pending) => pending,
+            None => {
+                // Every member reported so far leaves in one change:
+                // members of one column that failed together need not wait
+                // for each other.
+                let mut next = self.record.clone();
+                let mut leaving = Vec::new();
+                for (node, failure) in &m.failed() {
+                    if let Some(shrunk) = replicas::shrink(&next, self.layout.replication(), *node)
+                    {
+                        next = shrunk;
+                        leaving.push((*node, failure.reason.clone()));
+                    }
+                }
+                if leaving.is_empty() {
+                    return true;
+                }
+                next.generation = self.record.generation + 1;
+                let changed: Vec<usize> = leaving
+                    .iter()
+                    .map(|(node, _)| self.layout.replication().column_of(*node))
+                    .collect();
+                (next, changed, leaving)
+            }
+        };
+        if self.plant_publish_before_store {
+            m.publish(View::of_record(&next));
+        }
+        match store_shrink(&*self.store, &self.layout, &mut self.known, &next, &changed) {
+            Ok(()) => {
+                for (node, reason) in &leaving {
                     tracing::warn!(
                         node,
-                        reason = %failure.reason,
+                        reason = %reason,
                         generation = next.generation,
                         iss = ?next.iss,
                         "replica left the in-sync set"
                     );
-                    record = next;
-                    m.publish(View::of_record(&record));
                 }
-                Err(Shrink::Fenced(held)) => {
-                    tracing::error!(
-                        owner = %held.owner,
-                        owner_epoch = held.owner_epoch,
-                        "another owner took the volume over: this device is fenced, its IO fails"
-                    );
-                    m.fence();
+                self.record = next;
+                m.publish(View::of_record(&self.record));
+            }
+            Err(Shrink::Fenced(held)) => {
+                tracing::error!(
+                    owner = %held.owner,
+                    owner_epoch = held.owner_epoch,
+                    "another owner took the volume over: this device is fenced, its IO fails"
+                );
+                m.fence();
+                return false;
+            }
+            Err(Shrink::Retry(why)) => {
+                tracing::warn!(error = %why, generation = next.generation, "cannot store the shrunk membership record yet; retrying");
+                self.pending = Some((next, changed, leaving));
+            }
+        }
+        true
+    }
+}
+
+/// Runs a [`Manager`] on a thread until the membership is dropped or the
+/// device fenced: woken by every report, and once a second to retry.
+pub fn spawn_manager(
+    store: Box<dyn RecordStore>,
+    layout: Layout,
+    attached: &Attached,
+) -> std::io::Result<()> {
+    let weak: Weak<Membership> = Arc::downgrade(&attached.membership);
+    let mut manager = Manager::new(store, layout, attached);
+    std::thread::Builder::new()
+        .name("netblk-members".into())
+        .spawn(move || {
+            while let Some(m) = weak.upgrade() {
+                if !manager.step(&m) {
                     return;
                 }
-                Err(Shrink::Retry(why)) => {
-                    tracing::warn!(node, error = %why, "cannot store the shrunk membership record yet; retrying");
-                }
+                m.wait_report(Duration::from_secs(1));
             }
-        }
-        drop(m);
-        // Woken by a report, or once a second to retry and to notice the
-        // device is gone.
-        match membership.upgrade() {
-            Some(m) => {
-                let m2 = Arc::clone(&m);
-                drop(m);
-                m2.wait_report(Duration::from_secs(1));
-            }
-            None => return,
-        }
-    }
+        })
+        .map(|_| ())
 }
 
 enum Shrink {
@@ -392,21 +444,27 @@ enum Shrink {
     Retry(String),
 }
 
-/// Stores `next` (which drops `node`) on every in-sync member; Ok once
-/// every remaining member of `node`'s column holds it.
+/// Stores `next` (which drops members of the `changed` columns) on every
+/// in-sync member; Ok once every remaining member of those columns holds
+/// it.
 fn store_shrink(
     store: &dyn RecordStore,
     layout: &Layout,
     known: &mut [u64],
     next: &MembershipRecord,
-    node: usize,
+    changed: &[usize],
 ) -> Result<(), Shrink> {
     let replication = layout.replication();
-    let column = replication.column_of(node);
-    let members = iss_nodes(next, layout);
+    // Members that took this record on an earlier try hold it already.
+    let members: Vec<usize> = iss_nodes(next, layout)
+        .into_iter()
+        .filter(|n| known.get(*n) != Some(&next.generation))
+        .collect();
     let mut missing = Vec::new();
     for (n, result) in put_all(store, &members, known, next) {
         let result = match result {
+            // Stored by an earlier try.
+            Err(PutError::Conflict(held)) if held == *next => Ok(()),
             // A node that missed one of our earlier records: ours again,
             // over the one it holds.
             Err(PutError::Conflict(held))
@@ -430,7 +488,7 @@ fn store_shrink(
     }
     let required: Vec<&(usize, String)> = missing
         .iter()
-        .filter(|(n, _)| replication.column_of(*n) == column)
+        .filter(|(n, _)| changed.contains(&replication.column_of(*n)))
         .collect();
     if let Some((n, why)) = required.first() {
         return Err(Shrink::Retry(format!("{}: {why}", store.name(*n))));

@@ -112,7 +112,8 @@ impl Engine {
         let node_deadline = self
             .nodes
             .iter()
-            .filter(|n| !n.queue.is_empty())
+            // A failed replica's held pieces wait for the membership instead.
+            .filter(|n| !n.queue.is_empty() && !n.failing)
             .filter_map(|n| n.down_since.map(|t| t + limit))
             .min();
         [next, node_deadline, self.members_timeout()]

@@ -343,6 +343,8 @@ impl Engine {
             .iter()
             .filter(|n| !n.queue.is_empty() && !n.failing)
             .filter_map(|n| n.down_since.map(|t| t + self.config.replica_timeout))
+            // Past already: the member could not leave (its column's last).
+            .filter(|t| *t > self.clock)
             .min()
     }
 
