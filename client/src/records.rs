@@ -311,6 +311,10 @@ pub fn attach(
     })
 }
 
+/// A record that removes members: the record, the columns it changes,
+/// and who leaves why.
+type Change = (MembershipRecord, Vec<usize>, Vec<(usize, String)>);
+
 /// Takes failed members out: for each member the queues reported, the
 /// record without it is stored on every in-sync member of every column
 /// (all remaining members of its column must take it), then published to
@@ -325,7 +329,7 @@ pub struct Manager {
     /// A change tried and perhaps stored on some nodes already: it is
     /// tried again as it is (never another record of the same generation),
     /// with the columns it changes and who leaves why.
-    pending: Option<(MembershipRecord, Vec<usize>, Vec<(usize, String)>)>,
+    pending: Option<Change>,
     /// A planted bug for the simulator to find (never set outside tests):
     /// the queues hear of a shrink before it is stored.
     #[doc(hidden)]
