@@ -839,13 +839,14 @@ impl Sim {
             if finished {
                 break;
             }
-            if let Some(client) = self.client.as_ref() {
-                if !client.membership.failed().is_empty() && !self.manager_scheduled {
-                    self.manager_scheduled = true;
-                    let id = client.id;
-                    let after = Duration::from_millis(5 + self.rng.below(300));
-                    self.schedule(after, Event::ManagerStep { client: id });
-                }
+            if let Some(client) = self.client.as_ref()
+                && !client.membership.failed().is_empty()
+                && !self.manager_scheduled
+            {
+                self.manager_scheduled = true;
+                let id = client.id;
+                let after = Duration::from_millis(5 + self.rng.below(300));
+                self.schedule(after, Event::ManagerStep { client: id });
             }
             self.arm_timer();
             let Some(Reverse((at, key))) = self.events.pop() else {
