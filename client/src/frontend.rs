@@ -583,6 +583,7 @@ pub struct Volume {
     max_io: u32,
     nodes: Vec<NodeInfo>,
     send_mode: SendMode,
+    membership: Arc<Membership>,
 }
 
 impl Volume {
@@ -655,7 +656,14 @@ impl Volume {
             max_io: options.max_io,
             nodes,
             send_mode: options.sends(),
+            membership: Arc::clone(&wide.membership),
         })
+    }
+
+    /// The replicas in sync and who left (every member in sync with one
+    /// replica).
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
     }
 
     pub fn layout(&self) -> &Layout {

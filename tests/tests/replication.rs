@@ -1,0 +1,259 @@
+//! Replicated volumes over mock nodes with directory stores (issue 22): a
+//! member killed, stopped or cut off under load costs no IO error and its
+//! column is shown degraded; attach waits for the members of the newest
+//! record; a second owner is refused, and `takeover` fences the first.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use netblk::frontend::{OpenError, Volume, VolumeOptions};
+use netblk::layout::VolumeSpec;
+use netblk_tests::cluster::Cluster;
+
+const MIB: u64 = 1 << 20;
+const UNIT: u64 = 64 << 10;
+
+fn options(queues: usize) -> VolumeOptions {
+    VolumeOptions {
+        queues,
+        io_timeout: Duration::from_secs(20),
+        replica_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(2),
+        ..VolumeOptions::default()
+    }
+}
+
+/// `columns` × `replicas` over the cluster's nodes, row by row.
+fn spec(cluster: &Cluster, name: &str, replicas: u32) -> VolumeSpec {
+    VolumeSpec {
+        replicas,
+        ..cluster.spec(name, 8 * MIB)
+    }
+}
+
+/// A block of `len` bytes that says which round and offset wrote it.
+fn pattern(round: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut block = vec![0u8; len];
+    for (i, chunk) in block.chunks_mut(8).enumerate() {
+        let v = (round << 40) ^ (offset + i as u64 * 8);
+        chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+    }
+    block
+}
+
+/// Writers on every queue over the whole volume, each write then read
+/// back, until `stop`; counts IO errors and mismatches. Returns the last
+/// round each 64 KiB block was written with.
+fn load(volume: &Arc<Volume>, stop: &Arc<AtomicBool>, errors: &Arc<AtomicU64>) -> Vec<u64> {
+    let blocks = volume.size() / UNIT;
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (volume, stop, errors) = (Arc::clone(volume), Arc::clone(stop), Arc::clone(errors));
+            std::thread::spawn(move || {
+                let mut written = Vec::new();
+                let mut round = 1;
+                while !stop.load(Ordering::Relaxed) {
+                    // Each thread owns every fourth block: no overlaps.
+                    for b in (t..blocks).step_by(4) {
+                        let offset = b * UNIT;
+                        let data = pattern(round, offset, UNIT as usize);
+                        if volume.write_at(&data, offset).is_err() {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        written.push((b, round));
+                        let mut back = vec![0u8; UNIT as usize];
+                        match volume.read_at(&mut back, offset) {
+                            Ok(()) if back == data => {}
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                    round += 1;
+                }
+                written
+            })
+        })
+        .collect();
+    let mut last = vec![0u64; blocks as usize];
+    for t in threads {
+        for (b, round) in t.join().expect("writer") {
+            last[b as usize] = last[b as usize].max(round);
+        }
+    }
+    last
+}
+
+/// Every block reads back as its last write.
+fn verify(volume: &Volume, last: &[u64]) {
+    for (b, round) in last.iter().enumerate() {
+        if *round == 0 {
+            continue;
+        }
+        let offset = b as u64 * UNIT;
+        let mut back = vec![0u8; UNIT as usize];
+        volume.read_at(&mut back, offset).expect("read back");
+        assert!(
+            back == pattern(*round, offset, UNIT as usize),
+            "block {b} is not its last write (round {round})"
+        );
+    }
+}
+
+/// Runs the load, does `fault` to node `victim` a second in, and checks:
+/// no IO error, the member left its column's in-sync set, every block is
+/// its last write, and the remaining replicas of the column hold the same
+/// bytes.
+fn member_fault_costs_no_error(replicas: u32, fault: impl FnOnce(&mut Cluster, usize)) {
+    let columns = 2;
+    let mut cluster = Cluster::start(columns * replicas as usize);
+    let name = format!("r{replicas}");
+    let volume =
+        Arc::new(Volume::open(&spec(&cluster, &name, replicas), &options(2)).expect("open"));
+    let (stop, errors) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let writers = {
+        let (volume, stop, errors) = (Arc::clone(&volume), Arc::clone(&stop), Arc::clone(&errors));
+        std::thread::spawn(move || load(&volume, &stop, &errors))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    // Column 1's member in the last row.
+    let victim = (replicas as usize - 1) * columns + 1;
+    fault(&mut cluster, victim);
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let last = writers.join().expect("load");
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "IO errors while a replica failed"
+    );
+    let view = volume.membership().view();
+    assert_eq!(
+        view.in_sync_count(1),
+        replicas - 1,
+        "column 1 degraded: {view:?}"
+    );
+    assert_eq!(view.in_sync_count(0), replicas, "column 0 whole: {view:?}");
+    let departed = volume.membership().departures();
+    assert_eq!(departed.len(), 1, "{departed:?}");
+    assert_eq!(departed[0].node, victim);
+    assert!(last.iter().filter(|r| **r > 1).count() > 8, "the load ran");
+    verify(&volume, &last);
+    volume.flush().expect("flush");
+    // Every remaining replica of each column holds the same bytes.
+    for column in 0..columns {
+        let files: Vec<Vec<u8>> = (0..replicas as usize)
+            .map(|row| row * columns + column)
+            .filter(|n| *n != victim)
+            .map(|n| cluster.node_file(n, &name))
+            .collect();
+        assert!(
+            files.windows(2).all(|w| w[0] == w[1]),
+            "replicas of column {column} differ"
+        );
+    }
+}
+
+#[test]
+fn a_replica_killed_under_load_costs_no_io_error() {
+    member_fault_costs_no_error(2, |cluster, victim| {
+        cluster.nodes[victim].signal(libc::SIGKILL);
+    });
+}
+
+#[test]
+fn a_stopped_replica_of_three_costs_no_io_error() {
+    member_fault_costs_no_error(3, |cluster, victim| {
+        cluster.nodes[victim].signal(libc::SIGSTOP);
+    });
+}
+
+#[test]
+fn attach_waits_for_the_members_of_the_newest_record() {
+    let mut cluster = Cluster::start(4);
+    let spec = spec(&cluster, "attach", 2);
+    let data = pattern(7, 0, 4 * UNIT as usize);
+    {
+        let volume = Volume::open(&spec, &options(1)).expect("open");
+        // Node 3 leaves column 1's in-sync set; writes go on without it.
+        cluster.nodes[3].signal(libc::SIGKILL);
+        volume.write_at(&data, 0).expect("write without node 3");
+        assert_eq!(volume.membership().view().iss, vec![0b11, 0b01]);
+    }
+    cluster.nodes[3].wait_exit(Duration::from_secs(5));
+    cluster.restart(3, &[]);
+    // Node 1 holds the newest record (node 3 out): without it, the newest
+    // record reachable (generation 2, on nodes 0 and 2) names node 1 in
+    // sync, so the attach waits, then names it.
+    cluster.nodes[1].signal(libc::SIGKILL);
+    cluster.nodes[1].wait_exit(Duration::from_secs(5));
+    let err = match Volume::open(&spec, &options(1)) {
+        Err(OpenError::Attach(why)) => why,
+        Err(other) => panic!("expected an attach error, got {other}"),
+        Ok(_) => panic!("attached without node 1, which may hold a newer record"),
+    };
+    assert!(err.contains("node 1"), "{err}");
+    assert!(!err.contains("node 3"), "node 3 is out of sync: {err}");
+    // Once node 1 is back, the attach serves the newest data (never node
+    // 3's stale copy).
+    cluster.restart(1, &[]);
+    let volume = Volume::open(&spec, &options(1)).expect("attach with node 1 back");
+    assert_eq!(volume.membership().view().iss, vec![0b11, 0b01]);
+    let mut back = vec![0u8; data.len()];
+    volume.read_at(&mut back, 0).expect("read");
+    assert!(back == data);
+}
+
+#[test]
+fn a_second_owner_is_refused_and_takeover_fences_the_first() {
+    let cluster = Cluster::start(2);
+    let spec = spec(&cluster, "owned", 2);
+    let first = Volume::open(&spec, &options(1)).expect("first owner");
+    first
+        .write_at(&pattern(1, 0, UNIT as usize), 0)
+        .expect("first writes");
+    let err = match Volume::open(&spec, &options(1)) {
+        Err(OpenError::Attach(why)) => why,
+        Err(other) => panic!("expected an attach error, got {other}"),
+        Ok(_) => panic!("a second owner attached while the first is alive"),
+    };
+    assert!(
+        err.contains("in use by") && err.contains("--takeover"),
+        "{err}"
+    );
+    let second = Volume::open(
+        &spec,
+        &VolumeOptions {
+            takeover: true,
+            ..options(1)
+        },
+    )
+    .expect("takeover");
+    second
+        .write_at(&pattern(2, 0, UNIT as usize), 0)
+        .expect("second writes");
+    // The first owner is fenced: its writes fail, nothing of them lands.
+    let fenced = first.write_at(&pattern(3, 0, UNIT as usize), 0);
+    assert!(fenced.is_err(), "the fenced owner's write succeeded");
+    let mut back = vec![0u8; UNIT as usize];
+    second.read_at(&mut back, 0).expect("read");
+    assert!(
+        back == pattern(2, 0, UNIT as usize),
+        "the fenced owner's write landed"
+    );
+    for node in 0..2 {
+        let file = cluster.node_file(node, "owned");
+        assert!(
+            file[..UNIT as usize] == pattern(2, 0, UNIT as usize),
+            "node {node}"
+        );
+    }
+}
