@@ -201,6 +201,52 @@ pub fn status_text(devices: &[serde_json::Value]) -> String {
         if let Some(err) = d["error"].as_str() {
             out.push_str(&format!("  {err}\n"));
         }
+        let r = &d["replication"];
+        if r.is_object() {
+            out.push_str(&format!(
+                "  replicas {}  membership generation {}  owner epoch {}{}\n",
+                text(&r["replicas"]),
+                text(&r["generation"]),
+                text(&r["owner_epoch"]),
+                if r["fenced"].as_bool() == Some(true) {
+                    "  FENCED: another owner took the volume over"
+                } else {
+                    ""
+                }
+            ));
+            for c in r["columns"].as_array().map_or(&[][..], Vec::as_slice) {
+                let out_nodes: Vec<String> = c["out"]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|o| {
+                        format!(
+                            "node {} out since {} (generation {}): {}",
+                            text(&o["node"]),
+                            text(&o["since_unix"]),
+                            text(&o["generation"]),
+                            text(&o["reason"])
+                        )
+                    })
+                    .collect();
+                out.push_str(&format!(
+                    "  column {} {} in sync {}{}\n",
+                    text(&c["column"]),
+                    if c["degraded"].as_bool() == Some(true) {
+                        "DEGRADED"
+                    } else {
+                        "whole"
+                    },
+                    text(&c["in_sync"]),
+                    if out_nodes.is_empty() {
+                        String::new()
+                    } else {
+                        // Resync does not exist yet: out stays out.
+                        format!("; {} (stays out until resync)", out_nodes.join("; "))
+                    }
+                ));
+            }
+        }
         for n in d["nodes"].as_array().map_or(&[][..], Vec::as_slice) {
             let link = match (n["connected"].as_bool(), n["down_for_s"].as_f64()) {
                 (Some(true), _) => "connected".to_string(),
@@ -253,6 +299,7 @@ mod tests {
             ],
             data_path: "copy".into(),
             queues: vec![queue],
+            membership: None,
         };
         // A stand-in resize: from 100 bytes; a shrink below 100 wants force.
         let resize: ResizeFn = Box::new(|to, force| {
@@ -303,5 +350,61 @@ mod tests {
                 .as_str()
                 .is_some_and(|e| e.contains("unknown command"))
         );
+    }
+}
+
+#[cfg(test)]
+mod replication_tests {
+    use super::*;
+    use crate::layout::Replication;
+    use crate::membership::{Membership, View};
+    use crate::stats::QueueStats;
+
+    #[test]
+    fn status_shows_each_columns_replicas_and_who_left() {
+        let r = Replication::new(4, 2).expect("2 columns x 2");
+        let m = Membership::new(
+            r,
+            View {
+                generation: 1,
+                owner_epoch: 3,
+                iss: vec![0b11, 0b11],
+                fenced: false,
+            },
+        );
+        m.report(3, "no answer within the replica timeout", Instant::now());
+        m.publish(View {
+            generation: 2,
+            owner_epoch: 3,
+            iss: vec![0b11, 0b01],
+            fenced: false,
+        });
+        let source = Source {
+            volume: "v".into(),
+            device: "/dev/ublkb4".into(),
+            nodes: (1..=4)
+                .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + p)))
+                .collect(),
+            data_path: "copy".into(),
+            queues: vec![Arc::new(QueueStats::new(4))],
+            membership: Some(m),
+        };
+        let status = source.status("live", &[], Instant::now());
+        let rep = &status["replication"];
+        assert_eq!(rep["generation"], 2);
+        assert_eq!(rep["columns"][0]["degraded"], false);
+        assert_eq!(rep["columns"][1]["degraded"], true);
+        assert_eq!(rep["columns"][1]["in_sync"], serde_json::json!([1]));
+        assert_eq!(rep["columns"][1]["out"][0]["node"], 3);
+        let text = status_text(&[status]);
+        assert!(
+            text.contains("column 1 DEGRADED in sync [1]; node 3 out since"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no answer within the replica timeout"),
+            "{text}"
+        );
+        assert!(text.contains("column 0 whole in sync [0,2]"), "{text}");
     }
 }

@@ -621,6 +621,7 @@ pub fn serve(
         nodes: spec.nodes.clone(),
         data_path: data_path(&device, options),
         queues: device.figures.clone(),
+        membership: (spec.replicas > 1).then(|| std::sync::Arc::clone(&device.wide.membership)),
     };
     if let Some(telemetry) = start_metrics(metrics_addr)? {
         telemetry.add(source.clone());

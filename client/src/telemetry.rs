@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use netblk_observe::histogram::Snapshot;
 
+use crate::membership::Membership;
 use crate::stats::{ERRNOS, OPS, QueueStats};
 
 /// One device (or in-process volume, or bench workload) and its queues.
@@ -26,6 +27,8 @@ pub struct Source {
     /// `copy`, `partial zero copy` or `full zero copy`.
     pub data_path: String,
     pub queues: Vec<Arc<QueueStats>>,
+    /// A replicated volume's membership (None: one replica).
+    pub membership: Option<Arc<Membership>>,
 }
 
 /// A node's figures summed over a device's queues.
@@ -148,6 +151,60 @@ impl Source {
             "state": state,
             "queues": self.queues.len(),
             "nodes": nodes,
+            "replication": self.replication(),
+        })
+    }
+
+    /// Per column the replicas in sync and those out (since when, why),
+    /// the record's generation and owner epoch; null with one replica.
+    fn replication(&self) -> serde_json::Value {
+        let Some(m) = &self.membership else {
+            return serde_json::Value::Null;
+        };
+        let view = m.view();
+        let r = m.replication();
+        let departures = m.departures();
+        let failed = m.failed();
+        let columns: Vec<serde_json::Value> = (0..r.columns() as usize)
+            .map(|c| {
+                let in_sync: Vec<usize> = r
+                    .members(c)
+                    .filter(|n| view.in_sync(c, r.row_of(*n)))
+                    .collect();
+                let out: Vec<serde_json::Value> = departures
+                    .iter()
+                    .filter(|d| r.column_of(d.node) == c)
+                    .map(|d| {
+                        serde_json::json!({
+                            "node": d.node,
+                            "reason": d.reason,
+                            "since_unix": d.at_unix,
+                            "generation": d.generation,
+                        })
+                    })
+                    .collect();
+                let leaving: Vec<usize> = failed
+                    .keys()
+                    .copied()
+                    .filter(|n| r.column_of(*n) == c)
+                    .collect();
+                serde_json::json!({
+                    "column": c,
+                    "in_sync": in_sync,
+                    "out": out,
+                    "leaving": leaving,
+                    "degraded": view.in_sync_count(c) < r.replicas(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "replicas": r.replicas(),
+            "generation": view.generation,
+            "owner_epoch": view.owner_epoch,
+            "fenced": view.fenced,
+            // Bringing a replica back (resync) is not built yet: one that
+            // left stays out.
+            "columns": columns,
         })
     }
 }
@@ -298,6 +355,26 @@ fn publish(p: &mut Published, now: Instant) {
         metrics::counter!("netblk_node_timeouts_total", &l).absolute(f.timeouts);
         if let Some(age) = f.last_reply_age {
             metrics::gauge!("netblk_node_last_reply_age_seconds", &l).set(age.as_secs_f64());
+        }
+    }
+    if let Some(m) = &s.membership {
+        let view = m.view();
+        let r = m.replication();
+        metrics::gauge!("netblk_membership_generation", &labels).set(view.generation as f64);
+        metrics::gauge!("netblk_fenced", &labels).set(if view.fenced { 1.0 } else { 0.0 });
+        for c in 0..r.columns() as usize {
+            let l = [
+                labels[0].clone(),
+                labels[1].clone(),
+                ("column", c.to_string()),
+            ];
+            let in_sync = view.in_sync_count(c);
+            metrics::gauge!("netblk_column_in_sync_replicas", &l).set(f64::from(in_sync));
+            metrics::gauge!("netblk_column_degraded", &l).set(if in_sync < r.replicas() {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
     metrics::counter!("netblk_zerocopy_sends_total", &labels).absolute(s.sum(|q| q.zc_sends.get()));

@@ -675,6 +675,7 @@ pub(crate) fn measure_workload(
             nodes: spec.nodes.clone(),
             data_path: "in-process".into(),
             queues: all_figures.clone(),
+            membership: None,
         });
     }
     let mut latencies = Vec::new();
