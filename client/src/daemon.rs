@@ -270,6 +270,8 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
             io_timeout: Duration::from_secs(set.io_timeout),
             node_down_timeout: Duration::from_secs(set.node_down_timeout),
             replica_timeout: Duration::from_secs(set.replica_timeout),
+            force_degraded: set.force_degraded,
+            takeover: set.takeover,
             data_digest: set.data_digest,
             tls,
             volume_ids: set.volume_ids.clone(),

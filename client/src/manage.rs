@@ -17,6 +17,8 @@ pub struct VolumeRef {
     pub name: String,
     pub stripe_unit: u32,
     pub nodes: Vec<SocketAddr>,
+    /// Copies of every stripe column (the nodes are columns × replicas).
+    pub replicas: u32,
     /// Mutual TLS to the nodes (None: plaintext).
     pub tls: Option<std::sync::Arc<crate::net::ClientTls>>,
 }
@@ -27,7 +29,8 @@ impl VolumeRef {
     fn layout(&self, size: Option<u64>) -> Result<Layout, String> {
         let n = u32::try_from(self.nodes.len()).map_err(|_| "too many nodes".to_string())?;
         let size = size.unwrap_or(u64::from(self.stripe_unit) * u64::from(n));
-        Layout::new(size, self.stripe_unit, n).map_err(|e| e.to_string())
+        Layout::replicated(size, self.stripe_unit, self.nodes.len(), self.replicas)
+            .map_err(|e| e.to_string())
     }
 
     fn identity<'a>(&'a self, client_id: &'a str) -> Identity<'a> {

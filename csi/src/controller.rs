@@ -84,6 +84,7 @@ impl pb::controller_server::Controller for Controller {
             name: req.name.clone(),
             stripe_unit: params.stripe_unit,
             nodes: params.nodes.clone(),
+            replicas: params.replicas,
         };
         let claim = self.busy.claim(&req.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
@@ -186,8 +187,14 @@ impl pb::controller_server::Controller for Controller {
                 return Ok(());
             }
             let params = Parameters::parse(&req.parameters)?;
-            if params.nodes != handle.nodes || params.stripe_unit != handle.stripe_unit {
-                return Err("the parameters name other nodes or another stripe unit".into());
+            if params.nodes != handle.nodes
+                || params.stripe_unit != handle.stripe_unit
+                || params.replicas != handle.replicas
+            {
+                return Err(
+                    "the parameters name other nodes, another stripe unit or another replica count"
+                        .into(),
+                );
             }
             Ok(())
         });

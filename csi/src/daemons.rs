@@ -107,6 +107,15 @@ impl Daemons {
             "--queues".into(),
             context.queues.to_string(),
         ];
+        if handle.replicas > 1 {
+            // A pod that moved off a host that died: its daemon there may
+            // still look alive to the nodes; this host's is the owner now.
+            args.extend([
+                "--replicas".into(),
+                handle.replicas.to_string(),
+                "--takeover".into(),
+            ]);
+        }
         if let Some(ids) = &context.volume_ids {
             args.push("--volume-ids".into());
             args.push(ids.join(","));

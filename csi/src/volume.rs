@@ -17,28 +17,43 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 /// The stripe unit when the StorageClass names none.
 pub const DEFAULT_STRIPE_UNIT: u32 = 128 << 10;
 
-/// A volume as its id names it: `NAME/STRIPE_UNIT/NODE,NODE,...` (volume
-/// names cannot contain `/`).
+/// A volume as its id names it: `NAME/STRIPE_UNIT/NODE,NODE,...`, and
+/// `/REPLICAS` after that for a replicated volume (volume names cannot
+/// contain `/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeHandle {
     pub name: String,
     pub stripe_unit: u32,
     pub nodes: Vec<SocketAddr>,
+    pub replicas: u32,
 }
 
 impl VolumeHandle {
     pub fn id(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
-        format!("{}/{}/{}", self.name, self.stripe_unit, nodes.join(","))
+        let id = format!("{}/{}/{}", self.name, self.stripe_unit, nodes.join(","));
+        if self.replicas > 1 {
+            format!("{id}/{}", self.replicas)
+        } else {
+            id
+        }
     }
 
     /// Parses a volume id; the error says what is wrong (for
     /// INVALID_ARGUMENT, or NOT_FOUND where the spec asks for it).
     pub fn parse(id: &str) -> Result<VolumeHandle, String> {
-        let mut parts = id.splitn(3, '/');
+        let mut parts = id.splitn(4, '/');
         let (Some(name), Some(unit), Some(nodes)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(format!("volume id '{id}' is not NAME/STRIPE_UNIT/NODES"));
+        };
+        let replicas = match parts.next() {
+            None => 1,
+            Some(r) => r
+                .parse::<u32>()
+                .ok()
+                .filter(|r| (2..=netblk_protocol::geometry::MAX_REPLICAS).contains(r))
+                .ok_or_else(|| format!("volume id '{id}': bad replica count '{r}'"))?,
         };
         if name.is_empty() {
             return Err(format!("volume id '{id}' has no name"));
@@ -47,10 +62,17 @@ impl VolumeHandle {
             .parse()
             .map_err(|_| format!("volume id '{id}': bad stripe unit '{unit}'"))?;
         let nodes = parse_nodes(nodes).map_err(|why| format!("volume id '{id}': {why}"))?;
+        if nodes.len() % replicas as usize != 0 {
+            return Err(format!(
+                "volume id '{id}': {} nodes do not hold {replicas} replicas of every column",
+                nodes.len()
+            ));
+        }
         Ok(VolumeHandle {
             name: name.to_string(),
             stripe_unit,
             nodes,
+            replicas,
         })
     }
 }
@@ -63,6 +85,7 @@ impl VolumeHandle {
             name: self.name.clone(),
             stripe_unit: self.stripe_unit,
             nodes: self.nodes.clone(),
+            replicas: self.replicas,
             tls: tls.cloned(),
         }
     }
@@ -268,22 +291,25 @@ fn parse_nodes(text: &str) -> Result<Vec<SocketAddr>, String> {
 
 /// What a StorageClass says: `nodes` (required, `IP:PORT,...` in stripe
 /// order), `stripeUnit` (bytes, a power of two; default 128 KiB), `queues`
-/// (per mapped device, 1 to 64; default 1). Unknown keys are errors.
+/// (per mapped device, 1 to 64; default 1), `replicas` (copies of every
+/// column, 1 to 5, the nodes then being columns × replicas row by row;
+/// default 1). Unknown keys are errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parameters {
     pub nodes: Vec<SocketAddr>,
     pub stripe_unit: u32,
     pub queues: usize,
+    pub replicas: u32,
 }
 
 impl Parameters {
     pub fn parse(params: &HashMap<String, String>) -> Result<Parameters, String> {
         if let Some(key) = params
             .keys()
-            .find(|k| !["nodes", "stripeUnit", "queues"].contains(&k.as_str()))
+            .find(|k| !["nodes", "stripeUnit", "queues", "replicas"].contains(&k.as_str()))
         {
             return Err(format!(
-                "unknown parameter '{key}' (netblk takes nodes, stripeUnit, queues)"
+                "unknown parameter '{key}' (netblk takes nodes, stripeUnit, queues, replicas)"
             ));
         }
         let nodes = params
@@ -301,10 +327,26 @@ impl Parameters {
                 })?,
         };
         let queues = queues(params.get("queues"), "parameter 'queues'")?;
+        let max = netblk_protocol::geometry::MAX_REPLICAS;
+        let replicas = match params.get("replicas") {
+            None => 1,
+            Some(r) => r
+                .parse::<u32>()
+                .ok()
+                .filter(|r| (1..=max).contains(r))
+                .ok_or_else(|| format!("parameter 'replicas' {r} is not from 1 to {max}"))?,
+        };
+        if nodes.len() % replicas as usize != 0 {
+            return Err(format!(
+                "parameter 'nodes' lists {} nodes, not a multiple of replicas {replicas} (columns × replicas, row by row)",
+                nodes.len()
+            ));
+        }
         Ok(Parameters {
             nodes,
             stripe_unit,
             queues,
+            replicas,
         })
     }
 }
@@ -397,10 +439,21 @@ mod tests {
                 "10.0.0.1:7001".parse().expect("addr"),
                 "[fd00::2]:7001".parse().expect("addr"),
             ],
+            replicas: 1,
         };
         let id = handle.id();
         assert_eq!(id, "pvc-0a1b/65536/10.0.0.1:7001,[fd00::2]:7001");
-        assert_eq!(VolumeHandle::parse(&id), Ok(handle));
+        assert_eq!(VolumeHandle::parse(&id), Ok(handle.clone()));
+        // A replicated volume says how many copies, after the nodes.
+        let replicated = VolumeHandle {
+            replicas: 2,
+            ..handle
+        };
+        let id = replicated.id();
+        assert_eq!(id, "pvc-0a1b/65536/10.0.0.1:7001,[fd00::2]:7001/2");
+        assert_eq!(VolumeHandle::parse(&id), Ok(replicated));
+        assert!(VolumeHandle::parse("pvc/65536/10.0.0.1:1,10.0.0.2:1,10.0.0.3:1/2").is_err());
+        assert!(VolumeHandle::parse("pvc/65536/10.0.0.1:1,10.0.0.2:1/9").is_err());
         for bad in [
             "",
             "pvc",
@@ -483,9 +536,22 @@ mod tests {
         assert!(err(&[("nodes", "10.0.0.1:1"), ("stripeUnit", "1000")]).contains("power of two"));
         assert!(err(&[("nodes", "10.0.0.1:1"), ("queues", "0")]).contains("'queues'"));
         assert!(
-            err(&[("nodes", "10.0.0.1:1"), ("replicas", "3")])
-                .contains("unknown parameter 'replicas'")
+            err(&[("nodes", "10.0.0.1:1"), ("colour", "3")]).contains("unknown parameter 'colour'")
         );
+        assert!(
+            err(&[("nodes", "10.0.0.1:1,10.0.0.2:1"), ("replicas", "3")])
+                .contains("multiple of replicas 3")
+        );
+        assert!(err(&[("nodes", "10.0.0.1:1"), ("replicas", "6")]).contains("from 1 to 5"));
+        let p = Parameters::parse(&params(&[
+            (
+                "nodes",
+                "10.0.0.1:7001,10.0.0.2:7001,10.0.0.3:7001,10.0.0.4:7001",
+            ),
+            ("replicas", "2"),
+        ]))
+        .expect("ok");
+        assert_eq!(p.replicas, 2);
     }
 
     #[test]

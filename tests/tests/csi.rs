@@ -181,6 +181,7 @@ fn the_controller_creates_validates_expands_and_deletes_on_the_nodes() {
     // The nodes' volume identities are pinned in the context, in node
     // order, and the volume is marked as made for a filesystem.
     let found = netblk::manage::VolumeRef {
+        replicas: 1,
         name: "pvc-host".into(),
         stripe_unit: 65536,
         nodes: cluster.addrs(),

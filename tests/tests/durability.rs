@@ -186,6 +186,7 @@ fn a_node_that_lost_the_volume_is_refused_and_named() {
         "a reconnect created a volume"
     );
     let lookup = netblk::manage::VolumeRef {
+        replicas: 1,
         name: "gone".into(),
         stripe_unit: UNIT as u32,
         nodes: spec.nodes.clone(),

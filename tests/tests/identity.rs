@@ -84,6 +84,7 @@ fn timeouts() -> Timeouts {
 
 fn volume_ref(name: &str, node: &MockNode, tls: Arc<ClientTls>) -> VolumeRef {
     VolumeRef {
+        replicas: 1,
         name: name.into(),
         stripe_unit: 64 << 10,
         nodes: vec![node.addr],

@@ -24,6 +24,7 @@ fn timeouts() -> Timeouts {
 fn a_volume_is_looked_up_created_and_deleted_on_every_node() {
     let cluster = Cluster::start(3);
     let volume = VolumeRef {
+        replicas: 1,
         name: "pvc-1234".into(),
         stripe_unit: 64 << 10,
         nodes: cluster.addrs(),
@@ -96,6 +97,7 @@ fn a_volume_is_looked_up_created_and_deleted_on_every_node() {
 fn a_grow_on_the_nodes_leaves_a_mapped_volume_working_across_reconnects() {
     let mut cluster = Cluster::start(3);
     let volume = VolumeRef {
+        replicas: 1,
         name: "pvc-grow".into(),
         stripe_unit: 64 << 10,
         nodes: cluster.addrs(),

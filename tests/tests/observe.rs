@@ -126,6 +126,7 @@ fn metrics_and_logs_tell_what_happened() {
         nodes: spec.nodes.clone(),
         data_path: "in-process".into(),
         queues: volume.figures(),
+        membership: None,
     });
     let nodes: Vec<String> = spec.nodes.iter().map(ToString::to_string).collect();
     let op = |op: &'static str| [("volume", "observed"), ("op", op)];

@@ -125,6 +125,7 @@ fn a_kernel_refusal_never_shrinks_nodes_a_manager_grew() {
     let cluster = Cluster::start(3);
     let resizer = mapped(&cluster, 48 * MIB);
     let volume = VolumeRef {
+        replicas: 1,
         name: "grow".into(),
         stripe_unit: 64 << 10,
         nodes: cluster.addrs(),
