@@ -617,17 +617,21 @@ pub(crate) fn measure_workload(
     let layout = spec.layout().map_err(|e| io::Error::other(e.to_string()))?;
     let queues = options.queues.max(1);
     let depth = (usize::from(options.depth) / queues).max(1) as u16;
-    let volume_options = VolumeOptions {
+    let mut volume_options = VolumeOptions {
         queues,
         depth,
         max_io: 1 << 20,
         send_mode: mode,
         data_digest: protect.digest,
         tls: protect.tls.clone(),
+        // Each run is the benchmark volume's new owner (the last run's
+        // connections may still be closing).
+        takeover: true,
         ..VolumeOptions::default()
     };
     let mode = volume_options.sends();
     let err = |e: crate::frontend::OpenError| io::Error::other(e.to_string());
+    crate::frontend::attach_replicas(spec, &layout, &mut volume_options).map_err(err)?;
     let mut threads = Vec::new();
     let mut all_figures = Vec::new();
     let cpu0 = cpu_seconds();
