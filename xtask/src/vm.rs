@@ -67,6 +67,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("reliability", include_str!("scenarios/reliability.sh")),
     ("orphan", include_str!("scenarios/orphan.sh")),
     ("trust", include_str!("scenarios/trust.sh")),
+    ("replicas", include_str!("scenarios/replicas.sh")),
     ("recovery", include_str!("scenarios/recovery.sh")),
     ("deploy", include_str!("scenarios/deploy.sh")),
     ("resize", include_str!("scenarios/resize.sh")),

@@ -1,0 +1,64 @@
+# Replication (issue 22): a replica killed or stopped under fio verify costs
+# no IO error and its column shows degraded; a second map of the volume is
+# refused while its owner lives. Nodes with directory stores.
+fio_raw() {
+  fio --name=$1 --filename="$2" --ioengine=libaio --direct=1 --iodepth=16 \
+      --rw=randwrite --bsrange=4k-256k --size=48M --rate=12m --verify=crc32c \
+      --verify_fatal=1 --do_verify=1 --randrepeat=0 --output=/tmp/$1.log >/dev/null 2>&1
+}
+
+# 1. R = 2: three columns over six nodes; column 1's second copy (7205) is
+#    killed -9 mid-workload.
+dir_nodes rep "" 7201 7202 7203 7204 7205 7206
+R2=127.0.0.1:7201,127.0.0.1:7202,127.0.0.1:7203,127.0.0.1:7204,127.0.0.1:7205,127.0.0.1:7206
+netblk map --volume rep2 --size 256M --nodes $R2 --replicas 2 --replica-timeout 2 \
+    --stripe-unit 64K --queues 2 >/tmp/rep2.out 2>/tmp/rep2.log &
+MAP=$!
+DEV=$(wait_dev /tmp/rep2.out)
+[ -b "$DEV" ] || fail "no device for the replicated volume"
+grep -q "attached the replicated volume" /tmp/rep2.log || fail "no attach event"
+# A second map of the live volume is refused (on this host by its device
+# record; from another host by the nodes: tests/tests/replication.rs).
+netblk map --volume rep2 --size 256M --nodes $R2 --replicas 2 >/tmp/rep2b.out 2>/tmp/rep2b.log \
+    && fail "a second map of a live replicated volume succeeded"
+grep -q "already mapped as $DEV" /tmp/rep2b.log || { cat /tmp/rep2b.log; fail "the second map is not refused"; }
+fio_raw r2kill "$DEV" &
+FIO=$!
+sleep 1.5
+kill -0 $FIO 2>/dev/null || fail "fio ended before the replica was killed"
+kill -KILL $pid_rep7205
+wait $FIO || fail "fio across a replica kill -9 (R = 2)"
+grep -q "err= 0" /tmp/r2kill.log || fail "fio reported errors across a replica kill (R = 2)"
+netblk status >/tmp/rep2status.out 2>&1 || fail "netblk status (R = 2)"
+grep -q "column 1 DEGRADED in sync \[1\]" /tmp/rep2status.out || { cat /tmp/rep2status.out; fail "status does not show column 1 degraded"; }
+grep -q "column 0 whole" /tmp/rep2status.out || { cat /tmp/rep2status.out; fail "status does not show column 0 whole"; }
+grep -q "replica left the in-sync set" /tmp/rep2.log || fail "no event for the replica that left"
+echo "ublk: R = 2, a replica killed -9 under fio verify: no error, column 1 degraded"
+netblk unmap "$DEV" >/tmp/unmaprep2.out 2>&1 || { cat /tmp/unmaprep2.out; fail "unmap (R = 2)"; }
+wait $MAP || fail "the R = 2 daemon exited with an error"
+for p in 7201 7202 7203 7204 7206; do eval "kill \$pid_rep$p"; done
+
+# 2. R = 3: one column over three nodes; one is stopped (SIGSTOP: its
+#    connections stay open, nothing answers) mid-workload.
+dir_nodes rep "" 7211 7212 7213
+R3=127.0.0.1:7211,127.0.0.1:7212,127.0.0.1:7213
+netblk map --volume rep3 --size 128M --nodes $R3 --replicas 3 --replica-timeout 2 \
+    --queues 2 >/tmp/rep3.out 2>/tmp/rep3.log &
+MAP=$!
+DEV=$(wait_dev /tmp/rep3.out)
+[ -b "$DEV" ] || fail "no device for the R = 3 volume"
+fio_raw r3stop "$DEV" &
+FIO=$!
+sleep 1.5
+kill -0 $FIO 2>/dev/null || fail "fio ended before the replica was stopped"
+kill -STOP $pid_rep7212
+wait $FIO || fail "fio across a stopped replica (R = 3)"
+grep -q "err= 0" /tmp/r3stop.log || fail "fio reported errors across a stopped replica (R = 3)"
+netblk status >/tmp/rep3status.out 2>&1 || fail "netblk status (R = 3)"
+grep -q "column 0 DEGRADED in sync \[0,2\]" /tmp/rep3status.out || { cat /tmp/rep3status.out; fail "status does not show the column degraded"; }
+echo "ublk: R = 3, a replica stopped under fio verify: no error, column degraded"
+kill -KILL $pid_rep7212
+netblk unmap "$DEV" >/tmp/unmaprep3.out 2>&1 || { cat /tmp/unmaprep3.out; fail "unmap (R = 3)"; }
+wait $MAP || fail "the R = 3 daemon exited with an error"
+for p in 7211 7213; do eval "kill \$pid_rep$p"; done
+ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
