@@ -257,3 +257,47 @@ fn a_second_owner_is_refused_and_takeover_fences_the_first() {
         );
     }
 }
+
+/// A silent peer: the link to one replica goes down (no reset, packets
+/// vanish) under load; it leaves at the replica timeout, no IO error.
+#[test]
+fn a_replica_behind_a_dead_link_costs_no_io_error() {
+    let host = match netblk_tests::netns::TestHost::new(7) {
+        Ok(host) => host,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot make a network namespace here: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = |n: &str| format!("dir:{}", dir.path().join(n).display());
+    let local = netblk_tests::MockNode::start(&["--store", &store("near")]);
+    let far = netblk_tests::MockNode::start_in_netns(
+        &host.netns,
+        &format!("{}:7600", host.addr),
+        &["--store", &store("far")],
+    );
+    let spec = VolumeSpec {
+        name: "silent".into(),
+        size: 8 * MIB,
+        stripe_unit: 64 << 10,
+        nodes: vec![local.addr, far.addr],
+        replicas: 2,
+    };
+    let volume = Arc::new(Volume::open(&spec, &options(2)).expect("open"));
+    let (stop, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let writers = {
+        let (volume, stop, errors) = (Arc::clone(&volume), Arc::clone(&stop), Arc::clone(&errors));
+        std::thread::spawn(move || load(&volume, &stop, &errors))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    host.set_link(false);
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let last = writers.join().expect("load");
+    host.set_link(true);
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "IO errors behind a dead link");
+    assert_eq!(volume.membership().view().iss, vec![0b01]);
+    assert_eq!(volume.membership().departures()[0].node, 1);
+    verify(&volume, &last);
+}
