@@ -285,7 +285,10 @@ fn a_replica_behind_a_dead_link_costs_no_io_error() {
         replicas: 2,
     };
     let volume = Arc::new(Volume::open(&spec, &options(2)).expect("open"));
-    let (stop, errors) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let (stop, errors) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let writers = {
         let (volume, stop, errors) = (Arc::clone(&volume), Arc::clone(&stop), Arc::clone(&errors));
         std::thread::spawn(move || load(&volume, &stop, &errors))
@@ -296,7 +299,11 @@ fn a_replica_behind_a_dead_link_costs_no_io_error() {
     stop.store(true, Ordering::Relaxed);
     let last = writers.join().expect("load");
     host.set_link(true);
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "IO errors behind a dead link");
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "IO errors behind a dead link"
+    );
     assert_eq!(volume.membership().view().iss, vec![0b01]);
     assert_eq!(volume.membership().departures()[0].node, 1);
     verify(&volume, &last);

@@ -395,6 +395,10 @@ impl Workload {
 /// The wire baseline of `workload`: the same pieces netblk sends (a 4 KiB
 /// request is one piece; a 1 MiB request, aligned, one piece per stripe
 /// unit), as many in flight, with the same send mode, to the same nodes.
+/// With replicas a write is R pieces, one per copy: the baseline keeps R
+/// times the pieces in flight and counts every R of them as one write
+/// (the same bytes on the wire, the same node requests outstanding,
+/// without the wait for the slowest copy: an upper bound).
 fn measure_wire(
     spec: &VolumeSpec,
     options: &BenchOptions,
@@ -405,11 +409,16 @@ fn measure_wire(
     let piece = workload.block().min(u64::from(options.stripe_unit)) as u32;
     let pieces_per_request = workload.block().div_ceil(u64::from(piece)) as usize;
     let per_queue = (usize::from(options.depth) / queues).max(1);
+    let copies = if workload.writes() {
+        options.replicas.max(1) as usize
+    } else {
+        1
+    };
     let load = wire::WireLoad {
         write: workload.writes(),
         piece,
         queues,
-        in_flight: per_queue * pieces_per_request,
+        in_flight: per_queue * pieces_per_request * copies,
         mode,
         duration: options.duration,
         random: workload.random(),
@@ -417,8 +426,9 @@ fn measure_wire(
     let cpu0 = cpu_seconds();
     let r = wire::run(spec, load)?;
     let cpu = cpu_seconds() - cpu0;
-    let requests = r.bytes / workload.block();
-    Ok(figures(r.latencies_us, requests, r.bytes, r.seconds, cpu))
+    let bytes = r.bytes / copies as u64;
+    let requests = bytes / workload.block();
+    Ok(figures(r.latencies_us, requests, bytes, r.seconds, cpu))
 }
 
 /// Runs `measure`, and adds the CPU the mock nodes used meanwhile.
