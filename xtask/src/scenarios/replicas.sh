@@ -34,6 +34,22 @@ grep -q "column 1 DEGRADED in sync \[1\]" /tmp/rep2status.out || { cat /tmp/rep2
 grep -q "column 0 whole" /tmp/rep2status.out || { cat /tmp/rep2status.out; fail "status does not show column 0 whole"; }
 grep -q "replica left the in-sync set" /tmp/rep2.log || fail "no event for the replica that left"
 echo "ublk: R = 2, a replica killed -9 under fio verify: no error, column 1 degraded"
+# The daemon is killed -9 under fio and recovered: it attaches again as the
+# same owner (a new owner epoch), the replica that left stays out.
+fio_raw r2rec "$DEV" &
+FIO=$!
+sleep 1.5
+kill -0 $FIO 2>/dev/null || fail "fio ended before the daemon was killed (R = 2)"
+kill -KILL $MAP
+sleep 0.5
+netblk map --recover "$DEV" >/tmp/rep2rec.out 2>/tmp/rep2rec.log &
+MAP=$!
+wait $FIO || fail "fio across a daemon kill -9 and recovery (R = 2)"
+grep -q "err= 0" /tmp/r2rec.log || fail "fio reported errors across the recovery (R = 2)"
+grep -q "attached the replicated volume" /tmp/rep2rec.log || fail "the recovery did not attach"
+netblk status >/tmp/rep2status2.out 2>&1 || fail "netblk status (R = 2, recovered)"
+grep -q "column 1 DEGRADED in sync \[1\]" /tmp/rep2status2.out || { cat /tmp/rep2status2.out; fail "the recovered daemon does not keep the replica out"; }
+echo "ublk: R = 2, daemon kill -9 under fio verify and map --recover: no error, the replica that left stays out"
 netblk unmap "$DEV" >/tmp/unmaprep2.out 2>&1 || { cat /tmp/unmaprep2.out; fail "unmap (R = 2)"; }
 wait $MAP || fail "the R = 2 daemon exited with an error"
 for p in 7201 7202 7203 7204 7206; do eval "kill \$pid_rep$p"; done
