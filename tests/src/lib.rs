@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod csi;
 pub mod netns;
+pub mod sim;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

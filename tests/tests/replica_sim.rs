@@ -21,13 +21,14 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netblk::engine::{BlockRequest, Engine, EngineConfig, Op, ReplySink, Tag};
+use netblk::engine::{BlockRequest, Engine, EngineConfig, Op, Tag};
 use netblk::layout::Layout;
 use netblk::membership::Membership;
 use netblk::records::{self, AttachOptions, Manager, PutError, RecordStore};
 use netblk::rng::Rng;
 use netblk_protocol::pb::{self, MembershipRecord, header::Kind, request::Op as WireOp};
 use netblk_protocol::{Decoded, Limits, decode_frame, encode_frame};
+use netblk_tests::sim::{deliver_reply, seeds};
 
 const SECTOR: usize = 512;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -649,19 +650,13 @@ impl Sim {
         let Some(Kind::Reply(reply)) = f.header.kind else {
             panic!("node sent {:?}", f.header)
         };
-        let payload = f.payload.to_vec();
-        match client.engines[queue]
-            .handle_reply(node, &reply, payload.len() as u32)
-            .expect("valid reply")
-        {
-            ReplySink::Buffer { id, slice, .. } => {
-                client.buffers[queue][usize::from(slice.tag)][slice.offset as usize..]
-                    [..slice.len as usize]
-                    .copy_from_slice(&payload);
-                client.engines[queue].handle_payload(id, true);
-            }
-            ReplySink::Done | ReplySink::Discard => {}
-        }
+        deliver_reply(
+            &mut client.engines[queue],
+            &mut client.buffers[queue],
+            node,
+            &reply,
+            f.payload,
+        );
     }
 
     fn completions(&mut self) {
@@ -1025,16 +1020,6 @@ impl Sim {
                 }
             }
         }
-    }
-}
-
-fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
-    match std::env::var("NETBLK_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        Some(seed) => vec![seed],
-        None => default.collect(),
     }
 }
 

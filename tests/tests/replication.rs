@@ -89,6 +89,40 @@ fn load(volume: &Arc<Volume>, stop: &Arc<AtomicBool>, errors: &Arc<AtomicU64>) -
     last
 }
 
+/// The load of [`load`] on a thread; `stop` ends it, joining gives the
+/// last rounds.
+struct Load {
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl Load {
+    fn start(volume: &Arc<Volume>) -> Load {
+        let (stop, errors) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let thread = {
+            let (volume, stop, errors) =
+                (Arc::clone(volume), Arc::clone(&stop), Arc::clone(&errors));
+            std::thread::spawn(move || load(&volume, &stop, &errors))
+        };
+        Load {
+            stop,
+            errors,
+            thread,
+        }
+    }
+
+    /// Stops it: the last round of every block, and the IO errors seen.
+    fn finish(self) -> (Vec<u64>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let last = self.thread.join().expect("load");
+        (last, self.errors.load(Ordering::Relaxed))
+    }
+}
+
 /// Every block reads back as its last write.
 fn verify(volume: &Volume, last: &[u64]) {
     for (b, round) in last.iter().enumerate() {
@@ -115,26 +149,14 @@ fn member_fault_costs_no_error(replicas: u32, fault: impl FnOnce(&mut Cluster, u
     let name = format!("r{replicas}");
     let volume =
         Arc::new(Volume::open(&spec(&cluster, &name, replicas), &options(2)).expect("open"));
-    let (stop, errors) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let writers = {
-        let (volume, stop, errors) = (Arc::clone(&volume), Arc::clone(&stop), Arc::clone(&errors));
-        std::thread::spawn(move || load(&volume, &stop, &errors))
-    };
+    let load = Load::start(&volume);
     std::thread::sleep(Duration::from_secs(1));
     // Column 1's member in the last row.
     let victim = (replicas as usize - 1) * columns + 1;
     fault(&mut cluster, victim);
     std::thread::sleep(Duration::from_secs(4));
-    stop.store(true, Ordering::Relaxed);
-    let last = writers.join().expect("load");
-    assert_eq!(
-        errors.load(Ordering::Relaxed),
-        0,
-        "IO errors while a replica failed"
-    );
+    let (last, errors) = load.finish();
+    assert_eq!(errors, 0, "IO errors while a replica failed");
     let view = volume.membership().view();
     assert_eq!(
         view.in_sync_count(1),
@@ -285,25 +307,13 @@ fn a_replica_behind_a_dead_link_costs_no_io_error() {
         replicas: 2,
     };
     let volume = Arc::new(Volume::open(&spec, &options(2)).expect("open"));
-    let (stop, errors) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let writers = {
-        let (volume, stop, errors) = (Arc::clone(&volume), Arc::clone(&stop), Arc::clone(&errors));
-        std::thread::spawn(move || load(&volume, &stop, &errors))
-    };
+    let load = Load::start(&volume);
     std::thread::sleep(Duration::from_millis(500));
     host.set_link(false);
     std::thread::sleep(Duration::from_secs(4));
-    stop.store(true, Ordering::Relaxed);
-    let last = writers.join().expect("load");
+    let (last, errors) = load.finish();
     host.set_link(true);
-    assert_eq!(
-        errors.load(Ordering::Relaxed),
-        0,
-        "IO errors behind a dead link"
-    );
+    assert_eq!(errors, 0, "IO errors behind a dead link");
     assert_eq!(volume.membership().view().iss, vec![0b01]);
     assert_eq!(volume.membership().departures()[0].node, 1);
     verify(&volume, &last);

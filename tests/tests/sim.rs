@@ -21,13 +21,14 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netblk::engine::{BlockRequest, Engine, EngineConfig, Op, ReplySink, Tag};
+use netblk::engine::{BlockRequest, Engine, EngineConfig, Op, Tag};
 use netblk::epochs::Epochs;
 use netblk::layout::Layout;
 use netblk::ledger::Ledger;
 use netblk::rng::Rng;
 use netblk_protocol::pb::{self, header::Kind, request::Op as WireOp};
 use netblk_protocol::{Decoded, Limits, decode_frame, encode_frame};
+use netblk_tests::sim::{deliver_reply, seeds};
 
 /// What the simulation draws besides plain numbers.
 trait Draw {
@@ -804,18 +805,13 @@ impl Sim {
             let Some(Kind::Reply(reply)) = header.kind else {
                 panic!("node sent {header:?}")
             };
-            match self.engines[queue]
-                .handle_reply(node, &reply, payload.len() as u32)
-                .expect("valid reply")
-            {
-                ReplySink::Buffer { id, slice, .. } => {
-                    self.buffers[queue][usize::from(slice.tag)][slice.offset as usize..]
-                        [..slice.len as usize]
-                        .copy_from_slice(&payload);
-                    self.engines[queue].handle_payload(id, true);
-                }
-                ReplySink::Done | ReplySink::Discard => {}
-            }
+            deliver_reply(
+                &mut self.engines[queue],
+                &mut self.buffers[queue],
+                node,
+                &reply,
+                &payload,
+            );
         }
     }
 
@@ -937,16 +933,6 @@ impl Sim {
                 p.node_offset
             );
         }
-    }
-}
-
-fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
-    match std::env::var("NETBLK_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        Some(seed) => vec![seed],
-        None => default.collect(),
     }
 }
 

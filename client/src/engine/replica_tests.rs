@@ -1,6 +1,7 @@
 //! The engine with replicas: fan-out from one buffer, reads spread and
 //! moved, failed members held until the membership drops them.
 
+use super::tests::submit;
 use super::*;
 use crate::membership::View;
 use netblk_protocol::pb::{self, Status};
@@ -28,19 +29,6 @@ fn replicated() -> (Engine, Arc<Membership>) {
         e.handle_connection_restored(n);
     }
     (e, m)
-}
-
-fn submit(e: &mut Engine, now: Instant, tag: Tag, op: Op, offset: u64, len: u64) {
-    e.handle_request(
-        now,
-        BlockRequest {
-            tag,
-            op,
-            offset,
-            len,
-        },
-    )
-    .expect("submit");
 }
 
 fn reply(id: u64, status: Status) -> pb::Reply {

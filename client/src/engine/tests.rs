@@ -21,7 +21,7 @@ fn engine(nodes: u32) -> Engine {
     e
 }
 
-fn submit(e: &mut Engine, now: Instant, tag: Tag, op: Op, offset: u64, len: u64) {
+pub(super) fn submit(e: &mut Engine, now: Instant, tag: Tag, op: Op, offset: u64, len: u64) {
     e.handle_request(
         now,
         BlockRequest {

@@ -52,7 +52,9 @@ grep -q "column 1 DEGRADED in sync \[1\]" /tmp/rep2status2.out || { cat /tmp/rep
 echo "ublk: R = 2, daemon kill -9 under fio verify and map --recover: no error, the replica that left stays out"
 netblk unmap "$DEV" >/tmp/unmaprep2.out 2>&1 || { cat /tmp/unmaprep2.out; fail "unmap (R = 2)"; }
 wait $MAP || fail "the R = 2 daemon exited with an error"
-for p in 7201 7202 7203 7204 7206; do eval "kill \$pid_rep$p"; done
+# The stores live in the guest's memory: gone with the nodes.
+for p in 7201 7202 7203 7204 7206; do eval "kill \$pid_rep$p; wait \$pid_rep$p"; done
+rm -rf /var/rep720*
 
 # 2. R = 3: one column over three nodes; one is stopped (SIGSTOP: its
 #    connections stay open, nothing answers) mid-workload.
@@ -76,5 +78,6 @@ echo "ublk: R = 3, a replica stopped under fio verify: no error, column degraded
 kill -KILL $pid_rep7212
 netblk unmap "$DEV" >/tmp/unmaprep3.out 2>&1 || { cat /tmp/unmaprep3.out; fail "unmap (R = 3)"; }
 wait $MAP || fail "the R = 3 daemon exited with an error"
-for p in 7211 7213; do eval "kill \$pid_rep$p"; done
+for p in 7211 7212 7213; do eval "kill \$pid_rep$p 2>/dev/null; wait \$pid_rep$p"; done
+rm -rf /var/rep721*
 ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
