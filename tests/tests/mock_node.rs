@@ -1291,3 +1291,92 @@ fn the_membership_record_is_a_durable_compare_and_set() {
     let mut client = NodeClient::open(addr, hs);
     assert_eq!(get(&mut client).generation, 0, "a new volume has none");
 }
+
+/// Issue 22: the owner epoch fences. Once a record of a newer owner is
+/// stored, an older owner's writes are refused on the connections it
+/// holds, its new handshakes are refused, and `GetRecord` says whether the
+/// record's owner has connections open.
+#[test]
+fn a_newer_owner_fences_the_older_ones_writes_and_handshakes() {
+    let node = MockNode::start(&["--store", "memory"]);
+    let as_owner = |epoch: u64| pb::Handshake {
+        owner_epoch: epoch,
+        ..handshake("owned", MIB, 65536, 1, 0)
+    };
+    let record = |generation: u64, owner_epoch: u64| pb::MembershipRecord {
+        generation,
+        owner_epoch,
+        owner: format!("owner-{owner_epoch}"),
+        clean: false,
+        iss: vec![0b1],
+    };
+    let put = |client: &mut NodeClient, expected: u64, r: pb::MembershipRecord| {
+        client.status_of(
+            Op::PutRecord(pb::PutRecord {
+                expected_generation: expected,
+                record: Some(r),
+            }),
+            &[],
+        )
+    };
+    let write = pb::Write {
+        offset: 0,
+        length: 4096,
+        fua: false,
+        crc32c: None,
+    };
+    let mut first = NodeClient::open(node.addr, as_owner(1));
+    assert_eq!(put(&mut first, 0, record(1, 1)), OK);
+    first.write(0, &[0x11; 4096], false);
+    let (got, _) = first
+        .call(Op::GetRecord(pb::GetRecord {}), &[])
+        .expect("get");
+    assert!(got.owner_connected, "owner 1's connection is open");
+    // A newer owner attaches: owner 1 is fenced.
+    let mut second = NodeClient::open(node.addr, as_owner(2));
+    assert_eq!(put(&mut second, 1, record(2, 2)), OK);
+    assert_eq!(
+        first.status_of(Op::Write(write), &[0x22; 4096]),
+        Status::Refused as i32,
+        "a fenced owner's write"
+    );
+    assert_eq!(
+        first.read(0, 4096),
+        vec![0x11; 4096],
+        "nothing of it landed"
+    );
+    second.write(0, &[0x33; 4096], false);
+    let refused = NodeClient::handshake_reply(node.addr, as_owner(1));
+    assert_eq!(refused.status, Status::Refused as i32);
+    assert!(
+        refused.message.contains("newer owner"),
+        "{}",
+        refused.message
+    );
+    // Without an owner epoch (a tool): may read, not write.
+    let mut tool = NodeClient::open(node.addr, as_owner(0));
+    assert_eq!(tool.read(0, 4096), vec![0x33; 4096]);
+    assert_eq!(
+        tool.status_of(Op::Write(write), &[0x44; 4096]),
+        Status::Refused as i32
+    );
+    let (got, _) = tool
+        .call(Op::GetRecord(pb::GetRecord {}), &[])
+        .expect("get");
+    assert!(got.owner_connected, "owner 2's connection is open");
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (got, _) = tool
+            .call(Op::GetRecord(pb::GetRecord {}), &[])
+            .expect("get");
+        if !got.owner_connected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "owner 2's closed connection still counts"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
