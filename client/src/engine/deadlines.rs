@@ -55,18 +55,12 @@ impl Engine {
                         // abort below ends the receive.
                         rec.state = PieceState::Abandoned;
                         let big = rec.big_read();
-                        let n = &mut self.nodes[node];
-                        n.in_flight = n.in_flight.saturating_sub(1);
-                        n.big_reads = n.big_reads.saturating_sub(usize::from(big));
-                        self.mirror_in_flight(node);
+                        self.landed(node, big);
                         abort.push(node);
                     }
                     Some((PieceState::Sent, node, _)) => {
                         let big = self.pieces.remove(&id).is_some_and(|p| p.big_read());
-                        let n = &mut self.nodes[node];
-                        n.in_flight = n.in_flight.saturating_sub(1);
-                        n.big_reads = n.big_reads.saturating_sub(usize::from(big));
-                        self.mirror_in_flight(node);
+                        self.landed(node, big);
                         abort.push(node);
                     }
                     Some((PieceState::Queued, ..)) => {

@@ -68,7 +68,7 @@ impl Engine {
                 if fenced {
                     self.finish_piece(id, EIO);
                 } else if rec.op == Op::Read {
-                    if !self.move_read(id, now) {
+                    if !self.move_read(id) {
                         self.finish_piece(id, EIO);
                     }
                 } else {
@@ -164,7 +164,7 @@ impl Engine {
     /// Moves read piece `id` to another in-sync member it was not tried on
     /// (replicated volumes). False if it is not a read or there is none:
     /// the piece stays where it is.
-    pub(super) fn move_read(&mut self, id: u64, now: Instant) -> bool {
+    pub(super) fn move_read(&mut self, id: u64) -> bool {
         if self.layout.replicas() == 1 {
             return false;
         }
@@ -178,20 +178,9 @@ impl Engine {
         let Some(node) = self.read_member(rec.column, stripe, rec.tried) else {
             return false;
         };
-        let _ = now;
-        let Some(old) = self.pieces.remove(&id) else {
+        let Some(old) = self.take_piece(id) else {
             return false;
         };
-        if old.state == PieceState::Sent {
-            let n = &mut self.nodes[old.node];
-            n.in_flight = n.in_flight.saturating_sub(1);
-            n.big_reads = n.big_reads.saturating_sub(usize::from(old.big_read()));
-            self.mirror_in_flight(old.node);
-        }
-        let slot = &mut self.slots[usize::from(old.tag)];
-        if let Some(pos) = slot.pieces.iter().position(|p| *p == id) {
-            slot.pieces.swap_remove(pos);
-        }
         self.stats.reads_moved += 1;
         let row = self.layout.replication().row_of(node);
         self.add_piece(
@@ -245,7 +234,7 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in reads {
-            self.move_read(id, now);
+            self.move_read(id);
         }
         true
     }
@@ -254,18 +243,7 @@ impl Engine {
     /// it waits (queued, never sent: its node is failing) until the member
     /// is out, then completes without it.
     pub(super) fn hold(&mut self, id: u64) {
-        if let Some(rec) = self.pieces.get_mut(&id) {
-            let was_sent = matches!(rec.state, PieceState::Sent | PieceState::Receiving);
-            rec.state = PieceState::Queued;
-            let (node, big) = (rec.node, rec.big_read());
-            let n = &mut self.nodes[node];
-            if was_sent {
-                n.in_flight = n.in_flight.saturating_sub(1);
-                n.big_reads = n.big_reads.saturating_sub(usize::from(big));
-            }
-            n.queue.push_back(id);
-            self.mirror_in_flight(node);
-        }
+        self.requeue(id, false);
     }
 
     /// A member down for the replica timeout has failed.

@@ -448,7 +448,7 @@ impl Engine {
             }
         }
         // Reads it owed go to another replica at once, where there is one.
-        resend.retain(|id| !self.move_read(*id, now));
+        resend.retain(|id| !self.move_read(*id));
         let state = &mut self.nodes[node];
         for id in resend.iter().rev() {
             state.queue.push_front(*id);
@@ -525,23 +525,57 @@ impl Engine {
     }
 
     fn finish_piece(&mut self, id: u64, errno: i32) {
-        let Some(rec) = self.pieces.remove(&id) else {
+        let Some(rec) = self.take_piece(id) else {
             return;
         };
+        let slot = &mut self.slots[usize::from(rec.tag)];
+        if errno != 0 && slot.errno == 0 {
+            slot.errno = errno;
+        }
+        self.try_complete(rec.tag);
+    }
+
+    /// Piece `id` out of the books: no longer in flight on its node, no
+    /// longer one its request waits for (the request is not completed).
+    fn take_piece(&mut self, id: u64) -> Option<PieceRec> {
+        let rec = self.pieces.remove(&id)?;
         if matches!(rec.state, PieceState::Sent | PieceState::Receiving) {
-            let node = &mut self.nodes[rec.node];
-            node.in_flight = node.in_flight.saturating_sub(1);
-            node.big_reads = node.big_reads.saturating_sub(usize::from(rec.big_read()));
-            self.mirror_in_flight(rec.node);
+            self.landed(rec.node, rec.big_read());
         }
         let slot = &mut self.slots[usize::from(rec.tag)];
         if let Some(pos) = slot.pieces.iter().position(|p| *p == id) {
             slot.pieces.swap_remove(pos);
         }
-        if errno != 0 && slot.errno == 0 {
-            slot.errno = errno;
+        Some(rec)
+    }
+
+    /// A piece (a big read, if `big`) is no longer in flight on `node`.
+    fn landed(&mut self, node: usize, big: bool) {
+        let n = &mut self.nodes[node];
+        n.in_flight = n.in_flight.saturating_sub(1);
+        n.big_reads = n.big_reads.saturating_sub(usize::from(big));
+        self.mirror_in_flight(node);
+    }
+
+    /// Piece `id`, sent or being received, goes back to its node's queue
+    /// (at the front with `first`), to be sent again when the node may take
+    /// it.
+    fn requeue(&mut self, id: u64, first: bool) {
+        let Some(rec) = self.pieces.get_mut(&id) else {
+            return;
+        };
+        let in_flight = matches!(rec.state, PieceState::Sent | PieceState::Receiving);
+        rec.state = PieceState::Queued;
+        let (node, big) = (rec.node, rec.big_read());
+        if in_flight {
+            self.landed(node, big);
         }
-        self.try_complete(rec.tag);
+        let queue = &mut self.nodes[node].queue;
+        if first {
+            queue.push_front(id);
+        } else {
+            queue.push_back(id);
+        }
     }
 
     fn mirror_in_flight(&self, node: usize) {

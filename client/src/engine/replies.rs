@@ -120,7 +120,7 @@ impl Engine {
         if errno != 0 {
             let now = self.clock;
             if op == Op::Read {
-                if self.move_read(id, now) {
+                if self.move_read(id) {
                     return;
                 }
             } else {
@@ -168,14 +168,8 @@ impl Engine {
             len = rec.len,
             "payload failed its crc32c on the way: sending the request again"
         );
-        rec.state = PieceState::Queued;
-        let (node, big) = (rec.node, rec.big_read());
-        let state = &mut self.nodes[node];
-        state.in_flight = state.in_flight.saturating_sub(1);
-        state.big_reads = state.big_reads.saturating_sub(usize::from(big));
-        state.queue.push_front(id);
+        self.requeue(id, true);
         self.stats.pieces_resent += 1;
-        self.mirror_in_flight(node);
     }
 
     /// The payload announced by [`ReplySink::Buffer`] for `id` was received
