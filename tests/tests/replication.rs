@@ -143,12 +143,15 @@ fn verify(volume: &Volume, last: &[u64]) {
 /// no IO error, the member left its column's in-sync set, every block is
 /// its last write, and the remaining replicas of the column hold the same
 /// bytes.
-fn member_fault_costs_no_error(replicas: u32, fault: impl FnOnce(&mut Cluster, usize)) {
+fn member_fault_costs_no_error(
+    replicas: u32,
+    options: VolumeOptions,
+    fault: impl FnOnce(&mut Cluster, usize),
+) {
     let columns = 2;
     let mut cluster = Cluster::start(columns * replicas as usize);
     let name = format!("r{replicas}");
-    let volume =
-        Arc::new(Volume::open(&spec(&cluster, &name, replicas), &options(2)).expect("open"));
+    let volume = Arc::new(Volume::open(&spec(&cluster, &name, replicas), &options).expect("open"));
     let load = Load::start(&volume);
     std::thread::sleep(Duration::from_secs(1));
     // Column 1's member in the last row.
@@ -186,15 +189,26 @@ fn member_fault_costs_no_error(replicas: u32, fault: impl FnOnce(&mut Cluster, u
 
 #[test]
 fn a_replica_killed_under_load_costs_no_io_error() {
-    member_fault_costs_no_error(2, |cluster, victim| {
+    member_fault_costs_no_error(2, options(2), |cluster, victim| {
         cluster.nodes[victim].signal(libc::SIGKILL);
     });
 }
 
 #[test]
 fn a_stopped_replica_of_three_costs_no_io_error() {
-    member_fault_costs_no_error(3, |cluster, victim| {
+    member_fault_costs_no_error(3, options(2), |cluster, victim| {
         cluster.nodes[victim].signal(libc::SIGSTOP);
+    });
+}
+
+#[test]
+fn a_replica_killed_with_data_digests_on_costs_no_io_error() {
+    let digests = VolumeOptions {
+        data_digest: true,
+        ..options(2)
+    };
+    member_fault_costs_no_error(2, digests, |cluster, victim| {
+        cluster.nodes[victim].signal(libc::SIGKILL);
     });
 }
 

@@ -288,3 +288,40 @@ fn rotated_certificates_are_used_at_the_next_reconnect() {
     assert!(err.to_string().contains("over TLS"), "{err}");
     connect(&node, Some(&client_tls(&pki.ca, &pki.client))).expect("CA 1 client");
 }
+
+/// Issue 22 over TLS: the membership records go over TLS too (attach and
+/// the shrink when a replica dies), and the volume goes on without it.
+#[test]
+fn a_replicated_volume_over_mutual_tls_survives_a_replica() {
+    let pki = pki();
+    let nodes: Vec<MockNode> = (0..4).map(|_| tls_node(&pki, &pki.ca)).collect();
+    let spec = VolumeSpec {
+        replicas: 2,
+        name: "secret-r2".into(),
+        size: 32 * MIB,
+        stripe_unit: 64 << 10,
+        nodes: nodes.iter().map(|n| n.addr).collect(),
+    };
+    let options = VolumeOptions {
+        queues: 2,
+        depth: 16,
+        max_io: MIB as u32,
+        replica_timeout: std::time::Duration::from_secs(1),
+        tls: Some(client_tls(&pki.ca, &pki.client)),
+        ..VolumeOptions::default()
+    };
+    let volume = Volume::open(&spec, &options).expect("open over TLS");
+    let data: Vec<u8> = (0..2 * MIB).map(|i| (i * 7 % 253) as u8).collect();
+    volume.write_at(&data, 0).expect("write");
+    nodes[3].signal(libc::SIGKILL);
+    volume
+        .write_at(&data, 4 * MIB)
+        .expect("write without node 3");
+    volume.flush().expect("flush without node 3");
+    assert_eq!(volume.membership().view().iss, vec![0b11, 0b01]);
+    for offset in [0, 4 * MIB] {
+        let mut back = vec![0u8; data.len()];
+        volume.read_at(&mut back, offset).expect("read");
+        assert!(back == data, "data at {offset}");
+    }
+}
