@@ -91,6 +91,24 @@ pub fn node_capacity(volume_size: u64, layout: &pb::Layout) -> u64 {
     full_rows * unit + in_tail
 }
 
+/// Bytes of node offsets one activity-log region covers (replicated
+/// volumes: `GetActivity`, `TrimActivity`).
+pub const ACTIVITY_REGION: u64 = 4 << 20;
+
+/// Regions at most in one `GetActivity` reply or `TrimActivity` request
+/// (their headers stay well below the 4 KiB header limit).
+pub const ACTIVITY_PAGE: usize = 128;
+
+/// The activity-log regions a request at node offset `offset` of `len`
+/// bytes touches (none for `len` 0).
+pub fn activity_regions(offset: u64, len: u64) -> std::ops::Range<u64> {
+    if len == 0 {
+        return 0..0;
+    }
+    let last = offset.saturating_add(len - 1);
+    offset / ACTIVITY_REGION..last / ACTIVITY_REGION + 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +170,18 @@ mod tests {
             let err = check_layout(1 << 20, &replicated(r, i)).expect_err(why);
             assert!(err.contains(why), "{err}");
         }
+    }
+
+    #[test]
+    fn activity_regions_cover_the_request() {
+        let r = ACTIVITY_REGION;
+        assert_eq!(activity_regions(0, 0), 0..0);
+        assert_eq!(activity_regions(0, 4096), 0..1);
+        assert_eq!(activity_regions(r - 512, 1024), 0..2);
+        assert_eq!(activity_regions(3 * r, r), 3..4);
+        assert_eq!(
+            activity_regions(u64::MAX - 10, 10),
+            u64::MAX / r..u64::MAX / r + 1
+        );
     }
 }

@@ -117,6 +117,14 @@ fn request() -> impl Strategy<Value = (pb::Request, u32)> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(offset, length)| (Op::WriteZeroes(pb::WriteZeroes { offset, length }), 0)),
         any::<u64>().prop_map(|nonce| (Op::Ping(pb::Ping { nonce }), 0)),
+        any::<u64>().prop_map(|from| (Op::GetActivity(pb::GetActivity { from }), 0)),
+        (any::<u64>(), 0usize..128).prop_map(|(seq, n)| (
+            Op::TrimActivity(pb::TrimActivity {
+                regions: (0..n as u64).collect(),
+                seqs: vec![seq; n],
+            }),
+            0
+        )),
     ];
     (any::<u64>(), op)
         .prop_map(|(id, (op, payload_len))| (pb::Request { id, op: Some(op) }, payload_len))
@@ -139,6 +147,9 @@ fn reply() -> impl Strategy<Value = pb::Reply> {
                 iss: vec![(nonce % 4) as u32; (id % 4) as usize],
             }),
             owner_connected: nonce % 7 == 0,
+            activity_regions: vec![nonce / 3; (id % 5) as usize],
+            activity_seqs: vec![id; (id % 5) as usize],
+            activity_more: id % 2 == 0,
         }
     })
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use netblk_protocol::geometry::ACTIVITY_PAGE;
 use netblk_protocol::pb::{self, Status, admin::Cmd, header::Kind, request::Op};
 use netblk_protocol::{
     Decoded, FrameError, PROTOCOL_REVISION, PROTOCOL_VERSION, decode_frame, encode_head,
@@ -856,6 +857,9 @@ fn apply(
             let _owner = volume
                 .admit_write(conn.owner_epoch)
                 .map_err(|why| (Status::Refused, why))?;
+            volume
+                .note_change(write.offset, payload.len() as u64)
+                .map_err(|err| io_failure("activity log", err))?;
             backend
                 .write(write.offset, payload, write.fua)
                 .map_err(|err| io_failure("write", err))?;
@@ -872,6 +876,9 @@ fn apply(
             let _owner = volume
                 .admit_write(conn.owner_epoch)
                 .map_err(|why| (Status::Refused, why))?;
+            volume
+                .note_change(*offset, *length)
+                .map_err(|err| io_failure("activity log", err))?;
             backend
                 .zero(*offset, *length)
                 .map_err(|err| io_failure("discard", err))?;
@@ -895,6 +902,46 @@ fn apply(
         Op::GetRecord(_) => {
             reply.record = Some(volume.record());
             reply.owner_connected = volume.owner_connected();
+            Ok(())
+        }
+        Op::GetActivity(get) => {
+            let (page, more) = volume.activity.page(get.from);
+            (reply.activity_regions, reply.activity_seqs) = page.into_iter().unzip();
+            reply.activity_more = more;
+            Ok(())
+        }
+        Op::TrimActivity(trim) => {
+            if trim.regions.len() != trim.seqs.len() || trim.regions.len() > ACTIVITY_PAGE {
+                return Err((
+                    Status::Invalid,
+                    format!(
+                        "a trim names {} regions and {} sequence numbers (at most {ACTIVITY_PAGE}, one each)",
+                        trim.regions.len(),
+                        trim.seqs.len()
+                    ),
+                ));
+            }
+            // Only the owner: an older owner or a tool must not make the
+            // log forget where replicas may differ.
+            let _owner = volume
+                .admit_write(conn.owner_epoch)
+                .map_err(|why| (Status::Refused, why))?;
+            if conn.owner_epoch == 0 {
+                return Err((
+                    Status::Refused,
+                    "only the volume's owner (a connection with an owner epoch) may trim its activity log".into(),
+                ));
+            }
+            let entries: Vec<(u64, u64)> = trim
+                .regions
+                .iter()
+                .copied()
+                .zip(trim.seqs.iter().copied())
+                .collect();
+            volume
+                .activity
+                .trim(&**backend, &entries)
+                .map_err(|err| io_failure("activity log trim", err))?;
             Ok(())
         }
         Op::PutRecord(put) => {

@@ -8,6 +8,7 @@
 //!   replies and crashes, changed at run time over the admin protocol.
 //! - `policy`: which clients may open, resize and delete which volumes.
 
+mod activity;
 mod conn;
 mod delay;
 pub mod faults;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use netblk_protocol::pb;
 use tracing::{error, info, warn};
 
+use crate::activity::ActivityLog;
 use crate::conn::{self, Delayed, Port};
 use crate::delay::DelayQueue;
 use crate::faults::Knobs;
@@ -101,6 +102,8 @@ pub struct Volume {
     owner_gate: RwLock<u64>,
     /// Open data connections per owner epoch (see [`OwnerSeat`]).
     owners: Mutex<HashMap<u64, usize>>,
+    /// Regions written since the owner trimmed them (replicated volumes).
+    pub activity: ActivityLog,
     pub backend: Box<dyn Backend>,
 }
 
@@ -205,6 +208,16 @@ impl Volume {
         self.capacity.load(Ordering::Acquire)
     }
 
+    /// Logs a change of `len` bytes at `offset` in the activity log before
+    /// it is applied (replicated volumes; nothing for one replica).
+    pub fn note_change(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.meta().replicas > 1 {
+            self.activity.touch(&*self.backend, offset, len)
+        } else {
+            Ok(())
+        }
+    }
+
     pub fn deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
     }
@@ -247,7 +260,13 @@ impl Counters {
             Some(Op::Discard(_)) => 3,
             Some(Op::WriteZeroes(_)) => 4,
             Some(
-                Op::Ping(_) | Op::Resize(_) | Op::Delete(_) | Op::GetRecord(_) | Op::PutRecord(_),
+                Op::Ping(_)
+                | Op::Resize(_)
+                | Op::Delete(_)
+                | Op::GetRecord(_)
+                | Op::PutRecord(_)
+                | Op::GetActivity(_)
+                | Op::TrimActivity(_),
             )
             | None => 5,
         };
@@ -345,6 +364,8 @@ impl Node {
                 );
                 let record = load_record(&*backend)
                     .map_err(|err| format!("cannot open volume '{name}': {err}"))?;
+                let activity = ActivityLog::load(&*backend)
+                    .map_err(|err| format!("cannot open volume '{name}': activity log: {err}"))?;
                 let volume = Arc::new(Volume {
                     name: name.to_owned(),
                     meta: Mutex::new(meta),
@@ -354,6 +375,7 @@ impl Node {
                     owner_gate: RwLock::new(record.owner_epoch),
                     owners: Mutex::new(HashMap::new()),
                     record: Mutex::new(record),
+                    activity,
                     backend,
                 });
                 volumes.insert(name.to_owned(), Arc::clone(&volume));

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write as _};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -191,6 +191,19 @@ pub trait Backend: Send + Sync {
     /// Keeps the membership record durably where the store outlives the
     /// process (written whole or not at all).
     fn store_record(&self, _bytes: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    /// The activity log's regions a store that outlives the process kept
+    /// (see `activity`); empty for the others.
+    fn load_activity(&self) -> io::Result<Vec<u64>> {
+        Ok(Vec::new())
+    }
+    /// Adds `regions` to the kept activity log, durably before it returns.
+    fn append_activity(&self, _regions: &[u64]) -> io::Result<()> {
+        Ok(())
+    }
+    /// Replaces the kept activity log by `regions` (whole or not at all).
+    fn rewrite_activity(&self, _regions: &[u64]) -> io::Result<()> {
         Ok(())
     }
 }
@@ -600,6 +613,7 @@ impl Backend for DirBackend {
         File::open(&self.dir)?.sync_all()?;
         gone(&self.meta_path.with_extension("vol"))?;
         gone(&self.meta_path.with_extension("record"))?;
+        gone(&self.meta_path.with_extension("activity"))?;
         gone(&self.meta_path.with_extension("incarnation"))
     }
 
@@ -613,6 +627,45 @@ impl Backend for DirBackend {
 
     fn store_record(&self, bytes: &[u8]) -> io::Result<()> {
         write_durably(&self.dir, &self.meta_path.with_extension("record"), bytes)
+    }
+
+    /// The log file holds one little-endian u64 a region; a torn last
+    /// entry (a crash during an append) is ignored: what it logged was not
+    /// applied.
+    fn load_activity(&self) -> io::Result<Vec<u64>> {
+        match std::fs::read(self.meta_path.with_extension("activity")) {
+            Ok(bytes) => Ok(bytes
+                .chunks_exact(8)
+                .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+                .collect()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn append_activity(&self, regions: &[u64]) -> io::Result<()> {
+        let path = self.meta_path.with_extension("activity");
+        let created = !path.exists();
+        let mut file = OpenOptions::new().append(true).create(true).open(&path)?;
+        // A torn entry from a crash would shift every later one: it goes
+        // (the request it logged was never applied).
+        let len = file.metadata()?.len();
+        if len % 8 != 0 {
+            file.set_len(len - len % 8)?;
+        }
+        let mut bytes = Vec::with_capacity(regions.len() * 8);
+        bytes.extend(regions.iter().flat_map(|r| r.to_le_bytes()));
+        file.write_all(&bytes)?;
+        file.sync_data()?;
+        if created {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn rewrite_activity(&self, regions: &[u64]) -> io::Result<()> {
+        let bytes: Vec<u8> = regions.iter().flat_map(|r| r.to_le_bytes()).collect();
+        write_durably(&self.dir, &self.meta_path.with_extension("activity"), bytes)
     }
 
     /// The data file's length and the metadata, in the order that lets a
@@ -781,6 +834,19 @@ impl Backend for VolatileCache {
 
     fn store_record(&self, bytes: &[u8]) -> io::Result<()> {
         self.inner.store_record(bytes)
+    }
+
+    // So is the activity log.
+    fn load_activity(&self) -> io::Result<Vec<u64>> {
+        self.inner.load_activity()
+    }
+
+    fn append_activity(&self, regions: &[u64]) -> io::Result<()> {
+        self.inner.append_activity(regions)
+    }
+
+    fn rewrite_activity(&self, regions: &[u64]) -> io::Result<()> {
+        self.inner.rewrite_activity(regions)
     }
 }
 
