@@ -214,6 +214,15 @@ pub fn status_text(devices: &[serde_json::Value]) -> String {
                     ""
                 }
             ));
+            let rec = &r["reconciled"];
+            if rec.is_object() {
+                out.push_str(&format!(
+                    "  reconciled after an unclean stop: {} regions, {} bytes copied in {} ms\n",
+                    text(&rec["regions"]),
+                    text(&rec["bytes"]),
+                    text(&rec["millis"])
+                ));
+            }
             for c in r["columns"].as_array().map_or(&[][..], Vec::as_slice) {
                 let out_nodes: Vec<String> = c["out"]
                     .as_array()
@@ -373,6 +382,11 @@ mod replication_tests {
             },
         );
         m.report(3, "no answer within the replica timeout", Instant::now());
+        m.set_reconciled(crate::reconcile::Reconciled {
+            regions: 3,
+            bytes: 12 << 20,
+            millis: 40,
+        });
         m.publish(View {
             generation: 2,
             owner_epoch: 3,
@@ -396,6 +410,7 @@ mod replication_tests {
         assert_eq!(rep["columns"][1]["degraded"], true);
         assert_eq!(rep["columns"][1]["in_sync"], serde_json::json!([1]));
         assert_eq!(rep["columns"][1]["out"][0]["node"], 3);
+        assert_eq!(rep["reconciled"]["regions"], 3);
         let text = status_text(&[status]);
         assert!(
             text.contains("column 1 DEGRADED in sync [1]; node 3 out since"),
@@ -406,5 +421,9 @@ mod replication_tests {
             "{text}"
         );
         assert!(text.contains("column 0 whole in sync [0,2]"), "{text}");
+        assert!(
+            text.contains("reconciled after an unclean stop: 3 regions, 12582912 bytes"),
+            "{text}"
+        );
     }
 }

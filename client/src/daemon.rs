@@ -781,7 +781,17 @@ pub fn serve(
     tracing::info!(device = %path, "stopping");
     let _ = netblk::notify::notify("STOPPING=1");
     let id = device.dev_id;
+    let (manager, membership) = (
+        device.wide.manager.clone(),
+        std::sync::Arc::clone(&device.wide.membership),
+    );
     let stopped = device.stop().map_err(|e| e.to_string());
+    // Every queue has ended: a replicated volume's record says whether the
+    // replicas agree (no write left in flight), sparing the next attach
+    // its reconcile.
+    if let (Ok(()), Some(manager)) = (&stopped, manager) {
+        manager.stop_cleanly(&membership);
+    }
     let _ = state::remove(&dir, id);
     let _ = std::fs::remove_file(&socket);
     stopped

@@ -47,6 +47,9 @@ pub struct VolumeOptions {
     /// Replicated volumes: the membership this device attached with (see
     /// [`attach_replicas`]); None: not attached yet (or one replica).
     pub membership: Option<Arc<Membership>>,
+    /// Replicated volumes: the membership manager the attach started (the
+    /// daemon marks a clean stop through it).
+    pub manager: Option<records::ManagerHandle>,
     /// Replicated volumes: attach even without every member of the newest
     /// record's in-sync sets (see `records::AttachOptions`).
     pub force_degraded: bool,
@@ -91,6 +94,7 @@ impl Default for VolumeOptions {
             node_down_timeout: Duration::from_secs(15),
             replica_timeout: Duration::from_secs(5),
             membership: None,
+            manager: None,
             force_degraded: false,
             takeover: false,
             connect_timeout: Duration::from_secs(10),
@@ -281,10 +285,13 @@ pub fn attach_replicas(
         force_degraded: options.force_degraded,
         takeover: options.takeover,
         wait: options.connect_timeout,
+        ..Default::default()
     };
     let attached = records::attach(&store(), layout, &attach).map_err(OpenError::Attach)?;
-    records::spawn_manager(Box::new(store()), *layout, &attached).map_err(OpenError::Uring)?;
+    let manager =
+        records::spawn_manager(Box::new(store()), *layout, &attached).map_err(OpenError::Uring)?;
     options.membership = Some(attached.membership);
+    options.manager = Some(manager);
     Ok(())
 }
 
@@ -394,6 +401,8 @@ pub struct DeviceWide {
     pub ledger: Arc<Ledger>,
     pub epochs: Arc<Epochs>,
     pub membership: Arc<Membership>,
+    /// Replicated volumes: the membership's manager.
+    pub manager: Option<records::ManagerHandle>,
 }
 
 impl DeviceWide {
@@ -411,6 +420,7 @@ impl DeviceWide {
                 Ledger::recovered(nodes, &options.durability)
             }),
             epochs: Arc::new(Epochs::new(nodes, options.session)),
+            manager: options.manager.clone(),
         }
     }
 }
@@ -584,6 +594,7 @@ pub struct Volume {
     nodes: Vec<NodeInfo>,
     send_mode: SendMode,
     membership: Arc<Membership>,
+    manager: Option<records::ManagerHandle>,
 }
 
 impl Volume {
@@ -657,6 +668,7 @@ impl Volume {
             nodes,
             send_mode: options.sends(),
             membership: Arc::clone(&wide.membership),
+            manager: wide.manager.clone(),
         })
     }
 
@@ -867,6 +879,9 @@ impl Drop for Volume {
                     Err(_) => tracing::error!("queue thread panicked"),
                 }
             }
+        }
+        if let Some(manager) = &self.manager {
+            manager.stop_cleanly(&self.membership);
         }
     }
 }

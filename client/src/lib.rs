@@ -3,6 +3,7 @@
 //! - [`layout`]: volume geometry, byte range -> pieces per node.
 //! - [`engine`]: the sans-IO request engine (no sockets, rings or clock).
 
+pub mod activity;
 pub mod bench;
 pub mod config;
 pub mod control;
@@ -17,6 +18,7 @@ pub mod mock;
 pub mod net;
 pub mod notify;
 pub mod openers;
+pub mod reconcile;
 pub mod record_lock;
 pub mod records;
 pub mod recv;

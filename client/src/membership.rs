@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use netblk_protocol::pb::MembershipRecord;
 
+use crate::activity::WriteEpochs;
 use crate::layout::Replication;
+use crate::reconcile::Reconciled;
 
 /// The membership the data path works with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,11 @@ pub struct Membership {
     /// Rung on every report (the manager waits on it).
     bell: crossbeam_channel::Sender<()>,
     rung: crossbeam_channel::Receiver<()>,
+    /// Writes in flight on the device's queues (see `activity`).
+    pub writes: WriteEpochs,
+    /// What the attach reconciled (None: the last owner stopped cleanly,
+    /// or one replica).
+    reconciled: Mutex<Option<Reconciled>>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -118,6 +125,8 @@ impl Membership {
             departures: Mutex::new(Vec::new()),
             bell,
             rung,
+            writes: WriteEpochs::default(),
+            reconciled: Mutex::new(None),
         })
     }
 
@@ -214,6 +223,15 @@ impl Membership {
         view.fenced = true;
         *lock(&self.view) = Arc::new(view);
         self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// What the attach reconciled after an unclean stop.
+    pub fn reconciled(&self) -> Option<Reconciled> {
+        lock(&self.reconciled).clone()
+    }
+
+    pub fn set_reconciled(&self, done: Reconciled) {
+        *lock(&self.reconciled) = Some(done);
     }
 
     /// Members this daemon took out, oldest first.

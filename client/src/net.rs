@@ -343,24 +343,53 @@ pub fn call(
     op: pb::request::Op,
     timeout: Duration,
 ) -> Result<pb::Reply, String> {
+    let (reply, payload) = exchange(stream, id, op, &[], 0, timeout)?;
+    if !payload.is_empty() {
+        return Err(format!(
+            "the reply to request {id} carries {} payload bytes, none expected",
+            payload.len()
+        ));
+    }
+    Ok(reply)
+}
+
+/// Sends one request with its payload (a write's data, or none) and
+/// returns the reply with its payload, which must be at most `max_payload`
+/// bytes; waits at most `timeout` for each.
+pub fn exchange(
+    stream: &TcpStream,
+    id: u64,
+    op: pb::request::Op,
+    payload: &[u8],
+    max_payload: u32,
+    timeout: Duration,
+) -> Result<(pb::Reply, Vec<u8>), String> {
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
     let mut bytes = Vec::new();
-    encode_head(&pb::Header::request(id, op), 0, &mut bytes).map_err(|e| e.to_string())?;
+    encode_head(&pb::Header::request(id, op), payload.len(), &mut bytes)
+        .map_err(|e| e.to_string())?;
     (&*stream)
         .write_all(&bytes)
+        .and_then(|()| (&*stream).write_all(payload))
         .map_err(|e| format!("cannot send: {e}"))?;
     match read_head(stream)? {
         (
             pb::Header {
                 kind: Some(Kind::Reply(reply)),
             },
-            0,
-        ) if reply.id == id => Ok(reply),
+            len,
+        ) if reply.id == id && len <= max_payload => {
+            let mut data = vec![0u8; len as usize];
+            (&*stream)
+                .read_exact(&mut data)
+                .map_err(|e| format!("reply payload cut short: {e}"))?;
+            Ok((reply, data))
+        }
         (other, len) => Err(format!(
-            "expected the reply to request {id}, got {other:?} with {len} payload bytes"
+            "expected the reply to request {id} (at most {max_payload} payload bytes), got {other:?} with {len} payload bytes"
         )),
     }
 }

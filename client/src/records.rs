@@ -4,15 +4,17 @@
 //! manager thread that takes failed members out of the in-sync sets
 //! ([`spawn_manager`]). The rules themselves are `replicas`' (pure).
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use netblk_protocol::pb::{self, MembershipRecord};
 
+use crate::activity::Trimmer;
 use crate::layout::Layout;
 use crate::membership::{Membership, View};
-use crate::net::{self, ClientTls, ConnectError, Identity, Timeouts};
+use crate::net::{self, ClientTls, ConnectError, Identity, NodeInfo, Timeouts};
+use crate::reconcile;
 use crate::replicas::{self, Attach, AttachError};
 
 /// Why a record was not stored on a node.
@@ -31,6 +33,28 @@ pub trait RecordStore: Send + Sync {
     fn get(&self, node: usize) -> Result<(MembershipRecord, bool), String>;
     /// Stores `record` on `node` if it holds generation `expected`.
     fn put(&self, node: usize, expected: u64, record: &MembershipRecord) -> Result<(), PutError>;
+    /// Node `node`'s activity log: (region, sequence number) in order.
+    fn activity(&self, node: usize) -> Result<Vec<(u64, u64)>, String>;
+    /// Drops `entries` (at most `ACTIVITY_PAGE`) from `node`'s log, each
+    /// only if its sequence number is unchanged; as the owner of
+    /// `owner_epoch`.
+    fn trim(&self, node: usize, owner_epoch: u64, entries: &[(u64, u64)]) -> Result<(), String>;
+    /// Makes every write `node` acknowledged durable.
+    fn flush(&self, node: usize, owner_epoch: u64) -> Result<(), String>;
+    /// Copies the node-offset `ranges` (offset, length) from node `from` to
+    /// every node of `to`, durable there when it returns; as the owner of
+    /// `owner_epoch`.
+    fn copy(
+        &self,
+        owner_epoch: u64,
+        from: usize,
+        to: &[usize],
+        ranges: &[(u64, u64)],
+    ) -> Result<(), String>;
+    /// Bytes of node offsets one region of the activity logs covers.
+    fn activity_region(&self) -> u64 {
+        netblk_protocol::geometry::ACTIVITY_REGION
+    }
     /// How a node is named in messages.
     fn name(&self, node: usize) -> String {
         format!("node {node}")
@@ -51,7 +75,8 @@ pub struct NetRecords {
 }
 
 impl NetRecords {
-    fn call(&self, node: usize, op: pb::request::Op) -> Result<pb::Reply, String> {
+    /// A connection to `node`, as the owner of `owner_epoch` (0: a tool).
+    fn open(&self, node: usize, owner_epoch: u64) -> Result<(TcpStream, NodeInfo), String> {
         let addr = *self.addrs.get(node).ok_or("no such node")?;
         let who = Identity {
             client_id: &self.client_id,
@@ -64,11 +89,34 @@ impl NetRecords {
                 .filter(|id| !id.is_empty()),
             digest: false,
             tls: self.tls.as_deref(),
-            owner_epoch: 0,
+            owner_epoch,
         };
-        let (stream, _) = net::connect(addr, node, &self.layout, &who, self.timeouts)
-            .map_err(|e: ConnectError| e.to_string())?;
+        net::connect(addr, node, &self.layout, &who, self.timeouts)
+            .map_err(|e: ConnectError| e.to_string())
+    }
+
+    fn call(&self, node: usize, op: pb::request::Op) -> Result<pb::Reply, String> {
+        self.call_as(node, 0, op)
+    }
+
+    /// One request on a short connection; Err unless it succeeded.
+    fn call_as(
+        &self,
+        node: usize,
+        owner_epoch: u64,
+        op: pb::request::Op,
+    ) -> Result<pb::Reply, String> {
+        let (stream, _) = self.open(node, owner_epoch)?;
         net::call(&stream, 1, op, self.timeouts.io)
+    }
+}
+
+/// `reply`'s status as a Result (its message when not OK).
+fn succeeded(reply: pb::Reply, what: &str) -> Result<pb::Reply, String> {
+    if reply.status == pb::Status::Ok as i32 {
+        Ok(reply)
+    } else {
+        Err(format!("{what} failed: {}", reply.message))
     }
 }
 
@@ -103,6 +151,111 @@ impl RecordStore for NetRecords {
         }
     }
 
+    fn activity(&self, node: usize) -> Result<Vec<(u64, u64)>, String> {
+        let (stream, _) = self.open(node, 0)?;
+        let mut entries = Vec::new();
+        let mut from = 0;
+        for id in 1.. {
+            let op = pb::request::Op::GetActivity(pb::GetActivity { from });
+            let reply = succeeded(
+                net::call(&stream, id, op, self.timeouts.io)?,
+                "reading the activity log",
+            )?;
+            if reply.activity_regions.len() != reply.activity_seqs.len() {
+                return Err(
+                    "the activity log reply pairs regions and sequence numbers unevenly".into(),
+                );
+            }
+            let last = reply.activity_regions.last().copied();
+            entries.extend(reply.activity_regions.into_iter().zip(reply.activity_seqs));
+            match last {
+                Some(last) if reply.activity_more => from = last.saturating_add(1),
+                _ => break,
+            }
+        }
+        Ok(entries)
+    }
+
+    fn trim(&self, node: usize, owner_epoch: u64, entries: &[(u64, u64)]) -> Result<(), String> {
+        let (regions, seqs) = entries.iter().copied().unzip();
+        let op = pb::request::Op::TrimActivity(pb::TrimActivity { regions, seqs });
+        succeeded(
+            self.call_as(node, owner_epoch, op)?,
+            "trimming the activity log",
+        )
+        .map(drop)
+    }
+
+    fn flush(&self, node: usize, owner_epoch: u64) -> Result<(), String> {
+        let op = pb::request::Op::Flush(pb::Flush {});
+        succeeded(self.call_as(node, owner_epoch, op)?, "flush").map(drop)
+    }
+
+    fn copy(
+        &self,
+        owner_epoch: u64,
+        from: usize,
+        to: &[usize],
+        ranges: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let named = |node: usize, why: String| format!("{}: {why}", self.name(node));
+        let (source, info) = self
+            .open(from, owner_epoch)
+            .map_err(|why| named(from, why))?;
+        let mut chunk = info.max_io_size.clamp(4096, 1 << 20);
+        let mut targets = Vec::with_capacity(to.len());
+        for node in to {
+            let (stream, info) = self
+                .open(*node, owner_epoch)
+                .map_err(|why| named(*node, why))?;
+            chunk = chunk.min(info.max_io_size.max(4096));
+            targets.push((*node, stream));
+        }
+        let mut id = 0u64;
+        for (offset, len) in ranges {
+            let mut done = 0u64;
+            while done < *len {
+                let length = (*len - done).min(u64::from(chunk)) as u32;
+                let at = offset + done;
+                id += 1;
+                let read = pb::request::Op::Read(pb::Read { offset: at, length });
+                let (reply, data) = net::exchange(&source, id, read, &[], length, self.timeouts.io)
+                    .map_err(|why| named(from, why))?;
+                succeeded(reply, "read").map_err(|why| named(from, why))?;
+                if data.len() != length as usize {
+                    return Err(named(
+                        from,
+                        format!("read {} bytes of {length}", data.len()),
+                    ));
+                }
+                for (node, stream) in &targets {
+                    let write = pb::request::Op::Write(pb::Write {
+                        offset: at,
+                        length,
+                        fua: false,
+                        crc32c: None,
+                    });
+                    let (reply, _) = net::exchange(stream, id, write, &data, 0, self.timeouts.io)
+                        .map_err(|why| named(*node, why))?;
+                    succeeded(reply, "write").map_err(|why| named(*node, why))?;
+                }
+                done += u64::from(length);
+            }
+        }
+        for (node, stream) in &targets {
+            id += 1;
+            let reply = net::call(
+                stream,
+                id,
+                pb::request::Op::Flush(pb::Flush {}),
+                self.timeouts.io,
+            )
+            .map_err(|why| named(*node, why))?;
+            succeeded(reply, "flush").map_err(|why| named(*node, why))?;
+        }
+        Ok(())
+    }
+
     fn name(&self, node: usize) -> String {
         match self.addrs.get(node) {
             Some(addr) => format!("node {node} ({addr})"),
@@ -123,6 +276,10 @@ pub struct AttachOptions {
     pub takeover: bool,
     /// How long to wait for missing members before failing.
     pub wait: Duration,
+    /// A planted bug for the simulator to find (never set outside tests):
+    /// attach without reconciling.
+    #[doc(hidden)]
+    pub plant_no_reconcile: bool,
 }
 
 /// What an attach made: the device's membership, the record it stored,
@@ -297,15 +454,24 @@ pub fn attach(
             failed.join("; ")
         ));
     }
+    let clean = record.clean || fresh;
     tracing::info!(
         generation = next.generation,
         owner_epoch = next.owner_epoch,
-        clean = record.clean || fresh,
+        clean,
         iss = ?next.iss,
         "attached the replicated volume"
     );
+    let membership = Membership::new(replication, View::of_record(&next));
+    // The older owners are fenced on every member in sync now: what they
+    // left in flight is in the members' logs, and nothing adds to it.
+    if !options.plant_no_reconcile
+        && let Some(done) = reconcile::reconcile(store, layout, &next, clean)?
+    {
+        membership.set_reconciled(done);
+    }
     Ok(Attached {
-        membership: Membership::new(replication, View::of_record(&next)),
+        membership,
         record: next,
         known,
     })
@@ -330,6 +496,8 @@ pub struct Manager {
     /// tried again as it is (never another record of the same generation),
     /// with the columns it changes and who leaves why.
     pending: Option<Change>,
+    /// Trims the in-sync members' activity logs.
+    pub trimmer: Trimmer,
     /// A planted bug for the simulator to find (never set outside tests):
     /// the queues hear of a shrink before it is stored.
     #[doc(hidden)]
@@ -345,8 +513,66 @@ impl Manager {
             record: attached.record.clone(),
             known: attached.known.clone(),
             pending: None,
+            trimmer: Trimmer::new(Instant::now(), crate::activity::TRIM_EVERY),
             plant_publish_before_store: false,
         }
+    }
+
+    /// The background work besides failures (trimming the activity logs),
+    /// one step.
+    pub fn tend(&mut self, m: &Membership, now: Instant) {
+        self.trimmer.step(now, m, &*self.store, &self.layout);
+    }
+
+    /// The device stopped: stores the record again marked clean on every
+    /// member in sync, so that the next attach need not reconcile. Only
+    /// when no write is in flight (each was acknowledged by every member
+    /// in sync, or failed) and no member waits to leave; otherwise the
+    /// record stays unclean and the next attach reconciles.
+    pub fn stop_cleanly(&mut self, m: &Membership) -> Result<(), String> {
+        let view = m.view();
+        let in_flight = m.writes.in_flight();
+        if view.fenced || in_flight > 0 || self.pending.is_some() || !m.failed().is_empty() {
+            return Err(format!(
+                "not marked clean ({} writes in flight, {} members failing, fenced: {}): the next attach reconciles",
+                in_flight,
+                m.failed().len(),
+                view.fenced
+            ));
+        }
+        let mut next = self.record.clone();
+        next.generation += 1;
+        next.clean = true;
+        let members = iss_nodes(&next, &self.layout);
+        let mut failed = Vec::new();
+        for (node, result) in put_all(&*self.store, &members, &self.known, &next) {
+            match result {
+                Ok(()) => self.known[node] = next.generation,
+                Err(PutError::Conflict(held)) => failed.push(format!(
+                    "{} holds generation {} (owner epoch {})",
+                    self.store.name(node),
+                    held.generation,
+                    held.owner_epoch
+                )),
+                Err(PutError::Failed(why)) => {
+                    failed.push(format!("{}: {why}", self.store.name(node)))
+                }
+            }
+        }
+        // Stored on some members is enough: the record says something true
+        // of the data whoever holds it (no member missed a write).
+        self.record = next;
+        if failed.len() == members.len() {
+            return Err(format!("cannot mark the stop clean: {}", failed.join("; ")));
+        }
+        for why in &failed {
+            tracing::warn!(error = %why, "a member missed the clean mark");
+        }
+        tracing::info!(
+            generation = self.record.generation,
+            "stopped cleanly: the next attach need not reconcile"
+        );
+        Ok(())
     }
 
     /// The record this device serves from.
@@ -421,26 +647,56 @@ impl Manager {
     }
 }
 
+/// The manager of a device, shared by its thread and the daemon (which
+/// marks a clean stop through it).
+#[derive(Clone)]
+pub struct ManagerHandle(Arc<Mutex<Manager>>);
+
+impl std::fmt::Debug for ManagerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ManagerHandle")
+    }
+}
+
+impl ManagerHandle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Manager> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// See [`Manager::stop_cleanly`]; logs why not.
+    pub fn stop_cleanly(&self, m: &Membership) {
+        if let Err(why) = self.lock().stop_cleanly(m) {
+            tracing::warn!("{why}");
+        }
+    }
+}
+
 /// Runs a [`Manager`] on a thread until the membership is dropped or the
-/// device fenced: woken by every report, and once a second to retry.
+/// device fenced: woken by every report, and once a second to retry and to
+/// trim the activity logs.
 pub fn spawn_manager(
     store: Box<dyn RecordStore>,
     layout: Layout,
     attached: &Attached,
-) -> std::io::Result<()> {
+) -> std::io::Result<ManagerHandle> {
     let weak: Weak<Membership> = Arc::downgrade(&attached.membership);
-    let mut manager = Manager::new(store, layout, attached);
+    let handle = ManagerHandle(Arc::new(Mutex::new(Manager::new(store, layout, attached))));
+    let manager = handle.clone();
     std::thread::Builder::new()
         .name("netblk-members".into())
         .spawn(move || {
             while let Some(m) = weak.upgrade() {
-                if !manager.step(&m) {
-                    return;
+                {
+                    let mut manager = manager.lock();
+                    if !manager.step(&m) {
+                        return;
+                    }
+                    manager.tend(&m, Instant::now());
                 }
                 m.wait_report(Duration::from_secs(1));
             }
-        })
-        .map(|_| ())
+        })?;
+    Ok(handle)
 }
 
 enum Shrink {

@@ -205,6 +205,13 @@ impl Source {
             // Bringing a replica back (resync) is not built yet: one that
             // left stays out.
             "columns": columns,
+            // What the attach copied between replicas after an unclean
+            // stop (null: the last owner stopped cleanly).
+            "reconciled": m.reconciled().map(|r| serde_json::json!({
+                "regions": r.regions,
+                "bytes": r.bytes,
+                "millis": r.millis,
+            })),
         })
     }
 }
@@ -362,6 +369,9 @@ fn publish(p: &mut Published, now: Instant) {
         let r = m.replication();
         metrics::gauge!("netblk_membership_generation", &labels).set(view.generation as f64);
         metrics::gauge!("netblk_fenced", &labels).set(if view.fenced { 1.0 } else { 0.0 });
+        let reconciled = m.reconciled().unwrap_or_default();
+        metrics::gauge!("netblk_reconciled_regions", &labels).set(reconciled.regions as f64);
+        metrics::gauge!("netblk_reconciled_bytes", &labels).set(reconciled.bytes as f64);
         for c in 0..r.columns() as usize {
             let l = [
                 labels[0].clone(),

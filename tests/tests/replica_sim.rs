@@ -33,6 +33,11 @@ use netblk_tests::sim::{deliver_reply, seeds};
 const SECTOR: usize = 512;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
+/// The simulated nodes' activity-log region: one stripe unit, so that a
+/// volume has several and a trim or reconcile of the wrong one shows.
+const REGION: u64 = 4096;
+/// How often the manager trims the logs.
+const TRIM_EVERY: Duration = Duration::from_millis(300);
 
 /// What the nodes hold and how they can be reached, shared with the record
 /// store the manager and attach use.
@@ -46,6 +51,10 @@ struct Cluster {
 struct NodeState {
     store: Vec<u8>,
     record: MembershipRecord,
+    /// The activity log (region of [`REGION`] bytes -> sequence number),
+    /// kept across crashes as a node's store keeps it.
+    activity: BTreeMap<u64, u64>,
+    next_seq: u64,
     /// Crashed: nothing in or out until it restarts.
     down: bool,
     /// Cut off: nothing in or out until it heals (no reset either).
@@ -57,6 +66,14 @@ struct NodeState {
 impl NodeState {
     fn reachable(&self) -> bool {
         !self.down && !self.cut
+    }
+
+    /// Logs the regions of a change before it is applied.
+    fn touch(&mut self, offset: u64, len: u64) {
+        for region in offset / REGION..=(offset + len.max(1) - 1) / REGION {
+            self.next_seq += 1;
+            self.activity.insert(region, self.next_seq);
+        }
     }
 }
 
@@ -84,6 +101,78 @@ impl RecordStore for SimRecords {
         }
         *held = record.clone();
         Ok(())
+    }
+
+    fn activity(&self, node: usize) -> Result<Vec<(u64, u64)>, String> {
+        let mut c = self.0.lock().expect("cluster");
+        let flaky = c.flaky_percent;
+        if !c.nodes[node].reachable() || c.rng.below(100) < flaky {
+            return Err("unreachable".into());
+        }
+        Ok(c.nodes[node]
+            .activity
+            .iter()
+            .map(|(r, s)| (*r, *s))
+            .collect())
+    }
+
+    fn trim(&self, node: usize, owner_epoch: u64, entries: &[(u64, u64)]) -> Result<(), String> {
+        let mut c = self.0.lock().expect("cluster");
+        let flaky = c.flaky_percent;
+        if !c.nodes[node].reachable() || c.rng.below(100) < flaky {
+            return Err("unreachable".into());
+        }
+        let n = &mut c.nodes[node];
+        if owner_epoch < n.record.owner_epoch {
+            return Err("fenced".into());
+        }
+        for (region, seq) in entries {
+            if n.activity.get(region) == Some(seq) {
+                n.activity.remove(region);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self, node: usize, _owner_epoch: u64) -> Result<(), String> {
+        let c = self.0.lock().expect("cluster");
+        if !c.nodes[node].reachable() {
+            return Err("unreachable".into());
+        }
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        owner_epoch: u64,
+        from: usize,
+        to: &[usize],
+        ranges: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let mut c = self.0.lock().expect("cluster");
+        if !c.nodes[from].reachable() || to.iter().any(|n| !c.nodes[*n].reachable()) {
+            return Err("unreachable".into());
+        }
+        if to
+            .iter()
+            .any(|n| owner_epoch < c.nodes[*n].record.owner_epoch)
+        {
+            return Err("fenced".into());
+        }
+        for (offset, len) in ranges {
+            let (at, n) = (*offset as usize, *len as usize);
+            let data = c.nodes[from].store[at..at + n].to_vec();
+            for node in to {
+                let target = &mut c.nodes[*node];
+                target.touch(*offset, *len);
+                target.store[at..at + n].copy_from_slice(&data);
+            }
+        }
+        Ok(())
+    }
+
+    fn activity_region(&self) -> u64 {
+        REGION
     }
 }
 
@@ -120,6 +209,11 @@ enum Event {
     },
     Timer,
     Reattach,
+    /// The manager's background step (trimming the activity logs), then
+    /// the next one.
+    Tend {
+        client: u64,
+    },
     /// A member fault (see [`Sim::fault`]), then the next one is drawn.
     Fault,
     CrashClient,
@@ -180,6 +274,11 @@ struct Params {
     /// Mean time between outages of the record path (each 50 to 800 ms).
     record_outage_every: Duration,
     plant: bool,
+    /// Attach without reconciling (a planted bug).
+    plant_no_reconcile: bool,
+    /// Trim the activity logs without waiting for the writes in flight (a
+    /// planted bug).
+    plant_no_drain: bool,
     /// Nodes without owner fencing (they apply an older owner's writes):
     /// what the oracle must catch when the client crashes.
     no_owner_gate: bool,
@@ -209,7 +308,6 @@ struct Sim {
     submitted: usize,
     completed: usize,
     errors: usize,
-    crashed: bool,
     manager_scheduled: bool,
     faults: usize,
     timer_at: Option<Duration>,
@@ -237,6 +335,8 @@ impl Sim {
                 .map(|n| NodeState {
                     store: vec![0; layout.node_capacity(n) as usize],
                     record: MembershipRecord::default(),
+                    activity: BTreeMap::new(),
+                    next_seq: 0,
                     down: false,
                     cut: false,
                     slow: Duration::ZERO,
@@ -266,7 +366,6 @@ impl Sim {
             submitted: 0,
             completed: 0,
             errors: 0,
-            crashed: false,
             manager_scheduled: false,
             faults: 0,
             timer_at: None,
@@ -308,13 +407,25 @@ impl Sim {
             force_degraded: false,
             takeover: true,
             wait: Duration::ZERO,
+            plant_no_reconcile: self.p.plant_no_reconcile,
         };
         // The flaky record path may make the attach fail: it is retried.
         let Ok(attached) = records::attach(&store, &self.layout, &options) else {
             return false;
         };
+        if self.next_client > 1 && !self.p.plant_no_reconcile {
+            self.check_reconciled(&attached.record);
+        }
         let mut manager = Manager::new(Box::new(store), self.layout, &attached);
         manager.plant_publish_before_store = self.p.plant;
+        manager.trimmer = netblk::activity::Trimmer::new(self.instant(), TRIM_EVERY);
+        manager.trimmer.plant_no_drain = self.p.plant_no_drain;
+        self.schedule(
+            TRIM_EVERY / 3,
+            Event::Tend {
+                client: self.next_client,
+            },
+        );
         let id = self.next_client;
         self.next_client += 1;
         let ledger = Arc::new(netblk::ledger::Ledger::new(self.layout.node_count()));
@@ -602,6 +713,7 @@ impl Sim {
                     status = pb::Status::Refused;
                 }
                 WireOp::Write(w) => {
+                    n.touch(w.offset, payload.len() as u64);
                     n.store[w.offset as usize..][..payload.len()].copy_from_slice(&payload)
                 }
                 _ => {}
@@ -701,15 +813,13 @@ impl Sim {
                             "read through queue {queue} of sector {s} returned write {got}, which is neither its last acknowledged write nor one in flight after it: {:?}",
                             self.possible[s]
                         );
-                        if !self.crashed {
-                            if let Some(before) = self.last_read[s] {
-                                assert_eq!(
-                                    got, before,
-                                    "sector {s} flipped from write {before} to {got} with no write between"
-                                );
-                            }
-                            self.last_read[s] = Some(got);
+                        if let Some(before) = self.last_read[s] {
+                            assert_eq!(
+                                got, before,
+                                "sector {s} flipped from write {before} to {got} with no write between"
+                            );
                         }
+                        self.last_read[s] = Some(got);
                     }
                 }
                 _ => {}
@@ -796,7 +906,16 @@ impl Sim {
         let Some(client) = self.client.take() else {
             return;
         };
-        self.crashed = true;
+        // A write in flight at the crash stays in flight for good: reads
+        // before and after it may differ there, nowhere else.
+        for (request, _) in client.outstanding.values() {
+            if matches!(request.op, Op::Write { .. }) {
+                let first = request.offset as usize / SECTOR;
+                for s in first..first + request.len as usize / SECTOR {
+                    self.last_read[s] = None;
+                }
+            }
+        }
         for c in self.conns.values_mut() {
             if c.client == client.id {
                 c.up = false;
@@ -895,6 +1014,7 @@ impl Sim {
                         Some(Event::ToClient { .. }) => "to client",
                         Some(Event::Restore { .. }) => "restore",
                         Some(Event::ManagerStep { .. }) => "manager",
+                        Some(Event::Tend { .. }) => "tend",
                         Some(Event::Release { .. }) => "release",
                         Some(Event::NodeBack { .. }) => "node back",
                         Some(Event::Reattach) => "reattach",
@@ -942,6 +1062,13 @@ impl Sim {
                     self.manager_scheduled = false;
                     if let Some(c) = self.client.as_mut().filter(|c| c.id == client) {
                         c.manager.step(&c.membership);
+                    }
+                }
+                Event::Tend { client } => {
+                    let now = self.instant();
+                    if let Some(c) = self.client.as_mut().filter(|c| c.id == client) {
+                        c.manager.tend(&c.membership, now);
+                        self.schedule(TRIM_EVERY / 3, Event::Tend { client });
                     }
                 }
                 Event::Timer => self.timer_at = None,
@@ -992,6 +1119,36 @@ impl Sim {
         }
     }
 
+    /// After a new owner attached (and reconciled): the in-sync members of
+    /// every column hold the same bytes, so reads spread over them agree.
+    fn check_reconciled(&self, record: &MembershipRecord) {
+        let view = netblk::membership::View::of_record(record);
+        let r = *self.layout.replication();
+        let c = self.cluster();
+        for column in 0..r.columns() as usize {
+            let members: Vec<usize> = r
+                .members(column)
+                .filter(|n| view.in_sync(column, r.row_of(*n)))
+                .collect();
+            for pair in members.windows(2) {
+                let (a, b) = (&c.nodes[pair[0]].store, &c.nodes[pair[1]].store);
+                if let Some(at) = (0..a.len())
+                    .step_by(SECTOR)
+                    .find(|at| a[*at..][..SECTOR] != b[*at..][..SECTOR])
+                {
+                    let id = |s: &[u8]| sector_ids(&s[at..at + SECTOR]).next();
+                    panic!(
+                        "in-sync members {} and {} of column {column} differ after reconcile at node offset {at}: writes {:?} and {:?}",
+                        pair[0],
+                        pair[1],
+                        id(a),
+                        id(b)
+                    );
+                }
+            }
+        }
+    }
+
     /// Every in-sync member holds, for every sector whose content the model
     /// knows, what the model says.
     fn check_members(&self) {
@@ -1036,6 +1193,8 @@ fn params(seed: u64, client_crashes: usize, plant: bool) -> Params {
         flaky_percent: 10,
         record_outage_every: Duration::from_millis(if plant { 300 } else { 1500 }),
         plant,
+        plant_no_reconcile: false,
+        plant_no_drain: false,
         no_owner_gate: false,
     }
 }
@@ -1131,5 +1290,57 @@ fn without_owner_fencing_the_oracle_finds_an_old_owners_write() {
     assert!(
         found.is_some(),
         "writes of a crashed owner that land after the new owner attached went unnoticed"
+    );
+}
+
+/// Seeds of `range` on which a run with a plant set by `plant` fails with
+/// the oracle's reconcile or flip-flop findings; the same seeds pass
+/// without the plant.
+fn planted(range: std::ops::Range<u64>, plant: fn(&mut Params), what: &str) {
+    let all = seeds(range);
+    let mut found = Vec::new();
+    for seed in &all {
+        let mut p = params(*seed, 3, false);
+        plant(&mut p);
+        if let Err(why) = run(*seed, p) {
+            assert!(
+                why.contains("differ after reconcile") || why.contains("flipped"),
+                "seed {seed} with {what} failed otherwise: {why}"
+            );
+            found.push((*seed, why));
+        }
+    }
+    assert!(
+        !found.is_empty(),
+        "{what} went unnoticed over {} seeds",
+        all.len()
+    );
+    eprintln!(
+        "{what} found by {} of {} seeds, e.g. {:?}",
+        found.len(),
+        all.len(),
+        found[0]
+    );
+    for (seed, _) in found.iter().take(5) {
+        run(*seed, params(*seed, 3, false))
+            .unwrap_or_else(|why| panic!("seed {seed} without {what}: {why}"));
+    }
+}
+
+#[test]
+fn the_oracle_finds_an_attach_that_does_not_reconcile() {
+    planted(
+        500..560,
+        |p| p.plant_no_reconcile = true,
+        "an attach without reconcile",
+    );
+}
+
+#[test]
+fn the_oracle_finds_a_trim_that_does_not_wait_for_writes_in_flight() {
+    planted(
+        600..680,
+        |p| p.plant_no_drain = true,
+        "a trim without the drain",
     );
 }

@@ -770,7 +770,9 @@ impl Sim {
             | WireOp::Resize(_)
             | WireOp::Delete(_)
             | WireOp::GetRecord(_)
-            | WireOp::PutRecord(_) => {}
+            | WireOp::PutRecord(_)
+            | WireOp::GetActivity(_)
+            | WireOp::TrimActivity(_) => {}
         }
         if !self.live(at) {
             // Executed late for a connection that is gone: no one hears of it.

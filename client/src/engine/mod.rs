@@ -91,6 +91,9 @@ struct Slot {
     /// What it is and when it arrived (for the latency figures).
     op: Option<Op>,
     started: Option<Instant>,
+    /// A change of a replicated volume: counted device-wide while in
+    /// flight, in this slot of the membership's write epochs.
+    write_epoch: Option<u8>,
 }
 
 /// Read pieces of at least this many bytes count as big (see
@@ -331,6 +334,9 @@ impl Engine {
             buf_nodes: std::mem::take(&mut slot.buf_nodes),
             op: Some(request.op),
             started: Some(now),
+            write_epoch: (self.layout.replicas() > 1
+                && matches!(request.op, Op::Write { .. } | Op::Discard | Op::WriteZeroes))
+            .then(|| self.membership.writes.enter()),
             ..Slot::default()
         };
         slot.pieces.clear();
@@ -592,6 +598,9 @@ impl Engine {
             return;
         }
         slot.active = false;
+        if let Some(epoch) = slot.write_epoch.take() {
+            self.membership.writes.leave(epoch);
+        }
         let result = if slot.errno != 0 {
             Err(slot.errno)
         } else {
