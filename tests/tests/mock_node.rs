@@ -1380,3 +1380,101 @@ fn a_newer_owner_fences_the_older_ones_writes_and_handshakes() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The activity log over the wire (replicated volumes): a change logs its
+/// region, a read does not; only the owner trims, and only regions
+/// untouched since it read them; the directory store keeps the log across
+/// a restart; a volume with one replica logs nothing; a long log comes in
+/// pages.
+#[test]
+fn the_activity_log_records_changes_and_only_the_owner_trims_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir:{}", dir.path().display());
+    let mut node = MockNode::start(&["--store", &store]);
+    const REGION: u64 = netblk_protocol::geometry::ACTIVITY_REGION;
+    let replicated = |volume: &str, owner_epoch: u64| pb::Handshake {
+        owner_epoch,
+        volume_size: 2 << 30,
+        layout: Some(pb::Layout {
+            stripe_unit: 65536,
+            node_count: 1,
+            node_index: 0,
+            replicas: 2,
+            replica_index: 0,
+        }),
+        ..handshake(volume, 0, 65536, 1, 0)
+    };
+    let log = |client: &mut NodeClient, from: u64| {
+        let (reply, _) = client
+            .call(Op::GetActivity(pb::GetActivity { from }), &[])
+            .expect("get activity");
+        assert_eq!(reply.status, OK, "{}", reply.message);
+        let entries: Vec<(u64, u64)> = reply
+            .activity_regions
+            .iter()
+            .copied()
+            .zip(reply.activity_seqs.iter().copied())
+            .collect();
+        (entries, reply.activity_more)
+    };
+    let regions = |entries: &[(u64, u64)]| entries.iter().map(|(r, _)| *r).collect::<Vec<_>>();
+    let trim = |client: &mut NodeClient, entries: &[(u64, u64)]| {
+        client.status_of(
+            Op::TrimActivity(pb::TrimActivity {
+                regions: entries.iter().map(|(r, _)| *r).collect(),
+                seqs: entries.iter().map(|(_, s)| *s).collect(),
+            }),
+            &[],
+        )
+    };
+    let mut owner = NodeClient::open(node.addr, replicated("act", 1));
+    owner.write(0, &[1; 4096], false);
+    owner.write(2 * REGION + 8192, &[2; 4096], true);
+    let _ = owner.read(5 * REGION, 4096);
+    assert_eq!(
+        owner.status_of(
+            Op::WriteZeroes(pb::WriteZeroes {
+                offset: 7 * REGION - 4096,
+                length: 8192,
+            }),
+            &[]
+        ),
+        OK
+    );
+    let (first, more) = log(&mut owner, 0);
+    assert!(!more);
+    assert_eq!(regions(&first), [0, 2, 6, 7], "a read logs nothing");
+    // A tool (no owner epoch) may read the log, never trim it.
+    let mut tool = NodeClient::open(node.addr, replicated("act", 0));
+    assert_eq!(trim(&mut tool, &first), Status::Refused as i32);
+    assert_eq!(
+        log(&mut tool, 0).0,
+        first,
+        "the refused trim dropped nothing"
+    );
+    // Region 2 is written again after the owner read the log: it stays.
+    owner.write(2 * REGION, &[3; 512], false);
+    assert_eq!(trim(&mut owner, &first), OK);
+    assert_eq!(regions(&log(&mut owner, 0).0), [2]);
+    drop((owner, tool));
+    // The directory store keeps the log across a restart.
+    node.terminate();
+    let addr = node.addr.to_string();
+    node = MockNode::start_at(&addr, &["--store", &store]);
+    let mut owner = NodeClient::open(node.addr, replicated("act", 1));
+    assert_eq!(regions(&log(&mut owner, 0).0), [2], "kept across a restart");
+    // A long log comes in pages of at most ACTIVITY_PAGE.
+    for region in 10..210 {
+        owner.write(region * REGION, &[4; 512], false);
+    }
+    let (page, more) = log(&mut owner, 0);
+    assert!(more);
+    assert_eq!(page.len(), netblk_protocol::geometry::ACTIVITY_PAGE);
+    let (rest, more) = log(&mut owner, page.last().expect("a page").0 + 1);
+    assert!(!more);
+    assert_eq!(page.len() + rest.len(), 201);
+    // One replica: nothing is logged.
+    let mut single = NodeClient::open(node.addr, handshake("single", 8 * MIB, 65536, 1, 0));
+    single.write(0, &[5; 4096], false);
+    assert!(log(&mut single, 0).0.is_empty());
+}

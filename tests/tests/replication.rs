@@ -332,3 +332,154 @@ fn a_replica_behind_a_dead_link_costs_no_io_error() {
     assert_eq!(volume.membership().departures()[0].node, 1);
     verify(&volume, &last);
 }
+
+/// The child side of [`a_daemon_killed_with_writes_in_flight_is_reconciled`]:
+/// attaches the volume named in the environment and writes the first
+/// activity region over and over until it is killed.
+fn writer_child(nodes: &str) -> ! {
+    let spec = VolumeSpec {
+        name: "reconcile".into(),
+        size: 8 * MIB,
+        stripe_unit: 64 << 10,
+        nodes: nodes
+            .split(',')
+            .map(|a| a.parse().expect("node address"))
+            .collect(),
+        replicas: 2,
+    };
+    let volume = Volume::open(
+        &spec,
+        &VolumeOptions {
+            takeover: true,
+            io_timeout: Duration::from_secs(60),
+            replica_timeout: Duration::from_secs(50),
+            ..options(2)
+        },
+    )
+    .expect("child attach");
+    let volume = Arc::new(volume);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let volume = Arc::clone(&volume);
+            std::thread::spawn(move || {
+                for round in 2.. {
+                    // The first 4 MiB only: one activity region.
+                    for b in (t..64).step_by(4) {
+                        let offset = b * UNIT;
+                        // Fails once the node is fenced or stalled past
+                        // the timeouts: the parent kills this process first.
+                        let _ = volume.write_at(&pattern(round, offset, UNIT as usize), offset);
+                    }
+                    if round == 2 && t == 0 {
+                        println!("CHILD WRITING");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    std::process::exit(0)
+}
+
+/// A daemon killed with writes in flight leaves replicas that differ in
+/// the regions it was writing; the next attach finds the stop unclean,
+/// copies those regions (only those) from the column's first in-sync
+/// member, and the replicas are equal byte for byte. A clean stop needs no
+/// reconcile.
+#[test]
+fn a_daemon_killed_with_writes_in_flight_is_reconciled() {
+    if let Ok(nodes) = std::env::var("NETBLK_RECONCILE_CHILD") {
+        writer_child(&nodes);
+    }
+    let cluster = Cluster::start(2);
+    let spec = spec(&cluster, "reconcile", 2);
+    let whole = pattern(1, 0, (8 * MIB) as usize);
+    {
+        let volume = Volume::open(&spec, &options(1)).expect("first attach");
+        volume.write_at(&whole, 0).expect("fill");
+    }
+    {
+        // Stopped cleanly: nothing to reconcile, and the logs are trimmed.
+        let volume = Volume::open(&spec, &options(1)).expect("second attach");
+        assert_eq!(volume.membership().reconciled(), None);
+    }
+    let nodes: Vec<String> = cluster.addrs().iter().map(|a| a.to_string()).collect();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "a_daemon_killed_with_writes_in_flight_is_reconciled",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("NETBLK_RECONCILE_CHILD", nodes.join(","))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("writer child");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).expect("child output");
+        assert!(n > 0, "the writer child ended before writing");
+        if line.contains("CHILD WRITING") {
+            break;
+        }
+    }
+    // Node 1 holds what reaches it from now on; node 0 applies it. Then the
+    // writer dies with writes in flight.
+    cluster.nodes[1]
+        .admin()
+        .set_faults(netblk_protocol::pb::Faults {
+            stall: true,
+            stall_open_only: true,
+            ..Default::default()
+        });
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().expect("kill -9 the writer");
+    let _ = child.wait();
+    let (a, b) = (
+        cluster.node_file(0, "reconcile"),
+        cluster.node_file(1, "reconcile"),
+    );
+    assert!(
+        a != b,
+        "the replicas must differ for this test to mean anything"
+    );
+    assert!(
+        a[4 * MIB as usize..] == b[4 * MIB as usize..],
+        "they differ only where the writer wrote"
+    );
+    // Attached while node 1 still holds the dead writer's requests: the
+    // new owner fences them, and reconciles.
+    let volume = Volume::open(
+        &spec,
+        &VolumeOptions {
+            takeover: true,
+            ..options(2)
+        },
+    )
+    .expect("attach after the crash");
+    cluster.nodes[1]
+        .admin()
+        .set_faults(netblk_protocol::pb::Faults::default());
+    let done = volume
+        .membership()
+        .reconciled()
+        .expect("an unclean stop is reconciled");
+    assert_eq!(
+        (done.regions, done.bytes),
+        (1, 4 * MIB),
+        "exactly the region the writer wrote, copied to one member"
+    );
+    assert_eq!(volume.membership().view().iss, vec![0b11], "both in sync");
+    std::thread::sleep(Duration::from_millis(300));
+    let (a, b) = (
+        cluster.node_file(0, "reconcile"),
+        cluster.node_file(1, "reconcile"),
+    );
+    assert!(a == b, "the replicas differ after reconcile");
+    let mut back = vec![0u8; (8 * MIB) as usize];
+    volume.read_at(&mut back, 0).expect("read");
+    assert!(back == a, "the volume reads what the replicas hold");
+}
