@@ -346,15 +346,15 @@ pub fn attach(
 ) -> Result<Attached, String> {
     let replication = *layout.replication();
     let deadline = Instant::now() + options.wait;
-    let (current, answers) = loop {
+    let (current, answers, forced_out) = loop {
         let answers = read_all(store, layout.node_count());
         let records: Vec<Option<MembershipRecord>> = answers
             .iter()
             .map(|a| a.as_ref().ok().map(|(r, _)| r.clone()))
             .collect();
         match replicas::attach(&records, &replication) {
-            Ok(Attach::Fresh(r)) => break ((r, true), answers),
-            Ok(Attach::Current(r)) => break ((r, false), answers),
+            Ok(Attach::Fresh(r)) => break ((r, true), answers, Vec::new()),
+            Ok(Attach::Current(r)) => break ((r, false), answers, Vec::new()),
             Err(AttachError::Missing {
                 generation,
                 missing,
@@ -378,7 +378,9 @@ pub fn attach(
                         .max_by_key(|r| r.generation)
                         .cloned();
                     match newest.filter(|r| r.generation > 0) {
-                        Some(r) => break ((r, false), answers),
+                        // The members that did not answer leave the
+                        // in-sync sets: nothing can be stored on them.
+                        Some(r) => break ((r, false), answers, missing),
                         None => {
                             return Err(format!(
                                 "no node that answered holds a membership record, and {} did not answer: cannot even attach degraded",
@@ -399,6 +401,21 @@ pub fn attach(
         }
     };
     let ((record, fresh), answers) = (current, answers);
+    let mut iss = record.clone();
+    for node in &forced_out {
+        match replicas::shrink(&iss, &replication, *node) {
+            Some(shrunk) => iss = shrunk,
+            None if !View::of_record(&iss)
+                .in_sync(replication.column_of(*node), replication.row_of(*node)) => {}
+            None => {
+                return Err(format!(
+                    "no member in sync of column {} answers ({} did not): cannot attach even degraded",
+                    replication.column_of(*node),
+                    store.name(*node)
+                ));
+            }
+        }
+    }
     let alive: Vec<String> = answers
         .iter()
         .enumerate()
@@ -425,7 +442,7 @@ pub fn attach(
         owner_epoch: record.owner_epoch + 1,
         owner: options.owner.clone(),
         clean: false,
-        iss: record.iss.clone(),
+        iss: iss.iss,
     };
     // Each node's stored generation, as read: the compare-and-set fails if
     // anything changed it since.

@@ -483,3 +483,43 @@ fn a_daemon_killed_with_writes_in_flight_is_reconciled() {
     volume.read_at(&mut back, 0).expect("read");
     assert!(back == a, "the volume reads what the replicas hold");
 }
+
+/// `--force-degraded`: with a member of the newest record's in-sync set
+/// unreachable, the attach serves anyway and takes that member out (it
+/// may hold nothing this owner writes); an attach later, with the member
+/// back, keeps it out and needs nothing from it.
+#[test]
+fn a_forced_degraded_attach_takes_the_missing_member_out() {
+    let mut cluster = Cluster::start(2);
+    let spec = spec(&cluster, "forced", 2);
+    let first = pattern(1, 0, UNIT as usize);
+    {
+        let volume = Volume::open(&spec, &options(1)).expect("open");
+        volume.write_at(&first, 0).expect("write");
+    }
+    cluster.nodes[1].signal(libc::SIGKILL);
+    cluster.nodes[1].wait_exit(Duration::from_secs(5));
+    let forced = VolumeOptions {
+        force_degraded: true,
+        ..options(1)
+    };
+    let second = pattern(2, 0, UNIT as usize);
+    {
+        let volume = Volume::open(&spec, &forced).expect("forced degraded attach");
+        assert_eq!(volume.membership().view().iss, vec![0b01], "node 1 is out");
+        let mut back = vec![0u8; UNIT as usize];
+        volume.read_at(&mut back, 0).expect("read");
+        assert!(back == first);
+        volume.write_at(&second, 0).expect("write without node 1");
+    }
+    cluster.restart(1, &[]);
+    let volume = Volume::open(&spec, &options(1)).expect("attach with node 1 back");
+    assert_eq!(
+        volume.membership().view().iss,
+        vec![0b01],
+        "node 1 stays out: it missed writes"
+    );
+    let mut back = vec![0u8; UNIT as usize];
+    volume.read_at(&mut back, 0).expect("read");
+    assert!(back == second, "the newest data, never node 1's stale copy");
+}
