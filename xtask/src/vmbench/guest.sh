@@ -32,9 +32,10 @@ mq_map() {
   echo "hw queue:CPUs$m"
 }
 
-# map_netblk TARGET NODES QUEUES ZERO-COPY: a netblk device for TARGET.
+# map_netblk TARGET NODES QUEUES ZERO-COPY [REPLICAS]: a netblk device for TARGET.
 map_netblk() {
-  netblk map --volume "$pass-$1" --size ${SIZE_MB}M --nodes "$2" --queues "$3" --zero-copy "$4" >/tmp/$1.out 2>/tmp/$1.log &
+  netblk map --volume "$pass-$1" --size ${SIZE_MB}M --nodes "$2" --queues "$3" --zero-copy "$4" \
+      --replicas "${5:-1}" >/tmp/$1.out 2>/tmp/$1.log &
   echo $! > /tmp/pid.$1
   d=$(wait_dev /tmp/$1.out)
   [ -n "$d" ] || fail "netblk map for $1"
@@ -81,6 +82,8 @@ setup_pass() {
   map_netblk netblk-1n1q-auto $one 1 auto
   map_netblk netblk-3n2q-copy $three $QUEUES off
   map_netblk netblk-3n2q-auto $three $QUEUES auto
+  six=$(node_list 10 | cut -d, -f5-10)
+  map_netblk netblk-3c2r-auto $six $QUEUES auto 2
   if [ $pass = store ]; then
     # nbd-server (forks a process per connection) exporting a tmpfs file.
     mkdir -p /tmp/nbd && rm -f /tmp/nbd/export.img
@@ -102,7 +105,7 @@ setup_pass() {
   echo "NETBLK-BENCH-PATH $pass brd RAM disk"
   if [ $pass = store ]; then
     # Both NBD devices share the export file: filling one fills both.
-    for t in netblk-1n1q-copy netblk-1n1q-auto netblk-3n2q-copy netblk-3n2q-auto nbd-1conn; do fill "$(cat /tmp/dev.$t)"; done
+    for t in netblk-1n1q-copy netblk-1n1q-auto netblk-3n2q-copy netblk-3n2q-auto netblk-3c2r-auto nbd-1conn; do fill "$(cat /tmp/dev.$t)"; done
   fi
 }
 

@@ -140,11 +140,21 @@ pub const TARGETS: &[Target] = &[
         peer: Some("nbd-6conn"),
     },
     Target {
+        id: REPLICATED,
+        what: "netblk, 3 columns × 2 replicas (6 nodes), 2 queues, `--replicas 2 --zero-copy auto`: every write goes to 2 nodes",
+        peer: Some("nbd-6conn"),
+    },
+    Target {
         id: BRD,
         what: "RAM disk (`brd.ko`): the ceiling",
         peer: None,
     },
 ];
+
+/// The replicated target, and the unreplicated one with the same columns
+/// and queues it is also compared with (what replication costs).
+pub const REPLICATED: &str = "netblk-3c2r-auto";
+pub const UNREPLICATED: &str = "netblk-3n2q-auto";
 
 /// The order of the report's rows.
 const SHOWN: &[&str] = &[
@@ -155,6 +165,7 @@ const SHOWN: &[&str] = &[
     "nbd-6conn",
     "netblk-3n2q-copy",
     "netblk-3n2q-auto",
+    REPLICATED,
 ];
 
 /// The passes, in the order the guest runs them.
@@ -324,7 +335,7 @@ pub fn guest_script(plan: &Plan) -> String {
     } else {
         let _ = writeln!(
             script,
-            "PASSES=\"{}\"\nTARGETS=\"{}\"\nWORKLOADS=\"{}\"\nNODE_PROCS=4",
+            "PASSES=\"{}\"\nTARGETS=\"{}\"\nWORKLOADS=\"{}\"\nNODE_PROCS=10",
             names(&mut PASSES.iter().map(|(p, _)| *p)),
             names(&mut TARGETS.iter().map(|t| t.id)),
             names(&mut WORKLOADS.iter().map(|w| w.name)),
@@ -660,9 +671,9 @@ mod tests {
         // targets x 3 rounds, each about runtime + ramp + 1 s (fio starting,
         // the report lines; 0.8 s measured), plus a minute of set-up.
         let plan = full.plan();
-        assert_eq!(plan.runs(), 252);
+        assert_eq!(plan.runs(), 288);
         let estimate = plan.runs() * (plan.runtime_ms + plan.ramp_ms + 1_000) / 1000 + 60;
-        assert!(estimate < 25 * 60, "{estimate} s");
+        assert!(estimate < 30 * 60, "{estimate} s");
         assert!(plan.timeout() > Duration::from_secs(2 * estimate));
     }
 

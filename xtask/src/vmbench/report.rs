@@ -163,6 +163,26 @@ pub fn summary_table(samples: &[Sample]) -> String {
     out
 }
 
+/// What replication costs: the replicated target's IOPS over the
+/// unreplicated one's with the same columns and queues, per workload and
+/// pass.
+pub fn replication_table(samples: &[Sample]) -> String {
+    let mut out = format!(
+        "| workload | servers | {REPLICATED} ÷ {UNREPLICATED} |\n|---|---|--:|\n"
+    );
+    for workload in WORKLOADS {
+        for (pass, _) in PASSES {
+            let _ = writeln!(
+                out,
+                "| {} | {pass} | {} |",
+                workload.name,
+                ratio_cell(ratio(samples, pass, workload.name, REPLICATED, UNREPLICATED))
+            );
+        }
+    }
+    out
+}
+
 /// What the report says about where and how it was measured.
 pub struct Setting {
     pub command: String,
@@ -258,7 +278,8 @@ pub fn report(console: &Console, setting: &Setting) -> String {
          How to read it:\n\
          - each cell is the median over the rounds; `runs` counts the rounds measured;\n\
          - `÷ NBD` is netblk's IOPS over the NBD client's with as many connections (1 node and 1 queue\n  \
-           against 1 connection; 3 nodes and 2 queues against 6), `÷ brd` a target's IOPS over the\n  \
+           against 1 connection; 3 nodes and 2 queues against 6; the replicated device, which writes\n  \
+           every block twice, against 6 too), `÷ brd` a target's IOPS over the\n  \
            RAM disk's: both taken round by round (each round runs every target once, in alternating\n  \
            order), then the median and the smallest and largest of those ratios;\n\
          - latency is fio's total latency (submission to completion);\n\
@@ -277,6 +298,13 @@ pub fn report(console: &Console, setting: &Setting) -> String {
          discarding servers.\n\n",
     );
     out.push_str(&summary_table(&console.samples));
+    out.push_str(
+        "\n## Replication: R = 2 over R = 1\n\n\
+         The replicated device (3 columns on 6 nodes) over the unreplicated one (3 nodes), same\n\
+         queues and data path, round by round: writes go out twice and wait for both copies;\n\
+         reads go to one copy, spread over both.\n\n",
+    );
+    out.push_str(&replication_table(&console.samples));
     out.push_str("\nTargets:\n\n");
     for target in SHOWN {
         if let Some(t) = TARGETS.iter().find(|t| t.id == *target) {
