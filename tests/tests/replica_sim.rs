@@ -1247,34 +1247,12 @@ fn a_client_that_crashes_and_attaches_again_loses_no_acknowledged_write() {
 
 #[test]
 fn the_oracle_finds_acknowledgements_before_the_shrink_is_stored() {
-    let all = seeds(200..260);
-    let mut found = Vec::new();
-    for seed in &all {
-        if let Err(why) = run(*seed, params(*seed, 3, true)) {
-            // Only the oracle's findings count, not a run that went wrong.
-            assert!(
-                why.contains("returned write") || why.contains("holds write"),
-                "seed {seed} with the plant failed otherwise: {why}"
-            );
-            found.push((*seed, why));
-        }
-    }
-    assert!(
-        !found.is_empty(),
-        "the planted bug went unnoticed over {} seeds",
-        all.len()
+    planted(
+        200..260,
+        |seed| params(seed, 3, true),
+        "publishing a shrink before it is stored",
+        &["returned write", "holds write"],
     );
-    eprintln!(
-        "planted bug found by {} of {} seeds, e.g. {:?}",
-        found.len(),
-        all.len(),
-        found[0]
-    );
-    // Without the plant, the same seeds pass.
-    for (seed, _) in found.iter().take(5) {
-        run(*seed, params(*seed, 3, false))
-            .unwrap_or_else(|why| panic!("seed {seed} without the plant: {why}"));
-    }
 }
 
 #[test]
@@ -1293,18 +1271,21 @@ fn without_owner_fencing_the_oracle_finds_an_old_owners_write() {
     );
 }
 
-/// Seeds of `range` on which a run with a plant set by `plant` fails with
-/// the oracle's reconcile or flip-flop findings; the same seeds pass
-/// without the plant.
-fn planted(range: std::ops::Range<u64>, plant: fn(&mut Params), what: &str) {
+/// Runs the seeds of `range` with a planted bug (`planted_params`): some
+/// must fail, each with one of the oracle's `findings` (not a run that went
+/// wrong otherwise), and the same seeds pass without the plant.
+fn planted(
+    range: std::ops::Range<u64>,
+    planted_params: fn(u64) -> Params,
+    what: &str,
+    findings: &[&str],
+) {
     let all = seeds(range);
     let mut found = Vec::new();
     for seed in &all {
-        let mut p = params(*seed, 3, false);
-        plant(&mut p);
-        if let Err(why) = run(*seed, p) {
+        if let Err(why) = run(*seed, planted_params(*seed)) {
             assert!(
-                why.contains("differ after reconcile") || why.contains("flipped"),
+                findings.iter().any(|f| why.contains(f)),
                 "seed {seed} with {what} failed otherwise: {why}"
             );
             found.push((*seed, why));
@@ -1327,12 +1308,20 @@ fn planted(range: std::ops::Range<u64>, plant: fn(&mut Params), what: &str) {
     }
 }
 
+/// What reconcile and the trims must prevent: replicas that differ after
+/// an attach, reads that flip.
+const DIVERGENCE: &[&str] = &["differ after reconcile", "flipped"];
+
 #[test]
 fn the_oracle_finds_an_attach_that_does_not_reconcile() {
     planted(
         500..560,
-        |p| p.plant_no_reconcile = true,
+        |seed| Params {
+            plant_no_reconcile: true,
+            ..params(seed, 3, false)
+        },
         "an attach without reconcile",
+        DIVERGENCE,
     );
 }
 
@@ -1340,7 +1329,11 @@ fn the_oracle_finds_an_attach_that_does_not_reconcile() {
 fn the_oracle_finds_a_trim_that_does_not_wait_for_writes_in_flight() {
     planted(
         600..680,
-        |p| p.plant_no_drain = true,
+        |seed| Params {
+            plant_no_drain: true,
+            ..params(seed, 3, false)
+        },
         "a trim without the drain",
+        DIVERGENCE,
     );
 }

@@ -214,7 +214,7 @@ pub fn need_tools() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "missing host tools: {} (apt-get install qemu-system-x86 busybox-static cpio xz-utils fio e2fsprogs xfsprogs)",
+            "missing host tools: {} (apt-get install qemu-system-x86 busybox-static cpio xz-utils fio e2fsprogs xfsprogs iproute2)",
             missing.join(", ")
         ))
     }
@@ -482,6 +482,12 @@ fn make_initramfs(
     for bin in extras.bins {
         copy_with_libs(bin, &stage)?;
     }
+    // iproute2's ip (network namespaces and veth links of the scenarios'
+    // own), beside busybox's smaller `ip`, which the init's applet links
+    // keep.
+    let ip = which("ip")?;
+    fs::copy(&ip, stage.join("bin/ip-full")).map_err(|e| format!("{}: {e}", ip.display()))?;
+    copy_libs(&ip, &stage)?;
     // Throwaway certificates for the TLS scenario: a CA, a node certificate
     // for 127.0.0.1 and a client certificate, in /etc/netblk/tls.
     let tls_dir = stage.join("etc/netblk/tls");
@@ -509,6 +515,7 @@ fn make_initramfs(
         "aesni_intel",
         "chacha20poly1305",
         "tls",
+        "veth",
     ] {
         if modules_with_deps(kernel_root, name, &mut modules).is_err() {
             eprintln!("    (no {name} module in this kernel)");

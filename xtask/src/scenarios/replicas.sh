@@ -2,7 +2,8 @@
 # no IO error and its column shows degraded; a second map of the volume is
 # refused while its owner lives; a daemon killed -9 under writes is
 # reconciled by `map --recover`, after which the replicas' files are equal
-# byte for byte. Nodes with directory stores.
+# byte for byte; a replica behind a veth link set down (a silent peer)
+# costs no IO error either. Nodes with directory stores.
 fio_raw() {
   fio --name=$1 --filename="$2" --ioengine=libaio --direct=1 --iodepth=16 \
       --rw=randwrite --bsrange=4k-256k --size=48M --rate=12m --verify=crc32c \
@@ -125,4 +126,44 @@ cmp /var/rec7221/recon.vol /var/rec7223/recon.vol || fail "column 0's replicas d
 cmp /var/rec7222/recon.vol /var/rec7224/recon.vol || fail "column 1's replicas differ after reconcile"
 echo "ublk: R = 2, daemon kill -9 under fio verify: map --recover reconciled, the replicas are equal byte for byte; a clean stop needs no reconcile"
 rm -rf /var/rec722*
+
+# 4. A silent peer: R = 2 over two nodes, one of them in a network namespace
+#    of this scenario's own behind a veth link; the namespace side of the
+#    link goes down mid-workload (nothing arrives, nothing is refused).
+ip-full netns add repns || fail "ip-full netns add"
+ip-full link add nbv0 type veth peer name nbv1 || fail "no veth link"
+ip-full link set nbv1 netns repns
+ip-full addr add 10.99.0.1/24 dev nbv0
+ip-full link set nbv0 up
+ip-full -n repns addr add 10.99.0.2/24 dev nbv1
+ip-full -n repns link set nbv1 up
+ip-full -n repns link set lo up
+mkdir -p /var/silent0 /var/silent1
+netblk-mock-node --listen 127.0.0.1:7231 --store dir:/var/silent0 >/tmp/silent0.out 2>/tmp/silent0.log &
+SN0=$!
+ip-full netns exec repns netblk-mock-node --listen 10.99.0.2:7232 --store dir:/var/silent1 >/tmp/silent1.out 2>/tmp/silent1.log &
+SN1=$!
+wait_listening /tmp/silent0.out /tmp/silent1.out
+netblk map --volume silent --size 64M --nodes 127.0.0.1:7231,10.99.0.2:7232 --replicas 2 \
+    --replica-timeout 2 --queues 2 >/tmp/silent.out 2>/tmp/silent.log &
+MAP=$!
+DEV=$(wait_dev /tmp/silent.out)
+[ -b "$DEV" ] || { cat /tmp/silent.log; fail "no device for the silent-peer volume"; }
+fio_raw silentfio "$DEV" &
+FIO=$!
+sleep 1.5
+kill -0 $FIO 2>/dev/null || fail "fio ended before the link went down"
+ip-full -n repns link set nbv1 down
+wait $FIO || fail "fio across a silent peer (R = 2)"
+grep -q "err= 0" /tmp/silentfio.log || fail "fio reported errors across a silent peer"
+netblk status >/tmp/silentstatus.out 2>&1 || fail "netblk status (silent peer)"
+grep -q "column 0 DEGRADED in sync \[0\]" /tmp/silentstatus.out || { cat /tmp/silentstatus.out; fail "status does not show the column degraded behind the silent peer"; }
+echo "ublk: R = 2, a replica behind a veth link set down under fio verify: no error, column degraded"
+ip-full -n repns link set nbv1 up
+netblk unmap "$DEV" >/tmp/unmapsilent.out 2>&1 || { cat /tmp/unmapsilent.out; fail "unmap (silent peer)"; }
+wait $MAP || fail "the silent-peer daemon exited with an error"
+kill $SN0 $SN1; wait $SN0 $SN1
+ip-full link del nbv0
+ip-full netns del repns
+rm -rf /var/silent0 /var/silent1
 ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"

@@ -957,9 +957,10 @@ mod tests {
             .expect("summary row");
         assert_eq!(
             summary,
-            "| randread-4k-qd1 | store | — | 1.00 (0.90–1.10) | — | — |"
+            "| randread-4k-qd1 | store | — | 1.00 (0.90–1.10) | — | — | — |"
         );
         assert!(text.contains("| workload | servers | netblk-1n1q-copy ÷ nbd-1conn |"));
+        assert!(text.contains("| workload | servers | netblk-3c2r-auto ÷ netblk-3n2q-auto |"));
     }
 
     #[test]

@@ -167,16 +167,21 @@ pub fn summary_table(samples: &[Sample]) -> String {
 /// unreplicated one's with the same columns and queues, per workload and
 /// pass.
 pub fn replication_table(samples: &[Sample]) -> String {
-    let mut out = format!(
-        "| workload | servers | {REPLICATED} ÷ {UNREPLICATED} |\n|---|---|--:|\n"
-    );
+    let mut out =
+        format!("| workload | servers | {REPLICATED} ÷ {UNREPLICATED} |\n|---|---|--:|\n");
     for workload in WORKLOADS {
         for (pass, _) in PASSES {
             let _ = writeln!(
                 out,
                 "| {} | {pass} | {} |",
                 workload.name,
-                ratio_cell(ratio(samples, pass, workload.name, REPLICATED, UNREPLICATED))
+                ratio_cell(ratio(
+                    samples,
+                    pass,
+                    workload.name,
+                    REPLICATED,
+                    UNREPLICATED
+                ))
             );
         }
     }
