@@ -355,6 +355,81 @@ fn metrics_and_logs_tell_what_happened() {
         assert_eq!(e["span"]["volume"], "observed", "{e}");
     }
     drop(volume);
+
+    // Two copies: a replicated volume (2 columns x 2 replicas) sends every
+    // written byte twice, from the same pages, zero-copy as with one (no
+    // copy per replica), and shows its columns whole.
+    let mirrors = Cluster::start(4);
+    let spec = netblk::layout::VolumeSpec {
+        replicas: 2,
+        ..mirrors.spec("mirrored", 16 << 20)
+    };
+    let volume = Volume::open(&spec, &options).expect("open the replicated volume");
+    telemetry.add(Source {
+        volume: "mirrored".into(),
+        device: String::new(),
+        nodes: spec.nodes.clone(),
+        data_path: "in-process".into(),
+        queues: volume.figures(),
+        membership: Some(Arc::clone(volume.membership())),
+    });
+    let mirrored = |s: &[Sample], metric: &str, extra: (&str, &str)| {
+        value(s, metric, &[("volume", "mirrored"), extra]).unwrap_or(0.0)
+    };
+    let before = scrape(addr);
+    volume.write_at(&big, 0).expect("replicated write");
+    let after = until(addr, "every zero-copy notification back (replicated)", |s| {
+        value(s, "netblk_zerocopy_notifications_total", &[("volume", "mirrored")])
+            == value(s, "netblk_zerocopy_sends_total", &[("volume", "mirrored")])
+    });
+    let moved = |metric: &str, extra: (&str, &str)| {
+        mirrored(&after, metric, extra) - mirrored(&before, metric, extra)
+    };
+    assert_eq!(
+        moved("netblk_payload_sent_bytes_total", ("mode", "zerocopy")),
+        2.0 * f64::from(1u32 << 20),
+        "R x the written bytes, all zero-copy"
+    );
+    assert_eq!(
+        moved("netblk_payload_sent_bytes_total", ("mode", "copy")),
+        0.0,
+        "no copy per replica"
+    );
+    // Each column's two members received the same bytes.
+    let to_node = |i: usize| {
+        moved(
+            "netblk_node_sent_bytes_total",
+            ("node", spec.nodes[i].to_string().as_str()),
+        )
+    };
+    assert_eq!(to_node(0), to_node(2), "column 0's members");
+    assert_eq!(to_node(1), to_node(3), "column 1's members");
+    assert_eq!(to_node(0) + to_node(1), f64::from(1u32 << 20));
+    // One chain per member (vectored zero-copy sends), or a send per piece
+    // per member.
+    let sends = moved("netblk_zerocopy_sends_total", ("volume", "mirrored"));
+    let chains = if netblk::uring::probe_sendmsg_zc_fixed() {
+        4.0
+    } else {
+        32.0
+    };
+    assert_eq!(sends, chains, "zero-copy sends of a replicated 1 MiB write");
+    for column in ["0", "1"] {
+        assert_eq!(
+            mirrored(&after, "netblk_column_in_sync_replicas", ("column", column)),
+            2.0
+        );
+        assert_eq!(
+            mirrored(&after, "netblk_column_degraded", ("column", column)),
+            0.0
+        );
+    }
+    assert_eq!(
+        value(&after, "netblk_reconciled_bytes", &[("volume", "mirrored")]),
+        Some(0.0),
+        "a fresh volume reconciles nothing"
+    );
+    drop(volume);
 }
 
 /// The mock node's own `/metrics`: requests by op and status, bytes.
