@@ -99,6 +99,9 @@ pub const ACTIVITY_REGION: u64 = 4 << 20;
 /// (their headers stay well below the 4 KiB header limit).
 pub const ACTIVITY_PAGE: usize = 128;
 
+/// Bytes at most one `Digest` request covers.
+pub const MAX_DIGEST_LEN: u64 = 64 << 20;
+
 /// The activity-log regions a request at node offset `offset` of `len`
 /// bytes touches (none for `len` 0).
 pub fn activity_regions(offset: u64, len: u64) -> std::ops::Range<u64> {

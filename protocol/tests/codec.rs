@@ -118,6 +118,8 @@ fn request() -> impl Strategy<Value = (pb::Request, u32)> {
             .prop_map(|(offset, length)| (Op::WriteZeroes(pb::WriteZeroes { offset, length }), 0)),
         any::<u64>().prop_map(|nonce| (Op::Ping(pb::Ping { nonce }), 0)),
         any::<u64>().prop_map(|from| (Op::GetActivity(pb::GetActivity { from }), 0)),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(offset, length)| (Op::Digest(pb::Digest { offset, length }), 0)),
         (any::<u64>(), 0usize..128).prop_map(|(seq, n)| (
             Op::TrimActivity(pb::TrimActivity {
                 regions: (0..n as u64).collect(),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netblk_protocol::geometry::ACTIVITY_PAGE;
+use netblk_protocol::geometry::{ACTIVITY_PAGE, MAX_DIGEST_LEN};
 use netblk_protocol::pb::{self, Status, admin::Cmd, header::Kind, request::Op};
 use netblk_protocol::{
     Decoded, FrameError, PROTOCOL_REVISION, PROTOCOL_VERSION, decode_frame, encode_head,
@@ -902,6 +902,34 @@ fn apply(
         Op::GetRecord(_) => {
             reply.record = Some(volume.record());
             reply.owner_connected = volume.owner_connected();
+            Ok(())
+        }
+        Op::Digest(digest) => {
+            if digest.length > MAX_DIGEST_LEN {
+                return Err((
+                    Status::Invalid,
+                    format!(
+                        "a digest of {} bytes exceeds {MAX_DIGEST_LEN}",
+                        digest.length
+                    ),
+                ));
+            }
+            in_range(volume, digest.offset, digest.length)?;
+            let chunk = u64::from(node.config.max_io_size).clamp(4096, 1 << 20);
+            let mut crc = 0u32;
+            let mut done = 0u64;
+            while done < digest.length {
+                let n = (digest.length - done).min(chunk);
+                let buf = data.take(n as usize);
+                backend
+                    .read(digest.offset + done, buf)
+                    .map_err(|err| io_failure("digest", err))?;
+                crc = crc32c::crc32c_append(crc, buf);
+                done += n;
+            }
+            // Nothing of it goes back as payload.
+            data.clear();
+            reply.crc32c = Some(crc);
             Ok(())
         }
         Op::GetActivity(get) => {

@@ -266,7 +266,8 @@ impl Counters {
                 | Op::GetRecord(_)
                 | Op::PutRecord(_)
                 | Op::GetActivity(_)
-                | Op::TrimActivity(_),
+                | Op::TrimActivity(_)
+                | Op::Digest(_),
             )
             | None => 5,
         };

@@ -1478,3 +1478,58 @@ fn the_activity_log_records_changes_and_only_the_owner_trims_it() {
     single.write(0, &[5; 4096], false);
     assert!(log(&mut single, 0).0.is_empty());
 }
+
+/// `Digest`: the node computes a range's CRC-32C (what scrub compares),
+/// equal to the CRC-32C of the bytes a read returns; a range beyond the
+/// volume or longer than the limit is refused, and nothing comes back as
+/// payload.
+#[test]
+fn a_digest_is_the_crc32c_of_the_range_computed_on_the_node() {
+    let node = MockNode::start(&["--store", "memory", "--max-io-size", "64K"]);
+    let mut client = NodeClient::open(node.addr, handshake("dig", 8 * MIB, 65536, 1, 0));
+    let data = pattern(7, 3 << 20);
+    for (i, chunk) in data.chunks(65536).enumerate() {
+        client.write(4096 + i as u64 * 65536, chunk, false);
+    }
+    let digest = |client: &mut NodeClient, offset: u64, length: u64| {
+        let (reply, payload) = client
+            .call(Op::Digest(pb::Digest { offset, length }), &[])
+            .expect("digest");
+        assert!(payload.is_empty(), "a digest carries no payload");
+        (reply.status, reply.crc32c)
+    };
+    // Over chunks of the node's max IO size and a partial one.
+    let (status, crc) = digest(&mut client, 4096, 3 << 20);
+    assert_eq!(status, OK);
+    assert_eq!(crc, Some(crc32c::crc32c(&data)));
+    let (status, crc) = digest(&mut client, 0, 8 * MIB);
+    assert_eq!(status, OK);
+    let mut whole = vec![0u8; 4096];
+    whole.extend_from_slice(&data);
+    whole.resize((8 * MIB) as usize, 0);
+    assert_eq!(
+        crc,
+        Some(crc32c::crc32c(&whole)),
+        "never-written bytes read as zeroes"
+    );
+    // One byte differs: the digest differs.
+    client.write(4096 + 100_000 - 100_000 % 512, &[0xee; 512], false);
+    assert_ne!(
+        digest(&mut client, 4096, 3 << 20).1,
+        Some(crc32c::crc32c(&data))
+    );
+    assert_eq!(
+        digest(&mut client, 8 * MIB - 512, 1024).0,
+        Status::OutOfRange as i32
+    );
+    let node_big = MockNode::start(&["--store", "null"]);
+    let mut big = NodeClient::open(node_big.addr, handshake("big", 1 << 30, 65536, 1, 0));
+    assert_eq!(
+        digest(&mut big, 0, netblk_protocol::geometry::MAX_DIGEST_LEN + 512).0,
+        Status::Invalid as i32
+    );
+    assert_eq!(
+        digest(&mut big, 0, netblk_protocol::geometry::MAX_DIGEST_LEN).0,
+        OK
+    );
+}

@@ -378,10 +378,17 @@ fn metrics_and_logs_tell_what_happened() {
     };
     let before = scrape(addr);
     volume.write_at(&big, 0).expect("replicated write");
-    let after = until(addr, "every zero-copy notification back (replicated)", |s| {
-        value(s, "netblk_zerocopy_notifications_total", &[("volume", "mirrored")])
-            == value(s, "netblk_zerocopy_sends_total", &[("volume", "mirrored")])
-    });
+    let after = until(
+        addr,
+        "every zero-copy notification back (replicated)",
+        |s| {
+            value(
+                s,
+                "netblk_zerocopy_notifications_total",
+                &[("volume", "mirrored")],
+            ) == value(s, "netblk_zerocopy_sends_total", &[("volume", "mirrored")])
+        },
+    );
     let moved = |metric: &str, extra: (&str, &str)| {
         mirrored(&after, metric, extra) - mirrored(&before, metric, extra)
     };

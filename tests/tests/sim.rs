@@ -772,7 +772,8 @@ impl Sim {
             | WireOp::GetRecord(_)
             | WireOp::PutRecord(_)
             | WireOp::GetActivity(_)
-            | WireOp::TrimActivity(_) => {}
+            | WireOp::TrimActivity(_)
+            | WireOp::Digest(_) => {}
         }
         if !self.live(at) {
             // Executed late for a connection that is gone: no one hears of it.
