@@ -234,6 +234,20 @@ impl Membership {
         *lock(&self.reconciled) = Some(done);
     }
 
+    /// `node` left at generation `generation` without a report (an attach
+    /// that took it out), for `status`.
+    pub fn departed(&self, node: usize, reason: &str, generation: u64) {
+        let at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        lock(&self.departures).push(Departure {
+            node,
+            reason: reason.to_owned(),
+            at_unix,
+            generation,
+        });
+    }
+
     /// Members this daemon took out, oldest first.
     pub fn departures(&self) -> Vec<Departure> {
         lock(&self.departures).clone()

@@ -480,6 +480,18 @@ pub fn attach(
         "attached the replicated volume"
     );
     let membership = Membership::new(replication, View::of_record(&next));
+    for node in &forced_out {
+        tracing::warn!(
+            node,
+            generation = next.generation,
+            "replica left the in-sync set: it did not answer the forced degraded attach"
+        );
+        membership.departed(
+            *node,
+            "did not answer at a --force-degraded attach",
+            next.generation,
+        );
+    }
     // The older owners are fenced on every member in sync now: what they
     // left in flight is in the members' logs, and nothing adds to it.
     if !options.plant_no_reconcile
@@ -576,12 +588,12 @@ impl Manager {
                 }
             }
         }
-        // Stored on some members is enough: the record says something true
-        // of the data whoever holds it (no member missed a write).
-        self.record = next;
         if failed.len() == members.len() {
             return Err(format!("cannot mark the stop clean: {}", failed.join("; ")));
         }
+        // Stored on some members is enough: the record says something true
+        // of the data whoever holds it (no member missed a write).
+        self.record = next;
         for why in &failed {
             tracing::warn!(error = %why, "a member missed the clean mark");
         }
@@ -610,6 +622,8 @@ impl Manager {
                 // members of one column that failed together need not wait
                 // for each other.
                 let mut next = self.record.clone();
+                // A device that changes its members is serving: not clean.
+                next.clean = false;
                 let mut leaving = Vec::new();
                 for (node, failure) in &m.failed() {
                     if let Some(shrunk) = replicas::shrink(&next, self.layout.replication(), *node)
@@ -774,4 +788,71 @@ fn store_shrink(
         tracing::warn!(node = n, error = %why, generation = next.generation, "a member of another column missed the membership record; it gets the next one");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records kept in memory, every node reachable.
+    #[derive(Clone, Default)]
+    struct Memory(Arc<Mutex<Vec<MembershipRecord>>>);
+
+    impl RecordStore for Memory {
+        fn get(&self, node: usize) -> Result<(MembershipRecord, bool), String> {
+            Ok((self.0.lock().expect("records")[node].clone(), false))
+        }
+        fn put(&self, node: usize, expected: u64, r: &MembershipRecord) -> Result<(), PutError> {
+            let mut all = self.0.lock().expect("records");
+            if all[node].generation != expected || r.generation <= expected {
+                return Err(PutError::Conflict(all[node].clone()));
+            }
+            all[node] = r.clone();
+            Ok(())
+        }
+        fn activity(&self, _: usize) -> Result<Vec<(u64, u64)>, String> {
+            Ok(Vec::new())
+        }
+        fn trim(&self, _: usize, _: u64, _: &[(u64, u64)]) -> Result<(), String> {
+            Ok(())
+        }
+        fn flush(&self, _: usize, _: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn copy(&self, _: u64, _: usize, _: &[usize], _: &[(u64, u64)]) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stop_is_clean_only_without_writes_in_flight_and_a_later_change_is_not() {
+        let layout = Layout::replicated(8 << 20, 65536, 4, 2).expect("2 columns x 2");
+        let store = Memory(Arc::new(Mutex::new(vec![MembershipRecord::default(); 4])));
+        let attached = attach(&store, &layout, &AttachOptions::default()).expect("attach");
+        let m = Arc::clone(&attached.membership);
+        let mut manager = Manager::new(Box::new(store.clone()), layout, &attached);
+        let write = m.writes.enter();
+        let refused = manager.stop_cleanly(&m).expect_err("a write in flight");
+        assert!(refused.contains("1 writes in flight"), "{refused}");
+        assert!(store.0.lock().expect("records").iter().all(|r| !r.clean));
+        m.writes.leave(write);
+        manager.stop_cleanly(&m).expect("clean");
+        let stored = store.0.lock().expect("records").clone();
+        assert!(
+            stored.iter().all(|r| r.clean && r.generation == 2),
+            "{stored:?}"
+        );
+        // The next attach finds it clean and serves unclean; a member that
+        // fails afterwards leaves by an unclean record too.
+        let attached = attach(&store, &layout, &AttachOptions::default()).expect("attach");
+        assert!(!attached.record.clean);
+        let m = Arc::clone(&attached.membership);
+        let mut manager = Manager::new(Box::new(store.clone()), layout, &attached);
+        manager.record.clean = true; // as after a clean stop of this daemon
+        m.report(3, "test", Instant::now());
+        assert!(manager.step(&m));
+        let stored = store.0.lock().expect("records").clone();
+        assert_eq!(stored[1].iss, vec![0b11, 0b01]);
+        assert!(!stored[1].clean, "a shrink is never clean");
+    }
 }

@@ -507,6 +507,9 @@ fn a_forced_degraded_attach_takes_the_missing_member_out() {
     {
         let volume = Volume::open(&spec, &forced).expect("forced degraded attach");
         assert_eq!(volume.membership().view().iss, vec![0b01], "node 1 is out");
+        let gone = volume.membership().departures();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].node, 1, "status names the member left out");
         let mut back = vec![0u8; UNIT as usize];
         volume.read_at(&mut back, 0).expect("read");
         assert!(back == first);
