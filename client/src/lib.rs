@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod record_lock;
 pub mod records;
 pub mod recv;
+pub mod regions;
 pub mod replicas;
 pub mod resize;
 pub mod rng;

@@ -20,6 +20,7 @@ use netblk_protocol::pb::MembershipRecord;
 use crate::activity::WriteEpochs;
 use crate::layout::Replication;
 use crate::reconcile::Reconciled;
+use crate::regions::RegionGate;
 
 /// The membership the data path works with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +97,9 @@ pub struct Membership {
     rung: crossbeam_channel::Receiver<()>,
     /// Writes in flight on the device's queues (see `activity`).
     pub writes: WriteEpochs,
+    /// Regions a copier holds, and the writes in flight to each (see
+    /// `regions`).
+    pub gate: RegionGate,
     /// What the attach reconciled (None: the last owner stopped cleanly,
     /// or one replica).
     reconciled: Mutex<Option<Reconciled>>,
@@ -126,6 +130,7 @@ impl Membership {
             bell,
             rung,
             writes: WriteEpochs::default(),
+            gate: RegionGate::default(),
             reconciled: Mutex::new(None),
         })
     }

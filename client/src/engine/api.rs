@@ -23,6 +23,11 @@ impl Op {
     pub(super) fn has_data(self) -> bool {
         matches!(self, Op::Read | Op::Write { .. })
     }
+
+    /// It changes the volume's data (what replicas must agree on).
+    pub(super) fn changes(self) -> bool {
+        matches!(self, Op::Write { .. } | Op::Discard | Op::WriteZeroes)
+    }
 }
 
 /// A block request as a frontend hands it over. `tag` names its buffer.

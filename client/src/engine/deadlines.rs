@@ -16,6 +16,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = now;
         self.refresh_view(now);
+        self.admit_parked(now);
         self.replica_deadlines_passed(now);
         for node in 0..self.nodes.len() {
             if self.node_given_up(node, now) && !self.nodes[node].queue.is_empty() {
@@ -110,7 +111,9 @@ impl Engine {
             .filter(|n| !n.queue.is_empty() && !n.failing)
             .filter_map(|n| n.down_since.map(|t| t + limit))
             .min();
-        [next, node_deadline, self.members_timeout()]
+        // Changes waiting for a copier's region look again soon.
+        let parked = (!self.parked.is_empty()).then(|| self.clock + super::members::HOLD_TICK);
+        [next, node_deadline, self.members_timeout(), parked]
             .into_iter()
             .flatten()
             .min()

@@ -12,7 +12,7 @@ use super::{EIO, Engine, Op, PieceRec, PieceState};
 
 /// How often a queue holding pieces for a failed member looks at the
 /// membership again (the manager publishes the shrink in between).
-const HOLD_TICK: Duration = Duration::from_millis(20);
+pub(super) const HOLD_TICK: Duration = Duration::from_millis(20);
 
 /// (column, offset on its nodes, buffer offset, length)
 type ColumnPiece = (usize, u64, u64, u64);

@@ -94,6 +94,9 @@ struct Slot {
     /// A change of a replicated volume: counted device-wide while in
     /// flight, in this slot of the membership's write epochs.
     write_epoch: Option<u8>,
+    /// Its ranges, counted in flight by the membership's region gate while
+    /// a copier runs (see `regions`).
+    gated: Option<Vec<crate::regions::Range>>,
 }
 
 /// Read pieces of at least this many bytes count as big (see
@@ -170,6 +173,10 @@ pub struct Engine {
     replica_deadlines: VecDeque<(Instant, Tag, u64)>,
     /// The device's membership, and the view of it this engine works with.
     membership: Arc<Membership>,
+    /// Changes waiting for a region a copier holds (tag, use, request), in
+    /// arrival order, and the gate's version when they were last tried.
+    parked: VecDeque<(Tag, u64, BlockRequest)>,
+    gate_version: u64,
     view: Arc<View>,
     view_version: u64,
     /// Nodes whose connection must be torn down (see [`Engine::poll_abort`]).
@@ -211,6 +218,8 @@ impl Engine {
             view: membership.view(),
             view_version: membership.version(),
             membership,
+            parked: VecDeque::new(),
+            gate_version: 0,
             replica_deadlines: VecDeque::new(),
             slots: (0..config.depth).map(|_| Slot::default()).collect(),
             size: LiveSize::new(layout.size()),
@@ -334,9 +343,8 @@ impl Engine {
             buf_nodes: std::mem::take(&mut slot.buf_nodes),
             op: Some(request.op),
             started: Some(now),
-            write_epoch: (self.layout.replicas() > 1
-                && matches!(request.op, Op::Write { .. } | Op::Discard | Op::WriteZeroes))
-            .then(|| self.membership.writes.enter()),
+            write_epoch: (self.layout.replicas() > 1 && request.op.changes())
+                .then(|| self.membership.writes.enter()),
             ..Slot::default()
         };
         slot.pieces.clear();
@@ -353,6 +361,69 @@ impl Engine {
             return Ok(());
         }
 
+        self.refresh_view(now);
+        // A replicated device's change to a region a copier holds waits
+        // for it (its deadline runs meanwhile).
+        if self.layout.replicas() > 1 && request.op.changes() && self.membership.gate.active() {
+            let ranges = self.layout.column_extents(request.offset, request.len);
+            if !self.membership.gate.enter(&ranges) {
+                self.parked.push_back((tag, seq, request));
+                self.push_deadlines(now, tag, seq);
+                return Ok(());
+            }
+            self.slots[usize::from(tag)].gated = Some(ranges);
+        }
+        self.start_pieces(request, now);
+        self.push_deadlines(now, tag, seq);
+        self.try_complete(tag);
+        Ok(())
+    }
+
+    /// The deadlines of request `tag` (use `seq`) that arrived at `now`.
+    fn push_deadlines(&mut self, now: Instant, tag: Tag, seq: u64) {
+        self.deadlines
+            .push_back((now + self.config.io_timeout, tag, seq));
+        if self.layout.replicas() > 1 {
+            self.replica_deadlines
+                .push_back((now + self.config.replica_timeout, tag, seq));
+        }
+    }
+
+    /// Waiting changes whose regions a copier released go on (in order).
+    fn admit_parked(&mut self, now: Instant) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let gate = &self.membership.gate;
+        let version = gate.version();
+        if version == self.gate_version {
+            return;
+        }
+        self.gate_version = version;
+        let waiting = std::mem::take(&mut self.parked);
+        for (tag, seq, request) in waiting {
+            let slot = &self.slots[usize::from(tag)];
+            if !slot.active || slot.seq != seq || slot.timed_out {
+                continue;
+            }
+            let gate = &self.membership.gate;
+            if gate.active() {
+                let ranges = self.layout.column_extents(request.offset, request.len);
+                if !gate.enter(&ranges) {
+                    self.parked.push_back((tag, seq, request));
+                    continue;
+                }
+                self.slots[usize::from(tag)].gated = Some(ranges);
+            }
+            self.start_pieces(request, now);
+            self.try_complete(tag);
+        }
+    }
+
+    /// The pieces of `request` (its slot taken, in range), queued on their
+    /// nodes; a request none of whose pieces can go fails with EIO.
+    fn start_pieces(&mut self, request: BlockRequest, now: Instant) {
+        let tag = request.tag;
         // (column, offset on its nodes, buffer offset, length)
         let mut new_pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
         match request.op {
@@ -369,12 +440,10 @@ impl Engine {
             ),
             Op::Flush => new_pieces.extend((0..self.layout.columns()).map(|c| (c, 0, 0, 0))),
         }
-        self.refresh_view(now);
         let Some(targets) = self.targets(request.op, &new_pieces, now) else {
             let slot = &mut self.slots[usize::from(tag)];
             slot.errno = EIO;
-            self.try_complete(tag);
-            return Ok(());
+            return;
         };
         for ((column, node_offset, buf_offset, len), node) in targets {
             let tried = if request.op == Op::Read {
@@ -400,14 +469,6 @@ impl Engine {
                 false,
             );
         }
-        self.deadlines
-            .push_back((now + self.config.io_timeout, tag, seq));
-        if self.layout.replicas() > 1 {
-            self.replica_deadlines
-                .push_back((now + self.config.replica_timeout, tag, seq));
-        }
-        self.try_complete(tag);
-        Ok(())
     }
 
     /// Enters `rec` as a new piece of its request, queued on its node (at
@@ -600,6 +661,9 @@ impl Engine {
         slot.active = false;
         if let Some(epoch) = slot.write_epoch.take() {
             self.membership.writes.leave(epoch);
+        }
+        if let Some(ranges) = slot.gated.take() {
+            self.membership.gate.leave(&ranges);
         }
         let result = if slot.errno != 0 {
             Err(slot.errno)

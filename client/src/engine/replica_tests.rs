@@ -279,3 +279,77 @@ fn a_flush_goes_to_every_member_in_sync() {
     let sent: Vec<usize> = (0..4).map(|n| drain(&mut e, n).len()).collect();
     assert_eq!(sent, vec![1, 1, 1, 0]);
 }
+
+/// A copier's region (docs/resync.md): a write to it waits until it is
+/// released, a write elsewhere goes on, a write in flight is counted until
+/// every member answered; a write that waits past its deadline fails.
+#[test]
+fn a_write_to_a_region_a_copier_holds_waits_for_it() {
+    let (mut e, m) = replicated();
+    let now = Instant::now();
+    // Before any copier: nothing is counted.
+    submit(&mut e, now, 0, Op::Write { fua: false }, 0, 4096);
+    assert!(m.gate.drained(0, 0));
+    let early = (drain(&mut e, 0), drain(&mut e, 2));
+    m.gate.activate();
+    // Column 0's node offsets 0..4 KiB are region 0 of column 0.
+    submit(&mut e, now, 1, Op::Write { fua: false }, 0, 4096);
+    assert!(
+        !m.gate.drained(0, 0),
+        "a write in flight while a copier runs"
+    );
+    let counted = (drain(&mut e, 0), drain(&mut e, 2));
+    m.gate.lock(0, 0);
+    submit(&mut e, now, 2, Op::Write { fua: false }, 0, 4096);
+    // Column 1 (offset 4 KiB) is not held.
+    submit(&mut e, now, 3, Op::Write { fua: false }, 4096, 4096);
+    e.handle_timeout(now + Duration::from_millis(30));
+    assert!(
+        drain(&mut e, 0).is_empty() && drain(&mut e, 2).is_empty(),
+        "held"
+    );
+    assert_eq!((drain(&mut e, 1).len(), drain(&mut e, 3).len()), (1, 1));
+    assert!(
+        e.poll_timeout().is_some(),
+        "the held write is looked at again"
+    );
+    // The write counted before the lock drains as both members answer.
+    for (tag, node, frames) in [
+        (0, 0, &early.0),
+        (0, 2, &early.1),
+        (1, 0, &counted.0),
+        (1, 2, &counted.1),
+    ] {
+        e.handle_reply(node, &reply(frames[0].id, Status::Ok), 0)
+            .expect("reply");
+        if tag == 1 && node == 0 {
+            assert!(!m.gate.drained(0, 0), "node 2 has not answered");
+        }
+        e.handle_buffer_released(node, tag);
+    }
+    assert!(m.gate.drained(0, 0), "the copier may copy now");
+    m.gate.unlock(0, 0);
+    e.handle_timeout(now + Duration::from_millis(60));
+    assert_eq!(
+        (drain(&mut e, 0).len(), drain(&mut e, 2).len()),
+        (1, 1),
+        "released: it goes to both members"
+    );
+    assert!(!m.gate.drained(0, 0), "and is counted");
+    // A write held past its deadline fails with EIO, counted nowhere.
+    m.gate.lock(0, 0);
+    submit(&mut e, now, 4, Op::Write { fua: false }, 8192, 4096);
+    e.handle_timeout(now + Duration::from_secs(11));
+    let failed: Vec<Completion> = std::iter::from_fn(|| e.poll_completion())
+        .filter(|c| c.tag == 4)
+        .collect();
+    assert_eq!(
+        failed,
+        vec![Completion {
+            tag: 4,
+            result: Err(EIO)
+        }]
+    );
+    m.gate.unlock(0, 0);
+    m.gate.deactivate();
+}
