@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-/// Bytes of node offsets one region covers: the unit of catch-up copies.
-pub const RESYNC_REGION: u64 = 1 << 20;
+/// Bytes of node offsets one region covers: the unit of catch-up copies
+/// (the nodes' missed bitmaps count in it too).
+pub const RESYNC_REGION: u64 = netblk_protocol::geometry::MISSED_REGION;
 
 /// A change in flight or waiting: (column, node offset, length).
 pub type Range = (usize, u64, u64);

@@ -99,6 +99,10 @@ pub const ACTIVITY_REGION: u64 = 4 << 20;
 /// (their headers stay well below the 4 KiB header limit).
 pub const ACTIVITY_PAGE: usize = 128;
 
+/// Bytes of node offsets one region of a missed bitmap covers (resync:
+/// `GetMissed`, and the unit a catch-up copies).
+pub const MISSED_REGION: u64 = 1 << 20;
+
 /// Bytes at most one `Digest` request covers.
 pub const MAX_DIGEST_LEN: u64 = 64 << 20;
 

@@ -120,6 +120,8 @@ fn request() -> impl Strategy<Value = (pb::Request, u32)> {
         any::<u64>().prop_map(|from| (Op::GetActivity(pb::GetActivity { from }), 0)),
         (any::<u64>(), any::<u64>())
             .prop_map(|(offset, length)| (Op::Digest(pb::Digest { offset, length }), 0)),
+        (any::<u32>(), any::<u64>())
+            .prop_map(|(row, from)| (Op::GetMissed(pb::GetMissed { row, from }), 0)),
         (any::<u64>(), 0usize..128).prop_map(|(seq, n)| (
             Op::TrimActivity(pb::TrimActivity {
                 regions: (0..n as u64).collect(),
@@ -152,6 +154,9 @@ fn reply() -> impl Strategy<Value = pb::Reply> {
             activity_regions: vec![nonce / 3; (id % 5) as usize],
             activity_seqs: vec![id; (id % 5) as usize],
             activity_more: id % 2 == 0,
+            missed_regions: vec![id / 7; (nonce % 3) as usize],
+            missed_more: nonce % 2 == 1,
+            missed_since: nonce / 5,
         }
     })
 }

@@ -122,6 +122,11 @@ impl ActivityLog {
     pub fn len(&self) -> usize {
         self.lock().regions.len()
     }
+
+    /// The regions logged now.
+    pub fn regions(&self) -> Vec<u64> {
+        self.lock().regions.keys().copied().collect()
+    }
 }
 
 #[cfg(test)]

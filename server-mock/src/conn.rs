@@ -932,6 +932,13 @@ fn apply(
             reply.crc32c = Some(crc);
             Ok(())
         }
+        Op::GetMissed(get) => {
+            let (regions, more, since) = volume.missed.page(get.row, get.from);
+            reply.missed_regions = regions;
+            reply.missed_more = more;
+            reply.missed_since = since;
+            Ok(())
+        }
         Op::GetActivity(get) => {
             let (page, more) = volume.activity.page(get.from);
             (reply.activity_regions, reply.activity_seqs) = page.into_iter().unzip();
@@ -960,6 +967,12 @@ fn apply(
                     "only the volume's owner (a connection with an owner epoch) may trim its activity log".into(),
                 ));
             }
+            // The missed bitmaps first: the regions about to leave the log
+            // may hold their newest marks.
+            volume
+                .missed
+                .persist(&**backend)
+                .map_err(|err| io_failure("missed bitmaps", err))?;
             let entries: Vec<(u64, u64)> = trim
                 .regions
                 .iter()

@@ -13,6 +13,7 @@ mod conn;
 mod delay;
 pub mod faults;
 mod fence;
+mod missed;
 mod node;
 mod peer;
 pub mod policy;

@@ -18,6 +18,7 @@ use crate::conn::{self, Delayed, Port};
 use crate::delay::DelayQueue;
 use crate::faults::Knobs;
 use crate::fence::Sessions;
+use crate::missed::Missed;
 use crate::peer::Peer;
 use crate::policy::{self, Policy};
 use crate::store::{self, Backend, StoreKind, VolumeMeta};
@@ -104,6 +105,8 @@ pub struct Volume {
     owners: Mutex<HashMap<u64, usize>>,
     /// Regions written since the owner trimmed them (replicated volumes).
     pub activity: ActivityLog,
+    /// What the members out of this node's column missed.
+    pub missed: Missed,
     pub backend: Box<dyn Backend>,
 }
 
@@ -193,6 +196,20 @@ impl Volume {
             .store_record(&prost::Message::encode_to_vec(&record))
             .map_err(|err| RecordError::Store(err.to_string()))?;
         *gate = (*gate).max(record.owner_epoch);
+        // No change is being applied (the gate is held): what the rows
+        // that left missed so far is in the activity log.
+        let meta = self.meta();
+        if self.missed.on_record(
+            &record,
+            meta.node_index,
+            meta.replica_index,
+            meta.replicas,
+            &self.activity.regions(),
+        ) && let Err(err) = self.missed.persist(&*self.backend)
+        {
+            // Lost at a restart: those rows are then rebuilt in full.
+            warn!(volume = %self.name, error = %err, "cannot store the missed bitmaps");
+        }
         drop(gate);
         info!(
             volume = %self.name,
@@ -212,10 +229,10 @@ impl Volume {
     /// it is applied (replicated volumes; nothing for one replica).
     pub fn note_change(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.meta().replicas > 1 {
-            self.activity.touch(&*self.backend, offset, len)
-        } else {
-            Ok(())
+            self.activity.touch(&*self.backend, offset, len)?;
+            self.missed.touch(offset, len);
         }
+        Ok(())
     }
 
     pub fn deleted(&self) -> bool {
@@ -267,7 +284,8 @@ impl Counters {
                 | Op::PutRecord(_)
                 | Op::GetActivity(_)
                 | Op::TrimActivity(_)
-                | Op::Digest(_),
+                | Op::Digest(_)
+                | Op::GetMissed(_),
             )
             | None => 5,
         };
@@ -367,6 +385,8 @@ impl Node {
                     .map_err(|err| format!("cannot open volume '{name}': {err}"))?;
                 let activity = ActivityLog::load(&*backend)
                     .map_err(|err| format!("cannot open volume '{name}': activity log: {err}"))?;
+                let missed = Missed::load(&*backend, &activity.regions())
+                    .map_err(|err| format!("cannot open volume '{name}': missed bitmaps: {err}"))?;
                 let volume = Arc::new(Volume {
                     name: name.to_owned(),
                     meta: Mutex::new(meta),
@@ -377,6 +397,7 @@ impl Node {
                     owners: Mutex::new(HashMap::new()),
                     record: Mutex::new(record),
                     activity,
+                    missed,
                     backend,
                 });
                 volumes.insert(name.to_owned(), Arc::clone(&volume));

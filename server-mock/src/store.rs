@@ -206,6 +206,15 @@ pub trait Backend: Send + Sync {
     fn rewrite_activity(&self, _regions: &[u64]) -> io::Result<()> {
         Ok(())
     }
+    /// The missed bitmaps a store that outlives the process kept (see
+    /// `missed`); None where there are none.
+    fn load_missed(&self) -> io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Keeps the missed bitmaps (whole or not at all).
+    fn store_missed(&self, _bytes: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What the store holds of volume `name`, if it holds it beyond this
@@ -614,6 +623,7 @@ impl Backend for DirBackend {
         gone(&self.meta_path.with_extension("vol"))?;
         gone(&self.meta_path.with_extension("record"))?;
         gone(&self.meta_path.with_extension("activity"))?;
+        gone(&self.meta_path.with_extension("missed"))?;
         gone(&self.meta_path.with_extension("incarnation"))
     }
 
@@ -666,6 +676,18 @@ impl Backend for DirBackend {
     fn rewrite_activity(&self, regions: &[u64]) -> io::Result<()> {
         let bytes: Vec<u8> = regions.iter().flat_map(|r| r.to_le_bytes()).collect();
         write_durably(&self.dir, &self.meta_path.with_extension("activity"), bytes)
+    }
+
+    fn load_missed(&self) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.meta_path.with_extension("missed")) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn store_missed(&self, bytes: &[u8]) -> io::Result<()> {
+        write_durably(&self.dir, &self.meta_path.with_extension("missed"), bytes)
     }
 
     /// The data file's length and the metadata, in the order that lets a
@@ -847,6 +869,14 @@ impl Backend for VolatileCache {
 
     fn rewrite_activity(&self, regions: &[u64]) -> io::Result<()> {
         self.inner.rewrite_activity(regions)
+    }
+
+    fn load_missed(&self) -> io::Result<Option<Vec<u8>>> {
+        self.inner.load_missed()
+    }
+
+    fn store_missed(&self, bytes: &[u8]) -> io::Result<()> {
+        self.inner.store_missed(bytes)
     }
 }
 

@@ -1533,3 +1533,83 @@ fn a_digest_is_the_crc32c_of_the_range_computed_on_the_node() {
         OK
     );
 }
+
+/// Missed bitmaps over the wire (docs/resync.md): once a record takes row 1
+/// out of the column, the node (row 0) collects the 1 MiB regions changed
+/// since, including a change applied just before the record (from its
+/// activity log); a restart keeps them; the record that puts row 1 back
+/// ends the tracking.
+#[test]
+fn a_node_remembers_what_an_out_member_of_its_column_missed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("dir:{}", dir.path().display());
+    let mut node = MockNode::start(&["--store", &store]);
+    const REGION: u64 = netblk_protocol::geometry::MISSED_REGION;
+    let owner = || pb::Handshake {
+        owner_epoch: 1,
+        volume_size: 64 << 20,
+        layout: Some(pb::Layout {
+            stripe_unit: 65536,
+            node_count: 1,
+            node_index: 0,
+            replicas: 2,
+            replica_index: 0,
+        }),
+        ..handshake("missed", 0, 65536, 1, 0)
+    };
+    let put = |client: &mut NodeClient, expected: u64, generation: u64, iss: u32| {
+        let record = pb::MembershipRecord {
+            generation,
+            owner_epoch: 1,
+            owner: "o".into(),
+            clean: false,
+            iss: vec![iss],
+        };
+        client.status_of(
+            Op::PutRecord(pb::PutRecord {
+                expected_generation: expected,
+                record: Some(record),
+            }),
+            &[],
+        )
+    };
+    let missed = |client: &mut NodeClient, row: u32| {
+        let (reply, _) = client
+            .call(Op::GetMissed(pb::GetMissed { row, from: 0 }), &[])
+            .expect("get missed");
+        assert_eq!(reply.status, OK, "{}", reply.message);
+        (reply.missed_regions, reply.missed_since)
+    };
+    let mut client = NodeClient::open(node.addr, owner());
+    assert_eq!(put(&mut client, 0, 1, 0b11), OK);
+    client.write(0, &[1; 4096], false);
+    assert_eq!(
+        missed(&mut client, 1),
+        (vec![], 0),
+        "row 1 in sync: not tracked"
+    );
+    // A change in flight when row 1 fails lands before the shrink record.
+    client.write(9 * REGION, &[2; 4096], false);
+    assert_eq!(put(&mut client, 1, 2, 0b01), OK);
+    client.write(20 * REGION + 4096, &[3; 2 * REGION as usize], false);
+    let (regions, since) = missed(&mut client, 1);
+    assert_eq!(since, 2);
+    // Activity regions (4 MiB) 0 and 2 seeded it: 0..4 and 8..12; then 20..23.
+    assert_eq!(regions, [0, 1, 2, 3, 8, 9, 10, 11, 20, 21, 22]);
+    drop(client);
+    node.terminate();
+    let addr = node.addr.to_string();
+    node = MockNode::start_at(&addr, &["--store", &store]);
+    let mut client = NodeClient::open(node.addr, owner());
+    // Kept across a restart; what was marked since the last store comes
+    // back from the activity log, whole 4 MiB regions (23 with 20..22).
+    let mut kept = regions.clone();
+    kept.push(23);
+    assert_eq!(missed(&mut client, 1), (kept, 2), "kept across a restart");
+    assert_eq!(put(&mut client, 2, 3, 0b11), OK);
+    assert_eq!(
+        missed(&mut client, 1),
+        (vec![], 0),
+        "back in sync: forgotten"
+    );
+}

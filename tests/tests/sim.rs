@@ -773,7 +773,8 @@ impl Sim {
             | WireOp::PutRecord(_)
             | WireOp::GetActivity(_)
             | WireOp::TrimActivity(_)
-            | WireOp::Digest(_) => {}
+            | WireOp::Digest(_)
+            | WireOp::GetMissed(_) => {}
         }
         if !self.live(at) {
             // Executed late for a connection that is gone: no one hears of it.
