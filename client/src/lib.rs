@@ -26,6 +26,7 @@ pub mod regions;
 pub mod replicas;
 pub mod resize;
 pub mod rng;
+pub mod scrub;
 pub mod state;
 pub mod stats;
 pub mod telemetry;

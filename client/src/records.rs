@@ -51,6 +51,9 @@ pub trait RecordStore: Send + Sync {
         to: &[usize],
         ranges: &[(u64, u64)],
     ) -> Result<(), String>;
+    /// The CRC-32C of `len` bytes at node offset `offset` on `node`,
+    /// computed there.
+    fn digest(&self, node: usize, offset: u64, len: u64) -> Result<u32, String>;
     /// Bytes of node offsets one region of the activity logs covers.
     fn activity_region(&self) -> u64 {
         netblk_protocol::geometry::ACTIVITY_REGION
@@ -189,6 +192,14 @@ impl RecordStore for NetRecords {
     fn flush(&self, node: usize, owner_epoch: u64) -> Result<(), String> {
         let op = pb::request::Op::Flush(pb::Flush {});
         succeeded(self.call_as(node, owner_epoch, op)?, "flush").map(drop)
+    }
+
+    fn digest(&self, node: usize, offset: u64, length: u64) -> Result<u32, String> {
+        let op = pb::request::Op::Digest(pb::Digest { offset, length });
+        let reply = succeeded(self.call(node, op)?, "digest")?;
+        reply
+            .crc32c
+            .ok_or_else(|| "the digest reply carries no crc32c".to_string())
     }
 
     fn copy(
@@ -821,6 +832,9 @@ mod tests {
         }
         fn copy(&self, _: u64, _: usize, _: &[usize], _: &[(u64, u64)]) -> Result<(), String> {
             Ok(())
+        }
+        fn digest(&self, _: usize, _: u64, _: u64) -> Result<u32, String> {
+            Ok(0)
         }
     }
 

@@ -171,6 +171,16 @@ impl RecordStore for SimRecords {
         Ok(())
     }
 
+    fn digest(&self, node: usize, offset: u64, len: u64) -> Result<u32, String> {
+        let c = self.0.lock().expect("cluster");
+        if !c.nodes[node].reachable() {
+            return Err("unreachable".into());
+        }
+        Ok(crc32c::crc32c(
+            &c.nodes[node].store[offset as usize..][..len as usize],
+        ))
+    }
+
     fn activity_region(&self) -> u64 {
         REGION
     }
