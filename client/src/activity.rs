@@ -117,12 +117,9 @@ impl Trimmer {
                     tracing::debug!(node, error = %why, "cannot flush before trimming the activity log");
                     continue;
                 }
-                for page in entries.chunks(netblk_protocol::geometry::ACTIVITY_PAGE) {
-                    if let Err(why) = store.trim(*node, view.owner_epoch, page) {
-                        // Kept: reconciled for nothing after a crash.
-                        tracing::debug!(node, error = %why, "cannot trim the activity log");
-                        break;
-                    }
+                if let Err(why) = store.trim(*node, view.owner_epoch, entries) {
+                    // Kept: reconciled for nothing after a crash.
+                    tracing::debug!(node, error = %why, "cannot trim the activity log");
                 }
             }
             self.draining = None;

@@ -8,7 +8,6 @@
 
 use std::time::Instant;
 
-use netblk_protocol::geometry::ACTIVITY_PAGE;
 use netblk_protocol::pb::MembershipRecord;
 
 use crate::layout::Layout;
@@ -91,15 +90,14 @@ pub fn reconcile(
     // fenced): every entry may go.
     for column in 0..r.columns() as usize {
         for node in in_sync(column) {
-            let entries = read(node)?;
-            for page in entries.chunks(ACTIVITY_PAGE) {
-                store.trim(node, view.owner_epoch, page).map_err(|why| {
+            store
+                .trim(node, view.owner_epoch, &read(node)?)
+                .map_err(|why| {
                     format!(
                         "cannot trim the activity log of {}: {why}",
                         store.name(node)
                     )
                 })?;
-            }
         }
     }
     if clean {

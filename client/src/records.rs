@@ -35,9 +35,8 @@ pub trait RecordStore: Send + Sync {
     fn put(&self, node: usize, expected: u64, record: &MembershipRecord) -> Result<(), PutError>;
     /// Node `node`'s activity log: (region, sequence number) in order.
     fn activity(&self, node: usize) -> Result<Vec<(u64, u64)>, String>;
-    /// Drops `entries` (at most `ACTIVITY_PAGE`) from `node`'s log, each
-    /// only if its sequence number is unchanged; as the owner of
-    /// `owner_epoch`.
+    /// Drops `entries` from `node`'s log, each only if its sequence number
+    /// is unchanged; as the owner of `owner_epoch`.
     fn trim(&self, node: usize, owner_epoch: u64, entries: &[(u64, u64)]) -> Result<(), String>;
     /// Makes every write `node` acknowledged durable.
     fn flush(&self, node: usize, owner_epoch: u64) -> Result<(), String>;
@@ -180,13 +179,17 @@ impl RecordStore for NetRecords {
     }
 
     fn trim(&self, node: usize, owner_epoch: u64, entries: &[(u64, u64)]) -> Result<(), String> {
-        let (regions, seqs) = entries.iter().copied().unzip();
-        let op = pb::request::Op::TrimActivity(pb::TrimActivity { regions, seqs });
-        succeeded(
-            self.call_as(node, owner_epoch, op)?,
-            "trimming the activity log",
-        )
-        .map(drop)
+        let (stream, _) = self.open(node, owner_epoch)?;
+        // A request takes at most a page.
+        for (id, page) in (1..).zip(entries.chunks(netblk_protocol::geometry::ACTIVITY_PAGE)) {
+            let (regions, seqs) = page.iter().copied().unzip();
+            let op = pb::request::Op::TrimActivity(pb::TrimActivity { regions, seqs });
+            succeeded(
+                net::call(&stream, id, op, self.timeouts.io)?,
+                "trimming the activity log",
+            )?;
+        }
+        Ok(())
     }
 
     fn flush(&self, node: usize, owner_epoch: u64) -> Result<(), String> {

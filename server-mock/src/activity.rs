@@ -136,14 +136,7 @@ mod tests {
     use netblk_protocol::geometry::ACTIVITY_REGION;
 
     fn meta() -> VolumeMeta {
-        VolumeMeta {
-            volume_size: 64 << 20,
-            stripe_unit: 1 << 20,
-            node_count: 1,
-            node_index: 0,
-            replicas: 2,
-            replica_index: 0,
-        }
+        VolumeMeta::one_column(2)
     }
 
     #[test]

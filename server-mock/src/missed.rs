@@ -172,14 +172,7 @@ mod tests {
     use crate::store::{StoreKind, VolumeMeta, open_or_create};
 
     fn meta() -> VolumeMeta {
-        VolumeMeta {
-            volume_size: 64 << 20,
-            stripe_unit: 1 << 20,
-            node_count: 1,
-            node_index: 0,
-            replicas: 3,
-            replica_index: 0,
-        }
+        VolumeMeta::one_column(3)
     }
 
     fn record(generation: u64, iss: u32) -> pb::MembershipRecord {

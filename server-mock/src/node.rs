@@ -103,6 +103,9 @@ pub struct Volume {
     owner_gate: RwLock<u64>,
     /// Open data connections per owner epoch (see [`OwnerSeat`]).
     owners: Mutex<HashMap<u64, usize>>,
+    /// Copies of every column (fixed at creation): with more than one,
+    /// changes are logged (activity, missed).
+    replicated: bool,
     /// Regions written since the owner trimmed them (replicated volumes).
     pub activity: ActivityLog,
     /// What the members out of this node's column missed.
@@ -228,7 +231,7 @@ impl Volume {
     /// Logs a change of `len` bytes at `offset` in the activity log before
     /// it is applied (replicated volumes; nothing for one replica).
     pub fn note_change(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.meta().replicas > 1 {
+        if self.replicated {
             self.activity.touch(&*self.backend, offset, len)?;
             self.missed.touch(offset, len);
         }
@@ -396,6 +399,7 @@ impl Node {
                     owner_gate: RwLock::new(record.owner_epoch),
                     owners: Mutex::new(HashMap::new()),
                     record: Mutex::new(record),
+                    replicated: meta.replicas > 1,
                     activity,
                     missed,
                     backend,

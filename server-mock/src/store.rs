@@ -53,6 +53,20 @@ pub struct VolumeMeta {
 }
 
 impl VolumeMeta {
+    /// A 64 MiB volume of one column with `replicas` copies, this node its
+    /// first (tests).
+    #[cfg(test)]
+    pub(crate) fn one_column(replicas: u32) -> VolumeMeta {
+        VolumeMeta {
+            volume_size: 64 << 20,
+            stripe_unit: 1 << 20,
+            node_count: 1,
+            node_index: 0,
+            replicas,
+            replica_index: 0,
+        }
+    }
+
     pub fn from_handshake(volume_size: u64, layout: &pb::Layout) -> Self {
         VolumeMeta {
             volume_size,

@@ -1381,6 +1381,23 @@ fn a_newer_owner_fences_the_older_ones_writes_and_handshakes() {
     }
 }
 
+/// A handshake for the first copy of a one-column volume with two
+/// replicas, at owner epoch `owner_epoch` (0: a tool).
+fn replicated(volume: &str, volume_size: u64, owner_epoch: u64) -> pb::Handshake {
+    pb::Handshake {
+        owner_epoch,
+        volume_size,
+        layout: Some(pb::Layout {
+            stripe_unit: 65536,
+            node_count: 1,
+            node_index: 0,
+            replicas: 2,
+            replica_index: 0,
+        }),
+        ..handshake(volume, 0, 65536, 1, 0)
+    }
+}
+
 /// The activity log over the wire (replicated volumes): a change logs its
 /// region, a read does not; only the owner trims, and only regions
 /// untouched since it read them; the directory store keeps the log across
@@ -1392,18 +1409,7 @@ fn the_activity_log_records_changes_and_only_the_owner_trims_it() {
     let store = format!("dir:{}", dir.path().display());
     let mut node = MockNode::start(&["--store", &store]);
     const REGION: u64 = netblk_protocol::geometry::ACTIVITY_REGION;
-    let replicated = |volume: &str, owner_epoch: u64| pb::Handshake {
-        owner_epoch,
-        volume_size: 2 << 30,
-        layout: Some(pb::Layout {
-            stripe_unit: 65536,
-            node_count: 1,
-            node_index: 0,
-            replicas: 2,
-            replica_index: 0,
-        }),
-        ..handshake(volume, 0, 65536, 1, 0)
-    };
+    let replicated = |volume: &str, owner_epoch: u64| replicated(volume, 2 << 30, owner_epoch);
     let log = |client: &mut NodeClient, from: u64| {
         let (reply, _) = client
             .call(Op::GetActivity(pb::GetActivity { from }), &[])
@@ -1545,18 +1551,7 @@ fn a_node_remembers_what_an_out_member_of_its_column_missed() {
     let store = format!("dir:{}", dir.path().display());
     let mut node = MockNode::start(&["--store", &store]);
     const REGION: u64 = netblk_protocol::geometry::MISSED_REGION;
-    let owner = || pb::Handshake {
-        owner_epoch: 1,
-        volume_size: 64 << 20,
-        layout: Some(pb::Layout {
-            stripe_unit: 65536,
-            node_count: 1,
-            node_index: 0,
-            replicas: 2,
-            replica_index: 0,
-        }),
-        ..handshake("missed", 0, 65536, 1, 0)
-    };
+    let owner = || replicated("missed", 64 << 20, 1);
     let put = |client: &mut NodeClient, expected: u64, generation: u64, iss: u32| {
         let record = pb::MembershipRecord {
             generation,
