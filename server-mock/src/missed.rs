@@ -30,6 +30,9 @@ struct Row {
 #[derive(Default)]
 pub struct Missed {
     rows: Mutex<BTreeMap<u32, Row>>,
+    /// Held while the bitmaps are encoded and stored: an older copy is
+    /// never stored after a newer one.
+    persisting: Mutex<()>,
 }
 
 /// The missed regions covering activity-log region `region`.
@@ -57,26 +60,33 @@ impl Missed {
         }
         Ok(Missed {
             rows: Mutex::new(rows),
+            persisting: Mutex::new(()),
         })
     }
 
-    /// A record was stored (no change is being applied: the caller holds
-    /// the volume's owner gate exclusively). Rows of `column` out of its
-    /// in-sync set start being tracked, seeded with the activity log
-    /// (`activity`); rows back in it stop. Returns whether anything
-    /// changed (then the caller persists).
+    /// A record was stored, while changes may be applied. Rows of
+    /// `column` out of its in-sync set start being tracked, seeded with
+    /// the activity log's regions (`activity`, read while the bitmaps are
+    /// locked); rows back in it stop. Returns whether anything changed
+    /// (then the caller persists).
+    ///
+    /// No change is lost without stopping the writes: a change is logged
+    /// in the activity log before it marks the bitmaps ([`Missed::touch`]).
+    /// One logged after `activity` is read marks after this returns, when
+    /// the row is tracked; one logged before is in `activity`.
     pub fn on_record(
         &self,
         record: &pb::MembershipRecord,
         column: u32,
         own_row: u32,
         replicas: u32,
-        activity: &[u64],
+        activity: impl FnOnce() -> Vec<u64>,
     ) -> bool {
         let Some(iss) = record.iss.get(column as usize).copied() else {
             return false;
         };
         let mut rows = self.lock();
+        let activity = activity();
         let mut changed = false;
         for row in (0..replicas).filter(|r| *r != own_row) {
             let in_sync = iss & (1 << row) != 0;
@@ -109,6 +119,7 @@ impl Missed {
     /// Writes the bitmaps to the store (before activity-log regions that
     /// cover their newest marks are dropped).
     pub fn persist(&self, backend: &dyn Backend) -> io::Result<()> {
+        let _one = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = encode(&self.lock());
         backend.store_missed(&bytes)
     }
@@ -191,7 +202,7 @@ mod tests {
         assert_eq!(missed.page(1, 0), (vec![], false, 0), "all in sync");
         // Row 1 leaves at generation 2; a change in flight then is in the
         // activity log (region 1 = 4..8 MiB).
-        assert!(missed.on_record(&record(2, 0b101), 0, 0, 3, &[1]));
+        assert!(missed.on_record(&record(2, 0b101), 0, 0, 3, || vec![1]));
         missed.touch(10 * MISSED_REGION + 5, 2 * MISSED_REGION);
         let (regions, more, since) = missed.page(1, 0);
         assert_eq!(regions, [4, 5, 6, 7, 10, 11, 12]);
@@ -199,7 +210,7 @@ mod tests {
         assert_eq!(missed.page(2, 0).2, 0, "row 2 is in sync: not tracked");
         assert_eq!(missed.page(1, 7).0, [7, 10, 11, 12], "from region 7");
         // Back in sync: forgotten.
-        assert!(missed.on_record(&record(3, 0b111), 0, 0, 3, &[]));
+        assert!(missed.on_record(&record(3, 0b111), 0, 0, 3, Vec::new));
         assert_eq!(missed.page(1, 0), (vec![], false, 0));
     }
 
@@ -210,7 +221,7 @@ mod tests {
         {
             let (backend, _, _) = open_or_create(&store, "v", meta()).expect("open");
             let missed = Missed::load(&*backend, &[]).expect("load");
-            missed.on_record(&record(5, 0b011), 0, 0, 3, &[]);
+            missed.on_record(&record(5, 0b011), 0, 0, 3, Vec::new);
             missed.touch(0, 512);
             missed.persist(&*backend).expect("persist");
             // Marked after the last persist: covered by the activity log.

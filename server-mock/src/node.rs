@@ -184,7 +184,9 @@ impl Volume {
     /// it is the record served) only if the stored generation is
     /// `expected` and `record`'s is above it; otherwise the stored record
     /// comes back. A record that raises the owner epoch waits for the
-    /// writes of older owners executing now, and refuses later ones.
+    /// writes of older owners executing now, and refuses later ones; any
+    /// other record is stored while writes go on (a member leaving must
+    /// not stall the column's other members for a store's fsyncs).
     pub fn put_record(
         &self,
         expected: u64,
@@ -194,26 +196,26 @@ impl Volume {
         if stored.generation != expected || record.generation <= expected {
             return Err(RecordError::Conflict(stored.clone()));
         }
-        let mut gate = self.owner_gate.write().unwrap_or_else(|e| e.into_inner());
+        let fence = (record.owner_epoch > stored.owner_epoch)
+            .then(|| self.owner_gate.write().unwrap_or_else(|e| e.into_inner()));
         self.backend
             .store_record(&prost::Message::encode_to_vec(&record))
             .map_err(|err| RecordError::Store(err.to_string()))?;
-        *gate = (*gate).max(record.owner_epoch);
-        // No change is being applied (the gate is held): what the rows
-        // that left missed so far is in the activity log.
+        if let Some(mut gate) = fence {
+            *gate = (*gate).max(record.owner_epoch);
+        }
         let meta = self.meta();
         if self.missed.on_record(
             &record,
             meta.node_index,
             meta.replica_index,
             meta.replicas,
-            &self.activity.regions(),
+            || self.activity.regions(),
         ) && let Err(err) = self.missed.persist(&*self.backend)
         {
             // Lost at a restart: those rows are then rebuilt in full.
             warn!(volume = %self.name, error = %err, "cannot store the missed bitmaps");
         }
-        drop(gate);
         info!(
             volume = %self.name,
             generation = record.generation,
@@ -851,4 +853,69 @@ fn collect_metrics(node: &Node) {
     metrics::counter!("netblk_mock_digest_errors_total").absolute(stats.digest_errors);
     metrics::gauge!("netblk_mock_volumes").set(stats.volumes as f64);
     metrics::gauge!("netblk_mock_stored_bytes").set(stats.stored_bytes as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn record(generation: u64, owner_epoch: u64, iss: u32) -> pb::MembershipRecord {
+        pb::MembershipRecord {
+            generation,
+            owner_epoch,
+            iss: vec![iss],
+            ..Default::default()
+        }
+    }
+
+    /// Stores `record` over `expected` on another thread; the receiver
+    /// hears when it is stored.
+    fn put_later(
+        volume: &Arc<Volume>,
+        expected: u64,
+        record: pb::MembershipRecord,
+    ) -> mpsc::Receiver<bool> {
+        let (tx, rx) = mpsc::channel();
+        let volume = Arc::clone(volume);
+        std::thread::spawn(move || {
+            let _ = tx.send(volume.put_record(expected, record).is_ok());
+        });
+        rx
+    }
+
+    #[test]
+    fn only_a_record_of_a_newer_owner_waits_for_the_writes_executing() {
+        let server = Server::bind(Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            StoreKind::Memory,
+        ))
+        .expect("bind");
+        let volume = server
+            .node
+            .volume("v", VolumeMeta::one_column(2), false)
+            .expect("volume");
+        volume.put_record(0, record(1, 1, 0b11)).expect("first");
+        // A write of owner 1 is being applied.
+        let write = volume.admit_write(1).expect("admitted");
+        // The owner takes row 1 out: stored at once, the write goes on.
+        let shrink = put_later(&volume, 1, record(2, 1, 0b01));
+        assert_eq!(
+            shrink.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "a shrink waited for a write executing"
+        );
+        // A newer owner waits until the write is done, then fences owner 1.
+        let takeover = put_later(&volume, 2, record(3, 2, 0b01));
+        assert!(
+            takeover.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a newer owner's record did not wait for the older owner's write"
+        );
+        drop(write);
+        assert_eq!(takeover.recv_timeout(Duration::from_secs(5)), Ok(true));
+        assert!(volume.admit_write(1).is_err(), "owner 1 is fenced");
+        assert!(volume.admit_write(2).is_ok());
+    }
 }
