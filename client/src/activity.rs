@@ -18,13 +18,20 @@ use crate::layout::Layout;
 use crate::membership::Membership;
 use crate::records::RecordStore;
 
+/// Epochs counted at once: a flip may reuse a slot only once the writes
+/// of the epoch that last used it finished, so grace periods of the
+/// trimmer and of copiers may overlap without one drain counting writes
+/// newer than its flip (a drain that could wait forever under load).
+const SLOTS: u64 = 4;
+
 /// Writes (writes, discards, write-zeroes) in flight on every queue of a
-/// replicated device, counted in two epochs so that the trimmer can wait
-/// for the ones started before a point in time without stopping new ones.
+/// replicated device, counted by epoch so that the trimmer and copiers can
+/// wait for the ones started before a point in time without stopping new
+/// ones.
 #[derive(Debug, Default)]
 pub struct WriteEpochs {
     epoch: AtomicU64,
-    active: [AtomicU64; 2],
+    active: [AtomicU64; SLOTS as usize],
 }
 
 impl WriteEpochs {
@@ -32,7 +39,7 @@ impl WriteEpochs {
     pub fn enter(&self) -> u8 {
         loop {
             let epoch = self.epoch.load(Ordering::SeqCst);
-            let slot = (epoch % 2) as usize;
+            let slot = (epoch % SLOTS) as usize;
             self.active[slot].fetch_add(1, Ordering::SeqCst);
             // Counted in the epoch that is current after counting (a flip
             // in between: count in the new one, so the drain of the old one
@@ -47,18 +54,37 @@ impl WriteEpochs {
     /// A write counted in `slot` finished (acknowledged by every in-sync
     /// member, or failed).
     pub fn leave(&self, slot: u8) {
-        self.active[usize::from(slot & 1)].fetch_sub(1, Ordering::SeqCst);
+        self.active[usize::from(slot) % SLOTS as usize].fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Starts a new epoch; returns the one that ended, whose writes
-    /// [`WriteEpochs::drained`] waits for. One drain at a time.
-    pub fn flip(&self) -> u64 {
-        self.epoch.fetch_add(1, Ordering::SeqCst)
+    /// [`WriteEpochs::drained`] waits for. None (try again later: never
+    /// wait here, the writes may wait for the caller) while writes of the
+    /// epoch whose slot the new one would take are in flight.
+    pub fn flip(&self) -> Option<u64> {
+        loop {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            let next = ((epoch + 1) % SLOTS) as usize;
+            if self.active[next].load(Ordering::SeqCst) != 0 {
+                return None;
+            }
+            if self
+                .epoch
+                .compare_exchange(epoch, epoch + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Some(epoch);
+            }
+        }
     }
 
-    /// True once every write of `epoch` finished.
+    /// True once every write of `epoch` and of the epochs before it
+    /// finished (another flip may have come between).
     pub fn drained(&self, epoch: u64) -> bool {
-        self.active[(epoch % 2) as usize].load(Ordering::SeqCst) == 0
+        // The epochs `SLOTS` or more before the current one are drained:
+        // their slot was empty when the flip took it for a newer one.
+        let oldest = self.epoch.load(Ordering::SeqCst).saturating_sub(SLOTS - 1);
+        (oldest..=epoch).all(|e| self.active[(e % SLOTS) as usize].load(Ordering::SeqCst) == 0)
     }
 
     /// Writes in flight now, all epochs.
@@ -136,8 +162,12 @@ impl Trimmer {
             .filter_map(|n| store.activity(n).ok().map(|e| (n, e)))
             .filter(|(_, e)| !e.is_empty())
             .collect();
-        if !logs.is_empty() {
-            self.draining = Some((m.writes.flip(), logs));
+        // No flip now (writes of several epochs ago are still held): the
+        // next round tries again.
+        if !logs.is_empty()
+            && let Some(epoch) = m.writes.flip()
+        {
+            self.draining = Some((epoch, logs));
         }
     }
 }
@@ -150,7 +180,7 @@ mod tests {
     fn a_drain_waits_for_the_writes_started_before_the_flip_only() {
         let w = WriteEpochs::default();
         let before = w.enter();
-        let epoch = w.flip();
+        let epoch = w.flip().expect("flip");
         let after = w.enter();
         assert!(
             !w.drained(epoch),
@@ -164,7 +194,39 @@ mod tests {
         assert_eq!(w.in_flight(), 1);
         w.leave(after);
         assert_eq!(w.in_flight(), 0);
-        let next = w.flip();
+        let next = w.flip().expect("flip");
         assert!(w.drained(next));
+    }
+
+    #[test]
+    fn overlapping_drains_wait_only_for_their_own_writes() {
+        let w = WriteEpochs::default();
+        let old = w.enter();
+        // The trimmer flips, then a copier flips before the trimmer's
+        // drain is over; writes go on in the newest epoch.
+        let trimmer = w.flip().expect("flip");
+        let copier = w.flip().expect("flip");
+        let newer: Vec<u8> = (0..3).map(|_| w.enter()).collect();
+        assert!(!w.drained(trimmer), "the write from before its flip");
+        assert!(!w.drained(copier), "and the copier's flip came later still");
+        w.leave(old);
+        assert!(
+            w.drained(trimmer) && w.drained(copier),
+            "the newer writes are not waited for"
+        );
+        // A flip never reuses a slot with writes of its old epoch in it.
+        let held = w.enter();
+        let at = w.flip().expect("flip");
+        for s in newer {
+            w.leave(s);
+        }
+        // As many flips as can pass it by; the next must wait for it.
+        for _ in 0..SLOTS - 2 {
+            w.flip().expect("flip");
+        }
+        assert_eq!(w.flip(), None, "its slot is not free yet");
+        assert!(!w.drained(at), "still in flight after other flips");
+        w.leave(held);
+        assert!(w.drained(at));
     }
 }

@@ -35,9 +35,24 @@ pub type ResizeFn = Box<dyn Fn(u64, bool) -> Result<u64, String> + Send>;
 /// connected and told, each within its connect timeout.
 pub const RESIZE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What the daemon does for a `scrub` command (`repair`: rewrite what
+/// differs): the report, as JSON.
+pub type ScrubFn = Arc<dyn Fn(bool) -> Result<serde_json::Value, String> + Send + Sync>;
+
+/// How long `netblk scrub` waits for the daemon's answer: a scrub reads
+/// every byte of every member (on the nodes) once.
+pub const SCRUB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// What a daemon can do besides answering `status`.
+#[derive(Default)]
+pub struct Commands {
+    pub resize: Option<ResizeFn>,
+    pub scrub: Option<ScrubFn>,
+}
+
 /// Serves the control socket of `source` at `path` from two threads (one
 /// answers, one samples latencies) for as long as the process lives.
-pub fn serve(path: &Path, source: Source, resize: Option<ResizeFn>) -> io::Result<()> {
+pub fn serve(path: &Path, source: Source, commands: Commands) -> io::Result<()> {
     // A socket left by a daemon that died is ours to replace.
     match std::fs::remove_file(path) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
@@ -69,7 +84,7 @@ pub fn serve(path: &Path, source: Source, resize: Option<ResizeFn>) -> io::Resul
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                if let Err(err) = answer(&stream, &source, &window, resize.as_ref()) {
+                if let Err(err) = answer(stream, &source, &window, &commands) {
                     tracing::debug!(error = %err, "control request failed");
                 }
             }
@@ -78,16 +93,46 @@ pub fn serve(path: &Path, source: Source, resize: Option<ResizeFn>) -> io::Resul
 }
 
 fn answer(
-    stream: &UnixStream,
+    stream: UnixStream,
     source: &Source,
     window: &Mutex<LatencyWindow>,
-    resize: Option<&ResizeFn>,
+    commands: &Commands,
 ) -> io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new(stream.take(MAX_LINE)).read_line(&mut line)?;
+    BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line)?;
     let words: Vec<&str> = line.split_whitespace().collect();
+    if let ["scrub", args @ ..] = words.as_slice() {
+        let asked = match (args, &commands.scrub) {
+            (_, None) => Err("this device has one replica: nothing to compare"),
+            ([], Some(scrub)) => Ok((Arc::clone(scrub), false)),
+            (["repair"], Some(scrub)) => Ok((Arc::clone(scrub), true)),
+            _ => Err("usage: scrub [repair]"),
+        };
+        let (scrub, repair) = match asked {
+            Ok(asked) => asked,
+            Err(why) => {
+                let mut out = &stream;
+                writeln!(out, "{}", serde_json::json!({ "error": why }))?;
+                return out.flush();
+            }
+        };
+        // Long: answered on a thread of its own, status goes on meanwhile.
+        std::thread::Builder::new()
+            .name("scrub".into())
+            .spawn(move || {
+                let reply = match scrub(repair) {
+                    Ok(report) => report,
+                    Err(why) => serde_json::json!({ "error": why }),
+                };
+                let mut out = &stream;
+                let _ = writeln!(out, "{reply}").and_then(|()| out.flush());
+            })?;
+        return Ok(());
+    }
+    let stream = &stream;
+    let resize = commands.resize.as_ref();
     if let ["resize", args @ ..] = words.as_slice() {
         let (size, rest) = args.split_first().map_or(("", &[][..]), |(s, r)| (*s, r));
         let reply = match (size.parse::<u64>(), rest, resize) {
@@ -238,8 +283,31 @@ pub fn status_text(devices: &[serde_json::Value]) -> String {
                         )
                     })
                     .collect();
-                out.push_str(&format!(
-                    "  column {} {} in sync {}{}\n",
+                let joining: Vec<String> = c["joining"]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|j| {
+                        let what = if j["rebuild"].as_bool() == Some(true) {
+                            "rebuilding"
+                        } else {
+                            "catching up"
+                        };
+                        match (j["percent"].as_f64(), j["remaining_bytes"].as_u64()) {
+                            (Some(pct), Some(left)) => format!(
+                                "node {} {what} {pct:.1}% ({} MiB left, ETA {})",
+                                text(&j["node"]),
+                                left.div_ceil(1 << 20),
+                                j["eta_s"]
+                                    .as_f64()
+                                    .map_or("-".into(), |s| format!("{s:.0} s"))
+                            ),
+                            _ => format!("node {} joining", text(&j["node"])),
+                        }
+                    })
+                    .collect();
+                let mut line = format!(
+                    "  column {} {} in sync {}",
                     text(&c["column"]),
                     if c["degraded"].as_bool() == Some(true) {
                         "DEGRADED"
@@ -247,13 +315,13 @@ pub fn status_text(devices: &[serde_json::Value]) -> String {
                         "whole"
                     },
                     text(&c["in_sync"]),
-                    if out_nodes.is_empty() {
-                        String::new()
-                    } else {
-                        // Resync does not exist yet: out stays out.
-                        format!("; {} (stays out until resync)", out_nodes.join("; "))
-                    }
-                ));
+                );
+                for part in joining.iter().chain(&out_nodes) {
+                    line.push_str("; ");
+                    line.push_str(part);
+                }
+                out.push_str(&line);
+                out.push('\n');
             }
         }
         for n in d["nodes"].as_array().map_or(&[][..], Vec::as_slice) {
@@ -318,7 +386,16 @@ mod tests {
                 Ok(100)
             }
         });
-        serve(&path, source, Some(resize)).expect("serve");
+        // A stand-in scrub that takes a while.
+        let scrub: ScrubFn = Arc::new(|repair| {
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(serde_json::json!({ "chunks": 8, "repaired": u64::from(repair) }))
+        });
+        let commands = Commands {
+            resize: Some(resize),
+            scrub: Some(scrub),
+        };
+        serve(&path, source, commands).expect("serve");
         let mode = std::fs::metadata(&path)
             .expect("socket")
             .permissions()
@@ -349,6 +426,25 @@ mod tests {
         assert_eq!(refused["error"], "refused without --force");
         let forced = ask(&path, "resize 50 force").expect("resize");
         assert_eq!(forced["to"], 50);
+        // A scrub runs on its own thread: status answers meanwhile.
+        let scrubbing = {
+            let path = path.clone();
+            std::thread::spawn(move || ask(&path, "scrub repair").expect("scrub"))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let t0 = Instant::now();
+        ask(&path, "status").expect("status during a scrub");
+        assert!(
+            t0.elapsed() < Duration::from_millis(400),
+            "status waited for the scrub"
+        );
+        let report = scrubbing.join().expect("scrub thread");
+        assert_eq!(
+            (report["chunks"].as_u64(), report["repaired"].as_u64()),
+            (Some(8), Some(1))
+        );
+        let bad = ask(&path, "scrub now").expect("answer");
+        assert_eq!(bad["error"], "usage: scrub [repair]");
         for bad in ["resize", "resize lots", "resize 50 now"] {
             let answer = ask(&path, bad).expect("answer");
             assert_eq!(answer["error"], "usage: resize BYTES [force]", "{bad}");
@@ -378,6 +474,7 @@ mod replication_tests {
                 generation: 1,
                 owner_epoch: 3,
                 iss: vec![0b11, 0b11],
+                joining: Vec::new(),
                 fenced: false,
             },
         );
@@ -391,6 +488,7 @@ mod replication_tests {
             generation: 2,
             owner_epoch: 3,
             iss: vec![0b11, 0b01],
+            joining: Vec::new(),
             fenced: false,
         });
         let source = Source {
@@ -423,6 +521,37 @@ mod replication_tests {
         assert!(text.contains("column 0 whole in sync [0,2]"), "{text}");
         assert!(
             text.contains("reconciled after an unclean stop: 3 regions, 12582912 bytes"),
+            "{text}"
+        );
+        // Node 3 answers again and catches up: a quarter copied in 5 s.
+        let m = source.membership.as_ref().expect("membership");
+        m.publish(View {
+            generation: 3,
+            owner_epoch: 3,
+            iss: vec![0b11, 0b01],
+            joining: vec![0, 0b10],
+            fenced: false,
+        });
+        let now = Instant::now();
+        m.set_progress(
+            3,
+            Some(crate::resync::Progress {
+                rebuild: false,
+                total: 100 << 20,
+                done: 25 << 20,
+                started: now - std::time::Duration::from_secs(5),
+            }),
+        );
+        let status = source.status("live", &[], now);
+        let column = &status["replication"]["columns"][1];
+        assert_eq!(column["out"], serde_json::json!([]), "joining: not out");
+        assert_eq!(column["joining"][0]["node"], 3);
+        assert_eq!(column["joining"][0]["remaining_bytes"], 75u64 << 20);
+        let text = status_text(&[status]);
+        assert!(
+            text.contains(
+                "column 1 DEGRADED in sync [1]; node 3 catching up 25.0% (75 MiB left, ETA 15 s)"
+            ),
             "{text}"
         );
     }

@@ -604,6 +604,39 @@ const QUEUE_END_GRACE: Duration = Duration::from_millis(300);
 /// quiesces the device, `list` shows it as needing recovery, and
 /// `map --recover` takes over. A recovery's `record_lock` is let go once
 /// the new record is written.
+/// What `netblk scrub` runs in the daemon of a replicated device: the
+/// members of every column compared (and repaired) beside the serving
+/// device, over its current size.
+fn scrubber(
+    device: &netblk::ublk::device::Device,
+    spec: &netblk::layout::VolumeSpec,
+    vopts: &netblk::frontend::VolumeOptions,
+) -> netblk::control::ScrubFn {
+    let membership = std::sync::Arc::clone(&device.wide.membership);
+    let size = device.size.clone();
+    let spec = spec.clone();
+    let options = netblk::frontend::VolumeOptions {
+        membership: None,
+        manager: None,
+        ..vopts.clone()
+    };
+    let wait = vopts.io_timeout;
+    std::sync::Arc::new(move |repair| {
+        let layout = spec
+            .layout()
+            .and_then(|l| l.with_size(size.get()))
+            .map_err(|e| e.to_string())?;
+        let store = netblk::frontend::records_store(
+            &spec,
+            &layout,
+            &options,
+            std::sync::Arc::clone(&membership.pins),
+        );
+        let report = netblk::scrub::scrub(&store, &layout, &membership, repair, wait)?;
+        Ok(report.to_json())
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     mut device: netblk::ublk::device::Device,
@@ -697,7 +730,11 @@ pub fn serve(
         }
         Ok(from)
     });
-    if let Err(err) = netblk::control::serve(&socket, source, Some(resize)) {
+    let commands = netblk::control::Commands {
+        resize: Some(resize),
+        scrub: (spec.replicas > 1).then(|| scrubber(&device, spec, vopts)),
+    };
+    if let Err(err) = netblk::control::serve(&socket, source, commands) {
         tracing::error!(socket = %socket.display(), error = %err, "no control socket: `netblk status` cannot ask this daemon");
     }
     // The path, once the device, its record, its control socket and its
@@ -737,10 +774,22 @@ pub fn serve(
         // What the nodes' durability looks like now goes into the record,
         // so a recovery after this daemon compares against it.
         let version = ledger.version();
-        if version != recorded_version {
+        let pins = (spec.replicas > 1)
+            .then(|| device.wide.membership.pins.all())
+            .filter(|p| p.len() == spec.nodes.len());
+        let repinned = {
+            let record = record.lock().unwrap_or_else(|p| p.into_inner());
+            pins.as_ref().is_some_and(|p| *p != record.volume_ids)
+        };
+        if version != recorded_version || repinned {
             recorded_version = version;
             let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
             record.durability = ledger.persisted(true);
+            if let Some(pins) = pins {
+                // A member rebuilt under a new volume identity: a
+                // recovery holds it to that one.
+                record.volume_ids = pins;
+            }
             if let Err(err) = state::save(&dir, &record) {
                 tracing::error!(error = %err, "the record keeps the nodes' earlier durability");
             }

@@ -20,7 +20,7 @@ use crate::engine::{BlockRequest, Completion, Engine, EngineConfig, MAX_DEPTH, O
 use crate::epochs::Epochs;
 use crate::layout::{Layout, SpecError, VolumeSpec};
 use crate::ledger::{Ledger, NodeDurability};
-use crate::membership::Membership;
+use crate::membership::{Membership, Pins};
 use crate::net::{self, ConnectError, Identity, NodeInfo};
 use crate::records;
 use crate::stats::QueueStats;
@@ -55,6 +55,9 @@ pub struct VolumeOptions {
     pub force_degraded: bool,
     /// Replicated volumes: fence an owner that still looks alive.
     pub takeover: bool,
+    /// Replicated volumes: how members out of sync are caught up (rate,
+    /// probe interval; docs/resync.md).
+    pub resync: crate::resync::ResyncOptions,
     pub connect_timeout: Duration,
     /// Who this client is to the nodes, one id for all the device's queues:
     /// nodes fence the connections of an older epoch of the same id when a
@@ -97,6 +100,7 @@ impl Default for VolumeOptions {
             manager: None,
             force_degraded: false,
             takeover: false,
+            resync: crate::resync::ResyncOptions::default(),
             connect_timeout: Duration::from_secs(10),
             client_id: fresh_client_id(),
             session: 1,
@@ -266,11 +270,50 @@ pub fn attach_replicas(
             seconds(options.io_timeout)
         )));
     }
-    let store = || records::NetRecords {
+    let attach_store = records_store(spec, layout, options, Pins::new(options.volume_ids.clone()));
+    let attach = records::AttachOptions {
+        owner: options.owner(),
+        force_degraded: options.force_degraded,
+        takeover: options.takeover,
+        wait: options.connect_timeout,
+        ..Default::default()
+    };
+    let attached = records::attach(&attach_store, layout, &attach).map_err(OpenError::Attach)?;
+    let pins = Arc::clone(&attached.membership.pins);
+    pins.set_all(options.volume_ids.clone());
+    let store = || records_store(spec, layout, options, Arc::clone(&pins));
+    let manager =
+        records::spawn_manager(Box::new(store()), *layout, &attached).map_err(OpenError::Uring)?;
+    let resync = crate::resync::ResyncOptions {
+        wait: options.io_timeout,
+        ..options.resync
+    };
+    crate::resync::spawn(
+        Box::new(store()),
+        *layout,
+        &attached.membership,
+        manager.clone(),
+        resync,
+    )
+    .map_err(OpenError::Uring)?;
+    options.membership = Some(attached.membership);
+    options.manager = Some(manager);
+    Ok(())
+}
+
+/// The membership records (and the copies beside them) of a replicated
+/// volume, reached over short connections of their own.
+pub fn records_store(
+    spec: &VolumeSpec,
+    layout: &Layout,
+    options: &VolumeOptions,
+    pins: Arc<Pins>,
+) -> records::NetRecords {
+    records::NetRecords {
         addrs: spec.nodes.clone(),
         layout: *layout,
         volume: spec.name.clone(),
-        volume_ids: options.volume_ids.clone(),
+        volume_ids: pins,
         client_id: format!("{}-records", options.client_id),
         tls: options.tls.clone(),
         timeouts: net::Timeouts {
@@ -279,20 +322,7 @@ pub fn attach_replicas(
                 .min(options.replica_timeout.max(Duration::from_secs(1))),
             io: options.replica_timeout.max(Duration::from_secs(1)),
         },
-    };
-    let attach = records::AttachOptions {
-        owner: options.owner(),
-        force_degraded: options.force_degraded,
-        takeover: options.takeover,
-        wait: options.connect_timeout,
-        ..Default::default()
-    };
-    let attached = records::attach(&store(), layout, &attach).map_err(OpenError::Attach)?;
-    let manager =
-        records::spawn_manager(Box::new(store()), *layout, &attached).map_err(OpenError::Uring)?;
-    options.membership = Some(attached.membership);
-    options.manager = Some(manager);
-    Ok(())
+    }
 }
 
 /// Why a volume could not be attached.
@@ -326,7 +356,7 @@ pub fn connect_queue(
     for (node, addr) in spec.nodes.iter().enumerate() {
         if view
             .as_ref()
-            .is_some_and(|v| !v.in_sync(replication.column_of(node), replication.row_of(node)))
+            .is_some_and(|v| !v.takes_writes(replication.column_of(node), replication.row_of(node)))
         {
             streams.push(None);
             infos.push(NodeInfo {
@@ -376,6 +406,9 @@ pub fn connect_queues(
         }
         queues.push((streams, infos));
     }
+    if let Some(m) = &options.membership {
+        m.pins.set_all(options.volume_ids.clone());
+    }
     if let Some((_, infos)) = queues.first() {
         for (node, (addr, info)) in spec.nodes.iter().zip(infos).enumerate() {
             tracing::info!(
@@ -409,16 +442,19 @@ impl DeviceWide {
     /// For a device with `layout` mapped (or recovered) with `options`.
     pub fn new(layout: &Layout, options: &VolumeOptions) -> DeviceWide {
         let nodes = layout.node_count();
+        let membership = options
+            .membership
+            .clone()
+            .unwrap_or_else(|| Membership::all_in_sync(*layout.replication()));
+        let ledger = Arc::new(if options.durability.is_empty() {
+            Ledger::new(nodes)
+        } else {
+            Ledger::recovered(nodes, &options.durability)
+        });
+        membership.set_ledger(Arc::clone(&ledger));
         DeviceWide {
-            membership: options
-                .membership
-                .clone()
-                .unwrap_or_else(|| Membership::all_in_sync(*layout.replication())),
-            ledger: Arc::new(if options.durability.is_empty() {
-                Ledger::new(nodes)
-            } else {
-                Ledger::recovered(nodes, &options.durability)
-            }),
+            membership,
+            ledger,
             epochs: Arc::new(Epochs::new(nodes, options.session)),
             manager: options.manager.clone(),
         }

@@ -134,6 +134,22 @@ impl Ledger {
         lost_now
     }
 
+    /// The incarnation of the volume last seen on `node` (None: never).
+    pub fn incarnation(&self, node: usize) -> Option<u64> {
+        self.node(node).and_then(|n| n.incarnation)
+    }
+
+    /// `node` is about to join its column again (docs/resync.md): what it
+    /// acknowledged before it left is copied to it anew, so nothing of its
+    /// past can be lost any more. Called while nothing is sent to it.
+    pub fn forget(&self, node: usize) {
+        if let Some(mut n) = self.node(node) {
+            *n = NodeLedger::default();
+            drop(n);
+            self.version.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     /// What a flush sent to `node` now covers: the writes acknowledged so
     /// far, on every queue.
     pub fn covers(&self, node: usize) -> u64 {

@@ -25,6 +25,7 @@ pub mod recv;
 pub mod regions;
 pub mod replicas;
 pub mod resize;
+pub mod resync;
 pub mod rng;
 pub mod scrub;
 pub mod state;

@@ -83,6 +83,21 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Compare the replicas of every column of a replicated device, by
+    /// digests the nodes compute (no data comes to this host), beside the
+    /// serving device; report the ranges that differ. With --repair,
+    /// rewrite them from the column's lowest in-sync replica. Exits 1 when
+    /// ranges differ and were not repaired.
+    Scrub {
+        /// /dev/ublkbN or N.
+        device: String,
+        /// Rewrite differing ranges from the column's lowest in-sync replica.
+        #[arg(long)]
+        repair: bool,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the volume name of a netblk device (ublkbN, /dev/ublkbN or N)
     /// from its record: what the udev rule names /dev/netblk/VOLUME after.
     /// Prints nothing and exits 1 for a device netblk has no record of.
@@ -221,6 +236,11 @@ fn main() -> ExitCode {
             size,
             force,
         } => resize(&device, size, force).map_err(Failure::Run),
+        Cmd::Scrub {
+            device,
+            repair,
+            json,
+        } => scrub(&device, repair, json).map_err(Failure::Run),
         Cmd::List => list().map_err(Failure::Run),
         Cmd::Status { device, json } => status(device.as_deref(), json).map_err(Failure::Run),
         Cmd::Features => features().map_err(Failure::Run),
@@ -465,6 +485,62 @@ fn resize(device: &str, size: u64, force: bool) -> Result<(), String> {
         println!("/dev/ublkb{id} is already {size} bytes");
     } else {
         println!("resized /dev/ublkb{id} from {from} to {size} bytes");
+    }
+    Ok(())
+}
+
+fn scrub(device: &str, repair: bool, json: bool) -> Result<(), String> {
+    let id = state::parse_device(device)?;
+    let dir = state::state_dir();
+    let record = state::load(&dir, id)?
+        .ok_or_else(|| format!("no netblk device {id} (`netblk list` shows the mapped ones)"))?;
+    if !daemon_alive(record.pid, record.pid_start) {
+        return Err(format!(
+            "/dev/ublkb{id} has no running daemon to scrub it: `netblk map --recover /dev/ublkb{id}` first"
+        ));
+    }
+    let command = if repair { "scrub repair" } else { "scrub" };
+    let socket = netblk::control::socket_path(&dir, id);
+    let answer = netblk::control::ask_within(&socket, command, netblk::control::SCRUB_TIMEOUT)
+        .map_err(|e| format!("cannot ask the daemon of /dev/ublkb{id}: {e}"))?;
+    if let Some(why) = answer.get("error").and_then(|e| e.as_str()) {
+        return Err(why.to_string());
+    }
+    let list = |key: &str| answer[key].as_array().cloned().unwrap_or_default();
+    let (mismatches, skipped) = (list("mismatches"), list("skipped"));
+    let repaired = answer["repaired"].as_u64().unwrap_or(0);
+    if json {
+        println!("{answer}");
+    } else {
+        for m in &mismatches {
+            println!(
+                "column {} at {} ({} bytes): nodes {} differ{}",
+                m["column"],
+                m["offset"],
+                m["length"],
+                m["members"],
+                if repair { ", repaired" } else { "" }
+            );
+        }
+        for s in &skipped {
+            println!(
+                "node {} at {}: not compared: {}",
+                s["node"], s["offset"], s["why"]
+            );
+        }
+        println!(
+            "/dev/ublkb{id}: {} chunks compared, {} differ, {} repaired, {} not compared",
+            answer["chunks"].as_u64().unwrap_or(0),
+            mismatches.len(),
+            repaired,
+            skipped.len()
+        );
+    }
+    if mismatches.len() as u64 > repaired {
+        return Err(format!(
+            "{} ranges differ: `netblk scrub --repair /dev/ublkb{id}` rewrites them",
+            mismatches.len() as u64 - repaired
+        ));
     }
     Ok(())
 }

@@ -11,7 +11,7 @@
 //! queues complete those pieces without the member.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -19,8 +19,10 @@ use netblk_protocol::pb::MembershipRecord;
 
 use crate::activity::WriteEpochs;
 use crate::layout::Replication;
+use crate::ledger::Ledger;
 use crate::reconcile::Reconciled;
 use crate::regions::RegionGate;
+use crate::resync::Progress;
 
 /// The membership the data path works with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,9 @@ pub struct View {
     pub owner_epoch: u64,
     /// Per column: bitmask of the replica rows in sync.
     pub iss: Vec<u32>,
+    /// Per column (empty: none): rows catching up or rebuilding, which
+    /// take writes but are not read (docs/resync.md).
+    pub joining: Vec<u32>,
     /// Another owner took the volume over: every request fails with EIO.
     pub fenced: bool,
 }
@@ -41,6 +46,7 @@ impl View {
             generation: 0,
             owner_epoch: 0,
             iss: vec![(1u32 << replication.replicas()) - 1; replication.columns() as usize],
+            joining: Vec::new(),
             fenced: false,
         }
     }
@@ -50,6 +56,7 @@ impl View {
             generation: record.generation,
             owner_epoch: record.owner_epoch,
             iss: record.iss.clone(),
+            joining: record.joining.clone(),
             fenced: false,
         }
     }
@@ -57,6 +64,19 @@ impl View {
     /// True if replica row `row` of `column` is in sync.
     pub fn in_sync(&self, column: usize, row: usize) -> bool {
         self.iss.get(column).is_some_and(|m| m & (1 << row) != 0)
+    }
+
+    /// True if replica row `row` of `column` is catching up or rebuilding.
+    pub fn joining(&self, column: usize, row: usize) -> bool {
+        self.joining
+            .get(column)
+            .is_some_and(|m| m & (1 << row) != 0)
+    }
+
+    /// True if row `row` of `column` takes the column's writes: in sync or
+    /// joining.
+    pub fn takes_writes(&self, column: usize, row: usize) -> bool {
+        self.in_sync(column, row) || self.joining(column, row)
     }
 
     /// Members of `column` in sync.
@@ -83,6 +103,41 @@ pub struct Departure {
     pub generation: u64,
 }
 
+/// The volume identity each member is held to (empty: not known): one
+/// list shared by the device's record connections, its queues' reconnects
+/// and its record, so that a member rebuilt under a new identity is held
+/// to that one everywhere at once.
+#[derive(Debug, Default)]
+pub struct Pins(Mutex<Vec<String>>);
+
+impl Pins {
+    pub fn new(ids: Vec<String>) -> Arc<Pins> {
+        Arc::new(Pins(Mutex::new(ids)))
+    }
+
+    /// The identity `node` is held to (None: any).
+    pub fn get(&self, node: usize) -> Option<String> {
+        lock(&self.0).get(node).filter(|p| !p.is_empty()).cloned()
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        lock(&self.0).clone()
+    }
+
+    pub fn set_all(&self, ids: Vec<String>) {
+        *lock(&self.0) = ids;
+    }
+
+    /// `node` is held to `id` from now on.
+    pub fn set(&self, node: usize, id: String) {
+        let mut pins = lock(&self.0);
+        if pins.len() <= node {
+            pins.resize(node + 1, String::new());
+        }
+        pins[node] = id;
+    }
+}
+
 /// The device-wide membership; see the module docs.
 pub struct Membership {
     replication: Replication,
@@ -103,6 +158,19 @@ pub struct Membership {
     /// What the attach reconciled (None: the last owner stopped cleanly,
     /// or one replica).
     reconciled: Mutex<Option<Reconciled>>,
+    /// The device's durability ledger (set once its queues share one): a
+    /// returning member's incarnation is judged by it.
+    ledger: Mutex<Option<Arc<Ledger>>>,
+    /// The volume identity each member is held to.
+    pub pins: Arc<Pins>,
+    /// Members catching up or rebuilding, and how far.
+    resync: Mutex<BTreeMap<usize, Progress>>,
+    /// Bytes copied by catch-ups and rebuilds since the device started.
+    pub resync_bytes: AtomicU64,
+    /// Chunks scrubs found differing since the device started.
+    pub scrub_mismatches: AtomicU64,
+    /// The device is stopping: background copies end.
+    stopping: AtomicBool,
 }
 
 impl std::fmt::Debug for Membership {
@@ -132,6 +200,12 @@ impl Membership {
             writes: WriteEpochs::default(),
             gate: RegionGate::default(),
             reconciled: Mutex::new(None),
+            ledger: Mutex::new(None),
+            pins: Arc::new(Pins::default()),
+            resync: Mutex::new(BTreeMap::new()),
+            resync_bytes: AtomicU64::new(0),
+            scrub_mismatches: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -207,7 +281,7 @@ impl Membership {
                 self.replication.column_of(*node),
                 self.replication.row_of(*node),
             );
-            if view.in_sync(column, row) {
+            if view.takes_writes(column, row) {
                 return true;
             }
             departures.push(Departure {
@@ -251,6 +325,43 @@ impl Membership {
             at_unix,
             generation,
         });
+    }
+
+    /// The device is stopping: catch-ups and scrubs end at their next step.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The queues' durability ledger is `ledger` now.
+    pub fn set_ledger(&self, ledger: Arc<Ledger>) {
+        *lock(&self.ledger) = Some(ledger);
+    }
+
+    pub fn ledger(&self) -> Option<Arc<Ledger>> {
+        lock(&self.ledger).clone()
+    }
+
+    /// The identity `node` is held to (None: not known).
+    pub fn pin(&self, node: usize) -> Option<String> {
+        self.pins.get(node)
+    }
+
+    /// A copy to `node` started, moved on, or (None) ended.
+    pub fn set_progress(&self, node: usize, progress: Option<Progress>) {
+        let mut resync = lock(&self.resync);
+        match progress {
+            Some(p) => resync.insert(node, p),
+            None => resync.remove(&node),
+        };
+    }
+
+    /// The copies running, by member.
+    pub fn progress(&self) -> BTreeMap<usize, Progress> {
+        lock(&self.resync).clone()
     }
 
     /// Members this daemon took out, oldest first.

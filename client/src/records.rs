@@ -53,6 +53,13 @@ pub trait RecordStore: Send + Sync {
     /// The CRC-32C of `len` bytes at node offset `offset` on `node`,
     /// computed there.
     fn digest(&self, node: usize, offset: u64, len: u64) -> Result<u32, String>;
+    /// What `node` says of the volume now (without holding it to the
+    /// identity it had): a member out of sync is probed before it joins.
+    fn probe(&self, node: usize) -> Result<Probe, String>;
+    /// The regions (of `RESYNC_REGION` node bytes) that replica row `row`
+    /// of `node`'s column missed, as `node` tracked them, and the record
+    /// generation it tracks them since (0: it does not).
+    fn missed(&self, node: usize, row: u32) -> Result<(Vec<u64>, u64), String>;
     /// Bytes of node offsets one region of the activity logs covers.
     fn activity_region(&self) -> u64 {
         netblk_protocol::geometry::ACTIVITY_REGION
@@ -63,6 +70,14 @@ pub trait RecordStore: Send + Sync {
     }
 }
 
+/// What a probe of a node found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub volume_id: String,
+    pub incarnation: u64,
+    pub durable_incarnation: u64,
+}
+
 /// The records over the network: one short connection per request (they
 /// are rare: an attach, a member leaving).
 pub struct NetRecords {
@@ -70,7 +85,7 @@ pub struct NetRecords {
     pub layout: Layout,
     pub volume: String,
     /// The volume identity each node must hold (empty: any).
-    pub volume_ids: Vec<String>,
+    pub volume_ids: Arc<crate::membership::Pins>,
     pub client_id: String,
     pub tls: Option<Arc<ClientTls>>,
     pub timeouts: Timeouts,
@@ -80,15 +95,12 @@ impl NetRecords {
     /// A connection to `node`, as the owner of `owner_epoch` (0: a tool).
     fn open(&self, node: usize, owner_epoch: u64) -> Result<(TcpStream, NodeInfo), String> {
         let addr = *self.addrs.get(node).ok_or("no such node")?;
+        let pin = self.volume_ids.get(node);
         let who = Identity {
             client_id: &self.client_id,
             volume: &self.volume,
             session: net::clock_session(),
-            volume_id: self
-                .volume_ids
-                .get(node)
-                .map(String::as_str)
-                .filter(|id| !id.is_empty()),
+            volume_id: pin.as_deref(),
             digest: false,
             tls: self.tls.as_deref(),
             owner_epoch,
@@ -268,6 +280,49 @@ impl RecordStore for NetRecords {
             succeeded(reply, "flush").map_err(|why| named(*node, why))?;
         }
         Ok(())
+    }
+
+    fn probe(&self, node: usize) -> Result<Probe, String> {
+        let addr = *self.addrs.get(node).ok_or("no such node")?;
+        let who = Identity {
+            client_id: &self.client_id,
+            volume: &self.volume,
+            session: net::clock_session(),
+            volume_id: None,
+            digest: false,
+            tls: self.tls.as_deref(),
+            owner_epoch: 0,
+        };
+        let (_, info) = net::connect(addr, node, &self.layout, &who, self.timeouts)
+            .map_err(|e: ConnectError| e.to_string())?;
+        Ok(Probe {
+            volume_id: info.volume_id,
+            incarnation: info.incarnation,
+            durable_incarnation: info.durable_incarnation,
+        })
+    }
+
+    fn missed(&self, node: usize, row: u32) -> Result<(Vec<u64>, u64), String> {
+        let (stream, _) = self.open(node, 0)?;
+        let mut regions = Vec::new();
+        let mut from = 0;
+        for id in 1.. {
+            let op = pb::request::Op::GetMissed(pb::GetMissed { row, from });
+            let reply = succeeded(
+                net::call(&stream, id, op, self.timeouts.io)?,
+                "reading the missed regions",
+            )?;
+            if reply.missed_since == 0 {
+                return Ok((Vec::new(), 0));
+            }
+            let last = reply.missed_regions.last().copied();
+            regions.extend(reply.missed_regions);
+            match last {
+                Some(last) if reply.missed_more => from = last.saturating_add(1),
+                _ => return Ok((regions, reply.missed_since)),
+            }
+        }
+        Err("the missed regions never ended".into())
     }
 
     fn name(&self, node: usize) -> String {
@@ -457,6 +512,10 @@ pub fn attach(
         owner: options.owner.clone(),
         clean: false,
         iss: iss.iss,
+        // A copy this attach did not start is started again (the nodes'
+        // missed bitmaps still cover it: the row is not in sync).
+        joining: Vec::new(),
+        rebuild: Vec::new(),
     };
     // Each node's stored generation, as read: the compare-and-set fails if
     // anything changed it since.
@@ -539,6 +598,9 @@ pub struct Manager {
     /// tried again as it is (never another record of the same generation),
     /// with the columns it changes and who leaves why.
     pending: Option<Change>,
+    /// The highest generation tried (stored or not): a new change goes
+    /// above it, never another record of a generation some node may hold.
+    tried: u64,
     /// Trims the in-sync members' activity logs.
     pub trimmer: Trimmer,
     /// A planted bug for the simulator to find (never set outside tests):
@@ -556,6 +618,7 @@ impl Manager {
             record: attached.record.clone(),
             known: attached.known.clone(),
             pending: None,
+            tried: attached.record.generation,
             trimmer: Trimmer::new(Instant::now(), crate::activity::TRIM_EVERY),
             plant_publish_before_store: false,
         }
@@ -623,6 +686,78 @@ impl Manager {
         &self.record
     }
 
+    fn next_generation(&self) -> u64 {
+        self.record.generation.max(self.tried) + 1
+    }
+
+    /// Member `node`, out of sync, joins its column (docs/resync.md): the
+    /// record with it joining is stored on the column's in-sync members
+    /// and published; from then on it takes the column's writes.
+    pub fn join(&mut self, m: &Membership, node: usize, rebuild: bool) -> Result<(), String> {
+        let next = replicas::join(&self.record, self.layout.replication(), node, rebuild)
+            .ok_or("it is in sync or joining already")?;
+        self.change(m, next, node)
+    }
+
+    /// Joining member `node`, its copy done and durable, is in sync again.
+    pub fn promote(&mut self, m: &Membership, node: usize) -> Result<(), String> {
+        if m.is_failed(node) {
+            return Err("it failed while it caught up".into());
+        }
+        let next = replicas::promote(&self.record, self.layout.replication(), node)
+            .ok_or("it is not joining")?;
+        self.change(m, next, node)
+    }
+
+    /// Stores `next`, a change of `node`'s column, and publishes it. Not
+    /// while members wait to leave: their shrink comes first.
+    fn change(
+        &mut self,
+        m: &Membership,
+        mut next: MembershipRecord,
+        node: usize,
+    ) -> Result<(), String> {
+        if m.view().fenced {
+            return Err("the device is fenced".into());
+        }
+        if self.pending.is_some() || !m.failed().is_empty() {
+            return Err("members are leaving: tried again later".into());
+        }
+        next.generation = self.next_generation();
+        self.tried = next.generation;
+        let column = self.layout.replication().column_of(node);
+        match store_change(
+            &*self.store,
+            &self.layout,
+            &mut self.known,
+            &next,
+            &[column],
+        ) {
+            Ok(()) => {
+                tracing::info!(
+                    node,
+                    generation = next.generation,
+                    iss = ?next.iss,
+                    joining = ?next.joining,
+                    "membership changed"
+                );
+                self.record = next;
+                m.publish(View::of_record(&self.record));
+                Ok(())
+            }
+            Err(Stored::Fenced(held)) => {
+                tracing::error!(
+                    owner = %held.owner,
+                    owner_epoch = held.owner_epoch,
+                    "another owner took the volume over: this device is fenced, its IO fails"
+                );
+                m.fence();
+                Err("the device is fenced".into())
+            }
+            Err(Stored::Retry(why)) => Err(why),
+        }
+    }
+
     /// Handles every reported failure once. False once the device is
     /// fenced (nothing more to do).
     pub fn step(&mut self, m: &Membership) -> bool {
@@ -649,7 +784,8 @@ impl Manager {
                 if leaving.is_empty() {
                     return true;
                 }
-                next.generation = self.record.generation + 1;
+                next.generation = self.next_generation();
+                self.tried = next.generation;
                 let changed: Vec<usize> = leaving
                     .iter()
                     .map(|(node, _)| self.layout.replication().column_of(*node))
@@ -660,7 +796,7 @@ impl Manager {
         if self.plant_publish_before_store {
             m.publish(View::of_record(&next));
         }
-        match store_shrink(&*self.store, &self.layout, &mut self.known, &next, &changed) {
+        match store_change(&*self.store, &self.layout, &mut self.known, &next, &changed) {
             Ok(()) => {
                 for (node, reason) in &leaving {
                     tracing::warn!(
@@ -674,7 +810,7 @@ impl Manager {
                 self.record = next;
                 m.publish(View::of_record(&self.record));
             }
-            Err(Shrink::Fenced(held)) => {
+            Err(Stored::Fenced(held)) => {
                 tracing::error!(
                     owner = %held.owner,
                     owner_epoch = held.owner_epoch,
@@ -683,7 +819,7 @@ impl Manager {
                 m.fence();
                 return false;
             }
-            Err(Shrink::Retry(why)) => {
+            Err(Stored::Retry(why)) => {
                 tracing::warn!(error = %why, generation = next.generation, "cannot store the shrunk membership record yet; retrying");
                 self.pending = Some((next, changed, leaving));
             }
@@ -708,8 +844,20 @@ impl ManagerHandle {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// See [`Manager::stop_cleanly`]; logs why not.
+    /// See [`Manager::join`].
+    pub fn join(&self, m: &Membership, node: usize, rebuild: bool) -> Result<(), String> {
+        self.lock().join(m, node, rebuild)
+    }
+
+    /// See [`Manager::promote`].
+    pub fn promote(&self, m: &Membership, node: usize) -> Result<(), String> {
+        self.lock().promote(m, node)
+    }
+
+    /// See [`Manager::stop_cleanly`]; logs why not. Background copies
+    /// end first.
     pub fn stop_cleanly(&self, m: &Membership) {
+        m.stop();
         if let Err(why) = self.lock().stop_cleanly(m) {
             tracing::warn!("{why}");
         }
@@ -744,21 +892,24 @@ pub fn spawn_manager(
     Ok(handle)
 }
 
-enum Shrink {
+/// Why a change was not stored.
+enum Stored {
+    /// A newer owner's record is on a member.
     Fenced(MembershipRecord),
+    /// A member of a changed column did not take it (yet).
     Retry(String),
 }
 
-/// Stores `next` (which drops members of the `changed` columns) on every
-/// in-sync member; Ok once every remaining member of those columns holds
-/// it.
-fn store_shrink(
+/// Stores `next` (a change of the `changed` columns: members leaving,
+/// joining, or back in sync) on every in-sync member; Ok once every
+/// in-sync member of those columns holds it.
+fn store_change(
     store: &dyn RecordStore,
     layout: &Layout,
     known: &mut [u64],
     next: &MembershipRecord,
     changed: &[usize],
-) -> Result<(), Shrink> {
+) -> Result<(), Stored> {
     let replication = layout.replication();
     // Members that took this record on an earlier try hold it already.
     let members: Vec<usize> = iss_nodes(next, layout)
@@ -770,10 +921,11 @@ fn store_shrink(
         let result = match result {
             // Stored by an earlier try.
             Err(PutError::Conflict(held)) if held == *next => Ok(()),
-            // A node that missed one of our earlier records: ours again,
-            // over the one it holds.
+            // A node that missed one of our earlier records (or a joiner
+            // that left under an earlier owner): ours again, over the one
+            // it holds.
             Err(PutError::Conflict(held))
-                if held.owner_epoch == next.owner_epoch && held.generation < next.generation =>
+                if held.owner_epoch <= next.owner_epoch && held.generation < next.generation =>
             {
                 known[n] = held.generation;
                 store.put(n, held.generation, next)
@@ -783,7 +935,7 @@ fn store_shrink(
         match result {
             Ok(()) => known[n] = next.generation,
             Err(PutError::Conflict(held)) if held.owner_epoch > next.owner_epoch => {
-                return Err(Shrink::Fenced(held));
+                return Err(Stored::Fenced(held));
             }
             Err(PutError::Conflict(held)) => {
                 missing.push((n, format!("holds generation {}", held.generation)))
@@ -796,7 +948,7 @@ fn store_shrink(
         .filter(|(n, _)| changed.contains(&replication.column_of(*n)))
         .collect();
     if let Some((n, why)) = required.first() {
-        return Err(Shrink::Retry(format!("{}: {why}", store.name(*n))));
+        return Err(Stored::Retry(format!("{}: {why}", store.name(*n))));
     }
     for (n, why) in &missing {
         tracing::warn!(node = n, error = %why, generation = next.generation, "a member of another column missed the membership record; it gets the next one");
@@ -838,6 +990,12 @@ mod tests {
         }
         fn digest(&self, _: usize, _: u64, _: u64) -> Result<u32, String> {
             Ok(0)
+        }
+        fn probe(&self, _: usize) -> Result<Probe, String> {
+            Err("not probed".into())
+        }
+        fn missed(&self, _: usize, _: u32) -> Result<(Vec<u64>, u64), String> {
+            Ok((Vec::new(), 0))
         }
     }
 

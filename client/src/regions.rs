@@ -23,7 +23,8 @@ pub type Range = (usize, u64, u64);
 
 #[derive(Debug, Default)]
 struct Region {
-    locked: bool,
+    /// Copiers holding it (a scrub and a catch-up may both want it).
+    locked: u32,
     in_flight: u32,
 }
 
@@ -75,7 +76,7 @@ impl RegionGate {
     /// their regions is locked (the write waits and tries again).
     pub fn enter(&self, ranges: &[Range]) -> bool {
         let mut map = self.lock_map();
-        if regions_of(ranges).any(|key| map.get(&key).is_some_and(|r| r.locked)) {
+        if regions_of(ranges).any(|key| map.get(&key).is_some_and(|r| r.locked > 0)) {
             return false;
         }
         for key in regions_of(ranges) {
@@ -90,16 +91,17 @@ impl RegionGate {
         for key in regions_of(ranges) {
             if let Some(r) = map.get_mut(&key) {
                 r.in_flight = r.in_flight.saturating_sub(1);
-                if r.in_flight == 0 && !r.locked {
+                if r.in_flight == 0 && r.locked == 0 {
                     map.remove(&key);
                 }
             }
         }
     }
 
-    /// Holds region `region` of `column`: writes to it wait from now on.
+    /// Holds region `region` of `column`: writes to it wait from now on
+    /// (until every copier that holds it released it).
     pub fn lock(&self, column: usize, region: u64) {
-        self.lock_map().entry((column, region)).or_default().locked = true;
+        self.lock_map().entry((column, region)).or_default().locked += 1;
     }
 
     /// True once no counted write to the region is in flight.
@@ -113,8 +115,8 @@ impl RegionGate {
     pub fn unlock(&self, column: usize, region: u64) {
         let mut map = self.lock_map();
         if let Some(r) = map.get_mut(&(column, region)) {
-            r.locked = false;
-            if r.in_flight == 0 {
+            r.locked = r.locked.saturating_sub(1);
+            if r.in_flight == 0 && r.locked == 0 {
                 map.remove(&(column, region));
             }
         }
@@ -149,6 +151,14 @@ mod tests {
         assert!(!gate.drained(0, 0) && !gate.drained(0, 1));
         gate.leave(&spanning);
         gate.leave(&other_column);
+        // Two copiers hold a region: it is free after both released it.
+        gate.lock(0, 0);
+        gate.lock(0, 0);
+        gate.unlock(0, 0);
+        assert!(!gate.enter(&a), "still held by the other copier");
+        gate.unlock(0, 0);
+        assert!(gate.enter(&a));
+        gate.leave(&a);
         assert!(gate.lock_map().is_empty(), "nothing left behind");
     }
 }

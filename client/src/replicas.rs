@@ -80,6 +80,7 @@ pub fn attach(
             owner: String::new(),
             clean: true,
             iss: vec![all; columns as usize],
+            ..MembershipRecord::default()
         }));
     };
     let missing: Vec<usize> = (0..columns as usize)
@@ -102,8 +103,10 @@ pub fn attach(
 }
 
 /// The record after member `node` failed: generation + 1, `node` out of its
-/// column's in-sync set. None when it is the column's last member (the ISS
-/// never becomes empty: that column's IO fails instead) or not in sync.
+/// column's in-sync set, or out of its joining set (a joiner can always
+/// leave: nothing reads it). None when it is the column's last member in
+/// sync (the ISS never becomes empty: that column's IO fails instead) or
+/// neither in sync nor joining.
 pub fn shrink(
     record: &MembershipRecord,
     replication: &Replication,
@@ -111,14 +114,84 @@ pub fn shrink(
 ) -> Option<MembershipRecord> {
     let (column, row) = (replication.column_of(node), replication.row_of(node));
     let bit = 1u32 << row;
+    let mut next = record.clone();
+    next.generation += 1;
+    if mask(&record.joining, column) & bit != 0 {
+        let columns = replication.columns() as usize;
+        set_mask(&mut next.joining, columns, column, |m| m & !bit);
+        set_mask(&mut next.rebuild, columns, column, |m| m & !bit);
+        return Some(next);
+    }
     let now = iss(record, column);
     if now & bit == 0 || now & !bit == 0 {
         return None;
     }
-    let mut next = record.clone();
-    next.generation += 1;
     next.iss[column] = now & !bit;
     Some(next)
+}
+
+/// The record with `node`, out of its column's in-sync set, joining it
+/// (docs/resync.md): generation + 1, it takes writes from the publish on;
+/// `rebuild` says it is copied in full. None if it is in sync or joining.
+pub fn join(
+    record: &MembershipRecord,
+    replication: &Replication,
+    node: usize,
+    rebuild: bool,
+) -> Option<MembershipRecord> {
+    let (column, row) = (replication.column_of(node), replication.row_of(node));
+    let bit = 1u32 << row;
+    if (iss(record, column) | mask(&record.joining, column)) & bit != 0 {
+        return None;
+    }
+    let columns = replication.columns() as usize;
+    let mut next = record.clone();
+    next.generation += 1;
+    next.clean = false;
+    set_mask(&mut next.joining, columns, column, |m| m | bit);
+    if rebuild {
+        set_mask(&mut next.rebuild, columns, column, |m| m | bit);
+    }
+    Some(next)
+}
+
+/// The record with joining `node` in sync (its copy is done and durable):
+/// generation + 1. None if it is not joining.
+pub fn promote(
+    record: &MembershipRecord,
+    replication: &Replication,
+    node: usize,
+) -> Option<MembershipRecord> {
+    let (column, row) = (replication.column_of(node), replication.row_of(node));
+    let bit = 1u32 << row;
+    if mask(&record.joining, column) & bit == 0 {
+        return None;
+    }
+    let columns = replication.columns() as usize;
+    let mut next = record.clone();
+    next.generation += 1;
+    next.clean = false;
+    set_mask(&mut next.joining, columns, column, |m| m & !bit);
+    set_mask(&mut next.rebuild, columns, column, |m| m & !bit);
+    next.iss[column] |= bit;
+    Some(next)
+}
+
+/// `column`'s bitmask in a per-column list that may be empty.
+fn mask(masks: &[u32], column: usize) -> u32 {
+    masks.get(column).copied().unwrap_or(0)
+}
+
+/// Changes `column`'s bitmask in a per-column list of `columns`; the list
+/// is empty again when no column has a bit.
+fn set_mask(masks: &mut Vec<u32>, columns: usize, column: usize, f: impl FnOnce(u32) -> u32) {
+    if masks.len() < columns {
+        masks.resize(columns, 0);
+    }
+    masks[column] = f(masks[column]);
+    if masks.iter().all(|m| *m == 0) {
+        masks.clear();
+    }
 }
 
 #[cfg(test)]
@@ -216,5 +289,45 @@ mod tests {
                 want: 2
             })
         ));
+    }
+
+    #[test]
+    fn a_member_joins_writes_only_and_is_in_sync_after_its_copy() {
+        let g = geometry();
+        let r = fresh(&g);
+        // Node 3 (column 1, row 1) failed and left.
+        let out = shrink(&r, &g, 3).expect("leaves");
+        assert_eq!(out.iss, vec![0b11, 0b01]);
+        assert_eq!(join(&r, &g, 3, false), None, "in sync: cannot join");
+        let joining = join(&out, &g, 3, false).expect("joins");
+        assert_eq!(joining.generation, out.generation + 1);
+        assert_eq!(
+            (joining.iss.clone(), joining.joining.clone()),
+            (vec![0b11, 0b01], vec![0, 0b10])
+        );
+        assert!(joining.rebuild.is_empty());
+        assert_eq!(join(&joining, &g, 3, true), None, "joining already");
+        // A joiner that fails leaves the joining set, whatever the ISS.
+        let failed = shrink(&joining, &g, 3).expect("a joiner leaves");
+        assert_eq!(
+            (failed.iss.clone(), failed.joining.clone()),
+            (vec![0b11, 0b01], vec![])
+        );
+        // Its copy done, it is in sync.
+        let back = promote(&joining, &g, 3).expect("promoted");
+        assert_eq!(
+            (back.iss.clone(), back.joining.clone()),
+            (vec![0b11, 0b11], vec![])
+        );
+        assert_eq!(promote(&back, &g, 3), None, "not joining");
+        // A rebuild is marked, and cleared with the join.
+        let rebuilding = join(&out, &g, 3, true).expect("rebuilds");
+        assert_eq!(rebuilding.rebuild, vec![0, 0b10]);
+        assert!(
+            promote(&rebuilding, &g, 3)
+                .expect("done")
+                .rebuild
+                .is_empty()
+        );
     }
 }

@@ -30,6 +30,27 @@ pub struct ScrubReport {
     pub skipped: Vec<(usize, u64, String)>,
 }
 
+impl ScrubReport {
+    /// As `netblk scrub` prints it with `--json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "chunks": self.chunks,
+            "mismatches": self.mismatches.iter().map(|(column, offset, len, members)| {
+                serde_json::json!({
+                    "column": column,
+                    "offset": offset,
+                    "length": len,
+                    "members": members,
+                })
+            }).collect::<Vec<_>>(),
+            "repaired": self.repaired,
+            "skipped": self.skipped.iter().map(|(node, offset, why)| {
+                serde_json::json!({ "node": node, "offset": offset, "why": why })
+            }).collect::<Vec<_>>(),
+        })
+    }
+}
+
 /// Releases what a scrub holds, however it ends.
 struct Held<'a> {
     m: &'a Membership,
@@ -69,7 +90,14 @@ pub fn scrub(
     m.gate.activate();
     let mut held = Held { m, region: None };
     // Writes admitted before the gate was active were not counted.
-    let epoch = m.writes.flip();
+    let mut epoch = None;
+    if !wait_until(wait, || {
+        epoch = m.writes.flip();
+        epoch.is_some()
+    }) {
+        return Err("writes of several epochs ago did not finish".into());
+    }
+    let epoch = epoch.unwrap_or_default();
     if !wait_until(wait, || m.writes.drained(epoch)) {
         return Err("writes in flight did not finish: scrub not started".into());
     }
@@ -95,6 +123,9 @@ pub fn scrub(
             let view = m.view();
             if view.fenced {
                 return Err("the device was fenced: scrub stopped".into());
+            }
+            if m.stopping() {
+                return Err("the device is stopping: scrub stopped".into());
             }
             let members: Vec<usize> = r
                 .members(column)
@@ -122,6 +153,8 @@ pub fn scrub(
                             report.repaired += 1;
                         }
                         report.mismatches.push((column, offset, len, differ));
+                        m.scrub_mismatches
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }

@@ -151,13 +151,13 @@ impl Source {
             "state": state,
             "queues": self.queues.len(),
             "nodes": nodes,
-            "replication": self.replication(),
+            "replication": self.replication(now),
         })
     }
 
     /// Per column the replicas in sync and those out (since when, why),
     /// the record's generation and owner epoch; null with one replica.
-    fn replication(&self) -> serde_json::Value {
+    fn replication(&self, now: Instant) -> serde_json::Value {
         let Some(m) = &self.membership else {
             return serde_json::Value::Null;
         };
@@ -165,16 +165,23 @@ impl Source {
         let r = m.replication();
         let departures = m.departures();
         let failed = m.failed();
+        let progress = m.progress();
         let columns: Vec<serde_json::Value> = (0..r.columns() as usize)
             .map(|c| {
                 let in_sync: Vec<usize> = r
                     .members(c)
                     .filter(|n| view.in_sync(c, r.row_of(*n)))
                     .collect();
+                // Each member out now, as it last left.
                 let out: Vec<serde_json::Value> = departures
                     .iter()
-                    .filter(|d| r.column_of(d.node) == c)
-                    .map(|d| {
+                    .enumerate()
+                    .filter(|(i, d)| {
+                        r.column_of(d.node) == c
+                            && !view.takes_writes(c, r.row_of(d.node))
+                            && !departures[i + 1..].iter().any(|l| l.node == d.node)
+                    })
+                    .map(|(_, d)| {
                         serde_json::json!({
                             "node": d.node,
                             "reason": d.reason,
@@ -188,10 +195,25 @@ impl Source {
                     .copied()
                     .filter(|n| r.column_of(*n) == c)
                     .collect();
+                let joining: Vec<serde_json::Value> = r
+                    .members(c)
+                    .filter(|n| view.joining(c, r.row_of(*n)))
+                    .map(|n| {
+                        let p = progress.get(&n);
+                        serde_json::json!({
+                            "node": n,
+                            "rebuild": p.map(|p| p.rebuild),
+                            "percent": p.map(|p| p.percent()),
+                            "remaining_bytes": p.map(|p| p.remaining()),
+                            "eta_s": p.and_then(|p| p.eta(now)).map(|d| d.as_secs_f64()),
+                        })
+                    })
+                    .collect();
                 serde_json::json!({
                     "column": c,
                     "in_sync": in_sync,
                     "out": out,
+                    "joining": joining,
                     "leaving": leaving,
                     "degraded": view.in_sync_count(c) < r.replicas(),
                 })
@@ -202,9 +224,9 @@ impl Source {
             "generation": view.generation,
             "owner_epoch": view.owner_epoch,
             "fenced": view.fenced,
-            // Bringing a replica back (resync) is not built yet: one that
-            // left stays out.
             "columns": columns,
+            "resync_bytes": m.resync_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "scrub_mismatches": m.scrub_mismatches.load(std::sync::atomic::Ordering::Relaxed),
             // What the attach copied between replicas after an unclean
             // stop (null: the last owner stopped cleanly).
             "reconciled": m.reconciled().map(|r| serde_json::json!({
@@ -372,6 +394,14 @@ fn publish(p: &mut Published, now: Instant) {
         let reconciled = m.reconciled().unwrap_or_default();
         metrics::gauge!("netblk_reconciled_regions", &labels).set(reconciled.regions as f64);
         metrics::gauge!("netblk_reconciled_bytes", &labels).set(reconciled.bytes as f64);
+        metrics::counter!("netblk_resync_bytes_total", &labels)
+            .absolute(m.resync_bytes.load(std::sync::atomic::Ordering::Relaxed));
+        let remaining: u64 = m.progress().values().map(|p| p.remaining()).sum();
+        metrics::gauge!("netblk_resync_remaining_bytes", &labels).set(remaining as f64);
+        metrics::counter!("netblk_scrub_mismatches_total", &labels).absolute(
+            m.scrub_mismatches
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         for c in 0..r.columns() as usize {
             let l = [
                 labels[0].clone(),

@@ -149,6 +149,8 @@ fn reply() -> impl Strategy<Value = pb::Reply> {
                 owner: format!("owner-{id}"),
                 clean: nonce % 2 == 0,
                 iss: vec![(nonce % 4) as u32; (id % 4) as usize],
+                joining: vec![(nonce % 3) as u32; (id % 3) as usize],
+                rebuild: vec![(nonce % 2) as u32; (id % 2) as usize],
             }),
             owner_connected: nonce % 7 == 0,
             activity_regions: vec![nonce / 3; (id % 5) as usize],

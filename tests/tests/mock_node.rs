@@ -1238,6 +1238,7 @@ fn the_membership_record_is_a_durable_compare_and_set() {
         owner: owner.into(),
         clean: false,
         iss: vec![0b11],
+        ..Default::default()
     };
     let put = |client: &mut NodeClient, expected: u64, r: pb::MembershipRecord| {
         client
@@ -1309,6 +1310,7 @@ fn a_newer_owner_fences_the_older_ones_writes_and_handshakes() {
         owner: format!("owner-{owner_epoch}"),
         clean: false,
         iss: vec![0b1],
+        ..Default::default()
     };
     let put = |client: &mut NodeClient, expected: u64, r: pb::MembershipRecord| {
         client.status_of(
@@ -1559,6 +1561,7 @@ fn a_node_remembers_what_an_out_member_of_its_column_missed() {
             owner: "o".into(),
             clean: false,
             iss: vec![iss],
+            ..Default::default()
         };
         client.status_of(
             Op::PutRecord(pb::PutRecord {

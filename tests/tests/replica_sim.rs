@@ -184,6 +184,16 @@ impl RecordStore for SimRecords {
     fn activity_region(&self) -> u64 {
         REGION
     }
+
+    // The simulator steps the manager itself and runs no catch-up thread:
+    // its nodes are never probed and keep no missed bitmaps.
+    fn probe(&self, _: usize) -> Result<netblk::records::Probe, String> {
+        Err("the simulator does not probe its nodes".into())
+    }
+
+    fn missed(&self, _: usize, _: u32) -> Result<(Vec<u64>, u64), String> {
+        Err("the simulator's nodes keep no missed bitmaps".into())
+    }
 }
 
 enum Event {

@@ -28,9 +28,21 @@ impl Engine {
             return;
         }
         self.view_version = version;
-        self.view = self.membership.view();
+        let old = std::mem::replace(&mut self.view, self.membership.view());
         let fenced = self.view.fenced;
         let replication = *self.layout.replication();
+        // Members joining now: their time down counts from the join (they
+        // answered a probe), and a refusal from before is forgotten.
+        for node in 0..self.nodes.len() {
+            let (column, row) = (replication.column_of(node), replication.row_of(node));
+            if self.view.joining(column, row) && !old.takes_writes(column, row) {
+                let n = &mut self.nodes[node];
+                n.refused = false;
+                if !n.up {
+                    n.down_since = Some(now);
+                }
+            }
+        }
         // Members another queue found failed: none of ours go there either.
         for node in 0..self.nodes.len() {
             if !self.nodes[node].failing && self.membership.is_failed(node) {
@@ -42,7 +54,7 @@ impl Engine {
                 fenced
                     || !self
                         .view
-                        .in_sync(replication.column_of(*n), replication.row_of(*n))
+                        .takes_writes(replication.column_of(*n), replication.row_of(*n))
             })
             .collect();
         for node in gone {
@@ -85,10 +97,11 @@ impl Engine {
         }
     }
 
-    /// The node of every piece of a new request: every in-sync member of
-    /// the column for writes, discards and flushes; one for a read. None
-    /// when the request must fail at once (fenced, or a column none of
-    /// whose members can take it).
+    /// The node of every piece of a new request: every in-sync and every
+    /// joining member of the column for writes, discards and flushes; one
+    /// in-sync member for a read. None when the request must fail at once
+    /// (fenced, or a column none of whose in-sync members can take it). A
+    /// joiner that cannot take it leaves instead.
     pub(super) fn targets(
         &mut self,
         op: Op,
@@ -112,7 +125,18 @@ impl Engine {
                 continue;
             }
             for node in replication.members(column) {
-                if !self.view.in_sync(column, replication.row_of(node)) {
+                let row = replication.row_of(node);
+                if self.view.joining(column, row) {
+                    self.check_down(node, now);
+                    if self.node_given_up(node, now) {
+                        self.fail_member(node, "gave up on it while it was joining", now);
+                    }
+                    // A failing joiner's piece is held like any member's,
+                    // until the record without it is stored.
+                    out.push((*piece, node));
+                    continue;
+                }
+                if !self.view.in_sync(column, row) {
                     continue;
                 }
                 self.check_down(node, now);
@@ -209,16 +233,18 @@ impl Engine {
         }
         let replication = *self.layout.replication();
         let (column, row) = (replication.column_of(node), replication.row_of(node));
-        if !self.view.in_sync(column, row) {
+        if !self.view.takes_writes(column, row) {
             return true;
         }
         if self.nodes[node].failing {
             return true;
         }
         if !self.membership.is_failed(node) {
-            let others = replication.members(column).enumerate().any(|(r, n)| {
-                r != row && self.view.in_sync(column, r) && !self.membership.is_failed(n)
-            });
+            // A joiner can always leave: nothing reads it.
+            let others = self.view.joining(column, row)
+                || replication.members(column).enumerate().any(|(r, n)| {
+                    r != row && self.view.in_sync(column, r) && !self.membership.is_failed(n)
+                });
             if !others {
                 return false;
             }
@@ -334,11 +360,11 @@ impl Engine {
         }
     }
 
-    /// True if `node` is a replica out of its column's in-sync set (as this
-    /// engine last looked): nothing goes to it.
+    /// True if `node` is a replica neither in its column's in-sync set nor
+    /// joining it (as this engine last looked): nothing goes to it.
     pub fn is_out(&self, node: usize) -> bool {
         let r = self.layout.replication();
-        !self.view.in_sync(r.column_of(node), r.row_of(node))
+        !self.view.takes_writes(r.column_of(node), r.row_of(node))
     }
 
     /// The membership this engine follows.

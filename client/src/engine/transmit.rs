@@ -34,7 +34,7 @@ impl Engine {
         let replication = self.layout.replication();
         if !self
             .view
-            .in_sync(replication.column_of(node), replication.row_of(node))
+            .takes_writes(replication.column_of(node), replication.row_of(node))
             || self.view.fenced
         {
             return None;

@@ -171,7 +171,12 @@ impl<F: Frontend> QueueDriver<F> {
             let (addr, timeouts) = (reconnect.addrs[node], reconnect.timeouts);
             let layout = reconnect.layout_now();
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
-            let pinned = reconnect.volume_ids.get(node).cloned();
+            // A member rebuilt under a new identity is held to that one.
+            let pinned = self
+                .engine
+                .membership()
+                .pin(node)
+                .or_else(|| reconnect.volume_ids.get(node).cloned());
             let digest = reconnect.digest;
             let tls = reconnect.tls.clone();
             let owner_epoch = reconnect.owner_epoch;
