@@ -31,6 +31,7 @@ pub struct VolumeFile {
     pub node_down_timeout: Option<u64>,
     pub replicas: Option<u32>,
     pub replica_timeout: Option<u64>,
+    pub resync_rate: Option<u64>,
     pub metrics_addr: Option<SocketAddr>,
     /// `crc32c` or `none`.
     pub data_digest: Option<String>,
@@ -60,6 +61,7 @@ pub const KEYS: &[&str] = &[
     "node_down_timeout",
     "replicas",
     "replica_timeout",
+    "resync_rate",
     "metrics_addr",
     "data_digest",
     "tls_ca",
@@ -115,6 +117,7 @@ pub fn parse(text: &str, stem: &str) -> Result<VolumeFile, String> {
         node_down_timeout: get("node_down_timeout").map(|v| v.integer()).transpose()?,
         replicas: get("replicas").map(|v| v.number()).transpose()?,
         replica_timeout: get("replica_timeout").map(|v| v.integer()).transpose()?,
+        resync_rate: get("resync_rate").map(|v| v.size()).transpose()?,
         metrics_addr: get("metrics_addr").map(|v| v.addr()).transpose()?,
         data_digest: get("data_digest")
             .map(|v| v.choice(&["crc32c", "none"]))
@@ -280,6 +283,7 @@ io_timeout = 20
 node_down_timeout = 10
 replicas = 2
 replica_timeout = 3
+resync_rate = "16M"
 metrics_addr = "127.0.0.1:9400"
 data_digest = "crc32c"
 tls_ca = "/etc/netblk/tls/ca.pem"
@@ -304,6 +308,7 @@ volume_ids = ["0a", "0b", "0c"]
         assert_eq!(f.io_timeout, Some(20));
         assert_eq!(f.node_down_timeout, Some(10));
         assert_eq!((f.replicas, f.replica_timeout), (Some(2), Some(3)));
+        assert_eq!(f.resync_rate, Some(16 << 20));
         assert_eq!(f.data_digest.as_deref(), Some("crc32c"));
         assert_eq!(
             f.tls_cert.as_deref(),

@@ -84,6 +84,11 @@ pub struct MapArgs {
     /// --io-timeout [default: 5].
     #[arg(long, value_name = "SECS")]
     pub replica_timeout: Option<u64>,
+    /// Bytes a second at most that bringing a replica back in sync (a
+    /// catch-up or rebuild) copies, K/M/G suffixes; 0: no limit
+    /// [default: 64M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub resync_rate: Option<u64>,
     /// Attach a replicated volume even though members of its newest
     /// membership record's in-sync sets do not answer. Dangerous: a newer
     /// record (and writes acknowledged under it) may be on them, and reads
@@ -148,6 +153,7 @@ pub struct Settings {
     pub node_down_timeout: u64,
     pub replicas: u32,
     pub replica_timeout: u64,
+    pub resync_rate: u64,
     pub force_degraded: bool,
     pub takeover: bool,
     pub metrics_addr: Option<SocketAddr>,
@@ -184,6 +190,10 @@ impl Settings {
             node_down_timeout: args.node_down_timeout.or(f.node_down_timeout).unwrap_or(15),
             replicas: args.replicas.or(f.replicas).unwrap_or(1),
             replica_timeout: args.replica_timeout.or(f.replica_timeout).unwrap_or(5),
+            resync_rate: args
+                .resync_rate
+                .or(f.resync_rate)
+                .unwrap_or(netblk::resync::DEFAULT_RATE),
             force_degraded: args.force_degraded,
             takeover: args.takeover,
             metrics_addr: args.metrics_addr.or(f.metrics_addr),
@@ -270,6 +280,10 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
             io_timeout: Duration::from_secs(set.io_timeout),
             node_down_timeout: Duration::from_secs(set.node_down_timeout),
             replica_timeout: Duration::from_secs(set.replica_timeout),
+            resync: netblk::resync::ResyncOptions {
+                rate: set.resync_rate,
+                ..Default::default()
+            },
             force_degraded: set.force_degraded,
             takeover: set.takeover,
             data_digest: set.data_digest,

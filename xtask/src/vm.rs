@@ -68,6 +68,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("orphan", include_str!("scenarios/orphan.sh")),
     ("trust", include_str!("scenarios/trust.sh")),
     ("replicas", include_str!("scenarios/replicas.sh")),
+    ("resync", include_str!("scenarios/resync.sh")),
     ("recovery", include_str!("scenarios/recovery.sh")),
     ("deploy", include_str!("scenarios/deploy.sh")),
     ("resize", include_str!("scenarios/resize.sh")),
