@@ -368,21 +368,24 @@ impl Engine {
             let ranges = self.layout.column_extents(request.offset, request.len);
             if !self.membership.gate.enter(&ranges) {
                 self.parked.push_back((tag, seq, request));
-                self.push_deadlines(now, tag, seq);
+                // Its replica deadline starts when its pieces go out.
+                self.deadlines
+                    .push_back((now + self.config.io_timeout, tag, seq));
                 return Ok(());
             }
             self.slots[usize::from(tag)].gated = Some(ranges);
         }
         self.start_pieces(request, now);
-        self.push_deadlines(now, tag, seq);
+        self.deadlines
+            .push_back((now + self.config.io_timeout, tag, seq));
+        self.push_replica_deadline(now, tag, seq);
         self.try_complete(tag);
         Ok(())
     }
 
-    /// The deadlines of request `tag` (use `seq`) that arrived at `now`.
-    fn push_deadlines(&mut self, now: Instant, tag: Tag, seq: u64) {
-        self.deadlines
-            .push_back((now + self.config.io_timeout, tag, seq));
+    /// The replica deadline of request `tag` (use `seq`) whose pieces went
+    /// out at `now`: a member that owes one of them then has failed.
+    fn push_replica_deadline(&mut self, now: Instant, tag: Tag, seq: u64) {
         if self.layout.replicas() > 1 {
             self.replica_deadlines
                 .push_back((now + self.config.replica_timeout, tag, seq));
@@ -416,6 +419,7 @@ impl Engine {
                 self.slots[usize::from(tag)].gated = Some(ranges);
             }
             self.start_pieces(request, now);
+            self.push_replica_deadline(now, tag, seq);
             self.try_complete(tag);
         }
     }

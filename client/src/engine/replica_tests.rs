@@ -353,3 +353,31 @@ fn a_write_to_a_region_a_copier_holds_waits_for_it() {
     m.gate.unlock(0, 0);
     m.gate.deactivate();
 }
+
+#[test]
+fn a_held_write_counts_its_replica_timeout_from_when_it_goes_out() {
+    let (mut e, m) = replicated();
+    let now = Instant::now();
+    m.gate.activate();
+    m.gate.lock(0, 0);
+    submit(&mut e, now, 0, Op::Write { fua: false }, 0, 4096);
+    // Held past the replica timeout: no member owes anything yet.
+    e.handle_timeout(now + Duration::from_secs(3));
+    assert!(m.failed().is_empty(), "{:?}", m.failed());
+    m.gate.unlock(0, 0);
+    let out = now + Duration::from_secs(3) + Duration::from_millis(10);
+    e.handle_timeout(out);
+    let (answered, _silent) = (drain(&mut e, 0), drain(&mut e, 2));
+    assert_eq!(answered.len(), 1, "released: it goes out");
+    e.handle_reply(0, &reply(answered[0].id, Status::Ok), 0)
+        .expect("reply");
+    e.handle_buffer_released(0, 0);
+    e.handle_timeout(out + Duration::from_secs(2) - Duration::from_millis(1));
+    assert!(!m.is_failed(2), "not owed that long yet");
+    e.handle_timeout(out + Duration::from_secs(2));
+    assert!(
+        m.is_failed(2),
+        "node 2 owes its piece past the replica timeout"
+    );
+    m.gate.deactivate();
+}
