@@ -43,11 +43,17 @@ pub type ScrubFn = Arc<dyn Fn(bool) -> Result<serde_json::Value, String> + Send 
 /// every byte of every member (on the nodes) once.
 pub const SCRUB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// What the daemon does for a `replace OLD NEW` command: the member's
+/// index once OLD is out and NEW is being rebuilt.
+pub type ReplaceFn =
+    Box<dyn Fn(std::net::SocketAddr, std::net::SocketAddr) -> Result<usize, String> + Send>;
+
 /// What a daemon can do besides answering `status`.
 #[derive(Default)]
 pub struct Commands {
     pub resize: Option<ResizeFn>,
     pub scrub: Option<ScrubFn>,
+    pub replace: Option<ReplaceFn>,
 }
 
 /// Serves the control socket of `source` at `path` from two threads (one
@@ -132,6 +138,25 @@ fn answer(
         return Ok(());
     }
     let stream = &stream;
+    if let ["replace", args @ ..] = words.as_slice() {
+        let parsed = match args {
+            [old, new] => old.parse().ok().zip(new.parse().ok()),
+            _ => None,
+        };
+        let reply = match (parsed, &commands.replace) {
+            (_, None) => {
+                serde_json::json!({ "error": "this device has one replica: nothing to replace" })
+            }
+            (None, _) => serde_json::json!({ "error": "usage: replace OLD_ADDR NEW_ADDR" }),
+            (Some((old, new)), Some(replace)) => match replace(old, new) {
+                Ok(node) => serde_json::json!({ "node": node }),
+                Err(why) => serde_json::json!({ "error": why }),
+            },
+        };
+        let mut out = stream;
+        writeln!(out, "{reply}")?;
+        return out.flush();
+    }
     let resize = commands.resize.as_ref();
     if let ["resize", args @ ..] = words.as_slice() {
         let (size, rest) = args.split_first().map_or(("", &[][..]), |(s, r)| (*s, r));
@@ -391,9 +416,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(500));
             Ok(serde_json::json!({ "chunks": 8, "repaired": u64::from(repair) }))
         });
+        // A stand-in replace: node 7002 is member 1.
+        let replace: ReplaceFn = Box::new(|old, _new| {
+            if old.port() == 7002 {
+                Ok(1)
+            } else {
+                Err(format!("{old} is not a member of this device"))
+            }
+        });
         let commands = Commands {
             resize: Some(resize),
             scrub: Some(scrub),
+            replace: Some(replace),
         };
         serve(&path, source, commands).expect("serve");
         let mode = std::fs::metadata(&path)
@@ -445,6 +479,17 @@ mod tests {
         );
         let bad = ask(&path, "scrub now").expect("answer");
         assert_eq!(bad["error"], "usage: scrub [repair]");
+        let replaced = ask(&path, "replace 127.0.0.1:7002 127.0.0.1:7009").expect("replace");
+        assert_eq!(replaced["node"], 1);
+        let refused = ask(&path, "replace 127.0.0.1:7005 127.0.0.1:7009").expect("replace");
+        assert_eq!(
+            refused["error"],
+            "127.0.0.1:7005 is not a member of this device"
+        );
+        for bad in ["replace", "replace 127.0.0.1:7002", "replace a b"] {
+            let answer = ask(&path, bad).expect("answer");
+            assert_eq!(answer["error"], "usage: replace OLD_ADDR NEW_ADDR", "{bad}");
+        }
         for bad in ["resize", "resize lots", "resize 50 now"] {
             let answer = ask(&path, bad).expect("answer");
             assert_eq!(answer["error"], "usage: resize BYTES [force]", "{bad}");

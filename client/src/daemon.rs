@@ -747,6 +747,13 @@ pub fn serve(
     let commands = netblk::control::Commands {
         resize: Some(resize),
         scrub: (spec.replicas > 1).then(|| scrubber(&device, spec, vopts)),
+        replace: (spec.replicas > 1).then(|| {
+            let membership = std::sync::Arc::clone(&device.wide.membership);
+            let mapped = spec.nodes.clone();
+            let wait = vopts.io_timeout;
+            Box::new(move |old, new| netblk::resync::replace(&membership, &mapped, old, new, wait))
+                as netblk::control::ReplaceFn
+        }),
     };
     if let Err(err) = netblk::control::serve(&socket, source, commands) {
         tracing::error!(socket = %socket.display(), error = %err, "no control socket: `netblk status` cannot ask this daemon");
@@ -791,9 +798,10 @@ pub fn serve(
         let pins = (spec.replicas > 1)
             .then(|| device.wide.membership.pins.all())
             .filter(|p| p.len() == spec.nodes.len());
+        let members = device.wide.membership.pins.addrs(&spec.nodes);
         let repinned = {
             let record = record.lock().unwrap_or_else(|p| p.into_inner());
-            pins.as_ref().is_some_and(|p| *p != record.volume_ids)
+            pins.as_ref().is_some_and(|p| *p != record.volume_ids) || members != record.nodes
         };
         if version != recorded_version || repinned {
             recorded_version = version;
@@ -804,6 +812,8 @@ pub fn serve(
                 // recovery holds it to that one.
                 record.volume_ids = pins;
             }
+            // A replaced member: a recovery reaches the new one.
+            record.nodes = members;
             if let Err(err) = state::save(&dir, &record) {
                 tracing::error!(error = %err, "the record keeps the nodes' earlier durability");
             }

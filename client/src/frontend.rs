@@ -276,6 +276,7 @@ pub fn attach_replicas(
         force_degraded: options.force_degraded,
         takeover: options.takeover,
         wait: options.connect_timeout,
+        members: spec.nodes.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     };
     let attached = records::attach(&attach_store, layout, &attach).map_err(OpenError::Attach)?;

@@ -98,6 +98,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a member of a replicated device with a new node, online: the
+    /// old one leaves its column (another member must be in sync), the new
+    /// one joins it and is rebuilt in full from an in-sync member, then
+    /// serves; nothing more goes to the old one. Waits until the new one is
+    /// in sync unless --no-wait. Map the volume with the new address from
+    /// then on (volume files, StorageClasses): an attach with the old one
+    /// is refused.
+    Replace {
+        /// /dev/ublkbN or N.
+        device: String,
+        /// The member to replace (host:port, as mapped).
+        #[arg(long)]
+        node: std::net::SocketAddr,
+        /// The node that takes its place (host:port).
+        #[arg(long = "with")]
+        with: std::net::SocketAddr,
+        /// Return once the new node is joining instead of once it is in sync.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print the volume name of a netblk device (ublkbN, /dev/ublkbN or N)
     /// from its record: what the udev rule names /dev/netblk/VOLUME after.
     /// Prints nothing and exits 1 for a device netblk has no record of.
@@ -241,6 +261,12 @@ fn main() -> ExitCode {
             repair,
             json,
         } => scrub(&device, repair, json).map_err(Failure::Run),
+        Cmd::Replace {
+            device,
+            node,
+            with,
+            no_wait,
+        } => replace(&device, node, with, !no_wait).map_err(Failure::Run),
         Cmd::List => list().map_err(Failure::Run),
         Cmd::Status { device, json } => status(device.as_deref(), json).map_err(Failure::Run),
         Cmd::Features => features().map_err(Failure::Run),
@@ -487,6 +513,77 @@ fn resize(device: &str, size: u64, force: bool) -> Result<(), String> {
         println!("resized /dev/ublkb{id} from {from} to {size} bytes");
     }
     Ok(())
+}
+
+fn replace(
+    device: &str,
+    old: std::net::SocketAddr,
+    new: std::net::SocketAddr,
+    wait: bool,
+) -> Result<(), String> {
+    let id = state::parse_device(device)?;
+    let dir = state::state_dir();
+    let record = state::load(&dir, id)?
+        .ok_or_else(|| format!("no netblk device {id} (`netblk list` shows the mapped ones)"))?;
+    if !daemon_alive(record.pid, record.pid_start) {
+        return Err(format!(
+            "/dev/ublkb{id} has no running daemon: `netblk map --recover /dev/ublkb{id}` first"
+        ));
+    }
+    let socket = netblk::control::socket_path(&dir, id);
+    let answer = netblk::control::ask_within(
+        &socket,
+        &format!("replace {old} {new}"),
+        netblk::control::RESIZE_TIMEOUT,
+    )
+    .map_err(|e| format!("cannot ask the daemon of /dev/ublkb{id}: {e}"))?;
+    if let Some(why) = answer.get("error").and_then(|e| e.as_str()) {
+        return Err(why.to_string());
+    }
+    let node = answer["node"]
+        .as_u64()
+        .ok_or("the daemon did not say which member")?;
+    println!("/dev/ublkb{id}: node {node} is {new} now (was {old}); rebuilding it");
+    if !wait {
+        return Ok(());
+    }
+    // Until the member is in sync again (status: in its column's in-sync
+    // list), as long as it is joining: one that does not join within a
+    // minute does not answer (the daemon keeps probing it).
+    let mut last_seen = std::time::Instant::now();
+    loop {
+        if last_seen.elapsed() > std::time::Duration::from_secs(60) {
+            return Err(format!(
+                "{new} has not joined within a minute: it does not answer, or holds another volume under this name; the daemon keeps trying (`netblk status`)"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let status = netblk::control::ask(&socket, "status")
+            .map_err(|e| format!("cannot ask the daemon of /dev/ublkb{id}: {e}"))?;
+        let columns = status["replication"]["columns"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let in_sync = columns.iter().any(|c| {
+            c["in_sync"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|n| n.as_u64() == Some(node)))
+        });
+        if in_sync {
+            println!("/dev/ublkb{id}: {new} is in sync");
+            return Ok(());
+        }
+        if let Some(j) = columns
+            .iter()
+            .flat_map(|c| c["joining"].as_array().cloned().unwrap_or_default())
+            .find(|j| j["node"].as_u64() == Some(node))
+        {
+            last_seen = std::time::Instant::now();
+            if let Some(pct) = j["percent"].as_f64() {
+                println!("/dev/ublkb{id}: {new} rebuilding {pct:.1}%");
+            }
+        }
+    }
 }
 
 fn scrub(device: &str, repair: bool, json: bool) -> Result<(), String> {

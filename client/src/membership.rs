@@ -103,38 +103,68 @@ pub struct Departure {
     pub generation: u64,
 }
 
-/// The volume identity each member is held to (empty: not known): one
-/// list shared by the device's record connections, its queues' reconnects
-/// and its record, so that a member rebuilt under a new identity is held
-/// to that one everywhere at once.
+/// The volume identity each member is held to (empty: not known), and
+/// the address of a member that replaced the one the device was mapped
+/// with: shared by the device's record connections, its queues'
+/// reconnects and its record, so that a member rebuilt under a new
+/// identity, or at a new address, is reached and held to it everywhere at
+/// once.
 #[derive(Debug, Default)]
-pub struct Pins(Mutex<Vec<String>>);
+pub struct Pins {
+    ids: Mutex<Vec<String>>,
+    moved: Mutex<BTreeMap<usize, std::net::SocketAddr>>,
+}
 
 impl Pins {
     pub fn new(ids: Vec<String>) -> Arc<Pins> {
-        Arc::new(Pins(Mutex::new(ids)))
+        Arc::new(Pins {
+            ids: Mutex::new(ids),
+            moved: Mutex::default(),
+        })
     }
 
     /// The identity `node` is held to (None: any).
     pub fn get(&self, node: usize) -> Option<String> {
-        lock(&self.0).get(node).filter(|p| !p.is_empty()).cloned()
+        lock(&self.ids).get(node).filter(|p| !p.is_empty()).cloned()
     }
 
     pub fn all(&self) -> Vec<String> {
-        lock(&self.0).clone()
+        lock(&self.ids).clone()
     }
 
     pub fn set_all(&self, ids: Vec<String>) {
-        *lock(&self.0) = ids;
+        *lock(&self.ids) = ids;
     }
 
-    /// `node` is held to `id` from now on.
+    /// `node` is held to `id` from now on (empty: any).
     pub fn set(&self, node: usize, id: String) {
-        let mut pins = lock(&self.0);
+        let mut pins = lock(&self.ids);
         if pins.len() <= node {
             pins.resize(node + 1, String::new());
         }
         pins[node] = id;
+    }
+
+    /// Where member `node` is now, when not where the device was mapped.
+    pub fn addr(&self, node: usize) -> Option<std::net::SocketAddr> {
+        lock(&self.moved).get(&node).copied()
+    }
+
+    /// Member `node` is at `addr` from now on (a replacement): its identity
+    /// is not known until it is probed.
+    pub fn move_to(&self, node: usize, addr: std::net::SocketAddr) {
+        lock(&self.moved).insert(node, addr);
+        self.set(node, String::new());
+    }
+
+    /// `addrs` (as mapped) with every replacement in place.
+    pub fn addrs(&self, mapped: &[std::net::SocketAddr]) -> Vec<std::net::SocketAddr> {
+        let moved = lock(&self.moved);
+        mapped
+            .iter()
+            .enumerate()
+            .map(|(n, a)| moved.get(&n).copied().unwrap_or(*a))
+            .collect()
     }
 }
 
@@ -171,6 +201,8 @@ pub struct Membership {
     pub scrub_mismatches: AtomicU64,
     /// The device is stopping: background copies end.
     stopping: AtomicBool,
+    /// Members being replaced: never probed nor joined again.
+    held_out: Mutex<std::collections::BTreeSet<usize>>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -206,6 +238,7 @@ impl Membership {
             resync_bytes: AtomicU64::new(0),
             scrub_mismatches: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            held_out: Mutex::default(),
         })
     }
 
@@ -325,6 +358,21 @@ impl Membership {
             at_unix,
             generation,
         });
+    }
+
+    /// Member `node` is being replaced (`hold`) or not any more: a member
+    /// held out is never probed nor joined again.
+    pub fn hold_out(&self, node: usize, hold: bool) {
+        let mut held = lock(&self.held_out);
+        if hold {
+            held.insert(node);
+        } else {
+            held.remove(&node);
+        }
+    }
+
+    pub fn held_out(&self, node: usize) -> bool {
+        lock(&self.held_out).contains(&node)
     }
 
     /// The device is stopping: catch-ups and scrubs end at their next step.

@@ -21,7 +21,7 @@ use crate::replicas::{self, Attach, AttachError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PutError {
     /// The compare-and-set lost: the node holds this record.
-    Conflict(MembershipRecord),
+    Conflict(Box<MembershipRecord>),
     /// The node did not answer, or failed to store it.
     Failed(String),
 }
@@ -92,9 +92,21 @@ pub struct NetRecords {
 }
 
 impl NetRecords {
+    /// Where `node` is: where the device was mapped, or its replacement.
+    fn addr(&self, node: usize) -> Result<SocketAddr, String> {
+        match self.volume_ids.addr(node) {
+            Some(addr) => Ok(addr),
+            None => self
+                .addrs
+                .get(node)
+                .copied()
+                .ok_or_else(|| "no such node".into()),
+        }
+    }
+
     /// A connection to `node`, as the owner of `owner_epoch` (0: a tool).
     fn open(&self, node: usize, owner_epoch: u64) -> Result<(TcpStream, NodeInfo), String> {
-        let addr = *self.addrs.get(node).ok_or("no such node")?;
+        let addr = self.addr(node)?;
         let pin = self.volume_ids.get(node);
         let who = Identity {
             client_id: &self.client_id,
@@ -158,9 +170,9 @@ impl RecordStore for NetRecords {
             .map_err(PutError::Failed)?;
         match reply.status {
             s if s == pb::Status::Ok as i32 => Ok(()),
-            s if s == pb::Status::Conflict as i32 => {
-                Err(PutError::Conflict(reply.record.unwrap_or_default()))
-            }
+            s if s == pb::Status::Conflict as i32 => Err(PutError::Conflict(Box::new(
+                reply.record.unwrap_or_default(),
+            ))),
             _ => Err(PutError::Failed(reply.message)),
         }
     }
@@ -283,7 +295,7 @@ impl RecordStore for NetRecords {
     }
 
     fn probe(&self, node: usize) -> Result<Probe, String> {
-        let addr = *self.addrs.get(node).ok_or("no such node")?;
+        let addr = self.addr(node)?;
         let who = Identity {
             client_id: &self.client_id,
             volume: &self.volume,
@@ -326,9 +338,9 @@ impl RecordStore for NetRecords {
     }
 
     fn name(&self, node: usize) -> String {
-        match self.addrs.get(node) {
-            Some(addr) => format!("node {node} ({addr})"),
-            None => format!("node {node}"),
+        match self.addr(node) {
+            Ok(addr) => format!("node {node} ({addr})"),
+            Err(_) => format!("node {node}"),
         }
     }
 }
@@ -345,10 +357,40 @@ pub struct AttachOptions {
     pub takeover: bool,
     /// How long to wait for missing members before failing.
     pub wait: Duration,
+    /// The members' addresses, in node order, as this attach reaches them
+    /// (stored in the record; empty: not recorded).
+    pub members: Vec<String>,
     /// A planted bug for the simulator to find (never set outside tests):
     /// attach without reconciling.
     #[doc(hidden)]
     pub plant_no_reconcile: bool,
+}
+
+/// Why the addresses an attach was given are not the volume's any more:
+/// the newest record that answered names another address for a member
+/// (it was replaced).
+fn replaced(records: &[Option<MembershipRecord>], given: &[String]) -> Option<String> {
+    let newest = records.iter().flatten().max_by_key(|r| r.generation)?;
+    if given.is_empty() || newest.members.len() != given.len() || newest.members == given {
+        return None;
+    }
+    let moved: Vec<String> = newest
+        .members
+        .iter()
+        .zip(given)
+        .enumerate()
+        .filter(|(_, (now, was))| !now.is_empty() && now != was)
+        .map(|(n, (now, was))| format!("node {n} is {now}, not {was}"))
+        .collect();
+    if moved.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the volume's members were replaced (membership record generation {}): {}; map it with the nodes {}",
+        newest.generation,
+        moved.join("; "),
+        newest.members.join(",")
+    ))
 }
 
 /// What an attach made: the device's membership, the record it stored,
@@ -421,6 +463,9 @@ pub fn attach(
             .iter()
             .map(|a| a.as_ref().ok().map(|(r, _)| r.clone()))
             .collect();
+        if let Some(why) = replaced(&records, &options.members) {
+            return Err(why);
+        }
         match replicas::attach(&records, &replication) {
             Ok(Attach::Fresh(r)) => break ((r, true), answers, Vec::new()),
             Ok(Attach::Current(r)) => break ((r, false), answers, Vec::new()),
@@ -516,6 +561,7 @@ pub fn attach(
         // missed bitmaps still cover it: the row is not in sync).
         joining: Vec::new(),
         rebuild: Vec::new(),
+        members: options.members.clone(),
     };
     // Each node's stored generation, as read: the compare-and-set fails if
     // anything changed it since.
@@ -694,8 +740,12 @@ impl Manager {
     /// record with it joining is stored on the column's in-sync members
     /// and published; from then on it takes the column's writes.
     pub fn join(&mut self, m: &Membership, node: usize, rebuild: bool) -> Result<(), String> {
-        let next = replicas::join(&self.record, self.layout.replication(), node, rebuild)
+        let mut next = replicas::join(&self.record, self.layout.replication(), node, rebuild)
             .ok_or("it is in sync or joining already")?;
+        // A replacement: its address is the volume's from the join on.
+        if let (Some(addr), Some(member)) = (m.pins.addr(node), next.members.get_mut(node)) {
+            *member = addr.to_string();
+        }
         self.change(m, next, node)
     }
 
@@ -895,7 +945,7 @@ pub fn spawn_manager(
 /// Why a change was not stored.
 enum Stored {
     /// A newer owner's record is on a member.
-    Fenced(MembershipRecord),
+    Fenced(Box<MembershipRecord>),
     /// A member of a changed column did not take it (yet).
     Retry(String),
 }
@@ -920,7 +970,7 @@ fn store_change(
     for (n, result) in put_all(store, &members, known, next) {
         let result = match result {
             // Stored by an earlier try.
-            Err(PutError::Conflict(held)) if held == *next => Ok(()),
+            Err(PutError::Conflict(held)) if *held == *next => Ok(()),
             // A node that missed one of our earlier records (or a joiner
             // that left under an earlier owner): ours again, over the one
             // it holds.
@@ -971,7 +1021,7 @@ mod tests {
         fn put(&self, node: usize, expected: u64, r: &MembershipRecord) -> Result<(), PutError> {
             let mut all = self.0.lock().expect("records");
             if all[node].generation != expected || r.generation <= expected {
-                return Err(PutError::Conflict(all[node].clone()));
+                return Err(PutError::Conflict(Box::new(all[node].clone())));
             }
             all[node] = r.clone();
             Ok(())

@@ -203,7 +203,9 @@ fn next_member(store: &dyn RecordStore, layout: &Layout, m: &Membership) -> Opti
     let view = m.view();
     let ledger = m.ledger()?;
     (0..layout.node_count())
-        .filter(|n| !view.takes_writes(r.column_of(*n), r.row_of(*n)) && !m.is_failed(*n))
+        .filter(|n| {
+            !view.takes_writes(r.column_of(*n), r.row_of(*n)) && !m.is_failed(*n) && !m.held_out(*n)
+        })
         .find_map(|node| {
             let probe = match store.probe(node) {
                 Ok(probe) => probe,
@@ -233,6 +235,53 @@ fn next_member(store: &dyn RecordStore, layout: &Layout, m: &Membership) -> Opti
             };
             Some((node, plan))
         })
+}
+
+/// Replaces member `old` (an address of the device, as mapped or after an
+/// earlier replacement; `mapped`: the addresses as mapped) with `new`: it
+/// leaves its column's in-sync set first if it is in it (another member
+/// must be), then the member is at `new` from then on, with no identity
+/// known: the catch-up thread probes it there and rebuilds it in full.
+/// Nothing more goes to `old`. Returns the member's index.
+pub fn replace(
+    m: &Membership,
+    mapped: &[std::net::SocketAddr],
+    old: std::net::SocketAddr,
+    new: std::net::SocketAddr,
+    wait: Duration,
+) -> Result<usize, String> {
+    let now = m.pins.addrs(mapped);
+    let node = now
+        .iter()
+        .position(|a| *a == old)
+        .ok_or_else(|| format!("{old} is not a member of this device"))?;
+    if now.contains(&new) {
+        return Err(format!("{new} is a member of this device already"));
+    }
+    let r = m.replication();
+    let (column, row) = (r.column_of(node), r.row_of(node));
+    m.hold_out(node, true);
+    let view = m.view();
+    if view.takes_writes(column, row) {
+        let others = r
+            .members(column)
+            .any(|n| n != node && view.in_sync(column, r.row_of(n)) && !m.is_failed(n));
+        if !others && view.in_sync(column, row) {
+            m.hold_out(node, false);
+            return Err(format!(
+                "{old} is the only member in sync of column {column}: nothing to rebuild {new} from"
+            ));
+        }
+        m.report(node, &format!("replaced by {new}"), Instant::now());
+        if !wait_until(wait, || !m.view().takes_writes(column, row)) {
+            m.hold_out(node, false);
+            return Err(format!("{old} did not leave its column within {wait:?}"));
+        }
+    }
+    m.pins.move_to(node, new);
+    m.hold_out(node, false);
+    tracing::info!(node, column, %old, %new, "member replaced: rebuilding the new one");
+    Ok(node)
 }
 
 /// Releases what a copy holds, however it ends.

@@ -116,8 +116,12 @@ impl Source {
         latency_since: &[Snapshot],
         now: Instant,
     ) -> serde_json::Value {
-        let nodes: Vec<serde_json::Value> = self
-            .nodes
+        // Replaced members where they are now.
+        let addrs = match &self.membership {
+            Some(m) => m.pins.addrs(&self.nodes),
+            None => self.nodes.clone(),
+        };
+        let nodes: Vec<serde_json::Value> = addrs
             .iter()
             .enumerate()
             .map(|(i, addr)| {

@@ -151,6 +151,7 @@ fn reply() -> impl Strategy<Value = pb::Reply> {
                 iss: vec![(nonce % 4) as u32; (id % 4) as usize],
                 joining: vec![(nonce % 3) as u32; (id % 3) as usize],
                 rebuild: vec![(nonce % 2) as u32; (id % 2) as usize],
+                members: vec![format!("127.0.0.1:{}", 7000 + id % 100); (id % 3) as usize],
             }),
             owner_connected: nonce % 7 == 0,
             activity_regions: vec![nonce / 3; (id % 5) as usize],

@@ -994,7 +994,7 @@ fn apply(
                         "membership record generation {} is stored, not {}",
                         stored.generation, put.expected_generation
                     );
-                    reply.record = Some(stored);
+                    reply.record = Some(*stored);
                     Err((Status::Conflict, why))
                 }
                 Err(crate::node::RecordError::Store(why)) => Err((

@@ -194,7 +194,7 @@ impl Volume {
     ) -> Result<(), RecordError> {
         let mut stored = lock(&self.record);
         if stored.generation != expected || record.generation <= expected {
-            return Err(RecordError::Conflict(stored.clone()));
+            return Err(RecordError::Conflict(Box::new(stored.clone())));
         }
         let fence = (record.owner_epoch > stored.owner_epoch)
             .then(|| self.owner_gate.write().unwrap_or_else(|e| e.into_inner()));
@@ -324,7 +324,7 @@ pub struct Node {
 #[derive(Debug)]
 pub enum RecordError {
     /// The compare-and-set lost: the record stored now.
-    Conflict(pb::MembershipRecord),
+    Conflict(Box<pb::MembershipRecord>),
     /// The store could not keep it.
     Store(String),
 }

@@ -97,7 +97,7 @@ impl RecordStore for SimRecords {
         }
         let held = &mut c.nodes[node].record;
         if held.generation != expected || record.generation <= expected {
-            return Err(PutError::Conflict(held.clone()));
+            return Err(PutError::Conflict(Box::new(held.clone())));
         }
         *held = record.clone();
         Ok(())
@@ -427,6 +427,8 @@ impl Sim {
             force_degraded: false,
             takeover: true,
             wait: Duration::ZERO,
+            // Simulated nodes have no addresses.
+            members: Vec::new(),
             plant_no_reconcile: self.p.plant_no_reconcile,
         };
         // The flaky record path may make the attach fail: it is retried.

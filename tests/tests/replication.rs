@@ -792,3 +792,87 @@ fn a_replica_that_lost_its_data_is_rebuilt_in_full() {
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
 }
+
+/// `replace` under load: the member leaves its column, the new node takes
+/// its place, is rebuilt in full from the column's other member and is in
+/// sync; no IO error, the new node's file equals its column's other
+/// member's, the old node receives nothing afterwards, and an attach with
+/// the old list of nodes is refused naming the replacement.
+#[test]
+fn a_member_replaced_under_load_is_rebuilt_on_the_new_node() {
+    let cluster = Cluster::start(5);
+    let mapped: Vec<std::net::SocketAddr> = cluster.addrs()[..4].to_vec();
+    let spec = VolumeSpec {
+        replicas: 2,
+        name: "moved".into(),
+        size: 16 * MIB,
+        stripe_unit: UNIT as u32,
+        nodes: mapped.clone(),
+    };
+    let options = VolumeOptions {
+        resync: netblk::resync::ResyncOptions {
+            probe_every: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..options(2)
+    };
+    let volume = Arc::new(Volume::open(&spec, &options).expect("open"));
+    let m = Arc::clone(volume.membership());
+    let load = Load::start(&volume);
+    std::thread::sleep(Duration::from_secs(1));
+    let (old, new) = (mapped[3], cluster.nodes[4].addr);
+    assert!(
+        netblk::resync::replace(&m, &mapped, old, mapped[1], Duration::from_secs(5)).is_err(),
+        "a member cannot replace another"
+    );
+    let node =
+        netblk::resync::replace(&m, &mapped, old, new, Duration::from_secs(10)).expect("replace");
+    assert_eq!(node, 3);
+    assert!(
+        eventually(Duration::from_secs(30), || m.view().in_sync(1, 1)),
+        "the new node in sync: {:?}, copies {:?}",
+        m.view(),
+        m.progress()
+    );
+    let requests = |i: usize| cluster.nodes[i].admin().stats().requests;
+    let old_seen = requests(3);
+    std::thread::sleep(Duration::from_secs(1));
+    let (last, errors) = load.finish();
+    assert_eq!(errors, 0, "IO errors across a replacement");
+    assert_eq!(
+        requests(3),
+        old_seen,
+        "the old node received requests after it was replaced"
+    );
+    assert_eq!(
+        m.resync_bytes.load(Ordering::Relaxed),
+        spec.size / 2,
+        "a full copy of the column"
+    );
+    verify(&volume, &last);
+    volume.flush().expect("flush");
+    assert!(
+        cluster.node_file(1, "moved") == cluster.node_file(4, "moved"),
+        "column 1's members differ after the replacement"
+    );
+    drop(volume);
+    let err = match Volume::open(&spec, &options) {
+        Err(OpenError::Attach(why)) => why,
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("an attach with the replaced member's old address succeeded"),
+    };
+    assert!(
+        err.contains(&format!("node 3 is {new}, not {old}")),
+        "{err}"
+    );
+    let moved = VolumeSpec {
+        nodes: vec![mapped[0], mapped[1], mapped[2], new],
+        ..spec
+    };
+    // Another client (this one's sessions moved on with its reconnects).
+    let again = VolumeOptions {
+        client_id: "moved-again".into(),
+        ..options
+    };
+    Volume::open(&moved, &again).expect("an attach with the new address");
+}

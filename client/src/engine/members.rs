@@ -90,8 +90,13 @@ impl Engine {
             }
             self.nodes[node].queue.clear();
             // Whatever of ours it still holds in a send or receive comes
-            // back at once, and nothing more of ours lands there.
-            if abort || self.slots.iter().any(|s| s.buf_nodes.contains(&node)) {
+            // back at once, and nothing more of ours lands there; an idle
+            // connection ends too: a member that joins again (perhaps a
+            // replacement at another address) is reached anew.
+            if abort
+                || self.nodes[node].up
+                || self.slots.iter().any(|s| s.buf_nodes.contains(&node))
+            {
                 self.abort(node);
             }
         }

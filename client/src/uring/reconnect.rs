@@ -168,7 +168,14 @@ impl<F: Frontend> QueueDriver<F> {
             }
             conn.connecting = true;
             let epoch = reconnect.epochs.current(node);
-            let (addr, timeouts) = (reconnect.addrs[node], reconnect.timeouts);
+            // A replaced member is reached where it is now.
+            let addr = self
+                .engine
+                .membership()
+                .pins
+                .addr(node)
+                .unwrap_or(reconnect.addrs[node]);
+            let timeouts = reconnect.timeouts;
             let layout = reconnect.layout_now();
             let (client_id, volume) = (reconnect.client_id.clone(), reconnect.volume.clone());
             // A member rebuilt under a new identity is held to that one.
