@@ -4,7 +4,8 @@
 # byte. Scrub finds nothing on the volume, finds a byte flipped in one
 # replica's file behind its node's back, and --repair fixes it. A
 # memory-store replica restarted (its data gone) is rebuilt in full under
-# fio verify.
+# fio verify. `netblk replace` under fio verify moves a member to a new
+# node, rebuilt in full; the old node is then killed and nothing notices.
 fio_slow() {
   fio --name=$1 --filename="$2" --ioengine=libaio --direct=1 --iodepth=8 \
       --rw=randwrite --bsrange=4k-256k --size=48M --rate=3m --verify=crc32c \
@@ -106,4 +107,37 @@ echo "ublk: R = 2, a memory-store replica restarted under fio verify: no error, 
 netblk unmap "$DEV" >/tmp/unmaprb.out 2>&1 || { cat /tmp/unmaprb.out; fail "unmap (rebuild)"; }
 wait $MAP || fail "the rebuild daemon exited with an error"
 for p in 7251 7252 7253 7254; do eval "kill \$pid_mem$p; wait \$pid_mem$p"; done
+
+# 3. Replace: 7264 (column 1's second copy) by 7265 under fio verify.
+dir_nodes rp "" 7261 7262 7263 7264 7265
+RP=127.0.0.1:7261,127.0.0.1:7262,127.0.0.1:7263,127.0.0.1:7264
+netblk map --volume moved --size 64M --nodes $RP --replicas 2 --replica-timeout 2 \
+    --stripe-unit 64K --queues 2 >/tmp/moved.out 2>/tmp/moved.log &
+MAP=$!
+DEV=$(wait_dev /tmp/moved.out)
+[ -b "$DEV" ] || fail "no device for the replace volume"
+fio_slow rpfio "$DEV" &
+FIO=$!
+sleep 1.5
+netblk replace "$DEV" --node 127.0.0.1:7264 --with 127.0.0.1:7265 >/tmp/replace.out 2>&1 \
+    || { cat /tmp/replace.out; fail "netblk replace"; }
+grep -q "127.0.0.1:7265 is in sync" /tmp/replace.out || { cat /tmp/replace.out; fail "replace did not wait for the new node"; }
+wait $FIO || fail "fio across a replace"
+grep -q "err= 0" /tmp/rpfio.log || fail "fio reported errors across the replace"
+grep -q "member replaced" /tmp/moved.log || fail "no event for the replacement"
+# The old node is not a member any more: killing it costs nothing.
+kill -KILL $pid_rp7264
+fio --name=rpafter --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=16 --rw=randwrite \
+    --bs=64k --size=16M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --output=/tmp/rpafter.log >/dev/null 2>&1 || fail "fio after the old node was killed"
+grep -q "err= 0" /tmp/rpafter.log || fail "fio reported errors after the old node was killed"
+netblk status >/tmp/rpstatus.out 2>&1
+grep -q "DEGRADED" /tmp/rpstatus.out && { cat /tmp/rpstatus.out; fail "the old node was still a member"; }
+grep -q "127.0.0.1:7265" /tmp/rpstatus.out || { cat /tmp/rpstatus.out; fail "status does not show the new node"; }
+netblk unmap "$DEV" >/tmp/unmaprp.out 2>&1 || { cat /tmp/unmaprp.out; fail "unmap (replace)"; }
+wait $MAP || fail "the replace daemon exited with an error"
+for p in 7261 7262 7263 7265; do eval "kill \$pid_rp$p; wait \$pid_rp$p"; done
+cmp /var/rp7262/moved.vol /var/rp7265/moved.vol || fail "column 1's replicas differ after the replace"
+echo "ublk: R = 2, netblk replace under fio verify: no error, the new node rebuilt and equal byte for byte, the old one killed unnoticed"
+rm -rf /var/rp726*
 ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
