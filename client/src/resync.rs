@@ -99,7 +99,7 @@ impl Default for ResyncOptions {
 }
 
 /// A token bucket: at most `rate` bytes a second, bursts of a tenth of a
-/// second.
+/// second (0: no limit).
 struct Bucket {
     rate: u64,
     tokens: f64,
@@ -107,29 +107,42 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(rate: u64) -> Bucket {
+    fn new(rate: u64, now: Instant) -> Bucket {
         Bucket {
             rate,
             tokens: 0.0,
-            last: Instant::now(),
+            last: now,
         }
     }
 
-    /// Waits until `bytes` may go.
-    fn take(&mut self, bytes: u64) {
+    fn refill(&mut self, bytes: u64, now: Instant) {
+        let rate = self.rate as f64;
+        let burst = (rate / 10.0).max(bytes as f64);
+        let spent = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + spent * rate).min(burst);
+        self.last = now;
+    }
+
+    /// How long until `bytes` may go.
+    fn delay(&mut self, bytes: u64, now: Instant) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        self.refill(bytes, now);
+        let short = bytes as f64 - self.tokens;
+        if short <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(short / self.rate as f64)
+    }
+
+    /// `bytes` go now.
+    fn take(&mut self, bytes: u64, now: Instant) {
         if self.rate == 0 {
             return;
         }
-        let now = Instant::now();
-        let rate = self.rate as f64;
-        let burst = (rate / 10.0).max(bytes as f64);
-        self.tokens = (self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * rate)
-            .min(burst);
-        self.last = now;
+        self.refill(bytes, now);
         self.tokens -= bytes as f64;
-        if self.tokens < 0.0 {
-            std::thread::sleep(Duration::from_secs_f64(-self.tokens / rate));
-        }
     }
 }
 
@@ -284,27 +297,6 @@ pub fn replace(
     Ok(node)
 }
 
-/// Releases what a copy holds, however it ends.
-struct Holding<'a> {
-    m: &'a Membership,
-    regions: Vec<(usize, u64)>,
-}
-
-impl Holding<'_> {
-    fn release(&mut self) {
-        for (column, region) in self.regions.drain(..) {
-            self.m.gate.unlock(column, region);
-        }
-    }
-}
-
-impl Drop for Holding<'_> {
-    fn drop(&mut self) {
-        self.release();
-        self.m.gate.deactivate();
-    }
-}
-
 /// Polls `done` every millisecond until it holds or `limit` passes.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -345,6 +337,308 @@ fn missed_regions(
     Ok(Some(union))
 }
 
+/// What a step of a [`Copier`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Not done: step again after this long (zero: at once).
+    Again(Duration),
+    /// Every region copied and durable on the joiner: promote it.
+    Done,
+    /// The copy cannot go on (the joiner left, the device was fenced or
+    /// stops, a wait or the copies failed for too long).
+    Failed(String),
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the writes started before the join (not counted by
+    /// region) to finish: the flip's epoch, once a flip was possible.
+    Drain(Option<u64>),
+    /// Copying `regions[next..]`.
+    Copy,
+}
+
+/// Consecutive failed copies of a batch before a copy gives up.
+const COPY_TRIES: u32 = 20;
+
+/// The copy to one joining member, one step at a time (the catch-up
+/// thread steps it, sleeping as told; the simulator steps it from its
+/// event loop): drain, read what it missed, then per batch: hold its
+/// regions, wait for their writes in flight, copy, release. Releases what
+/// it holds when dropped, however it ends.
+pub struct Copier<'a> {
+    m: &'a Membership,
+    node: usize,
+    column: usize,
+    row: usize,
+    rebuild: bool,
+    why: String,
+    phase: Phase,
+    regions: Vec<u64>,
+    next: usize,
+    /// Regions of the batch held now, since when.
+    held: Vec<u64>,
+    held_since: Option<Instant>,
+    started: Instant,
+    /// The drain or a copy waited since then.
+    waiting_since: Instant,
+    failures: u32,
+    progress: Progress,
+    bucket: Bucket,
+    /// The application was busy at this instant (the copy yields a while).
+    yielded_at: Option<Instant>,
+    options: ResyncOptions,
+    /// A planted bug for the simulator to find (never set outside tests):
+    /// nothing is copied.
+    #[doc(hidden)]
+    pub plant_skip_copy: bool,
+}
+
+impl Drop for Copier<'_> {
+    fn drop(&mut self) {
+        for region in self.held.drain(..) {
+            self.m.gate.unlock(self.column, region);
+        }
+        self.m.gate.deactivate();
+    }
+}
+
+impl<'a> Copier<'a> {
+    /// The copy to `node`, which just joined its column (`why`: why a
+    /// rebuild, if it is one).
+    pub fn new(
+        m: &'a Membership,
+        layout: &Layout,
+        node: usize,
+        rebuild: Option<String>,
+        options: ResyncOptions,
+        now: Instant,
+    ) -> Copier<'a> {
+        let r = layout.replication();
+        m.gate.activate();
+        Copier {
+            m,
+            node,
+            column: r.column_of(node),
+            row: r.row_of(node),
+            rebuild: rebuild.is_some(),
+            why: rebuild.unwrap_or_default(),
+            phase: Phase::Drain(None),
+            regions: Vec::new(),
+            next: 0,
+            held: Vec::new(),
+            held_since: None,
+            started: now,
+            waiting_since: now,
+            failures: 0,
+            progress: Progress {
+                rebuild: false,
+                total: 0,
+                done: 0,
+                started: now,
+            },
+            bucket: Bucket::new(options.rate, now),
+            yielded_at: None,
+            options,
+            plant_skip_copy: false,
+        }
+    }
+
+    pub fn node(&self) -> usize {
+        self.node
+    }
+
+    /// Bytes copied so far, and in all.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    fn release(&mut self) {
+        for region in self.held.drain(..) {
+            self.m.gate.unlock(self.column, region);
+        }
+        self.held_since = None;
+    }
+
+    /// One step (see [`Step`]).
+    pub fn step(&mut self, now: Instant, store: &dyn RecordStore, layout: &Layout) -> Step {
+        let m = self.m;
+        let view = m.view();
+        if view.fenced {
+            return Step::Failed("the device was fenced".into());
+        }
+        if m.stopping() {
+            return Step::Failed("the device is stopping".into());
+        }
+        if !view.joining(self.column, self.row) || m.is_failed(self.node) {
+            return Step::Failed(format!("{} left while it caught up", store.name(self.node)));
+        }
+        let waited = now.saturating_duration_since(self.waiting_since);
+        match self.phase {
+            Phase::Drain(None) => match m.writes.flip() {
+                Some(epoch) => {
+                    self.phase = Phase::Drain(Some(epoch));
+                    Step::Again(Duration::ZERO)
+                }
+                None if waited > self.options.wait => {
+                    Step::Failed("writes of several epochs ago did not finish".into())
+                }
+                None => Step::Again(Duration::from_millis(1)),
+            },
+            Phase::Drain(Some(epoch)) => {
+                if !m.writes.drained(epoch) {
+                    if waited > self.options.wait {
+                        return Step::Failed(
+                            "writes started before the join did not finish".into(),
+                        );
+                    }
+                    return Step::Again(Duration::from_millis(1));
+                }
+                self.plan(store, layout, now)
+            }
+            Phase::Copy => self.copy_step(now, store, layout),
+        }
+    }
+
+    /// What to copy: the missed regions, or every region of the column.
+    fn plan(&mut self, store: &dyn RecordStore, layout: &Layout, now: Instant) -> Step {
+        let capacity = layout.node_capacity(self.node);
+        let all = || (0..capacity.div_ceil(RESYNC_REGION)).collect::<BTreeSet<u64>>();
+        let regions = if self.rebuild {
+            all()
+        } else {
+            match missed_regions(store, layout, self.m, self.node) {
+                Ok(Some(regions)) => regions,
+                Ok(None) => {
+                    self.rebuild = true;
+                    self.why = "an in-sync member kept no record of what it missed".into();
+                    all()
+                }
+                Err(why) => return Step::Failed(why),
+            }
+        };
+        let total: u64 = regions
+            .iter()
+            .map(|g| RESYNC_REGION.min(capacity.saturating_sub(g * RESYNC_REGION)))
+            .sum();
+        self.regions = regions.into_iter().collect();
+        self.progress = Progress {
+            rebuild: self.rebuild,
+            total,
+            done: 0,
+            started: now,
+        };
+        self.m.set_progress(self.node, Some(self.progress.clone()));
+        tracing::info!(
+            node = self.node,
+            column = self.column,
+            rebuild = self.rebuild,
+            why = %self.why,
+            regions = self.regions.len(),
+            bytes = total,
+            "catch-up started"
+        );
+        self.phase = Phase::Copy;
+        self.waiting_since = now;
+        Step::Again(Duration::ZERO)
+    }
+
+    fn copy_step(&mut self, now: Instant, store: &dyn RecordStore, layout: &Layout) -> Step {
+        let m = self.m;
+        let capacity = layout.node_capacity(self.node);
+        let range = |g: u64| {
+            let offset = g * RESYNC_REGION;
+            (offset, RESYNC_REGION.min(capacity.saturating_sub(offset)))
+        };
+        if self.held.is_empty() {
+            if self.next >= self.regions.len() {
+                return Step::Done;
+            }
+            let batch: Vec<u64> = self.regions[self.next..]
+                .iter()
+                .take(BATCH)
+                .copied()
+                .collect();
+            let bytes: u64 = batch.iter().map(|g| range(*g).1).sum();
+            // The rate first, then a short yield to a busy application.
+            let wait = self.bucket.delay(bytes, now);
+            if !wait.is_zero() {
+                return Step::Again(wait);
+            }
+            if m.writes.in_flight() >= self.options.busy {
+                let since = *self.yielded_at.get_or_insert(now);
+                if now.saturating_duration_since(since) < YIELD {
+                    return Step::Again(Duration::from_millis(1));
+                }
+            }
+            self.yielded_at = None;
+            self.bucket.take(bytes, now);
+            for g in &batch {
+                m.gate.lock(self.column, *g);
+            }
+            self.held = batch;
+            self.held_since = Some(now);
+        }
+        let column = self.column;
+        if !self.held.iter().all(|g| m.gate.drained(column, *g)) {
+            let since = self.held_since.unwrap_or(now);
+            if now.saturating_duration_since(since) > self.options.wait {
+                return Step::Failed("writes to a held region did not finish".into());
+            }
+            return Step::Again(Duration::from_millis(1));
+        }
+        let view = m.view();
+        let r = layout.replication();
+        let Some(source) = r
+            .members(column)
+            .find(|n| view.in_sync(column, r.row_of(*n)) && !m.is_failed(*n))
+        else {
+            return Step::Failed("no member of the column is in sync".into());
+        };
+        let ranges: Vec<(u64, u64)> = self
+            .held
+            .iter()
+            .map(|g| range(*g))
+            .filter(|(_, len)| *len > 0)
+            .collect();
+        let bytes: u64 = ranges.iter().map(|(_, len)| len).sum();
+        let copied = if self.plant_skip_copy {
+            Ok(())
+        } else {
+            store.copy(view.owner_epoch, source, &[self.node], &ranges)
+        };
+        let batch = self.held.len();
+        self.release();
+        if let Err(why) = copied {
+            // The source may be failing (the queues take it out) or the
+            // joiner (it leaves): tried again, for a while.
+            self.failures += 1;
+            if self.failures >= COPY_TRIES {
+                return Step::Failed(why);
+            }
+            return Step::Again(Duration::from_millis(50));
+        }
+        self.failures = 0;
+        self.next += batch;
+        m.resync_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.progress.done += bytes;
+        m.set_progress(self.node, Some(self.progress.clone()));
+        Step::Again(Duration::ZERO)
+    }
+
+    /// How long the copy took so far.
+    pub fn elapsed(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    pub fn rebuilding(&self) -> bool {
+        self.rebuild
+    }
+}
+
+/// How long a copy waits for a busy application before it copies anyway.
+const YIELD: Duration = Duration::from_millis(20);
+
 /// Joins `node` to its column, copies `plan`'s regions to it, and puts it
 /// back in sync.
 fn copy_to(
@@ -357,134 +651,53 @@ fn copy_to(
     options: ResyncOptions,
 ) -> Result<(), String> {
     let m = weak.upgrade().ok_or("the device stopped")?;
-    let r = *layout.replication();
-    let (column, row) = (r.column_of(node), r.row_of(node));
     // What it acknowledged before it left is copied anew: none of it can
     // be lost any more (nothing is sent to it before the join).
     if let Some(ledger) = m.ledger() {
         ledger.forget(node);
     }
-    let mut rebuild = matches!(plan, Plan::Rebuild { .. });
-    if let Plan::Rebuild { identity, .. } = plan
-        && !identity.is_empty()
-    {
-        m.pins.set(node, identity.clone());
-    }
-    manager.join(&m, node, rebuild)?;
-    m.gate.activate();
-    let mut holding = Holding {
-        m: &m,
-        regions: Vec::new(),
+    let rebuild = match plan {
+        Plan::CatchUp => None,
+        Plan::Rebuild { why, identity } => {
+            if !identity.is_empty() {
+                m.pins.set(node, identity.clone());
+            }
+            Some(why.clone())
+        }
     };
-    // Writes started before the join did not go to it, and were not
-    // counted by region: wait for them.
-    let mut epoch = None;
-    if !wait_until(options.wait, || {
-        epoch = m.writes.flip();
-        epoch.is_some()
-    }) {
-        return Err("writes of several epochs ago did not finish".into());
-    }
-    let epoch = epoch.unwrap_or_default();
-    if !wait_until(options.wait, || m.writes.drained(epoch)) {
-        return Err("writes started before the join did not finish".into());
-    }
-    let capacity = layout.node_capacity(node);
-    let all = || (0..capacity.div_ceil(RESYNC_REGION)).collect::<BTreeSet<u64>>();
-    let regions = if rebuild {
-        all()
-    } else {
-        match missed_regions(store, layout, &m, node)? {
-            Some(regions) => regions,
-            None => {
-                rebuild = true;
-                all()
+    manager.join(&m, node, rebuild.is_some())?;
+    let mut copier = Copier::new(&m, layout, node, rebuild, options, Instant::now());
+    loop {
+        match copier.step(Instant::now(), store, layout) {
+            Step::Again(pause) => {
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+            }
+            Step::Done => break,
+            Step::Failed(why) => {
+                // It leaves the joining set, to be probed and joined again.
+                if !m.view().fenced && !m.stopping() {
+                    m.report(node, &format!("catch-up failed: {why}"), Instant::now());
+                }
+                return Err(why);
             }
         }
-    };
-    let why = match plan {
-        Plan::Rebuild { why, .. } => why.as_str(),
-        Plan::CatchUp if rebuild => "an in-sync member kept no record of what it missed",
-        Plan::CatchUp => "",
-    };
-    let total: u64 = regions
-        .iter()
-        .map(|g| RESYNC_REGION.min(capacity.saturating_sub(g * RESYNC_REGION)))
-        .sum();
-    let started = Instant::now();
-    let mut progress = Progress {
-        rebuild,
-        total,
-        done: 0,
-        started,
-    };
-    m.set_progress(node, Some(progress.clone()));
-    tracing::info!(
-        node,
-        column,
-        rebuild,
-        why,
-        regions = regions.len(),
-        bytes = total,
-        "catch-up started"
-    );
-    let mut bucket = Bucket::new(options.rate);
-    let regions: Vec<u64> = regions.into_iter().collect();
-    for batch in regions.chunks(BATCH) {
-        let ranges: Vec<(u64, u64)> = batch
-            .iter()
-            .map(|g| {
-                let offset = g * RESYNC_REGION;
-                (offset, RESYNC_REGION.min(capacity.saturating_sub(offset)))
-            })
-            .filter(|(_, len)| *len > 0)
-            .collect();
-        let bytes: u64 = ranges.iter().map(|(_, len)| len).sum();
-        bucket.take(bytes);
-        // Yield to the application: a short wait while it is busy.
-        wait_until(Duration::from_millis(20), || {
-            m.writes.in_flight() < options.busy
-        });
-        let view = m.view();
-        if view.fenced {
-            return Err("the device was fenced".into());
-        }
-        if m.stopping() {
-            return Err("the device is stopping".into());
-        }
-        if !view.joining(column, row) || m.is_failed(node) {
-            return Err(format!("{} left while it caught up", store.name(node)));
-        }
-        let source = r
-            .members(column)
-            .find(|n| view.in_sync(column, r.row_of(*n)) && !m.is_failed(*n))
-            .ok_or("no member of the column is in sync")?;
-        for (offset, _) in &ranges {
-            let region = offset / RESYNC_REGION;
-            m.gate.lock(column, region);
-            holding.regions.push((column, region));
-        }
-        if !wait_until(options.wait, || {
-            holding.regions.iter().all(|(c, g)| m.gate.drained(*c, *g))
-        }) {
-            return Err("writes to a held region did not finish".into());
-        }
-        store.copy(view.owner_epoch, source, &[node], &ranges)?;
-        holding.release();
-        m.resync_bytes.fetch_add(bytes, Ordering::Relaxed);
-        progress.done += bytes;
-        m.set_progress(node, Some(progress.clone()));
     }
-    drop(holding);
+    let (rebuilt, bytes, spent) = (
+        copier.rebuilding(),
+        copier.progress().total,
+        copier.elapsed(Instant::now()),
+    );
+    drop(copier);
     // Durable on it (each copy flushed it); in sync from the record on.
     manager.promote(&m, node)?;
     m.set_progress(node, None);
     tracing::info!(
         node,
-        column,
-        rebuild,
-        bytes = total,
-        secs = started.elapsed().as_secs_f64(),
+        rebuild = rebuilt,
+        bytes,
+        secs = spent.as_secs_f64(),
         "catch-up ended: back in sync"
     );
     Ok(())
@@ -514,17 +727,24 @@ mod tests {
 
     #[test]
     fn the_bucket_holds_the_rate() {
-        let mut b = Bucket::new(100 << 20);
         let t0 = Instant::now();
-        // 30 MiB at 100 MiB/s: about 0.3 s, less the first burst.
+        let mut b = Bucket::new(100 << 20, t0);
+        // 30 MiB at 100 MiB/s take 0.3 s: each MiB goes when its delay
+        // has passed.
+        let mut now = t0;
         for _ in 0..30 {
-            b.take(1 << 20);
+            now += b.delay(1 << 20, now);
+            assert!(b.delay(1 << 20, now).is_zero());
+            b.take(1 << 20, now);
         }
-        let spent = t0.elapsed().as_secs_f64();
-        assert!((0.15..0.6).contains(&spent), "{spent} s");
-        let mut free = Bucket::new(0);
-        let t0 = Instant::now();
-        free.take(1 << 40);
-        assert!(t0.elapsed() < Duration::from_millis(50));
+        let spent = now.duration_since(t0).as_secs_f64();
+        assert!((0.29..0.31).contains(&spent), "{spent} s");
+        // Idle for a second: one burst (a tenth of a second) at once, no
+        // more.
+        now += Duration::from_secs(1);
+        b.take(10 << 20, now);
+        assert!(!b.delay(1 << 20, now).is_zero());
+        let mut free = Bucket::new(0, t0);
+        assert!(free.delay(1 << 40, t0).is_zero());
     }
 }

@@ -762,6 +762,8 @@ fn a_replica_that_lost_its_data_is_rebuilt_in_full() {
     let pinned = m.pin(victim).expect("pinned at connect");
     let addr = nodes[victim].addr.to_string();
     nodes[victim].signal(libc::SIGKILL);
+    // Its port is free once the process is gone.
+    nodes[victim].wait_exit(Duration::from_secs(10));
     nodes[victim] = MockNode::start_at(&addr, &["--store", "memory"]);
     assert!(
         eventually(Duration::from_secs(30), || {
