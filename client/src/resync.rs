@@ -366,8 +366,8 @@ const COPY_TRIES: u32 = 20;
 /// event loop): drain, read what it missed, then per batch: hold its
 /// regions, wait for their writes in flight, copy, release. Releases what
 /// it holds when dropped, however it ends.
-pub struct Copier<'a> {
-    m: &'a Membership,
+pub struct Copier {
+    m: Arc<Membership>,
     node: usize,
     column: usize,
     row: usize,
@@ -394,7 +394,7 @@ pub struct Copier<'a> {
     pub plant_skip_copy: bool,
 }
 
-impl Drop for Copier<'_> {
+impl Drop for Copier {
     fn drop(&mut self) {
         for region in self.held.drain(..) {
             self.m.gate.unlock(self.column, region);
@@ -403,17 +403,17 @@ impl Drop for Copier<'_> {
     }
 }
 
-impl<'a> Copier<'a> {
+impl Copier {
     /// The copy to `node`, which just joined its column (`why`: why a
     /// rebuild, if it is one).
     pub fn new(
-        m: &'a Membership,
+        m: Arc<Membership>,
         layout: &Layout,
         node: usize,
         rebuild: Option<String>,
         options: ResyncOptions,
         now: Instant,
-    ) -> Copier<'a> {
+    ) -> Copier {
         let r = layout.replication();
         m.gate.activate();
         Copier {
@@ -462,7 +462,7 @@ impl<'a> Copier<'a> {
 
     /// One step (see [`Step`]).
     pub fn step(&mut self, now: Instant, store: &dyn RecordStore, layout: &Layout) -> Step {
-        let m = self.m;
+        let m = Arc::clone(&self.m);
         let view = m.view();
         if view.fenced {
             return Step::Failed("the device was fenced".into());
@@ -507,7 +507,7 @@ impl<'a> Copier<'a> {
         let regions = if self.rebuild {
             all()
         } else {
-            match missed_regions(store, layout, self.m, self.node) {
+            match missed_regions(store, layout, &self.m, self.node) {
                 Ok(Some(regions)) => regions,
                 Ok(None) => {
                     self.rebuild = true;
@@ -544,7 +544,7 @@ impl<'a> Copier<'a> {
     }
 
     fn copy_step(&mut self, now: Instant, store: &dyn RecordStore, layout: &Layout) -> Step {
-        let m = self.m;
+        let m = Arc::clone(&self.m);
         let capacity = layout.node_capacity(self.node);
         let range = |g: u64| {
             let offset = g * RESYNC_REGION;
@@ -666,7 +666,14 @@ fn copy_to(
         }
     };
     manager.join(&m, node, rebuild.is_some())?;
-    let mut copier = Copier::new(&m, layout, node, rebuild, options, Instant::now());
+    let mut copier = Copier::new(
+        Arc::clone(&m),
+        layout,
+        node,
+        rebuild,
+        options,
+        Instant::now(),
+    );
     loop {
         match copier.step(Instant::now(), store, layout) {
             Step::Again(pause) => {
