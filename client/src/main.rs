@@ -487,17 +487,8 @@ fn unmap(device: &str) -> Result<(), String> {
 }
 
 fn resize(device: &str, size: u64, force: bool) -> Result<(), String> {
-    let id = state::parse_device(device)?;
-    let dir = state::state_dir();
-    let record = state::load(&dir, id)?
-        .ok_or_else(|| format!("no netblk device {id} (`netblk list` shows the mapped ones)"))?;
-    if !daemon_alive(record.pid, record.pid_start) {
-        return Err(format!(
-            "/dev/ublkb{id} has no running daemon to resize it: `netblk map --recover /dev/ublkb{id}` first"
-        ));
-    }
+    let (id, socket) = live_daemon(device, "to resize it")?;
     let command = format!("resize {size}{}", if force { " force" } else { "" });
-    let socket = netblk::control::socket_path(&dir, id);
     let answer = netblk::control::ask_within(&socket, &command, netblk::control::RESIZE_TIMEOUT)
         .map_err(|e| format!("cannot ask the daemon of /dev/ublkb{id}: {e}"))?;
     if let Some(why) = answer.get("error").and_then(|e| e.as_str()) {
@@ -515,22 +506,28 @@ fn resize(device: &str, size: u64, force: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn replace(
-    device: &str,
-    old: std::net::SocketAddr,
-    new: std::net::SocketAddr,
-    wait: bool,
-) -> Result<(), String> {
+/// Device `device`'s id and control socket, if its daemon runs (`what`:
+/// what it is needed for, in the error).
+fn live_daemon(device: &str, what: &str) -> Result<(u32, std::path::PathBuf), String> {
     let id = state::parse_device(device)?;
     let dir = state::state_dir();
     let record = state::load(&dir, id)?
         .ok_or_else(|| format!("no netblk device {id} (`netblk list` shows the mapped ones)"))?;
     if !daemon_alive(record.pid, record.pid_start) {
         return Err(format!(
-            "/dev/ublkb{id} has no running daemon: `netblk map --recover /dev/ublkb{id}` first"
+            "/dev/ublkb{id} has no running daemon {what}: `netblk map --recover /dev/ublkb{id}` first"
         ));
     }
-    let socket = netblk::control::socket_path(&dir, id);
+    Ok((id, netblk::control::socket_path(&dir, id)))
+}
+
+fn replace(
+    device: &str,
+    old: std::net::SocketAddr,
+    new: std::net::SocketAddr,
+    wait: bool,
+) -> Result<(), String> {
+    let (id, socket) = live_daemon(device, "to replace a member")?;
     let answer = netblk::control::ask_within(
         &socket,
         &format!("replace {old} {new}"),
@@ -587,17 +584,8 @@ fn replace(
 }
 
 fn scrub(device: &str, repair: bool, json: bool) -> Result<(), String> {
-    let id = state::parse_device(device)?;
-    let dir = state::state_dir();
-    let record = state::load(&dir, id)?
-        .ok_or_else(|| format!("no netblk device {id} (`netblk list` shows the mapped ones)"))?;
-    if !daemon_alive(record.pid, record.pid_start) {
-        return Err(format!(
-            "/dev/ublkb{id} has no running daemon to scrub it: `netblk map --recover /dev/ublkb{id}` first"
-        ));
-    }
+    let (id, socket) = live_daemon(device, "to scrub it")?;
     let command = if repair { "scrub repair" } else { "scrub" };
-    let socket = netblk::control::socket_path(&dir, id);
     let answer = netblk::control::ask_within(&socket, command, netblk::control::SCRUB_TIMEOUT)
         .map_err(|e| format!("cannot ask the daemon of /dev/ublkb{id}: {e}"))?;
     if let Some(why) = answer.get("error").and_then(|e| e.as_str()) {

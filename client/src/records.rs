@@ -796,12 +796,7 @@ impl Manager {
                 Ok(())
             }
             Err(Stored::Fenced(held)) => {
-                tracing::error!(
-                    owner = %held.owner,
-                    owner_epoch = held.owner_epoch,
-                    "another owner took the volume over: this device is fenced, its IO fails"
-                );
-                m.fence();
+                fenced_by(m, &held);
                 Err("the device is fenced".into())
             }
             Err(Stored::Retry(why)) => Err(why),
@@ -861,12 +856,7 @@ impl Manager {
                 m.publish(View::of_record(&self.record));
             }
             Err(Stored::Fenced(held)) => {
-                tracing::error!(
-                    owner = %held.owner,
-                    owner_epoch = held.owner_epoch,
-                    "another owner took the volume over: this device is fenced, its IO fails"
-                );
-                m.fence();
+                fenced_by(m, &held);
                 return false;
             }
             Err(Stored::Retry(why)) => {
@@ -940,6 +930,17 @@ pub fn spawn_manager(
             }
         })?;
     Ok(handle)
+}
+
+/// A newer owner's record (`held`) is on a member: the device's IO fails
+/// from now on.
+fn fenced_by(m: &Membership, held: &MembershipRecord) {
+    tracing::error!(
+        owner = %held.owner,
+        owner_epoch = held.owner_epoch,
+        "another owner took the volume over: this device is fenced, its IO fails"
+    );
+    m.fence();
 }
 
 /// Why a change was not stored.

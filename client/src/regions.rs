@@ -125,6 +125,19 @@ impl RegionGate {
     }
 }
 
+/// Polls `done` every millisecond until it holds or `limit` passes (a
+/// copier's waits for the writes it must let finish).
+pub fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::layout::Layout;
 use crate::membership::Membership;
 use crate::records::{ManagerHandle, RecordStore};
-use crate::regions::RESYNC_REGION;
+use crate::regions::{RESYNC_REGION, wait_until};
 
 /// Default `--resync-rate`, bytes a second: a 1 TiB column in under five
 /// hours, and about a tenth of a 10 Gb/s link left to the application's
@@ -295,18 +295,6 @@ pub fn replace(
     m.hold_out(node, false);
     tracing::info!(node, column, %old, %new, "member replaced: rebuilding the new one");
     Ok(node)
-}
-
-/// Polls `done` every millisecond until it holds or `limit` passes.
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
 }
 
 /// The regions (of [`RESYNC_REGION`] node bytes) of `node`'s column it

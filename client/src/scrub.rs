@@ -9,12 +9,12 @@
 //! a write in flight never shows as a difference and a repair never
 //! overwrites a newer write.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::layout::Layout;
 use crate::membership::Membership;
 use crate::records::RecordStore;
-use crate::regions::RESYNC_REGION;
+use crate::regions::{RESYNC_REGION, wait_until};
 
 /// What a scrub found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,18 +64,6 @@ impl Drop for Held<'_> {
         }
         self.m.gate.deactivate();
     }
-}
-
-/// Polls `done` every millisecond until it holds or `limit` passes.
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
 }
 
 /// Compares (and, with `repair`, repairs) every column of the device whose
