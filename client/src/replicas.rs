@@ -117,9 +117,7 @@ pub fn shrink(
     let mut next = record.clone();
     next.generation += 1;
     if mask(&record.joining, column) & bit != 0 {
-        let columns = replication.columns() as usize;
-        set_mask(&mut next.joining, columns, column, |m| m & !bit);
-        set_mask(&mut next.rebuild, columns, column, |m| m & !bit);
+        not_joining(&mut next, replication, column, bit);
         return Some(next);
     }
     let now = iss(record, column);
@@ -167,14 +165,19 @@ pub fn promote(
     if mask(&record.joining, column) & bit == 0 {
         return None;
     }
-    let columns = replication.columns() as usize;
     let mut next = record.clone();
     next.generation += 1;
     next.clean = false;
-    set_mask(&mut next.joining, columns, column, |m| m & !bit);
-    set_mask(&mut next.rebuild, columns, column, |m| m & !bit);
+    not_joining(&mut next, replication, column, bit);
     next.iss[column] |= bit;
     Some(next)
+}
+
+/// Row `bit` of `column` out of `next`'s joining (and rebuild) sets.
+fn not_joining(next: &mut MembershipRecord, replication: &Replication, column: usize, bit: u32) {
+    let columns = replication.columns() as usize;
+    set_mask(&mut next.joining, columns, column, |m| m & !bit);
+    set_mask(&mut next.rebuild, columns, column, |m| m & !bit);
 }
 
 /// `column`'s bitmask in a per-column list that may be empty.

@@ -33,6 +33,19 @@ fn options(queues: usize) -> VolumeOptions {
     }
 }
 
+/// [`options`] with members out of sync probed every 300 ms (not 2 s) and
+/// copied at `rate` bytes a second.
+fn probing(rate: u64) -> VolumeOptions {
+    VolumeOptions {
+        resync: netblk::resync::ResyncOptions {
+            probe_every: Duration::from_millis(300),
+            rate,
+            ..Default::default()
+        },
+        ..options(2)
+    }
+}
+
 /// `columns` × `replicas` over the cluster's nodes, row by row.
 fn spec(cluster: &Cluster, name: &str, replicas: u32) -> VolumeSpec {
     VolumeSpec {
@@ -663,16 +676,9 @@ fn a_returning_replica_catches_up_with_what_it_missed_and_rejoins() {
         replicas: 2,
         ..cluster.spec("back", SIZE)
     };
-    let options = VolumeOptions {
-        resync: netblk::resync::ResyncOptions {
-            probe_every: Duration::from_millis(300),
-            // Slow enough that the racing load meets the copy: 4 MiB in
-            // about a second.
-            rate: 4 * MIB,
-            ..Default::default()
-        },
-        ..options(2)
-    };
+    // Slow enough that the racing load meets the copy: 4 MiB in about a
+    // second.
+    let options = probing(4 * MIB);
     let volume = Arc::new(Volume::open(&spec, &options).expect("open"));
     let m = Arc::clone(volume.membership());
     let out_load = Load::start_within(&volume, HOT, 1);
@@ -747,13 +753,7 @@ fn a_replica_that_lost_its_data_is_rebuilt_in_full() {
         stripe_unit: UNIT as u32,
         nodes: nodes.iter().map(|n| n.addr).collect(),
     };
-    let options = VolumeOptions {
-        resync: netblk::resync::ResyncOptions {
-            probe_every: Duration::from_millis(300),
-            ..Default::default()
-        },
-        ..options(2)
-    };
+    let options = probing(netblk::resync::DEFAULT_RATE);
     let volume = Arc::new(Volume::open(&spec, &options).expect("open"));
     let m = Arc::clone(volume.membership());
     let load = Load::start(&volume);
@@ -811,13 +811,7 @@ fn a_member_replaced_under_load_is_rebuilt_on_the_new_node() {
         stripe_unit: UNIT as u32,
         nodes: mapped.clone(),
     };
-    let options = VolumeOptions {
-        resync: netblk::resync::ResyncOptions {
-            probe_every: Duration::from_millis(300),
-            ..Default::default()
-        },
-        ..options(2)
-    };
+    let options = probing(netblk::resync::DEFAULT_RATE);
     let volume = Arc::new(Volume::open(&spec, &options).expect("open"));
     let m = Arc::clone(volume.membership());
     let load = Load::start(&volume);
