@@ -645,6 +645,7 @@ fn scrubber(
             &layout,
             &options,
             std::sync::Arc::clone(&membership.pins),
+            "scrub",
         );
         let report = netblk::scrub::scrub(&store, &layout, &membership, repair, wait)?;
         Ok(report.to_json())

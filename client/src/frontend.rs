@@ -270,7 +270,13 @@ pub fn attach_replicas(
             seconds(options.io_timeout)
         )));
     }
-    let attach_store = records_store(spec, layout, options, Pins::new(options.volume_ids.clone()));
+    let attach_store = records_store(
+        spec,
+        layout,
+        options,
+        Pins::new(options.volume_ids.clone()),
+        "records",
+    );
     let attach = records::AttachOptions {
         owner: options.owner(),
         force_degraded: options.force_degraded,
@@ -282,15 +288,17 @@ pub fn attach_replicas(
     let attached = records::attach(&attach_store, layout, &attach).map_err(OpenError::Attach)?;
     let pins = Arc::clone(&attached.membership.pins);
     pins.set_all(options.volume_ids.clone());
-    let store = || records_store(spec, layout, options, Arc::clone(&pins));
-    let manager =
-        records::spawn_manager(Box::new(store()), *layout, &attached).map_err(OpenError::Uring)?;
+    // One client id per thread that connects: a node fences the open
+    // connections of a client id when a newer session of it connects.
+    let store = |role| records_store(spec, layout, options, Arc::clone(&pins), role);
+    let manager = records::spawn_manager(Box::new(store("records")), *layout, &attached)
+        .map_err(OpenError::Uring)?;
     let resync = crate::resync::ResyncOptions {
         wait: options.io_timeout,
         ..options.resync
     };
     crate::resync::spawn(
-        Box::new(store()),
+        Box::new(store("resync")),
         *layout,
         &attached.membership,
         manager.clone(),
@@ -303,19 +311,22 @@ pub fn attach_replicas(
 }
 
 /// The membership records (and the copies beside them) of a replicated
-/// volume, reached over short connections of their own.
+/// volume, reached over short connections of their own, as client id
+/// `CLIENT-role` (one role per thread that connects: a newer session of a
+/// client id fences its open connections on a node).
 pub fn records_store(
     spec: &VolumeSpec,
     layout: &Layout,
     options: &VolumeOptions,
     pins: Arc<Pins>,
+    role: &str,
 ) -> records::NetRecords {
     records::NetRecords {
         addrs: spec.nodes.clone(),
         layout: *layout,
         volume: spec.name.clone(),
         volume_ids: pins,
-        client_id: format!("{}-records", options.client_id),
+        client_id: format!("{}-{role}", options.client_id),
         tls: options.tls.clone(),
         timeouts: net::Timeouts {
             connect: options
