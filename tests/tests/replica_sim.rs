@@ -387,6 +387,9 @@ struct Sim {
     errors: usize,
     manager_scheduled: bool,
     faults: usize,
+    /// Per node, when its last fault ended (`Duration::MAX` while it
+    /// lasts): a member found failed by a timeout must have had one lately.
+    fault_ends: Vec<Option<Duration>>,
     /// Members caught up and back in sync.
     caught_up: usize,
     timer_at: Option<Duration>,
@@ -451,6 +454,7 @@ impl Sim {
             errors: 0,
             manager_scheduled: false,
             faults: 0,
+            fault_ends: vec![None; layout.node_count()],
             caught_up: 0,
             timer_at: None,
         };
@@ -941,6 +945,7 @@ impl Sim {
             return;
         }
         self.faults += 1;
+        self.fault_ends[node] = Some(Duration::MAX);
         let back = Duration::from_millis(500 + self.rng.below(6_000));
         match self.rng.below(3) {
             0 => {
@@ -966,6 +971,7 @@ impl Sim {
             (n.down, n.cut, n.slow) = (false, false, Duration::ZERO);
             was_cut
         };
+        self.fault_ends[node] = Some(self.now);
         if was_cut {
             // What waited on the cut links goes on, in order.
             let cids: Vec<u64> = self
@@ -1056,6 +1062,7 @@ impl Sim {
                 for (queue, node) in aborts {
                     self.drop_conn(queue, node);
                 }
+                self.check_failed();
             }
             self.submit();
             self.transmit();
@@ -1349,6 +1356,28 @@ impl Sim {
                     );
                 }
             }
+        }
+    }
+
+    /// A member found failed by a timeout had a fault lately (slow
+    /// answers go on arriving for a while after one ends): a healthy
+    /// member is never taken out.
+    fn check_failed(&self) {
+        const LATELY: Duration = Duration::from_secs(10);
+        let Some(client) = self.client.as_ref() else {
+            return;
+        };
+        for (node, failure) in client.membership.failed() {
+            if !failure.reason.contains("timeout") {
+                continue;
+            }
+            let lately = self.fault_ends[node]
+                .is_some_and(|end| end == Duration::MAX || self.now < end + LATELY);
+            assert!(
+                lately,
+                "healthy member {node} failed at {:?}: {}",
+                self.now, failure.reason
+            );
         }
     }
 

@@ -15,9 +15,10 @@ use netblk_tests::cluster::Cluster;
 const MIB: u64 = 1 << 20;
 const UNIT: u64 = 64 << 10;
 /// A healthy member must answer within it. Not shorter: on a shared disk
-/// a directory-store node's writes stall for over a second while some
-/// process's fsync commits the file system's journal (seen in CI with 1 s,
-/// two healthy members of a column taken out with the failed one).
+/// a directory-store node's writes can stall for over a second while some
+/// process's fsync commits the file system's journal. (A healthy member
+/// taken out with the failed one, seen in CI, was an engine defect: a read
+/// moved off the failed member kept its first deadline.)
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a fault runs under load: past the replica timeout, the
 /// record's store, and some load after it.

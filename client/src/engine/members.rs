@@ -218,6 +218,7 @@ impl Engine {
                 tried: old.tried | (1 << row),
                 state: PieceState::Queued,
                 sent_at: None,
+                given: self.clock,
                 digest_retries: 0,
                 ..old
             },
@@ -293,8 +294,11 @@ impl Engine {
     }
 
     /// Requests past their replica deadline: every member that still owes
-    /// one of their pieces (not answered, not receiving) has failed.
+    /// one of their pieces (not answered, not receiving) for the replica
+    /// timeout has failed. A piece its member got later (moved there) has
+    /// a deadline of its own.
     pub(super) fn replica_deadlines_passed(&mut self, now: Instant) {
+        let limit = self.config.replica_timeout;
         while let Some(&(deadline, tag, seq)) = self.replica_deadlines.front() {
             if deadline > now {
                 break;
@@ -304,13 +308,22 @@ impl Engine {
             if !slot.active || slot.seq != seq || slot.timed_out {
                 continue;
             }
-            let mut late: Vec<usize> = slot
+            let owed = slot
                 .pieces
                 .iter()
                 .filter_map(|id| self.pieces.get(id))
-                .filter(|p| matches!(p.state, PieceState::Queued | PieceState::Sent))
-                .map(|p| p.node)
-                .collect();
+                .filter(|p| matches!(p.state, PieceState::Queued | PieceState::Sent));
+            let (mut late, mut later) = (Vec::new(), None::<Instant>);
+            for p in owed {
+                if now.saturating_duration_since(p.given) >= limit {
+                    late.push(p.node);
+                } else {
+                    later = Some(later.map_or(p.given, |t| t.min(p.given)));
+                }
+            }
+            if let Some(given) = later {
+                self.push_replica_deadline(given, tag, seq);
+            }
             late.sort_unstable();
             late.dedup();
             for node in late {

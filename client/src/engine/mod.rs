@@ -71,6 +71,9 @@ struct PieceRec {
     /// [`Ledger::covers`]) when it was sent, which its success makes durable.
     covers: u64,
     sent_at: Option<Instant>,
+    /// When its member got it (queued there first, or moved there from a
+    /// member that failed): its replica timeout counts from then.
+    given: Instant,
     /// Times its payload failed a digest so far.
     digest_retries: u8,
 }
@@ -387,8 +390,11 @@ impl Engine {
     /// out at `now`: a member that owes one of them then has failed.
     fn push_replica_deadline(&mut self, now: Instant, tag: Tag, seq: u64) {
         if self.layout.replicas() > 1 {
-            self.replica_deadlines
-                .push_back((now + self.config.replica_timeout, tag, seq));
+            let at = now + self.config.replica_timeout;
+            // In time order (a piece moved to another member pushes one
+            // later than its request's first).
+            let i = self.replica_deadlines.partition_point(|d| d.0 <= at);
+            self.replica_deadlines.insert(i, (at, tag, seq));
         }
     }
 
@@ -468,6 +474,7 @@ impl Engine {
                     state: PieceState::Queued,
                     covers: 0,
                     sent_at: None,
+                    given: now,
                     digest_retries: 0,
                 },
                 false,
