@@ -219,6 +219,16 @@ struct BenchArgs {
     /// client.pem and client.key (`cargo xtask test-certs DIR` makes one).
     #[arg(long, value_name = "DIR", requires = "security")]
     tls_dir: Option<std::path::PathBuf>,
+    /// Measure what a catch-up costs instead: random 4 KiB writes while a
+    /// member catches up (after a pass of writes while it was out) against
+    /// the same writes with every member in sync, in rounds (needs
+    /// --replicas 2 or more).
+    #[arg(long, conflicts_with_all = ["security", "sweep"])]
+    resync: bool,
+    /// With --resync: the catch-up's rate limit (bytes a second; K, M, G
+    /// suffixes; 0: none).
+    #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "BYTES", requires = "resync")]
+    resync_rate: u64,
 }
 
 fn parse_stripe_unit(text: &str) -> Result<u32, String> {
@@ -307,6 +317,8 @@ fn run_bench(args: BenchArgs) -> Result<(), Failure> {
         metrics_overhead: args.metrics_overhead,
         security: args.security,
         tls_dir: args.tls_dir.clone(),
+        resync: args.resync,
+        resync_rate: args.resync_rate,
         workloads: if args.workloads.is_empty() {
             bench::Workload::ALL.to_vec()
         } else {

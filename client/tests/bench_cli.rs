@@ -104,6 +104,74 @@ fn bench_security_measures_digests_against_plaintext() {
     }
 }
 
+/// `--resync`: random writes while a member catches up, against the same
+/// writes all in sync; the catch-up copies the whole column the backlog
+/// pass wrote, at about its rate, for the whole measured run.
+#[test]
+fn bench_resync_measures_writes_during_a_catch_up() {
+    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .args([
+            "bench",
+            "--resync",
+            "--replicas",
+            "2",
+            "--node-count",
+            "2",
+            "--size",
+            "192M",
+            "--duration",
+            "0.5",
+            "--rounds",
+            "1",
+            "--json",
+        ])
+        .output()
+        .expect("run netblk bench --resync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "netblk bench --resync failed:\n{stderr}"
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    let key = "\"resync\":[{\"workload\":\"randwrite-4k\",\"rounds\":1,";
+    assert!(json.contains(key), "{key} missing from {json}");
+    assert!(
+        json.contains("\"backlog_bytes\":201326592"),
+        "the whole column to copy: {json}"
+    );
+    let number = |name: &str| -> f64 {
+        let at = json.find(&format!("\"{name}\":")).expect(name) + name.len() + 3;
+        json[at..]
+            .split([',', '}'])
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a number")
+    };
+    let copied = number("copied_bytes_s");
+    let rate = number("rate_bytes_s");
+    assert_eq!(rate, f64::from(64u32 << 20), "the default rate");
+    assert!(
+        copied > rate / 4.0 && copied < rate * 1.5,
+        "copied at {copied} B/s, the rate {rate}: {json}"
+    );
+    assert!(number("ratio") > 0.0, "{json}");
+    assert!(
+        !json.contains("\"ops\":0,"),
+        "every run did some IO: {json}"
+    );
+    // A catch-up needs replicas.
+    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .args(["bench", "--resync"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--replicas 2 or more"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn bench_rejects_bad_arguments_clearly() {
     for args in [

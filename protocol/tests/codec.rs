@@ -204,7 +204,7 @@ fn faults() -> impl Strategy<Value = pb::Faults> {
 }
 
 fn stats() -> impl Strategy<Value = pb::Stats> {
-    proptest::collection::vec(any::<u64>(), 15).prop_map(|v| pb::Stats {
+    proptest::collection::vec(any::<u64>(), 17).prop_map(|v| pb::Stats {
         connections_accepted: v[0],
         connections_open: v[1],
         connections_refused: v[2],
@@ -220,6 +220,8 @@ fn stats() -> impl Strategy<Value = pb::Stats> {
         digest_errors: v[12],
         corrupted_writes: v[13],
         policy_refusals: v[14],
+        wire_in_bytes: v[15],
+        wire_out_bytes: v[16],
     })
 }
 

@@ -63,6 +63,8 @@ const READ_BUF: usize = 4 << 20;
 /// Reads frames off a socket into one reusable buffer.
 struct FrameReader {
     stream: TcpStream,
+    /// Counts what arrives (`wire_in`).
+    node: Arc<Node>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -70,13 +72,14 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    fn new(stream: TcpStream, limits: netblk_protocol::Limits) -> Self {
+    fn new(stream: TcpStream, node: &Arc<Node>) -> Self {
         FrameReader {
             stream,
+            node: Arc::clone(node),
+            limits: node.limits,
             buf: vec![0; READ_BUF],
             start: 0,
             end: 0,
-            limits,
         }
     }
 
@@ -133,6 +136,7 @@ impl FrameReader {
                     Err(ConnError::Truncated(buffered))
                 };
             }
+            bump(&self.node.counters.wire_in, n as u64);
             self.end += n;
         }
     }
@@ -261,9 +265,14 @@ impl ReplyWriter {
                 Ok(())
             }
         };
-        if let Err(err) = sent {
-            debug!("reply not sent, closing: {err}");
-            let _ = self.raw.shutdown(Shutdown::Both);
+        match sent {
+            Ok(()) => {
+                bump(&node.counters.wire_out, (head.len() + payload.len()) as u64);
+            }
+            Err(err) => {
+                debug!("reply not sent, closing: {err}");
+                let _ = self.raw.shutdown(Shutdown::Both);
+            }
         }
     }
 
@@ -380,7 +389,7 @@ fn serve_stream(
     stream.set_write_timeout(Some(node.config.write_timeout))?;
     let timeout = node.config.handshake_timeout;
     stream.set_read_timeout(Some(timeout))?;
-    let mut reader = FrameReader::new(stream.try_clone()?, node.limits);
+    let mut reader = FrameReader::new(stream.try_clone()?, node);
     let first = match reader.next_frame(|| {}) {
         Ok(Some((header, _))) => header,
         Ok(None) => return Ok(()),

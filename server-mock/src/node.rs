@@ -262,6 +262,10 @@ pub struct Counters {
     pub corrupted_writes: AtomicU64,
     /// Operations the policy refused.
     pub policy_refusals: AtomicU64,
+    /// Bytes received on client connections (frames, payloads included).
+    pub wire_in: AtomicU64,
+    /// Reply bytes sent on data connections (heads and payloads).
+    pub wire_out: AtomicU64,
     /// Replies by operation ([`OPS`]) and status (its protobuf number).
     pub replies: [[AtomicU64; STATUSES]; OPS.len()],
 }
@@ -539,6 +543,8 @@ impl Node {
             digest_errors: get(&c.digest_errors),
             corrupted_writes: get(&c.corrupted_writes),
             policy_refusals: get(&c.policy_refusals),
+            wire_in_bytes: get(&c.wire_in),
+            wire_out_bytes: get(&c.wire_out),
             volumes: volumes.len() as u64,
             stored_bytes: volumes.values().map(|v| v.backend.stored_bytes()).sum(),
         }
@@ -835,6 +841,8 @@ fn collect_metrics(node: &Node) {
     }
     metrics::counter!("netblk_mock_read_bytes_total").absolute(stats.bytes_read);
     metrics::counter!("netblk_mock_written_bytes_total").absolute(stats.bytes_written);
+    metrics::counter!("netblk_mock_wire_received_bytes_total").absolute(stats.wire_in_bytes);
+    metrics::counter!("netblk_mock_wire_sent_bytes_total").absolute(stats.wire_out_bytes);
     metrics::counter!("netblk_mock_connections_accepted_total")
         .absolute(stats.connections_accepted);
     metrics::gauge!("netblk_mock_connections_open").set(stats.connections_open as f64);

@@ -647,6 +647,51 @@ fn scrub_finds_a_flipped_byte_under_load_and_repairs_it() {
     verify(&volume, &last);
 }
 
+/// A scrub of an idle 1 GiB R = 2 volume moves digests, not data: under 1%
+/// of its bytes cross the client's sockets (counted by the nodes: every
+/// byte they received and every reply byte they sent).
+#[test]
+fn a_scrub_of_an_idle_gib_moves_under_one_percent_of_it() {
+    const GIB: u64 = 1 << 30;
+    let cluster = Cluster::start(2);
+    let spec = VolumeSpec {
+        replicas: 2,
+        ..cluster.spec("idle", GIB)
+    };
+    let volume = Volume::open(&spec, &options(1)).expect("open");
+    volume
+        .write_at(&pattern(1, 0, MIB as usize), 0)
+        .expect("write");
+    volume.flush().expect("flush");
+    let wire = |c: &Cluster| -> u64 {
+        c.nodes
+            .iter()
+            .map(|n| {
+                let s = n.admin().stats();
+                s.wire_in_bytes + s.wire_out_bytes
+            })
+            .sum()
+    };
+    let before = wire(&cluster);
+    let report = netblk::scrub::scrub(
+        &net_store(&spec, &volume),
+        volume.layout(),
+        volume.membership(),
+        false,
+        Duration::from_secs(10),
+    )
+    .expect("scrub");
+    let moved = wire(&cluster) - before;
+    assert_eq!(report.chunks, 1024, "1 GiB in 1 MiB chunks");
+    assert!(report.mismatches.is_empty() && report.skipped.is_empty());
+    eprintln!(
+        "scrub of 1 GiB: {moved} bytes over the sockets ({:.3}% of the volume)",
+        moved as f64 * 100.0 / GIB as f64
+    );
+    assert!(moved > 0, "the nodes count what crosses their sockets");
+    assert!(moved < GIB / 100, "{moved} bytes: 1% or more of the volume");
+}
+
 /// Polls `done` every 50 ms for up to `limit`.
 fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + limit;

@@ -11,6 +11,7 @@
 //! is at most 1 (above 1, the baseline would be wrong), and the figure to
 //! raise.
 
+pub mod catchup;
 mod report;
 pub mod security;
 pub mod wire;
@@ -69,6 +70,10 @@ pub struct BenchOptions {
     /// A directory with `ca.pem`, `node.pem`/`.key` and `client.pem`/`.key`
     /// (as `cargo xtask test-certs` makes): TLS is measured too.
     pub tls_dir: Option<PathBuf>,
+    /// Measure what a catch-up costs random writes instead ([`catchup`]).
+    pub resync: bool,
+    /// The catch-up's rate limit, bytes a second (0: none).
+    pub resync_rate: u64,
 }
 
 /// The (queues, nodes) a sweep measures.
@@ -104,6 +109,8 @@ impl Default for BenchOptions {
             sweep: false,
             security: false,
             tls_dir: None,
+            resync: false,
+            resync_rate: crate::resync::DEFAULT_RATE,
         }
     }
 }
@@ -155,6 +162,17 @@ impl BenchOptions {
         }
         if self.workloads.is_empty() {
             return Err("no workload to run".into());
+        }
+        if self.resync && (self.security || self.sweep) {
+            return Err(
+                "--resync is a benchmark of its own: not with --security or --sweep".into(),
+            );
+        }
+        if self.resync && self.replicas < 2 {
+            return Err(format!(
+                "--resync measures a catch-up: it needs --replicas 2 or more, not {}",
+                self.replicas
+            ));
         }
         if self.nodes.is_empty() && !(1..=MAX_MOCK_NODES).contains(&self.node_count) {
             return Err(format!(
@@ -278,6 +296,8 @@ pub struct Report {
     pub overhead: Vec<Overhead>,
     /// What digests and TLS cost, with `--security`.
     pub security: Vec<security::SecurityRow>,
+    /// What a catch-up costs, with `--resync`.
+    pub resync: Vec<catchup::ResyncRow>,
 }
 
 /// IOPS of a 4 KiB workload with figures recorded, as a ratio of IOPS
@@ -516,6 +536,10 @@ struct Generator {
     ops: u64,
     errors: u64,
     first_error: Option<i32>,
+    /// Requests to issue at most (a pass over the volume), and issued.
+    limit: Option<u64>,
+    issued: u64,
+    depth: usize,
 }
 
 impl Generator {
@@ -543,7 +567,17 @@ impl Generator {
             ops: 0,
             errors: 0,
             first_error: None,
+            limit: None,
+            issued: 0,
+            depth: usize::from(depth),
         }
+    }
+
+    /// Issues one pass over the volume (this queue's share of its blocks)
+    /// and ends when the last completes.
+    fn once(&mut self) {
+        let mine = (self.blocks + self.stride - 1 - self.cursor.min(self.blocks)) / self.stride;
+        self.limit = Some(mine);
     }
 }
 
@@ -554,7 +588,15 @@ impl Frontend for Generator {
         if now >= deadline {
             return false;
         }
+        if self.limit.is_some_and(|limit| self.issued >= limit) {
+            return self.free.len() < self.depth;
+        }
         while let Some(tag) = self.free.pop() {
+            if self.limit.is_some_and(|limit| self.issued >= limit) {
+                self.free.push(tag);
+                break;
+            }
+            self.issued += 1;
             let index = match self.workload {
                 Workload::RandRead4k | Workload::RandWrite4k => self.rng.below(self.blocks),
                 Workload::SeqWrite1m | Workload::SeqRead1m => {
@@ -624,74 +666,165 @@ pub(crate) fn measure_workload(
     report: Option<&Telemetry>,
     protect: &Protect,
 ) -> io::Result<Figures> {
-    let layout = spec.layout().map_err(|e| io::Error::other(e.to_string()))?;
-    let queues = options.queues.max(1);
-    let depth = (usize::from(options.depth) / queues).max(1) as u16;
-    let mut volume_options = VolumeOptions {
-        queues,
-        depth,
-        max_io: 1 << 20,
-        send_mode: mode,
-        data_digest: protect.digest,
-        tls: protect.tls.clone(),
-        // Each run is the benchmark volume's new owner (the last run's
-        // connections may still be closing).
-        takeover: true,
-        ..VolumeOptions::default()
-    };
-    let mode = volume_options.sends();
-    let err = |e: crate::frontend::OpenError| io::Error::other(e.to_string());
-    crate::frontend::attach_replicas(spec, &layout, &mut volume_options).map_err(err)?;
-    let mut threads = Vec::new();
-    let mut all_figures = Vec::new();
-    let cpu0 = cpu_seconds();
-    let wide = DeviceWide::new(&layout, &volume_options);
-    for q in 0..queues {
-        let (streams, nodes) = connect_queue(spec, &layout, &volume_options).map_err(err)?;
-        let (mut engine, figures) = queue_engine(&layout, &volume_options, &nodes, &wide);
-        if record {
-            all_figures.push(figures);
-        } else {
-            engine.drop_figures();
-        }
-        let buffers = Arc::new(TagBuffers::new(depth, 1 << 20)?);
-        let generator = Generator::new(
-            workload,
+    let attached = Attached::new(spec, options, mode, protect, None)?;
+    attached.run(workload, Pass::For(options.duration), record, report)
+}
+
+/// How long a run issues requests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pass {
+    /// For this long.
+    For(Duration),
+    /// Once over the volume (sequential workloads), however long it takes.
+    Once,
+}
+
+/// The benchmark's volume attached (its owner epoch taken, its membership
+/// and, replicated, the manager and catch-up threads running): each
+/// [`Attached::run`] connects its queues anew under it.
+pub(crate) struct Attached {
+    spec: VolumeSpec,
+    layout: Layout,
+    options: VolumeOptions,
+    wide: DeviceWide,
+    mode: SendMode,
+    tls: bool,
+}
+
+impl Attached {
+    /// Attaches `spec` as the benchmark's queues and depth ask (with
+    /// `resync`, catch-ups run as that asks).
+    pub(crate) fn new(
+        spec: &VolumeSpec,
+        options: &BenchOptions,
+        mode: SendMode,
+        protect: &Protect,
+        resync: Option<crate::resync::ResyncOptions>,
+    ) -> io::Result<Attached> {
+        let layout = spec.layout().map_err(|e| io::Error::other(e.to_string()))?;
+        let queues = options.queues.max(1);
+        let depth = (usize::from(options.depth) / queues).max(1) as u16;
+        let mut volume_options = VolumeOptions {
+            queues,
             depth,
-            q as u64,
-            queues as u64,
-            spec.size,
-            options.duration,
-        );
-        threads.push(
-            spawn_queue(
-                format!("bench-q{q}"),
-                QueueParts {
-                    engine,
-                    streams,
-                    buffers,
-                    frontend: generator,
-                    mode,
-                    buffer_mode: BufferMode::User,
-                    reconnect: protect.tls.as_ref().map(|_| {
-                        crate::frontend::reconnect_for(spec, &layout, &volume_options, &wide)
-                    }),
-                    span: queue_span(&spec.name, "", q),
+            max_io: 1 << 20,
+            send_mode: mode,
+            data_digest: protect.digest,
+            tls: protect.tls.clone(),
+            // Each run is the benchmark volume's new owner (the last run's
+            // connections may still be closing).
+            takeover: true,
+            resync: resync.unwrap_or_default(),
+            ..VolumeOptions::default()
+        };
+        let mode = volume_options.sends();
+        let err = |e: crate::frontend::OpenError| io::Error::other(e.to_string());
+        crate::frontend::attach_replicas(spec, &layout, &mut volume_options).map_err(err)?;
+        // The nodes' volume identities, pinned as a map pins them (a member
+        // that comes back under another is rebuilt, not caught up).
+        let (_, infos) = connect_queue(spec, &layout, &volume_options).map_err(err)?;
+        volume_options.volume_ids = infos.into_iter().map(|i| i.volume_id).collect();
+        if let Some(m) = &volume_options.membership {
+            m.pins.set_all(volume_options.volume_ids.clone());
+        }
+        let wide = DeviceWide::new(&layout, &volume_options);
+        Ok(Attached {
+            spec: spec.clone(),
+            layout,
+            options: volume_options,
+            wide,
+            mode,
+            // Catch-ups end connections of members that leave and join:
+            // queues then reconnect.
+            tls: protect.tls.is_some() || resync.is_some(),
+        })
+    }
+
+    pub(crate) fn membership(&self) -> &Arc<crate::membership::Membership> {
+        &self.wide.membership
+    }
+
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Runs `workload` on fresh connections, one generator per queue.
+    pub(crate) fn run(
+        &self,
+        workload: Workload,
+        pass: Pass,
+        record: bool,
+        report: Option<&Telemetry>,
+    ) -> io::Result<Figures> {
+        let (spec, layout, volume_options) = (&self.spec, &self.layout, &self.options);
+        let queues = volume_options.queues;
+        let depth = volume_options.depth;
+        let err = |e: crate::frontend::OpenError| io::Error::other(e.to_string());
+        let mut threads = Vec::new();
+        let mut all_figures = Vec::new();
+        let cpu0 = cpu_seconds();
+        for q in 0..queues {
+            let (streams, nodes) = connect_queue(spec, layout, volume_options).map_err(err)?;
+            let (mut engine, figures) = queue_engine(layout, volume_options, &nodes, &self.wide);
+            if record {
+                all_figures.push(figures);
+            } else {
+                engine.drop_figures();
+            }
+            let buffers = Arc::new(TagBuffers::new(depth, 1 << 20)?);
+            let mut generator = Generator::new(
+                workload,
+                depth,
+                q as u64,
+                queues as u64,
+                spec.size,
+                match pass {
+                    Pass::For(duration) => duration,
+                    Pass::Once => MAX_DURATION,
                 },
-            )
-            .map_err(err)?,
-        );
+            );
+            if let Pass::Once = pass {
+                generator.once();
+            }
+            threads.push(
+                spawn_queue(
+                    format!("bench-q{q}"),
+                    QueueParts {
+                        engine,
+                        streams,
+                        buffers,
+                        frontend: generator,
+                        mode: self.mode,
+                        buffer_mode: BufferMode::User,
+                        reconnect: self.tls.then(|| {
+                            crate::frontend::reconnect_for(spec, layout, volume_options, &self.wide)
+                        }),
+                        span: queue_span(&spec.name, "", q),
+                    },
+                )
+                .map_err(err)?,
+            );
+        }
+        if let Some(telemetry) = report {
+            telemetry.add(Source {
+                volume: format!("{}-{}-{}", spec.name, workload.name(), self.mode),
+                device: String::new(),
+                nodes: spec.nodes.clone(),
+                data_path: "in-process".into(),
+                queues: all_figures.clone(),
+                membership: None,
+            });
+        }
+        collect(threads, workload, cpu0)
     }
-    if let Some(telemetry) = report {
-        telemetry.add(Source {
-            volume: format!("{}-{}-{mode}", spec.name, workload.name()),
-            device: String::new(),
-            nodes: spec.nodes.clone(),
-            data_path: "in-process".into(),
-            queues: all_figures.clone(),
-            membership: None,
-        });
-    }
+}
+
+/// The figures of a run's queue threads, once they end.
+fn collect(
+    threads: Vec<crate::frontend::QueueThread<Generator>>,
+    workload: Workload,
+    cpu0: f64,
+) -> io::Result<Figures> {
     let mut latencies = Vec::new();
     let (mut ops, mut errors, mut first_error) = (0, 0, None);
     let (mut start, mut end): (Option<Instant>, Option<Instant>) = (None, None);
@@ -744,6 +877,9 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
     if options.security {
         return security::run(options, progress);
+    }
+    if options.resync {
+        return catchup::run(options, progress);
     }
     if !options.sweep {
         return run_one(options, progress);
@@ -914,6 +1050,7 @@ fn run_one(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         rows,
         overhead,
         security: Vec::new(),
+        resync: Vec::new(),
     })
 }
 

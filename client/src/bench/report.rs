@@ -9,6 +9,9 @@ impl Report {
         if self.options.security {
             return self.security_text();
         }
+        if self.options.resync {
+            return self.resync_text();
+        }
         if self.options.sweep {
             return self.sweep_text();
         }
@@ -80,6 +83,53 @@ impl Report {
                 o.cpu_ns_per_request
             ));
         }
+        out
+    }
+
+    /// What a catch-up costs: random writes during one against all in sync.
+    fn resync_text(&self) -> String {
+        let mut out = format!(
+            "netblk bench --resync: {} nodes, {} replicas, {} queue(s), depth {}, {:.1} s per run, {} round(s) (the median round shown), copy sends\n\n",
+            self.nodes,
+            self.options.replicas,
+            self.options.queues,
+            self.options.depth,
+            self.options.duration.as_secs_f64(),
+            self.options.rounds
+        );
+        out.push_str(&format!(
+            "{:<14} {:<30} {:>10} {:>9} {:>9}  {}\n",
+            "workload", "while", "IOPS", "p50 us", "p99 us", "ratio"
+        ));
+        for r in &self.resync {
+            let (mid, lo, hi) = r.ratio;
+            let ratio = if r.rounds > 1 {
+                format!("{mid:.2} ({lo:.2}-{hi:.2})")
+            } else {
+                format!("{mid:.2}")
+            };
+            let during = format!("a catch-up at {} MiB/s", r.rate >> 20);
+            for (who, f, ratio) in [
+                ("all in sync", &r.baseline, String::new()),
+                (during.as_str(), &r.during, ratio),
+            ] {
+                out.push_str(&format!(
+                    "{:<14} {:<30} {:>10.0} {:>9.0} {:>9.0}  {}\n",
+                    r.workload,
+                    who,
+                    f.iops(),
+                    f.p50_us,
+                    f.p99_us,
+                    ratio
+                ));
+            }
+            out.push_str(&format!(
+                "the catch-up: {} MiB to copy, copied at {:.1} MiB/s while measured\n",
+                r.backlog >> 20,
+                r.copied_per_s / (1u64 << 20) as f64
+            ));
+        }
+        out.push_str("ratio: IOPS during the catch-up / with every member in sync in the same round, median (lowest-highest) over the rounds\n");
         out
     }
 
@@ -258,8 +308,25 @@ impl Report {
                 )
             })
             .collect();
+        let resync: Vec<String> = self
+            .resync
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"workload\":\"{}\",\"rounds\":{},\"in_sync\":{},\"catching_up\":{},\"vs_in_sync\":{},\"rate_bytes_s\":{},\"copied_bytes_s\":{:.0},\"backlog_bytes\":{}}}",
+                    r.workload,
+                    r.rounds,
+                    fig(&r.baseline),
+                    fig(&r.during),
+                    ratio(r.ratio),
+                    r.rate,
+                    r.copied_per_s,
+                    r.backlog
+                )
+            })
+            .collect();
         format!(
-            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"results\":[{}],\"metrics_overhead\":[{}],\"security\":[{}]}}",
+            "{{\"nodes\":{},\"queues\":{},\"connections\":{},\"depth\":{},\"duration_s\":{:.3},\"results\":[{}],\"metrics_overhead\":[{}],\"security\":[{}],\"resync\":[{}]}}",
             self.nodes,
             self.options.queues,
             self.connections,
@@ -267,7 +334,8 @@ impl Report {
             self.options.duration.as_secs_f64(),
             rows.join(","),
             overhead.join(","),
-            security.join(",")
+            security.join(","),
+            resync.join(",")
         )
     }
 }

@@ -188,6 +188,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
         rows: Vec::new(),
         overhead: Vec::new(),
         security: rows,
+        resync: Vec::new(),
     })
 }
 

@@ -259,12 +259,14 @@ impl Engine {
         }
         self.nodes[node].failing = true;
         self.abort(node);
-        let reads: Vec<u64> = self
+        let mut reads: Vec<u64> = self
             .pieces
             .iter()
             .filter(|(_, p)| p.node == node && p.op == Op::Read && p.state == PieceState::Queued)
             .map(|(id, _)| *id)
             .collect();
+        // In the order they came (the map's order is not the same twice).
+        reads.sort_unstable();
         for id in reads {
             self.move_read(id);
         }
