@@ -129,7 +129,7 @@ impl Report {
                 r.copied_per_s / (1u64 << 20) as f64
             ));
         }
-        out.push_str("ratio: IOPS during the catch-up / with every member in sync in the same round, median (lowest-highest) over the rounds\n");
+        out.push_str("ratio: IOPS during the catch-up / the better of the runs with every member in sync just before and after it, median (lowest-highest) over the rounds\n");
         out
     }
 
