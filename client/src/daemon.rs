@@ -545,6 +545,10 @@ fn recover(
             io_timeout: Duration::from_secs(record.io_timeout_secs),
             node_down_timeout: Duration::from_secs(record.node_down_timeout_secs),
             replica_timeout: Duration::from_secs(record.replica_timeout_secs),
+            resync: netblk::resync::ResyncOptions {
+                rate: record.resync_rate,
+                ..Default::default()
+            },
             client_id: record.client_id.clone(),
             session: u64::from(generation) << 32,
             volume_ids: record.volume_ids.clone(),
@@ -695,6 +699,7 @@ pub fn serve(
         node_down_timeout_secs: vopts.node_down_timeout.as_secs(),
         replicas: spec.replicas,
         replica_timeout_secs: vopts.replica_timeout.as_secs(),
+        resync_rate: vopts.resync.rate,
         send: match vopts.send_mode {
             SendMode::Copy => "copy",
             SendMode::ZeroCopy => "zc",

@@ -23,8 +23,10 @@ use crate::ublk::ctrl::effective_uid;
 
 /// The first line of a record: its magic and format version. Version 3
 /// added `data_digest` (a version 2 record has none); version 4 the nodes'
-/// `durability` (a version 2 or 3 record knows none).
-const MAGIC: &str = "netblk-device 5";
+/// `durability` (a version 2 or 3 record knows none); version 5 the
+/// replicas; version 6 the `resync_rate` (older records: the default).
+const MAGIC: &str = "netblk-device 6";
+const MAGIC_V5: &str = "netblk-device 5";
 const MAGIC_V4: &str = "netblk-device 4";
 const MAGIC_V3: &str = "netblk-device 3";
 const MAGIC_V2: &str = "netblk-device 2";
@@ -82,6 +84,9 @@ pub struct DeviceRecord {
     /// Copies of every stripe column (records before version 5: 1).
     pub replicas: u32,
     pub replica_timeout_secs: u64,
+    /// Bytes a second a catch-up copies at most (0: no limit; a record
+    /// without the line: the default).
+    pub resync_rate: u64,
     /// `zc` or `copy`.
     pub send: String,
     /// Each node's volume identity, pinned at the first connect (empty:
@@ -145,7 +150,7 @@ impl DeviceRecord {
     fn to_text(&self) -> String {
         let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
         format!(
-            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\ntls_ca {}\ntls_cert {}\ntls_key {}\ntls_danger_skip_server_name {}\ndurability {}\nreplicas {}\nreplica_timeout {}\n",
+            "{MAGIC}\nid {}\nvolume {}\nsize {}\nstripe_unit {}\nnodes {}\nqueues {}\ndepth {}\nblock_size {}\ndata_path {}\npid {}\npid_start {}\nclient_id {}\ngeneration {}\nio_timeout {}\nnode_down_timeout {}\nsend {}\nvolume_ids {}\ndata_digest {}\ntls_ca {}\ntls_cert {}\ntls_key {}\ntls_danger_skip_server_name {}\ndurability {}\nreplicas {}\nreplica_timeout {}\nresync_rate {}\n",
             self.id,
             self.volume,
             self.size,
@@ -182,6 +187,7 @@ impl DeviceRecord {
             durability_text(&self.durability),
             self.replicas,
             self.replica_timeout_secs,
+            self.resync_rate,
         )
     }
 
@@ -191,7 +197,8 @@ impl DeviceRecord {
         let v2 = first == MAGIC_V2;
         let v3 = first == MAGIC_V3;
         let v4 = first == MAGIC_V4;
-        if first != MAGIC && !v2 && !v3 && !v4 {
+        let v5 = first == MAGIC_V5;
+        if first != MAGIC && !v2 && !v3 && !v4 && !v5 {
             let shown: String = first.chars().take(40).collect();
             return Err(format!(
                 "not a netblk device record: it starts with {shown:?}, not {MAGIC:?}"
@@ -249,6 +256,12 @@ impl DeviceRecord {
                 5
             } else {
                 num("replica_timeout", get("replica_timeout")?)?
+            },
+            // Required from version 6 on.
+            resync_rate: if v2 || v3 || v4 || v5 {
+                crate::resync::DEFAULT_RATE
+            } else {
+                num("resync_rate", get("resync_rate")?)?
             },
             send: match get("send")? {
                 send @ ("zc" | "copy") => send.to_string(),
@@ -567,6 +580,7 @@ mod tests {
             node_down_timeout_secs: 15,
             replicas: 1,
             replica_timeout_secs: 5,
+            resync_rate: 16 << 20,
             send: "zc".into(),
             volume_ids: vec!["0a1b".into(), "2c3d".into()],
             durability: vec![
@@ -878,6 +892,26 @@ mod tests {
             let err = DeviceRecord::parse(&text).expect_err(bad);
             assert!(err.contains("volume_ids"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_resync_rate_is_kept_and_a_record_without_it_has_the_default() {
+        let text = record().to_text();
+        assert!(text.contains("\nresync_rate 16777216\n"));
+        assert_eq!(
+            DeviceRecord::parse(&text).map(|r| r.resync_rate),
+            Ok(16 << 20)
+        );
+        let older = text
+            .replace("resync_rate 16777216\n", "")
+            .replace("netblk-device 6", "netblk-device 5");
+        assert_eq!(
+            DeviceRecord::parse(&older).map(|r| r.resync_rate),
+            Ok(crate::resync::DEFAULT_RATE)
+        );
+        let bad = text.replace("resync_rate 16777216", "resync_rate fast");
+        let err = DeviceRecord::parse(&bad).expect_err("bad rate");
+        assert!(err.contains("resync_rate"), "{err}");
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn sample_record(pid: u32) -> netblk::state::DeviceRecord {
         node_down_timeout_secs: 15,
         replicas: 1,
         replica_timeout_secs: 5,
+        resync_rate: netblk::resync::DEFAULT_RATE,
         send: "copy".into(),
         volume_ids: Vec::new(),
         data_digest: false,

@@ -6,6 +6,7 @@
 # memory-store replica restarted (its data gone) is rebuilt in full under
 # fio verify. `netblk replace` under fio verify moves a member to a new
 # node, rebuilt in full; the old node is then killed and nothing notices.
+# A daemon killed mid-catch-up is recovered and finishes it.
 fio_slow() {
   fio --name=$1 --filename="$2" --ioengine=libaio --direct=1 --iodepth=8 \
       --rw=randwrite --bsrange=4k-256k --size=48M --rate=3m --verify=crc32c \
@@ -140,4 +141,50 @@ for p in 7261 7262 7263 7265; do eval "kill \$pid_rp$p; wait \$pid_rp$p"; done
 cmp /var/rp7262/moved.vol /var/rp7265/moved.vol || fail "column 1's replicas differ after the replace"
 echo "ublk: R = 2, netblk replace under fio verify: no error, the new node rebuilt and equal byte for byte, the old one killed unnoticed"
 rm -rf /var/rp726*
+
+# 4. A catch-up across `map --recover`: the daemon is killed mid-copy; the
+# recovered daemon (its --resync-rate kept in the device record) catches
+# the member up and the data written while it was out reads back.
+dir_nodes rc "" 7271 7272 7273 7274
+RC4=127.0.0.1:7271,127.0.0.1:7272,127.0.0.1:7273,127.0.0.1:7274
+netblk map --volume recov --size 64M --nodes $RC4 --replicas 2 --replica-timeout 2 \
+    --stripe-unit 64K --queues 2 --resync-rate 2M >/tmp/recov.out 2>/tmp/recov.log &
+MAP=$!
+DEV=$(wait_dev /tmp/recov.out)
+[ -b "$DEV" ] || fail "no device for the recovery volume"
+dd if=/dev/urandom of=/tmp/rcdata bs=1M count=32 2>/dev/null
+kill -STOP $pid_rc7274
+dd if=/tmp/rcdata of="$DEV" bs=1M conv=fsync oflag=direct 2>/dev/null || fail "write while a replica is stopped"
+netblk status >/tmp/rcout.out 2>&1
+grep -q "column 1 DEGRADED" /tmp/rcout.out || { cat /tmp/rcout.out; fail "the stopped replica did not leave"; }
+kill -CONT $pid_rc7274
+for i in $(seq 100); do grep -q "catch-up started" /tmp/recov.log && break; sleep 0.1; done
+grep -q "catch-up started" /tmp/recov.log || fail "no catch-up once the replica was continued"
+# 16 MiB of column 1 to copy at 2 MiB/s: the daemon dies half way.
+sleep 2
+grep -q "catch-up ended" /tmp/recov.log && fail "a catch-up at 2 MiB/s ended within 2 s"
+kill -KILL $MAP
+wait $MAP 2>/dev/null
+netblk map --recover "$DEV" >/tmp/recov2.out 2>/tmp/recov2.log &
+MAP=$!
+wait_dev /tmp/recov2.out >/dev/null
+grep -q "recovered $DEV" /tmp/recov2.log || { cat /tmp/recov2.log; fail "the recovery did not say so"; }
+in_sync_again /tmp/rcback.out || { cat /tmp/rcback.out; fail "the replica is not back in sync after the recovery"; }
+ENDED=$(grep "catch-up ended: back in sync" /tmp/recov2.log | head -n1)
+[ -n "$ENDED" ] || fail "the recovered daemon did not finish the catch-up"
+BYTES=$(echo "$ENDED" | grep -o 'bytes=[0-9]*' | cut -d= -f2)
+SECS=$(echo "$ENDED" | grep -o 'secs=[0-9]*' | cut -d= -f2)
+# At the default 64 MiB/s it would take well under a second.
+[ "$BYTES" -ge $((8 << 20)) ] && [ "$SECS" -ge 3 ] \
+    || fail "the recovered catch-up copied $BYTES bytes in $SECS s: not at the recorded 2 MiB/s"
+echo 3 > /proc/sys/vm/drop_caches
+dd if="$DEV" of=/tmp/rcback bs=1M count=32 iflag=direct 2>/dev/null || fail "read after the recovered catch-up"
+cmp /tmp/rcdata /tmp/rcback || fail "data written while the replica was out differs after the recovered catch-up"
+netblk unmap "$DEV" >/tmp/unmaprc.out 2>&1 || { cat /tmp/unmaprc.out; fail "unmap (recovered catch-up)"; }
+wait $MAP || fail "the recovered daemon exited with an error"
+for p in 7271 7272 7273 7274; do eval "kill \$pid_rc$p; wait \$pid_rc$p"; done
+cmp /var/rc7271/recov.vol /var/rc7273/recov.vol || fail "column 0's replicas differ after the recovered catch-up"
+cmp /var/rc7272/recov.vol /var/rc7274/recov.vol || fail "column 1's replicas differ after the recovered catch-up"
+echo "ublk: R = 2, the daemon killed mid-catch-up: map --recover catches the replica up at the recorded rate ($BYTES bytes in $SECS s), data intact, replicas equal"
+rm -rf /var/rc727*
 ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
