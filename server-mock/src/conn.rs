@@ -1010,6 +1010,10 @@ fn apply(
                     Status::IoError,
                     format!("cannot store the membership record: {why}"),
                 )),
+                Err(crate::node::RecordError::Invalid(why)) => Err((
+                    Status::Invalid,
+                    format!("not a membership record of this volume: {why}"),
+                )),
             }
         }
     }

@@ -192,6 +192,8 @@ impl Volume {
         expected: u64,
         record: pb::MembershipRecord,
     ) -> Result<(), RecordError> {
+        let meta = self.meta();
+        check_record(&record, meta.replicas).map_err(RecordError::Invalid)?;
         let mut stored = lock(&self.record);
         if stored.generation != expected || record.generation <= expected {
             return Err(RecordError::Conflict(Box::new(stored.clone())));
@@ -204,7 +206,6 @@ impl Volume {
         if let Some(mut gate) = fence {
             *gate = (*gate).max(record.owner_epoch);
         }
-        let meta = self.meta();
         if self.missed.on_record(
             &record,
             meta.node_index,
@@ -331,6 +332,50 @@ pub enum RecordError {
     Conflict(Box<pb::MembershipRecord>),
     /// The store could not keep it.
     Store(String),
+    /// It is not a record this volume can have (why).
+    Invalid(String),
+}
+
+/// What a membership record must be to be stored: its per-column lists of
+/// one length (`joining` and `rebuild` may be empty: a record of a client
+/// before them), every mask within the volume's `replicas` rows, a
+/// joining member never in sync, a rebuilt member always joining, and the
+/// members' addresses, if named, one per row of every column.
+pub fn check_record(record: &pb::MembershipRecord, replicas: u32) -> Result<(), String> {
+    let columns = record.iss.len();
+    for (name, list) in [("joining", &record.joining), ("rebuild", &record.rebuild)] {
+        if !list.is_empty() && list.len() != columns {
+            return Err(format!(
+                "'{name}' names {} columns, 'iss' {columns}",
+                list.len()
+            ));
+        }
+    }
+    let rows = replicas.clamp(1, 32);
+    let within = |mask: u32| rows == 32 || mask >> rows == 0;
+    for column in 0..columns {
+        let iss = record.iss[column];
+        let joining = record.joining.get(column).copied().unwrap_or(0);
+        let rebuild = record.rebuild.get(column).copied().unwrap_or(0);
+        if !within(iss) || !within(joining) || !within(rebuild) {
+            return Err(format!(
+                "column {column} names a row beyond the volume's {rows} replicas"
+            ));
+        }
+        if iss & joining != 0 {
+            return Err(format!("column {column}: a row both in sync and joining"));
+        }
+        if rebuild & !joining != 0 {
+            return Err(format!("column {column}: a row rebuilt but not joining"));
+        }
+    }
+    if !record.members.is_empty() && record.members.len() != columns * rows as usize {
+        return Err(format!(
+            "{} members named for {columns} columns of {rows} replicas",
+            record.members.len()
+        ));
+    }
+    Ok(())
 }
 
 /// The membership record a store kept for a volume (none: generation 0).

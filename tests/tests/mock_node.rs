@@ -1237,7 +1237,7 @@ fn the_membership_record_is_a_durable_compare_and_set() {
         owner_epoch: generation,
         owner: owner.into(),
         clean: false,
-        iss: vec![0b11],
+        iss: vec![0b1],
         ..Default::default()
     };
     let put = |client: &mut NodeClient, expected: u64, r: pb::MembershipRecord| {
@@ -1291,6 +1291,74 @@ fn the_membership_record_is_a_durable_compare_and_set() {
     drop(client);
     let mut client = NodeClient::open(addr, hs);
     assert_eq!(get(&mut client).generation, 0, "a new volume has none");
+}
+
+/// A client that stores nonsense (hostile or broken) is refused: rows
+/// beyond the volume's replicas, a row both in sync and joining, a row
+/// rebuilt but not joining, lists of other lengths, members not one per
+/// row; nothing of it is stored. A record of that shape done right is.
+#[test]
+fn a_membership_record_that_cannot_be_this_volumes_is_refused() {
+    let node = MockNode::start(&["--store", "memory"]);
+    let mut client = NodeClient::open(node.addr, replicated("shape", MIB, 1));
+    let record = |iss: Vec<u32>, joining: Vec<u32>, rebuild: Vec<u32>, members: &[&str]| {
+        pb::MembershipRecord {
+            generation: 1,
+            owner_epoch: 1,
+            owner: "o".into(),
+            iss,
+            joining,
+            rebuild,
+            members: members.iter().map(|m| m.to_string()).collect(),
+            ..Default::default()
+        }
+    };
+    let put = |client: &mut NodeClient, r: pb::MembershipRecord| {
+        let (reply, _) = client
+            .call(
+                Op::PutRecord(pb::PutRecord {
+                    expected_generation: 0,
+                    record: Some(r),
+                }),
+                &[],
+            )
+            .expect("put");
+        (reply.status, reply.message)
+    };
+    for (bad, why) in [
+        (record(vec![0b100], vec![], vec![], &[]), "beyond"),
+        (
+            record(vec![0b01], vec![0b01], vec![], &[]),
+            "both in sync and joining",
+        ),
+        (
+            record(vec![0b01], vec![], vec![0b10], &[]),
+            "rebuilt but not joining",
+        ),
+        (record(vec![0b01], vec![0b10, 0], vec![], &[]), "columns"),
+        (
+            record(vec![0b11], vec![], vec![], &["a:1"]),
+            "members named",
+        ),
+    ] {
+        let (status, message) = put(&mut client, bad.clone());
+        assert_eq!(status, Status::Invalid as i32, "{bad:?}: {message}");
+        assert!(message.contains(why), "{bad:?}: {message}");
+    }
+    let (reply, _) = client
+        .call(Op::GetRecord(pb::GetRecord {}), &[])
+        .expect("get");
+    assert_eq!(
+        reply.record.unwrap_or_default().generation,
+        0,
+        "none stored"
+    );
+    let good = record(vec![0b01], vec![0b10], vec![0b10], &["a:1", "b:2"]);
+    assert_eq!(put(&mut client, good.clone()).0, OK);
+    let (reply, _) = client
+        .call(Op::GetRecord(pb::GetRecord {}), &[])
+        .expect("get");
+    assert_eq!(reply.record, Some(good));
 }
 
 /// Issue 22: the owner epoch fences. Once a record of a newer owner is
