@@ -848,6 +848,20 @@ fn a_replica_that_lost_its_data_is_rebuilt_in_full() {
 /// the old list of nodes is refused naming the replacement.
 #[test]
 fn a_member_replaced_under_load_is_rebuilt_on_the_new_node() {
+    replace_under_load(false);
+}
+
+/// As above with the old node stopped when it is replaced and continued
+/// once the new one joined: the queues' reconnects to the old address,
+/// started when its connection was ended, finish only then, and must not
+/// carry the new member's writes (before a fix they did: the joiner's
+/// writes went to the old node, the new one missed them).
+#[test]
+fn a_reconnect_to_the_replaced_address_is_not_used() {
+    replace_under_load(true);
+}
+
+fn replace_under_load(stop_old: bool) {
     let cluster = Cluster::start(5);
     let mapped: Vec<std::net::SocketAddr> = cluster.addrs()[..4].to_vec();
     let spec = VolumeSpec {
@@ -867,9 +881,21 @@ fn a_member_replaced_under_load_is_rebuilt_on_the_new_node() {
         netblk::resync::replace(&m, &mapped, old, mapped[1], Duration::from_secs(5)).is_err(),
         "a member cannot replace another"
     );
+    let continued = stop_old.then(|| {
+        cluster.nodes[3].signal(libc::SIGSTOP);
+        let pid = cluster.nodes[3].pid();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            // SAFETY: kill only sends a signal to the node's own process.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+        })
+    });
     let node =
         netblk::resync::replace(&m, &mapped, old, new, Duration::from_secs(10)).expect("replace");
     assert_eq!(node, 3);
+    if let Some(thread) = continued {
+        thread.join().expect("continue the old node");
+    }
     assert!(
         eventually(Duration::from_secs(30), || m.view().in_sync(1, 1)),
         "the new node in sync: {:?}, copies {:?}",

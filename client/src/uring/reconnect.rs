@@ -49,8 +49,14 @@ impl Reconnect {
     }
 }
 
-/// A reconnect attempt's outcome: node, epoch, the new connection.
-pub(super) type Reconnected = (usize, u64, Result<(TcpStream, NodeInfo), ConnectError>);
+/// A reconnect attempt's outcome: node, epoch, the address reached, the new
+/// connection.
+pub(super) type Reconnected = (
+    usize,
+    u64,
+    SocketAddr,
+    Result<(TcpStream, NodeInfo), ConnectError>,
+);
 
 pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(50);
 pub(super) const RECONNECT_MAX: Duration = Duration::from_secs(2);
@@ -61,10 +67,31 @@ impl<F: Frontend> QueueDriver<F> {
         let Some(reconnect) = &self.reconnect else {
             return false;
         };
-        while let Ok((node, epoch, result)) = self.reconnected.1.try_recv() {
+        while let Ok((node, epoch, addr, result)) = self.reconnected.1.try_recv() {
+            // Where the member is now (a replace moves it).
+            let member_at = self
+                .engine
+                .membership()
+                .pins
+                .addr(node)
+                .unwrap_or(reconnect.addrs[node]);
+            let out = self.engine.is_out(node);
             let conn = &mut self.conns[node];
             conn.connecting = false;
             match result {
+                Ok(_) if out || addr != member_at => {
+                    // The member left, or moved, while it was being
+                    // reached: what answered there is not the member
+                    // (after a replace, the old node). Reached anew, where
+                    // it is, once it takes requests.
+                    tracing::info!(
+                        node,
+                        %addr,
+                        now_at = %member_at,
+                        "reconnected to a member that left or moved meanwhile: not used"
+                    );
+                    conn.next_attempt = now;
+                }
                 Ok(_) if !reconnect.epochs.may_send(node, epoch) => {
                     // A connection at this epoch ended while this one was
                     // being made: it may not carry requests; connect again
@@ -78,7 +105,7 @@ impl<F: Frontend> QueueDriver<F> {
                     });
                     tracing::info!(
                         node,
-                        addr = %reconnect.addrs[node],
+                        %addr,
                         epoch,
                         incarnation = info.incarnation,
                         down_ms,
@@ -201,7 +228,7 @@ impl<F: Frontend> QueueDriver<F> {
                         tls: tls.as_deref(),
                     };
                     let result = crate::net::connect(addr, node, &layout, &who, timeouts);
-                    let _ = done.send((node, epoch, result));
+                    let _ = done.send((node, epoch, addr, result));
                 });
             if spawned.is_err() {
                 conn.connecting = false;
