@@ -1,7 +1,7 @@
 //! `cargo xtask vm-test`: boots real Debian kernels that have `ublk_drv`
 //! under QEMU (software emulation) and runs netblk's scenarios inside: shell
 //! scripts in `scenarios/`, one per subject, after `scenarios/common.sh`.
-//! See ../shared/KERNEL.md for the recipe this follows.
+//! How the guest is put together: docs/testing.md, "Real kernels".
 //!
 //! Downloads are cached outside the work tree (`$NETBLK_VM_CACHE`, default
 //! `~/.cache/netblk-vm`), keyed by kernel version: a second run downloads
@@ -19,7 +19,7 @@ pub struct Kernel {
     pub version: &'static str,
     /// Debian packages holding the image and the modules.
     pub packages: &'static [&'static str],
-    /// What the kernel is in the zero-copy table of DESIGN.md.
+    /// What the kernel is in the zero-copy table of docs/design.md.
     pub expect: &'static str,
 }
 
