@@ -372,6 +372,17 @@ pub fn serve(
         Err(err) => {
             bump(&node.counters.protocol_errors, 1);
             warn!(%peer, "closing connection on bad input: {err}");
+            if node
+                .config
+                .broken
+                .contains(&crate::node::Broken::KeepBadConnections)
+            {
+                // Broken on purpose: the connection stays open, whatever
+                // comes is read and ignored until the client closes it.
+                let mut sink = [0u8; 4096];
+                let _ = stream.set_read_timeout(None);
+                while matches!((&stream).read(&mut sink), Ok(n) if n > 0) {}
+            }
         }
     }
     let _ = stream.shutdown(Shutdown::Both);
@@ -859,7 +870,8 @@ fn apply(
             Ok(())
         }
         Op::Write(write) => {
-            if conn.digest {
+            let broken = &node.config.broken;
+            if conn.digest && !broken.contains(&crate::node::Broken::AcceptBadDigest) {
                 check_digest(node, write, payload)?;
             }
             in_range(volume, write.offset, payload.len() as u64)?;

@@ -19,7 +19,7 @@ mod peer;
 pub mod policy;
 pub mod store;
 
-pub use node::{CRASH_EXIT_CODE, Config, Server, ShutdownHandle};
+pub use node::{Broken, CRASH_EXIT_CODE, Config, Server, ShutdownHandle};
 pub use store::StoreKind;
 
 pub use netblk_protocol::units::parse_size;

@@ -102,6 +102,11 @@ struct Args {
     #[arg(long, help_heading = "Fault injection")]
     no_fencing: bool,
 
+    /// Break a rule of the node protocol on purpose (repeatable), so that
+    /// `netblk-node-check` can be shown to find it. Never in production.
+    #[arg(long, value_enum, value_name = "RULE", hide = true)]
+    broken: Vec<netblk_mock_node::Broken>,
+
     /// Model a disk with a volatile write cache: writes stay in memory until
     /// a FLUSH (or their own FUA); a crash or kill -9 loses the rest.
     #[arg(long, help_heading = "Fault injection")]
@@ -311,6 +316,7 @@ fn main() -> ExitCode {
         }
     }
     config.fencing = !args.no_fencing;
+    config.broken = args.broken.clone();
     config.volatile_cache = args.volatile_cache;
     config.faults = faults;
     config.fault_seed = args.fault_seed.unwrap_or_else(clock_seed);

@@ -62,6 +62,22 @@ pub struct Config {
     /// Hold writes in a volatile cache until FLUSH (see
     /// [`store::VolatileCache`]).
     pub volatile_cache: bool,
+    /// Rules of docs/protocol.md this node breaks on purpose (to show that
+    /// `netblk-node-check` finds each); empty outside such tests.
+    pub broken: Vec<Broken>,
+}
+
+/// A rule a deliberately broken node breaks (`--broken`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Broken {
+    /// Writes whose payload does not match their CRC-32C are applied.
+    AcceptBadDigest,
+    /// Every process states the same incarnation for a volume.
+    SameIncarnation,
+    /// Changes of connections below the stored owner epoch are applied.
+    IgnoreOwnerEpoch,
+    /// A connection that sent bad input is left open (read and ignored).
+    KeepBadConnections,
 }
 
 impl Config {
@@ -81,6 +97,7 @@ impl Config {
             write_timeout: Duration::from_secs(30),
             fencing: true,
             volatile_cache: false,
+            broken: Vec::new(),
         }
     }
 }
@@ -101,6 +118,8 @@ pub struct Volume {
     /// check their connection's epoch and apply; a record that raises it
     /// takes it exclusively, so no older owner's write lands after it.
     owner_gate: RwLock<u64>,
+    /// [`Broken::IgnoreOwnerEpoch`].
+    ignore_owner_epoch: bool,
     /// Open data connections per owner epoch (see [`OwnerSeat`]).
     owners: Mutex<HashMap<u64, usize>>,
     /// Copies of every column (fixed at creation): with more than one,
@@ -171,7 +190,7 @@ impl Volume {
     /// stored.
     pub fn admit_write(&self, epoch: u64) -> Result<RwLockReadGuard<'_, u64>, String> {
         let gate = self.owner_gate.read().unwrap_or_else(|e| e.into_inner());
-        if epoch < *gate {
+        if epoch < *gate && !self.ignore_owner_epoch {
             return Err(format!(
                 "fenced: a newer owner (owner epoch {}) holds volume '{}', this connection has {epoch}",
                 *gate, self.name
@@ -428,6 +447,10 @@ impl Node {
                     // What an earlier process held in its cache is gone.
                     lineage.durable_incarnation = 0;
                 }
+                if self.config.broken.contains(&Broken::SameIncarnation) {
+                    lineage.incarnation = 1;
+                    lineage.durable_incarnation = 0;
+                }
                 info!(
                     volume = name,
                     id = lineage.id,
@@ -448,6 +471,7 @@ impl Node {
                     capacity: AtomicU64::new(meta.capacity()),
                     deleted: AtomicBool::new(false),
                     owner_gate: RwLock::new(record.owner_epoch),
+                    ignore_owner_epoch: self.config.broken.contains(&Broken::IgnoreOwnerEpoch),
                     owners: Mutex::new(HashMap::new()),
                     record: Mutex::new(record),
                     replicated: meta.replicas > 1,

@@ -62,6 +62,11 @@ pub fn sample_record(pid: u32) -> netblk::state::DeviceRecord {
     }
 }
 
+/// The `netblk-node-check` binary cargo built beside this test binary.
+pub fn node_check_bin() -> PathBuf {
+    built_bin("netblk-node-check", "netblk-node-check")
+}
+
 /// The `netblk` binary cargo built beside this test binary.
 pub fn netblk_bin() -> PathBuf {
     built_bin("netblk", "netblk")
