@@ -888,7 +888,13 @@ fn apply(
             Ok(())
         }
         Op::Flush(_) => {
-            backend.flush().map_err(|err| io_failure("flush", err))?;
+            if !node
+                .config
+                .broken
+                .contains(&crate::node::Broken::AckFlushWithoutSync)
+            {
+                backend.flush().map_err(|err| io_failure("flush", err))?;
+            }
             Ok(())
         }
         Op::Discard(pb::Discard { offset, length })

@@ -78,6 +78,8 @@ pub enum Broken {
     IgnoreOwnerEpoch,
     /// A connection that sent bad input is left open (read and ignored).
     KeepBadConnections,
+    /// A flush is answered OK without making anything durable.
+    AckFlushWithoutSync,
 }
 
 impl Config {

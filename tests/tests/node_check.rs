@@ -159,17 +159,25 @@ fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
             );
         }
     }
-    // Same incarnation across restarts: the restart check fails.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = format!("dir:{}", dir.path().join("store").display());
-    let node = MockNode::start(&["--store", &store, "--broken", "same-incarnation"]);
-    let script = restart_script(dir.path(), &node, &store, "--broken same-incarnation");
-    let results = check(&node, &["--restart-cmd", &script]);
-    kill_restarted(dir.path());
-    let failed = with(&results, "FAIL");
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert!(
-        failed.iter().all(|f| f.starts_with("5.3 a restarted")),
-        "{failed:?}"
-    );
+    // Across a restart (kill -9): the same incarnation, or a flush
+    // acknowledged without making the volatile cache's data durable.
+    for broken in [
+        "--broken same-incarnation",
+        "--volatile-cache --broken ack-flush-without-sync",
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = format!("dir:{}", dir.path().join("store").display());
+        let mut args = vec!["--store", store.as_str()];
+        args.extend(broken.split(' '));
+        let node = MockNode::start(&args);
+        let script = restart_script(dir.path(), &node, &store, broken);
+        let results = check(&node, &["--restart-cmd", &script]);
+        kill_restarted(dir.path());
+        let failed = with(&results, "FAIL");
+        assert_eq!(failed.len(), 1, "{broken}: {failed:?}");
+        assert!(
+            failed.iter().all(|f| f.starts_with("5.3 a restarted")),
+            "{broken}: {failed:?}"
+        );
+    }
 }
