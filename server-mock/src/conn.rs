@@ -472,7 +472,12 @@ fn accept_handshake(
             handshake.protocol_version
         )));
     }
-    if handshake.revision != PROTOCOL_REVISION {
+    if handshake.revision != PROTOCOL_REVISION
+        && !node
+            .config
+            .broken
+            .contains(&crate::node::Broken::AcceptAnyRevision)
+    {
         return Err(refused(format!(
             "the client speaks protocol revision {} (0: from before revisions); this node speaks revision {PROTOCOL_REVISION}: upgrade the client",
             handshake.revision
@@ -906,9 +911,11 @@ fn apply(
             volume
                 .note_change(*offset, *length)
                 .map_err(|err| io_failure("activity log", err))?;
-            backend
-                .zero(*offset, *length)
-                .map_err(|err| io_failure("discard", err))?;
+            if !volume.breaks(crate::node::Broken::DiscardKeepsData) {
+                backend
+                    .zero(*offset, *length)
+                    .map_err(|err| io_failure("discard", err))?;
+            }
             Ok(())
         }
         Op::Ping(ping) => {

@@ -80,6 +80,18 @@ pub enum Broken {
     KeepBadConnections,
     /// A flush is answered OK without making anything durable.
     AckFlushWithoutSync,
+    /// A handshake of another revision is accepted.
+    AcceptAnyRevision,
+    /// A handshake with another layout (same size) is accepted.
+    IgnoreLayout,
+    /// PutRecord stores whatever it is given, whatever is stored.
+    NoCompareAndSet,
+    /// PutRecord stores records that cannot be the volume's.
+    AcceptBadRecords,
+    /// Changes are not logged in the activity log.
+    NoActivityLog,
+    /// Discard and write-zeroes answer OK and change nothing.
+    DiscardKeepsData,
 }
 
 impl Config {
@@ -120,8 +132,8 @@ pub struct Volume {
     /// check their connection's epoch and apply; a record that raises it
     /// takes it exclusively, so no older owner's write lands after it.
     owner_gate: RwLock<u64>,
-    /// [`Broken::IgnoreOwnerEpoch`].
-    ignore_owner_epoch: bool,
+    /// The rules this node breaks on purpose ([`Broken`]).
+    broken: Vec<Broken>,
     /// Open data connections per owner epoch (see [`OwnerSeat`]).
     owners: Mutex<HashMap<u64, usize>>,
     /// Copies of every column (fixed at creation): with more than one,
@@ -192,7 +204,7 @@ impl Volume {
     /// stored.
     pub fn admit_write(&self, epoch: u64) -> Result<RwLockReadGuard<'_, u64>, String> {
         let gate = self.owner_gate.read().unwrap_or_else(|e| e.into_inner());
-        if epoch < *gate && !self.ignore_owner_epoch {
+        if epoch < *gate && !self.breaks(Broken::IgnoreOwnerEpoch) {
             return Err(format!(
                 "fenced: a newer owner (owner epoch {}) holds volume '{}', this connection has {epoch}",
                 *gate, self.name
@@ -214,9 +226,13 @@ impl Volume {
         record: pb::MembershipRecord,
     ) -> Result<(), RecordError> {
         let meta = self.meta();
-        check_record(&record, meta.replicas).map_err(RecordError::Invalid)?;
+        if !self.breaks(Broken::AcceptBadRecords) {
+            check_record(&record, meta.replicas).map_err(RecordError::Invalid)?;
+        }
         let mut stored = lock(&self.record);
-        if stored.generation != expected || record.generation <= expected {
+        if (stored.generation != expected || record.generation <= expected)
+            && !self.breaks(Broken::NoCompareAndSet)
+        {
             return Err(RecordError::Conflict(Box::new(stored.clone())));
         }
         let fence = (record.owner_epoch > stored.owner_epoch)
@@ -252,10 +268,15 @@ impl Volume {
         self.capacity.load(Ordering::Acquire)
     }
 
+    /// Whether this node breaks `rule` on purpose.
+    pub fn breaks(&self, rule: Broken) -> bool {
+        self.broken.contains(&rule)
+    }
+
     /// Logs a change of `len` bytes at `offset` in the activity log before
     /// it is applied (replicated volumes; nothing for one replica).
     pub fn note_change(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.replicated {
+        if self.replicated && !self.breaks(Broken::NoActivityLog) {
             self.activity.touch(&*self.backend, offset, len)?;
             self.missed.touch(offset, len);
         }
@@ -473,7 +494,7 @@ impl Node {
                     capacity: AtomicU64::new(meta.capacity()),
                     deleted: AtomicBool::new(false),
                     owner_gate: RwLock::new(record.owner_epoch),
-                    ignore_owner_epoch: self.config.broken.contains(&Broken::IgnoreOwnerEpoch),
+                    broken: self.config.broken.clone(),
                     owners: Mutex::new(HashMap::new()),
                     record: Mutex::new(record),
                     replicated: meta.replicas > 1,
@@ -491,7 +512,11 @@ impl Node {
             volume_size: wanted.volume_size.max(meta.volume_size),
             ..wanted
         };
-        if meta != wanted && !(at_least && meta == grown) {
+        let same_size = meta.volume_size == wanted.volume_size;
+        if meta != wanted
+            && !(at_least && meta == grown)
+            && !(same_size && self.config.broken.contains(&Broken::IgnoreLayout))
+        {
             return Err(format!(
                 "volume '{name}' exists with {meta}; this client asked for {wanted}: refusing, a different layout would scramble data"
             ));

@@ -131,9 +131,18 @@ fn the_mock_node_passes_every_check_with_each_store() {
 /// and no other.
 #[test]
 fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
-    let cases: [(&[&str], &[&str]); 4] = [
+    let cases: [(&[&str], &[&str]); 10] = [
         (&["--broken", "accept-bad-digest"], &["5.7"]),
         (&["--broken", "ignore-owner-epoch"], &["8.1"]),
+        (
+            &["--broken", "accept-any-revision"],
+            &["1.2 another revision"],
+        ),
+        (&["--broken", "ignore-layout"], &["4.4"]),
+        (&["--broken", "no-compare-and-set"], &["9.2"]),
+        (&["--broken", "accept-bad-records"], &["9.3"]),
+        (&["--broken", "no-activity-log"], &["10.1"]),
+        (&["--broken", "discard-keeps-data"], &["6.8"]),
         (
             &["--broken", "keep-bad-connections"],
             &["3.1", "3.2", "3.3", "3.4 a write", "3.6 bad", "3.7"],
