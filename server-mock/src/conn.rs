@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::faults;
 use crate::fence::{ClientOf, Member};
-use crate::node::{Node, OwnerSeat, Volume, bump};
+use crate::node::{Broken, Node, OwnerSeat, Volume, bump};
 use crate::peer::Peer;
 use crate::policy;
 use crate::store::VolumeMeta;
@@ -372,11 +372,7 @@ pub fn serve(
         Err(err) => {
             bump(&node.counters.protocol_errors, 1);
             warn!(%peer, "closing connection on bad input: {err}");
-            if node
-                .config
-                .broken
-                .contains(&crate::node::Broken::KeepBadConnections)
-            {
+            if node.breaks(Broken::KeepBadConnections) {
                 // Broken on purpose: the connection stays open, whatever
                 // comes is read and ignored until the client closes it.
                 let mut sink = [0u8; 4096];
@@ -466,32 +462,40 @@ fn accept_handshake(
     peer: &Peer,
 ) -> Result<Accepted, (Status, String)> {
     let refused = |why: String| (Status::Refused, why);
-    if handshake.protocol_version != u32::from(PROTOCOL_VERSION) {
+    if handshake.protocol_version != u32::from(PROTOCOL_VERSION) && !node.breaks(Broken::AnyVersion)
+    {
         return Err(refused(format!(
             "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
             handshake.protocol_version
         )));
     }
-    if handshake.revision != PROTOCOL_REVISION
-        && !node
-            .config
-            .broken
-            .contains(&crate::node::Broken::AcceptAnyRevision)
-    {
+    if handshake.revision != PROTOCOL_REVISION && !node.breaks(Broken::AcceptAnyRevision) {
         return Err(refused(format!(
             "the client speaks protocol revision {} (0: from before revisions); this node speaks revision {PROTOCOL_REVISION}: upgrade the client",
             handshake.revision
         )));
     }
-    netblk_protocol::geometry::check_volume_name(&handshake.volume).map_err(refused)?;
+    if !node.breaks(Broken::AnyName) {
+        netblk_protocol::geometry::check_volume_name(&handshake.volume).map_err(refused)?;
+    }
     // Before the volume is looked at: a client the policy keeps out learns
     // nothing of it and creates nothing.
     node.authorize(peer, &handshake.volume, policy::Op::Open)
         .map_err(refused)?;
-    let layout = handshake
-        .layout
-        .ok_or_else(|| refused("the handshake carries no layout".to_string()))?;
-    let volume = if handshake.existing {
+    let layout = match handshake.layout {
+        Some(layout) => layout,
+        // Broken on purpose: a handshake without a layout gets one column
+        // of one copy in 64 KiB stripe units.
+        None if node.breaks(Broken::DefaultLayout) => pb::Layout {
+            stripe_unit: 64 << 10,
+            node_count: 1,
+            node_index: 0,
+            replicas: 1,
+            replica_index: 0,
+        },
+        None => return Err(refused("the handshake carries no layout".to_string())),
+    };
+    let volume = if handshake.existing && !node.breaks(Broken::CreateWhenExisting) {
         node.existing_volume(
             &handshake.volume,
             &layout,
@@ -585,9 +589,17 @@ fn serve_data(
         message: String::new(),
         protocol_version: u32::from(PROTOCOL_VERSION),
         max_io_size: node.config.max_io_size,
-        node_id: node.config.node_id.clone(),
+        node_id: if node.breaks(Broken::NoNodeId) {
+            String::new()
+        } else {
+            node.config.node_id.clone()
+        },
         volume_id: volume.lineage.id.clone(),
-        incarnation: volume.lineage.incarnation,
+        incarnation: if node.breaks(Broken::IncarnationPerConnection) {
+            volume.lineage.incarnation ^ id
+        } else {
+            volume.lineage.incarnation
+        },
         durable_incarnation: volume.lineage.durable_incarnation,
         volume_size: volume.meta().volume_size,
         data_digest: handshake.data_digest,
@@ -855,7 +867,7 @@ fn apply(
     };
     match op {
         Op::Read(read) => {
-            if read.length > node.config.max_io_size {
+            if read.length > node.config.max_io_size && !node.breaks(Broken::NoReadLimit) {
                 return Err((
                     Status::Invalid,
                     format!(
@@ -875,8 +887,7 @@ fn apply(
             Ok(())
         }
         Op::Write(write) => {
-            let broken = &node.config.broken;
-            if conn.digest && !broken.contains(&crate::node::Broken::AcceptBadDigest) {
+            if conn.digest && !node.breaks(Broken::AcceptBadDigest) {
                 check_digest(node, write, payload)?;
             }
             in_range(volume, write.offset, payload.len() as u64)?;
@@ -893,11 +904,7 @@ fn apply(
             Ok(())
         }
         Op::Flush(_) => {
-            if !node
-                .config
-                .broken
-                .contains(&crate::node::Broken::AckFlushWithoutSync)
-            {
+            if !node.breaks(Broken::AckFlushWithoutSync) {
                 backend.flush().map_err(|err| io_failure("flush", err))?;
             }
             Ok(())
@@ -911,7 +918,7 @@ fn apply(
             volume
                 .note_change(*offset, *length)
                 .map_err(|err| io_failure("activity log", err))?;
-            if !volume.breaks(crate::node::Broken::DiscardKeepsData) {
+            if !volume.breaks(Broken::DiscardKeepsData) {
                 backend
                     .zero(*offset, *length)
                     .map_err(|err| io_failure("discard", err))?;
@@ -919,7 +926,11 @@ fn apply(
             Ok(())
         }
         Op::Ping(ping) => {
-            reply.nonce = ping.nonce;
+            reply.nonce = if node.breaks(Broken::PingNoEcho) {
+                0
+            } else {
+                ping.nonce
+            };
             Ok(())
         }
         Op::Resize(resize) => {
@@ -963,7 +974,11 @@ fn apply(
             }
             // Nothing of it goes back as payload.
             data.clear();
-            reply.crc32c = Some(crc);
+            reply.crc32c = Some(if node.breaks(Broken::WrongDigest) {
+                crc ^ 1
+            } else {
+                crc
+            });
             Ok(())
         }
         Op::GetMissed(get) => {

@@ -92,6 +92,30 @@ pub enum Broken {
     NoActivityLog,
     /// Discard and write-zeroes answer OK and change nothing.
     DiscardKeepsData,
+    /// A handshake of another protocol version is accepted.
+    AnyVersion,
+    /// An existing-only handshake may create the volume.
+    CreateWhenExisting,
+    /// A handshake with another size (same layout) is accepted.
+    IgnoreSize,
+    /// Each connection is told another incarnation.
+    IncarnationPerConnection,
+    /// Ping answers without its nonce.
+    PingNoEcho,
+    /// Resize answers OK and changes nothing.
+    ResizeIgnored,
+    /// Delete answers OK and keeps the volume.
+    DeleteIgnored,
+    /// Digest answers a CRC-32C off by one bit.
+    WrongDigest,
+    /// A read longer than max_io_size is served.
+    NoReadLimit,
+    /// Any volume name is taken (use with the memory store only).
+    AnyName,
+    /// A handshake without a layout gets a default one.
+    DefaultLayout,
+    /// The handshake reply names no node.
+    NoNodeId,
 }
 
 impl Config {
@@ -513,9 +537,14 @@ impl Node {
             ..wanted
         };
         let same_size = meta.volume_size == wanted.volume_size;
+        let same_layout = VolumeMeta {
+            volume_size: meta.volume_size,
+            ..wanted
+        } == meta;
         if meta != wanted
             && !(at_least && meta == grown)
-            && !(same_size && self.config.broken.contains(&Broken::IgnoreLayout))
+            && !(same_size && self.breaks(Broken::IgnoreLayout))
+            && !(same_layout && self.breaks(Broken::IgnoreSize))
         {
             return Err(format!(
                 "volume '{name}' exists with {meta}; this client asked for {wanted}: refusing, a different layout would scramble data"
@@ -575,9 +604,17 @@ impl Node {
         ))
     }
 
+    /// Whether this node breaks `rule` on purpose (`--broken`).
+    pub fn breaks(&self, rule: Broken) -> bool {
+        self.config.broken.contains(&rule)
+    }
+
     /// Deletes `volume` and its data; connections still open to it fail
     /// from now on, and a later handshake that may create makes a new one.
     pub fn delete(&self, volume: &Volume) -> Result<(), String> {
+        if self.breaks(Broken::DeleteIgnored) {
+            return Ok(());
+        }
         let mut volumes = lock(&self.volumes);
         volume.deleted.store(true, Ordering::Release);
         if volumes
@@ -598,6 +635,9 @@ impl Node {
     /// store first, then what requests are checked against. Serialized with
     /// handshakes, which compare against the size.
     pub fn resize(&self, volume: &Volume, size: u64) -> Result<(), String> {
+        if self.breaks(Broken::ResizeIgnored) {
+            return Ok(());
+        }
         let _volumes = lock(&self.volumes);
         let mut meta = lock(&volume.meta);
         let old = *meta;

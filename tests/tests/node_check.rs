@@ -131,7 +131,25 @@ fn the_mock_node_passes_every_check_with_each_store() {
 /// and no other.
 #[test]
 fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
-    let cases: [(&[&str], &[&str]); 10] = [
+    let cases: [(&[&str], &[&str]); 22] = [
+        (&["--broken", "any-name"], &["4.1"]),
+        (&["--broken", "default-layout"], &["5.1"]),
+        (&["--broken", "no-node-id"], &["5.6"]),
+        (
+            &["--broken", "any-version"],
+            &["1.2 another protocol version"],
+        ),
+        (&["--broken", "create-when-existing"], &["5.2"]),
+        (&["--broken", "ignore-size"], &["5.4", "6.10"]),
+        (
+            &["--broken", "incarnation-per-connection"],
+            &["5.3 an accepted"],
+        ),
+        (&["--broken", "ping-no-echo"], &["6.9"]),
+        (&["--broken", "resize-ignored"], &["6.10"]),
+        (&["--broken", "delete-ignored"], &["4.3", "6.11"]),
+        (&["--broken", "wrong-digest"], &["6.12"]),
+        (&["--broken", "no-read-limit"], &["3.4 a read"]),
         (&["--broken", "accept-bad-digest"], &["5.7"]),
         (&["--broken", "ignore-owner-epoch"], &["8.1"]),
         (

@@ -5,6 +5,14 @@ set -u
 fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
 # wait_dev FILE: prints the device a map printed to FILE, once it is a block device.
 wait_dev() { for i in $(seq 100); do d=$(head -n1 "$1" 2>/dev/null); [ -n "$d" ] && [ -b "$d" ] && { echo "$d"; return; }; sleep 0.1; done; }
+# wait_exit PID SECS: waits up to SECS for PID to exit; its status in $RC.
+# Returns 1 if it still runs.
+wait_exit() {
+  for i in $(seq $(($2 * 10))); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$1" 2>/dev/null && return 1
+  wait "$1"; RC=$?
+  return 0
+}
 # wait_listening FILE...: returns once each node said it listens (or 5 s each).
 wait_listening() { for f in "$@"; do for i in $(seq 50); do grep -q listening "$f" && break; sleep 0.1; done; done; }
 # dir_nodes NAME "ARGS" PORT...: a mock node per port on 127.0.0.1 with a

@@ -9,14 +9,6 @@ NODE_LOGS="/tmp/node7001.log /tmp/node7002.log /tmp/node7003.log"
 STATE_DIR=${NETBLK_STATE_DIR:-/run/netblk}
 # fenced_count: how many times the nodes fenced an older session so far.
 fenced_count() { cat $NODE_LOGS | grep -c "older session fenced"; }
-# wait_exit PID SECS: waits for PID to exit (at most SECS), sets RC to its status.
-wait_exit() {
-  for i in $(seq $(($2 * 10))); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$1" 2>/dev/null && return 1
-  wait "$1"; RC=$?
-  return 0
-}
-
 # --- (b) `map --recover` while the old daemon is alive is refused, and no
 #         node session is opened (the nodes fence nobody).
 F0=$(fenced_count)

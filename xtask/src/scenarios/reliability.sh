@@ -26,7 +26,16 @@ netblk list >/tmp/list2.out || fail "netblk list (dead daemon)"
 grep -q "$DEV *rel .*needs-recovery" /tmp/list2.out || { cat /tmp/list2.out; fail "list does not show needs-recovery"; }
 netblk map --recover "$DEV" >/tmp/rec.out 2>/tmp/rec.log &
 MAP=$!
-wait $FIO || fail "fio across daemon kill -9 and recovery"
+# A recovery that fails leaves fio's IO held for good: fail with the logs
+# instead of waiting for the guest's timeout.
+for i in $(seq 1200); do
+  grep -q "recovered $DEV" /tmp/rec.log && break
+  kill -0 $MAP 2>/dev/null || fail "map --recover exited without recovering"
+  sleep 0.1
+done
+grep -q "recovered $DEV" /tmp/rec.log || fail "map --recover did not recover within 120 s"
+wait_exit $FIO 120 || fail "fio still waits 120 s after the recovery"
+[ "$RC" -eq 0 ] || fail "fio across daemon kill -9 and recovery"
 grep -q "err= 0" /tmp/kill9.log || fail "fio reported errors across the daemon restart"
 grep -q "recovered $DEV" /tmp/rec.log || fail "recovery did not say so"
 grep -q "data path: $EXPECT" /tmp/rec.log || fail "recovered with another data path"
