@@ -643,8 +643,11 @@ fn boot(
             "tcg,thread=multi",
             "-cpu",
             "max",
+            // 3 GiB: the scenarios' memory-store nodes and tmpfs stores
+            // grew past 2 GiB (the kernel's OOM killer took the shared
+            // mock nodes during the tls scenario, on 6.17 and 7.3).
             "-m",
-            "2048",
+            "3072",
             "-smp",
             "2",
         ])
