@@ -166,22 +166,19 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> io::Result
     })
 }
 
-/// Polls `done` every 20 ms for up to `limit`.
+/// Waits up to `limit` for `done` (the copier's own wait), or says what
+/// did not happen.
 fn wait(
     m: &Membership,
     what: &str,
     limit: Duration,
     done: impl Fn(&Membership) -> bool,
 ) -> io::Result<()> {
-    let until = Instant::now() + limit;
-    while !done(m) {
-        if Instant::now() >= until {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("waited {} s for {what}", limit.as_secs()),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if crate::regions::wait_until(limit, || done(m)) {
+        return Ok(());
     }
-    Ok(())
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("waited {} s for {what}", limit.as_secs()),
+    ))
 }

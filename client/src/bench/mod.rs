@@ -688,7 +688,9 @@ pub(crate) struct Attached {
     options: VolumeOptions,
     wide: DeviceWide,
     mode: SendMode,
-    tls: bool,
+    /// Queues reconnect lost connections (TLS, or members that leave and
+    /// join during a catch-up).
+    reconnect: bool,
 }
 
 impl Attached {
@@ -734,9 +736,7 @@ impl Attached {
             options: volume_options,
             wide,
             mode,
-            // Catch-ups end connections of members that leave and join:
-            // queues then reconnect.
-            tls: protect.tls.is_some() || resync.is_some(),
+            reconnect: protect.tls.is_some() || resync.is_some(),
         })
     }
 
@@ -796,7 +796,7 @@ impl Attached {
                         frontend: generator,
                         mode: self.mode,
                         buffer_mode: BufferMode::User,
-                        reconnect: self.tls.then(|| {
+                        reconnect: self.reconnect.then(|| {
                             crate::frontend::reconnect_for(spec, layout, volume_options, &self.wide)
                         }),
                         span: queue_span(&spec.name, "", q),
