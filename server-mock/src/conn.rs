@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use netblk_protocol::geometry::{ACTIVITY_PAGE, MAX_DIGEST_LEN};
 use netblk_protocol::pb::{self, Status, admin::Cmd, header::Kind, request::Op};
 use netblk_protocol::{
-    Decoded, FrameError, PROTOCOL_REVISION, PROTOCOL_VERSION, decode_frame, encode_head,
-    encode_head_as,
+    Decoded, FrameError, PREAMBLE_LEN, PROTOCOL_REVISION, PROTOCOL_VERSION, decode_frame,
+    encode_head, encode_head_as,
 };
+use prost::Message;
 use tracing::{debug, info, warn};
 
 use crate::faults;
@@ -92,6 +93,17 @@ impl FrameReader {
         loop {
             let need = match decode_frame(&self.buf[self.start..self.end], &self.limits)? {
                 Decoded::Frame(frame) => {
+                    if self.node.breaks(Broken::RejectUnknownFields) {
+                        // Broken on purpose: a header longer than its
+                        // known fields re-encode to is refused.
+                        let digest = if self.limits.header_digest { 4 } else { 0 };
+                        let header_len = frame.len - PREAMBLE_LEN - frame.payload.len() - digest;
+                        if frame.header.encoded_len() != header_len {
+                            return Err(ConnError::Violation(
+                                "a header with unknown fields".into(),
+                            ));
+                        }
+                    }
                     let payload_at = self.start + frame.len - frame.payload.len();
                     let payload_end = self.start + frame.len;
                     self.start = payload_end;
@@ -503,7 +515,12 @@ fn accept_handshake(
             handshake.at_least,
         )?
     } else {
-        netblk_protocol::geometry::check_layout(handshake.volume_size, &layout).map_err(refused)?;
+        let size = if node.breaks(Broken::OddSize) {
+            handshake.volume_size.next_multiple_of(512)
+        } else {
+            handshake.volume_size
+        };
+        netblk_protocol::geometry::check_layout(size, &layout).map_err(refused)?;
         node.volume(
             &handshake.volume,
             VolumeMeta::from_handshake(handshake.volume_size, &layout),
@@ -716,6 +733,10 @@ fn take_request(
         conn.end(false);
     } else if delay.is_zero() {
         let reply = execute(node, conn, &faults, &request, payload, scratch);
+        if seen == 40 && node.breaks(Broken::DuplicateReply) {
+            conn.writer
+                .send(node, reply.clone(), scratch.payload(), false);
+        }
         conn.writer.send(node, reply, scratch.payload(), false);
         conn.end(true);
     } else {
@@ -828,8 +849,19 @@ fn execute(
     }
     if let Err((status, message)) = apply(node, conn, request, payload, &mut reply, data) {
         data.clear();
+        let status = if status == Status::OutOfRange && node.breaks(Broken::RangesInvalid) {
+            Status::Invalid
+        } else {
+            status
+        };
         reply.status = status as i32;
         reply.message = message;
+    }
+    if node.breaks(Broken::WriteReplyPayload)
+        && reply.status == Status::Ok as i32
+        && matches!(request.op, Some(Op::Write(_)))
+    {
+        data.take(8).fill(0);
     }
     node.counters.reply(request, &reply);
     reply
@@ -897,8 +929,14 @@ fn apply(
             volume
                 .note_change(write.offset, payload.len() as u64)
                 .map_err(|err| io_failure("activity log", err))?;
+            let offset = if node.breaks(Broken::UnalignedWrites) {
+                write.offset & !4095
+            } else {
+                write.offset
+            };
+            let fua = write.fua && !node.breaks(Broken::FuaWithoutSync);
             backend
-                .write(write.offset, payload, write.fua)
+                .write(offset, payload, fua)
                 .map_err(|err| io_failure("write", err))?;
             bump(&node.counters.bytes_written, payload.len() as u64);
             Ok(())

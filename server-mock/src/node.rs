@@ -116,6 +116,22 @@ pub enum Broken {
     DefaultLayout,
     /// The handshake reply names no node.
     NoNodeId,
+    /// A successful write's reply carries a payload (a mis-framed reply).
+    WriteReplyPayload,
+    /// A header with a field the node does not know closes the connection.
+    RejectUnknownFields,
+    /// A new volume's size need not be a multiple of 512.
+    OddSize,
+    /// The 40th request of a connection is answered twice.
+    DuplicateReply,
+    /// A request beyond the capacity is answered INVALID, not OUT_OF_RANGE.
+    RangesInvalid,
+    /// A write not aligned to 4 KiB lands at its offset rounded down.
+    UnalignedWrites,
+    /// A FUA write stays in the volatile cache like any other.
+    FuaWithoutSync,
+    /// Changes are not added to the missed regions of rows out of sync.
+    NoMissedRegions,
 }
 
 impl Config {
@@ -302,6 +318,8 @@ impl Volume {
     pub fn note_change(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.replicated && !self.breaks(Broken::NoActivityLog) {
             self.activity.touch(&*self.backend, offset, len)?;
+        }
+        if self.replicated && !self.breaks(Broken::NoMissedRegions) {
             self.missed.touch(offset, len);
         }
         Ok(())

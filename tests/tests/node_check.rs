@@ -131,7 +131,17 @@ fn the_mock_node_passes_every_check_with_each_store() {
 /// and no other.
 #[test]
 fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
-    let cases: [(&[&str], &[&str]); 22] = [
+    let cases: [(&[&str], &[&str]); 29] = [
+        (
+            &["--broken", "write-reply-payload"],
+            &["3.3 a reply carries"],
+        ),
+        (&["--broken", "reject-unknown-fields"], &["3.6 unknown"]),
+        (&["--broken", "odd-size"], &["4.2"]),
+        (&["--broken", "duplicate-reply"], &["6.2"]),
+        (&["--broken", "ranges-invalid"], &["6.3 a request beyond"]),
+        (&["--broken", "unaligned-writes"], &["6.5"]),
+        (&["--broken", "no-missed-regions"], &["10.3"]),
         (&["--broken", "any-name"], &["4.1"]),
         (&["--broken", "default-layout"], &["5.1"]),
         (&["--broken", "no-node-id"], &["5.6"]),
@@ -159,7 +169,8 @@ fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
         (&["--broken", "ignore-layout"], &["4.4"]),
         (&["--broken", "no-compare-and-set"], &["9.2"]),
         (&["--broken", "accept-bad-records"], &["9.3"]),
-        (&["--broken", "no-activity-log"], &["10.1"]),
+        // Missed regions are seeded from the log: without one, both fail.
+        (&["--broken", "no-activity-log"], &["10.1", "10.3"]),
         (&["--broken", "discard-keeps-data"], &["6.8"]),
         (
             &["--broken", "keep-bad-connections"],
@@ -186,11 +197,13 @@ fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
             );
         }
     }
-    // Across a restart (kill -9): the same incarnation, or a flush
-    // acknowledged without making the volatile cache's data durable.
+    // Across a restart (kill -9): the same incarnation, or a flush or a
+    // FUA write acknowledged without making the volatile cache's data
+    // durable.
     for broken in [
         "--broken same-incarnation",
         "--volatile-cache --broken ack-flush-without-sync",
+        "--volatile-cache --broken fua-without-sync",
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = format!("dir:{}", dir.path().join("store").display());
@@ -207,4 +220,44 @@ fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
             "{broken}: {failed:?}"
         );
     }
+}
+
+/// Over mutual TLS (the node asks for a client certificate): every check
+/// runs inside TLS and passes; without a client certificate nothing passes
+/// and the run says why.
+#[test]
+fn the_kit_runs_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca, node_leaf, client) = netblk_tls::testpki::standard(dir.path()).expect("pki");
+    let path = |p: &std::path::Path| p.to_str().expect("path").to_string();
+    let node = MockNode::start(&[
+        "--store",
+        "memory",
+        "--tls-cert",
+        &path(&node_leaf.cert),
+        "--tls-key",
+        &path(&node_leaf.key),
+        "--tls-client-ca",
+        &path(&ca),
+    ]);
+    let tls = [
+        "--tls-ca".to_string(),
+        path(&ca),
+        "--tls-cert".into(),
+        path(&client.cert),
+        "--tls-key".into(),
+        path(&client.key),
+    ];
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let results = check(&node, &tls);
+    assert!(
+        with(&results, "FAIL").is_empty(),
+        "{:?}",
+        with(&results, "FAIL")
+    );
+    assert!(with(&results, "PASS").len() >= 40, "{results:?}");
+    // Plaintext against a TLS node: every check fails, none passes.
+    let results = check(&node, &["--only", "6.5,6.9"]);
+    assert_eq!(with(&results, "FAIL").len(), 2, "{results:?}");
+    assert!(with(&results, "PASS").is_empty(), "{results:?}");
 }

@@ -904,7 +904,7 @@ pub fn vm_test(
             }
         } else {
             eprintln!("---- guest log ({})\n{log}\n----", kernel.name);
-            failed.push(kernel.name);
+            failed.push(format!("{} ({})", kernel.name, failure_reason(&log)));
         }
     }
     if failed.is_empty() {
@@ -914,12 +914,28 @@ pub fn vm_test(
     }
 }
 
+/// What a failed guest said of its failure: its first `NETBLK-VM-FAIL`
+/// line, so that the last lines of a long log still name it.
+fn failure_reason(log: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split_once("NETBLK-VM-FAIL:").map(|(_, r)| r))
+        .map(|r| r.trim().to_string())
+        .unwrap_or_else(|| "no verdict: the guest crashed, hung or ran out of time".into())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_failure_is_named_by_the_guests_first_fail_line() {
+        let log = "boot\n[ 1.0] NETBLK-VM-FAIL: the lost flush is not EIO\n--- /tmp/a.log\nNETBLK-VM-FAIL (again, after the logs): x\n";
+        assert_eq!(failure_reason(log), "the lost flush is not EIO");
+        assert!(failure_reason("boot\nKernel panic\n").contains("no verdict"));
     }
 
     #[test]

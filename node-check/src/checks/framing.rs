@@ -1,6 +1,6 @@
 //! docs/protocol.md section 3: frames, limits, and bad input.
 
-use netblk_protocol::pb::{self, header::Kind};
+use netblk_protocol::pb::{self, header::Kind, request::Op};
 use netblk_protocol::{PROTOCOL_VERSION, encode_frame};
 use prost::Message;
 
@@ -39,6 +39,11 @@ pub const CHECKS: &[Check] = &[
         "3.3",
         "a write whose length is not its payload's closes the connection",
         write_length,
+    ),
+    Check::new(
+        "3.3",
+        "a reply carries a payload only when it answers a read, exactly its length",
+        reply_payloads,
     ),
     Check::new(
         "3.4",
@@ -183,6 +188,39 @@ fn unknown_fields(ctx: &Ctx) -> Outcome {
         },
         other => Err(format!("a handshake with an unknown field got {other:?}").into()),
     }
+}
+
+fn reply_payloads(ctx: &Ctx) -> Outcome {
+    let (mut conn, _, _) = ctx.fresh()?;
+    let data = pattern(5, 0, 4096);
+    let requests = [
+        (write(0, &data, false), &data[..], 0, "a write"),
+        (write(4096, &data, true), &data[..], 0, "a FUA write"),
+        (read(0, 4096), &[][..], 4096, "a read"),
+        (read(512, 1536), &[][..], 1536, "a read of 1536 bytes"),
+        (Op::Flush(pb::Flush {}), &[][..], 0, "a flush"),
+        (Op::Ping(pb::Ping { nonce: 7 }), &[][..], 0, "a ping"),
+        (
+            Op::WriteZeroes(pb::WriteZeroes {
+                offset: 0,
+                length: 4096,
+            }),
+            &[][..],
+            0,
+            "write-zeroes",
+        ),
+        (read(u64::MAX - 4096, 4096), &[][..], 0, "a refused read"),
+    ];
+    for (op, payload, want, what) in requests {
+        let (reply, got) = conn.call(op, payload)?;
+        ensure!(
+            got.len() == want,
+            "the reply to {what} ({}) carried {} payload bytes, the spec says {want}",
+            crate::ctx::status_name(reply.status),
+            got.len()
+        );
+    }
+    Ok(())
 }
 
 fn request_first(ctx: &Ctx) -> Outcome {

@@ -29,6 +29,11 @@ pub const CHECKS: &[Check] = &[
         "a write logs its 4 MiB region, and only the owner may trim",
         activity,
     ),
+    Check::new(
+        "10.3",
+        "a row out of sync has its missed regions, seeded from the log, forgotten when it is back",
+        missed,
+    ),
 ];
 
 /// A connection to a fresh volume of two copies (this node the first), at
@@ -237,6 +242,92 @@ fn activity(ctx: &Ctx) -> Outcome {
     ensure!(
         !reply.activity_regions.contains(&2),
         "a trimmed region with an unchanged sequence number is still logged"
+    );
+    Ok(())
+}
+
+/// Every missed region the node states for `row`, and `missed_since`.
+fn missed_regions(conn: &mut Conn, row: u32) -> Result<(Vec<u64>, u64), crate::ctx::Verdict> {
+    let mut regions = Vec::new();
+    let mut from = 0;
+    // The check's volume has 16 regions of 1 MiB: a page or two at most.
+    for _ in 0..16 {
+        let (reply, _) = conn.call(Op::GetMissed(pb::GetMissed { row, from }), &[])?;
+        expect_status(&reply, pb::Status::Ok, "GetMissed")?;
+        ensure!(
+            reply.missed_regions.windows(2).all(|w| w[0] < w[1])
+                && reply.missed_regions.first().is_none_or(|r| *r >= from),
+            "missed regions not ascending from {from}: {:?}",
+            reply.missed_regions
+        );
+        regions.extend(&reply.missed_regions);
+        match reply.missed_regions.last() {
+            Some(last) if reply.missed_more => from = last + 1,
+            _ => return Ok((regions, reply.missed_since)),
+        }
+    }
+    Err("GetMissed kept saying more follow".to_string().into())
+}
+
+fn missed(ctx: &Ctx) -> Outcome {
+    const MIB: u64 = 1 << 20;
+    let (mut owner, _) = replica(ctx, 1)?;
+    expect_status(
+        &put_record(&mut owner, 0, record(1, 1))?,
+        pb::Status::Ok,
+        "the owner's record",
+    )?;
+    // Logged while both rows are in sync: still in the activity log when
+    // row 1 leaves, so it seeds row 1's missed regions.
+    let before = 3 * MIB + 4096;
+    let data = pattern(6, before, 4096);
+    let (reply, _) = owner.call(write(before, &data, false), &data)?;
+    expect_status(&reply, pb::Status::Ok, "a write before row 1 leaves")?;
+    let out = pb::MembershipRecord {
+        iss: vec![0b01],
+        ..record(2, 1)
+    };
+    expect_status(
+        &put_record(&mut owner, 1, out)?,
+        pb::Status::Ok,
+        "the record that takes row 1 out",
+    )?;
+    let during = 9 * MIB + 512;
+    let data = pattern(7, during, 2048);
+    let (reply, _) = owner.call(write(during, &data, false), &data)?;
+    expect_status(&reply, pb::Status::Ok, "a write while row 1 is out")?;
+    let (reply, _) = owner.call(
+        Op::Discard(pb::Discard {
+            offset: 13 * MIB,
+            length: 4096,
+        }),
+        &[],
+    )?;
+    expect_status(&reply, pb::Status::Ok, "a discard while row 1 is out")?;
+    let (regions, since) = missed_regions(&mut owner, 1)?;
+    ensure!(
+        since == 2,
+        "missed_since is {since}, not the generation that took the row out (2)"
+    );
+    for (region, what) in [
+        (3, "the region logged before the row left"),
+        (9, "the region written while it was out"),
+        (13, "the region discarded while it was out"),
+    ] {
+        ensure!(
+            regions.contains(&region),
+            "{what} ({region}) is not among row 1's missed regions {regions:?}"
+        );
+    }
+    expect_status(
+        &put_record(&mut owner, 2, record(3, 1))?,
+        pb::Status::Ok,
+        "the record that puts row 1 back",
+    )?;
+    let (regions, since) = missed_regions(&mut owner, 1)?;
+    ensure!(
+        since == 0 && regions.is_empty(),
+        "row 1 is back in sync, yet the node states missed regions {regions:?} since {since}"
     );
     Ok(())
 }

@@ -33,7 +33,7 @@ pub const CHECKS: &[Check] = &[
     ),
     Check::new(
         "5.3",
-        "a restarted node states a new incarnation and keeps the volume",
+        "a restarted node states a new incarnation and keeps flushed and FUA writes",
         restart,
     ),
 ];
@@ -143,6 +143,10 @@ fn restart(ctx: &Ctx) -> Outcome {
     put(&mut conn, 0, &data)?;
     let (reply, _) = conn.call(pb::request::Op::Flush(pb::Flush {}), &[])?;
     crate::ctx::expect_status(&reply, pb::Status::Ok, "a flush")?;
+    // A FUA write is durable at its reply, with no flush after it (6.6).
+    let forced = pattern(4, 8192, 4096);
+    let (reply, _) = conn.call(crate::ctx::write(8192, &forced, true), &forced)?;
+    crate::ctx::expect_status(&reply, pb::Status::Ok, "a FUA write")?;
     conn.close();
     let status = std::process::Command::new("sh")
         .arg("-c")
@@ -183,6 +187,10 @@ fn restart(ctx: &Ctx) -> Outcome {
     ensure!(
         get(&mut conn, 0, 4096)? == data,
         "flushed data did not survive the restart"
+    );
+    ensure!(
+        get(&mut conn, 8192, 4096)? == forced,
+        "an acknowledged FUA write did not survive the restart"
     );
     Ok(())
 }

@@ -2,7 +2,8 @@
 # ublk checked, three mock nodes with memory stores at $NODES, no device).
 # Every scenario leaves no device behind.
 set -u
-fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
+# The reason is said again after the logs, so that a reader of the tail sees it.
+fail() { echo "NETBLK-VM-FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; echo "NETBLK-VM-FAIL (again, after the logs): $*"; echo "NETBLK-VM-RESULT: fail"; poweroff -f; }
 # wait_dev FILE: prints the device a map printed to FILE, once it is a block device.
 wait_dev() { for i in $(seq 100); do d=$(head -n1 "$1" 2>/dev/null); [ -n "$d" ] && [ -b "$d" ] && { echo "$d"; return; }; sleep 0.1; done; }
 # wait_exit PID SECS: waits up to SECS for PID to exit; its status in $RC.
