@@ -897,6 +897,21 @@ fn apply(
         // The codec refuses requests without an operation; be safe anyway.
         return Err((Status::NotSupported, "no operation".into()));
     };
+    let refused_on_purpose = match op {
+        Op::Read(pb::Read { length: 0, .. }) | Op::Write(pb::Write { length: 0, .. }) => node
+            .breaks(Broken::ZeroLengthInvalid)
+            .then_some(Status::Invalid),
+        Op::Write(pb::Write { fua: true, .. }) => node
+            .breaks(Broken::FuaUnsupported)
+            .then_some(Status::NotSupported),
+        Op::Flush(_) => node
+            .breaks(Broken::FlushUnsupported)
+            .then_some(Status::NotSupported),
+        _ => None,
+    };
+    if let Some(status) = refused_on_purpose {
+        return Err((status, "refused (broken on purpose)".into()));
+    }
     match op {
         Op::Read(read) => {
             if read.length > node.config.max_io_size && !node.breaks(Broken::NoReadLimit) {

@@ -132,6 +132,12 @@ pub enum Broken {
     FuaWithoutSync,
     /// Changes are not added to the missed regions of rows out of sync.
     NoMissedRegions,
+    /// A zero-length read or write is refused as INVALID.
+    ZeroLengthInvalid,
+    /// A FUA write is refused as NOT_SUPPORTED.
+    FuaUnsupported,
+    /// A flush is refused as NOT_SUPPORTED.
+    FlushUnsupported,
 }
 
 impl Config {

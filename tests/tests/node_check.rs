@@ -131,7 +131,10 @@ fn the_mock_node_passes_every_check_with_each_store() {
 /// and no other.
 #[test]
 fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
-    let cases: [(&[&str], &[&str]); 29] = [
+    let cases: [(&[&str], &[&str]); 32] = [
+        (&["--broken", "zero-length-invalid"], &["6.3 a zero-length"]),
+        (&["--broken", "fua-unsupported"], &["6.6"]),
+        (&["--broken", "flush-unsupported"], &["6.7"]),
         (
             &["--broken", "write-reply-payload"],
             &["3.3 a reply carries"],

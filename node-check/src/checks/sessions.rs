@@ -33,7 +33,7 @@ pub const CHECKS: &[Check] = &[
     ),
     Check::new(
         "5.3",
-        "a restarted node states a new incarnation and keeps flushed and FUA writes",
+        "a restarted node states a new incarnation and keeps flushed (on any connection) and FUA writes",
         restart,
     ),
 ];
@@ -141,6 +141,10 @@ fn restart(ctx: &Ctx) -> Outcome {
     let (mut conn, before, volume) = ctx.fresh()?;
     let data = pattern(3, 0, 4096);
     put(&mut conn, 0, &data)?;
+    // A flush covers writes acknowledged on any connection of the volume.
+    let (mut other, _) = ctx.open(ctx.hs(&volume))?;
+    let elsewhere = pattern(5, 16384, 4096);
+    put(&mut other, 16384, &elsewhere)?;
     let (reply, _) = conn.call(pb::request::Op::Flush(pb::Flush {}), &[])?;
     crate::ctx::expect_status(&reply, pb::Status::Ok, "a flush")?;
     // A FUA write is durable at its reply, with no flush after it (6.6).
@@ -148,6 +152,7 @@ fn restart(ctx: &Ctx) -> Outcome {
     let (reply, _) = conn.call(crate::ctx::write(8192, &forced, true), &forced)?;
     crate::ctx::expect_status(&reply, pb::Status::Ok, "a FUA write")?;
     conn.close();
+    other.close();
     let status = std::process::Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -191,6 +196,10 @@ fn restart(ctx: &Ctx) -> Outcome {
     ensure!(
         get(&mut conn, 8192, 4096)? == forced,
         "an acknowledged FUA write did not survive the restart"
+    );
+    ensure!(
+        get(&mut conn, 16384, 4096)? == elsewhere,
+        "a write on another connection, acknowledged before a flush, did not survive the restart"
     );
     Ok(())
 }
