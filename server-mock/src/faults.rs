@@ -158,6 +158,12 @@ impl Knobs {
         self.unstalled.notify_all();
     }
 
+    /// Whether the stall knob holds connection `conn` now.
+    pub fn stalls(&self, conn: u64) -> bool {
+        let faults = self.lock();
+        faults.stall && conn < self.stall_cutoff.load(Ordering::Relaxed)
+    }
+
     /// Blocks while the stall knob holds connection `conn`, until it is
     /// cleared or `give_up` says so (the node is shutting down, or the
     /// connection was fenced).

@@ -1,8 +1,9 @@
 //! `netblk-mock-node`: a storage node that speaks the netblk wire protocol,
 //! for tests, demos and benchmarks.
 //!
-//! - [`Server`]: binds, accepts, serves one thread per connection, and shuts
-//!   down gracefully ([`ShutdownHandle`]).
+//! - [`Server`]: binds, accepts, serves data connections on a few worker
+//!   threads (epoll; `reactor`), and shuts down gracefully
+//!   ([`ShutdownHandle`]).
 //! - `store`: sparse memory and directory stores.
 //! - `faults`: latency, errors, dropped connections, stalls, corrupted
 //!   replies and crashes, changed at run time over the admin protocol.
@@ -11,12 +12,16 @@
 mod activity;
 mod conn;
 mod delay;
+mod exec;
 pub mod faults;
 mod fence;
+mod frames;
 mod missed;
 mod node;
 mod peer;
 pub mod policy;
+mod reactor;
+mod reply;
 pub mod store;
 
 pub use node::{Broken, CRASH_EXIT_CODE, Config, Server, ShutdownHandle};

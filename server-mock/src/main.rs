@@ -96,6 +96,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     policy: Option<std::path::PathBuf>,
 
+    /// Worker threads serving the data connections (each an epoll loop;
+    /// default: one per CPU, at most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: Option<u16>,
+
     /// Do not fence a client's older sessions when it reconnects. Unsafe:
     /// stale requests of a dead connection may then overwrite newer data.
     /// Only for demonstrating that hazard.
@@ -317,6 +322,9 @@ fn main() -> ExitCode {
     }
     config.fencing = !args.no_fencing;
     config.broken = args.broken.clone();
+    if let Some(threads) = args.threads {
+        config.threads = usize::from(threads);
+    }
     config.volatile_cache = args.volatile_cache;
     config.faults = faults;
     config.fault_seed = args.fault_seed.unwrap_or_else(clock_seed);

@@ -21,6 +21,7 @@ use crate::fence::Sessions;
 use crate::missed::Missed;
 use crate::peer::Peer;
 use crate::policy::{self, Policy};
+use crate::reactor::{Incoming, Reactor};
 use crate::store::{self, Backend, StoreKind, VolumeMeta};
 use netblk_tls::config::ServerFiles;
 use netblk_tls::rustls::ServerConfig;
@@ -65,6 +66,8 @@ pub struct Config {
     /// Rules of docs/protocol.md this node breaks on purpose (to show that
     /// `netblk-node-check` finds each); empty outside such tests.
     pub broken: Vec<Broken>,
+    /// Worker threads serving the data connections (at least 1).
+    pub threads: usize,
 }
 
 /// A rule a deliberately broken node breaks (`--broken`).
@@ -158,8 +161,15 @@ impl Config {
             fencing: true,
             volatile_cache: false,
             broken: Vec::new(),
+            threads: default_threads(),
         }
     }
+}
+
+/// Workers by default: one per CPU, at most 4 (a node's work per request
+/// is small; more threads than CPUs only add switches).
+pub fn default_threads() -> usize {
+    thread::available_parallelism().map_or(2, |n| n.get().min(4))
 }
 
 /// One volume as this node holds it.
@@ -872,6 +882,7 @@ impl Server {
     /// the drain timeout) and flushes every volume.
     pub fn run(self) -> io::Result<()> {
         let node = self.node;
+        let reactor = Reactor::start(&node, node.config.threads)?;
         let delay_node = Arc::clone(&node);
         let delay_thread = thread::Builder::new()
             .name("delayed".into())
@@ -880,9 +891,9 @@ impl Server {
             let admin_node = Arc::clone(&node);
             thread::Builder::new()
                 .name("admin-accept".into())
-                .spawn(move || accept(&admin_node, admin, Port::Admin))?;
+                .spawn(move || accept(&admin_node, admin, Port::Admin, None))?;
         }
-        accept(&node, self.listener, Port::Data);
+        accept(&node, self.listener, Port::Data, Some(Arc::new(reactor)));
         if node.wait_connections_closed(node.config.drain_timeout) {
             node.delayed.wake();
             if delay_thread.join().is_err() {
@@ -935,9 +946,11 @@ fn secure(
     }
 }
 
-/// Takes connections on `listener` for `port` until the node stops, each
-/// on a thread of its own.
-fn accept(node: &Arc<Node>, listener: TcpListener, port: Port) {
+/// Takes connections on `listener` for `port` until the node stops: data
+/// connections go to the workers of `reactor` (after their TLS handshake,
+/// which runs on a short-lived thread of its own), admin connections each
+/// get a thread.
+fn accept(node: &Arc<Node>, listener: TcpListener, port: Port, reactor: Option<Arc<Reactor>>) {
     for stream in listener.incoming() {
         if node.stopping() {
             break;
@@ -955,22 +968,38 @@ fn accept(node: &Arc<Node>, listener: TcpListener, port: Port) {
         let peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let conn_node = Arc::clone(node);
-        let spawned = thread::Builder::new()
-            .name(format!("conn-{peer}"))
-            .spawn(move || {
-                let Some((stream, client)) = secure(&conn_node, stream, port, peer) else {
+        let start = {
+            let node = Arc::clone(node);
+            let reactor = reactor.clone();
+            move || {
+                let Some((stream, client)) = secure(&node, stream, port, peer) else {
                     return;
                 };
-                let id = match conn_node.register(&stream) {
+                let id = match node.register(&stream) {
                     Ok(id) => id,
                     Err(err) => {
                         warn!("cannot track new connection: {err}");
                         return;
                     }
                 };
-                conn::serve(conn_node, stream, id, port, peer, client);
-            });
+                match reactor {
+                    Some(reactor) => reactor.add(Incoming {
+                        stream,
+                        id,
+                        peer,
+                        client,
+                    }),
+                    None => conn::serve_admin_conn(node, stream, id, peer),
+                }
+            }
+        };
+        if port == Port::Data && node.config.tls.is_none() {
+            start();
+            continue;
+        }
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{peer}"))
+            .spawn(start);
         if let Err(err) = spawned {
             warn!("cannot start a thread for a new connection: {err}");
         }

@@ -17,9 +17,13 @@ pub struct Metrics {
     pub p99_us: f64,
     /// Non-idle guest CPU seconds (all CPUs, everything running) per GiB moved.
     pub cpu_s_per_gib: f64,
+    /// CPU seconds of the target's servers (its mock nodes, nbd-server or
+    /// nbdkit) per GiB moved.
+    pub server_s_per_gib: f64,
     /// CPUs busy over the run: the whole guest, the target's netblk daemon
-    /// (0 for other targets), its busiest thread, the mock nodes, softirqs.
+    /// (0 for other targets), its busiest thread, its servers, softirqs.
     pub cpus: Cpus,
+    pub switches: Switches,
 }
 
 /// Shares of one CPU, over the whole run (ramp included).
@@ -30,6 +34,15 @@ pub struct Cpus {
     pub client_thread: f64,
     pub nodes: f64,
     pub softirq: f64,
+}
+
+/// Context switches per IO over the run: the whole guest, the target's
+/// netblk daemon (0 for other targets), its servers.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Switches {
+    pub guest: f64,
+    pub client: f64,
+    pub servers: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +88,11 @@ pub(super) struct RunLine {
     pub(super) top: u64,
     pub(super) nodes: u64,
     pub(super) sirq: u64,
+    /// Context switches (optional fields): the whole guest, the netblk
+    /// daemon's threads, the servers' threads.
+    pub(super) ctxt: u64,
+    pub(super) cswc: u64,
+    pub(super) cswn: u64,
 }
 
 impl RunLine {
@@ -116,6 +134,18 @@ impl RunLine {
                 }
                 "sirq" => {
                     run.sirq = value.parse().map_err(|_| bad())?;
+                    continue;
+                }
+                "ctxt" => {
+                    run.ctxt = value.parse().map_err(|_| bad())?;
+                    continue;
+                }
+                "cswc" => {
+                    run.cswc = value.parse().map_err(|_| bad())?;
+                    continue;
+                }
+                "cswn" => {
+                    run.cswn = value.parse().map_err(|_| bad())?;
                     continue;
                 }
                 _ => return Err(format!("unknown field '{key}'")),
@@ -284,12 +314,23 @@ pub(super) fn fio_metrics(json: &str, side: &str, run: &RunLine) -> Result<Metri
         nodes: run.nodes as f64 / span,
         softirq: run.sirq as f64 / span,
     };
+    let iops = number(figures.get("iops"), "iops")?;
+    // IOs over the whole run (ramp included, as the counters are), at the
+    // measured rate; USER_HZ is 100 on every kernel measured.
+    let ios = iops * span / 100.0;
+    let per_io = |n: u64| if ios > 0.0 { n as f64 / ios } else { 0.0 };
     Ok(Metrics {
-        iops: number(figures.get("iops"), "iops")?,
+        iops,
+        switches: Switches {
+            guest: per_io(run.ctxt),
+            client: per_io(run.cswc),
+            servers: per_io(run.cswn),
+        },
         mib_s: number(figures.get("bw_bytes"), "bw_bytes")? / f64::from(1u32 << 20),
         p50_us: percentile("50.000000")? / 1000.0,
         p99_us: percentile("99.000000")? / 1000.0,
         cpu_s_per_gib: busy_cpus * runtime_ms / 1000.0 / gib,
+        server_s_per_gib: cpus.nodes * runtime_ms / 1000.0 / gib,
         cpus,
     })
 }

@@ -125,33 +125,51 @@ teardown_pass() {
   ls /dev/ublkb* 2>/dev/null && fail "a netblk device was left behind"
 }
 
-# thread_ticks PID...: "tid ticks" for every thread of those processes
-# (user and system clock ticks; the name in stat may hold spaces).
+# thread_ticks PID...: "tid ticks switches" for every thread of those
+# processes (user and system clock ticks; the name in stat may hold
+# spaces; voluntary and involuntary context switches).
 thread_ticks() {
   for p in "$@"; do
     for t in /proc/$p/task/*; do
-      [ -r $t/stat ] && echo "${t##*/} $(sed 's/.*) //' $t/stat | awk '{print $12 + $13}')"
+      [ -r $t/stat ] && echo "${t##*/} $(sed 's/.*) //' $t/stat | awk '{print $12 + $13}') $(awk '/ctxt_switches/ {s += $2} END {print s + 0}' $t/status 2>/dev/null)"
     done
   done
 }
-# tick_delta BEFORE AFTER: "sum busiest" of the threads' tick deltas.
+# tick_delta BEFORE AFTER: "sum busiest switches" of the threads' deltas.
 tick_delta() {
-  awk 'FILENAME == ARGV[1] {a[$1] = $2; next} {d = $2 - a[$1]; s += d; if (d > m) m = d} END {print s + 0, m + 0}' "$1" "$2"
+  awk 'FILENAME == ARGV[1] {a[$1] = $2; c[$1] = $3; next} {d = $2 - a[$1]; s += d; if (d > m) m = d; w += $3 - c[$1]} END {print s + 0, m + 0, w + 0}' "$1" "$2"
+}
+
+# server_pids TARGET: the processes serving TARGET: the pass's mock nodes
+# for netblk; for NBD, nbd-server's (it forks one per connection) or nbdkit.
+server_pids() {
+  case $1 in
+    netblk-*) cat /tmp/pid.node-${pass}* 2>/dev/null ;;
+    nbd-*)
+      if [ $pass = store ]; then
+        for c in /proc/[0-9]*/comm; do
+          [ "$(cat $c 2>/dev/null)" = nbd-server ] && { d=${c%/comm}; echo ${d#/proc/}; }
+        done
+      else
+        cat /tmp/pid.nbdkit
+      fi ;;
+  esac
 }
 
 # run_fio TARGET WORKLOAD ROUND: one measured fio run and its report lines,
 # with the CPU ticks of the whole guest, of the target's netblk daemon
-# (all threads, and its busiest thread), of the pass's nodes and of softirqs.
+# (all threads, and its busiest thread), of its servers and of softirqs.
 id=0
 run_fio() {
   id=$((id + 1))
   dev=$(cat /tmp/dev.$1)
   rm -f /tmp/fio.json
   client=""; [ -f /tmp/pid.$1 ] && client=$(cat /tmp/pid.$1)
-  nodes=$(cat /tmp/pid.node-${pass}* 2>/dev/null)
+  nodes=$(server_pids $1)
   thread_ticks $client > /tmp/client.0; thread_ticks $nodes > /tmp/nodes.0
   read -r _ u n s i w q sq st _ < /proc/stat
   b0=$((u + n + s + q + sq + st)); t0=$((u + n + s + i + w + q + sq + st)); sq0=$sq
+  x0=$(awk '/^ctxt/ {print $2}' /proc/stat)
   # A run that does not end within a minute of its time is a hang: say
   # what the device and its daemon look like, then give up.
   timeout $(( (RUNTIME_MS + RAMP_MS) / 1000 + 60 )) \
@@ -167,12 +185,13 @@ run_fio() {
   fi
   read -r _ u n s i w q sq st _ < /proc/stat
   b1=$((u + n + s + q + sq + st)); t1=$((u + n + s + i + w + q + sq + st))
+  x1=$(awk '/^ctxt/ {print $2}' /proc/stat)
   thread_ticks $client > /tmp/client.1; thread_ticks $nodes > /tmp/nodes.1
   set -- "$@" $(tick_delta /tmp/client.0 /tmp/client.1) $(tick_delta /tmp/nodes.0 /tmp/nodes.1)
   # One line of JSON (fio writes no string across lines), then base64 lines.
   sed 's/^[[:space:]]*//' /tmp/fio.json 2>/dev/null | tr -d '\n' > /tmp/fio.compact
   base64 /tmp/fio.compact | awk -v id=$id '{ print "NETBLK-BENCH-DATA " id " " NR " " $0 }'
-  echo "NETBLK-BENCH-RUN $id $pass $1 $2 $3 rc=$rc busy=$((b1 - b0)) total=$((t1 - t0)) ncpu=$NCPU bytes=$(wc -c < /tmp/fio.compact) client=$4 top=$5 nodes=$6 sirq=$((sq - sq0))"
+  echo "NETBLK-BENCH-RUN $id $pass $1 $2 $3 rc=$rc busy=$((b1 - b0)) total=$((t1 - t0)) ncpu=$NCPU bytes=$(wc -c < /tmp/fio.compact) client=$4 top=$5 nodes=$7 sirq=$((sq - sq0)) ctxt=$((x1 - x0)) cswc=$6 cswn=$9"
   if [ $rc -ne 0 ]; then tail -n 5 /tmp/fio.log | sed 's/^/    fio: /'; fi
 }
 

@@ -585,7 +585,7 @@ mod tests {
         }
         let _ = writeln!(
             out,
-            "NETBLK-BENCH-RUN {id} {pass} {target} {workload} {round} rc=0 busy=150 total=400 ncpu=2 bytes={}",
+            "NETBLK-BENCH-RUN {id} {pass} {target} {workload} {round} rc=0 busy=150 total=400 ncpu=2 bytes={} nodes=40 ctxt=4000 cswc=1000 cswn=2000",
             compact.len()
         );
         out
@@ -727,6 +727,7 @@ mod tests {
             busy: 150,
             total: 400,
             ncpu: 2,
+            nodes: 100,
             ..RunLine::default()
         };
         // 1 GiB in 2 s with 0.75 of 2 CPUs busy: 1.5 CPU s/GiB.
@@ -737,6 +738,12 @@ mod tests {
         assert_eq!(m.p50_us, 80.0);
         assert_eq!(m.p99_us, 250.5);
         assert!((m.cpu_s_per_gib - 1.5).abs() < 1e-9, "{}", m.cpu_s_per_gib);
+        // The servers: 100 of 200 ticks per CPU, half a CPU for 2 s.
+        assert!(
+            (m.server_s_per_gib - 1.0).abs() < 1e-9,
+            "{}",
+            m.server_s_per_gib
+        );
         // The write side of a read run moved nothing.
         assert!(fio_metrics(&json, "write", &run).is_err());
         let failed = json.replace("\"error\" : 0", "\"error\" : 5");
@@ -885,11 +892,21 @@ mod tests {
             .find(|l| l.starts_with("| randread-4k-qd1 | netblk-1n1q-auto |"))
             .expect("row");
         // IOPS, MiB/s (256 MiB in 2 s), p50 (median of 50, 100, 150 µs),
-        // p99, CPU, ratios, runs.
+        // p99, CPU, the servers' CPU (0.2 of a CPU for 2 s over 1/4 GiB),
+        // ratios, runs.
         assert_eq!(
             row,
-            "| randread-4k-qd1 | netblk-1n1q-auto | 1000 | 128 | 100 | 90.0 | 6.00 | 1.00 (0.90–1.10) | 0.50 (0.45–0.55) | 3 |"
+            "| randread-4k-qd1 | netblk-1n1q-auto | 1000 | 128 | 100 | 90.0 | 6.00 | 1.60 | 1.00 (0.90–1.10) | 0.50 (0.45–0.55) | 3 |"
         );
+        // 2000 IOs over the 2 s run (1000 IOPS): 4000, 1000 and 2000
+        // switches are 2, 0.5 and 1 per IO.
+        let switches = switches_table(&console.samples);
+        assert!(
+            switches
+                .contains("| randread-4k-qd1 | store | netblk-1n1q-auto | 2.00 | 0.50 | 1.00 |"),
+            "{switches}"
+        );
+        assert!(servers_table(&console.samples).contains("medians."));
         let brd = table
             .lines()
             .find(|l| l.starts_with("| randread-4k-qd1 | brd |"))

@@ -53,6 +53,19 @@ pub fn ratio(
     target: &str,
     other: &str,
 ) -> Option<Spread> {
+    ratio_of(samples, pass, workload, target, other, |m| m.iops)
+}
+
+/// The ratio of a figure of `target` to the same figure of `other`, round
+/// by round, as a spread.
+pub fn ratio_of(
+    samples: &[Sample],
+    pass: &str,
+    workload: &str,
+    target: &str,
+    other: &str,
+    figure: fn(&Metrics) -> f64,
+) -> Option<Spread> {
     let mine = find(samples, pass, target, workload);
     let theirs = find(samples, pass, other, workload);
     let ratios = mine
@@ -60,8 +73,8 @@ pub fn ratio(
         .filter_map(|m| {
             theirs
                 .iter()
-                .find(|t| t.round == m.round && t.metrics.iops > 0.0)
-                .map(|t| m.metrics.iops / t.metrics.iops)
+                .find(|t| t.round == m.round && figure(&t.metrics) > 0.0)
+                .map(|t| figure(&m.metrics) / figure(&t.metrics))
         })
         .collect();
     spread(ratios)
@@ -89,8 +102,8 @@ pub(super) fn number_cell(value: Option<f64>) -> String {
 /// rounds, and the round-by-round IOPS ratios.
 pub fn pass_table(samples: &[Sample], pass: &str) -> String {
     let mut out = String::from(
-        "| workload | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | ÷ NBD (min–max) | ÷ brd (min–max) | runs |\n\
-         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| workload | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | servers' CPU s/GiB | ÷ NBD (min–max) | ÷ brd (min–max) | runs |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for workload in WORKLOADS {
         for target in SHOWN {
@@ -110,7 +123,7 @@ pub fn pass_table(samples: &[Sample], pass: &str) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 workload.name,
                 target,
                 number_cell(median(|m| m.iops)),
@@ -118,6 +131,11 @@ pub fn pass_table(samples: &[Sample], pass: &str) -> String {
                 number_cell(median(|m| m.p50_us)),
                 number_cell(median(|m| m.p99_us)),
                 number_cell(median(|m| m.cpu_s_per_gib)),
+                if *target == BRD {
+                    "—".into()
+                } else {
+                    number_cell(median(|m| m.server_s_per_gib))
+                },
                 if peer.is_some() {
                     ratio_cell(vs_nbd)
                 } else {
@@ -158,6 +176,79 @@ pub fn summary_table(samples: &[Sample]) -> String {
                 );
             }
             out.push('\n');
+        }
+    }
+    out
+}
+
+/// What the servers cost: the CPU seconds per GiB of netblk's mock nodes
+/// over those of the NBD server with as many connections, per workload and
+/// pass (below 1: the mock nodes cost less), and how many medians meet
+/// the goal of at most 1.
+pub fn servers_table(samples: &[Sample]) -> String {
+    let netblk: Vec<&Target> = TARGETS.iter().filter(|t| t.peer.is_some()).collect();
+    let mut out = String::from("| workload | servers |");
+    for t in &netblk {
+        let _ = write!(out, " {} ÷ {} |", t.id, t.peer.unwrap_or_default());
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"--:|".repeat(netblk.len()));
+    out.push('\n');
+    let (mut met, mut measured) = (0, 0);
+    for workload in WORKLOADS {
+        for (pass, _) in PASSES {
+            let _ = write!(out, "| {} | {pass} |", workload.name);
+            for t in &netblk {
+                let peer = t.peer.unwrap_or_default();
+                let cell = ratio_of(samples, pass, workload.name, t.id, peer, |m| {
+                    m.server_s_per_gib
+                });
+                if let Some(s) = cell {
+                    measured += 1;
+                    met += usize::from(s.median <= 1.0);
+                }
+                let _ = write!(out, " {} |", ratio_cell(cell));
+            }
+            out.push('\n');
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nAt most 1 (the mock nodes cost no more CPU per GiB than the NBD server): {met} of {measured} medians."
+    );
+    out
+}
+
+/// Where the wake-ups of one request at a time go: context switches per
+/// IO of the whole guest, of the netblk daemon and of the servers, for the
+/// depth-1 workloads (medians over the rounds).
+pub fn switches_table(samples: &[Sample]) -> String {
+    let mut out = String::from(
+        "| workload | servers | target | whole guest | netblk daemon | servers |\n|---|---|---|--:|--:|--:|\n",
+    );
+    for workload in WORKLOADS.iter().filter(|w| w.name.ends_with("-qd1")) {
+        for (pass, _) in PASSES {
+            for target in SHOWN.iter().filter(|t| **t != BRD) {
+                let runs = find(samples, pass, target, workload.name);
+                if runs.is_empty() {
+                    continue;
+                }
+                let median = |f: fn(&Switches) -> f64| {
+                    spread(runs.iter().map(|s| f(&s.metrics.switches)).collect()).map(|s| s.median)
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {pass} | {target} | {} | {} | {} |",
+                    workload.name,
+                    number_cell(median(|s| s.guest)),
+                    if target.starts_with("netblk") {
+                        number_cell(median(|s| s.client))
+                    } else {
+                        "—".into()
+                    },
+                    number_cell(median(|s| s.servers)),
+                );
+            }
         }
     }
     out
@@ -310,6 +401,22 @@ pub fn report(console: &Console, setting: &Setting) -> String {
          reads go to one copy, spread over both.\n\n",
     );
     out.push_str(&replication_table(&console.samples));
+    out.push_str(
+        "\n## The servers' CPU: mock nodes over the NBD server\n\n\
+         CPU seconds per GiB moved of the processes serving each target (user and system time of\n\
+         every thread, from /proc around the run, scaled to the measured part): netblk's mock\n\
+         nodes over nbd-server's processes (it forks one per connection) with stores, over\n\
+         nbdkit's with discarding servers; round by round, median (smallest–largest).\n\n",
+    );
+    out.push_str(&servers_table(&console.samples));
+    out.push_str(
+        "\n## Context switches per IO, one request at a time\n\n\
+         Where the wake-ups of a depth-1 request go: context switches per IO of the whole guest\n\
+         (/proc/stat), of the netblk daemon's threads and of the servers' threads\n\
+         (/proc/PID/task/*/status), over the run at the measured rate. The kernel NBD client has\n\
+         no process of its own: its switches are among the guest's.\n\n",
+    );
+    out.push_str(&switches_table(&console.samples));
     out.push_str("\nTargets:\n\n");
     for target in SHOWN {
         if let Some(t) = TARGETS.iter().find(|t| t.id == *target) {

@@ -1,0 +1,329 @@
+//! The sending half of a data connection, shared by its worker and the
+//! node's delay thread. The socket never blocks: replies are batched while
+//! the worker takes requests off the socket and written when it runs out of
+//! them; a large read payload goes out with its header (and the batch) in
+//! one `writev` straight from where the store put it, and only what the
+//! socket did not take is copied, to be sent when it is writable again
+//! (the worker's epoll interest follows what is pending).
+
+use std::io::{self, IoSlice, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use netblk_protocol::pb;
+use netblk_protocol::{encode_head, encode_head_as};
+use tracing::{debug, info, warn};
+
+use crate::node::{Node, bump};
+
+/// Replies batched before they are written, bytes.
+const REPLY_BATCH: usize = 256 << 10;
+
+/// Payloads at least this large are written from where they are, not
+/// through the batch.
+const DIRECT_WRITE_MIN: usize = 32 << 10;
+
+/// Unsent reply bytes above which the worker stops reading requests from
+/// the connection until the client reads its replies.
+const OUT_LIMIT: usize = 8 << 20;
+
+pub struct ReplyWriter {
+    out: Mutex<Out>,
+    stream: TcpStream,
+    /// Replies carry a header digest (the connection has data digests).
+    digest: AtomicBool,
+    /// The worker's epoll instance and this connection's token in it.
+    epoll: RawFd,
+    token: u64,
+}
+
+struct Out {
+    pending: Vec<u8>,
+    /// Bytes of `pending` already written.
+    sent: usize,
+    /// The epoll events asked for now.
+    mask: u32,
+    /// The worker takes requests (off while closing).
+    reading: bool,
+    /// Still in the worker's epoll set.
+    registered: bool,
+    /// A write failed: nothing more is sent.
+    failed: bool,
+    /// Since when replies wait for the socket with no progress.
+    stuck_since: Option<Instant>,
+}
+
+impl Out {
+    fn unsent(&self) -> usize {
+        self.pending.len() - self.sent
+    }
+}
+
+/// Writes what `parts` hold, as much as the socket takes now; returns the
+/// bytes written (fewer than all when it would block).
+fn write_now(stream: &TcpStream, parts: &[&[u8]]) -> io::Result<usize> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut slices = &mut slices[..];
+    let mut written = 0;
+    while !slices.is_empty() {
+        match (&*stream).write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                IoSlice::advance_slices(&mut slices, n);
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(written)
+}
+
+impl ReplyWriter {
+    /// The writer of `stream` (non-blocking), registered in `epoll` as
+    /// `token` with `EPOLLIN` by the caller.
+    pub fn new(stream: TcpStream, epoll: RawFd, token: u64) -> Self {
+        ReplyWriter {
+            out: Mutex::new(Out {
+                pending: Vec::new(),
+                sent: 0,
+                mask: libc::EPOLLIN as u32,
+                reading: true,
+                registered: true,
+                failed: false,
+                stuck_since: None,
+            }),
+            stream,
+            digest: AtomicBool::new(false),
+            epoll,
+            token,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Out> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From the next reply on, frames carry a header digest.
+    pub fn set_digest(&self, on: bool) {
+        self.digest.store(on, Ordering::Release);
+    }
+
+    /// A handshake reply (never with a header digest), sent at once.
+    pub fn send_header(&self, node: &Node, header: &pb::Header) {
+        let mut head = Vec::with_capacity(128);
+        if let Err(err) = encode_head(header, 0, &mut head) {
+            warn!("cannot encode a handshake reply: {err}");
+            self.fail();
+            return;
+        }
+        self.queue(node, &head, &[], true);
+    }
+
+    /// Sends `reply` with `payload`: batched unless `flush` or the batch is
+    /// full. A reply-corruption fault may flip a byte of it.
+    pub fn send(&self, node: &Node, reply: pb::Reply, payload: &[u8], flush: bool) {
+        let mut head = Vec::with_capacity(64);
+        if let Err(err) = encode_head_as(
+            &pb::Header::reply(reply),
+            payload.len(),
+            self.digest.load(Ordering::Acquire),
+            &mut head,
+        ) {
+            warn!("cannot encode a reply: {err}");
+            self.fail();
+            return;
+        }
+        let mut corrupted_payload = None;
+        if let Some(corruption) = node.faults.take_corrupt(&head, payload.len(), &node.limits) {
+            corrupted_payload = corruption.apply(&mut head, payload);
+            bump(&node.counters.corrupted_replies, 1);
+            info!(
+                part = ?corruption.part,
+                at = corruption.at,
+                mask = corruption.mask,
+                "corrupting a reply frame (fault)"
+            );
+        }
+        let payload = corrupted_payload.as_deref().unwrap_or(payload);
+        self.queue(node, &head, payload, flush);
+    }
+
+    fn queue(&self, node: &Node, head: &[u8], payload: &[u8], flush: bool) {
+        let mut out = self.lock();
+        if out.failed {
+            return;
+        }
+        bump(&node.counters.wire_out, (head.len() + payload.len()) as u64);
+        if payload.len() >= DIRECT_WRITE_MIN {
+            // The batch, the header and the data in one writev; only what
+            // the socket does not take now is copied.
+            let unsent = out.sent..out.pending.len();
+            let written = {
+                let pending = &out.pending[unsent.clone()];
+                match write_now(&self.stream, &[pending, head, payload]) {
+                    Ok(n) => n,
+                    Err(err) => return self.failed(&mut out, &err),
+                }
+            };
+            let before = unsent.len();
+            if written >= before {
+                out.pending.clear();
+                out.sent = 0;
+                let rest = written - before;
+                if rest < head.len() {
+                    out.pending.extend_from_slice(&head[rest..]);
+                    out.pending.extend_from_slice(payload);
+                } else {
+                    out.pending.extend_from_slice(&payload[rest - head.len()..]);
+                }
+            } else {
+                out.sent += written;
+                out.pending.extend_from_slice(head);
+                out.pending.extend_from_slice(payload);
+            }
+            self.progress(&mut out, written > 0);
+        } else {
+            out.pending.extend_from_slice(head);
+            out.pending.extend_from_slice(payload);
+            if flush || out.unsent() >= REPLY_BATCH {
+                self.write_pending(&mut out);
+            }
+        }
+        self.arm(&mut out);
+    }
+
+    /// Writes what is batched, as far as the socket takes it.
+    pub fn flush(&self) {
+        let mut out = self.lock();
+        if out.failed {
+            return;
+        }
+        self.write_pending(&mut out);
+        self.arm(&mut out);
+    }
+
+    fn write_pending(&self, out: &mut Out) {
+        if out.unsent() == 0 {
+            return;
+        }
+        let written = match write_now(&self.stream, &[&out.pending[out.sent..]]) {
+            Ok(n) => n,
+            Err(err) => return self.failed(out, &err),
+        };
+        out.sent += written;
+        self.progress(out, written > 0);
+    }
+
+    /// Keeps the buffer short and notes whether the socket took anything.
+    fn progress(&self, out: &mut Out, moved: bool) {
+        if out.unsent() == 0 {
+            out.pending.clear();
+            out.sent = 0;
+            out.stuck_since = None;
+            if out.pending.capacity() > 2 * REPLY_BATCH {
+                out.pending.shrink_to(REPLY_BATCH);
+            }
+        } else if moved || out.stuck_since.is_none() {
+            out.stuck_since = Some(Instant::now());
+        }
+    }
+
+    fn failed(&self, out: &mut Out, err: &io::Error) {
+        debug!("reply not sent, closing: {err}");
+        out.failed = true;
+        out.pending.clear();
+        out.sent = 0;
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn fail(&self) {
+        let mut out = self.lock();
+        self.failed(&mut out, &io::Error::other("encoding failed"));
+    }
+
+    /// Asks epoll for what the connection needs now: requests while it
+    /// reads and replies do not pile up, writability while replies wait.
+    fn arm(&self, out: &mut Out) {
+        if !out.registered {
+            return;
+        }
+        let mut mask = 0u32;
+        if out.reading && !out.failed && out.unsent() < OUT_LIMIT {
+            mask |= libc::EPOLLIN as u32;
+        }
+        if out.unsent() > 0 && !out.failed {
+            mask |= libc::EPOLLOUT as u32;
+        }
+        if mask == out.mask {
+            return;
+        }
+        let mut event = libc::epoll_event {
+            events: mask,
+            u64: self.token,
+        };
+        // SAFETY: epoll_ctl reads `event`, a live local; both descriptors
+        // stay open while this writer exists (the worker owns the epoll
+        // instance for the life of the process, `self.stream` the socket).
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.epoll,
+                libc::EPOLL_CTL_MOD,
+                self.stream.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if rc == 0 {
+            out.mask = mask;
+        } else {
+            debug!("epoll interest not changed: {}", io::Error::last_os_error());
+        }
+    }
+
+    /// The worker takes no more requests from this connection and leaves
+    /// its epoll set; replies still go out when [`ReplyWriter::flush`]ed.
+    pub fn stop_reading(&self) {
+        let mut out = self.lock();
+        out.reading = false;
+        if out.registered {
+            out.registered = false;
+            // SAFETY: EPOLL_CTL_DEL ignores the event pointer (null is
+            // allowed since Linux 2.6.9); the descriptors are open.
+            unsafe {
+                libc::epoll_ctl(
+                    self.epoll,
+                    libc::EPOLL_CTL_DEL,
+                    self.stream.as_raw_fd(),
+                    std::ptr::null_mut(),
+                );
+            }
+        }
+    }
+
+    /// Whether replies wait to be written (and could still be).
+    pub fn pending(&self) -> bool {
+        let out = self.lock();
+        !out.failed && out.unsent() > 0
+    }
+
+    /// How long replies have waited for the client to read them without
+    /// any progress.
+    pub fn stuck_for(&self) -> Option<Duration> {
+        self.lock().stuck_since.map(|since| since.elapsed())
+    }
+
+    /// Ends the connection both ways.
+    pub fn close(&self) {
+        let mut out = self.lock();
+        out.failed = true;
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
