@@ -612,6 +612,75 @@ fn stall_knob_holds_replies_until_cleared() {
     assert!(data == vec![0; 4096] || data == vec![4; 4096]);
 }
 
+/// The node's threads, counted from /proc.
+fn threads(node: &MockNode) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", node.pid()))
+        .expect("node's tasks")
+        .count()
+}
+
+/// Connections share the node's workers: a hundred open connections add no
+/// thread (the node served one thread per connection before).
+#[test]
+fn connections_share_a_few_worker_threads() {
+    let node = MockNode::start(&["--threads", "2"]);
+    let mut first = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    first.ping().expect("ping");
+    let before = threads(&node);
+    let mut clients: Vec<NodeClient> = (0..100)
+        .map(|_| NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0)))
+        .collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.write(i as u64 * 4096, &[i as u8; 4096], false);
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        assert_eq!(client.read(i as u64 * 4096, 4096), vec![i as u8; 4096]);
+    }
+    assert_eq!(threads(&node), before, "threads grew with connections");
+}
+
+/// A request held by a stall waits on the delay thread, not on its worker:
+/// with one worker, a connection opened after the stall (not held by it) is
+/// served while the older one's request is held, which is answered once
+/// the stall ends.
+#[test]
+fn a_stalled_connection_does_not_hold_the_others_on_its_worker() {
+    let node = MockNode::start(&["--threads", "1"]);
+    let mut held = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    let mut admin = node.admin();
+    admin.set_faults(pb::Faults {
+        stall: true,
+        stall_open_only: true,
+        ..Default::default()
+    });
+    let id = held
+        .send(write_op(0, 4096, false), &[6; 4096])
+        .expect("send");
+    held.set_read_timeout(Duration::from_millis(300))
+        .expect("timeout");
+    assert!(held.recv().expect_err("held").is_timeout());
+    let mut free = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    let start = Instant::now();
+    for _ in 0..20 {
+        free.ping().expect("the newer connection is served");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        free.read(0, 4096),
+        vec![0; 4096],
+        "the held write was applied"
+    );
+    admin.set_faults(pb::Faults::default());
+    held.set_read_timeout(netblk_tests::WAIT).expect("timeout");
+    let (reply, _) = held.recv().expect("reply after the stall");
+    assert_eq!((reply.id, reply.status), (id, OK));
+    assert_eq!(free.read(0, 4096), vec![6; 4096]);
+}
+
 #[test]
 fn corrupt_knob_mangles_exactly_the_next_n_replies() {
     let node = MockNode::start(&[]);
