@@ -442,9 +442,9 @@ pub fn take_request(
         let reply = execute(node, conn, &faults, &request, payload, scratch);
         if seen == 40 && node.breaks(Broken::DuplicateReply) {
             conn.writer
-                .send(node, reply.clone(), scratch.payload(), false);
+                .send(node, reply.clone(), &scratch.parts(), false);
         }
-        conn.writer.send(node, reply, scratch.payload(), false);
+        conn.writer.send(node, reply, &scratch.parts(), false);
         conn.end(true);
     } else {
         conn.delayed.fetch_add(1, Ordering::AcqRel);
@@ -494,7 +494,7 @@ pub fn run_delayed(node: &Node) {
                 &job.payload,
                 &mut scratch,
             );
-            conn.writer.send(node, reply, scratch.payload(), true);
+            conn.writer.send(node, reply, &scratch.parts(), true);
             conn.end(true);
         }
         conn.delayed.fetch_sub(1, Ordering::AcqRel);

@@ -10,6 +10,7 @@ use tracing::warn;
 use crate::conn::Conn;
 use crate::node::{Broken, Node, Volume, bump};
 use crate::policy;
+use crate::store::Lent;
 
 /// Checks that `[offset, offset + len)` lies within the node's part of the volume.
 fn in_range(volume: &Volume, offset: u64, len: u64) -> Result<(), (Status, String)> {
@@ -26,9 +27,8 @@ fn in_range(volume: &Volume, offset: u64, len: u64) -> Result<(), (Status, Strin
     }
 }
 
-/// Executes one request and returns its reply; the reply's payload (a
-/// read's data) is left in `data`, which is empty otherwise.
-/// Read data staged for a reply, reused from request to request. Its buffer
+/// A reply's payload: read data lent by the store (sent from where it
+/// lies), or staged in a buffer reused from request to request. The buffer
 /// only grows and its bytes stay initialized, so a read does not zero-fill
 /// it again (a guest profile of 1 MiB reads from a memory store showed that
 /// fill at 9% of all samples, as much as the store's own copy).
@@ -36,17 +36,41 @@ fn in_range(volume: &Volume, offset: u64, len: u64) -> Result<(), (Status, Strin
 pub struct Scratch {
     buf: Vec<u8>,
     len: usize,
+    lent: Vec<Lent>,
 }
 
 impl Scratch {
     /// No payload.
     fn clear(&mut self) {
         self.len = 0;
+        self.lent.clear();
+    }
+
+    /// The payload is these pieces of the store.
+    fn lend(&mut self, pieces: Vec<Lent>) {
+        self.len = 0;
+        self.lent = pieces;
+    }
+
+    /// The payload's pieces, in order.
+    pub fn parts(&self) -> Vec<&[u8]> {
+        if self.lent.is_empty() {
+            vec![&self.buf[..self.len]]
+        } else {
+            self.lent.iter().map(Lent::bytes).collect()
+        }
+    }
+
+    fn crc32c(&self) -> u32 {
+        self.parts()
+            .iter()
+            .fold(0, |crc, part| crc32c::crc32c_append(crc, part))
     }
 
     /// A payload of `len` bytes, to be filled: its old contents are not
     /// cleared, the store overwrites all of them.
     fn take(&mut self, len: usize) -> &mut [u8] {
+        self.lent.clear();
         if self.buf.len() < len {
             self.buf.resize(len, 0);
         }
@@ -54,11 +78,14 @@ impl Scratch {
         &mut self.buf[..len]
     }
 
-    pub fn payload(&self) -> &[u8] {
-        &self.buf[..self.len]
+    #[cfg(test)]
+    fn payload(&self) -> Vec<u8> {
+        self.parts().concat()
     }
 }
 
+/// Executes one request and returns its reply; the reply's payload (a
+/// read's data) is left in `data`, which is empty otherwise.
 pub fn execute(
     node: &Node,
     conn: &Conn,
@@ -156,12 +183,16 @@ fn apply(
                 ));
             }
             in_range(volume, read.offset, u64::from(read.length))?;
-            backend
-                .read(read.offset, data.take(read.length as usize))
-                .map_err(|err| io_failure("read", err))?;
+            let len = read.length as usize;
+            match backend.lend(read.offset, len) {
+                Some(pieces) => data.lend(pieces),
+                None => backend
+                    .read(read.offset, data.take(len))
+                    .map_err(|err| io_failure("read", err))?,
+            }
             bump(&node.counters.bytes_read, u64::from(read.length));
             if conn.digest {
-                reply.crc32c = Some(crc32c::crc32c(data.payload()));
+                reply.crc32c = Some(data.crc32c());
             }
             Ok(())
         }
@@ -372,13 +403,14 @@ fn check_digest(node: &Node, write: &pb::Write, payload: &[u8]) -> Result<(), (S
 #[cfg(test)]
 mod tests {
     use super::Scratch;
+    use crate::store::Lent;
 
     #[test]
     fn scratch_is_sized_per_reply_and_never_filled_again() {
         let mut scratch = Scratch::default();
         assert!(scratch.payload().is_empty());
         scratch.take(8).fill(7);
-        assert_eq!(scratch.payload(), &[7; 8]);
+        assert_eq!(scratch.payload(), vec![7; 8]);
         // A reply without data has no payload.
         scratch.clear();
         assert!(scratch.payload().is_empty());
@@ -389,5 +421,11 @@ mod tests {
         // Growing adds initialized bytes.
         assert_eq!(scratch.take(12).len(), 12);
         assert_eq!(&scratch.payload()[8..], &[0; 4]);
+        // Lent pieces are the payload, in order, until the next request.
+        scratch.lend(vec![Lent::Zeros(3), Lent::Zeros(2)]);
+        assert_eq!(scratch.parts(), vec![&[0u8; 3][..], &[0u8; 2][..]]);
+        assert_eq!(scratch.crc32c(), crc32c::crc32c(&[0; 5]));
+        scratch.clear();
+        assert!(scratch.payload().is_empty());
     }
 }

@@ -125,16 +125,17 @@ impl ReplyWriter {
             self.fail();
             return;
         }
-        self.queue(node, &head, &[], true);
+        self.queue(node, &head, &[], 0, true);
     }
 
-    /// Sends `reply` with `payload`: batched unless `flush` or the batch is
-    /// full. A reply-corruption fault may flip a byte of it.
-    pub fn send(&self, node: &Node, reply: pb::Reply, payload: &[u8], flush: bool) {
+    /// Sends `reply` with its payload in `parts`: batched unless `flush` or
+    /// the batch is full. A reply-corruption fault may flip a byte of it.
+    pub fn send(&self, node: &Node, reply: pb::Reply, parts: &[&[u8]], flush: bool) {
+        let payload_len = parts.iter().map(|p| p.len()).sum();
         let mut head = Vec::with_capacity(64);
         if let Err(err) = encode_head_as(
             &pb::Header::reply(reply),
-            payload.len(),
+            payload_len,
             self.digest.load(Ordering::Acquire),
             &mut head,
         ) {
@@ -143,8 +144,9 @@ impl ReplyWriter {
             return;
         }
         let mut corrupted_payload = None;
-        if let Some(corruption) = node.faults.take_corrupt(&head, payload.len(), &node.limits) {
-            corrupted_payload = corruption.apply(&mut head, payload);
+        if let Some(corruption) = node.faults.take_corrupt(&head, payload_len, &node.limits) {
+            // Rare (a fault): the payload is gathered into one copy first.
+            corrupted_payload = corruption.apply(&mut head, &parts.concat());
             bump(&node.counters.corrupted_replies, 1);
             info!(
                 part = ?corruption.part,
@@ -153,47 +155,54 @@ impl ReplyWriter {
                 "corrupting a reply frame (fault)"
             );
         }
-        let payload = corrupted_payload.as_deref().unwrap_or(payload);
-        self.queue(node, &head, payload, flush);
+        let corrupted = [corrupted_payload.as_deref().unwrap_or_default()];
+        let parts = if corrupted_payload.is_some() {
+            &corrupted[..]
+        } else {
+            parts
+        };
+        self.queue(node, &head, parts, payload_len, flush);
     }
 
-    fn queue(&self, node: &Node, head: &[u8], payload: &[u8], flush: bool) {
+    fn queue(&self, node: &Node, head: &[u8], parts: &[&[u8]], payload_len: usize, flush: bool) {
         let mut out = self.lock();
         if out.failed {
             return;
         }
-        bump(&node.counters.wire_out, (head.len() + payload.len()) as u64);
-        if payload.len() >= DIRECT_WRITE_MIN {
+        bump(&node.counters.wire_out, (head.len() + payload_len) as u64);
+        if payload_len >= DIRECT_WRITE_MIN {
             // The batch, the header and the data in one writev; only what
             // the socket does not take now is copied.
-            let unsent = out.sent..out.pending.len();
             let written = {
-                let pending = &out.pending[unsent.clone()];
-                match write_now(&self.stream, &[pending, head, payload]) {
+                let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 2);
+                all.push(&out.pending[out.sent..]);
+                all.push(head);
+                all.extend_from_slice(parts);
+                match write_now(&self.stream, &all) {
                     Ok(n) => n,
                     Err(err) => return self.failed(&mut out, &err),
                 }
             };
-            let before = unsent.len();
-            if written >= before {
+            let before = out.unsent();
+            let mut skip = if written >= before {
                 out.pending.clear();
                 out.sent = 0;
-                let rest = written - before;
-                if rest < head.len() {
-                    out.pending.extend_from_slice(&head[rest..]);
-                    out.pending.extend_from_slice(payload);
-                } else {
-                    out.pending.extend_from_slice(&payload[rest - head.len()..]);
-                }
+                written - before
             } else {
                 out.sent += written;
-                out.pending.extend_from_slice(head);
-                out.pending.extend_from_slice(payload);
+                0
+            };
+            for part in std::iter::once(head).chain(parts.iter().copied()) {
+                let keep = &part[skip.min(part.len())..];
+                skip = skip.saturating_sub(part.len());
+                out.pending.extend_from_slice(keep);
             }
             self.progress(&mut out, written > 0);
         } else {
             out.pending.extend_from_slice(head);
-            out.pending.extend_from_slice(payload);
+            for part in parts {
+                out.pending.extend_from_slice(part);
+            }
             if flush || out.unsent() >= REPLY_BATCH {
                 self.write_pending(&mut out);
             }

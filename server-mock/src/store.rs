@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use netblk_protocol::pb;
 
@@ -170,10 +171,36 @@ impl std::fmt::Display for VolumeMeta {
     }
 }
 
+/// Zeroes to lend for ranges a store does not hold.
+static ZEROS: [u8; MEMORY_CHUNK as usize] = [0; MEMORY_CHUNK as usize];
+
+/// Bytes of a read lent by the store instead of copied out of it (they
+/// stay valid while lent: a chunk written meanwhile is copied first).
+pub enum Lent {
+    Chunk(Arc<Box<[u8]>>, Range<usize>),
+    /// This many zeroes (at most 64 KiB).
+    Zeros(usize),
+}
+
+impl Lent {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Lent::Chunk(chunk, range) => &chunk[range.clone()],
+            Lent::Zeros(n) => &ZEROS[..*n],
+        }
+    }
+}
+
 /// The data of one volume on this node. Offsets are node offsets, already
 /// checked against the capacity by the caller.
 pub trait Backend: Send + Sync {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The `len` bytes at `offset` as pieces of the store itself, for a
+    /// reply sent without copying them; `None` where the store cannot lend
+    /// (the caller then [`Backend::read`]s into a buffer of its own).
+    fn lend(&self, _offset: u64, _len: usize) -> Option<Vec<Lent>> {
+        None
+    }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
     /// Frees the range; it reads back as zeroes. Serves discard and write-zeroes.
     fn zero(&self, offset: u64, len: u64) -> io::Result<()>;
@@ -352,6 +379,13 @@ impl Backend for NullBackend {
         buf.fill(0);
         Ok(())
     }
+    fn lend(&self, offset: u64, len: usize) -> Option<Vec<Lent>> {
+        let mut pieces = Vec::new();
+        for_each_chunk(offset, len as u64, MEMORY_CHUNK, |_, _, _, n| {
+            pieces.push(Lent::Zeros(n));
+        });
+        Some(pieces)
+    }
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
         Ok(())
     }
@@ -370,8 +404,13 @@ const MEMORY_CHUNK: u64 = 64 << 10;
 const MEMORY_SHARDS: usize = 64;
 
 /// Sparse memory: 64 KiB chunks allocated on first write, freed by discard.
+/// A memory store's chunks by number.
+type Chunks = HashMap<u64, Arc<Box<[u8]>>>;
+
 struct MemoryBackend {
-    shards: Vec<Mutex<HashMap<u64, Box<[u8]>>>>,
+    /// Chunks by number; a chunk lent to a reply being sent is shared, and
+    /// a write to it then changes a copy (`Arc::make_mut`).
+    shards: Vec<Mutex<Chunks>>,
     stored: AtomicU64,
 }
 
@@ -383,7 +422,7 @@ impl MemoryBackend {
         }
     }
 
-    fn shard(&self, chunk: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Box<[u8]>>> {
+    fn shard(&self, chunk: u64) -> std::sync::MutexGuard<'_, Chunks> {
         // A panic while holding a shard lock cannot leave a chunk half-valid in a
         // way that matters more than the panic itself: keep serving.
         self.shards[(chunk % MEMORY_SHARDS as u64) as usize]
@@ -393,6 +432,17 @@ impl MemoryBackend {
 }
 
 impl Backend for MemoryBackend {
+    fn lend(&self, offset: u64, len: usize) -> Option<Vec<Lent>> {
+        let mut pieces = Vec::new();
+        for_each_chunk(offset, len as u64, MEMORY_CHUNK, |chunk, at, _, n| {
+            pieces.push(match self.shard(chunk).get(&chunk) {
+                Some(data) => Lent::Chunk(Arc::clone(data), at..at + n),
+                None => Lent::Zeros(n),
+            });
+        });
+        Some(pieces)
+    }
+
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         for_each_chunk(
             offset,
@@ -418,9 +468,9 @@ impl Backend for MemoryBackend {
                 let mut shard = self.shard(chunk);
                 let stored = shard.entry(chunk).or_insert_with(|| {
                     self.stored.fetch_add(MEMORY_CHUNK, Ordering::Relaxed);
-                    vec![0u8; MEMORY_CHUNK as usize].into_boxed_slice()
+                    Arc::new(vec![0u8; MEMORY_CHUNK as usize].into_boxed_slice())
                 });
-                stored[at..at + n].copy_from_slice(&data[pos..pos + n]);
+                Arc::make_mut(stored)[at..at + n].copy_from_slice(&data[pos..pos + n]);
             },
         );
         Ok(())
@@ -434,7 +484,7 @@ impl Backend for MemoryBackend {
                     self.stored.fetch_sub(MEMORY_CHUNK, Ordering::Relaxed);
                 }
             } else if let Some(data) = shard.get_mut(&chunk) {
-                data[at..at + n].fill(0);
+                Arc::make_mut(data)[at..at + n].fill(0);
             }
         });
         Ok(())
@@ -926,6 +976,32 @@ mod tests {
         assert!(buf[z..z + 150_000].iter().all(|b| *b == 0));
         assert_eq!(&buf[z + 150_000..], &data[z + 150_000..]);
         backend.flush().expect("flush");
+    }
+
+    #[test]
+    fn lent_reads_are_the_data_and_keep_it_while_a_write_changes_it() {
+        let backend = MemoryBackend::new();
+        backend.write(65536 - 4, &[1; 8], false).expect("write");
+        let joined = |pieces: &[Lent]| -> Vec<u8> {
+            pieces.iter().flat_map(|p| p.bytes().to_vec()).collect()
+        };
+        // Across a chunk boundary, with a hole after it.
+        let lent = backend
+            .lend(65536 - 8, 16 + 65536)
+            .expect("a memory store lends");
+        let mut want = vec![0u8; 16 + 65536];
+        want[4..12].fill(1);
+        assert_eq!(joined(&lent), want);
+        // A write to a lent chunk changes a copy: the reply being sent
+        // keeps what was read, the next read sees the write.
+        backend.write(65536 - 4, &[2; 4], false).expect("write");
+        assert_eq!(joined(&lent), want);
+        let mut now = vec![0u8; 8];
+        backend.read(65536 - 8, &mut now).expect("read");
+        assert_eq!(now, [0, 0, 0, 0, 2, 2, 2, 2]);
+        // The null store lends zeroes.
+        let zeros = NullBackend.lend(12345, 200_000).expect("zeroes");
+        assert_eq!(joined(&zeros), vec![0; 200_000]);
     }
 
     #[test]

@@ -902,6 +902,11 @@ pub fn vm_test(
             }) {
                 eprintln!("    {line}");
             }
+            // What the kernel reported of itself (a guest that passed may
+            // still have seen a kernel bug): said, not hidden.
+            for line in kernel_complaints(&log) {
+                eprintln!("    kernel: {line}");
+            }
         } else {
             eprintln!("---- guest log ({})\n{log}\n----", kernel.name);
             failed.push(format!("{} ({})", kernel.name, failure_reason(&log)));
@@ -912,6 +917,15 @@ pub fn vm_test(
     } else {
         Err(format!("vm-test failed on kernel(s) {}", failed.join(", ")))
     }
+}
+
+/// The console lines where the guest's kernel reported a bug or a warning
+/// of its own ("BUG:", "WARNING:", "Oops").
+fn kernel_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("BUG:") || l.contains("WARNING:") || l.contains("Oops"))
+        .map(str::trim)
+        .collect()
 }
 
 /// What a failed guest said of its failure: its first `NETBLK-VM-FAIL`
@@ -929,6 +943,15 @@ pub(crate) mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn kernel_bugs_are_picked_out_of_the_console() {
+        let log = "[ 1.0] ok\n[ 363.1] BUG: Bad page state in process x  pfn:60800\nublk: fine\n";
+        assert_eq!(
+            kernel_complaints(log),
+            vec!["[ 363.1] BUG: Bad page state in process x  pfn:60800"]
+        );
     }
 
     #[test]
