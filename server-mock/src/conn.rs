@@ -434,7 +434,7 @@ pub fn take_request(
     conn.begin();
     // A stalled request waits on the delay thread, not here: the worker
     // goes on serving its other connections.
-    let stalled = node.faults.stalls(conn.id);
+    let stalled = node.faults.stalls(&faults, conn.id);
     let delay = node.faults.delay(&faults);
     if conn.fenced() {
         conn.end(false);

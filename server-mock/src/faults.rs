@@ -158,9 +158,9 @@ impl Knobs {
         self.unstalled.notify_all();
     }
 
-    /// Whether the stall knob holds connection `conn` now.
-    pub fn stalls(&self, conn: u64) -> bool {
-        let faults = self.lock();
+    /// Whether `faults` (as read with [`Knobs::get`]) stall connection
+    /// `conn`.
+    pub fn stalls(&self, faults: &pb::Faults, conn: u64) -> bool {
         faults.stall && conn < self.stall_cutoff.load(Ordering::Relaxed)
     }
 

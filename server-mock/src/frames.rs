@@ -23,8 +23,9 @@ const READ_BUF: usize = 4 << 20;
 
 /// What a read from the socket gave.
 pub enum Fill {
-    /// Bytes arrived.
-    Got,
+    /// Bytes arrived; `drained`: fewer than there was room for, so the
+    /// socket had no more just now (another read would likely find none).
+    Got { drained: bool },
     /// Nothing now (a non-blocking socket), or nothing within the read
     /// timeout (a blocking one).
     WouldBlock,
@@ -106,6 +107,7 @@ impl FrameReader {
                 self.buf.resize(self.end + need, 0);
             }
         }
+        let room = self.buf.len() - self.end;
         let n = loop {
             match (&*stream).read(&mut self.buf[self.end..]) {
                 Ok(n) => break n,
@@ -131,7 +133,7 @@ impl FrameReader {
         }
         bump(&self.node.counters.wire_in, n as u64);
         self.end += n;
-        Ok(Fill::Got)
+        Ok(Fill::Got { drained: n < room })
     }
 
     /// On a blocking socket: the next frame, `None` at a clean end of
@@ -145,7 +147,7 @@ impl FrameReader {
                 return Ok(Some(frame));
             }
             match self.fill(stream)? {
-                Fill::Got => {}
+                Fill::Got { .. } => {}
                 Fill::Eof => return Ok(None),
                 Fill::WouldBlock => return Err(io::Error::from(io::ErrorKind::TimedOut).into()),
             }

@@ -38,6 +38,9 @@ const TICK: Duration = Duration::from_millis(100);
 const CLOSING_TICK: Duration = Duration::from_millis(5);
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// Reads of one connection per wake-up, at most.
+const READS_PER_WAKE: usize = 16;
+
 /// A connection handed to a worker: accepted, TLS done, registered.
 pub struct Incoming {
     pub stream: TcpStream,
@@ -285,9 +288,10 @@ fn admit(node: &Arc<Node>, epoll: RawFd, new: Incoming) -> Option<Slot> {
 }
 
 /// Takes what a readable connection holds: every whole frame already
-/// received, one read from the socket, every whole frame again; then
-/// writes the replies batched meanwhile. One read per wake-up keeps one
-/// busy connection from starving the others (epoll reports it again).
+/// received, then reads and takes frames until the socket has nothing
+/// more (at most [`READS_PER_WAKE`] reads: one busy connection does not
+/// starve the others, epoll reports it again); then writes the replies
+/// batched meanwhile.
 fn readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) {
     if matches!(slot.phase, Phase::Sink) {
         let mut sink = [0u8; 4096];
@@ -302,11 +306,19 @@ fn readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) {
         }
     }
     let result = take_frames(node, slot, scratch).and_then(|()| {
-        match slot.reader.fill(&slot.stream)? {
-            Fill::Eof => return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Fill::Got | Fill::WouldBlock => {}
+        for _ in 0..READS_PER_WAKE {
+            match slot.reader.fill(&slot.stream)? {
+                Fill::Eof => return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Fill::WouldBlock => break,
+                Fill::Got { drained } => {
+                    take_frames(node, slot, scratch)?;
+                    if drained {
+                        break;
+                    }
+                }
+            }
         }
-        take_frames(node, slot, scratch)
+        Ok(())
     });
     match result {
         Ok(()) => slot.writer.flush(),
