@@ -173,6 +173,9 @@ struct Slot {
     reader: FrameReader,
     writer: Arc<ReplyWriter>,
     phase: Phase,
+    /// Frames wait in the buffer because the client does not read its
+    /// replies: taken again once the replies drain.
+    held_back: bool,
 }
 
 fn run(node: &Arc<Node>, worker: &Worker) {
@@ -212,6 +215,10 @@ fn run(node: &Arc<Node>, worker: &Worker) {
             };
             if flags & libc::EPOLLOUT as u32 != 0 {
                 slot.writer.flush();
+                if slot.held_back && !slot.writer.backlogged() {
+                    slot.held_back = false;
+                    readable(node, slot, &mut scratch);
+                }
             }
             if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
                 readable(node, slot, &mut scratch);
@@ -284,6 +291,7 @@ fn admit(node: &Arc<Node>, epoll: RawFd, new: Incoming) -> Option<Slot> {
         phase: Phase::Handshake {
             deadline: Instant::now() + node.config.handshake_timeout,
         },
+        held_back: false,
     })
 }
 
@@ -307,6 +315,9 @@ fn readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) {
     }
     let result = take_frames(node, slot, scratch).and_then(|()| {
         for _ in 0..READS_PER_WAKE {
+            if slot.held_back {
+                break;
+            }
             match slot.reader.fill(&slot.stream)? {
                 Fill::Eof => return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into())),
                 Fill::WouldBlock => break,
@@ -334,6 +345,12 @@ fn readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) {
 fn take_frames(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) -> Result<(), ConnError> {
     loop {
         if !matches!(slot.phase, Phase::Handshake { .. } | Phase::Serving(_)) {
+            return Ok(());
+        }
+        // A client that does not read its replies gets no more of them
+        // until it does: bounded memory, whatever it sends.
+        if slot.writer.backlogged() {
+            slot.held_back = true;
             return Ok(());
         }
         let Some((header, range)) = slot.reader.decode()? else {

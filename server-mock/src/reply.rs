@@ -317,6 +317,13 @@ impl ReplyWriter {
         }
     }
 
+    /// Whether so many replies wait for the client to read them that no
+    /// more requests should be taken.
+    pub fn backlogged(&self) -> bool {
+        let out = self.lock();
+        !out.failed && out.unsent() >= OUT_LIMIT
+    }
+
     /// Whether replies wait to be written (and could still be).
     pub fn pending(&self) -> bool {
         let out = self.lock();

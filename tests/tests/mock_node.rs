@@ -681,6 +681,45 @@ fn a_stalled_connection_does_not_hold_the_others_on_its_worker() {
     assert_eq!(free.read(0, 4096), vec![6; 4096]);
 }
 
+/// The node's resident memory, KiB.
+fn rss_kib(node: &MockNode) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
+        .expect("node's status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A hostile client pipelines 300 reads of 1 MiB and reads no reply: the
+/// node stops taking its requests once 8 MiB of replies wait (its memory
+/// stays bounded, its other clients are served), and serves the rest as
+/// the client reads.
+#[test]
+fn a_client_that_reads_no_replies_cannot_grow_the_nodes_memory() {
+    let node = MockNode::start(&["--threads", "1"]);
+    let mut hostile = NodeClient::open(node.addr, handshake("v", 4 * MIB, 65536, 1, 0));
+    hostile.write(0, &pattern(7, 1 << 20), false);
+    let before = rss_kib(&node);
+    for _ in 0..300 {
+        hostile.send(read_op(0, 1 << 20), &[]).expect("send");
+    }
+    thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(&node).saturating_sub(before);
+    assert!(
+        grown < 64 << 10,
+        "the node grew by {grown} KiB for unread replies"
+    );
+    // The worker still serves others.
+    let mut other = NodeClient::open(node.addr, handshake("v", 4 * MIB, 65536, 1, 0));
+    other.ping().expect("another client is served");
+    for i in 0..300 {
+        let (reply, data) = hostile.recv().unwrap_or_else(|e| panic!("reply {i}: {e}"));
+        assert_eq!(reply.status, OK);
+        assert_eq!(data, pattern(7, 1 << 20), "reply {i}");
+    }
+}
+
 #[test]
 fn corrupt_knob_mangles_exactly_the_next_n_replies() {
     let node = MockNode::start(&[]);
