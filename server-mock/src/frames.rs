@@ -1,6 +1,9 @@
-//! Frames off a socket into one reusable buffer per connection: whole
-//! frames are decoded where they landed, and a write's payload is handed to
-//! the store straight from that buffer (no copy per request).
+//! Frames off a socket into a receive buffer: whole frames are decoded
+//! where they landed, and a write's payload is handed to the store straight
+//! from that buffer (no copy per request). A connection holds a buffer only
+//! while it has bytes in it: between requests it goes back to its worker's
+//! pool ([`FrameReader::adopt`], [`FrameReader::give_back`]), so idle
+//! connections cost no buffer.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -37,6 +40,7 @@ pub enum Fill {
 pub struct FrameReader {
     /// Counts what arrives (`wire_in`).
     node: Arc<Node>,
+    /// Empty while the connection holds no buffer.
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -50,7 +54,7 @@ impl FrameReader {
         FrameReader {
             node: Arc::clone(node),
             limits: node.limits,
-            buf: vec![0; READ_BUF],
+            buf: Vec::new(),
             start: 0,
             end: 0,
             need: PREAMBLE_LEN,
@@ -85,6 +89,30 @@ impl FrameReader {
         }
     }
 
+    /// Takes `buf` (from a pool: [`READ_BUF`] bytes) if this reader holds
+    /// none.
+    pub fn adopt(&mut self, buf: impl FnOnce() -> Option<Vec<u8>>) {
+        if self.buf.is_empty()
+            && let Some(buf) = buf()
+        {
+            self.buf = buf;
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// The buffer, for a pool, if it holds no bytes of a frame and has its
+    /// usual size (one grown for a large frame is freed instead).
+    pub fn give_back(&mut self) -> Option<Vec<u8>> {
+        if self.start != self.end || self.buf.is_empty() {
+            return None;
+        }
+        let buf = std::mem::take(&mut self.buf);
+        self.start = 0;
+        self.end = 0;
+        (buf.len() == READ_BUF).then_some(buf)
+    }
+
     /// The bytes of a payload [`FrameReader::decode`] pointed at (valid
     /// until the next [`FrameReader::fill`]).
     pub fn payload(&self, range: Range<usize>) -> &[u8] {
@@ -94,6 +122,9 @@ impl FrameReader {
     /// One read from `stream` into the buffer, with room for at least the
     /// rest of the frame being received (bounded by the limits).
     pub fn fill(&mut self, stream: &TcpStream) -> Result<Fill, ConnError> {
+        if self.buf.is_empty() {
+            self.buf = vec![0; READ_BUF];
+        }
         if self.start == self.end {
             self.start = 0;
             self.end = 0;

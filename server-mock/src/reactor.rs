@@ -38,6 +38,14 @@ const TICK: Duration = Duration::from_millis(100);
 const CLOSING_TICK: Duration = Duration::from_millis(5);
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// Receive buffers a worker keeps for its connections, at most (a
+/// connection holds one only while a frame is partly received).
+const POOL_MAX: usize = 8;
+
+/// A worker's idle receive buffers.
+#[derive(Default)]
+struct Pool(Vec<Vec<u8>>);
+
 /// Reads of one connection per wake-up, at most.
 const READS_PER_WAKE: usize = 16;
 
@@ -104,7 +112,10 @@ impl Reactor {
             let (node, mine) = (Arc::clone(node), Arc::clone(&worker));
             thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .spawn(move || run(&node, &mine))?;
+                .spawn(move || {
+                    let _abort = AbortOnPanic;
+                    run(&node, &mine)
+                })?;
             workers.push(worker);
         }
         Ok(Reactor {
@@ -147,6 +158,19 @@ impl Worker {
     }
 }
 
+/// A worker that panics takes the node down (its connections would
+/// otherwise hang unanswered, which no client can tell from a slow node).
+struct AbortOnPanic;
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            tracing::error!("a worker panicked: the node stops");
+            std::process::abort();
+        }
+    }
+}
+
 /// Where a connection is in its life.
 enum Phase {
     /// Waiting for its first frame, a handshake, until the deadline.
@@ -183,6 +207,7 @@ fn run(node: &Arc<Node>, worker: &Worker) {
     let mut slots: HashMap<u64, Slot> = HashMap::new();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
     let mut scratch = Scratch::default();
+    let mut pool = Pool::default();
     let mut last_tick = Instant::now();
     loop {
         let tick = next_tick(&slots);
@@ -217,11 +242,11 @@ fn run(node: &Arc<Node>, worker: &Worker) {
                 slot.writer.flush();
                 if slot.held_back && !slot.writer.backlogged() {
                     slot.held_back = false;
-                    readable(node, slot, &mut scratch);
+                    readable(node, slot, &mut scratch, &mut pool);
                 }
             }
             if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
-                readable(node, slot, &mut scratch);
+                readable(node, slot, &mut scratch, &mut pool);
             }
         }
         if tick.is_some_and(|t| last_tick.elapsed() >= t) {
@@ -300,7 +325,17 @@ fn admit(node: &Arc<Node>, epoll: RawFd, new: Incoming) -> Option<Slot> {
 /// more (at most [`READS_PER_WAKE`] reads: one busy connection does not
 /// starve the others, epoll reports it again); then writes the replies
 /// batched meanwhile.
-fn readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) {
+fn readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch, pool: &mut Pool) {
+    slot.reader.adopt(|| pool.0.pop());
+    serve_readable(node, slot, scratch);
+    if let Some(buf) = slot.reader.give_back()
+        && pool.0.len() < POOL_MAX
+    {
+        pool.0.push(buf);
+    }
+}
+
+fn serve_readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) {
     if matches!(slot.phase, Phase::Sink) {
         let mut sink = [0u8; 4096];
         loop {

@@ -627,6 +627,7 @@ fn connections_share_a_few_worker_threads() {
     let mut first = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
     first.ping().expect("ping");
     let before = threads(&node);
+    let size_before = status_kib(&node, "VmSize:");
     let mut clients: Vec<NodeClient> = (0..100)
         .map(|_| NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0)))
         .collect();
@@ -637,6 +638,12 @@ fn connections_share_a_few_worker_threads() {
         assert_eq!(client.read(i as u64 * 4096, 4096), vec![i as u8; 4096]);
     }
     assert_eq!(threads(&node), before, "threads grew with connections");
+    // Nor a receive buffer each (4 MiB): idle connections hold none.
+    let grown = status_kib(&node, "VmSize:").saturating_sub(size_before);
+    assert!(
+        grown < 48 << 10,
+        "the node's address space grew by {grown} KiB"
+    );
 }
 
 /// A request held by a stall waits on the delay thread, not on its worker:
@@ -681,14 +688,14 @@ fn a_stalled_connection_does_not_hold_the_others_on_its_worker() {
     assert_eq!(free.read(0, 4096), vec![6; 4096]);
 }
 
-/// The node's resident memory, KiB.
-fn rss_kib(node: &MockNode) -> u64 {
+/// A figure of the node's /proc status, KiB (`VmRSS:`, `VmSize:`).
+fn status_kib(node: &MockNode, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
         .expect("node's status")
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .expect("a figure in KiB")
 }
 
 /// A hostile client pipelines 300 reads of 1 MiB and reads no reply: the
@@ -700,12 +707,12 @@ fn a_client_that_reads_no_replies_cannot_grow_the_nodes_memory() {
     let node = MockNode::start(&["--threads", "1"]);
     let mut hostile = NodeClient::open(node.addr, handshake("v", 4 * MIB, 65536, 1, 0));
     hostile.write(0, &pattern(7, 1 << 20), false);
-    let before = rss_kib(&node);
+    let before = status_kib(&node, "VmRSS:");
     for _ in 0..300 {
         hostile.send(read_op(0, 1 << 20), &[]).expect("send");
     }
     thread::sleep(Duration::from_millis(500));
-    let grown = rss_kib(&node).saturating_sub(before);
+    let grown = status_kib(&node, "VmRSS:").saturating_sub(before);
     assert!(
         grown < 64 << 10,
         "the node grew by {grown} KiB for unread replies"
