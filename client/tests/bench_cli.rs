@@ -2,12 +2,59 @@
 //! workload in both send modes, each with its wire baseline, and prints one JSON
 //! object.
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `command` to its end, or fails the test once `limit` has passed
+/// (a node that stops serving a connection shows as a bench that never
+/// ends: it once did, with a mock node that stopped reading a connection
+/// whose replies had piled up).
+fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run netblk bench");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stdout.read_to_end(&mut bytes);
+        bytes
+    });
+    let err = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr.read_to_end(&mut bytes);
+        bytes
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap_or_default();
+            panic!(
+                "netblk bench ran past {limit:?}:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
 
 #[test]
 fn bench_runs_every_workload_and_prints_json() {
-    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
-        .args([
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_netblk")).args([
             "bench",
             "--duration",
             "0.3",
@@ -16,9 +63,9 @@ fn bench_runs_every_workload_and_prints_json() {
             "--size",
             "64M",
             "--json",
-        ])
-        .output()
-        .expect("run netblk bench");
+        ]),
+        Duration::from_secs(60),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "netblk bench failed:\n{stderr}");

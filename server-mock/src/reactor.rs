@@ -384,8 +384,8 @@ fn take_frames(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) -> Resu
         }
         // A client that does not read its replies gets no more of them
         // until it does: bounded memory, whatever it sends.
-        if slot.writer.backlogged() {
-            slot.held_back = true;
+        slot.held_back = slot.writer.backlogged();
+        if slot.held_back {
             return Ok(());
         }
         let Some((header, range)) = slot.reader.decode()? else {

@@ -385,6 +385,18 @@ impl NodeClient {
         })
     }
 
+    /// The same connection, for another thread to receive on while this
+    /// one sends.
+    pub fn try_clone(&self) -> io::Result<NodeClient> {
+        Ok(NodeClient {
+            framed: Framed {
+                stream: self.framed.stream.try_clone()?,
+                digest: self.framed.digest,
+            },
+            next_id: 1 << 40,
+        })
+    }
+
     /// Connects and completes a handshake that must be accepted.
     pub fn open(addr: SocketAddr, hs: pb::Handshake) -> NodeClient {
         let mut client = NodeClient::connect(addr).expect("connect");

@@ -725,6 +725,38 @@ fn a_client_that_reads_no_replies_cannot_grow_the_nodes_memory() {
         assert_eq!(reply.status, OK);
         assert_eq!(data, pattern(7, 1 << 20), "reply {i}");
     }
+    // Held back while the client reads as it sends (as a real client
+    // does), the connection is served as before and the node idles after:
+    // it once stopped reading such a connection for good and spun on it.
+    let mut receiver = hostile.try_clone().expect("clone");
+    let reader = thread::spawn(move || {
+        for i in 0..400 {
+            let (reply, _) = receiver.recv().unwrap_or_else(|e| panic!("reply {i}: {e}"));
+            assert_eq!(reply.status, OK);
+        }
+    });
+    for _ in 0..400 {
+        hostile.send(read_op(0, 1 << 20), &[]).expect("send");
+    }
+    reader.join().expect("every reply");
+    hostile.ping().expect("served after being held back");
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", node.pid())).expect("stat");
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    };
+    let before = ticks();
+    thread::sleep(Duration::from_secs(1));
+    let busy = ticks() - before;
+    assert!(
+        busy < 30,
+        "an idle node used {busy} of 100 clock ticks in a second"
+    );
 }
 
 #[test]

@@ -114,40 +114,27 @@ impl RunLine {
                 .split_once('=')
                 .ok_or_else(|| format!("bad field '{field}'"))?;
             let bad = || format!("bad {key} '{value}'");
+            // Optional figures: clock ticks and context switches.
+            let optional = match key {
+                "client" => Some(&mut run.client),
+                "top" => Some(&mut run.top),
+                "nodes" => Some(&mut run.nodes),
+                "sirq" => Some(&mut run.sirq),
+                "ctxt" => Some(&mut run.ctxt),
+                "cswc" => Some(&mut run.cswc),
+                "cswn" => Some(&mut run.cswn),
+                _ => None,
+            };
+            if let Some(figure) = optional {
+                *figure = value.parse().map_err(|_| bad())?;
+                continue;
+            }
             match key {
                 "rc" => run.rc = value.parse().map_err(|_| bad())?,
                 "busy" => run.busy = value.parse().map_err(|_| bad())?,
                 "total" => run.total = value.parse().map_err(|_| bad())?,
                 "ncpu" => run.ncpu = value.parse().map_err(|_| bad())?,
                 "bytes" => run.bytes = value.parse().map_err(|_| bad())?,
-                "client" => {
-                    run.client = value.parse().map_err(|_| bad())?;
-                    continue;
-                }
-                "top" => {
-                    run.top = value.parse().map_err(|_| bad())?;
-                    continue;
-                }
-                "nodes" => {
-                    run.nodes = value.parse().map_err(|_| bad())?;
-                    continue;
-                }
-                "sirq" => {
-                    run.sirq = value.parse().map_err(|_| bad())?;
-                    continue;
-                }
-                "ctxt" => {
-                    run.ctxt = value.parse().map_err(|_| bad())?;
-                    continue;
-                }
-                "cswc" => {
-                    run.cswc = value.parse().map_err(|_| bad())?;
-                    continue;
-                }
-                "cswn" => {
-                    run.cswn = value.parse().map_err(|_| bad())?;
-                    continue;
-                }
                 _ => return Err(format!("unknown field '{key}'")),
             }
             seen += 1;

@@ -153,9 +153,10 @@ pub fn pass_table(samples: &[Sample], pass: &str) -> String {
     out
 }
 
-/// The headline: netblk's IOPS over NBD's, per workload and pass, one
-/// column per netblk target.
-pub fn summary_table(samples: &[Sample]) -> String {
+/// A figure of each netblk target over the same figure of its NBD peer,
+/// round by round, per workload and pass: the markdown table, and every
+/// cell's spread.
+fn vs_peer_table(samples: &[Sample], figure: fn(&Metrics) -> f64) -> (String, Vec<Spread>) {
     let netblk: Vec<&Target> = TARGETS.iter().filter(|t| t.peer.is_some()).collect();
     let mut out = String::from("| workload | servers |");
     for t in &netblk {
@@ -164,21 +165,26 @@ pub fn summary_table(samples: &[Sample]) -> String {
     out.push_str("\n|---|---|");
     out.push_str(&"--:|".repeat(netblk.len()));
     out.push('\n');
+    let mut cells = Vec::new();
     for workload in WORKLOADS {
         for (pass, _) in PASSES {
             let _ = write!(out, "| {} | {pass} |", workload.name);
             for t in &netblk {
                 let peer = t.peer.unwrap_or_default();
-                let _ = write!(
-                    out,
-                    " {} |",
-                    ratio_cell(ratio(samples, pass, workload.name, t.id, peer))
-                );
+                let cell = ratio_of(samples, pass, workload.name, t.id, peer, figure);
+                cells.extend(cell);
+                let _ = write!(out, " {} |", ratio_cell(cell));
             }
             out.push('\n');
         }
     }
-    out
+    (out, cells)
+}
+
+/// The headline: netblk's IOPS over NBD's, per workload and pass, one
+/// column per netblk target.
+pub fn summary_table(samples: &[Sample]) -> String {
+    vs_peer_table(samples, |m| m.iops).0
 }
 
 /// What the servers cost: the CPU seconds per GiB of netblk's mock nodes
@@ -186,35 +192,12 @@ pub fn summary_table(samples: &[Sample]) -> String {
 /// pass (below 1: the mock nodes cost less), and how many medians meet
 /// the goal of at most 1.
 pub fn servers_table(samples: &[Sample]) -> String {
-    let netblk: Vec<&Target> = TARGETS.iter().filter(|t| t.peer.is_some()).collect();
-    let mut out = String::from("| workload | servers |");
-    for t in &netblk {
-        let _ = write!(out, " {} ÷ {} |", t.id, t.peer.unwrap_or_default());
-    }
-    out.push_str("\n|---|---|");
-    out.push_str(&"--:|".repeat(netblk.len()));
-    out.push('\n');
-    let (mut met, mut measured) = (0, 0);
-    for workload in WORKLOADS {
-        for (pass, _) in PASSES {
-            let _ = write!(out, "| {} | {pass} |", workload.name);
-            for t in &netblk {
-                let peer = t.peer.unwrap_or_default();
-                let cell = ratio_of(samples, pass, workload.name, t.id, peer, |m| {
-                    m.server_s_per_gib
-                });
-                if let Some(s) = cell {
-                    measured += 1;
-                    met += usize::from(s.median <= 1.0);
-                }
-                let _ = write!(out, " {} |", ratio_cell(cell));
-            }
-            out.push('\n');
-        }
-    }
+    let (mut out, cells) = vs_peer_table(samples, |m| m.server_s_per_gib);
+    let met = cells.iter().filter(|s| s.median <= 1.0).count();
     let _ = writeln!(
         out,
-        "\nAt most 1 (the mock nodes cost no more CPU per GiB than the NBD server): {met} of {measured} medians."
+        "\nAt most 1 (the mock nodes cost no more CPU per GiB than the NBD server): {met} of {} medians.",
+        cells.len()
     );
     out
 }
