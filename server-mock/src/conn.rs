@@ -470,7 +470,8 @@ pub fn take_request(
 pub fn run_delayed(node: &Node) {
     let mut scratch = Scratch::default();
     while let Some(mut job) = node.delayed.pop_due(|| node.stopping()) {
-        let conn = &job.conn;
+        // Its own handle: the job itself may go back into the queue.
+        let conn = &Arc::clone(&job.conn);
         node.faults
             .wait_while_stalled(conn.id, || node.stopping() || conn.fenced());
         if let Some(delay) = job.after_stall.take()
@@ -481,7 +482,6 @@ pub fn run_delayed(node: &Node) {
             node.delayed.push(Instant::now() + delay, job);
             continue;
         }
-        let conn = &job.conn;
         if conn.fenced() {
             conn.end(false);
         } else {
