@@ -405,6 +405,23 @@ pub fn keepalive_for(io_timeout: Duration) -> (Duration, Duration, u32) {
     (idle, interval, 3)
 }
 
+/// Whether the node at the other end of `stream` is on this host: its
+/// address is a loopback one, or this socket's own. Its segments are then
+/// delivered locally, and local delivery copies every zero-copy page it
+/// receives (`skb_copy_ubufs`) while the sender's queue may still hold
+/// references to the original pages after the send's notification: a
+/// request page sent zero-copy could be freed by its owner with those
+/// references held (kernels that free large kmalloc pages frozen, 6.17 and
+/// later, report "Bad page state" when XFS frees a log buffer so). So kernel
+/// pages are never sent zero-copy to such a node (see
+/// `crate::uring::send`). False when unknown.
+pub fn delivered_locally(stream: &TcpStream) -> bool {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+        _ => false,
+    }
+}
+
 fn configure(stream: &TcpStream, timeouts: Timeouts) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeouts.connect))?;
@@ -430,6 +447,13 @@ fn configure(stream: &TcpStream, timeouts: Timeouts) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_and_own_address_peers_are_on_this_host() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        assert!(delivered_locally(&stream));
+    }
 
     #[test]
     fn a_connection_notices_a_silent_peer_within_the_io_timeout() {

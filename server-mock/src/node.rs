@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -423,6 +424,9 @@ pub struct Node {
     open: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
     stopping: AtomicBool,
+    /// Handles on the listening sockets, shut down to wake their accept
+    /// loops when the node stops.
+    listeners: Vec<TcpListener>,
 }
 
 /// Why a membership record was not stored.
@@ -747,15 +751,12 @@ impl Node {
         for stream in lock(&self.open).values() {
             let _ = stream.shutdown(Shutdown::Read);
         }
-        // Wake the accept loops.
-        for mut addr in std::iter::once(self.local_addr).chain(self.admin_addr) {
-            if addr.ip().is_unspecified() {
-                addr.set_ip(match addr {
-                    SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                    SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-                });
-            }
-            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        // Wake the accept loops: a listening socket shut down fails its
+        // accept at once. (Not a connection to ourselves: the listening
+        // address need not be reachable from here, as in a network
+        // namespace whose loopback is down.)
+        for listener in &self.listeners {
+            shutdown_listener(listener);
         }
     }
 
@@ -785,6 +786,20 @@ impl Node {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Shuts a listening socket down: an `accept` waiting on it (in any
+/// thread) returns an error, and so does every later one.
+fn shutdown_listener(listener: &TcpListener) {
+    // SAFETY: shutdown(2) on a descriptor `listener` owns and keeps open;
+    // it touches no memory.
+    let rc = unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+    if rc != 0 {
+        warn!(
+            "cannot wake the accept loop: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -834,7 +849,12 @@ impl Server {
         if config.node_id.is_empty() {
             config.node_id = format!("mock-{local_addr}");
         }
+        let listeners = std::iter::once(&listener)
+            .chain(admin_listener.as_ref())
+            .map(TcpListener::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
         let node = Node {
+            listeners,
             limits: netblk_protocol::Limits {
                 max_payload_len: config.max_io_size,
                 // Until a handshake asks for digests.

@@ -93,6 +93,13 @@ impl TestHost {
         Ok(host)
     }
 
+    /// Sets the namespace's loopback down or up (down: nothing in it
+    /// reaches even its own addresses).
+    pub fn set_loopback(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.netns, "link", "set", "lo", state]).expect("set lo");
+    }
+
     /// Sets the namespace side of the link down or up.
     pub fn set_link(&self, up: bool) {
         let state = if up { "up" } else { "down" };

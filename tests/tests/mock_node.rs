@@ -1156,6 +1156,37 @@ fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
     }
 }
 
+/// A node whose listening address it cannot reach itself (its network
+/// namespace's loopback down) still stops on SIGTERM: its accept loops are
+/// woken by shutting the listeners down, not by a connection to itself
+/// (which hung the VM's observe scenario in `kill; wait`).
+#[test]
+fn sigterm_stops_a_node_that_cannot_reach_its_own_address() {
+    let host = match netblk_tests::netns::TestHost::new(9) {
+        Ok(host) => host,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot make a network namespace here: {why}");
+            return;
+        }
+    };
+    let mut node = MockNode::start_in_netns(
+        &host.netns,
+        &format!("{}:7610", host.addr),
+        &["--store", "memory"],
+    );
+    // The node serves from outside the namespace all the same.
+    let mut client = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
+    client.write(0, &pattern(1, 4096), false);
+    drop(client);
+    host.set_loopback(false);
+    node.signal(libc::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(5));
+    host.set_loopback(true);
+    let status =
+        status.unwrap_or_else(|| panic!("no exit 5 s after SIGTERM; log:\n{}", node.log()));
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn admin_requests_are_refused_on_the_data_port() {
     let node = MockNode::start(&[]);

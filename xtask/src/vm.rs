@@ -903,9 +903,14 @@ pub fn vm_test(
                 eprintln!("    {line}");
             }
             // What the kernel reported of itself (a guest that passed may
-            // still have seen a kernel bug): said, not hidden.
-            for line in kernel_complaints(&log) {
+            // still have seen a kernel bug): said, not hidden; a bug or an
+            // oops fails the run (warnings are only said).
+            let complaints = kernel_complaints(&log);
+            for line in &complaints {
                 eprintln!("    kernel: {line}");
+            }
+            if let Some(bug) = complaints.iter().find(|l| is_kernel_bug(l)) {
+                failed.push(format!("{} (the kernel reported: {bug})", kernel.name));
             }
         } else {
             eprintln!("---- guest log ({})\n{log}\n----", kernel.name);
@@ -926,6 +931,12 @@ fn kernel_complaints(log: &str) -> Vec<&str> {
         .filter(|l| l.contains("BUG:") || l.contains("WARNING:") || l.contains("Oops"))
         .map(str::trim)
         .collect()
+}
+
+/// Whether a console line of [`kernel_complaints`] is a kernel bug or an
+/// oops, not a warning.
+fn is_kernel_bug(line: &str) -> bool {
+    line.contains("BUG:") || line.contains("Oops")
 }
 
 /// What a failed guest said of its failure: its first `NETBLK-VM-FAIL`
@@ -952,6 +963,8 @@ pub(crate) mod tests {
             kernel_complaints(log),
             vec!["[ 363.1] BUG: Bad page state in process x  pfn:60800"]
         );
+        assert!(is_kernel_bug(kernel_complaints(log)[0]));
+        assert!(!is_kernel_bug("[ 2.0] WARNING: CPU: 1 PID: 9 at mm/x.c:10"));
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub(super) struct Conn {
     /// closed then (a reset: see `sys::abort`).
     pub(super) stream: Option<TcpStream>,
     pub(super) fd: RawFd,
+    /// The node is on this host (`crate::net::delivered_locally`): request
+    /// pages are not sent to it zero-copy.
+    pub(super) local: bool,
     /// The fencing epoch this connection was admitted at (the handshake's
     /// session): it may carry requests only while it is the node's current
     /// one (see `crate::epochs`).

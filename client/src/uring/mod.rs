@@ -238,6 +238,7 @@ impl<F: Frontend> QueueDriver<F> {
             .enumerate()
             .map(|(node, stream)| Conn {
                 fd: stream.as_ref().map_or(-1, |s| s.as_raw_fd()),
+                local: stream.as_ref().is_some_and(crate::net::delivered_locally),
                 broken: stream.is_none(),
                 lost_reported: stream.is_none(),
                 stream,

@@ -112,6 +112,7 @@ impl<F: Frontend> QueueDriver<F> {
                         "reconnected"
                     );
                     conn.fd = stream.as_raw_fd();
+                    conn.local = crate::net::delivered_locally(&stream);
                     conn.stream = Some(stream);
                     conn.epoch = epoch;
                     conn.generation = conn.generation.wrapping_add(1);

@@ -256,12 +256,18 @@ impl SendChain {
 }
 
 /// Whether a write payload of `len` bytes goes out zero-copy (else the
-/// kernel copies it).
-fn zero_copy(buffers: BufferMode, mode: SendMode, len: u32) -> bool {
+/// kernel copies it) on a connection to a node on this host (`local`) or
+/// not.
+fn zero_copy(buffers: BufferMode, mode: SendMode, len: u32, local: bool) -> bool {
     match buffers {
         // The request's pages are not mapped here: only a fixed-buffer send
-        // reaches them, unless the device lets us copy small payloads out.
-        BufferMode::Kernel { user_copy, .. } => !user_copy || len >= ZC_MIN,
+        // reaches them, unless the device lets us copy payloads out: small
+        // ones always, and every one to a node on this host. Local delivery
+        // copies zero-copy pages anyway, and may still hold references to
+        // the request's pages once the request is complete; those pages can
+        // be kernel memory that must not outlive it (see
+        // `crate::net::delivered_locally`).
+        BufferMode::Kernel { user_copy, .. } => !user_copy || (!local && len >= ZC_MIN),
         BufferMode::User => mode == SendMode::ZeroCopy && len >= ZC_MIN,
     }
 }
@@ -280,6 +286,7 @@ impl<F: Frontend> QueueDriver<F> {
         if conn.broken || conn.chain_left > 0 {
             return Ok(());
         }
+        let local = conn.local;
         let mut chain = std::mem::take(&mut conn.chain);
         chain.clear();
         let mut parts: Vec<Part> = Vec::with_capacity(2 * MAX_CHAIN);
@@ -309,7 +316,9 @@ impl<F: Frontend> QueueDriver<F> {
             parts.push(Part::Head(head_start..chain.heads.len()));
             head_start = chain.heads.len();
             parts.push(
-                if zero_copy(self.buffer_mode, self.mode, slice.len) || !self.copy_out(&slice) {
+                if zero_copy(self.buffer_mode, self.mode, slice.len, local)
+                    || !self.copy_out(&slice)
+                {
                     Part::ZeroCopy(slice)
                 } else {
                     Part::Copy(slice)
@@ -706,21 +715,55 @@ mod tests {
             recv_fixed: false,
             user_copy: false,
         };
-        assert!(zero_copy(kernel, SendMode::ZeroCopy, 512));
+        assert!(zero_copy(kernel, SendMode::ZeroCopy, 512, false));
         // With user copy, small kernel payloads are copied out and gathered.
         let copyable = BufferMode::Kernel {
             recv_fixed: true,
             user_copy: true,
         };
-        assert!(!zero_copy(copyable, SendMode::ZeroCopy, ZC_MIN - 512));
-        assert!(zero_copy(copyable, SendMode::ZeroCopy, ZC_MIN));
+        assert!(!zero_copy(
+            copyable,
+            SendMode::ZeroCopy,
+            ZC_MIN - 512,
+            false
+        ));
+        assert!(zero_copy(copyable, SendMode::ZeroCopy, ZC_MIN, false));
         assert!(!zero_copy(
             BufferMode::User,
             SendMode::ZeroCopy,
-            ZC_MIN - 512
+            ZC_MIN - 512,
+            false
         ));
-        assert!(zero_copy(BufferMode::User, SendMode::ZeroCopy, ZC_MIN));
-        assert!(!zero_copy(BufferMode::User, SendMode::Copy, 1 << 20));
+        assert!(zero_copy(
+            BufferMode::User,
+            SendMode::ZeroCopy,
+            ZC_MIN,
+            false
+        ));
+        assert!(!zero_copy(BufferMode::User, SendMode::Copy, 1 << 20, false));
+    }
+
+    #[test]
+    fn request_pages_go_to_a_node_on_this_host_by_copy_only() {
+        let copyable = BufferMode::Kernel {
+            recv_fixed: true,
+            user_copy: true,
+        };
+        assert!(zero_copy(copyable, SendMode::ZeroCopy, 1 << 20, false));
+        assert!(!zero_copy(copyable, SendMode::ZeroCopy, 1 << 20, true));
+        // Without user copy a fixed-buffer send is the only way out.
+        let kernel = BufferMode::Kernel {
+            recv_fixed: true,
+            user_copy: false,
+        };
+        assert!(zero_copy(kernel, SendMode::ZeroCopy, 1 << 20, true));
+        // The daemon's own buffers are its memory: sent as the mode says.
+        assert!(zero_copy(
+            BufferMode::User,
+            SendMode::ZeroCopy,
+            1 << 20,
+            true
+        ));
     }
 
     #[test]
