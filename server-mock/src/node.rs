@@ -894,6 +894,11 @@ impl Server {
         netblk_observe::endpoint::serve(addr, move || collect_metrics(&node))
     }
 
+    #[cfg(test)]
+    pub(crate) fn node(&self) -> &Node {
+        &self.node
+    }
+
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(Arc::clone(&self.node))
     }

@@ -54,6 +54,8 @@ struct Out {
     failed: bool,
     /// Since when replies wait for the socket with no progress.
     stuck_since: Option<Instant>,
+    /// Times the epoll interest was changed.
+    rearms: u64,
 }
 
 impl Out {
@@ -100,6 +102,7 @@ impl ReplyWriter {
                 registered: true,
                 failed: false,
                 stuck_since: None,
+                rearms: 0,
             }),
             stream,
             digest: AtomicBool::new(false),
@@ -203,9 +206,15 @@ impl ReplyWriter {
             for part in parts {
                 out.pending.extend_from_slice(part);
             }
-            if flush || out.unsent() >= REPLY_BATCH {
-                self.write_pending(&mut out);
+            if !flush && out.unsent() < REPLY_BATCH {
+                // Batched: whoever queued it without `flush` flushes once
+                // its batch is done (the worker, after each wake-up), and
+                // arms epoll then. Arming now would ask for writability
+                // only to take it back at that flush: two `epoll_ctl`s per
+                // request at depth 1.
+                return;
             }
+            self.write_pending(&mut out);
         }
         self.arm(&mut out);
     }
@@ -292,6 +301,7 @@ impl ReplyWriter {
         };
         if rc == 0 {
             out.mask = mask;
+            out.rearms += 1;
         } else {
             debug!("epoll interest not changed: {}", io::Error::last_os_error());
         }
@@ -341,5 +351,92 @@ impl ReplyWriter {
         let mut out = self.lock();
         out.failed = true;
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    use super::*;
+    use crate::node::{Config, Server};
+    use crate::store::StoreKind;
+
+    /// A writer on the node side of a fresh loopback connection, in an
+    /// epoll instance of its own; the client side and the instance too.
+    fn writer() -> (ReplyWriter, TcpStream, OwnedFd) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_nonblocking(true).expect("nonblocking");
+        // SAFETY: epoll_create1 takes a flag; the result is checked before
+        // it is owned.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(fd >= 0, "epoll_create1");
+        // SAFETY: a fresh descriptor nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 7,
+        };
+        // SAFETY: `event` is a live local; both descriptors are open.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                stream.as_raw_fd(),
+                &mut event,
+            )
+        };
+        assert_eq!(rc, 0, "epoll_ctl add");
+        (
+            ReplyWriter::new(stream, epoll.as_raw_fd(), 7),
+            client,
+            epoll,
+        )
+    }
+
+    #[test]
+    fn one_request_at_a_time_leaves_the_epoll_interest_alone() {
+        let server = Server::bind(Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            StoreKind::Memory,
+        ))
+        .expect("bind");
+        let node = server.node();
+        let (writer, mut client, _epoll) = writer();
+        let data = [5u8; 4096];
+        for id in 0..100 {
+            // As the worker does: the reply batched, the batch flushed.
+            let reply = pb::Reply {
+                id,
+                ..Default::default()
+            };
+            writer.send(node, reply, &[&data], false);
+            writer.flush();
+            assert!(!writer.pending(), "reply {id} not written at the flush");
+        }
+        assert_eq!(writer.lock().rearms, 0, "epoll interest changed per reply");
+        // A reply the socket cannot take asks for writability, and gives it
+        // back once the client read it all.
+        let big = vec![1u8; 8 << 20];
+        writer.send(node, pb::Reply::default(), &[&big], false);
+        assert!(writer.pending());
+        assert_eq!(
+            writer.lock().mask & libc::EPOLLOUT as u32,
+            libc::EPOLLOUT as u32
+        );
+        client
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut sink = vec![0u8; 1 << 20];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while writer.pending() && Instant::now() < deadline {
+            let _ = io::Read::read(&mut client, &mut sink);
+            writer.flush();
+        }
+        assert!(!writer.pending(), "the big reply never went out");
+        assert_eq!(writer.lock().mask, libc::EPOLLIN as u32);
     }
 }
