@@ -18,6 +18,8 @@ pub mod mock;
 pub mod net;
 pub mod notify;
 pub mod openers;
+pub mod placement;
+pub mod pool;
 pub mod reconcile;
 pub mod record_lock;
 pub mod records;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod daemon;
+mod pool_cli;
 
 use clap::{Parser, Subcommand};
 use netblk::bench::{self, BenchOptions};
@@ -135,6 +136,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Pools of nodes: check a pool file, preview a volume's placement.
+    #[command(subcommand)]
+    Pool(pool_cli::PoolCmd),
     /// Show every netblk device: id, path, volume, nodes, data path, state.
     ///
     /// A record that cannot be read is reported by its file name and the
@@ -277,6 +281,7 @@ fn main() -> ExitCode {
             with,
             no_wait,
         } => replace(&device, node, with, !no_wait).map_err(Failure::Run),
+        Cmd::Pool(cmd) => pool_cli::run(cmd).map_err(Failure::Run),
         Cmd::List => list().map_err(Failure::Run),
         Cmd::Status { device, json } => status(device.as_deref(), json).map_err(Failure::Run),
         Cmd::Features => features().map_err(Failure::Run),
