@@ -362,6 +362,12 @@ fn features() -> Result<(), String> {
             Err(err) => println!("io_uring: {name}: no ({err})"),
         }
     }
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!(
+        "io_uring: plain SEND / RECV from a fixed buffer: {} / {}",
+        yes(netblk::uring::probe_send_fixed()),
+        yes(netblk::uring::probe_recv_fixed())
+    );
     let mut ctrl = Control::open().map_err(|e| e.to_string())?;
     let bits = ctrl.features().map_err(|e| e.to_string())?;
     println!("ublk features: {bits:#x} {}", feature_names(bits).join(" "));

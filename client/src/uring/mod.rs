@@ -35,7 +35,9 @@ use io_uring::{cqueue, opcode, squeue, types};
 
 pub use buffers::TagBuffers;
 pub use reconnect::Reconnect;
-pub use sys::{Doorbell, enable_zerocopy, probe, probe_recv_fixed, probe_sendmsg_zc_fixed};
+pub use sys::{
+    Doorbell, enable_zerocopy, probe, probe_recv_fixed, probe_send_fixed, probe_sendmsg_zc_fixed,
+};
 
 use crate::engine::{Completion, Engine, Tag};
 use crate::recv::ReplyReader;
@@ -83,8 +85,14 @@ pub enum BufferMode {
     /// tag's buffer instead, and join the batch's one `SENDMSG`; and while no
     /// big read is in flight on a connection, its replies are received in
     /// bulk like in user buffer mode, their payloads copied in with
-    /// [`Frontend::copy_in`].
-    Kernel { recv_fixed: bool, user_copy: bool },
+    /// [`Frontend::copy_in`]. With `send_fixed` (a plain `SEND` takes a
+    /// fixed buffer, Linux 7.2+), large write payloads to a node on this
+    /// host are copied by the kernel straight from the request's pages.
+    Kernel {
+        recv_fixed: bool,
+        user_copy: bool,
+        send_fixed: bool,
+    },
 }
 
 /// Where a queue's block requests come from and where they complete: the
@@ -128,12 +136,14 @@ impl<F: Frontend> QueueDriver<F> {
         if let BufferMode::Kernel {
             recv_fixed,
             user_copy: true,
+            send_fixed,
         } = self.buffer_mode
         {
             tracing::warn!("{what}; this queue no longer copies small payloads");
             self.buffer_mode = BufferMode::Kernel {
                 recv_fixed,
                 user_copy: false,
+                send_fixed,
             };
         }
     }

@@ -38,6 +38,7 @@ impl<F: Frontend> QueueDriver<F> {
             BufferMode::Kernel {
                 recv_fixed,
                 user_copy,
+                ..
             } => (
                 Some(recv_fixed),
                 user_copy && self.engine.big_reads_in_flight(node) == 0,

@@ -24,6 +24,7 @@ use io_uring::{cqueue, opcode, squeue, types};
 
 use super::buffers::{HEAD_SLOT, HEAD_SLOTS};
 use super::ids::{K_DATA, K_HEAD, K_VEC, conn_id, user_data};
+use super::sys::IORING_RECVSEND_FIXED_BUF;
 use super::{BufferMode, Frontend, QueueDriver, SendMode};
 use crate::engine::{BufSlice, Tag};
 
@@ -67,6 +68,8 @@ enum Step {
     Msg(usize),
     /// A `SEND_ZC` of this payload.
     ZeroCopy(BufSlice),
+    /// A plain `SEND` of this payload from its fixed buffer.
+    FixedCopy(BufSlice),
     /// The whole chain as one vectored `SENDMSG_ZC` (message 0), its heads
     /// in this head slot.
     Vectored(usize),
@@ -118,6 +121,8 @@ enum Part {
     Copy(BufSlice),
     /// A payload sent zero-copy, on its own.
     ZeroCopy(BufSlice),
+    /// A payload the kernel copies from its fixed buffer, on its own.
+    FixedCopy(BufSlice),
 }
 
 impl SendChain {
@@ -145,7 +150,7 @@ impl SendChain {
                 // SAFETY: the range lies in `self.heads`, of which `heads`
                 // holds a copy of the same length.
                 Part::Head(range) => (unsafe { heads.add(range.start) }, range.len()),
-                Part::Copy(slice) | Part::ZeroCopy(slice) => {
+                Part::Copy(slice) | Part::ZeroCopy(slice) | Part::FixedCopy(slice) => {
                     tags.push(slice.tag);
                     payload_bytes += u64::from(slice.len);
                     (payload(&slice), slice.len as usize)
@@ -208,12 +213,15 @@ impl SendChain {
         let mut open: Option<Group> = None;
         for part in parts {
             let (base, len, copied) = match part {
-                Part::ZeroCopy(slice) => {
+                Part::ZeroCopy(slice) | Part::FixedCopy(slice) => {
                     if let Some(g) = open.take() {
                         steps.push(Step::Msg(self.groups.len()));
                         self.groups.push(g);
                     }
-                    steps.push(Step::ZeroCopy(slice));
+                    steps.push(match part {
+                        Part::FixedCopy(_) => Step::FixedCopy(slice),
+                        _ => Step::ZeroCopy(slice),
+                    });
                     continue;
                 }
                 Part::Head(range) => (self.heads[range.clone()].as_ptr(), range.len(), None),
@@ -255,21 +263,44 @@ impl SendChain {
     }
 }
 
-/// Whether a write payload of `len` bytes goes out zero-copy (else the
-/// kernel copies it) on a connection to a node on this host (`local`) or
-/// not.
-fn zero_copy(buffers: BufferMode, mode: SendMode, len: u32, local: bool) -> bool {
+/// How a write payload of `len` bytes goes out on a connection to a node
+/// on this host (`local`) or not.
+fn payload_send(buffers: BufferMode, mode: SendMode, len: u32, local: bool) -> Send {
     match buffers {
         // The request's pages are not mapped here: only a fixed-buffer send
-        // reaches them, unless the device lets us copy payloads out: small
-        // ones always, and every one to a node on this host. Local delivery
+        // reaches them, unless the device lets us copy payloads out. To a
+        // node on this host they are never sent zero-copy: local delivery
         // copies zero-copy pages anyway, and may still hold references to
         // the request's pages once the request is complete; those pages can
         // be kernel memory that must not outlive it (see
-        // `crate::net::delivered_locally`).
-        BufferMode::Kernel { user_copy, .. } => !user_copy || (!local && len >= ZC_MIN),
-        BufferMode::User => mode == SendMode::ZeroCopy && len >= ZC_MIN,
+        // `crate::net::delivered_locally`). A plain `SEND` from the fixed
+        // buffer copies a large one in the kernel; small ones are copied
+        // out and gathered, as to any node.
+        BufferMode::Kernel {
+            user_copy,
+            send_fixed,
+            ..
+        } => match (local, user_copy, send_fixed) {
+            (_, true, _) if len < ZC_MIN => Send::Copy,
+            (true, _, true) => Send::FixedCopy,
+            (true, true, false) => Send::Copy,
+            _ => Send::ZeroCopy,
+        },
+        BufferMode::User if mode == SendMode::ZeroCopy && len >= ZC_MIN => Send::ZeroCopy,
+        BufferMode::User => Send::Copy,
     }
+}
+
+/// How a payload is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Send {
+    /// Copied, gathered with the heads into the chain's `SENDMSG`.
+    Copy,
+    /// A `SEND_ZC` of its own.
+    ZeroCopy,
+    /// A plain `SEND` of its own from the request's fixed buffer: the
+    /// kernel copies it.
+    FixedCopy,
 }
 
 impl<F: Frontend> QueueDriver<F> {
@@ -316,12 +347,10 @@ impl<F: Frontend> QueueDriver<F> {
             parts.push(Part::Head(head_start..chain.heads.len()));
             head_start = chain.heads.len();
             parts.push(
-                if zero_copy(self.buffer_mode, self.mode, slice.len, local)
-                    || !self.copy_out(&slice)
-                {
-                    Part::ZeroCopy(slice)
-                } else {
-                    Part::Copy(slice)
+                match payload_send(self.buffer_mode, self.mode, slice.len, local) {
+                    Send::Copy if self.copy_out(&slice) => Part::Copy(slice),
+                    Send::FixedCopy => Part::FixedCopy(slice),
+                    Send::Copy | Send::ZeroCopy => Part::ZeroCopy(slice),
                 },
             );
         }
@@ -449,6 +478,20 @@ impl<F: Frontend> QueueDriver<F> {
                         .flags(flags as u32)
                         .build()
                         .user_data(user_data(K_HEAD, cid, group as u64))
+                }
+                Step::FixedCopy(slice) => {
+                    if let Some(f) = self.engine.figures() {
+                        f.copied_bytes.add(u64::from(slice.len));
+                    }
+                    // As a zero-copy one (below), without its notification:
+                    // the buffer is free at this CQE.
+                    let detail = (u64::from(slice.tag) << 27) | u64::from(slice.len);
+                    opcode::Send::new(fd, slice.offset as usize as *const u8, slice.len)
+                        .ioprio(IORING_RECVSEND_FIXED_BUF)
+                        .buf_group(slice.tag)
+                        .flags(flags)
+                        .build()
+                        .user_data(user_data(K_DATA, cid, detail))
                 }
                 Step::ZeroCopy(slice) => {
                     if let Some(f) = self.engine.figures() {
@@ -709,61 +752,96 @@ mod tests {
         assert_eq!(groups, vec![(10, vec![]), (30 + 4096, vec![2])]);
     }
 
+    fn kernel(user_copy: bool, send_fixed: bool) -> BufferMode {
+        BufferMode::Kernel {
+            recv_fixed: send_fixed,
+            user_copy,
+            send_fixed,
+        }
+    }
+
     #[test]
     fn small_payloads_are_copied_where_they_can_be() {
-        let kernel = BufferMode::Kernel {
-            recv_fixed: false,
-            user_copy: false,
-        };
-        assert!(zero_copy(kernel, SendMode::ZeroCopy, 512, false));
+        let zc = SendMode::ZeroCopy;
+        let small = ZC_MIN - 512;
+        assert_eq!(
+            payload_send(kernel(false, false), zc, 512, false),
+            Send::ZeroCopy
+        );
         // With user copy, small kernel payloads are copied out and gathered.
-        let copyable = BufferMode::Kernel {
-            recv_fixed: true,
-            user_copy: true,
-        };
-        assert!(!zero_copy(
-            copyable,
-            SendMode::ZeroCopy,
-            ZC_MIN - 512,
-            false
-        ));
-        assert!(zero_copy(copyable, SendMode::ZeroCopy, ZC_MIN, false));
-        assert!(!zero_copy(
-            BufferMode::User,
-            SendMode::ZeroCopy,
-            ZC_MIN - 512,
-            false
-        ));
-        assert!(zero_copy(
-            BufferMode::User,
-            SendMode::ZeroCopy,
-            ZC_MIN,
-            false
-        ));
-        assert!(!zero_copy(BufferMode::User, SendMode::Copy, 1 << 20, false));
+        assert_eq!(
+            payload_send(kernel(true, false), zc, small, false),
+            Send::Copy
+        );
+        assert_eq!(
+            payload_send(kernel(true, true), zc, small, true),
+            Send::Copy
+        );
+        assert_eq!(
+            payload_send(kernel(true, false), zc, ZC_MIN, false),
+            Send::ZeroCopy
+        );
+        assert_eq!(payload_send(BufferMode::User, zc, small, false), Send::Copy);
+        assert_eq!(
+            payload_send(BufferMode::User, zc, ZC_MIN, false),
+            Send::ZeroCopy
+        );
+        let copy = SendMode::Copy;
+        assert_eq!(
+            payload_send(BufferMode::User, copy, 1 << 20, false),
+            Send::Copy
+        );
     }
 
     #[test]
     fn request_pages_go_to_a_node_on_this_host_by_copy_only() {
-        let copyable = BufferMode::Kernel {
-            recv_fixed: true,
-            user_copy: true,
-        };
-        assert!(zero_copy(copyable, SendMode::ZeroCopy, 1 << 20, false));
-        assert!(!zero_copy(copyable, SendMode::ZeroCopy, 1 << 20, true));
-        // Without user copy a fixed-buffer send is the only way out.
-        let kernel = BufferMode::Kernel {
-            recv_fixed: true,
-            user_copy: false,
-        };
-        assert!(zero_copy(kernel, SendMode::ZeroCopy, 1 << 20, true));
+        let zc = SendMode::ZeroCopy;
+        let big = 1 << 20;
+        assert_eq!(
+            payload_send(kernel(true, true), zc, big, false),
+            Send::ZeroCopy
+        );
+        // The kernel copies from the fixed buffer where a plain SEND takes
+        // one, else the payload is copied out first.
+        assert_eq!(
+            payload_send(kernel(true, true), zc, big, true),
+            Send::FixedCopy
+        );
+        assert_eq!(
+            payload_send(kernel(false, true), zc, big, true),
+            Send::FixedCopy
+        );
+        assert_eq!(payload_send(kernel(true, false), zc, big, true), Send::Copy);
+        // Neither: a fixed-buffer zero-copy send is the only way out.
+        assert_eq!(
+            payload_send(kernel(false, false), zc, big, true),
+            Send::ZeroCopy
+        );
         // The daemon's own buffers are its memory: sent as the mode says.
-        assert!(zero_copy(
-            BufferMode::User,
-            SendMode::ZeroCopy,
-            1 << 20,
-            true
-        ));
+        assert_eq!(
+            payload_send(BufferMode::User, zc, big, true),
+            Send::ZeroCopy
+        );
+    }
+
+    #[test]
+    fn a_fixed_copy_payload_goes_alone_between_the_gathered_heads() {
+        let mut chain = SendChain::default();
+        chain.heads.extend_from_slice(&[0u8; 60]);
+        let parts = vec![
+            Part::Head(0..30),
+            Part::FixedCopy(slice(4, 1 << 20)),
+            Part::Head(30..60),
+        ];
+        let steps = chain.plan(parts, |_| std::ptr::null());
+        assert_eq!(
+            steps,
+            vec![
+                Step::Msg(0),
+                Step::FixedCopy(slice(4, 1 << 20)),
+                Step::Msg(1)
+            ]
+        );
     }
 
     #[test]

@@ -95,6 +95,48 @@ pub fn probe_recv_fixed() -> bool {
     attempt().unwrap_or(false)
 }
 
+/// Whether this kernel's plain `SEND` honours `IORING_RECVSEND_FIXED_BUF`
+/// (Linux 7.2+, with the fixed `RECV`): tried once for real on a
+/// socketpair with a registered buffer, and remembered.
+pub fn probe_send_fixed() -> bool {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| {
+        let attempt = || -> io::Result<bool> {
+            let (a, b) = std::os::unix::net::UnixStream::pair()?;
+            // Declared before the ring, so dropped after it on every path.
+            let buf = b"netblk".to_vec();
+            let mut ring = IoUring::new(4)?;
+            let iov = [libc::iovec {
+                iov_base: buf.as_ptr().cast_mut().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: `buf` is declared before the ring, so it outlives the
+            // ring (and with it the registration) on every path out of
+            // this closure; the kernel only reads it.
+            unsafe { ring.submitter().register_buffers(&iov)? };
+            let entry = opcode::Send::new(types::Fd(a.as_raw_fd()), buf.as_ptr(), 6)
+                .ioprio(IORING_RECVSEND_FIXED_BUF)
+                .buf_group(0)
+                .build()
+                .user_data(1);
+            // SAFETY: the entry points into `buf`, registered above and
+            // alive until the ring is gone; we wait for the completion.
+            unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
+            ring.submit_and_wait(1)?;
+            let res = ring.completion().next().map_or(-1, |c| c.result());
+            drop(ring);
+            if res != 6 {
+                return Ok(false);
+            }
+            b.set_nonblocking(true)?;
+            let mut got = [0u8; 6];
+            let n = std::io::Read::read(&mut &b, &mut got)?;
+            Ok(n == 6 && &got == b"netblk")
+        };
+        attempt().unwrap_or(false)
+    })
+}
+
 /// Whether this kernel sends a vectored `SENDMSG_ZC` from a registered
 /// buffer (`IORING_RECVSEND_FIXED_BUF`, Linux 6.15+): tried once for real, a
 /// UDP datagram to itself on 127.0.0.1, and remembered.

@@ -354,6 +354,7 @@ fn path_setup(
                 BufferMode::Kernel {
                     recv_fixed: path == DataPath::FullZeroCopy,
                     user_copy,
+                    send_fixed: path == DataPath::FullZeroCopy && crate::uring::probe_send_fixed(),
                 },
                 // Request pages have no user address: SEND_ZC sends them
                 // (or user copy brings small payloads out).
