@@ -5,7 +5,7 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use io_uring::{IoUring, opcode, types};
+use io_uring::{IoUring, opcode, squeue, types};
 
 use super::SendMode;
 
@@ -63,33 +63,41 @@ pub fn enable_zerocopy(socket: &TcpStream) -> io::Result<()> {
     }
 }
 
+/// Runs one operation on a fresh ring with `buf` registered as buffer 0,
+/// built by `op` from the buffer's address; its result.
+fn on_registered(buf: &mut [u8], op: impl FnOnce(*mut u8) -> squeue::Entry) -> io::Result<i32> {
+    let mut ring = IoUring::new(4)?;
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: `buf` is borrowed for this whole function, so it outlives the
+    // ring (and with it the registration), dropped before we return.
+    unsafe { ring.submitter().register_buffers(&iov)? };
+    let entry = op(buf.as_mut_ptr()).user_data(1);
+    // SAFETY: the entry points into `buf` (its caller's contract), which is
+    // registered above and alive until the ring is gone; we wait for the
+    // completion below.
+    unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
+    ring.submit_and_wait(1)?;
+    let res = ring.completion().next().map_or(-1, |c| c.result());
+    drop(ring);
+    Ok(res)
+}
+
 /// Whether this kernel's plain `RECV` honours `IORING_RECVSEND_FIXED_BUF`
 /// (Linux 7.2+): tried for real on a socketpair with a registered buffer.
 pub fn probe_recv_fixed() -> bool {
     let attempt = || -> io::Result<bool> {
         let (a, b) = std::os::unix::net::UnixStream::pair()?;
-        // Declared before the ring, so dropped after it on every path.
-        let mut buf = vec![0u8; 4096];
-        let mut ring = IoUring::new(4)?;
-        let iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        // SAFETY: `buf` is declared before the ring, so it outlives the ring
-        // (and with it the registration) on every path out of this closure.
-        unsafe { ring.submitter().register_buffers(&iov)? };
         std::io::Write::write_all(&mut &a, b"netblk")?;
-        let entry = opcode::Recv::new(types::Fd(b.as_raw_fd()), buf.as_mut_ptr(), 6)
-            .ioprio(IORING_RECVSEND_FIXED_BUF)
-            .buf_group(0)
-            .build()
-            .user_data(1);
-        // SAFETY: the entry points into `buf`, registered above and alive
-        // until the ring is gone; we wait for the completion below.
-        unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
-        ring.submit_and_wait(1)?;
-        let res = ring.completion().next().map_or(-1, |c| c.result());
-        drop(ring);
+        let mut buf = vec![0u8; 4096];
+        let res = on_registered(&mut buf, |at| {
+            opcode::Recv::new(types::Fd(b.as_raw_fd()), at, 6)
+                .ioprio(IORING_RECVSEND_FIXED_BUF)
+                .buf_group(0)
+                .build()
+        })?;
         Ok(res == 6 && &buf[..6] == b"netblk")
     };
     attempt().unwrap_or(false)
@@ -103,28 +111,13 @@ pub fn probe_send_fixed() -> bool {
     *PROBED.get_or_init(|| {
         let attempt = || -> io::Result<bool> {
             let (a, b) = std::os::unix::net::UnixStream::pair()?;
-            // Declared before the ring, so dropped after it on every path.
-            let buf = b"netblk".to_vec();
-            let mut ring = IoUring::new(4)?;
-            let iov = [libc::iovec {
-                iov_base: buf.as_ptr().cast_mut().cast(),
-                iov_len: buf.len(),
-            }];
-            // SAFETY: `buf` is declared before the ring, so it outlives the
-            // ring (and with it the registration) on every path out of
-            // this closure; the kernel only reads it.
-            unsafe { ring.submitter().register_buffers(&iov)? };
-            let entry = opcode::Send::new(types::Fd(a.as_raw_fd()), buf.as_ptr(), 6)
-                .ioprio(IORING_RECVSEND_FIXED_BUF)
-                .buf_group(0)
-                .build()
-                .user_data(1);
-            // SAFETY: the entry points into `buf`, registered above and
-            // alive until the ring is gone; we wait for the completion.
-            unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
-            ring.submit_and_wait(1)?;
-            let res = ring.completion().next().map_or(-1, |c| c.result());
-            drop(ring);
+            let mut buf = b"netblk".to_vec();
+            let res = on_registered(&mut buf, |at| {
+                opcode::Send::new(types::Fd(a.as_raw_fd()), at.cast_const(), 6)
+                    .ioprio(IORING_RECVSEND_FIXED_BUF)
+                    .buf_group(0)
+                    .build()
+            })?;
             if res != 6 {
                 return Ok(false);
             }

@@ -37,6 +37,19 @@ restart_dir_node() {
   eval "pid_$1$3=$!"
   wait_listening /tmp/$1$3.out
 }
+# veth_netns NS NEAR FAR NET: a network namespace NS of the scenario's own,
+# joined to this one by a veth pair: NEAR here at NET.1, FAR in NS at
+# NET.2 (NET: three octets), both up, and NS's loopback up.
+veth_netns() {
+  ip-full netns add $1 || fail "ip-full netns add $1"
+  ip-full link add $2 type veth peer name $3 || fail "no veth link"
+  ip-full link set $3 netns $1
+  ip-full addr add $4.1/24 dev $2
+  ip-full link set $2 up
+  ip-full -n $1 addr add $4.2/24 dev $3
+  ip-full -n $1 link set $3 up
+  ip-full -n $1 link set lo up
+}
 echo "== kernel $(uname -r)"
 netblk features || fail "netblk features"
 netblk ublk-check || fail "netblk ublk-check"

@@ -117,13 +117,10 @@ ls /dev/ublkb* 2>/dev/null && fail "a device was left behind"
 # scenario's own, behind a veth link): zero-copy devices send large write
 # payloads to it straight from the request's pages.
 case $EXPECT in *"zero copy")
-  ip-full netns add zcns || fail "ip-full netns add"
-  ip-full link add zcv0 type veth peer name zcv1 || fail "no veth link"
-  ip-full link set zcv1 netns zcns
-  ip-full addr add 10.98.0.1/24 dev zcv0
-  ip-full link set zcv0 up
-  ip-full -n zcns addr add 10.98.0.2/24 dev zcv1
-  ip-full -n zcns link set zcv1 up
+  veth_netns zcns zcv0 zcv1 10.98.0
+  # Its loopback down: the node must still stop on SIGTERM, reaching
+  # nothing of its own (mock_node.rs has the same test).
+  ip-full -n zcns link set lo down
   ip-full netns exec zcns netblk-mock-node --listen 10.98.0.2:7411 --store memory >/tmp/zcnode.out 2>/tmp/zcnode.log &
   ZN=$!
   wait_listening /tmp/zcnode.out

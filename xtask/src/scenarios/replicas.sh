@@ -130,14 +130,7 @@ rm -rf /var/rec722*
 # 4. A silent peer: R = 2 over two nodes, one of them in a network namespace
 #    of this scenario's own behind a veth link; the namespace side of the
 #    link goes down mid-workload (nothing arrives, nothing is refused).
-ip-full netns add repns || fail "ip-full netns add"
-ip-full link add nbv0 type veth peer name nbv1 || fail "no veth link"
-ip-full link set nbv1 netns repns
-ip-full addr add 10.99.0.1/24 dev nbv0
-ip-full link set nbv0 up
-ip-full -n repns addr add 10.99.0.2/24 dev nbv1
-ip-full -n repns link set nbv1 up
-ip-full -n repns link set lo up
+veth_netns repns nbv0 nbv1 10.99.0
 mkdir -p /var/silent0 /var/silent1
 netblk-mock-node --listen 127.0.0.1:7231 --store dir:/var/silent0 >/tmp/silent0.out 2>/tmp/silent0.log &
 SN0=$!
