@@ -440,7 +440,7 @@ impl<F: Frontend> QueueDriver<F> {
                 let last = cqueue::notif(flags) || !cqueue::more(flags);
                 if kind == K_DATA && last {
                     self.engine
-                        .handle_buffer_released(node, (detail >> 27) as Tag);
+                        .handle_buffer_released(node, send::split_data_detail(detail).0);
                 }
                 if kind == K_VEC && last && node < self.conns.len() {
                     self.release_head_slot(node, detail as usize);

@@ -291,6 +291,17 @@ fn payload_send(buffers: BufferMode, mode: SendMode, len: u32, local: bool) -> S
     }
 }
 
+/// A payload send's completion detail: its tag (13 bits) and length (27
+/// bits: at most 64 MiB) in 40 bits.
+fn data_detail(slice: &BufSlice) -> u64 {
+    (u64::from(slice.tag) << 27) | u64::from(slice.len)
+}
+
+/// The tag and length [`data_detail`] put in a completion's detail.
+pub(super) fn split_data_detail(detail: u64) -> (Tag, i32) {
+    ((detail >> 27) as Tag, (detail & ((1 << 27) - 1)) as i32)
+}
+
 /// How a payload is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Send {
@@ -485,7 +496,7 @@ impl<F: Frontend> QueueDriver<F> {
                     }
                     // As a zero-copy one (below), without its notification:
                     // the buffer is free at this CQE.
-                    let detail = (u64::from(slice.tag) << 27) | u64::from(slice.len);
+                    let detail = data_detail(&slice);
                     opcode::Send::new(fd, slice.offset as usize as *const u8, slice.len)
                         .ioprio(IORING_RECVSEND_FIXED_BUF)
                         .buf_group(slice.tag)
@@ -505,8 +516,7 @@ impl<F: Frontend> QueueDriver<F> {
                         // A kernel-registered buffer is addressed by offset.
                         BufferMode::Kernel { .. } => slice.offset as usize as *mut u8,
                     };
-                    // tag (13 bits) and length (27 bits: at most 64 MiB) in 40 bits.
-                    let detail = (u64::from(slice.tag) << 27) | u64::from(slice.len);
+                    let detail = data_detail(&slice);
                     opcode::SendZc::new(fd, ptr, slice.len)
                         .buf_index(Some(slice.tag))
                         .flags(flags)
@@ -603,8 +613,7 @@ impl<F: Frontend> QueueDriver<F> {
     }
 
     pub(super) fn on_data_sent(&mut self, node: usize, detail: u64, res: i32, flags: u32) {
-        let tag = (detail >> 27) as Tag;
-        let len = (detail & ((1 << 27) - 1)) as i32;
+        let (tag, len) = split_data_detail(detail);
         let conn = &mut self.conns[node];
         if cqueue::notif(flags) {
             // The zero-copy notification: the kernel is done with the buffer.
@@ -822,6 +831,12 @@ mod tests {
             payload_send(BufferMode::User, zc, big, true),
             Send::ZeroCopy
         );
+    }
+
+    #[test]
+    fn a_data_detail_gives_back_its_tag_and_length() {
+        let s = slice(8191, (64 << 20) - 1);
+        assert_eq!(split_data_detail(data_detail(&s)), (8191, (64 << 20) - 1));
     }
 
     #[test]
