@@ -320,7 +320,7 @@ pub fn clock_session() -> u64 {
 }
 
 /// Reads one frame's preamble and header (not its payload).
-fn read_head(mut stream: impl Read) -> Result<(pb::Header, u32), String> {
+pub(crate) fn read_head(mut stream: impl Read) -> Result<(pb::Header, u32), String> {
     let mut preamble = [0u8; PREAMBLE_LEN];
     stream
         .read_exact(&mut preamble)

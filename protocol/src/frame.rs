@@ -294,6 +294,8 @@ fn check_payload(header: &pb::Header, payload_len: u32) -> Result<(), FrameError
         Some(Kind::HandshakeReply(_)) => no_payload("a handshake reply"),
         Some(Kind::Admin(_)) => no_payload("an admin request"),
         Some(Kind::AdminReply(_)) => no_payload("an admin reply"),
+        Some(Kind::Inquiry(_)) => no_payload("an inquiry"),
+        Some(Kind::InquiryReply(_)) => no_payload("an inquiry reply"),
     }
 }
 

@@ -44,6 +44,9 @@ pub enum ConnError {
     Dropped(u64),
     #[error("socket error: {0}")]
     Io(#[from] io::Error),
+    /// An inquiry was answered: its connection ends (not an error).
+    #[error("inquiry answered")]
+    Answered,
 }
 
 /// A data connection after its handshake.
@@ -136,6 +139,7 @@ pub enum Port {
 pub fn log_end(node: &Node, peer: SocketAddr, id: u64, result: &Result<(), ConnError>) -> bool {
     match result {
         Ok(()) => debug!(%peer, id, "connection closed"),
+        Err(ConnError::Answered) => debug!(%peer, id, "inquiry answered, connection closed"),
         Err(ConnError::Refused(why)) => {
             bump(&node.counters.connections_refused, 1);
             warn!(%peer, "handshake refused: {why}");
@@ -199,6 +203,8 @@ pub fn kind_name(kind: Option<&Kind>) -> &'static str {
         Some(Kind::Reply(_)) => "a reply",
         Some(Kind::Admin(_)) => "an admin request",
         Some(Kind::AdminReply(_)) => "an admin reply",
+        Some(Kind::Inquiry(_)) => "an inquiry",
+        Some(Kind::InquiryReply(_)) => "an inquiry reply",
     }
 }
 

@@ -16,6 +16,7 @@ mod exec;
 pub mod faults;
 mod fence;
 mod frames;
+mod inquiry;
 mod missed;
 mod node;
 mod peer;

@@ -136,6 +136,11 @@ pub enum Broken {
     FuaWithoutSync,
     /// Changes are not added to the missed regions of rows out of sync.
     NoMissedRegions,
+    /// An inquiry's volume description leaves out the stored record.
+    DescribeNoRecord,
+    /// A describe of a volume this node lacks creates it (one column,
+    /// one copy, 64 KiB stripe units, 1 MiB).
+    DescribeCreates,
     /// A zero-length read or write is refused as INVALID.
     ZeroLengthInvalid,
     /// A FUA write is refused as NOT_SUPPORTED.
@@ -629,10 +634,7 @@ impl Node {
     /// without a policy). A refusal is logged and counted, and its
     /// message names the client and the operation.
     pub fn authorize(&self, peer: &Peer, volume: &str, op: policy::Op) -> Result<(), String> {
-        let Some(policy) = &self.config.policy else {
-            return Ok(());
-        };
-        if policy.get().allows(peer, volume, op) {
+        if self.may(peer, volume, op) {
             return Ok(());
         }
         bump(&self.counters.policy_refusals, 1);
@@ -640,6 +642,63 @@ impl Node {
         Err(format!(
             "the node's policy does not let {peer} {op} volume '{volume}'"
         ))
+    }
+
+    /// Whether the policy lets `peer` do `op` to `volume`, asked without
+    /// counting or logging a refusal (what a listing leaves out).
+    pub fn may(&self, peer: &Peer, volume: &str, op: policy::Op) -> bool {
+        self.config
+            .policy
+            .as_ref()
+            .is_none_or(|policy| policy.get().allows(peer, volume, op))
+    }
+
+    /// The names of every volume this node holds: open ones and, with a
+    /// directory store, stored ones; in name order.
+    pub fn volume_names(&self) -> Result<Vec<String>, String> {
+        let mut names: std::collections::BTreeSet<String> =
+            lock(&self.volumes).keys().cloned().collect();
+        names.extend(
+            store::stored_names(&self.config.store)
+                .map_err(|err| format!("cannot list the stored volumes: {err}"))?,
+        );
+        Ok(names.into_iter().collect())
+    }
+
+    /// The volume `name` as this node holds it, opened from its store if it
+    /// is not open yet (never created): NOT_FOUND if there is none.
+    pub fn describe(&self, name: &str) -> Result<pb::VolumeDescription, (pb::Status, String)> {
+        let open = lock(&self.volumes).get(name).cloned();
+        let volume = match open {
+            Some(volume) => volume,
+            None => {
+                let meta = match store::stored_meta(&self.config.store, name) {
+                    Ok(Some(meta)) => meta,
+                    Ok(None) => {
+                        return Err((
+                            pb::Status::NotFound,
+                            format!("no volume '{name}' on this node"),
+                        ));
+                    }
+                    Err(err) => {
+                        return Err((
+                            pb::Status::IoError,
+                            format!("cannot read volume '{name}': {err}"),
+                        ));
+                    }
+                };
+                self.volume(name, meta, false)
+                    .map_err(|why| (pb::Status::IoError, why))?
+            }
+        };
+        let meta = volume.meta();
+        Ok(pb::VolumeDescription {
+            volume: name.to_owned(),
+            volume_size: meta.volume_size,
+            layout: Some(meta.layout()),
+            volume_id: volume.lineage.id.clone(),
+            record: (!self.breaks(Broken::DescribeNoRecord)).then(|| volume.record()),
+        })
     }
 
     /// Whether this node breaks `rule` on purpose (`--broken`).

@@ -402,6 +402,16 @@ fn take_frames(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) -> Resu
                         slot.client.clone(),
                         &slot.writer,
                     )?,
+                    Some(Kind::Inquiry(inquiry)) => {
+                        let reply = crate::inquiry::answer(node, &inquiry, &slot.client);
+                        slot.writer.send_header(
+                            node,
+                            &netblk_protocol::pb::Header {
+                                kind: Some(Kind::InquiryReply(reply)),
+                            },
+                        );
+                        return Err(ConnError::Answered);
+                    }
                     Some(Kind::Admin(_)) => {
                         return Err(ConnError::Violation(
                             "admin requests are not accepted on the data port (only on the node's --admin-listen address)"

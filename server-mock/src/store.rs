@@ -280,6 +280,22 @@ pub fn stored_meta(kind: &StoreKind, name: &str) -> io::Result<Option<VolumeMeta
     }
 }
 
+/// The names of the volumes a directory store holds (none for the others:
+/// their volumes live only while open).
+pub fn stored_names(kind: &StoreKind) -> io::Result<Vec<String>> {
+    let StoreKind::Dir(dir) = kind else {
+        return Ok(Vec::new());
+    };
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(volume) = name.to_str().and_then(|n| n.strip_suffix(".meta")) {
+            names.push(volume.to_owned());
+        }
+    }
+    Ok(names)
+}
+
 /// Which volume a client talks to, and which life of it.
 ///
 /// `id` is fixed when the volume is created (and persisted with it): a

@@ -1,0 +1,407 @@
+//! Volumes placed over a pool (docs/placement.md): created on the nodes
+//! [`crate::placement`] chooses, with the placement written into their
+//! membership records; found again from those records (never from the hash,
+//! so a pool that changed since moves nothing); the volumes a node holds.
+
+use std::net::SocketAddr;
+
+use netblk_protocol::pb;
+
+use crate::inquiry::Asker;
+use crate::manage::VolumeRef;
+use crate::net::{self, ConnectError, Open, Timeouts};
+use crate::placement;
+use crate::pool::{Level, Pool};
+
+/// A volume as its record places it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// Its members in node order (row by row: address i holds column
+    /// i % columns), as its newest record names them.
+    pub nodes: Vec<SocketAddr>,
+    pub columns: u32,
+    pub replicas: u32,
+    pub stripe_unit: u32,
+    /// Bytes of the whole volume, as its members state it.
+    pub size: u64,
+    /// The generation of the record read.
+    pub generation: u64,
+}
+
+/// What asking a pool's nodes about a volume found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Located),
+    /// No node that answered has it; these did not answer (address: why).
+    Absent { unreachable: Vec<String> },
+    /// These nodes have it, none with a placement record: a creation cut
+    /// short, or a volume not created from a pool.
+    Unplaced { holders: Vec<SocketAddr> },
+}
+
+/// `ask` of every node of the pool, in parallel: each answer in pool order.
+fn ask_all<T: Send>(
+    pool: &Pool,
+    ask: impl Fn(SocketAddr) -> Result<T, String> + Sync,
+) -> Vec<Result<T, String>> {
+    std::thread::scope(|s| {
+        let asks: Vec<_> = pool
+            .nodes
+            .iter()
+            .map(|n| {
+                let ask = &ask;
+                s.spawn(move || ask(n.address))
+            })
+            .collect();
+        asks.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+            .collect()
+    })
+}
+
+/// Finds volume `name` on `pool`'s nodes and reads its placement from the
+/// newest membership record among them.
+pub fn locate(pool: &Pool, name: &str, asker: &Asker) -> Result<Lookup, String> {
+    let answers = ask_all(pool, |addr| asker.describe(addr, name));
+    let mut found = Vec::new();
+    let mut unreachable = Vec::new();
+    for (node, answer) in pool.nodes.iter().zip(answers) {
+        match answer {
+            Ok(Some(described)) => found.push((node.address, described)),
+            Ok(None) => {}
+            Err(why) => unreachable.push(why),
+        }
+    }
+    if found.is_empty() {
+        return Ok(Lookup::Absent { unreachable });
+    }
+    let recorded = found
+        .iter()
+        .any(|(_, d)| d.record.as_ref().is_some_and(|r| r.generation > 0 && !r.members.is_empty()));
+    if !recorded {
+        return Ok(Lookup::Unplaced {
+            holders: found.into_iter().map(|(a, _)| a).collect(),
+        });
+    }
+    placed(name, &found).map(Lookup::Found)
+}
+
+/// The placement of volume `name` from what the nodes in `found` hold:
+/// the newest record's members, checked against each member's layout.
+fn placed(name: &str, found: &[(SocketAddr, pb::VolumeDescription)]) -> Result<Located, String> {
+    let holders = || {
+        found
+            .iter()
+            .map(|(a, _)| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let newest = found
+        .iter()
+        .filter_map(|(_, d)| d.record.as_ref())
+        .max_by_key(|r| r.generation)
+        .filter(|r| r.generation > 0 && !r.members.is_empty())
+        .ok_or_else(|| format!("volume '{name}' has no placement record on {}", holders()))?;
+    let nodes: Vec<SocketAddr> = newest
+        .members
+        .iter()
+        .map(|m| {
+            m.parse()
+                .map_err(|_| format!("volume '{name}': its record names member '{m}', not an IP:PORT"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut geometry = None;
+    let mut sizes = Vec::new();
+    for (addr, described) in found {
+        // A node the record does not name held the volume once (it was
+        // replaced): what it still has is not the volume's.
+        let Some(index) = nodes.iter().position(|n| n == addr) else {
+            continue;
+        };
+        let layout = described.layout.unwrap_or_default();
+        let replicas = layout.replicas.max(1);
+        let columns = layout.node_count;
+        let place = (
+            index % columns.max(1) as usize,
+            index / columns.max(1) as usize,
+        );
+        if place != (layout.node_index as usize, layout.replica_index as usize)
+            || nodes.len() != columns as usize * replicas as usize
+        {
+            return Err(format!(
+                "volume '{name}': {addr} holds column {} row {} of {columns} × {replicas}, but its record (generation {}) names {} members with {addr} at {index}",
+                layout.node_index,
+                layout.replica_index,
+                newest.generation,
+                nodes.len()
+            ));
+        }
+        let this = (columns, replicas, layout.stripe_unit);
+        if *geometry.get_or_insert(this) != this {
+            return Err(format!(
+                "volume '{name}': its members hold different layouts (at {addr}: {columns} columns × {replicas} replicas, stripe unit {})",
+                layout.stripe_unit
+            ));
+        }
+        sizes.push((addr.to_string(), described.volume_size));
+    }
+    let Some((columns, replicas, stripe_unit)) = geometry else {
+        return Err(format!(
+            "volume '{name}': its record names members {} and none of them answered with it (it is only on {})",
+            newest.members.join(","),
+            holders()
+        ));
+    };
+    let size = sizes[0].1;
+    if sizes.iter().any(|(_, s)| *s != size) {
+        return Err(format!(
+            "the members of volume '{name}' disagree on its size: {sizes:?}"
+        ));
+    }
+    Ok(Located {
+        nodes,
+        columns,
+        replicas,
+        stripe_unit,
+        size,
+        generation: newest.generation,
+    })
+}
+
+/// A volume to create over a pool.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub name: String,
+    pub size: u64,
+    pub columns: u32,
+    pub replicas: u32,
+    pub spread: Level,
+    pub stripe_unit: u32,
+}
+
+/// What [`create`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub located: Located,
+    /// It existed already, as asked for: nothing was done.
+    pub existed: bool,
+}
+
+/// Creates `new` on the nodes placement chooses from `pool`, and stores
+/// the first membership record, naming them, on each. A volume of that
+/// name already on the pool is left as it is: returned if it is what was
+/// asked for, an error otherwise. Creating again after a creation cut
+/// short finishes it.
+pub fn create(
+    pool: &Pool,
+    new: &NewVolume,
+    asker: &Asker,
+    tls: Option<std::sync::Arc<net::ClientTls>>,
+    client_id: &str,
+    timeouts: Timeouts,
+) -> Result<Created, String> {
+    netblk_protocol::geometry::check_volume_name(&new.name)?;
+    let chosen = placement::place(pool, &new.name, new.columns, new.replicas, new.spread)?;
+    let columns = new.columns as usize;
+    let mut nodes = vec![pool.nodes[0].address; chosen.nodes().count()];
+    for (c, column) in chosen.columns.iter().enumerate() {
+        for (r, &index) in column.iter().enumerate() {
+            nodes[r * columns + c] = pool.nodes[index].address;
+        }
+    }
+    let asked = Located {
+        nodes: nodes.clone(),
+        columns: new.columns,
+        replicas: new.replicas,
+        stripe_unit: new.stripe_unit,
+        size: new.size,
+        generation: 1,
+    };
+    match locate(pool, &new.name, asker) {
+        Ok(Lookup::Found(found)) => {
+            let same = (found.columns, found.replicas, found.stripe_unit, found.size)
+                == (asked.columns, asked.replicas, asked.stripe_unit, asked.size);
+            if same {
+                return Ok(Created {
+                    located: found,
+                    existed: true,
+                });
+            }
+            return Err(format!(
+                "volume '{}' exists on the pool as {} column(s) × {} replica(s), stripe unit {}, {} bytes, on {}: not what was asked for",
+                new.name,
+                found.columns,
+                found.replicas,
+                found.stripe_unit,
+                found.size,
+                members(&found.nodes)
+            ));
+        }
+        // Partly created (no record anywhere yet) is finished below; the
+        // nodes refuse another layout or size.
+        Ok(Lookup::Absent { .. } | Lookup::Unplaced { .. }) => {}
+        Err(why) => return Err(why),
+    }
+    let volume = VolumeRef {
+        name: new.name.clone(),
+        stripe_unit: new.stripe_unit,
+        nodes: nodes.clone(),
+        replicas: new.replicas,
+        tls,
+    };
+    volume
+        .create(new.size, client_id, timeouts)
+        .map_err(|e| format!("cannot create volume '{}': {e}", new.name))?;
+    let full = (1u32 << new.replicas) - 1;
+    let record = pb::MembershipRecord {
+        generation: 1,
+        owner_epoch: 0,
+        owner: String::new(),
+        clean: true,
+        iss: vec![full; columns],
+        joining: Vec::new(),
+        rebuild: Vec::new(),
+        members: nodes.iter().map(ToString::to_string).collect(),
+    };
+    store_first_record(&volume, &record, client_id, timeouts)?;
+    Ok(Created {
+        located: asked,
+        existed: false,
+    })
+}
+
+/// Stores `record` (generation 1) on every node of `volume`; a node that
+/// holds that very record already (a creation run again) is done.
+fn store_first_record(
+    volume: &VolumeRef,
+    record: &pb::MembershipRecord,
+    client_id: &str,
+    timeouts: Timeouts,
+) -> Result<(), String> {
+    let layout = crate::layout::Layout::replicated(
+        u64::from(volume.stripe_unit) * volume.nodes.len() as u64,
+        volume.stripe_unit,
+        volume.nodes.len(),
+        volume.replicas,
+    )
+    .map_err(|e| e.to_string())?;
+    let who = net::Identity {
+        owner_epoch: 0,
+        client_id,
+        volume: &volume.name,
+        session: net::clock_session(),
+        volume_id: None,
+        digest: false,
+        tls: volume.tls.as_deref(),
+    };
+    for (node, addr) in volume.nodes.iter().enumerate() {
+        let (stream, _) = net::connect_as(*addr, node, &layout, &who, timeouts, Open::Existing)
+            .map_err(|e: ConnectError| e.to_string())?;
+        let put = pb::request::Op::PutRecord(pb::PutRecord {
+            expected_generation: 0,
+            record: Some(record.clone()),
+        });
+        let reply = net::call(&stream, 1, put, timeouts.io)
+            .map_err(|why| format!("node {node} ({addr}): {why}"))?;
+        let stored_already = reply.status == pb::Status::Conflict as i32
+            && reply.record.as_ref() == Some(record);
+        if reply.status != pb::Status::Ok as i32 && !stored_already {
+            return Err(format!(
+                "node {node} ({addr}) did not store the placement record of volume '{}': {}",
+                volume.name, reply.message
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The volume `name` on `pool` as [`crate::manage`] reaches it, from its
+/// record: an error if no node that answered has it.
+pub fn volume_ref(
+    pool: &Pool,
+    name: &str,
+    asker: &Asker,
+    tls: Option<std::sync::Arc<net::ClientTls>>,
+) -> Result<Option<(VolumeRef, Located)>, String> {
+    match locate(pool, name, asker)? {
+        Lookup::Found(located) => Ok(Some((
+            VolumeRef {
+                name: name.to_owned(),
+                stripe_unit: located.stripe_unit,
+                nodes: located.nodes.clone(),
+                replicas: located.replicas,
+                tls,
+            },
+            located,
+        ))),
+        Lookup::Unplaced { holders } => Err(format!(
+            "volume '{name}' is on {} but none of them holds a placement record: it was not created from a pool, or its creation was cut short (run the create again)",
+            members(&holders)
+        )),
+        Lookup::Absent { unreachable } if unreachable.is_empty() => Ok(None),
+        Lookup::Absent { unreachable } => Err(format!(
+            "no node of the pool that answered has volume '{name}', and {} did not answer: {}",
+            unreachable.len(),
+            unreachable.join("; ")
+        )),
+    }
+}
+
+/// The volumes that use pool node `node` (an index into `pool.nodes`):
+/// those it holds, and those whose newest record names it as a member
+/// (as any node of the pool that answered holds it). An error if the node
+/// itself does not answer: what it holds cannot be told then.
+pub fn users(pool: &Pool, node: usize, asker: &Asker) -> Result<Vec<String>, String> {
+    let addr = pool.nodes[node].address;
+    let answers = ask_all(pool, |a| asker.list(a));
+    let mut names = std::collections::BTreeSet::new();
+    let mut newest: std::collections::BTreeMap<String, pb::MembershipRecord> = Default::default();
+    for (i, answer) in answers.into_iter().enumerate() {
+        let volumes = match answer {
+            Ok(volumes) => volumes,
+            Err(why) if i == node => {
+                return Err(format!("cannot tell which volumes use {addr}: {why}"));
+            }
+            Err(why) => {
+                tracing::warn!("{why}: its volumes are not counted");
+                continue;
+            }
+        };
+        for described in volumes {
+            if i == node {
+                names.insert(described.volume.clone());
+            }
+            let record = described.record.unwrap_or_default();
+            let held = newest.entry(described.volume).or_default();
+            if record.generation > held.generation {
+                *held = record;
+            }
+        }
+    }
+    // What the node holds counts unless the volume's newest record says
+    // it left (a replaced member's copy); a volume without a record (not
+    // placed from a pool) counts.
+    let listed = addr.to_string();
+    let member = |record: &pb::MembershipRecord| record.members.contains(&listed);
+    names.retain(|name| {
+        newest
+            .get(name)
+            .is_none_or(|r| r.generation == 0 || r.members.is_empty() || member(r))
+    });
+    names.extend(
+        newest
+            .into_iter()
+            .filter(|(_, r)| member(r))
+            .map(|(name, _)| name),
+    );
+    Ok(names.into_iter().collect())
+}
+
+/// Members as a comma-separated list.
+pub fn members(nodes: &[SocketAddr]) -> String {
+    nodes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
