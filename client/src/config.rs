@@ -1,6 +1,6 @@
 //! Volume files: `/etc/netblk/volumes/NAME.toml` describes a volume for
 //! `netblk map --config`, so that a host (or its systemd unit) maps it by
-//! name. Every key is optional here except `nodes` and `size`; flags given
+//! name. Every key is optional here except `nodes` and `size` (or `pool`); flags given
 //! on the command line override the file. Unknown keys and values of the
 //! wrong kind are errors that name the key.
 
@@ -43,6 +43,9 @@ pub struct VolumeFile {
     /// The volume identity each node must hold, in node order (checked
     /// with the nodes by `netblk map`).
     pub volume_ids: Option<Vec<String>>,
+    /// A pool file: the volume's nodes, layout and size come from its
+    /// placement record on the pool's nodes (instead of `nodes`).
+    pub pool: Option<PathBuf>,
 }
 
 /// The keys a volume file may have, as the error for an unknown one lists
@@ -69,6 +72,7 @@ pub const KEYS: &[&str] = &[
     "tls_key",
     "tls_danger_skip_server_name",
     "volume_ids",
+    "pool",
 ];
 
 /// Reads and checks the volume file at `path`; errors start with the path.
@@ -135,6 +139,9 @@ pub fn parse(text: &str, stem: &str) -> Result<VolumeFile, String> {
             .map(|v| v.boolean())
             .transpose()?,
         volume_ids: get("volume_ids").map(|v| v.strings()).transpose()?,
+        pool: get("pool")
+            .map(|v| v.string().map(PathBuf::from))
+            .transpose()?,
     })
 }
 

@@ -32,14 +32,19 @@ pub struct MapArgs {
     #[arg(long, required_unless_present_any = ["recover", "config"])]
     pub volume: Option<String>,
     /// Volume size (bytes; K, M, G, T suffixes): whole blocks, at most 1 EiB.
-    #[arg(long, value_parser = parse_size, required_unless_present_any = ["recover", "config"])]
+    #[arg(long, value_parser = parse_size, required_unless_present_any = ["recover", "config", "pool"])]
     pub size: Option<u64>,
+    /// A pool file (`netblk create --pool`): the volume's nodes, stripe
+    /// unit, replicas and size are read from its placement record on the
+    /// pool's nodes.
+    #[arg(long, value_name = "FILE", conflicts_with = "nodes")]
+    pub pool: Option<PathBuf>,
     /// The nodes, in stripe order (comma separated; 1 to 1024). The order is
     /// part of the volume: nodes refuse a different one.
     #[arg(
         long,
         value_delimiter = ',',
-        required_unless_present_any = ["recover", "config"],
+        required_unless_present_any = ["recover", "config", "pool"],
         value_name = "ADDR,..."
     )]
     pub nodes: Vec<SocketAddr>,
@@ -161,6 +166,8 @@ pub struct Settings {
     pub tls: Option<netblk_tls::config::ClientFiles>,
     /// Pinned volume identities, one per node (empty: pinned at connect).
     pub volume_ids: Vec<String>,
+    /// Where the nodes come from instead: a pool file.
+    pub pool: Option<PathBuf>,
 }
 
 impl Settings {
@@ -209,7 +216,52 @@ impl Settings {
             } else {
                 args.volume_ids.clone()
             },
+            pool: args.pool.clone().or(f.pool),
         }
+    }
+
+    /// Nodes, stripe unit, replicas and size from the volume's placement
+    /// record on the pool's nodes; those given as well must match it.
+    fn from_pool(&mut self, tls: Option<&netblk::net::ClientTls>) -> Result<(), String> {
+        let (Some(path), Some(volume)) = (&self.pool, &self.volume) else {
+            return Ok(());
+        };
+        if !self.nodes.is_empty() {
+            return Err("--pool and --nodes (key `nodes`) exclude each other".into());
+        }
+        let pool = netblk::pool::Pool::load(path)?;
+        let asker = netblk::inquiry::Asker {
+            tls,
+            timeout: Duration::from_secs(5),
+        };
+        let Some((_, located)) = netblk::pooled::volume_ref(&pool, volume, &asker, None)? else {
+            return Err(format!(
+                "no volume '{volume}' on the nodes of pool {} (create it with `netblk create --pool`)",
+                path.display()
+            ));
+        };
+        let differs = |what: &str, given: u64, stored: u64| {
+            format!("{what} {given} given, but volume '{volume}' has {stored} (its placement record)")
+        };
+        if self.replicas != 1 && self.replicas != located.replicas {
+            return Err(differs("--replicas", self.replicas.into(), located.replicas.into()));
+        }
+        if let Some(size) = self.size
+            && size > located.size
+        {
+            return Err(differs("--size", size, located.size));
+        }
+        tracing::info!(
+            volume,
+            nodes = %netblk::pooled::members(&located.nodes),
+            generation = located.generation,
+            "placement read from the pool"
+        );
+        self.nodes = located.nodes;
+        self.stripe_unit = located.stripe_unit;
+        self.replicas = located.replicas;
+        self.size = Some(located.size);
+        Ok(())
     }
 
     /// TLS given only in part is an error naming what is missing.
@@ -307,6 +359,12 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
     if let Some(device) = &args.recover {
         return recover(device, &set, fail_queue);
     }
+    let mut set = set;
+    if set.volume.is_none() && set.pool.is_some() {
+        return Err(bad("--pool needs --volume (key `volume`)".into()));
+    }
+    set.from_pool(options.volume.tls.as_deref())
+        .map_err(Failure::Run)?;
     if let Some(what) = set.missing() {
         return Err(bad(format!("no {what} given")));
     }

@@ -136,9 +136,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Pools of nodes: check a pool file, preview a volume's placement.
+    /// Pools of nodes: check a pool file, preview a volume's placement,
+    /// list the volumes on a pool, remove a node no volume uses.
     #[command(subcommand)]
     Pool(pool_cli::PoolCmd),
+    /// Create a volume over a pool: its columns × replicas nodes chosen by
+    /// weighted rendezvous hashing of its name, replicas of a column in
+    /// distinct failure domains, and the placement written into its
+    /// membership record on every node (`netblk map --pool` reads it
+    /// there). Creating a volume that exists as asked changes nothing.
+    Create(pool_cli::CreateArgs),
+    /// Delete a volume created over a pool, with its data, from the nodes
+    /// its placement record names.
+    Delete(pool_cli::DeleteArgs),
     /// Show every netblk device: id, path, volume, nodes, data path, state.
     ///
     /// A record that cannot be read is reported by its file name and the
@@ -282,6 +292,8 @@ fn main() -> ExitCode {
             no_wait,
         } => replace(&device, node, with, !no_wait).map_err(Failure::Run),
         Cmd::Pool(cmd) => pool_cli::run(cmd).map_err(Failure::Run),
+        Cmd::Create(args) => pool_cli::create(args).map_err(Failure::Run),
+        Cmd::Delete(args) => pool_cli::delete(args).map_err(Failure::Run),
         Cmd::List => list().map_err(Failure::Run),
         Cmd::Status { device, json } => status(device.as_deref(), json).map_err(Failure::Run),
         Cmd::Features => features().map_err(Failure::Run),

@@ -189,6 +189,39 @@ impl Pool {
     }
 }
 
+/// A pool file's `text` without the `[[node]]` table of `pool.nodes[index]`
+/// (everything else, comments included, as it was). Refused, asking for an
+/// edit by hand, where the file does not write its nodes as `[[node]]`
+/// tables one after another, so that the result would not be the pool
+/// without that node.
+pub fn without_node(text: &str, pool: &Pool, index: usize) -> Result<String, String> {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let headers: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == "[[node]]")
+        .map(|(i, _)| i)
+        .collect();
+    let manual = || "its nodes are not written as plain [[node]] tables: remove the node by hand".to_string();
+    let (Some(&start), true) = (headers.get(index), headers.len() == pool.nodes.len()) else {
+        return Err(manual());
+    };
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.trim_start().starts_with('['))
+        .map_or(lines.len(), |p| start + 1 + p);
+    let rest: String = lines[..start].concat() + &lines[end..].concat();
+    let mut expected = pool.nodes.clone();
+    expected.remove(index);
+    match Pool::parse(&rest) {
+        Ok(left) if left.nodes == expected => Ok(rest),
+        Err(_) if expected.is_empty() => {
+            Err("it is the pool's only node: a pool needs at least one".into())
+        }
+        _ => Err(manual()),
+    }
+}
+
 fn node(table: &toml::Table) -> Result<PoolNode, String> {
     if let Some(key) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(format!(

@@ -3,6 +3,7 @@
 //! membership records; found again from those records (never from the hash,
 //! so a pool that changed since moves nothing); the volumes a node holds.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use netblk_protocol::pb;
@@ -347,52 +348,94 @@ pub fn volume_ref(
     }
 }
 
+/// Every node's volumes (in pool order), and each volume's newest record
+/// among them.
+struct Survey {
+    answers: Vec<Result<Vec<pb::VolumeDescription>, String>>,
+    newest: BTreeMap<String, pb::MembershipRecord>,
+}
+
+fn survey(pool: &Pool, asker: &Asker) -> Survey {
+    let answers = ask_all(pool, |a| asker.list(a));
+    let mut newest: BTreeMap<String, pb::MembershipRecord> = BTreeMap::new();
+    for described in answers.iter().flatten().flatten() {
+        let record = described.record.clone().unwrap_or_default();
+        let held = newest.entry(described.volume.clone()).or_default();
+        if record.generation > held.generation {
+            *held = record;
+        }
+    }
+    Survey { answers, newest }
+}
+
+/// The volumes on a pool's nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// Each volume and its members as its newest record names them (None:
+    /// no placement record, e.g. a volume mapped with --nodes).
+    pub volumes: BTreeMap<String, Option<Vec<SocketAddr>>>,
+    /// The nodes that did not answer (address: why).
+    pub unreachable: Vec<String>,
+}
+
+/// Lists the volumes on `pool`'s nodes.
+pub fn list(pool: &Pool, asker: &Asker) -> Listing {
+    let survey = survey(pool, asker);
+    let unreachable = survey
+        .answers
+        .iter()
+        .filter_map(|a| a.as_ref().err().cloned())
+        .collect();
+    let volumes = survey
+        .newest
+        .into_iter()
+        .map(|(name, record)| {
+            let members = (record.generation > 0 && !record.members.is_empty())
+                .then(|| record.members.iter().filter_map(|m| m.parse().ok()).collect());
+            (name, members)
+        })
+        .collect();
+    Listing {
+        volumes,
+        unreachable,
+    }
+}
+
 /// The volumes that use pool node `node` (an index into `pool.nodes`):
 /// those it holds, and those whose newest record names it as a member
 /// (as any node of the pool that answered holds it). An error if the node
 /// itself does not answer: what it holds cannot be told then.
 pub fn users(pool: &Pool, node: usize, asker: &Asker) -> Result<Vec<String>, String> {
     let addr = pool.nodes[node].address;
-    let answers = ask_all(pool, |a| asker.list(a));
-    let mut names = std::collections::BTreeSet::new();
-    let mut newest: std::collections::BTreeMap<String, pb::MembershipRecord> = Default::default();
-    for (i, answer) in answers.into_iter().enumerate() {
-        let volumes = match answer {
-            Ok(volumes) => volumes,
-            Err(why) if i == node => {
-                return Err(format!("cannot tell which volumes use {addr}: {why}"));
-            }
-            Err(why) => {
-                tracing::warn!("{why}: its volumes are not counted");
-                continue;
-            }
-        };
-        for described in volumes {
-            if i == node {
-                names.insert(described.volume.clone());
-            }
-            let record = described.record.unwrap_or_default();
-            let held = newest.entry(described.volume).or_default();
-            if record.generation > held.generation {
-                *held = record;
-            }
-        }
+    let survey = survey(pool, asker);
+    let held = match &survey.answers[node] {
+        Ok(volumes) => volumes,
+        Err(why) => return Err(format!("cannot tell which volumes use {addr}: {why}")),
+    };
+    for why in survey.answers.iter().filter_map(|a| a.as_ref().err()) {
+        tracing::warn!("{why}: the volumes it holds are not counted");
     }
     // What the node holds counts unless the volume's newest record says
     // it left (a replaced member's copy); a volume without a record (not
     // placed from a pool) counts.
     let listed = addr.to_string();
     let member = |record: &pb::MembershipRecord| record.members.contains(&listed);
-    names.retain(|name| {
-        newest
-            .get(name)
-            .is_none_or(|r| r.generation == 0 || r.members.is_empty() || member(r))
-    });
+    let mut names: BTreeSet<String> = held
+        .iter()
+        .filter(|d| {
+            survey
+                .newest
+                .get(&d.volume)
+                .is_none_or(|r| r.generation == 0 || r.members.is_empty() || member(r))
+        })
+        .map(|d| d.volume.clone())
+        .collect();
     names.extend(
-        newest
-            .into_iter()
+        survey
+            .newest
+            .iter()
             .filter(|(_, r)| member(r))
-            .map(|(name, _)| name),
+            .map(|(name, _)| name.clone()),
     );
     Ok(names.into_iter().collect())
 }

@@ -131,7 +131,7 @@ fn the_mock_node_passes_every_check_with_each_store() {
 /// and no other.
 #[test]
 fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
-    let cases: [(&[&str], &[&str]); 32] = [
+    let cases: [(&[&str], &[&str]); 34] = [
         (&["--broken", "zero-length-invalid"], &["6.3 a zero-length"]),
         (&["--broken", "fua-unsupported"], &["6.6"]),
         (&["--broken", "flush-unsupported"], &["6.7"]),
@@ -175,6 +175,8 @@ fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
         // Missed regions are seeded from the log: without one, both fail.
         (&["--broken", "no-activity-log"], &["10.1", "10.3"]),
         (&["--broken", "discard-keeps-data"], &["6.8"]),
+        (&["--broken", "describe-no-record"], &["13.1 describe states"]),
+        (&["--broken", "describe-creates"], &["13.1 describing"]),
         (
             &["--broken", "keep-bad-connections"],
             &["3.1", "3.2", "3.3", "3.4 a write", "3.6 bad", "3.7"],

@@ -2,6 +2,7 @@
 
 mod framing;
 mod handshake;
+mod inquiry;
 mod replication;
 mod requests;
 mod sessions;
@@ -30,6 +31,7 @@ pub fn all() -> Vec<&'static Check> {
         requests::CHECKS,
         sessions::CHECKS,
         replication::CHECKS,
+        inquiry::CHECKS,
     ]
     .into_iter()
     .flatten()
