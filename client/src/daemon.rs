@@ -241,10 +241,16 @@ impl Settings {
             ));
         };
         let differs = |what: &str, given: u64, stored: u64| {
-            format!("{what} {given} given, but volume '{volume}' has {stored} (its placement record)")
+            format!(
+                "{what} {given} given, but volume '{volume}' has {stored} (its placement record)"
+            )
         };
         if self.replicas != 1 && self.replicas != located.replicas {
-            return Err(differs("--replicas", self.replicas.into(), located.replicas.into()));
+            return Err(differs(
+                "--replicas",
+                self.replicas.into(),
+                located.replicas.into(),
+            ));
         }
         if let Some(size) = self.size
             && size > located.size

@@ -43,7 +43,10 @@ impl Asker<'_> {
                     all.len()
                 )),
             },
-            _ => Err(format!("{addr} did not describe '{name}': {}", reply.message)),
+            _ => Err(format!(
+                "{addr} did not describe '{name}': {}",
+                reply.message
+            )),
         }
     }
 
@@ -51,7 +54,10 @@ impl Asker<'_> {
     pub fn list(&self, addr: SocketAddr) -> Result<Vec<pb::VolumeDescription>, String> {
         let reply = self.ask(addr, What::List(pb::ListVolumes {}))?;
         if reply.status != pb::Status::Ok as i32 {
-            return Err(format!("{addr} did not list its volumes: {}", reply.message));
+            return Err(format!(
+                "{addr} did not list its volumes: {}",
+                reply.message
+            ));
         }
         Ok(reply.volumes)
     }

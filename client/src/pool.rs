@@ -202,7 +202,9 @@ pub fn without_node(text: &str, pool: &Pool, index: usize) -> Result<String, Str
         .filter(|(_, l)| l.trim() == "[[node]]")
         .map(|(i, _)| i)
         .collect();
-    let manual = || "its nodes are not written as plain [[node]] tables: remove the node by hand".to_string();
+    let manual = || {
+        "its nodes are not written as plain [[node]] tables: remove the node by hand".to_string()
+    };
     let (Some(&start), true) = (headers.get(index), headers.len() == pool.nodes.len()) else {
         return Err(manual());
     };

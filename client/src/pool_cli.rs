@@ -292,6 +292,9 @@ fn remove(file: &std::path::Path, node: &str, tls: &TlsArgs) -> Result<(), Strin
     std::fs::write(&tmp, &rest)
         .and_then(|()| std::fs::rename(&tmp, file))
         .map_err(|e| format!("cannot write pool file {}: {e}", file.display()))?;
-    println!("{node} ({addr}) removed from {}: no volume uses it", file.display());
+    println!(
+        "{node} ({addr}) removed from {}: no volume uses it",
+        file.display()
+    );
     Ok(())
 }

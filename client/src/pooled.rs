@@ -34,10 +34,14 @@ pub struct Located {
 pub enum Lookup {
     Found(Located),
     /// No node that answered has it; these did not answer (address: why).
-    Absent { unreachable: Vec<String> },
+    Absent {
+        unreachable: Vec<String>,
+    },
     /// These nodes have it, none with a placement record: a creation cut
     /// short, or a volume not created from a pool.
-    Unplaced { holders: Vec<SocketAddr> },
+    Unplaced {
+        holders: Vec<SocketAddr>,
+    },
 }
 
 /// `ask` of every node of the pool, in parallel: each answer in pool order.
@@ -76,9 +80,11 @@ pub fn locate(pool: &Pool, name: &str, asker: &Asker) -> Result<Lookup, String> 
     if found.is_empty() {
         return Ok(Lookup::Absent { unreachable });
     }
-    let recorded = found
-        .iter()
-        .any(|(_, d)| d.record.as_ref().is_some_and(|r| r.generation > 0 && !r.members.is_empty()));
+    let recorded = found.iter().any(|(_, d)| {
+        d.record
+            .as_ref()
+            .is_some_and(|r| r.generation > 0 && !r.members.is_empty())
+    });
     if !recorded {
         return Ok(Lookup::Unplaced {
             holders: found.into_iter().map(|(a, _)| a).collect(),
@@ -107,8 +113,9 @@ fn placed(name: &str, found: &[(SocketAddr, pb::VolumeDescription)]) -> Result<L
         .members
         .iter()
         .map(|m| {
-            m.parse()
-                .map_err(|_| format!("volume '{name}': its record names member '{m}', not an IP:PORT"))
+            m.parse().map_err(|_| {
+                format!("volume '{name}': its record names member '{m}', not an IP:PORT")
+            })
         })
         .collect::<Result<_, _>>()?;
     let mut geometry = None;
@@ -304,8 +311,8 @@ fn store_first_record(
         });
         let reply = net::call(&stream, 1, put, timeouts.io)
             .map_err(|why| format!("node {node} ({addr}): {why}"))?;
-        let stored_already = reply.status == pb::Status::Conflict as i32
-            && reply.record.as_ref() == Some(record);
+        let stored_already =
+            reply.status == pb::Status::Conflict as i32 && reply.record.as_ref() == Some(record);
         if reply.status != pb::Status::Ok as i32 && !stored_already {
             return Err(format!(
                 "node {node} ({addr}) did not store the placement record of volume '{}': {}",
@@ -390,8 +397,13 @@ pub fn list(pool: &Pool, asker: &Asker) -> Listing {
         .newest
         .into_iter()
         .map(|(name, record)| {
-            let members = (record.generation > 0 && !record.members.is_empty())
-                .then(|| record.members.iter().filter_map(|m| m.parse().ok()).collect());
+            let members = (record.generation > 0 && !record.members.is_empty()).then(|| {
+                record
+                    .members
+                    .iter()
+                    .filter_map(|m| m.parse().ok())
+                    .collect()
+            });
             (name, members)
         })
         .collect();

@@ -175,7 +175,10 @@ fn a_node_that_breaks_a_rule_fails_exactly_its_checks() {
         // Missed regions are seeded from the log: without one, both fail.
         (&["--broken", "no-activity-log"], &["10.1", "10.3"]),
         (&["--broken", "discard-keeps-data"], &["6.8"]),
-        (&["--broken", "describe-no-record"], &["13.1 describe states"]),
+        (
+            &["--broken", "describe-no-record"],
+            &["13.1 describe states"],
+        ),
         (&["--broken", "describe-creates"], &["13.1 describing"]),
         (
             &["--broken", "keep-bad-connections"],

@@ -123,3 +123,256 @@ fn pool_place_keeps_replicas_in_distinct_zones_or_says_why_it_cannot() {
     let out = place("pvc-1", "1", "2", "row");
     assert_eq!(out.status.code(), Some(2), "a bad level is a usage error");
 }
+
+/// A pool file of `nodes`, each `(address, zone, weight)`.
+fn pool_file(path: &Path, nodes: &[(std::net::SocketAddr, &str, u32)]) -> String {
+    let mut text = String::from("# the test's pool\n");
+    for (addr, zone, weight) in nodes {
+        text.push_str(&format!(
+            "[[node]]\naddress = \"{addr}\"\nzone = \"{zone}\"\nweight = {weight}\n\n"
+        ));
+    }
+    std::fs::write(path, text).expect("write pool");
+    path.display().to_string()
+}
+
+fn asker() -> netblk::inquiry::Asker<'static> {
+    netblk::inquiry::Asker {
+        tls: None,
+        timeout: std::time::Duration::from_secs(5),
+    }
+}
+
+/// The members `netblk create` printed.
+fn printed_nodes(out: &Output) -> Vec<std::net::SocketAddr> {
+    let shown = String::from_utf8_lossy(&out.stdout);
+    let line = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("nodes: "))
+        .unwrap_or_else(|| panic!("no nodes line: {shown}"));
+    line.split(',')
+        .map(|a| a.parse().expect("address"))
+        .collect()
+}
+
+/// `netblk create --pool` places a volume on C × R live nodes (replicas in
+/// distinct zones), writes the placement into every member's record, and
+/// finds it there again after the pool changed (a new, heavy node the hash
+/// would now prefer moves nothing); a node in use is not removed, an
+/// unused one is; delete empties the members.
+#[test]
+fn a_volume_created_from_a_pool_is_found_by_its_records_not_by_the_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes: Vec<netblk_tests::MockNode> = (0..6)
+        .map(|_| netblk_tests::MockNode::start(&["--store", "memory"]))
+        .collect();
+    let zones = ["a", "a", "b", "b", "c", "c"];
+    let entries: Vec<_> = nodes
+        .iter()
+        .zip(zones)
+        .map(|(n, z)| (n.addr, z, 1))
+        .collect();
+    let path = dir.path().join("pool.toml");
+    let pool = pool_file(&path, &entries);
+    let create = |size: &str| {
+        netblk(&[
+            "create",
+            "--pool",
+            &pool,
+            "--volume",
+            "pvc-a",
+            "--size",
+            size,
+            "--columns",
+            "2",
+            "--replicas",
+            "2",
+            "--spread",
+            "zone",
+            "--stripe-unit",
+            "64K",
+        ])
+    };
+    let out = create("64M");
+    assert!(out.status.success(), "{}", text(&out));
+    let members = printed_nodes(&out);
+    assert_eq!(members.len(), 4);
+    // Replicas of a column (row by row: i and i + 2) in distinct zones.
+    let zone_of = |a: &std::net::SocketAddr| entries.iter().find(|e| e.0 == *a).map(|e| e.1);
+    for c in 0..2 {
+        assert_ne!(
+            zone_of(&members[c]),
+            zone_of(&members[c + 2]),
+            "{members:?}"
+        );
+    }
+    // Every member holds its place and the record naming all of them;
+    // the other nodes hold nothing.
+    for (i, addr) in members.iter().enumerate() {
+        let described = asker()
+            .describe(*addr, "pvc-a")
+            .expect("describe")
+            .expect("held");
+        let layout = described.layout.expect("layout");
+        assert_eq!(
+            (layout.node_index, layout.replica_index),
+            (i as u32 % 2, i as u32 / 2)
+        );
+        assert_eq!(described.volume_size, 64 << 20);
+        let record = described.record.expect("record");
+        assert_eq!(record.generation, 1);
+        let named: Vec<String> = members.iter().map(ToString::to_string).collect();
+        assert_eq!(record.members, named);
+    }
+    for n in nodes.iter().filter(|n| !members.contains(&n.addr)) {
+        assert!(
+            asker()
+                .describe(n.addr, "pvc-a")
+                .expect("describe")
+                .is_none()
+        );
+    }
+    // Again as asked: nothing changes; at another size: refused.
+    let again = create("64M");
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("exists already"), "{}", text(&again));
+    assert_eq!(printed_nodes(&again), members);
+    let other = create("128M");
+    assert_eq!(other.status.code(), Some(1), "{}", text(&other));
+    assert!(
+        text(&other).contains("not what was asked for"),
+        "{}",
+        text(&other)
+    );
+
+    // A heavy seventh node in a fourth zone: the hash now prefers it, the
+    // volume stays where its records put it.
+    let seventh = netblk_tests::MockNode::start(&["--store", "memory"]);
+    let mut grown = entries.clone();
+    grown.push((seventh.addr, "d", 1000));
+    pool_file(&path, &grown);
+    let preview = netblk(&[
+        "pool",
+        "place",
+        &pool,
+        "--volume",
+        "pvc-a",
+        "--columns",
+        "2",
+        "--replicas",
+        "2",
+        "--spread",
+        "zone",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&preview.stdout).contains(&seventh.addr.to_string()),
+        "the heavy node would take a place: {}",
+        text(&preview)
+    );
+    let loaded = netblk::pool::Pool::load(&path).expect("pool");
+    let (_, located) = netblk::pooled::volume_ref(&loaded, "pvc-a", &asker(), None)
+        .expect("locate")
+        .expect("found");
+    assert_eq!(located.nodes, members);
+    assert_eq!(
+        (located.columns, located.replicas, located.stripe_unit),
+        (2, 2, 64 << 10)
+    );
+    let listed = netblk(&["pool", "volumes", &pool]);
+    assert!(listed.status.success(), "{}", text(&listed));
+    let named: Vec<String> = members.iter().map(ToString::to_string).collect();
+    assert!(
+        text(&listed).contains(&format!("pvc-a: {}", named.join(","))),
+        "{}",
+        text(&listed)
+    );
+
+    // A member is not removed (the volume is named); the seventh is.
+    let out = netblk(&["pool", "remove", &pool, &members[1].to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 volume(s) use it: pvc-a"),
+        "{}",
+        text(&out)
+    );
+    let out = netblk(&["pool", "remove", &pool, &seventh.addr.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let left = netblk::pool::Pool::load(&path).expect("pool after remove");
+    assert_eq!(left.nodes.len(), 6);
+    assert!(left.nodes.iter().all(|n| n.address != seventh.addr));
+    assert!(
+        std::fs::read_to_string(&path)
+            .expect("read")
+            .starts_with("# the test's pool"),
+        "the rest of the file is kept"
+    );
+
+    // Delete: gone from every member; then the member can be removed.
+    let out = netblk(&["delete", "--pool", &pool, "--volume", "pvc-a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for addr in &members {
+        assert!(
+            asker()
+                .describe(*addr, "pvc-a")
+                .expect("describe")
+                .is_none()
+        );
+    }
+    let out = netblk(&["pool", "remove", &pool, &members[1].to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// With a member down the placement is still read from the others; a node
+/// that does not answer is never removed (what it holds is unknown).
+#[test]
+fn a_down_member_neither_hides_the_placement_nor_is_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes: Vec<netblk_tests::MockNode> = (0..4)
+        .map(|_| netblk_tests::MockNode::start(&["--store", "memory"]))
+        .collect();
+    let entries: Vec<_> = nodes
+        .iter()
+        .zip(["a", "a", "b", "b"])
+        .map(|(n, z)| (n.addr, z, 1))
+        .collect();
+    let path = dir.path().join("pool.toml");
+    let pool = pool_file(&path, &entries);
+    let out = netblk(&[
+        "create",
+        "--pool",
+        &pool,
+        "--volume",
+        "db",
+        "--size",
+        "16M",
+        "--replicas",
+        "2",
+        "--spread",
+        "zone",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let members = printed_nodes(&out);
+    let down = nodes
+        .iter()
+        .position(|n| n.addr == members[0])
+        .expect("a member");
+    nodes[down].terminate();
+    let loaded = netblk::pool::Pool::load(&path).expect("pool");
+    let (_, located) = netblk::pooled::volume_ref(&loaded, "db", &asker(), None)
+        .expect("locate")
+        .expect("found");
+    assert_eq!(located.nodes, members);
+    let out = netblk(&["pool", "remove", &pool, &members[0].to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot tell which volumes use"),
+        "{}",
+        text(&out)
+    );
+    // A pool whose nodes all lack the volume says so.
+    let absent = netblk::pooled::volume_ref(&loaded, "nothing", &asker(), None);
+    assert!(
+        absent.as_ref().is_err_and(|e| e.contains("did not answer")),
+        "{absent:?}"
+    );
+}

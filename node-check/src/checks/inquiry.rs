@@ -19,11 +19,7 @@ pub const CHECKS: &[Check] = &[
         "describing a volume the node lacks is NOT_FOUND and makes nothing",
         describe_absent,
     ),
-    Check::new(
-        "13.2",
-        "a listing names every volume the node holds",
-        list,
-    ),
+    Check::new("13.2", "a listing names every volume the node holds", list),
     Check::new(
         "13.3",
         "an inquiry of another revision is refused; the node closes the connection after one answer",
@@ -55,7 +51,11 @@ fn ask(ctx: &Ctx, revision: u32, what: What) -> Result<(pb::InquiryReply, bool),
                 )));
             }
         },
-        Recv::Closed => return Err(Verdict::Fail("the node closed an inquiry unanswered".into())),
+        Recv::Closed => {
+            return Err(Verdict::Fail(
+                "the node closed an inquiry unanswered".into(),
+            ));
+        }
         Recv::Silent => return Err(Verdict::Fail("no answer to an inquiry in time".into())),
     };
     let closed = matches!(conn.recv()?, Recv::Closed);
@@ -109,7 +109,11 @@ fn describe(ctx: &Ctx) -> Outcome {
             reply.volumes.len()
         )));
     };
-    ensure!(described.volume == volume, "described '{}'", described.volume);
+    ensure!(
+        described.volume == volume,
+        "described '{}'",
+        described.volume
+    );
     ensure!(
         described.layout == Some(layout),
         "described layout {:?}, created with {layout:?}",
@@ -182,11 +186,7 @@ fn list(ctx: &Ctx) -> Outcome {
 }
 
 fn revision_and_close(ctx: &Ctx) -> Outcome {
-    let (reply, closed) = ask(
-        ctx,
-        PROTOCOL_REVISION + 1,
-        What::List(pb::ListVolumes {}),
-    )?;
+    let (reply, closed) = ask(ctx, PROTOCOL_REVISION + 1, What::List(pb::ListVolumes {}))?;
     ensure!(
         reply.status == pb::Status::Refused as i32 && reply.volumes.is_empty(),
         "an inquiry of revision {}: {} with {} volumes",
@@ -201,6 +201,9 @@ fn revision_and_close(ctx: &Ctx) -> Outcome {
     );
     ensure!(closed, "the connection stayed open after a refused inquiry");
     let (_, closed) = ask(ctx, PROTOCOL_REVISION, What::List(pb::ListVolumes {}))?;
-    ensure!(closed, "the connection stayed open after an answered inquiry");
+    ensure!(
+        closed,
+        "the connection stayed open after an answered inquiry"
+    );
     Ok(())
 }
