@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::busy::Busy;
 use crate::pb;
 use crate::pb::controller_service_capability::rpc::Type as Rpc;
+use crate::pools::Pools;
 use crate::volume::{self, Context, Parameters, Tls, VolumeHandle, handle_of};
 
 /// How long the controller waits on a storage node.
@@ -29,6 +30,8 @@ pub struct Controller {
     pub busy: Busy,
     /// Mutual TLS to the storage nodes (None: plaintext).
     pub tls: Option<Tls>,
+    /// Where StorageClasses' pools are.
+    pub pools: Pools,
 }
 
 impl Controller {
@@ -38,6 +41,7 @@ impl Controller {
             timeouts: NODE_TIMEOUTS,
             busy: Busy::default(),
             tls: None,
+            pools: Pools::default(),
         }
     }
 }
@@ -45,6 +49,27 @@ impl Controller {
 impl Default for Controller {
     fn default() -> Self {
         Controller::new()
+    }
+}
+
+impl Controller {
+    /// The size of `handle`'s volume if its nodes hold it (a pool's: the
+    /// nodes its placement record names).
+    async fn lookup(&self, handle: &VolumeHandle) -> Result<Option<u64>, Status> {
+        let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
+        let (tls, pools, handle) = (self.tls.clone(), self.pools.clone(), handle.clone());
+        blocking(move || {
+            match pools
+                .volume_ref(&handle, tls.as_ref())
+                .map_err(Status::unavailable)?
+            {
+                Some(volume) => volume
+                    .lookup(&client_id, timeouts)
+                    .map_err(Status::unavailable),
+                None => Ok(None),
+            }
+        })
+        .await
     }
 }
 
@@ -85,29 +110,88 @@ impl pb::controller_server::Controller for Controller {
             stripe_unit: params.stripe_unit,
             nodes: params.nodes.clone(),
             replicas: params.replicas,
+            pool: params.pool.as_ref().map(|p| p.name.clone()),
         };
         let claim = self.busy.claim(&req.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref(self.tls.as_ref());
+        let (tls, pools) = (self.tls.clone(), self.pools.clone());
+        let wanted = handle.clone();
         // The nodes' volume identities go into the context: the node
         // plugin maps with them pinned (see `Context`).
         let (capacity, volume_ids) = blocking(move || {
             let _claim = claim;
+            let fits = |have: u64| {
+                i64::try_from(have).is_ok_and(|h| {
+                    h >= range.required_bytes && (range.limit_bytes == 0 || h <= range.limit_bytes)
+                })
+            };
+            let exists = |have: u64| {
+                Status::already_exists(format!(
+                    "volume '{}' exists with {have} bytes, outside the range asked for",
+                    wanted.name
+                ))
+            };
+            if let Some(placed) = &params.pool {
+                let pool = pools
+                    .load(&placed.name)
+                    .map_err(Status::failed_precondition)?;
+                let asker = Pools::asker(tls.as_ref());
+                let volume =
+                    match netblk::pooled::volume_ref(&pool, &wanted.name, &asker, tls.clone())
+                        .map_err(Status::unavailable)?
+                    {
+                        Some((_, located)) if !fits(located.size) => {
+                            return Err(exists(located.size));
+                        }
+                        Some((volume, _)) => volume,
+                        None => {
+                            let new = netblk::pooled::NewVolume {
+                                name: wanted.name.clone(),
+                                size,
+                                columns: placed.columns,
+                                replicas: wanted.replicas,
+                                spread: placed.spread,
+                                stripe_unit: wanted.stripe_unit,
+                            };
+                            let created = netblk::pooled::create(
+                                &pool,
+                                &new,
+                                &asker,
+                                tls.clone(),
+                                &client_id,
+                                timeouts,
+                            )
+                            .map_err(Status::unavailable)?;
+                            tracing::info!(
+                                volume = %wanted.name,
+                                nodes = %netblk::pooled::members(&created.located.nodes),
+                                "placed over pool '{}'", placed.name
+                            );
+                            let located = created.located;
+                            netblk::manage::VolumeRef {
+                                name: wanted.name.clone(),
+                                stripe_unit: located.stripe_unit,
+                                nodes: located.nodes,
+                                replicas: located.replicas,
+                                tls: tls.clone(),
+                            }
+                        }
+                    };
+                return match volume
+                    .find(&client_id, timeouts)
+                    .map_err(Status::unavailable)?
+                {
+                    Some(found) => Ok((found.size, found.volume_ids)),
+                    None => Err(Status::unavailable(format!(
+                        "volume '{}' was placed but its nodes do not hold it",
+                        wanted.name
+                    ))),
+                };
+            }
+            let volume = wanted.volume_ref(tls.as_ref());
             match volume.find(&client_id, timeouts) {
-                Ok(Some(found)) => {
-                    let have = found.size;
-                    let fits = i64::try_from(have).is_ok_and(|h| {
-                        h >= range.required_bytes
-                            && (range.limit_bytes == 0 || h <= range.limit_bytes)
-                    });
-                    if fits {
-                        return Ok((have, found.volume_ids));
-                    }
-                    Err(Status::already_exists(format!(
-                        "volume '{}' exists with {have} bytes, outside the range asked for",
-                        volume.name
-                    )))
-                }
+                Ok(Some(found)) if fits(found.size) => Ok((found.size, found.volume_ids)),
+                Ok(Some(found)) => Err(exists(found.size)),
                 // Absent, or partly made by a call cut short: making it
                 // (again) converges; nodes that have it at another size refuse.
                 Ok(None) | Err(_) => volume
@@ -147,12 +231,19 @@ impl pb::controller_server::Controller for Controller {
         };
         let claim = self.busy.claim(&handle.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref(self.tls.as_ref());
+        let (tls, pools) = (self.tls.clone(), self.pools.clone());
         blocking(move || {
             let _claim = claim;
-            volume
-                .delete(&client_id, timeouts)
-                .map_err(Status::unavailable)
+            // A pool's volume no node of it holds is deleted already.
+            match pools
+                .volume_ref(&handle, tls.as_ref())
+                .map_err(Status::unavailable)?
+            {
+                Some(volume) => volume
+                    .delete(&client_id, timeouts)
+                    .map_err(Status::unavailable),
+                None => Ok(()),
+            }
         })
         .await?;
         tracing::info!(volume = %req.volume_id, "volume deleted");
@@ -168,14 +259,7 @@ impl pb::controller_server::Controller for Controller {
             return Err(Status::invalid_argument("volume_capabilities is empty"));
         }
         let handle = handle_of(&req.volume_id)?;
-        let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref(self.tls.as_ref());
-        let found = blocking(move || {
-            volume
-                .lookup(&client_id, timeouts)
-                .map_err(Status::unavailable)
-        })
-        .await?;
+        let found = self.lookup(&handle).await?;
         if found.is_none() {
             return Err(Status::not_found(format!(
                 "no volume '{}' on its nodes",
@@ -188,11 +272,12 @@ impl pb::controller_server::Controller for Controller {
             }
             let params = Parameters::parse(&req.parameters)?;
             if params.nodes != handle.nodes
+                || params.pool.map(|p| p.name) != handle.pool
                 || params.stripe_unit != handle.stripe_unit
                 || params.replicas != handle.replicas
             {
                 return Err(
-                    "the parameters name other nodes, another stripe unit or another replica count"
+                    "the parameters name other nodes or another pool, another stripe unit or another replica count"
                         .into(),
                 );
             }
@@ -243,20 +328,27 @@ impl pb::controller_server::Controller for Controller {
         let handle = handle_of(&req.volume_id)?;
         let claim = self.busy.claim(&handle.name)?;
         let (client_id, timeouts) = (self.client_id.clone(), self.timeouts);
-        let volume = handle.volume_ref(self.tls.as_ref());
+        let (tls, pools) = (self.tls.clone(), self.pools.clone());
         let grown = blocking(move || {
             let _claim = claim;
-            match volume
-                .lookup(&client_id, timeouts)
-                .map_err(Status::unavailable)?
-            {
-                None => Err(Status::not_found(format!(
+            let volume = pools
+                .volume_ref(&handle, tls.as_ref())
+                .map_err(Status::unavailable)?;
+            match volume {
+                Some(volume)
+                    if volume
+                        .lookup(&client_id, timeouts)
+                        .map_err(Status::unavailable)?
+                        .is_some() =>
+                {
+                    volume
+                        .grow(size, &client_id, timeouts)
+                        .map_err(Status::unavailable)
+                }
+                _ => Err(Status::not_found(format!(
                     "no volume '{}' on its nodes",
-                    volume.name
+                    handle.name
                 ))),
-                Some(_) => volume
-                    .grow(size, &client_id, timeouts)
-                    .map_err(Status::unavailable),
             }
         })
         .await?;

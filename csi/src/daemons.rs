@@ -36,6 +36,9 @@ pub struct Daemons {
     /// `netblk map` (`--tls-ca/--tls-cert/--tls-key`, kept in the device
     /// record for recoveries), and used for lookups (None: plaintext).
     pub tls: Option<crate::volume::Tls>,
+    /// Where StorageClasses' pools are (a pool's volume is mapped with
+    /// `--pool`, its nodes read from its placement record).
+    pub pools: crate::pools::Pools,
 }
 
 /// A device of this host's, as its record and the kernel say.
@@ -79,9 +82,10 @@ impl Daemons {
 
     /// The device serving `handle`'s volume on this host, if any.
     pub fn find(&self, handle: &VolumeHandle) -> Option<Mapped> {
-        self.mapped()
-            .into_iter()
-            .find(|m| m.record.volume == handle.name && m.record.nodes == handle.nodes)
+        self.mapped().into_iter().find(|m| {
+            m.record.volume == handle.name
+                && (handle.pool.is_some() || m.record.nodes == handle.nodes)
+        })
     }
 
     /// Maps `handle`'s volume at `size` bytes as its `context` says (queues,
@@ -93,28 +97,36 @@ impl Daemons {
         size: u64,
         context: &Context,
     ) -> Result<Mapped, String> {
-        let nodes: Vec<String> = handle.nodes.iter().map(ToString::to_string).collect();
         let mut args = vec![
             "map".to_string(),
             "--volume".into(),
             handle.name.clone(),
             "--size".into(),
             size.to_string(),
-            "--stripe-unit".into(),
-            handle.stripe_unit.to_string(),
-            "--nodes".into(),
-            nodes.join(","),
             "--queues".into(),
             context.queues.to_string(),
         ];
+        match &handle.pool {
+            // Nodes, stripe unit and replicas from its placement record.
+            Some(pool) => args.extend([
+                "--pool".into(),
+                self.pools.path(pool)?.display().to_string(),
+            ]),
+            None => {
+                let nodes: Vec<String> = handle.nodes.iter().map(ToString::to_string).collect();
+                args.extend([
+                    "--stripe-unit".into(),
+                    handle.stripe_unit.to_string(),
+                    "--nodes".into(),
+                    nodes.join(","),
+                ]);
+            }
+        }
         if handle.replicas > 1 {
             // A pod that moved off a host that died: its daemon there may
             // still look alive to the nodes; this host's is the owner now.
-            args.extend([
-                "--replicas".into(),
-                handle.replicas.to_string(),
-                "--takeover".into(),
-            ]);
+            args.extend(["--replicas".into(), handle.replicas.to_string()]);
+            args.push("--takeover".into());
         }
         if let Some(ids) = &context.volume_ids {
             args.push("--volume-ids".into());

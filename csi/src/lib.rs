@@ -19,6 +19,7 @@ pub mod daemons;
 pub mod host;
 pub mod identity;
 pub mod node;
+pub mod pools;
 pub mod server;
 pub mod volume;
 

@@ -54,6 +54,10 @@ struct Cli {
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "PATH")]
     tls_key: Option<PathBuf>,
+    /// Where pool files are (NAME.toml, a mounted ConfigMap): a
+    /// StorageClass with `pool: NAME` places its volumes over that pool.
+    #[arg(long, default_value = netblk_csi::pools::DEFAULT_DIR, value_name = "DIR")]
+    pool_dir: PathBuf,
     /// Log lines as text or one JSON object a line; levels from RUST_LOG.
     #[arg(long, default_value = "text", value_parser = parse_log_format)]
     log_format: LogFormat,
@@ -102,6 +106,9 @@ fn main() -> ExitCode {
             netblk: cli.netblk.clone(),
             log_dir: cli.log_dir.clone(),
             tls: tls.clone(),
+            pools: netblk_csi::pools::Pools {
+                dir: cli.pool_dir.clone(),
+            },
         },
         timeouts: netblk_csi::controller::NODE_TIMEOUTS,
         busy: Default::default(),
@@ -113,6 +120,9 @@ fn main() -> ExitCode {
         },
         controller: cli.controller.then(|| Controller {
             tls: tls.clone(),
+            pools: netblk_csi::pools::Pools {
+                dir: cli.pool_dir.clone(),
+            },
             ..Controller::new()
         }),
         node: node.clone(),

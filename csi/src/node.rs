@@ -86,13 +86,20 @@ impl Node {
             }
             return Ok(mapped);
         }
-        let size = handle
-            .volume_ref(self.daemons.tls.as_ref())
+        let not_found = || Status::not_found(format!("no volume '{}' on its nodes", handle.name));
+        let volume = self
+            .daemons
+            .pools
+            .volume_ref(handle, self.daemons.tls.as_ref())
+            .map_err(Status::unavailable)?
+            .ok_or_else(not_found)?;
+        context
+            .fits(volume.nodes.len())
+            .map_err(Status::invalid_argument)?;
+        let size = volume
             .lookup(&format!("netblk-csi-node-{}", self.node_id), self.timeouts)
             .map_err(Status::unavailable)?
-            .ok_or_else(|| {
-                Status::not_found(format!("no volume '{}' on its nodes", handle.name))
-            })?;
+            .ok_or_else(not_found)?;
         if context.volume_ids.is_none() {
             tracing::info!(
                 volume = %handle.name,
@@ -109,9 +116,12 @@ impl Node {
         let (access, readonly) = access_of(req.volume_capability.as_ref())?;
         let context = Context::parse(&req.volume_context).map_err(Status::invalid_argument)?;
         let handle = handle_of(&req.volume_id)?;
-        context
-            .fits(handle.nodes.len())
-            .map_err(Status::invalid_argument)?;
+        // A pool's volume's nodes are known once read from its record.
+        if handle.pool.is_none() {
+            context
+                .fits(handle.nodes.len())
+                .map_err(Status::invalid_argument)?;
+        }
         let _claim = self.busy.claim(&handle.name)?;
         let mapped = self.ensure_mapped(&handle, &context)?;
         let dev = mapped.path();

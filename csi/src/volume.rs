@@ -19,19 +19,29 @@ pub const DEFAULT_STRIPE_UNIT: u32 = 128 << 10;
 
 /// A volume as its id names it: `NAME/STRIPE_UNIT/NODE,NODE,...`, and
 /// `/REPLICAS` after that for a replicated volume (volume names cannot
-/// contain `/`).
+/// contain `/`). A volume placed over a pool has `pool=POOL` where the
+/// nodes would be: its nodes are what its placement record names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeHandle {
     pub name: String,
     pub stripe_unit: u32,
+    /// Its nodes in stripe order (empty for a pool's volume).
     pub nodes: Vec<SocketAddr>,
     pub replicas: u32,
+    /// The pool it was placed over (`POOL_DIR/POOL.toml`).
+    pub pool: Option<String>,
 }
 
 impl VolumeHandle {
     pub fn id(&self) -> String {
-        let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
-        let id = format!("{}/{}/{}", self.name, self.stripe_unit, nodes.join(","));
+        let place = match &self.pool {
+            Some(pool) => format!("{POOL_PREFIX}{pool}"),
+            None => {
+                let nodes: Vec<String> = self.nodes.iter().map(ToString::to_string).collect();
+                nodes.join(",")
+            }
+        };
+        let id = format!("{}/{}/{place}", self.name, self.stripe_unit);
         if self.replicas > 1 {
             format!("{id}/{}", self.replicas)
         } else {
@@ -43,7 +53,7 @@ impl VolumeHandle {
     /// INVALID_ARGUMENT, or NOT_FOUND where the spec asks for it).
     pub fn parse(id: &str) -> Result<VolumeHandle, String> {
         let mut parts = id.splitn(4, '/');
-        let (Some(name), Some(unit), Some(nodes)) = (parts.next(), parts.next(), parts.next())
+        let (Some(name), Some(unit), Some(place)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(format!("volume id '{id}' is not NAME/STRIPE_UNIT/NODES"));
         };
@@ -61,7 +71,17 @@ impl VolumeHandle {
         let stripe_unit = unit
             .parse()
             .map_err(|_| format!("volume id '{id}': bad stripe unit '{unit}'"))?;
-        let nodes = parse_nodes(nodes).map_err(|why| format!("volume id '{id}': {why}"))?;
+        if let Some(pool) = place.strip_prefix(POOL_PREFIX) {
+            check_pool_name(pool).map_err(|why| format!("volume id '{id}': {why}"))?;
+            return Ok(VolumeHandle {
+                name: name.to_string(),
+                stripe_unit,
+                nodes: Vec::new(),
+                replicas,
+                pool: Some(pool.to_string()),
+            });
+        }
+        let nodes = parse_nodes(place).map_err(|why| format!("volume id '{id}': {why}"))?;
         if nodes.len() % replicas as usize != 0 {
             return Err(format!(
                 "volume id '{id}': {} nodes do not hold {replicas} replicas of every column",
@@ -73,13 +93,37 @@ impl VolumeHandle {
             stripe_unit,
             nodes,
             replicas,
+            pool: None,
         })
+    }
+}
+
+/// What stands for the nodes in the id of a volume placed over a pool.
+const POOL_PREFIX: &str = "pool=";
+
+/// A pool's name: a file name in the pool directory, so letters, digits,
+/// `-`, `_` and `.` (not first), at most 63.
+pub fn check_pool_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "pool name '{name}' is not 1 to 63 letters, digits, '-', '_' or '.' (not first)"
+        ))
     }
 }
 
 impl VolumeHandle {
     /// The volume as `netblk::manage` names it on its nodes, reached with
-    /// the plugin's TLS (if it was given any).
+    /// the plugin's TLS (if it was given any). Not for a pool's volume,
+    /// whose nodes are read from its records
+    /// ([`crate::pools::Pools::volume_ref`]).
     pub fn volume_ref(&self, tls: Option<&Tls>) -> netblk::manage::VolumeRef {
         netblk::manage::VolumeRef {
             name: self.name.clone(),
@@ -289,33 +333,94 @@ fn parse_nodes(text: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(nodes)
 }
 
-/// What a StorageClass says: `nodes` (required, `IP:PORT,...` in stripe
-/// order), `stripeUnit` (bytes, a power of two; default 128 KiB), `queues`
-/// (per mapped device, 1 to 64; default 1), `replicas` (copies of every
-/// column, 1 to 5, the nodes then being columns × replicas row by row;
-/// default 1). Unknown keys are errors.
+/// What a StorageClass says: `nodes` (`IP:PORT,...` in stripe order) or
+/// `pool` (a pool file's name in the plugin's pool directory: volumes are
+/// placed on it), one of them required; `stripeUnit` (bytes, a power of
+/// two; default 128 KiB), `queues` (per mapped device, 1 to 64; default
+/// 1), `replicas` (copies of every column, 1 to 5, the nodes then being
+/// columns × replicas row by row; default 1); with a pool, `columns`
+/// (default 1) and `spread` (zone, rack or host: the level replicas of a
+/// column are kept apart at; default host). Unknown keys are errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parameters {
     pub nodes: Vec<SocketAddr>,
     pub stripe_unit: u32,
     pub queues: usize,
     pub replicas: u32,
+    /// Placement over a pool instead of `nodes`.
+    pub pool: Option<PoolParameters>,
 }
+
+/// A StorageClass's placement over a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolParameters {
+    pub name: String,
+    pub columns: u32,
+    pub spread: netblk::pool::Level,
+}
+
+const PARAMETERS: [&str; 7] = [
+    "nodes",
+    "pool",
+    "stripeUnit",
+    "queues",
+    "replicas",
+    "columns",
+    "spread",
+];
 
 impl Parameters {
     pub fn parse(params: &HashMap<String, String>) -> Result<Parameters, String> {
-        if let Some(key) = params
-            .keys()
-            .find(|k| !["nodes", "stripeUnit", "queues", "replicas"].contains(&k.as_str()))
-        {
+        if let Some(key) = params.keys().find(|k| !PARAMETERS.contains(&k.as_str())) {
             return Err(format!(
-                "unknown parameter '{key}' (netblk takes nodes, stripeUnit, queues, replicas)"
+                "unknown parameter '{key}' (netblk takes {})",
+                PARAMETERS.join(", ")
             ));
         }
-        let nodes = params
-            .get("nodes")
-            .ok_or_else(|| "parameter 'nodes' (IP:PORT,...) is required".to_string())
-            .and_then(|n| parse_nodes(n).map_err(|why| format!("parameter 'nodes': {why}")))?;
+        let pool = match (params.get("pool"), params.get("nodes")) {
+            (Some(_), Some(_)) => {
+                return Err("parameters 'pool' and 'nodes' exclude each other".into());
+            }
+            (None, None) => {
+                return Err(
+                    "parameter 'nodes' (IP:PORT,...) or 'pool' (a pool's name) is required".into(),
+                );
+            }
+            (Some(name), None) => {
+                check_pool_name(name).map_err(|why| format!("parameter 'pool': {why}"))?;
+                let columns = match params.get("columns") {
+                    None => 1,
+                    Some(c) => c
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|c| (1..=1024).contains(c))
+                        .ok_or_else(|| format!("parameter 'columns' {c} is not from 1 to 1024"))?,
+                };
+                let spread = match params.get("spread") {
+                    None => netblk::pool::Level::Host,
+                    Some(s) => netblk::pool::Level::parse(s)
+                        .map_err(|why| format!("parameter 'spread': {why}"))?,
+                };
+                Some(PoolParameters {
+                    name: name.clone(),
+                    columns,
+                    spread,
+                })
+            }
+            (None, Some(_)) => {
+                if let Some(key) = ["columns", "spread"]
+                    .iter()
+                    .find(|k| params.contains_key(**k))
+                {
+                    return Err(format!("parameter '{key}' goes with 'pool' only"));
+                }
+                None
+            }
+        };
+        let nodes = match params.get("nodes") {
+            None => Vec::new(),
+            Some(n) => parse_nodes(n).map_err(|why| format!("parameter 'nodes': {why}"))?,
+        };
         let stripe_unit = match params.get("stripeUnit") {
             None => DEFAULT_STRIPE_UNIT,
             Some(s) => s
@@ -347,6 +452,7 @@ impl Parameters {
             stripe_unit,
             queues,
             replicas,
+            pool,
         })
     }
 }
@@ -440,6 +546,7 @@ mod tests {
                 "[fd00::2]:7001".parse().expect("addr"),
             ],
             replicas: 1,
+            pool: None,
         };
         let id = handle.id();
         assert_eq!(id, "pvc-0a1b/65536/10.0.0.1:7001,[fd00::2]:7001");
@@ -451,9 +558,18 @@ mod tests {
         };
         let id = replicated.id();
         assert_eq!(id, "pvc-0a1b/65536/10.0.0.1:7001,[fd00::2]:7001/2");
-        assert_eq!(VolumeHandle::parse(&id), Ok(replicated));
+        assert_eq!(VolumeHandle::parse(&id), Ok(replicated.clone()));
         assert!(VolumeHandle::parse("pvc/65536/10.0.0.1:1,10.0.0.2:1,10.0.0.3:1/2").is_err());
         assert!(VolumeHandle::parse("pvc/65536/10.0.0.1:1,10.0.0.2:1/9").is_err());
+        // A pool's volume names its pool where the nodes would be.
+        let pooled = VolumeHandle {
+            nodes: Vec::new(),
+            pool: Some("rack-7".into()),
+            ..replicated
+        };
+        let id = pooled.id();
+        assert_eq!(id, "pvc-0a1b/65536/pool=rack-7/2");
+        assert_eq!(VolumeHandle::parse(&id), Ok(pooled));
         for bad in [
             "",
             "pvc",
@@ -461,6 +577,9 @@ mod tests {
             "/65536/10.0.0.1:1",
             "pvc/65536/",
             "pvc/65536/host",
+            "pvc/65536/pool=",
+            "pvc/65536/pool=../etc",
+            "pvc/65536/pool=.hidden",
         ] {
             assert!(VolumeHandle::parse(bad).is_err(), "{bad}");
         }
@@ -552,6 +671,34 @@ mod tests {
         ]))
         .expect("ok");
         assert_eq!(p.replicas, 2);
+        // A pool instead of nodes, with its columns and spread.
+        let p = Parameters::parse(&params(&[
+            ("pool", "fast"),
+            ("columns", "3"),
+            ("replicas", "2"),
+            ("spread", "zone"),
+        ]))
+        .expect("ok");
+        assert_eq!(
+            p.pool,
+            Some(PoolParameters {
+                name: "fast".into(),
+                columns: 3,
+                spread: netblk::pool::Level::Zone,
+            })
+        );
+        assert!(p.nodes.is_empty());
+        let p = Parameters::parse(&params(&[("pool", "fast")])).expect("ok");
+        assert_eq!(
+            p.pool.map(|p| (p.columns, p.spread)),
+            Some((1, netblk::pool::Level::Host))
+        );
+        assert!(err(&[("pool", "a"), ("nodes", "10.0.0.1:1")]).contains("exclude each other"));
+        assert!(err(&[]).contains("'nodes' (IP:PORT,...) or 'pool'"));
+        assert!(err(&[("nodes", "10.0.0.1:1"), ("columns", "2")]).contains("with 'pool' only"));
+        assert!(err(&[("pool", "a/b")]).contains("parameter 'pool'"));
+        assert!(err(&[("pool", "a"), ("spread", "row")]).contains("parameter 'spread'"));
+        assert!(err(&[("pool", "a"), ("columns", "0")]).contains("'columns' 0"));
     }
 
     #[test]
