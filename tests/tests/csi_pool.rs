@@ -235,3 +235,51 @@ fn a_pool_storage_class_places_volumes_and_later_calls_use_the_stored_placement(
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("none.toml"), "{status:?}");
 }
+
+/// The lines of `text` under `key` (the next, more indented ones),
+/// dedented: a YAML block scalar or mapping, read without a YAML parser.
+fn block_under(text: &str, key: &str) -> Vec<String> {
+    let mut lines = text.lines().skip_while(|l| l.trim() != key);
+    let header = lines.next().unwrap_or_else(|| panic!("no {key}"));
+    let indent = header.len() - header.trim_start().len();
+    let body: Vec<&str> = lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > indent)
+        .collect();
+    let cut = body
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    body.iter()
+        .map(|l| l.get(cut..).unwrap_or("").to_string())
+        .collect()
+}
+
+/// The shipped pool and StorageClass go together: the pool file parses and
+/// can hold the class's volumes, and the class's parameters are accepted.
+#[test]
+fn the_shipped_pool_and_its_storage_class_fit_together() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).expect("manifest");
+    let pool_text = block_under(&read("pools.yaml"), "mock.toml: |").join("\n");
+    let pool = netblk::pool::Pool::parse(&pool_text).expect("the shipped pool parses");
+    let class: HashMap<String, String> =
+        block_under(&read("storageclass-pool.yaml"), "parameters:")
+            .iter()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
+            .collect();
+    let params = netblk_csi::volume::Parameters::parse(&class).expect("the class's parameters");
+    let placed = params.pool.expect("a pool class");
+    assert_eq!(placed.name, "mock", "the class names the shipped pool");
+    netblk::placement::place(
+        &pool,
+        "pvc-any",
+        placed.columns,
+        params.replicas,
+        placed.spread,
+    )
+    .expect("the pool can place the class's volumes");
+}
