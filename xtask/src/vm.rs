@@ -69,6 +69,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("trust", include_str!("scenarios/trust.sh")),
     ("replicas", include_str!("scenarios/replicas.sh")),
     ("resync", include_str!("scenarios/resync.sh")),
+    ("pool", include_str!("scenarios/pool.sh")),
     ("recovery", include_str!("scenarios/recovery.sh")),
     ("deploy", include_str!("scenarios/deploy.sh")),
     ("resize", include_str!("scenarios/resize.sh")),
