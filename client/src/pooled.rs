@@ -209,6 +209,13 @@ pub fn create(
     timeouts: Timeouts,
 ) -> Result<Created, String> {
     netblk_protocol::geometry::check_volume_name(&new.name)?;
+    let max = netblk_protocol::geometry::MAX_REPLICAS;
+    if !(1..=max).contains(&new.replicas) {
+        return Err(format!(
+            "{} replicas: a volume has 1 to {max} copies of every column",
+            new.replicas
+        ));
+    }
     let chosen = placement::place(pool, &new.name, new.columns, new.replicas, new.spread)?;
     let columns = new.columns as usize;
     let mut nodes = vec![pool.nodes[0].address; chosen.nodes().count()];

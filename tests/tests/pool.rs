@@ -376,3 +376,54 @@ fn a_down_member_neither_hides_the_placement_nor_is_removed() {
         "{absent:?}"
     );
 }
+
+/// `map --pool` checks its arguments and finds the volume before it
+/// touches ublk: a volume the pool lacks, and --pool with --nodes, are
+/// errors that say so.
+#[test]
+fn map_from_a_pool_names_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = netblk_tests::MockNode::start(&["--store", "memory"]);
+    let path = dir.path().join("pool.toml");
+    let pool = pool_file(&path, &[(node.addr, "a", 1)]);
+    let out = netblk(&["map", "--pool", &pool, "--volume", "absent"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("no volume 'absent' on the nodes of pool"),
+        "{}",
+        text(&out)
+    );
+    let out = netblk(&[
+        "map",
+        "--pool",
+        &pool,
+        "--volume",
+        "v",
+        "--nodes",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // A volume mapped with --nodes (no placement record) is not a pool's.
+    let hs = netblk_protocol::pb::Handshake {
+        protocol_version: u32::from(netblk_protocol::PROTOCOL_VERSION),
+        revision: netblk_protocol::PROTOCOL_REVISION,
+        volume: "plain".into(),
+        volume_size: 16 << 20,
+        layout: Some(netblk_protocol::pb::Layout {
+            stripe_unit: 65536,
+            node_count: 1,
+            node_index: 0,
+            replicas: 1,
+            replica_index: 0,
+        }),
+        ..Default::default()
+    };
+    netblk_tests::NodeClient::open(node.addr, hs);
+    let out = netblk(&["map", "--pool", &pool, "--volume", "plain"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("none of them holds a placement record"),
+        "{}",
+        text(&out)
+    );
+}
