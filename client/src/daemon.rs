@@ -222,7 +222,7 @@ impl Settings {
 
     /// Nodes, stripe unit, replicas and size from the volume's placement
     /// record on the pool's nodes; those given as well must match it.
-    fn from_pool(&mut self, tls: Option<&netblk::net::ClientTls>) -> Result<(), String> {
+    fn read_pool(&mut self, tls: Option<&netblk::net::ClientTls>) -> Result<(), String> {
         let (Some(path), Some(volume)) = (&self.pool, &self.volume) else {
             return Ok(());
         };
@@ -369,7 +369,7 @@ pub fn map(args: MapArgs) -> Result<(), Failure> {
     if set.volume.is_none() && set.pool.is_some() {
         return Err(bad("--pool needs --volume (key `volume`)".into()));
     }
-    set.from_pool(options.volume.tls.as_deref())
+    set.read_pool(options.volume.tls.as_deref())
         .map_err(Failure::Run)?;
     if let Some(what) = set.missing() {
         return Err(bad(format!("no {what} given")));

@@ -48,7 +48,7 @@ enum Cmd {
     /// Attach a striped volume as /dev/ublkbN and serve it until SIGINT or
     /// SIGTERM, then detach it cleanly. The device outlives a daemon that
     /// dies: `netblk map --recover N` attaches a new one and IO resumes.
-    Map(daemon::MapArgs),
+    Map(Box<daemon::MapArgs>),
     /// Try netblk: start 3 mock nodes, map a volume over them, print the
     /// device and how to make a filesystem on it, serve until Ctrl-C, then
     /// unmap and stop the nodes. Without ublk in this kernel, says so and
@@ -271,7 +271,7 @@ fn main() -> ExitCode {
     netblk_observe::logging::init(cli.log_format);
     let result = match cli.command {
         Cmd::Bench(args) => run_bench(args),
-        Cmd::Map(args) => daemon::map(args),
+        Cmd::Map(args) => daemon::map(*args),
         Cmd::Demo { size, replicas } => demo(size, replicas),
         Cmd::Unmap { device } => unmap(&device).map_err(Failure::Run),
         Cmd::UdevName { device } => udev_name(&device).map_err(Failure::Run),

@@ -249,6 +249,49 @@ fn admin_reply() -> impl Strategy<Value = pb::AdminReply> {
         })
 }
 
+fn inquiry() -> impl Strategy<Value = pb::Inquiry> {
+    use pb::inquiry::What;
+    (
+        any::<u32>(),
+        any::<u32>(),
+        prop_oneof![
+            Just(What::List(pb::ListVolumes {})),
+            text().prop_map(|volume| What::Describe(pb::DescribeVolume { volume })),
+        ],
+    )
+        .prop_map(|(protocol_version, revision, what)| pb::Inquiry {
+            protocol_version,
+            revision,
+            what: Some(what),
+        })
+}
+
+fn inquiry_reply() -> impl Strategy<Value = pb::InquiryReply> {
+    let described = (text(), any::<u64>(), layout(), reply()).prop_map(
+        |(volume, volume_size, layout, reply)| pb::VolumeDescription {
+            volume,
+            volume_size,
+            layout,
+            volume_id: format!("{:x}", reply.id),
+            record: reply.record,
+        },
+    );
+    (
+        status(),
+        text(),
+        any::<u32>(),
+        proptest::collection::vec(described, 0..4),
+    )
+        .prop_map(|(status, message, revision, volumes)| pb::InquiryReply {
+            status,
+            message,
+            protocol_version: 1,
+            revision,
+            node_id: String::new(),
+            volumes,
+        })
+}
+
 /// Any valid frame: a header and a payload that fits it.
 fn frame() -> impl Strategy<Value = (pb::Header, Vec<u8>)> {
     let kind = prop_oneof![
@@ -258,6 +301,8 @@ fn frame() -> impl Strategy<Value = (pb::Header, Vec<u8>)> {
         (reply(), 0u32..70_000).prop_map(|(m, len)| (Kind::Reply(m), len)),
         admin().prop_map(|m| (Kind::Admin(m), 0)),
         admin_reply().prop_map(|m| (Kind::AdminReply(m), 0)),
+        inquiry().prop_map(|m| (Kind::Inquiry(m), 0)),
+        inquiry_reply().prop_map(|m| (Kind::InquiryReply(m), 0)),
     ];
     (kind, any::<u8>()).prop_map(|((kind, len), fill)| {
         let payload = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
@@ -484,6 +529,8 @@ fn any_kind() -> impl Strategy<Value = Option<Kind>> {
         reply().prop_map(Kind::Reply),
         admin().prop_map(Kind::Admin),
         admin_reply().prop_map(Kind::AdminReply),
+        inquiry().prop_map(Kind::Inquiry),
+        inquiry_reply().prop_map(Kind::InquiryReply),
     ])
 }
 
@@ -491,7 +538,7 @@ fn any_kind() -> impl Strategy<Value = Option<Kind>> {
 /// in every wire type: a decoder skips them.
 fn unknown_fields() -> impl Strategy<Value = Vec<u8>> {
     let field = (
-        7u32..=1000,
+        9u32..=1000,
         prop_oneof![
             any::<u64>().prop_map(|v| (0u8, v.to_le_bytes().to_vec())),
             any::<[u8; 8]>().prop_map(|v| (1u8, v.to_vec())),
@@ -560,6 +607,8 @@ fn verdict(header: &pb::Header, payload_len: u32) -> Result<(), FrameError> {
         Some(Kind::HandshakeReply(_)) => unexpected("a handshake reply"),
         Some(Kind::Admin(_)) => unexpected("an admin request"),
         Some(Kind::AdminReply(_)) => unexpected("an admin reply"),
+        Some(Kind::Inquiry(_)) => unexpected("an inquiry"),
+        Some(Kind::InquiryReply(_)) => unexpected("an inquiry reply"),
     }
 }
 
