@@ -17,6 +17,10 @@ use crate::parse_size;
 
 /// How long connecting and each answer may take, for the tools here.
 const TIMEOUT: Duration = Duration::from_secs(5);
+const TIMEOUTS: Timeouts = Timeouts {
+    connect: TIMEOUT,
+    io: TIMEOUT,
+};
 /// The client id the tools here present (their sessions are the clock's).
 const CLIENT_ID: &str = "netblk-pool";
 
@@ -51,6 +55,22 @@ impl TlsArgs {
     }
 }
 
+/// How a volume is laid over a pool's nodes.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct Shape {
+    /// Stripe columns.
+    #[arg(long, default_value_t = 1)]
+    columns: u32,
+    /// Copies of every column (1 to 5), each on a node of another failure
+    /// domain.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// The failure-domain level replicas of a column are kept apart at:
+    /// zone, rack or host.
+    #[arg(long, default_value = "host", value_parser = Level::parse)]
+    spread: Level,
+}
+
 /// `netblk create`: a volume placed over a pool.
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
@@ -63,17 +83,8 @@ pub struct CreateArgs {
     /// Size of the whole volume (bytes; K, M, G, T suffixes).
     #[arg(long, value_parser = parse_size)]
     size: u64,
-    /// Stripe columns.
-    #[arg(long, default_value_t = 1)]
-    columns: u32,
-    /// Copies of every column (1 to 5), each on a node of another failure
-    /// domain.
-    #[arg(long, default_value_t = 1)]
-    replicas: u32,
-    /// The failure-domain level replicas of a column are kept apart at:
-    /// zone, rack or host.
-    #[arg(long, default_value = "host", value_parser = Level::parse)]
-    spread: Level,
+    #[command(flatten)]
+    shape: Shape,
     /// Stripe unit (bytes; K, M suffixes): a power of two from 4K to 4M.
     #[arg(long, default_value = "128K", value_parser = crate::parse_stripe_unit)]
     stripe_unit: u32,
@@ -105,17 +116,8 @@ pub enum PoolCmd {
         /// The volume's name: what the placement hashes.
         #[arg(long)]
         volume: String,
-        /// Stripe columns.
-        #[arg(long, default_value_t = 1)]
-        columns: u32,
-        /// Copies of every column, each on a node of another failure
-        /// domain.
-        #[arg(long, default_value_t = 1)]
-        replicas: u32,
-        /// The failure-domain level replicas of a column are kept apart at:
-        /// zone, rack or host.
-        #[arg(long, default_value = "host", value_parser = Level::parse)]
-        spread: Level,
+        #[command(flatten)]
+        shape: Shape,
     },
     /// List the volumes on the pool's nodes, each with its members as its
     /// placement record names them.
@@ -146,9 +148,12 @@ pub fn run(cmd: PoolCmd) -> Result<(), String> {
         PoolCmd::Place {
             file,
             volume,
-            columns,
-            replicas,
-            spread,
+            shape:
+                Shape {
+                    columns,
+                    replicas,
+                    spread,
+                },
         } => {
             let pool = Pool::load(&file)?;
             let placed = placement::place(&pool, &volume, columns, replicas, spread)?;
@@ -191,14 +196,10 @@ pub fn create(args: CreateArgs) -> Result<(), String> {
     let new = NewVolume {
         name: args.volume,
         size: args.size,
-        columns: args.columns,
-        replicas: args.replicas,
-        spread: args.spread,
+        columns: args.shape.columns,
+        replicas: args.shape.replicas,
+        spread: args.shape.spread,
         stripe_unit: args.stripe_unit,
-    };
-    let timeouts = Timeouts {
-        connect: TIMEOUT,
-        io: TIMEOUT,
     };
     let created = pooled::create(
         &pool,
@@ -206,7 +207,7 @@ pub fn create(args: CreateArgs) -> Result<(), String> {
         &asker(tls.as_ref()),
         tls.clone(),
         CLIENT_ID,
-        timeouts,
+        TIMEOUTS,
     )?;
     let done = if created.existed {
         "exists already"
@@ -231,11 +232,7 @@ pub fn delete(args: DeleteArgs) -> Result<(), String> {
         println!("no volume '{}' on the pool: nothing to delete", args.volume);
         return Ok(());
     };
-    let timeouts = Timeouts {
-        connect: TIMEOUT,
-        io: TIMEOUT,
-    };
-    volume.delete(CLIENT_ID, timeouts)?;
+    volume.delete(CLIENT_ID, TIMEOUTS)?;
     println!(
         "volume '{}' deleted from {}",
         args.volume,

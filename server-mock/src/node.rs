@@ -606,25 +606,7 @@ impl Node {
         size: u64,
         at_least: bool,
     ) -> Result<Arc<Volume>, (pb::Status, String)> {
-        let open = lock(&self.volumes).get(name).map(|v| v.meta());
-        let meta = match open {
-            Some(meta) => meta,
-            None => match store::stored_meta(&self.config.store, name) {
-                Ok(Some(meta)) => meta,
-                Ok(None) => {
-                    return Err((
-                        pb::Status::NotFound,
-                        format!("no volume '{name}' on this node"),
-                    ));
-                }
-                Err(err) => {
-                    return Err((
-                        pb::Status::IoError,
-                        format!("cannot read volume '{name}': {err}"),
-                    ));
-                }
-            },
-        };
+        let meta = self.held_meta(name)?;
         let size = if size == 0 { meta.volume_size } else { size };
         self.volume(name, VolumeMeta::from_handshake(size, layout), at_least)
             .map_err(|why| (pb::Status::Refused, why))
@@ -642,6 +624,25 @@ impl Node {
         Err(format!(
             "the node's policy does not let {peer} {op} volume '{volume}'"
         ))
+    }
+
+    /// The size and layout of volume `name` as this node holds it (open,
+    /// or in its store): NOT_FOUND if it holds none.
+    fn held_meta(&self, name: &str) -> Result<VolumeMeta, (pb::Status, String)> {
+        if let Some(open) = lock(&self.volumes).get(name) {
+            return Ok(open.meta());
+        }
+        match store::stored_meta(&self.config.store, name) {
+            Ok(Some(meta)) => Ok(meta),
+            Ok(None) => Err((
+                pb::Status::NotFound,
+                format!("no volume '{name}' on this node"),
+            )),
+            Err(err) => Err((
+                pb::Status::IoError,
+                format!("cannot read volume '{name}': {err}"),
+            )),
+        }
     }
 
     /// Whether the policy lets `peer` do `op` to `volume`, asked without
@@ -668,30 +669,11 @@ impl Node {
     /// The volume `name` as this node holds it, opened from its store if it
     /// is not open yet (never created): NOT_FOUND if there is none.
     pub fn describe(&self, name: &str) -> Result<pb::VolumeDescription, (pb::Status, String)> {
-        let open = lock(&self.volumes).get(name).cloned();
-        let volume = match open {
-            Some(volume) => volume,
-            None => {
-                let meta = match store::stored_meta(&self.config.store, name) {
-                    Ok(Some(meta)) => meta,
-                    Ok(None) => {
-                        return Err((
-                            pb::Status::NotFound,
-                            format!("no volume '{name}' on this node"),
-                        ));
-                    }
-                    Err(err) => {
-                        return Err((
-                            pb::Status::IoError,
-                            format!("cannot read volume '{name}': {err}"),
-                        ));
-                    }
-                };
-                self.volume(name, meta, false)
-                    .map_err(|why| (pb::Status::IoError, why))?
-            }
-        };
-        let meta = volume.meta();
+        let meta = self.held_meta(name)?;
+        // Open already with that very meta, or opened from the store.
+        let volume = self
+            .volume(name, meta, false)
+            .map_err(|why| (pb::Status::IoError, why))?;
         Ok(pb::VolumeDescription {
             volume: name.to_owned(),
             volume_size: meta.volume_size,

@@ -95,3 +95,43 @@ impl Plugin {
         Csi::connect(&self.socket).expect("connect to the plugin")
     }
 }
+
+/// A node plugin (node id `host-a`) whose `netblk` is a stand-in in `dir`
+/// that writes its arguments down and fails: what NodeStage would run, with
+/// these TLS files and pools. Returns the plugin and the arguments' file.
+pub fn node_plugin_with_stand_in(
+    dir: &Path,
+    tls: Option<netblk_csi::volume::Tls>,
+    pools: netblk_csi::pools::Pools,
+) -> (Plugin, PathBuf) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let fake = dir.join("netblk");
+    let args = dir.join("args");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$@\" > {}\nexit 1\n", args.display()),
+    )
+    .expect("stand-in netblk");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let plugin = Plugin::start(Services {
+        identity: netblk_csi::identity::Identity {
+            ready: Arc::new(AtomicBool::new(true)),
+            controller: false,
+        },
+        controller: None,
+        node: Some(netblk_csi::node::Node {
+            node_id: "host-a".into(),
+            daemons: netblk_csi::daemons::Daemons {
+                netblk: fake,
+                log_dir: dir.join("logs"),
+                tls,
+                pools,
+            },
+            timeouts: netblk_csi::controller::NODE_TIMEOUTS,
+            busy: Default::default(),
+        }),
+    });
+    (plugin, args)
+}

@@ -633,3 +633,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Volume `name` as the node at `addr` describes it (an inquiry, plaintext;
+/// None: the node holds none of that name).
+pub fn described(addr: SocketAddr, name: &str) -> Option<pb::VolumeDescription> {
+    netblk::inquiry::Asker {
+        tls: None,
+        timeout: Duration::from_secs(5),
+    }
+    .describe(addr, name)
+    .expect("the node answers an inquiry")
+}

@@ -674,33 +674,11 @@ fn with_tls_files_the_plugins_reach_tls_nodes() {
     // The node plugin: the lookup goes over TLS, then `netblk map` is run
     // with the files (a stand-in that writes down its arguments).
     let bin_dir = tempfile::tempdir().expect("bin dir");
-    let fake = bin_dir.path().join("netblk");
-    let args_file = bin_dir.path().join("args");
-    std::fs::write(
-        &fake,
-        format!("#!/bin/sh\necho \"$@\" > {}\nexit 1\n", args_file.display()),
-    )
-    .expect("fake netblk");
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let node_plugin = Plugin::start(Services {
-        identity: Identity {
-            ready: Arc::new(AtomicBool::new(true)),
-            controller: false,
-        },
-        controller: None,
-        node: Some(Node {
-            node_id: "host-a".into(),
-            daemons: Daemons {
-                netblk: fake,
-                log_dir: bin_dir.path().join("logs"),
-                tls: tls.clone(),
-                pools: Default::default(),
-            },
-            timeouts: netblk_csi::controller::NODE_TIMEOUTS,
-            busy: Default::default(),
-        }),
-    });
+    let (node_plugin, args_file) = netblk_tests::csi::node_plugin_with_stand_in(
+        bin_dir.path(),
+        tls.clone(),
+        Default::default(),
+    );
     let node_csi = node_plugin.client();
     let staged = node_csi.call(node_csi.node.clone().node_stage_volume(
         pb::NodeStageVolumeRequest {

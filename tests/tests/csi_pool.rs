@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use netblk_csi::controller::Controller;
-use netblk_csi::daemons::Daemons;
 use netblk_csi::identity::Identity;
-use netblk_csi::node::Node;
 use netblk_csi::pb;
 use netblk_csi::pb::volume_capability::access_mode::Mode;
 use netblk_csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume};
@@ -60,16 +58,9 @@ fn request(required: i64) -> pb::CreateVolumeRequest {
     }
 }
 
-fn held(addr: std::net::SocketAddr) -> Option<pb_wire::VolumeDescription> {
-    netblk::inquiry::Asker {
-        tls: None,
-        timeout: std::time::Duration::from_secs(5),
-    }
-    .describe(addr, "pvc-pool")
-    .expect("describe")
+fn held(addr: std::net::SocketAddr) -> Option<netblk_protocol::pb::VolumeDescription> {
+    netblk_tests::described(addr, "pvc-pool")
 }
-
-use netblk_protocol::pb as pb_wire;
 
 #[test]
 fn a_pool_storage_class_places_volumes_and_later_calls_use_the_stored_placement() {
@@ -162,33 +153,8 @@ fn a_pool_storage_class_places_volumes_and_later_calls_use_the_stored_placement(
     // The node plugin maps with the pool file (a stand-in netblk writes
     // down its arguments and fails).
     let bin_dir = tempfile::tempdir().expect("bin dir");
-    let fake = bin_dir.path().join("netblk");
-    let args_file = bin_dir.path().join("args");
-    std::fs::write(
-        &fake,
-        format!("#!/bin/sh\necho \"$@\" > {}\nexit 1\n", args_file.display()),
-    )
-    .expect("fake netblk");
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let node_plugin = Plugin::start(Services {
-        identity: Identity {
-            ready: Arc::new(AtomicBool::new(true)),
-            controller: false,
-        },
-        controller: None,
-        node: Some(Node {
-            node_id: "host-a".into(),
-            daemons: Daemons {
-                netblk: fake,
-                log_dir: bin_dir.path().join("logs"),
-                tls: None,
-                pools,
-            },
-            timeouts: netblk_csi::controller::NODE_TIMEOUTS,
-            busy: Default::default(),
-        }),
-    });
+    let (node_plugin, args_file) =
+        netblk_tests::csi::node_plugin_with_stand_in(bin_dir.path(), None, pools);
     let node_csi = node_plugin.client();
     let staged = node_csi.call(node_csi.node.clone().node_stage_volume(
         pb::NodeStageVolumeRequest {

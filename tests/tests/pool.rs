@@ -143,6 +143,8 @@ fn asker() -> netblk::inquiry::Asker<'static> {
     }
 }
 
+use netblk_tests::described;
+
 /// The members `netblk create` printed.
 fn printed_nodes(out: &Output) -> Vec<std::net::SocketAddr> {
     let shown = String::from_utf8_lossy(&out.stdout);
@@ -209,28 +211,20 @@ fn a_volume_created_from_a_pool_is_found_by_its_records_not_by_the_hash() {
     // Every member holds its place and the record naming all of them;
     // the other nodes hold nothing.
     for (i, addr) in members.iter().enumerate() {
-        let described = asker()
-            .describe(*addr, "pvc-a")
-            .expect("describe")
-            .expect("held");
-        let layout = described.layout.expect("layout");
+        let found = described(*addr, "pvc-a").expect("held");
+        let layout = found.layout.expect("layout");
         assert_eq!(
             (layout.node_index, layout.replica_index),
             (i as u32 % 2, i as u32 / 2)
         );
-        assert_eq!(described.volume_size, 64 << 20);
-        let record = described.record.expect("record");
+        assert_eq!(found.volume_size, 64 << 20);
+        let record = found.record.expect("record");
         assert_eq!(record.generation, 1);
         let named: Vec<String> = members.iter().map(ToString::to_string).collect();
         assert_eq!(record.members, named);
     }
     for n in nodes.iter().filter(|n| !members.contains(&n.addr)) {
-        assert!(
-            asker()
-                .describe(n.addr, "pvc-a")
-                .expect("describe")
-                .is_none()
-        );
+        assert!(described(n.addr, "pvc-a").is_none());
     }
     // Again as asked: nothing changes; at another size: refused.
     let again = create("64M");
@@ -311,12 +305,7 @@ fn a_volume_created_from_a_pool_is_found_by_its_records_not_by_the_hash() {
     let out = netblk(&["delete", "--pool", &pool, "--volume", "pvc-a"]);
     assert!(out.status.success(), "{}", text(&out));
     for addr in &members {
-        assert!(
-            asker()
-                .describe(*addr, "pvc-a")
-                .expect("describe")
-                .is_none()
-        );
+        assert!(described(*addr, "pvc-a").is_none());
     }
     let out = netblk(&["pool", "remove", &pool, &members[1].to_string()]);
     assert!(out.status.success(), "{}", text(&out));
