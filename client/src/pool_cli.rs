@@ -209,6 +209,11 @@ pub fn create(args: CreateArgs) -> Result<(), String> {
         CLIENT_ID,
         TIMEOUTS,
     )?;
+    for why in &created.unreachable {
+        eprintln!(
+            "warning: a node of the pool did not answer (a volume of this name only on it would not be seen): {why}"
+        );
+    }
     let done = if created.existed {
         "exists already"
     } else {

@@ -193,6 +193,10 @@ pub struct Created {
     pub located: Located,
     /// It existed already, as asked for: nothing was done.
     pub existed: bool,
+    /// Nodes of the pool that did not answer the search for an existing
+    /// volume of the name (address: why): a volume held only by them was
+    /// not seen.
+    pub unreachable: Vec<String>,
 }
 
 /// Creates `new` on the nodes placement chooses from `pool`, and stores
@@ -232,7 +236,7 @@ pub fn create(
         size: new.size,
         generation: 1,
     };
-    match locate(pool, &new.name, asker) {
+    let unreachable = match locate(pool, &new.name, asker) {
         Ok(Lookup::Found(found)) => {
             let same = (found.columns, found.replicas, found.stripe_unit, found.size)
                 == (asked.columns, asked.replicas, asked.stripe_unit, asked.size);
@@ -240,6 +244,7 @@ pub fn create(
                 return Ok(Created {
                     located: found,
                     existed: true,
+                    unreachable: Vec::new(),
                 });
             }
             return Err(format!(
@@ -254,9 +259,10 @@ pub fn create(
         }
         // Partly created (no record anywhere yet) is finished below; the
         // nodes refuse another layout or size.
-        Ok(Lookup::Absent { .. } | Lookup::Unplaced { .. }) => {}
+        Ok(Lookup::Absent { unreachable }) => unreachable,
+        Ok(Lookup::Unplaced { .. }) => Vec::new(),
         Err(why) => return Err(why),
-    }
+    };
     let volume = VolumeRef {
         name: new.name.clone(),
         stripe_unit: new.stripe_unit,
@@ -282,6 +288,7 @@ pub fn create(
     Ok(Created {
         located: asked,
         existed: false,
+        unreachable,
     })
 }
 

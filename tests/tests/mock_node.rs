@@ -624,8 +624,16 @@ fn threads(node: &MockNode) -> usize {
 #[test]
 fn connections_share_a_few_worker_threads() {
     let node = MockNode::start(&["--threads", "2"]);
-    let mut first = NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0));
-    first.ping().expect("ping");
+    // One connection per worker (they take turns), served before anything
+    // is measured: a worker's first allocation reserves a malloc arena
+    // (64 MiB of address space), and under load the second worker may not
+    // have run yet.
+    let mut warm: Vec<NodeClient> = (0..2)
+        .map(|_| NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0)))
+        .collect();
+    for client in &mut warm {
+        client.ping().expect("ping");
+    }
     let before = threads(&node);
     let size_before = status_kib(&node, "VmSize:");
     let mut clients: Vec<NodeClient> = (0..100)

@@ -358,6 +358,24 @@ fn a_down_member_neither_hides_the_placement_nor_is_removed() {
         "{}",
         text(&out)
     );
+    // A new volume placed clear of the dead node is made, with a warning
+    // that a node did not answer.
+    let name = (0..100)
+        .map(|i| format!("v{i}"))
+        .find(|v| {
+            netblk::placement::place(&loaded, v, 1, 1, netblk::pool::Level::Host)
+                .is_ok_and(|p| p.nodes().all(|n| loaded.nodes[n].address != members[0]))
+        })
+        .expect("a name placed elsewhere");
+    let out = netblk(&[
+        "create", "--pool", &pool, "--volume", &name, "--size", "16M",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("warning: a node of the pool did not answer"),
+        "{}",
+        text(&out)
+    );
     // A pool whose nodes all lack the volume says so.
     let absent = netblk::pooled::volume_ref(&loaded, "nothing", &asker(), None);
     assert!(
@@ -415,4 +433,65 @@ fn map_from_a_pool_names_what_is_wrong() {
         "{}",
         text(&out)
     );
+}
+
+/// Over mutual TLS: `create`, `pool volumes` and `delete` reach TLS nodes
+/// with the TLS files, and without them are refused by the nodes.
+#[test]
+fn pool_commands_reach_tls_nodes_with_the_tls_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, node_leaf, client) = netblk_tls::testpki::standard(dir.path()).expect("pki");
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+    let (ca, cert, key) = (path(&ca), path(&node_leaf.cert), path(&node_leaf.key));
+    let nodes: Vec<netblk_tests::MockNode> = (0..2)
+        .map(|_| {
+            netblk_tests::MockNode::start(&[
+                "--store",
+                "memory",
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &ca,
+            ])
+        })
+        .collect();
+    let entries: Vec<_> = nodes.iter().map(|n| (n.addr, "a", 1)).collect();
+    let pool = pool_file(&dir.path().join("pool.toml"), &entries);
+    let tls = [
+        "--tls-ca".to_string(),
+        ca.clone(),
+        "--tls-cert".into(),
+        path(&client.cert),
+        "--tls-key".into(),
+        path(&client.key),
+    ];
+    let with_tls = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(tls.iter().map(String::as_str));
+        netblk(&all)
+    };
+    let create = [
+        "create",
+        "--pool",
+        &pool,
+        "--volume",
+        "sec",
+        "--size",
+        "16M",
+        "--columns",
+        "2",
+    ];
+    let plain = netblk(&create);
+    assert_eq!(plain.status.code(), Some(1), "{}", text(&plain));
+    let out = with_tls(&create);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(printed_nodes(&out).len(), 2);
+    let listed = with_tls(&["pool", "volumes", &pool]);
+    assert!(listed.status.success(), "{}", text(&listed));
+    assert!(text(&listed).contains("sec: "), "{}", text(&listed));
+    let out = with_tls(&["delete", "--pool", &pool, "--volume", "sec"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("deleted"), "{}", text(&out));
 }

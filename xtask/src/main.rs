@@ -25,7 +25,7 @@ tasks:
         --version picks another Debian build of that kernel line;
         --scenario runs only those (xtask/src/scenarios/NAME.sh, after
         common.sh, in their fixed order): refusals, blocksize, basic, fs,
-        reliability, orphan, trust, replicas, resync, recovery, deploy, resize, observe, digest, tls, csi
+        reliability, orphan, trust, replicas, resync, pool, recovery, deploy, resize, observe, digest, tls, csi
   vm-bench [--kernel 6.12|6.17|7.3] [--sweep] [--rounds N] [--runtime SECS] [--ramp SECS]
            [--quick] [--no-pause] [--output FILE]
         fio in one 7.3 guest (by default) on netblk (1 node/1 queue and
