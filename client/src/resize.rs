@@ -40,9 +40,7 @@ impl Resizer {
     pub fn resize(&self, new: u64, force: bool) -> Result<u64, String> {
         let old = self.size.get();
         let dev = format!("/dev/ublkb{}", self.dev_id);
-        let node_count = self.spec.nodes.len() as u32;
-        let from = Layout::new(old, self.spec.stripe_unit, node_count)
-            .map_err(|e| format!("{dev}: its current layout is unusable: {e}"))?;
+        let from = self.layout_at(old)?;
         from.with_size(new)
             .map_err(|e| format!("cannot resize {dev} to {new} bytes: {e}"))?;
         if !new.is_multiple_of(u64::from(self.block_size)) {
@@ -86,8 +84,7 @@ impl Resizer {
     ) -> Result<(), String> {
         let old = self.size.get();
         let dev = format!("/dev/ublkb{}", self.dev_id);
-        let from = Layout::new(old, self.spec.stripe_unit, self.spec.nodes.len() as u32)
-            .map_err(|e| format!("{dev}: its current layout is unusable: {e}"))?;
+        let from = self.layout_at(old)?;
         if new > old {
             let before = self.tell_nodes(&from, new, Change::Grow)?;
             self.size.set(new);
@@ -106,6 +103,22 @@ impl Resizer {
             }
         }
         Ok(())
+    }
+
+    /// The device's layout at `size` bytes: its stripe unit, nodes and
+    /// replicas (the nodes refuse any other).
+    fn layout_at(&self, size: u64) -> Result<Layout, String> {
+        VolumeSpec {
+            size,
+            ..self.spec.clone()
+        }
+        .layout()
+        .map_err(|e| {
+            format!(
+                "/dev/ublkb{}: its current layout is unusable: {e}",
+                self.dev_id
+            )
+        })
     }
 
     /// Tells every node the volume is now `to` bytes (a grow leaves a node

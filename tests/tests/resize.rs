@@ -149,3 +149,44 @@ fn a_kernel_refusal_never_shrinks_nodes_a_manager_grew() {
         assert!(accepts(&cluster, i, 96 * MIB), "node {i} still at 96 MiB");
     }
 }
+
+/// A replicated device resizes too: each node is reached with the volume's
+/// replicated layout (2 columns × 2 copies over 4 nodes), not as a column
+/// of an unreplicated volume of 4 (the node refused that as another
+/// layout: NodeExpandVolume of a replicated CSI volume failed).
+#[test]
+fn a_replicated_volume_resizes_on_every_copy() {
+    let cluster = Cluster::start(4);
+    let spec = netblk::layout::VolumeSpec {
+        replicas: 2,
+        ..cluster.spec("rgrow", 32 * MIB)
+    };
+    let volume = VolumeRef {
+        name: spec.name.clone(),
+        stripe_unit: spec.stripe_unit,
+        nodes: spec.nodes.clone(),
+        replicas: 2,
+        tls: None,
+    };
+    let made = volume
+        .create(32 * MIB, "resize-test", TIMEOUTS)
+        .expect("create the replicated volume");
+    let resizer = Resizer {
+        dev_id: 0,
+        spec,
+        size: LiveSize::new(32 * MIB),
+        client_id: format!("resize-test-{}", std::process::id()),
+        volume_ids: made.into_iter().map(|i| i.volume_id).collect(),
+        timeouts: TIMEOUTS,
+        block_size: 512,
+        tls: None,
+    };
+    resizer
+        .change(64 * MIB, |_| Ok(()))
+        .expect("grow every copy");
+    assert_eq!(
+        volume.lookup("resize-test", TIMEOUTS).expect("lookup"),
+        Some(64 * MIB),
+        "every node holds the new size"
+    );
+}

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! netblk-csi-check SOCKET lifecycle NODES      the whole lifecycle, block, ext4 and xfs
+//!     (NODES: IP:PORT,... or the parameters themselves, KEY=VALUE,..., e.g. pool=vm,replicas=2)
 //! netblk-csi-check SOCKET formatting NODES     which volumes NodeStage formats (plaintext nodes)
 //! netblk-csi-check SOCKET wait-ready           until Probe says ready (180 s at most)
 //! netblk-csi-check SOCKET create NAME MIB NODES    prints the volume id and context (KEY=VALUE;...)
@@ -76,6 +77,27 @@ fn check(cond: bool, what: impl Into<String>) -> Checked {
     if cond { Ok(()) } else { Err(what.into()) }
 }
 
+/// A StorageClass's parameters: `NODES` (IP:PORT,...) as the node list,
+/// or `KEY=VALUE,...` as the parameters themselves (a pool's: `pool=NAME,
+/// replicas=2,spread=zone`); with a 64 KiB stripe unit and 2 queues.
+fn parameters(nodes: &str) -> HashMap<String, String> {
+    let mut params = HashMap::from([
+        ("stripeUnit".to_string(), "65536".to_string()),
+        ("queues".to_string(), "2".to_string()),
+    ]);
+    if nodes.contains('=') {
+        params.extend(
+            nodes
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+    } else {
+        params.insert("nodes".to_string(), nodes.to_string());
+    }
+    params
+}
+
 struct Driver {
     csi: Csi,
 }
@@ -94,11 +116,7 @@ impl Driver {
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![capability(kind, Mode::SingleNodeWriter)?],
-            parameters: HashMap::from([
-                ("nodes".to_string(), nodes.to_string()),
-                ("stripeUnit".to_string(), "65536".to_string()),
-                ("queues".to_string(), "2".to_string()),
-            ]),
+            parameters: parameters(nodes),
             secrets: HashMap::new(),
         };
         let c = &self.csi;

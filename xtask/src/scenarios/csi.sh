@@ -6,7 +6,8 @@
 # with); then the plugin and its map daemons
 # killed -9 (a DaemonSet pod replaced) while fio writes to a staged volume:
 # the restarted plugin recovers the device and fio verifies clean; then the
-# lifecycle once more on TLS nodes, the plugin given the TLS files.
+# lifecycle over a pool (R = 2), and once more on TLS nodes, the plugin
+# given the TLS files.
 CSI_SOCK=/run/csi/csi.sock
 start_csi() {
   netblk-csi --socket $CSI_SOCK --controller --node --node-id vm >>/tmp/csi.out 2>>/tmp/csi.log &
@@ -44,6 +45,31 @@ netblk-csi-check $CSI_SOCK unstage "$ID" $K/staging || fail "CSI unstage (kill)"
 netblk-csi-check $CSI_SOCK delete "$ID" || fail "CSI delete (kill)"
 echo "csi: plugin and map daemons killed -9 during fio on a staged ext4 volume; the restarted plugin recovered the device, fio crc32c verify clean"
 ls /dev/ublkb* 2>/dev/null && fail "the CSI scenario left a device behind"
+
+# Over a pool: a StorageClass naming the pool `vm` (its file where the
+# manifests mount the ConfigMap netblk-pools), R = 2 with replicas apart by
+# zone: the whole lifecycle again; the map daemons read the placement from
+# the nodes, and nothing is left on the pool after the deletes.
+csi_pool_node() {
+  netblk-mock-node --listen 127.0.0.1:$1 --store memory >/tmp/csipool$1.out 2>/tmp/csipool$1.log &
+}
+csi_pool_node 7821; CPN1=$!
+csi_pool_node 7822; CPN2=$!
+csi_pool_node 7823; CPN3=$!
+csi_pool_node 7824; CPN4=$!
+wait_listening /tmp/csipool7821.out /tmp/csipool7822.out /tmp/csipool7823.out /tmp/csipool7824.out
+mkdir -p /etc/netblk/pools
+for n in 1 2 3 4; do
+  printf '[[node]]\naddress = "127.0.0.1:782%d"\nzone = "z%d"\n' $n $(((n + 1) / 2))
+done > /etc/netblk/pools/vm.toml
+netblk-csi-check $CSI_SOCK lifecycle pool=vm,replicas=2,spread=zone >/tmp/csipool.out 2>&1 \
+    || { cat /tmp/csipool.out; fail "CSI lifecycle over a pool"; }
+grep -q "placement read from the pool" /run/netblk/csi/pvc-life-*.log \
+    || fail "the CSI-mapped volumes of a pool did not read their placement from the nodes"
+netblk pool volumes /etc/netblk/pools/vm.toml >/tmp/csipoolvols.out 2>&1 || { cat /tmp/csipoolvols.out; fail "pool volumes"; }
+[ -s /tmp/csipoolvols.out ] && { cat /tmp/csipoolvols.out; fail "volumes left on the pool after the CSI deletes"; }
+kill $CPN1 $CPN2 $CPN3 $CPN4 2>/dev/null
+echo "csi: a StorageClass over a pool (R = 2, zones apart): the whole lifecycle, placement read from the nodes, nothing left"
 
 # Once more with TLS: nodes that take only clients with a certificate from
 # the test CA; the plugin given the CA, certificate and key (what the
