@@ -135,3 +135,17 @@ pub fn node_plugin_with_stand_in(
     });
     (plugin, args)
 }
+
+/// A ready controller-only plugin serving `controller`.
+pub fn controller_plugin(controller: netblk_csi::controller::Controller) -> Plugin {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    Plugin::start(Services {
+        identity: netblk_csi::identity::Identity {
+            ready: Arc::new(AtomicBool::new(true)),
+            controller: true,
+        },
+        controller: Some(controller),
+        node: None,
+    })
+}

@@ -638,16 +638,9 @@ fn with_tls_files_the_plugins_reach_tls_nodes() {
         "TLS nodes refuse plaintext"
     );
 
-    let plugin = Plugin::start(Services {
-        identity: Identity {
-            ready: Arc::new(AtomicBool::new(true)),
-            controller: true,
-        },
-        controller: Some(Controller {
-            tls: tls.clone(),
-            ..Controller::new()
-        }),
-        node: None,
+    let plugin = netblk_tests::csi::controller_plugin(Controller {
+        tls: tls.clone(),
+        ..Controller::new()
     });
     let csi = plugin.client();
     let controller = || csi.controller.clone();

@@ -5,18 +5,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use netblk_csi::controller::Controller;
-use netblk_csi::identity::Identity;
 use netblk_csi::pb;
 use netblk_csi::pb::volume_capability::access_mode::Mode;
 use netblk_csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume};
 use netblk_csi::pools::Pools;
-use netblk_csi::server::Services;
 use netblk_tests::MockNode;
-use netblk_tests::csi::Plugin;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
@@ -77,16 +72,9 @@ fn a_pool_storage_class_places_volumes_and_later_calls_use_the_stored_placement(
     let pools = Pools {
         dir: pools_dir.path().to_path_buf(),
     };
-    let plugin = Plugin::start(Services {
-        identity: Identity {
-            ready: Arc::new(AtomicBool::new(true)),
-            controller: true,
-        },
-        controller: Some(Controller {
-            pools: pools.clone(),
-            ..Controller::new()
-        }),
-        node: None,
+    let plugin = netblk_tests::csi::controller_plugin(Controller {
+        pools: pools.clone(),
+        ..Controller::new()
     });
     let csi = plugin.client();
     let controller = || csi.controller.clone();
