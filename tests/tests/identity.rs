@@ -277,3 +277,53 @@ fn a_session_moves_forward_by_a_bounded_step() {
     assert_eq!(at(1 << 32).status, pb::Status::Ok as i32);
     assert_eq!(at(2 << 32).status, pb::Status::Ok as i32);
 }
+
+/// Inquiries under a policy (docs/protocol.md 13.4): a client lists only
+/// the volumes it may open, and a describe of another's volume is refused
+/// like its handshake would be, counted and logged.
+#[test]
+fn an_inquiry_shows_a_client_only_what_the_policy_lets_it_open() {
+    let pki = pki();
+    let policy = pki.dir.path().join("policy");
+    std::fs::write(&policy, "owner * all\nhostile theirs-* all\n").expect("policy");
+    let node = tls_node(&pki, &["--policy", policy.to_str().expect("path")]);
+    for name in ["owned-1", "owned-2"] {
+        volume_ref(name, &node, tls(&pki, &pki.owner))
+            .create(4 * MIB, "owner-tool", timeouts())
+            .expect("create");
+    }
+    volume_ref("theirs-1", &node, tls(&pki, &pki.hostile))
+        .create(4 * MIB, "hostile-tool", timeouts())
+        .expect("create");
+    let ask = |leaf: &Leaf| {
+        let tls = tls(&pki, leaf);
+        let asker = netblk::inquiry::Asker {
+            tls: Some(&tls),
+            timeout: Duration::from_secs(5),
+        };
+        let names: Vec<String> = asker
+            .list(node.addr)
+            .expect("list")
+            .into_iter()
+            .map(|d| d.volume)
+            .collect();
+        (names, asker.describe(node.addr, "owned-1"))
+    };
+    let (names, owned) = ask(&pki.owner);
+    assert_eq!(names, ["owned-1", "owned-2", "theirs-1"]);
+    assert!(owned.expect("describe").is_some());
+    let before = node.admin().stats().policy_refusals;
+    let (names, owned) = ask(&pki.hostile);
+    assert_eq!(
+        names,
+        ["theirs-1"],
+        "the listing leaves out what it may not open"
+    );
+    let err = owned.expect_err("describe of another's volume");
+    assert!(
+        err.contains("policy does not let client 'hostile' open volume 'owned-1'"),
+        "{err}"
+    );
+    // The refused describe is counted; the listing's omissions are not.
+    assert_eq!(node.admin().stats().policy_refusals, before + 1);
+}
