@@ -29,6 +29,19 @@ pub struct Located {
     pub generation: u64,
 }
 
+impl Located {
+    /// Volume `name` on these members, as [`crate::manage`] reaches it.
+    pub fn volume_ref(&self, name: &str, tls: Option<std::sync::Arc<net::ClientTls>>) -> VolumeRef {
+        VolumeRef {
+            name: name.to_owned(),
+            stripe_unit: self.stripe_unit,
+            nodes: self.nodes.clone(),
+            replicas: self.replicas,
+            tls,
+        }
+    }
+}
+
 /// What asking a pool's nodes about a volume found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -346,16 +359,7 @@ pub fn volume_ref(
     tls: Option<std::sync::Arc<net::ClientTls>>,
 ) -> Result<Option<(VolumeRef, Located)>, String> {
     match locate(pool, name, asker)? {
-        Lookup::Found(located) => Ok(Some((
-            VolumeRef {
-                name: name.to_owned(),
-                stripe_unit: located.stripe_unit,
-                nodes: located.nodes.clone(),
-                replicas: located.replicas,
-                tls,
-            },
-            located,
-        ))),
+        Lookup::Found(located) => Ok(Some((located.volume_ref(name, tls), located))),
         Lookup::Unplaced { holders } => Err(format!(
             "volume '{name}' is on {} but none of them holds a placement record: it was not created from a pool, or its creation was cut short (run the create again)",
             members(&holders)

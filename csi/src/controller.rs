@@ -167,14 +167,7 @@ impl pb::controller_server::Controller for Controller {
                                 nodes = %netblk::pooled::members(&created.located.nodes),
                                 "placed over pool '{}'", placed.name
                             );
-                            let located = created.located;
-                            netblk::manage::VolumeRef {
-                                name: wanted.name.clone(),
-                                stripe_unit: located.stripe_unit,
-                                nodes: located.nodes,
-                                replicas: located.replicas,
-                                tls: tls.clone(),
-                            }
+                            created.located.volume_ref(&wanted.name, tls.clone())
                         }
                     };
                 return match volume
