@@ -107,6 +107,16 @@ impl MockNode {
         MockNode::start_at("127.0.0.1:0", args)
     }
 
+    /// Starts a node on 127.0.0.1 port 0 with `args`, with glibc's malloc
+    /// held to one arena (`MALLOC_ARENA_MAX=1`): a thread's first allocation
+    /// then reserves no 64 MiB arena of its own, so the node's address space
+    /// shows what it allocates, whichever of its threads has run yet.
+    pub fn start_one_arena(args: &[&str]) -> MockNode {
+        let mut command = Command::new(mock_node_bin());
+        command.env("MALLOC_ARENA_MAX", "1");
+        MockNode::spawn(command, "127.0.0.1:0", args)
+    }
+
     /// Starts a node listening on `listen` (for example the address of a
     /// node that was stopped, to restart it in place).
     pub fn start_at(listen: &str, args: &[&str]) -> MockNode {

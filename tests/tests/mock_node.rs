@@ -623,11 +623,12 @@ fn threads(node: &MockNode) -> usize {
 /// thread (the node served one thread per connection before).
 #[test]
 fn connections_share_a_few_worker_threads() {
-    let node = MockNode::start(&["--threads", "2"]);
+    // One malloc arena: a thread's first allocation would otherwise reserve
+    // 64 MiB of address space, whenever under load that thread first runs
+    // (the node's workers, its delay thread).
+    let node = MockNode::start_one_arena(&["--threads", "2"]);
     // One connection per worker (they take turns), served before anything
-    // is measured: a worker's first allocation reserves a malloc arena
-    // (64 MiB of address space), and under load the second worker may not
-    // have run yet.
+    // is measured.
     let mut warm: Vec<NodeClient> = (0..2)
         .map(|_| NodeClient::open(node.addr, handshake("v", MIB, 65536, 1, 0)))
         .collect();
