@@ -3,6 +3,7 @@
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -50,14 +51,38 @@ pub fn start_mock_nodes(
 ) -> io::Result<(MockNodes, Vec<SocketAddr>)> {
     let mut nodes = MockNodes(Vec::new());
     let mut addrs = Vec::new();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     for _ in 0..count {
-        let mut child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .args(["--listen", "127.0.0.1:0", "--store", store])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        // The nodes end with this program however it ends (killed too):
+        // left running, they would hold its standard error open, and a
+        // caller waiting for its output would wait for ever. The signal
+        // follows the thread that starts them, which is the one that owns
+        // (and drops) them.
+        // SAFETY: between fork and exec the closure only makes
+        // async-signal-safe calls (prctl, getppid, kill, getpid) and
+        // touches no memory of the parent's but a copied integer.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have ended before the request took hold.
+                if libc::getppid() != parent {
+                    libc::kill(libc::getpid(), libc::SIGTERM);
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", bin.display())))?;
         let stdout = child.stdout.take();

@@ -4,30 +4,33 @@
 
 use std::io::Read;
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Runs `command` to its end, or fails the test once `limit` has passed
 /// (a node that stops serving a connection shows as a bench that never
 /// ends: it once did, with a mock node that stopped reading a connection
-/// whose replies had piled up).
+/// whose replies had piled up). The output is read by threads of its own
+/// and never waited for past the limit: a process the program left behind
+/// holding its standard error must not turn a failure into a hang (the
+/// mock nodes of a killed bench once did, for the whole CI run).
 fn output_within(command: &mut Command, limit: Duration) -> Output {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run netblk bench");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stdout.read_to_end(&mut bytes);
-        bytes
-    });
-    let err = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stderr.read_to_end(&mut bytes);
-        bytes
-    });
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send(bytes);
+        });
+        rx
+    };
+    let out = reader(Box::new(child.stdout.take().expect("stdout")));
+    let err = reader(Box::new(child.stderr.take().expect("stderr")));
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -36,7 +39,12 @@ fn output_within(command: &mut Command, limit: Duration) -> Output {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let err = err.join().unwrap_or_default();
+            let err = err
+                .recv_timeout(Duration::from_secs(15))
+                .unwrap_or_else(|_| {
+                    b"(its standard error is still held open, by the mock nodes it started?)"
+                        .to_vec()
+                });
             panic!(
                 "netblk bench ran past {limit:?}:\n{}",
                 String::from_utf8_lossy(&err)
@@ -44,10 +52,16 @@ fn output_within(command: &mut Command, limit: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let grace = Duration::from_secs(15);
+    let bytes = |rx: mpsc::Receiver<Vec<u8>>, name: &str| {
+        rx.recv_timeout(grace).unwrap_or_else(|_| {
+            panic!("netblk bench exited, but its {name} stayed open for {grace:?} (mock nodes left behind?)")
+        })
+    };
     Output {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout: bytes(out, "standard output"),
+        stderr: bytes(err, "standard error"),
     }
 }
 
@@ -96,8 +110,8 @@ fn bench_runs_every_workload_and_prints_json() {
 
 #[test]
 fn bench_security_measures_digests_against_plaintext() {
-    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
-        .args([
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_netblk")).args([
             "bench",
             "--security",
             "--duration",
@@ -111,9 +125,9 @@ fn bench_security_measures_digests_against_plaintext() {
             "--workloads",
             "randwrite-4k,seqread-1m",
             "--json",
-        ])
-        .output()
-        .expect("run netblk bench --security");
+        ]),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -156,8 +170,8 @@ fn bench_security_measures_digests_against_plaintext() {
 /// pass wrote, at about its rate, for the whole measured run.
 #[test]
 fn bench_resync_measures_writes_during_a_catch_up() {
-    let out = Command::new(env!("CARGO_BIN_EXE_netblk"))
-        .args([
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_netblk")).args([
             "bench",
             "--resync",
             "--replicas",
@@ -171,9 +185,9 @@ fn bench_resync_measures_writes_during_a_catch_up() {
             "--rounds",
             "1",
             "--json",
-        ])
-        .output()
-        .expect("run netblk bench --resync");
+        ]),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -276,4 +290,58 @@ fn map_without_the_ublk_driver_says_what_to_do_and_list_still_works() {
         .expect("run netblk unmap");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a netblk device"));
+}
+
+/// A bench killed outright takes its mock nodes with it: left running,
+/// they held its standard error open, and whoever waited for its output
+/// (the test above, in CI) waited for ever.
+#[test]
+fn a_killed_bench_leaves_no_mock_node_behind() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netblk"))
+        .args([
+            "bench",
+            "--duration",
+            "30",
+            "--node-count",
+            "2",
+            "--size",
+            "64M",
+            "--workloads",
+            "randwrite-4k",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run netblk bench");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut told = false;
+        loop {
+            match stderr.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+            // The nodes are up once the first measurement starts.
+            if !told && String::from_utf8_lossy(&seen).contains("randwrite-4k") {
+                told = true;
+                let _ = tx.send(false);
+            }
+        }
+        let _ = tx.send(true);
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(60)),
+        Ok(false),
+        "the bench never started measuring"
+    );
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(15)),
+        Ok(true),
+        "the bench's standard error is still open 15 s after it was killed: its mock nodes outlived it"
+    );
 }

@@ -96,6 +96,12 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     policy: Option<std::path::PathBuf>,
 
+    /// Unsent reply bytes a connection may pile up (a client that does not
+    /// read its replies) before the node takes no more of its requests
+    /// until it reads them (64K to 1G).
+    #[arg(long, default_value = "8M", value_parser = parse_reply_backlog, value_name = "SIZE")]
+    reply_backlog: usize,
+
     /// Worker threads serving the data connections (each an epoll loop;
     /// default: one per CPU, at most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -231,6 +237,14 @@ fn parse_io_size(text: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_reply_backlog(text: &str) -> Result<usize, String> {
+    let size = parse_size(text)?;
+    match usize::try_from(size) {
+        Ok(size) if ((64 << 10)..=(1 << 30)).contains(&size) => Ok(size),
+        _ => Err(format!("reply backlog {size} must be from 64K to 1G")),
+    }
+}
+
 fn parse_status(text: &str) -> Result<Status, String> {
     Ok(match text.to_ascii_lowercase().as_str() {
         "eio" => Status::IoError,
@@ -285,6 +299,7 @@ fn main() -> ExitCode {
     }
     let mut config = Config::new(args.listen, args.store);
     config.max_io_size = args.max_io_size;
+    config.reply_backlog = args.reply_backlog;
     config.node_id = args.node_id.unwrap_or_default();
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout);

@@ -69,6 +69,9 @@ pub struct Config {
     pub broken: Vec<Broken>,
     /// Worker threads serving the data connections (at least 1).
     pub threads: usize,
+    /// Unsent reply bytes above which a connection's requests wait until
+    /// its client reads its replies (bounded memory per connection).
+    pub reply_backlog: usize,
 }
 
 /// A rule a deliberately broken node breaks (`--broken`).
@@ -168,9 +171,13 @@ impl Config {
             volatile_cache: false,
             broken: Vec::new(),
             threads: default_threads(),
+            reply_backlog: DEFAULT_REPLY_BACKLOG,
         }
     }
 }
+
+/// Unsent reply bytes a connection may pile up by default.
+pub const DEFAULT_REPLY_BACKLOG: usize = 8 << 20;
 
 /// Workers by default: one per CPU, at most 4 (a node's work per request
 /// is small; more threads than CPUs only add switches).

@@ -308,7 +308,12 @@ fn admit(node: &Arc<Node>, epoll: RawFd, new: Incoming) -> Option<Slot> {
     };
     Some(Slot {
         id,
-        writer: Arc::new(ReplyWriter::new(clone, epoll, id)),
+        writer: Arc::new(ReplyWriter::new(
+            clone,
+            epoll,
+            id,
+            node.config.reply_backlog,
+        )),
         stream,
         peer,
         client,
@@ -384,7 +389,7 @@ fn take_frames(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) -> Resu
         }
         // A client that does not read its replies gets no more of them
         // until it does: bounded memory, whatever it sends.
-        slot.held_back = slot.writer.backlogged();
+        slot.held_back = slot.writer.hold_back();
         if slot.held_back {
             return Ok(());
         }

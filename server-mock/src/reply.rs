@@ -26,10 +26,6 @@ const REPLY_BATCH: usize = 256 << 10;
 /// through the batch.
 const DIRECT_WRITE_MIN: usize = 32 << 10;
 
-/// Unsent reply bytes above which the worker stops reading requests from
-/// the connection until the client reads its replies.
-const OUT_LIMIT: usize = 8 << 20;
-
 pub struct ReplyWriter {
     out: Mutex<Out>,
     stream: TcpStream,
@@ -38,6 +34,9 @@ pub struct ReplyWriter {
     /// The worker's epoll instance and this connection's token in it.
     epoll: RawFd,
     token: u64,
+    /// Unsent reply bytes above which the worker takes no more requests
+    /// from the connection until the client reads its replies.
+    backlog: usize,
 }
 
 struct Out {
@@ -50,6 +49,9 @@ struct Out {
     reading: bool,
     /// Still in the worker's epoll set.
     registered: bool,
+    /// The worker holds requests back until the backlog drains: it must
+    /// hear when it has, whoever drains it (see [`ReplyWriter::hold_back`]).
+    held: bool,
     /// A write failed: nothing more is sent.
     failed: bool,
     /// Since when replies wait for the socket with no progress.
@@ -91,8 +93,9 @@ fn write_now(stream: &TcpStream, parts: &[&[u8]]) -> io::Result<usize> {
 
 impl ReplyWriter {
     /// The writer of `stream` (non-blocking), registered in `epoll` as
-    /// `token` with `EPOLLIN` by the caller.
-    pub fn new(stream: TcpStream, epoll: RawFd, token: u64) -> Self {
+    /// `token` with `EPOLLIN` by the caller; requests wait while more than
+    /// `backlog` reply bytes are unsent.
+    pub fn new(stream: TcpStream, epoll: RawFd, token: u64, backlog: usize) -> Self {
         ReplyWriter {
             out: Mutex::new(Out {
                 pending: Vec::new(),
@@ -100,6 +103,7 @@ impl ReplyWriter {
                 mask: libc::EPOLLIN as u32,
                 reading: true,
                 registered: true,
+                held: false,
                 failed: false,
                 stuck_since: None,
                 rearms: 0,
@@ -108,6 +112,7 @@ impl ReplyWriter {
             digest: AtomicBool::new(false),
             epoll,
             token,
+            backlog,
         }
     }
 
@@ -275,10 +280,14 @@ impl ReplyWriter {
             return;
         }
         let mut mask = 0u32;
-        if out.reading && !out.failed && out.unsent() < OUT_LIMIT {
+        if out.reading && !out.failed && out.unsent() < self.backlog {
             mask |= libc::EPOLLIN as u32;
         }
-        if out.unsent() > 0 && !out.failed {
+        // Writability while replies wait, and while the worker holds
+        // requests back: a flush that drains the backlog at once (the
+        // worker's own, or the delay thread's) leaves nothing to wait for,
+        // and the socket, writable, reports it at the next wait.
+        if (out.unsent() > 0 || out.held) && !out.failed {
             mask |= libc::EPOLLOUT as u32;
         }
         if mask == out.mask {
@@ -331,7 +340,21 @@ impl ReplyWriter {
     /// more requests should be taken.
     pub fn backlogged(&self) -> bool {
         let out = self.lock();
-        !out.failed && out.unsent() >= OUT_LIMIT
+        !out.failed && out.unsent() >= self.backlog
+    }
+
+    /// Whether the worker must hold the connection's requests back now
+    /// ([`ReplyWriter::backlogged`]); while it does, the connection stays
+    /// in the epoll set for writability even once nothing is left to write,
+    /// so that the worker comes back for the requests it held.
+    pub fn hold_back(&self) -> bool {
+        let mut out = self.lock();
+        let held = !out.failed && out.unsent() >= self.backlog;
+        if held != out.held {
+            out.held = held;
+            self.arm(&mut out);
+        }
+        held
     }
 
     /// Whether replies wait to be written (and could still be).
@@ -391,7 +414,7 @@ mod tests {
         };
         assert_eq!(rc, 0, "epoll_ctl add");
         (
-            ReplyWriter::new(stream, epoll.as_raw_fd(), 7),
+            ReplyWriter::new(stream, epoll.as_raw_fd(), 7, 8 << 20),
             client,
             epoll,
         )

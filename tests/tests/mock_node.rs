@@ -697,6 +697,42 @@ fn a_stalled_connection_does_not_hold_the_others_on_its_worker() {
     assert_eq!(free.read(0, 4096), vec![6; 4096]);
 }
 
+/// Requests the node held back while replies piled up are served once
+/// they drain, whoever drained them. With a 64 KiB backlog, 4 KiB read
+/// replies fill it while still batched; the flush that follows writes them
+/// all at once, so no writability event comes, and the client, waiting on
+/// the very requests still in the node's buffer, sends nothing more: the
+/// node once served the first sixteen and then nothing (a stall users saw
+/// as a timed-out 1 MiB read in `netblk bench`).
+#[test]
+fn requests_held_back_for_a_full_backlog_are_served_when_it_drains() {
+    let node = MockNode::start(&["--threads", "1", "--reply-backlog", "64K"]);
+    let mut client = NodeClient::open(node.addr, handshake("v", 4 * MIB, 65536, 1, 0));
+    client.write(0, &pattern(3, 4096), false);
+    // All of them in one write: every request is in the node's buffer at once.
+    let mut pipeline = Vec::new();
+    for id in 1..=256u64 {
+        encode_frame(
+            &pb::Header::request(id, read_op(0, 4096)),
+            &[],
+            &mut pipeline,
+        )
+        .expect("encode");
+    }
+    client.send_raw(&pipeline).expect("send");
+    client
+        .set_read_timeout(Duration::from_secs(5))
+        .expect("timeout");
+    for i in 0..256 {
+        let (reply, data) = client
+            .recv()
+            .unwrap_or_else(|e| panic!("reply {i} of 256 never came: {e}"));
+        assert_eq!(reply.status, OK);
+        assert_eq!(data, pattern(3, 4096), "reply {i}");
+    }
+    client.ping().expect("served after being held back");
+}
+
 /// A figure of the node's /proc status, KiB (`VmRSS:`, `VmSize:`).
 fn status_kib(node: &MockNode, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", node.pid()))

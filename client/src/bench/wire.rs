@@ -75,7 +75,7 @@ pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
             };
             let timeouts = Timeouts {
                 connect: Duration::from_secs(10),
-                io: Duration::from_secs(30),
+                io: IO_TIMEOUT,
             };
             let (stream, _) = net::connect(*addr, node, &layout, &who, timeouts)
                 .map_err(|e| io::Error::other(e.to_string()))?;
@@ -90,7 +90,7 @@ pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
         .unwrap_or(0);
     let threads: Vec<_> = queues
         .into_iter()
-        .map(|conns| std::thread::spawn(move || drive(conns, load, capacity)))
+        .map(|conns| std::thread::spawn(move || drive(conns, load, capacity, IO_TIMEOUT)))
         .collect();
     let mut total = WireResult::default();
     for t in threads {
@@ -104,6 +104,14 @@ pub fn run(spec: &VolumeSpec, load: WireLoad) -> io::Result<WireResult> {
     }
     Ok(total)
 }
+
+/// How long a baseline run waits for a node that answers nothing before
+/// it fails (as netblk's own requests time out): a stalled node is an
+/// error, never a benchmark that does not end.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest single wait for completions, so that a stall is noticed.
+const WAIT_SLICE: Duration = Duration::from_millis(500);
 
 // user_data: kind in the top byte, connection below.
 const SEND: u64 = 1;
@@ -131,8 +139,14 @@ struct Conn {
 }
 
 /// One queue's ring over its connections, until `load.duration` has passed
-/// and every request is answered.
-fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<WireResult> {
+/// and every request is answered; an error once no node has answered
+/// anything for `stall`.
+fn drive(
+    conns: Vec<TcpStream>,
+    load: WireLoad,
+    capacity: u64,
+    stall: Duration,
+) -> io::Result<WireResult> {
     let n = conns.len().max(1);
     // Exactly `in_flight` pieces outstanding (at depth 1, one, not one per
     // connection); `per_conn` only sizes buffers.
@@ -209,6 +223,7 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
     let mut rng = crate::rng::Rng::new(0x5eed_0001);
     let mut next_frame = 0;
     let mut sends_out = 0usize;
+    let mut last_progress = Instant::now();
     loop {
         let stopping = Instant::now() >= deadline;
         for (i, c) in conns.iter_mut().enumerate() {
@@ -270,11 +285,35 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
         if stopping && conns.iter().all(|c| c.sent.is_empty()) && sends_out == 0 {
             break;
         }
-        ring.submit_and_wait(1)?;
+        let slice = types::Timespec::from(WAIT_SLICE);
+        match ring
+            .submitter()
+            .submit_with_args(1, &types::SubmitArgs::new().timespec(&slice))
+        {
+            Ok(_) => {}
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+            Err(err) => return Err(err),
+        }
         let cqes: Vec<(u64, i32, u32)> = ring
             .completion()
             .map(|c| (c.user_data(), c.result(), c.flags()))
             .collect();
+        if cqes.is_empty() {
+            if last_progress.elapsed() >= stall {
+                let silent: Vec<usize> = (0..conns.len())
+                    .filter(|&i| !conns[i].sent.is_empty())
+                    .collect();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "baseline: node(s) {silent:?} answered nothing for {stall:?} ({} requests outstanding)",
+                        conns.iter().map(|c| c.sent.len()).sum::<usize>()
+                    ),
+                ));
+            }
+            continue;
+        }
+        last_progress = Instant::now();
         for (ud, res, flags) in cqes {
             let i = ((ud >> 32) & 0xff_ffff) as usize;
             let c = &mut conns[i];
@@ -378,4 +417,41 @@ fn drive(conns: Vec<TcpStream>, load: WireLoad, capacity: u64) -> io::Result<Wir
     drop(ring);
     drop(buf);
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A node that takes requests and never answers fails the baseline
+    /// once the stall limit has passed; it once waited for ever (a
+    /// `netblk bench` that never ended, with the CI run around it).
+    #[test]
+    fn a_node_that_never_answers_fails_the_run_in_bounded_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        // Held open, never read from and never written to.
+        let (_silent, _) = listener.accept().expect("accept");
+        let load = WireLoad {
+            write: false,
+            piece: 4096,
+            queues: 1,
+            in_flight: 4,
+            mode: SendMode::Copy,
+            duration: Duration::from_millis(100),
+            random: false,
+        };
+        let started = Instant::now();
+        let err = drive(vec![client], load, 1 << 20, Duration::from_secs(1))
+            .expect_err("a silent node is an error");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("[0]"), "names the node: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
 }
