@@ -240,7 +240,7 @@ fn run(node: &Arc<Node>, worker: &Worker) {
             };
             if flags & libc::EPOLLOUT as u32 != 0 {
                 slot.writer.flush();
-                if slot.held_back && !slot.writer.backlogged() {
+                if slot.held_back && !slot.writer.hold_back() {
                     slot.held_back = false;
                     readable(node, slot, &mut scratch, &mut pool);
                 }

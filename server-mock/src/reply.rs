@@ -336,15 +336,9 @@ impl ReplyWriter {
         }
     }
 
-    /// Whether so many replies wait for the client to read them that no
-    /// more requests should be taken.
-    pub fn backlogged(&self) -> bool {
-        let out = self.lock();
-        !out.failed && out.unsent() >= self.backlog
-    }
-
-    /// Whether the worker must hold the connection's requests back now
-    /// ([`ReplyWriter::backlogged`]); while it does, the connection stays
+    /// Whether the worker must hold the connection's requests back now:
+    /// so many replies wait for the client to read them that no more
+    /// requests should be taken. While it does, the connection stays
     /// in the epoll set for writability even once nothing is left to write,
     /// so that the worker comes back for the requests it held.
     pub fn hold_back(&self) -> bool {
@@ -389,6 +383,10 @@ mod tests {
     /// A writer on the node side of a fresh loopback connection, in an
     /// epoll instance of its own; the client side and the instance too.
     fn writer() -> (ReplyWriter, TcpStream, OwnedFd) {
+        writer_with_backlog(8 << 20)
+    }
+
+    fn writer_with_backlog(backlog: usize) -> (ReplyWriter, TcpStream, OwnedFd) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (stream, _) = listener.accept().expect("accept");
@@ -414,7 +412,7 @@ mod tests {
         };
         assert_eq!(rc, 0, "epoll_ctl add");
         (
-            ReplyWriter::new(stream, epoll.as_raw_fd(), 7, 8 << 20),
+            ReplyWriter::new(stream, epoll.as_raw_fd(), 7, backlog),
             client,
             epoll,
         )
@@ -460,6 +458,39 @@ mod tests {
             writer.flush();
         }
         assert!(!writer.pending(), "the big reply never went out");
+        assert_eq!(writer.lock().mask, libc::EPOLLIN as u32);
+    }
+
+    /// While the worker holds requests back, the connection asks for
+    /// writability even after a flush wrote everything: that event is how
+    /// the worker comes back for the requests it held.
+    #[test]
+    fn a_held_connection_asks_for_writability_until_the_worker_takes_it_back() {
+        let server = Server::bind(Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            StoreKind::Memory,
+        ))
+        .expect("bind");
+        let node = server.node();
+        let (writer, _client, _epoll) = writer_with_backlog(64 << 10);
+        let data = [5u8; 4096];
+        let out = libc::EPOLLOUT as u32;
+        for id in 0..20 {
+            let reply = pb::Reply {
+                id,
+                ..Default::default()
+            };
+            writer.send(node, reply, &[&data], false);
+        }
+        assert!(writer.hold_back(), "80 KiB batched over a 64 KiB backlog");
+        writer.flush();
+        assert!(!writer.pending(), "the socket took the batch");
+        assert_eq!(
+            writer.lock().mask & out,
+            out,
+            "nothing to write, still held"
+        );
+        assert!(!writer.hold_back());
         assert_eq!(writer.lock().mask, libc::EPOLLIN as u32);
     }
 }
