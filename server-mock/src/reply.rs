@@ -382,6 +382,15 @@ mod tests {
 
     /// A writer on the node side of a fresh loopback connection, in an
     /// epoll instance of its own; the client side and the instance too.
+    /// A node (unstarted) whose counters and faults the writer uses.
+    fn server() -> Server {
+        Server::bind(Config::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            StoreKind::Memory,
+        ))
+        .expect("bind")
+    }
+
     fn writer() -> (ReplyWriter, TcpStream, OwnedFd) {
         writer_with_backlog(8 << 20)
     }
@@ -420,11 +429,7 @@ mod tests {
 
     #[test]
     fn one_request_at_a_time_leaves_the_epoll_interest_alone() {
-        let server = Server::bind(Config::new(
-            "127.0.0.1:0".parse().expect("addr"),
-            StoreKind::Memory,
-        ))
-        .expect("bind");
+        let server = server();
         let node = server.node();
         let (writer, mut client, _epoll) = writer();
         let data = [5u8; 4096];
@@ -466,11 +471,7 @@ mod tests {
     /// the worker comes back for the requests it held.
     #[test]
     fn a_held_connection_asks_for_writability_until_the_worker_takes_it_back() {
-        let server = Server::bind(Config::new(
-            "127.0.0.1:0".parse().expect("addr"),
-            StoreKind::Memory,
-        ))
-        .expect("bind");
+        let server = server();
         let node = server.node();
         let (writer, _client, _epoll) = writer_with_backlog(64 << 10);
         let data = [5u8; 4096];
