@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod vm;
 mod vmbench;
@@ -154,9 +154,26 @@ fn ci() -> Result<(), String> {
     script("deploy/kubernetes/validate.sh")?;
     // The tests start netblk-mock-node as a process: build every binary first.
     cargo(&["build", "--workspace", "--bins"])?;
-    cargo(&["test", "--workspace"])?;
+    // A test that hangs fails the run in bounded time, with the tests
+    // `cargo test` named as running long above, instead of spending the
+    // whole CI budget (coreutils' timeout signals the whole process group
+    // and passes Ctrl-C on).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let limit = format!("{}s", HOST_TEST_LIMIT.as_secs());
+    let mut command = Command::new("timeout");
+    command.args(["--kill-after=30s", &limit, &cargo, "test", "--workspace"]);
+    shown_run("cargo test --workspace", &mut command).map_err(|err| {
+        format!(
+            "{err}; exit status 124 means it ran past {} min: a test hangs (see the tests \"running for over 60 seconds\" above)",
+            HOST_TEST_LIMIT.as_secs() / 60
+        )
+    })?;
     Ok(())
 }
+
+/// The host tests take about 5 minutes on the 2-core machine; five times
+/// that means one of them hangs.
+const HOST_TEST_LIMIT: Duration = Duration::from_secs(25 * 60);
 
 /// Runs one cargo command with inherited output; an error names it.
 fn cargo(args: &[&str]) -> Result<(), String> {
