@@ -197,9 +197,6 @@ struct Slot {
     reader: FrameReader,
     writer: Arc<ReplyWriter>,
     phase: Phase,
-    /// Frames wait in the buffer because the client does not read its
-    /// replies: taken again once the replies drain.
-    held_back: bool,
 }
 
 fn run(node: &Arc<Node>, worker: &Worker) {
@@ -240,8 +237,7 @@ fn run(node: &Arc<Node>, worker: &Worker) {
             };
             if flags & libc::EPOLLOUT as u32 != 0 {
                 slot.writer.flush();
-                if slot.held_back && !slot.writer.hold_back() {
-                    slot.held_back = false;
+                if slot.writer.held() && !slot.writer.hold_back() {
                     readable(node, slot, &mut scratch, &mut pool);
                 }
             }
@@ -321,7 +317,6 @@ fn admit(node: &Arc<Node>, epoll: RawFd, new: Incoming) -> Option<Slot> {
         phase: Phase::Handshake {
             deadline: Instant::now() + node.config.handshake_timeout,
         },
-        held_back: false,
     })
 }
 
@@ -355,7 +350,7 @@ fn serve_readable(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) {
     }
     let result = take_frames(node, slot, scratch).and_then(|()| {
         for _ in 0..READS_PER_WAKE {
-            if slot.held_back {
+            if slot.writer.held() {
                 break;
             }
             match slot.reader.fill(&slot.stream)? {
@@ -389,8 +384,7 @@ fn take_frames(node: &Arc<Node>, slot: &mut Slot, scratch: &mut Scratch) -> Resu
         }
         // A client that does not read its replies gets no more of them
         // until it does: bounded memory, whatever it sends.
-        slot.held_back = slot.writer.hold_back();
-        if slot.held_back {
+        if slot.writer.hold_back() {
             return Ok(());
         }
         let Some((header, range)) = slot.reader.decode()? else {

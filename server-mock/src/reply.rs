@@ -351,6 +351,12 @@ impl ReplyWriter {
         held
     }
 
+    /// Whether the worker holds the connection's requests back (as the
+    /// last [`ReplyWriter::hold_back`] said).
+    pub fn held(&self) -> bool {
+        self.lock().held
+    }
+
     /// Whether replies wait to be written (and could still be).
     pub fn pending(&self) -> bool {
         let out = self.lock();
@@ -380,8 +386,6 @@ mod tests {
     use crate::node::{Config, Server};
     use crate::store::StoreKind;
 
-    /// A writer on the node side of a fresh loopback connection, in an
-    /// epoll instance of its own; the client side and the instance too.
     /// A node (unstarted) whose counters and faults the writer uses.
     fn server() -> Server {
         Server::bind(Config::new(
@@ -395,6 +399,8 @@ mod tests {
         writer_with_backlog(8 << 20)
     }
 
+    /// A writer on the node side of a fresh loopback connection, in an
+    /// epoll instance of its own; the client side and the instance too.
     fn writer_with_backlog(backlog: usize) -> (ReplyWriter, TcpStream, OwnedFd) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");

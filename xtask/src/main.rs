@@ -158,10 +158,15 @@ fn ci() -> Result<(), String> {
     // `cargo test` named as running long above, instead of spending the
     // whole CI budget (coreutils' timeout signals the whole process group
     // and passes Ctrl-C on).
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let limit = format!("{}s", HOST_TEST_LIMIT.as_secs());
     let mut command = Command::new("timeout");
-    command.args(["--kill-after=30s", &limit, &cargo, "test", "--workspace"]);
+    command.args([
+        "--kill-after=30s",
+        &limit,
+        &cargo_bin(),
+        "test",
+        "--workspace",
+    ]);
     shown_run("cargo test --workspace", &mut command).map_err(|err| {
         format!(
             "{err}; exit status 124 means it ran past {} min: a test hangs (see the tests \"running for over 60 seconds\" above)",
@@ -177,10 +182,14 @@ const HOST_TEST_LIMIT: Duration = Duration::from_secs(25 * 60);
 
 /// Runs one cargo command with inherited output; an error names it.
 fn cargo(args: &[&str]) -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(&cargo);
+    let mut command = Command::new(cargo_bin());
     command.args(args);
     shown_run(&format!("cargo {}", args.join(" ")), &mut command)
+}
+
+/// The cargo that runs this task.
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
 /// Runs a bash script of the repository (`path` from the workspace root)

@@ -378,7 +378,7 @@ pub fn build_static(root: &Path) -> Result<PathBuf, String> {
     let target = "x86_64-unknown-linux-gnu";
     eprintln!("==> building static netblk binaries");
     run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        Command::new(crate::cargo_bin())
             .args([
                 "build",
                 "--release",
